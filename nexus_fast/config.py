@@ -1,0 +1,678 @@
+"""Configuration for nexus_fast: typed sections, TOML loading, env and flag overrides.
+
+Precedence, highest first: ``overrides`` (CLI flags) > environment > TOML file > defaults.
+Every value is validated at load time; any problem raises :class:`ConfigError` with a
+one-line message naming the key, the offending value, where it came from and what was
+expected. Durations are stored as float seconds and sizes as int bytes.
+
+Constructing the dataclasses directly (e.g. in tests) bypasses validation on purpose, so
+tests may use values such as port 0 that ``load_config`` rejects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+__all__ = [
+    "ENV_OVERRIDES",
+    "Config",
+    "ConfigError",
+    "DatabaseConfig",
+    "LoggingConfig",
+    "MonitoringConfig",
+    "PerformanceConfig",
+    "SecurityConfig",
+    "CommandsConfig",
+    "EventsConfig",
+    "SchedulerConfig",
+    "ServerConfig",
+    "format_duration",
+    "format_size",
+    "load_config",
+    "parse_duration",
+    "parse_size",
+]
+
+KB: Final = 1024
+MB: Final = 1024 * KB
+GB: Final = 1024 * MB
+TB: Final = 1024 * GB
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS: Final = ("text", "json")
+
+# Sentinel for errors that have no single offending value (missing file, unknown section).
+_NO_VALUE: Final = object()
+
+
+class ConfigError(Exception):
+    """Invalid configuration.
+
+    Attributes:
+        key: dotted key (``"server.grpc_port"``), section name, or config file path.
+        value: the offending value as given (string for env vars), or None if not applicable.
+        expected: what would have been accepted (for unknown keys: the closest known key).
+        source: where the value came from (file path, env var name, ``"command line"``,
+            ``"default"``), or None when the key is itself a file path.
+        problem: set instead of "expected ..." for errors that are not about a value's shape
+            (``"unknown key; did you mean 'server.grpc_port'?"``, ``"file not found"``).
+    """
+
+    def __init__(
+        self,
+        key: str,
+        value: object,
+        expected: str,
+        source: str | None = None,
+        *,
+        problem: str | None = None,
+    ) -> None:
+        self.key = key
+        self.value = None if value is _NO_VALUE else value
+        self.expected = expected
+        self.source = source
+        self.problem = problem
+        shown = "" if value is _NO_VALUE else f" = {_show(value)}"
+        origin = f" (from {source})" if source else ""
+        tail = problem or f"expected {expected}"
+        super().__init__(f"invalid configuration: {key}{shown}{origin}: {tail}")
+
+
+def _show(value: object) -> str:
+    """Render a value for an error message on one line."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        # Quote only when needed so env values read naturally (grpc_port = 70000).
+        if value == "" or any(c.isspace() for c in value) or '"' in value:
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return value
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------- parsing
+
+_DURATION_RE: Final = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS: Final = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+_SIZE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+_SIZE_UNITS: Final = {
+    "": 1, "b": 1,
+    "k": KB, "kb": KB, "kib": KB,
+    "m": MB, "mb": MB, "mib": MB,
+    "g": GB, "gb": GB, "gib": GB,
+    "t": TB, "tb": TB, "tib": TB,
+}  # fmt: skip
+
+
+def parse_duration(value: object) -> float:
+    """Parse ``"250ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"1d"`` or a number of seconds.
+
+    Returns float seconds. Raises ValueError for malformed, negative or non-finite input and
+    TypeError for values of the wrong type (including bool).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected a duration, got {type(value).__name__}")
+    if isinstance(value, str):
+        match = _DURATION_RE.match(value)
+        if match is None:
+            raise ValueError(f"malformed duration {value!r}")
+        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"duration {value!r} is not finite")
+    if seconds < 0:
+        raise ValueError(f"duration {value!r} is negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Parse ``"512KB"``, ``"64MB"``, ``"1GB"``, ``"1024"`` (bytes) or an int of bytes.
+
+    Units are binary (KB = KiB = 1024); ``B``, ``KiB``, ``MiB``, ``GiB``, ``TiB`` are accepted,
+    case-insensitively. Returns int bytes. Raises ValueError for malformed or negative input
+    and TypeError for values of the wrong type (including bool).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"expected a size, got {type(value).__name__}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size {value!r} is negative")
+        return value
+    match = _SIZE_RE.match(value)
+    if match is None:
+        raise ValueError(f"malformed size {value!r}")
+    unit = _SIZE_UNITS.get(match.group(2).lower())
+    if unit is None:
+        raise ValueError(f"unknown size unit in {value!r}")
+    return int(float(match.group(1)) * unit)
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds compactly for humans (``30s``, ``250ms``, ``6h``)."""
+    for unit, scale in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= scale and seconds % scale == 0:
+            return f"{int(seconds // scale)}{unit}"
+    if seconds == 0:
+        return "0s"
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
+
+
+def format_size(size: int) -> str:
+    """Render bytes compactly for humans (``64MB``, ``1GB``, ``1500`` -> ``1500B``)."""
+    for unit, scale in (("TB", TB), ("GB", GB), ("MB", MB), ("KB", KB)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return f"{size}B"
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How one field is parsed and range-checked."""
+
+    kind: str  # str | bool | int | float | port | duration | size | enum
+    min: float | None = None
+    max: float | None = None
+    positive: bool = False  # durations: strictly > 0
+    choices: tuple[str, ...] = ()
+
+    def expected(self) -> str:
+        """Human description of acceptable values, used in ConfigError."""
+        if self.kind == "port":
+            return "an integer port in 1..65535"
+        if self.kind == "bool":
+            return "a boolean (true/false)"
+        if self.kind == "str":
+            return "a string"
+        if self.kind == "enum":
+            return "one of " + ", ".join(self.choices)
+        if self.kind == "int":
+            return "an integer" + _bounds(self.min, self.max, str)
+        if self.kind == "float":
+            return "a number" + _bounds(self.min, self.max, str)
+        if self.kind == "size":
+            bounds = _bounds(self.min, self.max, lambda v: format_size(int(v)))
+            return 'a size like "512KB", "64MB", "1GB" or bytes' + bounds
+        sign = "a positive" if self.positive else "a non-negative"
+        return f'{sign} duration like "250ms", "30s", "5m", "2h", "1d" or seconds'
+
+
+def _bounds(lo: float | None, hi: float | None, fmt: Any) -> str:
+    if lo is not None and hi is not None:
+        return f" in {fmt(lo)}..{fmt(hi)}"
+    if lo is not None:
+        return f" >= {fmt(lo)}"
+    if hi is not None:
+        return f" <= {fmt(hi)}"
+    return ""
+
+
+def _f(default: Any, kind: str, **kw: Any) -> Any:
+    """Declare a dataclass field carrying its parsing spec in metadata."""
+    return field(default=default, metadata={"spec": _Spec(kind, **kw)})
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """[server]: listeners and connection limits."""
+
+    host: str = _f("127.0.0.1", "str")
+    grpc_port: int = _f(50053, "port")
+    websocket_port: int = _f(8081, "port")
+    http_port: int = _f(8082, "port")
+    max_connections: int = _f(10000, "int", min=1)
+    worker_threads: int = _f(4, "int", min=1, max=256)
+    # gRPC message length options are C ints, so the ceiling is 2GB - 1.
+    max_message_size: int = _f(4 * MB, "size", min=KB, max=2 * GB - 1)
+    shutdown_timeout: float = _f(10.0, "duration")
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """[database]: LMDB storage."""
+
+    path: str = _f("./data", "str")
+    cache_size: int = _f(1 * GB, "size", min=MB)
+    sync_interval: float = _f(0.0, "duration")
+    backup_interval: float = _f(0.0, "duration")
+    backup_path: str = _f("", "str")
+    max_map_size: int = _f(64 * GB, "size", min=MB)
+
+    def resolved_backup_path(self) -> Path:
+        """Directory for backups: ``backup_path`` or ``<path>/backups`` when empty."""
+        return Path(self.backup_path) if self.backup_path else Path(self.path) / "backups"
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    """[monitoring]: metrics, dashboard and health checks."""
+
+    metrics_enabled: bool = _f(True, "bool")
+    dashboard_enabled: bool = _f(True, "bool")
+    health_check_interval: float = _f(5.0, "duration", positive=True)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    """[security]: TLS / mTLS. ``tls_ca_file`` set means clients must present certs."""
+
+    tls_enabled: bool = _f(False, "bool")
+    tls_cert_file: str = _f("", "str")
+    tls_key_file: str = _f("", "str")
+    tls_ca_file: str = _f("", "str")
+    auth_token: str = _f("", "str")
+
+    @property
+    def mtls_enabled(self) -> bool:
+        """True when TLS is on and a client CA is configured."""
+        return self.tls_enabled and bool(self.tls_ca_file)
+
+
+@dataclass(frozen=True)
+class PerformanceConfig:
+    """[performance]: queues, buffers and node liveness timing."""
+
+    command_queue_size: int = _f(100000, "int", min=1)
+    event_buffer_size: int = _f(65536, "int", min=1)
+    pruning_interval: float = _f(1.0, "duration", positive=True)
+    node_timeout: float = _f(30.0, "duration", positive=True)
+    heartbeat_interval: float = _f(5.0, "duration", positive=True)
+    node_down_retention: float = _f(86400.0, "duration")
+    max_batch_size: int = _f(1000, "int", min=1)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """[logging]: level and line format."""
+
+    level: str = _f("info", "enum", choices=LOG_LEVELS)
+    format: str = _f("text", "enum", choices=LOG_FORMATS)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """[scheduler]: weights of the scoring terms (see nexus_fast/core/scheduler.py)."""
+
+    weight_least_allocated: float = _f(1.0, "float", min=0, max=100)
+    weight_most_allocated: float = _f(0.0, "float", min=0, max=100)
+    weight_balanced: float = _f(0.5, "float", min=0, max=100)
+    weight_spread: float = _f(1.0, "float", min=0, max=100)
+    weight_freshness: float = _f(0.1, "float", min=0, max=100)
+
+
+@dataclass(frozen=True)
+class CommandsConfig:
+    """[commands]: defaults and limits for submitted commands."""
+
+    default_timeout: float = _f(30.0, "duration", positive=True)
+    default_max_attempts: int = _f(3, "int", min=1, max=100)
+    max_payload_size: int = _f(1 * MB, "size", min=0, max=64 * MB)
+    final_retention: float = _f(86400.0, "duration")
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """[events]: the durable event log and live subscriptions."""
+
+    retention_count: int = _f(1_000_000, "int", min=1)
+    retention_age: float = _f(86400.0, "duration", positive=True)
+    bookmark_interval: float = _f(5.0, "duration", positive=True)
+    subscriber_buffer: int = _f(10_000, "int", min=1)
+    max_subscriptions: int = _f(16, "int", min=1, max=1024)
+
+
+_SECTIONS: Final[Mapping[str, type]] = MappingProxyType(
+    {
+        "server": ServerConfig,
+        "database": DatabaseConfig,
+        "monitoring": MonitoringConfig,
+        "security": SecurityConfig,
+        "performance": PerformanceConfig,
+        "logging": LoggingConfig,
+        "scheduler": SchedulerConfig,
+        "commands": CommandsConfig,
+        "events": EventsConfig,
+    }
+)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Complete, validated configuration (build it with :func:`load_config`)."""
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    commands: CommandsConfig = field(default_factory=CommandsConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    # Where each non-default dotted key came from; excluded from equality.
+    sources: Mapping[str, str] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """JSON-able ``{section: {key: value}}`` (seconds / bytes); auth_token is masked."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in _SECTIONS:
+            out[name] = dataclasses.asdict(getattr(self, name))
+        if out["security"]["auth_token"]:
+            out["security"]["auth_token"] = "***"
+        return out
+
+
+def _field_specs(cls: type) -> dict[str, _Spec]:
+    return {f.name: f.metadata["spec"] for f in dataclasses.fields(cls)}
+
+
+_SPECS: Final[Mapping[str, Mapping[str, _Spec]]] = MappingProxyType(
+    {name: _field_specs(cls) for name, cls in _SECTIONS.items()}
+)
+_ALL_KEYS: Final = tuple(f"{s}.{k}" for s, specs in _SPECS.items() for k in specs)
+
+# Single source of truth for environment overrides (README is generated/checked from it).
+ENV_OVERRIDES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "NEXUS_HOST": "server.host",
+        "NEXUS_GRPC_PORT": "server.grpc_port",
+        "NEXUS_WS_PORT": "server.websocket_port",
+        "NEXUS_HTTP_PORT": "server.http_port",
+        "NEXUS_MAX_CONNECTIONS": "server.max_connections",
+        "NEXUS_WORKER_THREADS": "server.worker_threads",
+        "NEXUS_SHUTDOWN_TIMEOUT": "server.shutdown_timeout",
+        "NEXUS_DB_PATH": "database.path",
+        "NEXUS_DB_CACHE_SIZE": "database.cache_size",
+        "NEXUS_TLS_ENABLED": "security.tls_enabled",
+        "NEXUS_TLS_CERT_FILE": "security.tls_cert_file",
+        "NEXUS_TLS_KEY_FILE": "security.tls_key_file",
+        "NEXUS_TLS_CA_FILE": "security.tls_ca_file",
+        "NEXUS_NODE_TIMEOUT": "performance.node_timeout",
+        "NEXUS_HEARTBEAT_INTERVAL": "performance.heartbeat_interval",
+        "NEXUS_PRUNING_INTERVAL": "performance.pruning_interval",
+        "NEXUS_LOG_LEVEL": "logging.level",
+        "NEXUS_LOG_FORMAT": "logging.format",
+    }
+)
+
+_TRUE: Final = frozenset({"true", "1", "yes"})
+_FALSE: Final = frozenset({"false", "0", "no"})
+_FLAG_SOURCE: Final = "command line"
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def _convert(key: str, spec: _Spec, value: object, source: str, from_text: bool) -> Any:
+    """Parse one raw value per its spec; ``from_text`` allows strings for typed fields."""
+
+    def fail(expected: str | None = None) -> ConfigError:
+        return ConfigError(key, value, expected or spec.expected(), source)
+
+    kind = spec.kind
+    if kind == "str":
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    if kind == "enum":
+        if not isinstance(value, str) or value.strip().lower() not in spec.choices:
+            raise fail()
+        return value.strip().lower()
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str):
+            text = value.strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+        raise fail()
+    if kind in ("int", "port"):
+        parsed: int
+        if isinstance(value, bool):
+            raise fail()  # bool is an int subclass; `port = true` is a mistake.
+        if isinstance(value, int):
+            parsed = value
+        elif from_text and isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            parsed = int(value)
+        else:
+            raise fail()
+        lo, hi = (1, 65535) if kind == "port" else (spec.min, spec.max)
+        if (lo is not None and parsed < lo) or (hi is not None and parsed > hi):
+            raise fail()
+        return parsed
+    if kind == "float":
+        number: float
+        if isinstance(value, bool):
+            raise fail()
+        if isinstance(value, int | float):
+            number = float(value)
+        elif from_text and isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise fail() from None
+        else:
+            raise fail()
+        lo, hi = spec.min, spec.max
+        if not math.isfinite(number) or (lo is not None and number < lo) or (
+            hi is not None and number > hi
+        ):
+            raise fail()
+        return number
+    if kind == "duration":
+        try:
+            seconds = parse_duration(value)
+        except (TypeError, ValueError):
+            raise fail() from None
+        if spec.positive and seconds <= 0:
+            raise fail()
+        return seconds
+    if kind == "size":
+        try:
+            size = parse_size(value)
+        except (TypeError, ValueError):
+            raise fail() from None
+        if (spec.min is not None and size < spec.min) or (spec.max is not None and size > spec.max):
+            raise fail()
+        return size
+    raise AssertionError(f"unhandled kind {kind!r}")  # pragma: no cover
+
+
+def _closest(word: str, candidates: list[str] | tuple[str, ...]) -> str | None:
+    close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _unknown(what: str, key: str, value: object, source: str, guess: str | None) -> ConfigError:
+    if guess is None:
+        return ConfigError(key, value, f"a known {what}", source, problem=f"unknown {what}")
+    hint = f"did you mean '{guess}'?"
+    return ConfigError(key, value, hint, source, problem=f"unknown {what}; {hint}")
+
+
+def _unknown_key(key: str, value: object, source: str) -> ConfigError:
+    section, _, name = key.partition(".")
+    # Prefer a near-miss within the named section, then fall back to any dotted key.
+    local = _closest(name, list(_SPECS[section])) if section in _SPECS else None
+    guess = f"{section}.{local}" if local else _closest(key, _ALL_KEYS)
+    return _unknown("key", key, value, source, guess)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    name = str(path)
+    expected = "a readable UTF-8 TOML file"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(name, _NO_VALUE, expected, problem="file not found") from None
+    except OSError as exc:
+        raise ConfigError(
+            name, _NO_VALUE, expected, problem=f"unreadable ({exc.strerror})"
+        ) from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(name, _NO_VALUE, expected, problem=f"not UTF-8 ({exc.reason})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, _NO_VALUE, expected, problem=f"invalid TOML ({exc})") from None
+
+
+def _apply_file(
+    data: Mapping[str, Any],
+    source: str,
+    values: dict[str, Any],
+    sources: dict[str, str],
+    raw: dict[str, object],
+) -> None:
+    for section, table in data.items():
+        if section not in _SPECS:
+            guess = _closest(section, list(_SPECS))
+            raise _unknown("section", f"[{section}]", _NO_VALUE, source, guess and f"[{guess}]")
+        if not isinstance(table, dict):
+            raise ConfigError(section, table, f"a [{section}] table", source)
+        for name, value in table.items():
+            key = f"{section}.{name}"
+            spec = _SPECS[section].get(name)
+            if spec is None:
+                raise _unknown_key(key, value, source)
+            values[key] = _convert(key, spec, value, source, from_text=False)
+            sources[key] = source
+            raw[key] = value
+
+
+def _spec_for(key: str) -> _Spec | None:
+    section, _, name = key.partition(".")
+    return _SPECS.get(section, {}).get(name)
+
+
+def _check(cfg: Config, sources: Mapping[str, str], raw: Mapping[str, object]) -> None:
+    """Cross-field and filesystem checks that a single value cannot express."""
+
+    def err(key: str, expected: str) -> ConfigError:
+        section, _, name = key.partition(".")
+        parsed: Any = getattr(getattr(cfg, section), name)
+        kind = _SPECS[section][name].kind
+        value: object = parsed
+        if key in raw:
+            value = raw[key]  # Show what the user wrote ("1m"), not the parsed 60.0.
+        elif kind == "duration":
+            value = format_duration(parsed)
+        elif kind == "size":
+            value = format_size(parsed)
+        return ConfigError(key, value, expected, sources.get(key, "default"))
+
+    srv, db, perf, sec = cfg.server, cfg.database, cfg.performance, cfg.security
+    if not srv.host.strip():
+        raise err("server.host", "a non-empty host name or address")
+    ports = {"server.grpc_port": srv.grpc_port}
+    for key, port in (("server.websocket_port", srv.websocket_port),
+                      ("server.http_port", srv.http_port)):  # fmt: skip
+        for other, used in ports.items():
+            if port == used:
+                raise err(key, f"a port different from {other} ({used})")
+        ports[key] = port
+    if not db.path.strip():
+        raise err("database.path", "a non-empty directory path")
+    if db.max_map_size < db.cache_size:
+        raise err(
+            "database.max_map_size",
+            f"a size >= database.cache_size ({format_size(db.cache_size)})",
+        )
+    size = perf.event_buffer_size
+    if size & (size - 1):
+        raise err("performance.event_buffer_size", "a power of two (e.g. 65536)")
+    if perf.heartbeat_interval >= perf.node_timeout:
+        raise err(
+            "performance.heartbeat_interval",
+            "a duration shorter than performance.node_timeout "
+            f"({format_duration(perf.node_timeout)})",
+        )
+    if sec.tls_enabled:
+        for key in ("security.tls_cert_file", "security.tls_key_file"):
+            path = getattr(sec, key.partition(".")[2])
+            if not path:
+                raise err(key, "a file path (required when security.tls_enabled = true)")
+            if not Path(path).is_file():
+                raise err(key, "an existing file (required when security.tls_enabled = true)")
+        if sec.tls_ca_file and not Path(sec.tls_ca_file).is_file():
+            raise err("security.tls_ca_file", "an existing file (or empty to disable mTLS)")
+    elif sec.tls_ca_file:
+        # A client CA without TLS would silently leave mTLS off; refuse instead.
+        raise err("security.tls_ca_file", "empty unless security.tls_enabled = true")
+
+
+def load_config(
+    path: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> Config:
+    """Load and validate configuration.
+
+    Args:
+        path: TOML file; None means defaults only. A missing file is an error.
+        env: environment (defaults to ``os.environ``); only names in ENV_OVERRIDES are read,
+            so unrelated ``NEXUS_*`` variables are ignored.
+        overrides: dotted keys (``"server.grpc_port"``) from CLI flags; None values are
+            skipped so unset argparse options can be passed through directly. Strings are
+            parsed like env values.
+
+    Raises:
+        ConfigError: on the first invalid value, unknown key/section, unreadable or
+            malformed file, or failed cross-field check.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    raw: dict[str, object] = {}
+    if path is not None:
+        file_path = Path(path)
+        _apply_file(_read_file(file_path), str(file_path), values, sources, raw)
+
+    environ = os.environ if env is None else env
+    for var, key in ENV_OVERRIDES.items():
+        if var in environ:
+            spec = _spec_for(key)
+            assert spec is not None, key  # ENV_OVERRIDES is checked by tests
+            values[key] = _convert(key, spec, environ[var], var, from_text=True)
+            sources[key] = var
+            raw[key] = environ[var]
+
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        spec = _spec_for(key)
+        if spec is None:
+            raise _unknown_key(key, value, _FLAG_SOURCE)
+        values[key] = _convert(key, spec, value, _FLAG_SOURCE, from_text=True)
+        sources[key] = _FLAG_SOURCE
+        raw[key] = value
+
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    for key, value in values.items():
+        section, _, name = key.partition(".")
+        per_section[section][name] = value
+    cfg = Config(
+        **{name: cls(**per_section[name]) for name, cls in _SECTIONS.items()},
+        sources=MappingProxyType(dict(sources)),
+    )
+    _check(cfg, sources, raw)
+    return cfg
