@@ -1,0 +1,34 @@
+"""Durable state: the :class:`StateStore` interface and its LMDB implementation."""
+
+from nexus_fast.store.base import (
+    CommitHook,
+    CommitResult,
+    Delete,
+    DeleteRange,
+    Op,
+    Put,
+    StateStore,
+    StoreBusy,
+    StoreClosed,
+    StoreError,
+    StoreFull,
+)
+from nexus_fast.store.lmdb_store import DATABASES, LmdbStore, event_index, event_key
+
+__all__ = [
+    "DATABASES",
+    "CommitHook",
+    "CommitResult",
+    "Delete",
+    "DeleteRange",
+    "LmdbStore",
+    "Op",
+    "Put",
+    "StateStore",
+    "StoreBusy",
+    "StoreClosed",
+    "StoreError",
+    "StoreFull",
+    "event_index",
+    "event_key",
+]

@@ -1,0 +1,154 @@
+"""The state-store interface the services program against.
+
+The services (nodes, commands, agents, events) only see :class:`StateStore`, the op types
+and the errors defined here, so a second backend (etcd) can replace LMDB without touching
+them. Keys and values are opaque bytes; each record lives in a named database (a keyspace).
+
+Writes are requests of ops plus event bodies applied atomically: the store assigns each
+event a strictly increasing index in the same transaction as the ops, so an event exists
+if and only if the state change it describes was committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
+
+T = TypeVar("T")
+
+
+class Put(NamedTuple):
+    """Set ``key`` to ``value`` in database ``db``."""
+
+    db: str
+    key: bytes
+    value: bytes
+
+
+class Delete(NamedTuple):
+    """Remove ``key`` from database ``db`` (no error when it is absent)."""
+
+    db: str
+    key: bytes
+
+
+class DeleteRange(NamedTuple):
+    """Remove every key ``k`` of ``db`` with ``start <= k < end`` (``end=None``: to the end)."""
+
+    db: str
+    start: bytes
+    end: bytes | None
+
+
+# A union rather than a base class: NamedTuples cannot share one, and `type(op) is Put`
+# dispatch in the writer is the cheapest test there is.
+Op: TypeAlias = Put | Delete | DeleteRange
+
+
+class CommitResult(NamedTuple):
+    """Indices assigned to one request's events; ``(0, 0)`` when it carried none."""
+
+    first_event_index: int
+    last_event_index: int
+
+
+class StoreError(Exception):
+    """A state-store operation failed; the request was not committed."""
+
+
+class StoreClosed(StoreError):
+    """The store is closed or closing and accepts no new work."""
+
+
+class StoreBusy(StoreError):
+    """The write queue is full; retry later (maps to RESOURCE_EXHAUSTED)."""
+
+
+class StoreFull(StoreError):
+    """The database reached its maximum size; the batch was not committed."""
+
+
+CommitHook: TypeAlias = Callable[[list[tuple[int, bytes]]], None]
+
+
+class StateStore(Protocol):
+    """What the services need from durable state, whatever the backend."""
+
+    on_commit: CommitHook | None
+
+    async def open(self) -> None:
+        """Open (creating if needed) the store and start accepting work."""
+
+    async def close(self) -> None:
+        """Stop accepting work, commit everything already queued, release resources."""
+
+    def commit(
+        self, ops: Sequence[Op], events: Sequence[bytes] = ()
+    ) -> asyncio.Future[CommitResult]:
+        """Queue ops and event bodies as one atomic request; the future resolves once durable.
+
+        Raises ``ValueError`` at once for a malformed request, :class:`StoreBusy` when the
+        queue is full and :class:`StoreClosed` after ``close()``.
+        """
+        ...
+
+    @property
+    def last_event_index(self) -> int:
+        """Index of the newest committed event (0 when none was ever written)."""
+        ...
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        """The value of ``key`` in ``db``, or ``None``."""
+        ...
+
+    def scan(
+        self,
+        db: str,
+        prefix: bytes = b"",
+        start: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Pairs of ``db`` whose key starts with ``prefix`` and is ``>= start``, in key order."""
+        ...
+
+    def count(self, db: str) -> int:
+        """Number of keys in ``db``."""
+        ...
+
+    def read_view(self, db: str, key: bytes, fn: Callable[[memoryview], T]) -> T | None:
+        """``fn(view of the value)``, or ``None`` when absent; the view must not escape ``fn``."""
+        ...
+
+    def events_since(self, after_index: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` committed events with index ``> after_index``, in index order."""
+        ...
+
+    def first_event_index(self) -> int:
+        """Index of the oldest event kept (``last_event_index + 1`` when the log is empty)."""
+        ...
+
+    async def prune_events(self, keep_after_index: int) -> int:
+        """Delete events with index ``<= keep_after_index``; returns how many were deleted."""
+        ...
+
+    def reader_check(self) -> int:
+        """Clear reader slots left by dead processes; returns how many (0 if not applicable)."""
+        ...
+
+    def size_bytes(self) -> int:
+        """Bytes the stored data occupies."""
+        ...
+
+    async def backup(self, dest_dir: str | Path, keep: int = 3) -> Path:
+        """Write a consistent snapshot under ``dest_dir``; keep the newest ``keep`` of them."""
+        ...
+
+    def healthy(self) -> bool:
+        """True while the store is open and able to commit."""
+        ...
+
+    def stat(self) -> dict[str, Any]:
+        """Figures for ``/health/detailed``."""
+        ...

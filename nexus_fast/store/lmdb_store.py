@@ -1,0 +1,805 @@
+"""LMDB state store: one writer thread doing group commit, short synchronous reads on the loop.
+
+Threading model (see ARCHITECTURE.md, "Persistence" and the critical-path rules):
+
+* ``commit()`` runs on the event loop: it validates the request, creates a future and puts
+  the request on a queue. It never blocks.
+* ONE writer thread takes the first waiting request, drains whatever else is queued (up to
+  ``max_batch_ops``, optionally waiting ``sync_window`` seconds for more), applies them all
+  in ONE write transaction, commits (one fsync) and hands the whole batch back to the loop
+  with ONE ``call_soon_threadsafe``, where every future is resolved.
+* Reads (``get``, ``scan``, ...) run on the loop thread in short read transactions that
+  never span an ``await``. They must only be called from the loop thread.
+* Growing the map (``set_mapsize``) requires that no transaction is open in the process.
+  The writer aborts its txn, then asks the loop thread to resize: as loop reads are
+  synchronous, none is open while the loop runs the resize callback. The only read txns
+  off the loop (``backup``) hold ``_resize_lock``, which the resize also takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+from nexus_fast.store.base import (
+    CommitHook,
+    CommitResult,
+    Delete,
+    DeleteRange,
+    Op,
+    Put,
+    StoreBusy,
+    StoreClosed,
+    StoreError,
+    StoreFull,
+)
+from nexus_fast.telemetry import metrics
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DATABASES: tuple[str, ...] = ("nodes", "commands", "agents", "events", "audit", "meta")
+"""Sub-databases opened by :class:`LmdbStore`."""
+
+MAX_DBS = 32  # room for sub-databases added later without a migration
+MAX_READERS = 512  # loop reads + backups + external tools (mdb_stat); slots are cheap
+EVENTS_DB = "events"
+META_DB = "meta"
+LAST_EVENT_KEY = b"last_event_index"
+"""Key in ``meta`` holding the newest event index (8-byte big-endian)."""
+
+BACKUP_PREFIX = "nexus-backup-"
+
+_INDEX = struct.Struct(">Q")
+_NO_EVENTS = CommitResult(0, 0)
+_STOP = object()  # queue sentinel put by close(): everything before it is committed
+_RESIZE_RETRY_S = 0.005  # a backup holds the resize lock; retry without blocking the loop
+
+
+def event_key(index: int) -> bytes:
+    """Key of event ``index`` in the ``events`` database (big-endian so keys sort by index)."""
+    return _INDEX.pack(index)
+
+
+def event_index(key: bytes | memoryview) -> int:
+    """Inverse of :func:`event_key`."""
+    return int(_INDEX.unpack(key)[0])
+
+
+class _Request:
+    """One commit() call travelling to the writer and back."""
+
+    __slots__ = ("events", "future", "n_ops", "ops", "result")
+
+    def __init__(
+        self,
+        ops: tuple[Op, ...],
+        events: tuple[bytes, ...],
+        future: asyncio.Future[CommitResult],
+        n_ops: int,
+    ) -> None:
+        self.ops = ops
+        self.events = events
+        self.future = future
+        self.n_ops = n_ops
+        self.result = _NO_EVENTS
+
+
+class LmdbStore:
+    """:class:`~nexus_fast.store.base.StateStore` on an embedded LMDB environment.
+
+    ``map_size`` is the initial map (LMDB keeps a larger size already recorded in the file);
+    it doubles on ``MapFullError`` up to ``max_map_size``. ``sync_window`` (seconds) lets the
+    writer wait for more requests before committing when the queue runs dry; 0 commits as
+    soon as the queue is drained. ``max_batch_ops`` bounds one transaction (a single larger
+    request still goes alone). ``max_queue`` bounds requests queued or in flight.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        map_size: int = 1 << 30,
+        max_map_size: int = 1 << 40,
+        sync_window: float = 0.0,
+        max_batch_ops: int = 10000,
+        max_queue: int = 100000,
+    ) -> None:
+        if map_size <= 0 or max_map_size < map_size:
+            raise ValueError("need 0 < map_size <= max_map_size")
+        if max_batch_ops < 1 or max_queue < 1 or sync_window < 0:
+            raise ValueError("max_batch_ops and max_queue must be >= 1, sync_window >= 0")
+        self.path = Path(path)
+        self._initial_map_size = map_size
+        self._max_map_size = max_map_size
+        self._sync_window = sync_window
+        self._max_batch_ops = max_batch_ops
+        self._max_queue = max_queue
+
+        self.on_commit: CommitHook | None = None
+        """Called on the loop after each committed batch with its (index, body) pairs."""
+
+        self._env: lmdb.Environment | None = None
+        self._dbh: dict[str, lmdb._Database] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_dead = False
+        self._closing = False
+        self._close_future: asyncio.Future[None] | None = None
+        self._resize_lock = threading.Lock()
+        self._max_key = 511
+
+        # Loop-side state.
+        self._pending = 0  # requests queued or in flight; only touched on the loop
+        self._last_event_index = 0
+        # Writer-side state.
+        self._w_last_index = 0
+        self._map_size = map_size
+        self._txn_count = 0  # committed write txns, for tests and stat()
+        self._batch_requests = 0  # requests committed, for the average batch size
+
+        ops = metrics.DB_OPERATIONS
+        dur = metrics.DB_OPERATION_DURATION
+        # Bound label children once: .labels() is a dict lookup plus a lock per call.
+        self._m_commit = ops.labels(operation="commit")
+        self._m_commit_s = dur.labels(operation="commit")
+        self._m_put = ops.labels(operation="put")
+        self._m_delete = ops.labels(operation="delete")
+        self._m_get = ops.labels(operation="get")
+        self._m_scan = ops.labels(operation="scan")
+        self._m_scan_s = dur.labels(operation="scan")
+        self._m_grow = ops.labels(operation="grow")
+        self._m_grow_s = dur.labels(operation="grow")
+        self._m_backup = ops.labels(operation="backup")
+        self._m_backup_s = dur.labels(operation="backup")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def open(self) -> None:
+        """Create the directory and environment (in a thread) and start the writer."""
+        if self._env is not None:
+            return
+        if self._closing:
+            raise StoreClosed("store was closed; create a new LmdbStore")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        env, dbh, last = await loop.run_in_executor(None, self._open_env)
+        self._env = env
+        self._dbh = dbh
+        self._max_key = env.max_key_size()
+        self._map_size = env.info()["map_size"]
+        self._last_event_index = last
+        self._w_last_index = last
+        self._writer = threading.Thread(
+            target=self._writer_main, name=f"lmdb-writer:{self.path.name}", daemon=True
+        )
+        self._writer.start()
+        self.size_bytes()
+
+    def _open_env(self) -> tuple[lmdb.Environment, dict[str, lmdb._Database], int]:
+        self.path.mkdir(parents=True, exist_ok=True)
+        env = lmdb.open(
+            str(self.path),
+            map_size=self._initial_map_size,
+            subdir=True,
+            sync=True,
+            metasync=True,
+            lock=True,
+            readahead=False,  # random access to a hot working set; readahead wastes RAM
+            max_dbs=MAX_DBS,
+            max_readers=MAX_READERS,
+        )
+        try:
+            while True:
+                try:
+                    with env.begin(write=True) as txn:
+                        dbh = {name: env.open_db(name.encode(), txn=txn) for name in DATABASES}
+                    break
+                except lmdb.MapFullError:
+                    # A tiny initial map cannot even hold the db records; nothing else runs yet.
+                    size = env.info()["map_size"]
+                    if size >= self._max_map_size:
+                        raise StoreFull("database full: cannot create sub-databases") from None
+                    env.set_mapsize(min(size * 2, self._max_map_size))
+            with env.begin(db=dbh[META_DB]) as rtxn:
+                raw = rtxn.get(LAST_EVENT_KEY)
+            last = event_index(raw) if raw is not None else 0
+        except BaseException:
+            env.close()
+            raise
+        return env, dbh, last
+
+    async def close(self) -> None:
+        """Refuse new commits, commit everything queued, stop the writer, close the env.
+
+        Every future returned by ``commit()`` before ``close()`` is resolved when this
+        returns. Safe to call more than once and concurrently.
+        """
+        if self._close_future is not None:
+            await asyncio.shield(self._close_future)
+            return
+        loop = asyncio.get_running_loop()
+        self._close_future = loop.create_future()
+        self._closing = True
+        try:
+            if self._writer is not None:
+                self._queue.put(_STOP)
+                # The writer's last resolve callback was scheduled before join() returned,
+                # so it runs before this await resumes (call_soon order is FIFO).
+                await loop.run_in_executor(None, self._writer.join)
+            if self._env is not None:
+                await loop.run_in_executor(None, self._close_env)
+        finally:
+            self._close_future.set_result(None)
+
+    def _close_env(self) -> None:
+        with self._resize_lock:  # never under a running backup copy
+            env, self._env = self._env, None
+            if env is not None:
+                env.close()
+
+    # ------------------------------------------------------------------ writes
+
+    def commit(
+        self, ops: Sequence[Op], events: Sequence[bytes] = ()
+    ) -> asyncio.Future[CommitResult]:
+        """Queue ``ops`` and ``events`` as one atomic request; call from the loop thread.
+
+        The returned future resolves to the indices assigned to ``events`` once the
+        transaction holding them is durable (fsynced). It fails with :class:`StoreError`
+        if the transaction fails, :class:`StoreFull` when the map cannot grow further.
+        Cancelling the future does not withdraw the request.
+
+        Raises ``ValueError`` for a malformed request (it never reaches the writer, so it
+        cannot fail the others), :class:`StoreBusy` when ``max_queue`` requests are
+        pending, :class:`StoreClosed` once ``close()`` was called.
+        """
+        if self._closing or self._env is None or self._loop is None:
+            raise StoreClosed("store is closed" if self._closing else "store is not open")
+        if self._writer_dead:
+            raise StoreError("writer thread died; see the log")
+        if self._pending >= self._max_queue:
+            raise StoreBusy(f"write queue full ({self._max_queue} requests pending)")
+        # Snapshot the caller's sequences so what we validate is what the writer applies.
+        ops_t = tuple(ops)
+        events_t = tuple(events)
+        self._validate(ops_t, events_t)
+        fut: asyncio.Future[CommitResult] = self._loop.create_future()
+        self._pending += 1
+        self._queue.put(_Request(ops_t, events_t, fut, len(ops_t) + len(events_t)))
+        return fut
+
+    def _validate(self, ops: tuple[Op, ...], events: tuple[bytes, ...]) -> None:
+        dbh = self._dbh
+        max_key = self._max_key
+        for op in ops:
+            # type() identity, not isinstance: a subclass could carry surprises past the check.
+            if type(op) is Put:
+                db, key = op.db, op.key
+                if not isinstance(op.value, bytes):
+                    raise ValueError(f"Put value must be bytes, got {type(op.value).__name__}")
+            elif type(op) is Delete:
+                db, key = op.db, op.key
+            elif type(op) is DeleteRange:
+                db, start, end = op.db, op.start, op.end
+                if db not in dbh:
+                    raise ValueError(f"unknown database {db!r}")
+                if not isinstance(start, bytes) or not (end is None or isinstance(end, bytes)):
+                    raise ValueError("DeleteRange bounds must be bytes")
+                if (
+                    db == META_DB
+                    and start <= LAST_EVENT_KEY
+                    and (end is None or end > LAST_EVENT_KEY)
+                ):
+                    raise ValueError("DeleteRange would delete the event counter")
+                continue
+            else:
+                raise ValueError(f"unknown op {op!r:.80}")
+            if db not in dbh:
+                raise ValueError(f"unknown database {db!r}")
+            if db == EVENTS_DB:
+                raise ValueError("events are written through commit(events=...)")
+            if not isinstance(key, bytes) or not 0 < len(key) <= max_key:
+                raise ValueError(f"key must be 1..{max_key} bytes, got {key!r:.80}")
+            if db == META_DB and key == LAST_EVENT_KEY:
+                raise ValueError("meta key last_event_index is owned by the store")
+        for body in events:
+            if not isinstance(body, bytes):
+                raise ValueError(f"event body must be bytes, got {type(body).__name__}")
+
+    @property
+    def last_event_index(self) -> int:
+        """Newest committed event index as seen by the loop (0 when none was ever written)."""
+        return self._last_event_index
+
+    @property
+    def txn_count(self) -> int:
+        """Write transactions committed since open (group-commit efficiency = requests/txns)."""
+        return self._txn_count
+
+    @property
+    def pending(self) -> int:
+        """Requests queued or being committed."""
+        return self._pending
+
+    # ------------------------------------------------------------------ writer thread
+
+    def _writer_main(self) -> None:
+        q = self._queue
+        carry: _Request | None = None
+        stopping = False
+        try:
+            while not stopping:
+                first = carry if carry is not None else q.get()
+                carry = None
+                if first is _STOP:
+                    break
+                batch: list[_Request] = [first]
+                n = first.n_ops
+                deadline = 0.0
+                while n < self._max_batch_ops:
+                    try:
+                        item = q.get_nowait()
+                    except queue.Empty:
+                        if self._sync_window <= 0:
+                            break
+                        now = time.monotonic()
+                        if not deadline:
+                            deadline = now + self._sync_window
+                        if now >= deadline:
+                            break
+                        try:
+                            item = q.get(timeout=deadline - now)
+                        except queue.Empty:
+                            break
+                    if item is _STOP:
+                        stopping = True
+                        break
+                    if n + item.n_ops > self._max_batch_ops:
+                        carry = item  # goes first in the next batch; requests are never split
+                        break
+                    batch.append(item)
+                    n += item.n_ops
+                self._process(batch)
+        except BaseException:
+            log.exception("LMDB writer thread crashed")
+            self._writer_dead = True
+            self._fail_leftovers(carry)
+            raise
+
+    def _fail_leftovers(self, carry: _Request | None) -> None:
+        """After a writer crash, fail every request still queued so no caller hangs."""
+        left: list[_Request] = [carry] if carry is not None else []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                left.append(item)
+        if left:
+            self._post(left, [], StoreError("writer thread died"), 0)
+
+    def _process(self, batch: list[_Request]) -> None:
+        t0 = time.perf_counter()
+        base = self._w_last_index
+        error: StoreError | None = None
+        pairs: list[tuple[int, bytes]] = []
+        last = base
+        puts = deletes = 0
+        while True:
+            try:
+                pairs, last, puts, deletes = self._apply(batch, base)
+                break
+            except lmdb.MapFullError:
+                # The txn is aborted (context manager); grow and retry the same batch.
+                try:
+                    if self._grow():
+                        continue
+                    error = StoreFull(f"database full (max_map_size={self._max_map_size})")
+                except Exception as exc:  # becomes this batch's error; the writer lives on
+                    error = StoreError(f"map resize failed: {exc!r}")
+                break
+            except Exception as exc:  # any txn failure fails this batch only
+                error = StoreError(f"commit failed: {exc!r}")
+                break
+        if error is None:
+            self._w_last_index = last
+            self._txn_count += 1
+            self._batch_requests += len(batch)
+            self._m_commit.inc()
+            self._m_commit_s.observe(time.perf_counter() - t0)
+            if puts:
+                self._m_put.inc(puts)
+            if deletes:
+                self._m_delete.inc(deletes)
+        else:
+            log.error("LMDB commit of %d requests failed: %s", len(batch), error)
+        self._post(batch, pairs, error, last)
+
+    def _apply(
+        self, batch: list[_Request], base: int
+    ) -> tuple[list[tuple[int, bytes]], int, int, int]:
+        env = self._env
+        assert env is not None
+        dbh = self._dbh
+        events_db = dbh[EVENTS_DB]
+        pack = _INDEX.pack
+        idx = base
+        pairs: list[tuple[int, bytes]] = []
+        puts = deletes = 0
+        with env.begin(write=True) as txn:  # commits (fsync) on exit, aborts on exception
+            put = txn.put
+            for req in batch:
+                for op in req.ops:
+                    if type(op) is Put:
+                        put(op.key, op.value, db=dbh[op.db])
+                        puts += 1
+                    elif type(op) is Delete:
+                        txn.delete(op.key, db=dbh[op.db])
+                        deletes += 1
+                    elif type(op) is DeleteRange:
+                        deletes += _delete_range(txn, dbh[op.db], op.start, op.end)
+                if req.events:
+                    first = idx + 1
+                    for body in req.events:
+                        idx += 1
+                        # append=True: indices only grow, so LMDB skips the tree search.
+                        if not put(pack(idx), body, db=events_db, append=True):
+                            raise StoreError(f"event index {idx} not above the newest stored")
+                        pairs.append((idx, body))
+                    puts += len(req.events)
+                    req.result = CommitResult(first, idx)
+                else:
+                    req.result = _NO_EVENTS
+            if idx != base:
+                put(LAST_EVENT_KEY, pack(idx), db=dbh[META_DB])
+        return pairs, idx, puts, deletes
+
+    def _post(
+        self,
+        batch: list[_Request],
+        pairs: list[tuple[int, bytes]],
+        error: StoreError | None,
+        last: int,
+    ) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            # ONE wake-up of the loop per batch, however many futures it resolves.
+            loop.call_soon_threadsafe(self._resolve, batch, pairs, error, last)
+        except RuntimeError:
+            log.warning("event loop closed; %d commit results dropped", len(batch))
+
+    def _resolve(
+        self,
+        batch: list[_Request],
+        pairs: list[tuple[int, bytes]],
+        error: StoreError | None,
+        last: int,
+    ) -> None:
+        """Runs on the loop: settle every future of one batch, then run the commit hook."""
+        self._pending -= len(batch)
+        if error is None:
+            for req in batch:
+                fut = req.future
+                if not fut.done():  # a cancelled future is still committed; nobody listens
+                    fut.set_result(req.result)
+            self._last_event_index = max(self._last_event_index, last)
+            hook = self.on_commit
+            if pairs and hook is not None:
+                try:
+                    hook(pairs)
+                except Exception:
+                    log.exception("on_commit hook failed")
+        else:
+            cls = type(error)
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(cls(*error.args))  # one instance per awaiter
+
+    def _grow(self) -> bool:
+        """Writer thread, no txn open: double the map via the loop. False when at the cap."""
+        current = self._map_size
+        if current >= self._max_map_size:
+            return False
+        new = min(current * 2, self._max_map_size)
+        done = threading.Event()
+        box: list[BaseException | None] = []
+        loop = self._loop
+        assert loop is not None
+        try:
+            loop.call_soon_threadsafe(self._resize_on_loop, new, done, box)
+        except RuntimeError:
+            # Loop closed: no loop reads can run any more, so resizing here is safe.
+            self._resize_on_loop(new, done, box, retry=False)
+        while not done.wait(0.5):
+            if loop.is_closed():
+                self._resize_on_loop(new, done, box, retry=False)
+        if box and box[0] is not None:
+            raise box[0]
+        return True
+
+    def _resize_on_loop(
+        self, new: int, done: threading.Event, box: list[BaseException | None], retry: bool = True
+    ) -> None:
+        if done.is_set():
+            return
+        if not self._resize_lock.acquire(blocking=not retry):
+            # A backup copy holds a read txn; try again soon instead of blocking the loop.
+            assert self._loop is not None
+            self._loop.call_later(_RESIZE_RETRY_S, self._resize_on_loop, new, done, box)
+            return
+        t0 = time.perf_counter()
+        try:
+            env = self._env
+            assert env is not None
+            env.set_mapsize(new)
+            self._map_size = env.info()["map_size"]
+            box.append(None)
+            log.info("LMDB map grown to %d bytes", self._map_size)
+        except Exception as exc:  # handed to the writer, which fails the batch
+            box.append(exc)
+        finally:
+            self._resize_lock.release()
+            self._m_grow.inc()
+            self._m_grow_s.observe(time.perf_counter() - t0)
+            done.set()
+
+    # ------------------------------------------------------------------ reads (loop thread)
+
+    def _handle(self, db: str) -> tuple[lmdb.Environment, lmdb._Database]:
+        env = self._env
+        if env is None:
+            raise StoreClosed("store is not open")
+        try:
+            return env, self._dbh[db]
+        except KeyError:
+            raise ValueError(f"unknown database {db!r}") from None
+
+    def get(self, db: str, key: bytes) -> bytes | None:
+        """The value of ``key`` in ``db`` or ``None``. Loop thread only."""
+        env, h = self._handle(db)
+        with env.begin(db=h) as txn:
+            value = txn.get(key)
+        self._m_get.inc()
+        return value
+
+    def scan(
+        self,
+        db: str,
+        prefix: bytes = b"",
+        start: bytes | None = None,
+        limit: int | None = None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Pairs whose key starts with ``prefix`` and is ``>= start``, in key order.
+
+        Loop thread only. It runs in one read txn without yielding, so page through large
+        databases with ``limit`` and ``start`` (next start = last key + b"\\x00").
+        """
+        env, h = self._handle(db)
+        t0 = time.perf_counter()
+        out: list[tuple[bytes, bytes]] = []
+        first = prefix if start is None or start < prefix else start
+        if limit is None or limit > 0:
+            with env.begin(db=h) as txn:
+                cur = txn.cursor()
+                if first:
+                    found = cur.set_range(first)
+                else:
+                    found = cur.first()
+                if found:
+                    for key, value in cur:
+                        if not key.startswith(prefix):
+                            break
+                        out.append((key, value))
+                        if limit is not None and len(out) >= limit:
+                            break
+        self._m_scan.inc()
+        self._m_scan_s.observe(time.perf_counter() - t0)
+        return out
+
+    def count(self, db: str) -> int:
+        """Number of keys in ``db``. Loop thread only."""
+        env, h = self._handle(db)
+        with env.begin() as txn:
+            return int(txn.stat(h)["entries"])
+
+    def read_view(self, db: str, key: bytes, fn: Callable[[memoryview], T]) -> T | None:
+        """Call ``fn`` with a zero-copy view of the value and return its result.
+
+        The view points into the memory map and is valid only during ``fn``: do not keep
+        it, slices of it, or ``numpy.frombuffer`` arrays over it (copy with ``bytes()``
+        instead). ``fn`` must not await or call back into the store's writes. Returns
+        ``None`` without calling ``fn`` when the key is absent. Loop thread only.
+        """
+        env, h = self._handle(db)
+        with env.begin(db=h, buffers=True) as txn:
+            view = txn.get(key)
+            self._m_get.inc()
+            if view is None:
+                return None
+            return fn(view)
+
+    def events_since(self, after_index: int, limit: int) -> list[tuple[int, bytes]]:
+        """Up to ``limit`` committed events with index ``> after_index``, in index order."""
+        env, h = self._handle(EVENTS_DB)
+        out: list[tuple[int, bytes]] = []
+        if limit <= 0:
+            return out
+        t0 = time.perf_counter()
+        unpack = _INDEX.unpack
+        with env.begin(db=h) as txn:
+            cur = txn.cursor()
+            if cur.set_range(_INDEX.pack(max(after_index + 1, 0))):
+                for key, value in cur:
+                    out.append((unpack(key)[0], value))
+                    if len(out) >= limit:
+                        break
+        self._m_scan.inc()
+        self._m_scan_s.observe(time.perf_counter() - t0)
+        return out
+
+    def first_event_index(self) -> int:
+        """Oldest event kept; ``last_event_index + 1`` when the log is empty (all pruned)."""
+        env, h = self._handle(EVENTS_DB)
+        with env.begin(db=h) as txn:
+            cur = txn.cursor()
+            if cur.first():
+                return event_index(cur.key())
+        return self._last_event_index + 1
+
+    async def prune_events(self, keep_after_index: int) -> int:
+        """Delete events with index ``<= keep_after_index`` through the writer.
+
+        Deletes in chunks of at most ``max_batch_ops`` events per request so one prune
+        never produces a huge transaction. Returns how many events were deleted.
+        """
+        bound = min(keep_after_index, self._last_event_index) + 1  # never touch the future
+        deleted = 0
+        first = self.first_event_index()
+        while first < bound:
+            end = min(bound, first + self._max_batch_ops)
+            await self.commit([DeleteRange(EVENTS_DB, b"", _INDEX.pack(end))])
+            deleted += end - first  # the log is contiguous from `first`
+            first = end
+        return deleted
+
+    # ------------------------------------------------------------------ maintenance
+
+    def reader_check(self) -> int:
+        """Clear reader-table slots of dead processes; returns how many were cleared."""
+        env = self._env
+        if env is None:
+            raise StoreClosed("store is not open")
+        return env.reader_check()
+
+    def size_bytes(self) -> int:
+        """Bytes in use in the data file ((last_pgno + 1) * page size); updates the gauge."""
+        env = self._env
+        if env is None:
+            raise StoreClosed("store is not open")
+        size = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        metrics.DB_SIZE_BYTES.set(size)
+        return size
+
+    @property
+    def map_size(self) -> int:
+        """Current map size in bytes (the most the file can grow to before the next growth)."""
+        return self._map_size
+
+    @property
+    def max_map_size(self) -> int:
+        """Cap on map growth in bytes."""
+        return self._max_map_size
+
+    def healthy(self) -> bool:
+        """True while open, not closing, and the writer thread is alive."""
+        writer = self._writer
+        return (
+            self._env is not None
+            and not self._closing
+            and not self._writer_dead
+            and writer is not None
+            and writer.is_alive()
+        )
+
+    def stat(self) -> dict[str, Any]:
+        """Figures for ``/health/detailed`` (cheap: no scans)."""
+        env = self._env
+        out: dict[str, Any] = {
+            "backend": "lmdb",
+            "path": str(self.path),
+            "open": env is not None,
+            "healthy": self.healthy(),
+            "map_size": self._map_size,
+            "max_map_size": self._max_map_size,
+            "pending_requests": self._pending,
+            "max_queue": self._max_queue,
+            "txn_count": self._txn_count,
+            "avg_batch_requests": (
+                self._batch_requests / self._txn_count if self._txn_count else 0.0
+            ),
+            "last_event_index": self._last_event_index,
+        }
+        if env is not None:
+            info = env.info()
+            out["size_bytes"] = self.size_bytes()
+            out["readers"] = info["num_readers"]
+            out["max_readers"] = info["max_readers"]
+            with env.begin() as txn:
+                out["entries"] = {
+                    name: int(txn.stat(h)["entries"]) for name, h in self._dbh.items()
+                }
+        return out
+
+    async def backup(self, dest_dir: str | os.PathLike[str], keep: int = 3) -> Path:
+        """Compacting, consistent copy into ``dest_dir/nexus-backup-<UTC time>/``.
+
+        Runs in an executor thread (holding the resize lock, so map growth waits for it),
+        then deletes all but the newest ``keep`` backups in ``dest_dir``. Returns the new
+        directory, which opens as an ordinary LMDB environment (subdir=True).
+        """
+        if keep < 1:
+            raise ValueError("keep must be >= 1")
+        if self._env is None or self._closing:
+            raise StoreClosed("store is not open")
+        dest = Path(dest_dir)
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        target = await loop.run_in_executor(None, self._backup_blocking, dest, keep)
+        self._m_backup.inc()
+        self._m_backup_s.observe(time.perf_counter() - t0)
+        return target
+
+    def _backup_blocking(self, dest: Path, keep: int) -> Path:
+        dest.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = dest / f"{BACKUP_PREFIX}{stamp}"
+        tmp = dest / f".{BACKUP_PREFIX}{stamp}.tmp"
+        tmp.mkdir()
+        try:
+            with self._resize_lock:
+                env = self._env
+                if env is None:
+                    raise StoreClosed("store closed during backup")
+                env.copy(str(tmp), compact=True)
+            # Rename last so a crash mid-copy never leaves something that looks complete.
+            tmp.rename(target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = sorted(p for p in dest.iterdir() if p.is_dir() and p.name.startswith(BACKUP_PREFIX))
+        for stale in old[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
+        return target
+
+
+def _delete_range(
+    txn: lmdb.Transaction[bytes], h: lmdb._Database, start: bytes, end: bytes | None
+) -> int:
+    """Delete keys ``start <= k < end`` of ``h`` inside ``txn``; returns how many."""
+    cur = txn.cursor(db=h)
+    found = cur.set_range(start) if start else cur.first()
+    n = 0
+    if not found:
+        return 0
+    key = cur.key()
+    while key and (end is None or key < end):  # key() is b"" once the cursor runs off the end
+        cur.delete()
+        n += 1
+        key = cur.key()
+    return n

@@ -1,0 +1,83 @@
+"""Every Prometheus metric the server exports, defined in one place.
+
+Components import the objects they update; the HTTP adapter renders the default
+registry. Names follow Prometheus conventions (base units, ``_total`` counters).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+# Latency buckets tuned for a loopback control plane: 50us .. 10s.
+_LATENCY_BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+VERSION_INFO = Info("nexus_version", "Version of nexus-fast and of the libraries it runs on.")
+UPTIME_SECONDS = Gauge("nexus_uptime_seconds", "Seconds since the server process started.")
+
+NODES = Gauge("nexus_nodes_total", "Known nodes by status.", ["status"])
+
+GRPC_REQUESTS = Counter(
+    "nexus_grpc_requests_total", "gRPC calls finished, by method and status code.", ["method", "status"]
+)
+GRPC_REQUEST_DURATION = Histogram(
+    "nexus_grpc_request_duration_seconds",
+    "gRPC call duration (for streams: the stream's lifetime).",
+    ["method"],
+    buckets=_LATENCY_BUCKETS,
+)
+GRPC_CONNECTIONS_ACTIVE = Gauge(
+    "nexus_grpc_connections_active",
+    "Open long-lived gRPC streams (node Connect streams and event watchers).",
+)
+NODE_MESSAGES = Counter(
+    "nexus_node_messages_total", "Messages received on node Connect streams.", ["kind"]
+)
+
+DB_OPERATIONS = Counter(
+    "nexus_db_operations_total", "State store operations, by operation.", ["operation"]
+)
+DB_OPERATION_DURATION = Histogram(
+    "nexus_db_operation_duration_seconds",
+    "State store operation duration, by operation (commit includes the fsync).",
+    ["operation"],
+    buckets=_LATENCY_BUCKETS,
+)
+DB_SIZE_BYTES = Gauge("nexus_db_size_bytes", "Bytes used in the LMDB data file.")
+
+WEBSOCKET_CONNECTIONS = Counter(
+    "nexus_websocket_connections_total", "WebSocket connections accepted since start."
+)
+WEBSOCKET_CONNECTIONS_ACTIVE = Gauge(
+    "nexus_websocket_connections_active", "Open WebSocket connections."
+)
+WEBSOCKET_REJECTED = Counter(
+    "nexus_websocket_rejected_total", "WebSocket upgrades refused, by reason.", ["reason"]
+)
+WEBSOCKET_MESSAGES_RECEIVED = Counter(
+    "nexus_websocket_messages_received_total", "WebSocket data frames received."
+)
+WEBSOCKET_MESSAGES_SENT = Counter(
+    "nexus_websocket_messages_sent_total", "WebSocket data frames sent."
+)
+
+HTTP_REQUESTS = Counter(
+    "nexus_http_requests_total", "HTTP requests on the health/metrics port.", ["path", "status"]
+)

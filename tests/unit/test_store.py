@@ -1,0 +1,585 @@
+"""LmdbStore against a real LMDB environment, real writer thread and a real (uv)loop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+import pytest
+import uvloop
+from prometheus_client import REGISTRY
+
+from nexus_fast.store import (
+    CommitResult,
+    Delete,
+    DeleteRange,
+    LmdbStore,
+    Put,
+    StateStore,
+    StoreBusy,
+    StoreClosed,
+    StoreError,
+    StoreFull,
+    event_key,
+    lmdb_store,
+)
+
+T = TypeVar("T")
+REPO = Path(__file__).resolve().parents[2]
+MB = 1 << 20
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one test body on uvloop, the loop production uses."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(asyncio.wait_for(coro, 60))
+
+
+def with_store(tmp_path: Path, body: Callable[[LmdbStore], Awaitable[T]], **kw: Any) -> T:
+    """Open a store in tmp_path, run body, always close."""
+
+    async def main() -> T:
+        store = LmdbStore(tmp_path / "db", **{"map_size": 16 * MB, **kw})
+        await store.open()
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    return run(main())
+
+
+def metric(operation: str) -> float:
+    value = REGISTRY.get_sample_value("nexus_db_operations_total", {"operation": operation})
+    return value or 0.0
+
+
+def child_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "NEXUS_NO_EXTENSIONS": "1"}
+
+
+# ---------------------------------------------------------------------------- basics
+
+
+def test_satisfies_protocol(tmp_path: Path) -> None:
+    store: StateStore = LmdbStore(tmp_path / "db")  # mypy checks the structural match
+    assert not store.healthy()
+
+
+def test_put_get_scan_count_delete(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        assert s.healthy()
+        ops = [Put("nodes", b"n/%03d" % i, b"v%d" % i) for i in range(50)]
+        ops.append(Put("agents", b"n/000", b"other-db"))
+        res = await s.commit(ops)
+        assert res == CommitResult(0, 0)
+        assert s.get("nodes", b"n/007") == b"v7"
+        assert s.get("nodes", b"missing") is None
+        assert s.get("agents", b"n/000") == b"other-db"
+        assert s.count("nodes") == 50
+        assert [k for k, _ in s.scan("nodes", prefix=b"n/01")] == [
+            b"n/%03d" % i for i in range(10, 20)
+        ]
+        page = s.scan("nodes", prefix=b"n/", start=b"n/045", limit=3)
+        assert page == [(b"n/045", b"v45"), (b"n/046", b"v46"), (b"n/047", b"v47")]
+        assert s.scan("nodes", prefix=b"n/", start=b"a")[0][0] == b"n/000"  # start < prefix
+        assert s.scan("nodes", prefix=b"zz") == []
+        assert s.scan("nodes", limit=0) == []
+        await s.commit([Delete("nodes", b"n/000"), Delete("nodes", b"never-existed")])
+        await s.commit([DeleteRange("nodes", b"n/010", b"n/020")])
+        assert s.count("nodes") == 39
+        assert s.get("nodes", b"n/015") is None and s.get("nodes", b"n/020") == b"v20"
+        await s.commit([DeleteRange("nodes", b"n/040", None)])
+        assert s.count("nodes") == 29
+        assert s.read_view("nodes", b"n/005", lambda v: (type(v), bytes(v[:1]))) == (
+            memoryview,
+            b"v",
+        )
+        assert s.read_view("nodes", b"missing", bytes) is None
+        st = s.stat()
+        assert st["entries"]["nodes"] == 29 and st["healthy"] and st["size_bytes"] > 0
+        assert st["txn_count"] == s.txn_count
+
+    with_store(tmp_path, body)
+
+
+def test_group_commit_batches_concurrent_requests(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        txns0, metric0 = s.txn_count, metric("commit")
+        puts0 = metric("put")
+        futs = [s.commit([Put("commands", b"c%05d" % i, b"x")], [b"e%d" % i]) for i in range(1000)]
+        results = await asyncio.gather(*futs)
+        txns = s.txn_count - txns0
+        assert 1 <= txns <= 50, f"1000 concurrent requests took {txns} txns"
+        assert metric("commit") - metric0 == txns  # one commit metric per txn
+        assert metric("put") - puts0 == 2000  # ops + event bodies
+        assert s.count("commands") == 1000
+        # Requests are applied in submission order: indices follow the commit() calls.
+        assert [r.first_event_index for r in results] == list(range(1, 1001))
+        assert s.stat()["avg_batch_requests"] > 10
+
+    with_store(tmp_path, body)
+
+
+def test_sequential_awaits_each_commit_alone(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        txns0 = s.txn_count
+        for i in range(20):
+            await s.commit([Put("nodes", b"%d" % i, b"")])
+        assert s.txn_count - txns0 == 20
+
+    with_store(tmp_path, body)
+
+
+def test_sync_window_gathers_requests_arriving_later(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        txns0 = s.txn_count
+        f1 = s.commit([Put("nodes", b"a", b"1")])
+        await asyncio.sleep(0.02)  # well inside the 0.5 s window
+        f2 = s.commit([Put("nodes", b"b", b"2")])
+        await asyncio.gather(f1, f2)
+        assert s.txn_count - txns0 == 1
+
+    with_store(tmp_path, body, sync_window=0.5)
+
+
+def test_max_batch_ops_bounds_each_txn(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        txns0 = s.txn_count
+        big = s.commit([Put("nodes", b"big%d" % i, b"") for i in range(25)])  # > bound: alone
+        futs = [s.commit([Put("nodes", b"k%d" % i, b"")], [b"e"]) for i in range(100)]
+        await asyncio.gather(big, *futs)
+        # 100 requests of 2 ops with at most 10 ops per txn: >= 20 txns, plus the big one.
+        assert s.txn_count - txns0 >= 21
+        assert s.count("nodes") == 125
+
+    with_store(tmp_path, body, max_batch_ops=10)
+
+
+# ---------------------------------------------------------------------------- events
+
+
+def test_event_indices_contiguous_and_hook_in_order(tmp_path: Path) -> None:
+    seen: list[tuple[int, bytes]] = []
+    hook_calls = 0
+
+    def hook(pairs: list[tuple[int, bytes]]) -> None:
+        nonlocal hook_calls
+        hook_calls += 1
+        seen.extend(pairs)
+
+    async def body(s: LmdbStore) -> None:
+        s.on_commit = hook
+        expected: list[bytes] = []
+        results: list[CommitResult] = []
+        for wave in range(5):  # several batches
+            futs = []
+            for i in range(200):
+                n = i % 4  # 0..3 events per request, some requests carry none
+                bodies = [b"w%d-r%d-e%d" % (wave, i, j) for j in range(n)]
+                expected.extend(bodies)
+                futs.append(s.commit([Put("nodes", b"w%d-%d" % (wave, i), b"")], bodies))
+            results.extend(await asyncio.gather(*futs))
+        total = len(expected)
+        assert s.last_event_index == total
+        # Ranges of the requests tile 1..total with no gap or overlap.
+        nxt = 1
+        for r in results:
+            if r == CommitResult(0, 0):
+                continue
+            assert r.first_event_index == nxt
+            nxt = r.last_event_index + 1
+        assert nxt == total + 1
+        logged = s.events_since(0, total + 10)
+        assert [i for i, _ in logged] == list(range(1, total + 1))
+        assert [b for _, b in logged] == expected
+        assert seen == logged  # the hook saw every event once, in index order
+        assert hook_calls <= s.txn_count
+        assert s.events_since(total - 3, 2) == logged[-3:-1]
+        assert s.events_since(total, 10) == []
+
+    with_store(tmp_path, body)
+
+
+def test_data_and_event_index_survive_reopen(tmp_path: Path) -> None:
+    async def main() -> None:
+        path = tmp_path / "db"
+        s = LmdbStore(path, map_size=4 * MB)
+        await s.open()
+        r1 = await s.commit([Put("agents", b"a1", b"running")], [b"ev1", b"ev2"])
+        await s.close()
+        assert r1 == CommitResult(1, 2)
+
+        s = LmdbStore(path, map_size=4 * MB)
+        await s.open()
+        assert s.last_event_index == 2
+        assert s.get("agents", b"a1") == b"running"
+        r2 = await s.commit([Put("agents", b"a2", b"pending")], [b"ev3"])
+        assert r2 == CommitResult(3, 3)
+        assert s.events_since(0, 10) == [(1, b"ev1"), (2, b"ev2"), (3, b"ev3")]
+        await s.close()
+
+    run(main())
+
+
+def test_request_is_atomic_and_failed_txn_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body(s: LmdbStore) -> None:
+        r = await s.commit(
+            [Put("commands", b"c1", b"placed"), Put("nodes", b"n1", b"busy")], [b"placed c1"]
+        )
+        assert s.get("commands", b"c1") == b"placed" and s.get("nodes", b"n1") == b"busy"
+        assert s.events_since(r.first_event_index - 1, 5) == [(1, b"placed c1")]
+
+        # Fail the txn midway, after it already applied a Put: the abort must undo it.
+        def boom(*_: Any) -> int:
+            raise RuntimeError("disk on fire")
+
+        monkeypatch.setattr(lmdb_store, "_delete_range", boom)
+        fa = s.commit([Put("commands", b"c2", b"x"), DeleteRange("audit", b"", None)], [b"e"])
+        fb = s.commit([Put("commands", b"c3", b"x")], [b"e"])  # same batch: fails too
+        for fut in (fa, fb):
+            with pytest.raises(StoreError, match="disk on fire"):
+                await fut
+        assert s.get("commands", b"c2") is None and s.get("commands", b"c3") is None
+        assert s.last_event_index == 1 and s.events_since(1, 5) == []
+        monkeypatch.undo()
+
+        # The writer survives and numbering continues without a gap.
+        r = await s.commit([Put("commands", b"c4", b"ok")], [b"after"])
+        assert r == CommitResult(2, 2)
+        assert s.healthy()
+
+    with_store(tmp_path, body)
+
+
+def test_bad_requests_raise_at_once_and_do_not_affect_others(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        good1 = s.commit([Put("nodes", b"ok1", b"1")], [b"e1"])
+        bad: list[tuple[list[Any], list[Any]]] = [
+            ([Put("no-such-db", b"k", b"v")], []),
+            ([Put("nodes", b"k", "not bytes")], []),  # type: ignore[arg-type]
+            ([Put("nodes", "str-key", b"v")], []),  # type: ignore[arg-type]
+            ([Put("nodes", b"", b"v")], []),
+            ([Put("nodes", b"k" * 512, b"v")], []),
+            ([Put("events", event_key(99), b"forged")], []),
+            ([Put("meta", b"last_event_index", b"\0" * 8)], []),
+            ([DeleteRange("meta", b"", None)], []),
+            ([("nodes", b"k", b"v")], []),  # a bare tuple is not an op
+            ([Put("nodes", b"k", b"v")], ["str event"]),
+        ]
+        for ops, events in bad:
+            with pytest.raises(ValueError):
+                s.commit(ops, events)
+        good2 = s.commit([Put("nodes", b"ok2", b"2")], [b"e2"])
+        assert await good1 == CommitResult(1, 1)
+        assert await good2 == CommitResult(2, 2)
+        assert s.get("nodes", b"k") is None
+        assert s.pending == 0
+        with pytest.raises(ValueError):
+            s.get("no-such-db", b"k")
+
+    with_store(tmp_path, body)
+
+
+def test_caller_mutating_its_list_after_commit_changes_nothing(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        ops: list[Any] = [Put("nodes", b"a", b"1")]
+        fut = s.commit(ops)
+        ops.append(Put("nodes", b"bad-db-would-fail", "oops"))  # type: ignore[arg-type]
+        await fut
+        assert s.get("nodes", b"a") == b"1" and s.count("nodes") == 1
+
+    with_store(tmp_path, body)
+
+
+def test_prune_and_events_since(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        assert s.first_event_index() == 1  # empty log: the next index
+        await asyncio.gather(*(s.commit([], [b"e%d" % i]) for i in range(1, 101)))
+        assert s.first_event_index() == 1 and s.last_event_index == 100
+        txns0 = s.txn_count
+        assert await s.prune_events(keep_after_index=60) == 60
+        assert s.txn_count - txns0 >= 6  # chunked by max_batch_ops=10
+        assert s.first_event_index() == 61
+        assert s.events_since(0, 3) == [(61, b"e61"), (62, b"e62"), (63, b"e63")]
+        assert await s.prune_events(keep_after_index=60) == 0
+        assert await s.prune_events(keep_after_index=10_000) == 40  # never past the newest
+        assert s.first_event_index() == 101 and s.events_since(0, 5) == []
+        # Numbering continues after the log was emptied.
+        assert await s.commit([], [b"next"]) == CommitResult(101, 101)
+        assert s.first_event_index() == 101
+
+    with_store(tmp_path, body, max_batch_ops=10)
+
+
+# ---------------------------------------------------------------------------- map growth
+
+
+def test_map_grows_from_tiny_and_reads_keep_working(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        start = s.map_size
+        grows0 = metric("grow")
+        stop = False
+
+        async def reader() -> int:
+            # Loop reads interleave with growth: set_mapsize must never meet an open txn.
+            n = 0
+            while not stop:
+                s.get("nodes", b"k0000")
+                s.scan("nodes", limit=5)
+                n += 1
+                await asyncio.sleep(0)
+            return n
+
+        rtask = asyncio.create_task(reader())
+        value = os.urandom(2000)
+        for chunk in range(20):  # 2000 x 2 KB = ~4 MB, in several txns
+            await asyncio.gather(
+                *(
+                    s.commit([Put("nodes", b"k%04d" % (chunk * 100 + i), value)], [b"ev"])
+                    for i in range(100)
+                )
+            )
+        stop = True
+        assert await rtask > 0
+        assert s.map_size > start and s.map_size >= 4 * MB
+        assert metric("grow") > grows0
+        assert s.count("nodes") == 2000 and s.get("nodes", b"k1999") == value
+        assert s.last_event_index == 2000
+        assert s.size_bytes() > 4 * MB
+
+    with_store(tmp_path, body, map_size=64 * 1024, max_map_size=256 * MB)
+
+
+def test_map_full_at_cap_fails_batch_only(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        await s.commit([Put("nodes", b"small", b"x")], [b"e1"])
+        with pytest.raises(StoreFull, match="database full"):
+            await s.commit([Put("nodes", b"huge%d" % i, os.urandom(4000)) for i in range(300)])
+        assert s.map_size == 512 * 1024
+        assert s.get("nodes", b"huge0") is None and s.healthy()
+        assert await s.commit([Put("nodes", b"small2", b"y")], [b"e2"]) == CommitResult(2, 2)
+
+    with_store(tmp_path, body, map_size=64 * 1024, max_map_size=512 * 1024)
+
+
+# ---------------------------------------------------------------------------- bounds, close
+
+
+def test_store_busy_when_queue_full(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        futs = [s.commit([Put("nodes", b"%d" % i, b"")]) for i in range(10)]
+        with pytest.raises(StoreBusy):
+            s.commit([Put("nodes", b"one-too-many", b"")])
+        await asyncio.gather(*futs)
+        await s.commit([Put("nodes", b"room-again", b"")])  # resolved requests free slots
+        assert s.count("nodes") == 11
+
+    with_store(tmp_path, body, max_queue=10)
+
+
+def test_close_flushes_pending_and_is_idempotent(tmp_path: Path) -> None:
+    async def main() -> None:
+        path = tmp_path / "db"
+        s = LmdbStore(path, map_size=4 * MB)
+        await s.open()
+        futs = [s.commit([Put("audit", b"a%04d" % i, b"v")], [b"e"]) for i in range(500)]
+        await asyncio.gather(s.close(), s.close())  # concurrent closes share one shutdown
+        assert all(f.done() and not f.exception() for f in futs)
+        assert futs[-1].result() == CommitResult(500, 500)
+        await s.close()
+        assert not s.healthy()
+        with pytest.raises(StoreClosed):
+            s.commit([Put("audit", b"late", b"")])
+        with pytest.raises(StoreClosed):
+            s.get("audit", b"a0000")
+
+        s2 = LmdbStore(path, map_size=4 * MB)
+        await s2.open()
+        assert s2.count("audit") == 500 and s2.last_event_index == 500
+        await s2.close()
+
+    run(main())
+
+
+DURABILITY_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys, uvloop
+    from nexus_fast.store import LmdbStore, Put
+
+    async def worker(store, w):
+        i = 0
+        while True:
+            key = b"w%d-%d" % (w, i)
+            r = await store.commit([Put("commands", key, b"v")], [key])
+            print(key.decode(), r.first_event_index, flush=True)
+            i += 1
+
+    async def main():
+        store = LmdbStore(sys.argv[1], map_size=1 << 22)
+        await store.open()
+        await asyncio.gather(*(worker(store, w) for w in range(50)))
+
+    uvloop.run(main())
+    """
+)
+
+
+def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", DURABILITY_CHILD, str(path)],
+        stdout=subprocess.PIPE,
+        env=child_env(),
+    )
+    assert child.stdout is not None
+    acked: list[tuple[bytes, int]] = []
+    try:
+        while len(acked) < 1500:
+            line = child.stdout.readline()
+            assert line, "child died before acknowledging enough writes"
+            key, index = line.split()
+            acked.append((key, int(index)))
+    finally:
+        child.send_signal(signal.SIGKILL)  # no close(), no atexit: only fsync protects us
+        rest = child.stdout.read()
+        child.wait()
+    for line in rest.split(b"\n")[:-1]:  # the last piece may be a torn line
+        key, index = line.split()
+        acked.append((key, int(index)))
+
+    async def check() -> None:
+        s = LmdbStore(path, map_size=1 << 22)
+        await s.open()
+        try:
+            for key, index in acked:
+                assert s.get("commands", key) == b"v", key
+                assert s.events_since(index - 1, 1) == [(index, key)]
+            assert s.last_event_index >= max(i for _, i in acked)
+        finally:
+            await s.close()
+
+    run(check())
+
+
+# ---------------------------------------------------------------------------- maintenance
+
+READER_CHILD = textwrap.dedent(
+    """
+    import sys, time, lmdb
+    env = lmdb.open(sys.argv[1], max_dbs=32, max_readers=512)
+    txn = env.begin()
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_reader_check_clears_slot_of_killed_process(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        await s.commit([Put("nodes", b"n", b"v")])
+        child = subprocess.Popen(
+            [sys.executable, "-c", READER_CHILD, str(s.path)],
+            stdout=subprocess.PIPE,
+            env=child_env(),
+        )
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"ready\n"
+        child.kill()
+        child.wait()
+        assert s.reader_check() == 1
+        assert s.reader_check() == 0
+
+    with_store(tmp_path, body)
+
+
+def test_backup_is_openable_and_rotated(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        await s.commit([Put("nodes", b"n%d" % i, b"v%d" % i) for i in range(100)], [b"ev"])
+        dest = tmp_path / "backups"
+        backups0 = metric("backup")
+        made = []
+        for i in range(4):
+            await s.commit([Put("meta", b"generation", b"%d" % i)])
+            made.append(await s.backup(dest, keep=3))
+        assert metric("backup") - backups0 == 4
+        kept = sorted(p.name for p in dest.iterdir())
+        assert kept == sorted(p.name for p in made[1:])  # oldest rotated away
+        env = lmdb.open(str(made[-1]), readonly=True, max_dbs=32, lock=False)
+        try:
+            with env.begin() as txn:
+                nodes = env.open_db(b"nodes", txn=txn, create=False)
+                meta = env.open_db(b"meta", txn=txn, create=False)
+                assert txn.get(b"n42", db=nodes) == b"v42"
+                assert txn.get(b"generation", db=meta) == b"3"
+                assert txn.get(b"last_event_index", db=meta) == event_key(1)
+        finally:
+            env.close()
+        # A backup opens as a store too, with its event numbering intact.
+        copy = LmdbStore(made[-1], map_size=4 * MB)
+        await copy.open()
+        assert copy.last_event_index == 1 and copy.count("nodes") == 100
+        await copy.close()
+
+    with_store(tmp_path, body)
+
+
+def test_backup_during_growth_does_not_deadlock(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        value = os.urandom(3000)
+        writes = asyncio.gather(
+            *(s.commit([Put("nodes", b"k%05d" % i, value)]) for i in range(1500))
+        )
+        backups = [await s.backup(tmp_path / "bk", keep=2) for _ in range(3)]
+        await writes
+        assert s.count("nodes") == 1500 and len(backups) == 3
+        assert len(list((tmp_path / "bk").iterdir())) == 2
+
+    with_store(tmp_path, body, map_size=64 * 1024, max_map_size=64 * MB)
+
+
+def test_size_and_health_figures(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        before = s.size_bytes()
+        await s.commit([Put("nodes", b"%d" % i, b"x" * 500) for i in range(200)])
+        after = s.size_bytes()
+        assert after > before
+        sample = REGISTRY.get_sample_value("nexus_db_size_bytes")
+        assert sample == after
+        st = s.stat()
+        assert st["backend"] == "lmdb" and st["pending_requests"] == 0
+        assert st["readers"] >= 0 and st["map_size"] == s.map_size
+
+    with_store(tmp_path, body)
+
+
+def test_writer_thread_is_the_only_writer(tmp_path: Path) -> None:
+    writer_threads: set[str] = set()
+    real_apply = LmdbStore._apply
+
+    def spy(self: LmdbStore, batch: Any, base: int) -> Any:
+        writer_threads.add(threading.current_thread().name)
+        return real_apply(self, batch, base)
+
+    async def body(s: LmdbStore) -> None:
+        s._apply = spy.__get__(s)  # type: ignore[method-assign]
+        await asyncio.gather(*(s.commit([Put("nodes", b"%d" % i, b"")]) for i in range(50)))
+        t0 = time.perf_counter()
+        fut = s.commit([Put("nodes", b"nb", b"")])
+        assert time.perf_counter() - t0 < 0.05 and not fut.done()  # commit() never blocks
+        await fut
+
+    with_store(tmp_path, body)
+    assert len(writer_threads) == 1 and next(iter(writer_threads)).startswith("lmdb-writer")
