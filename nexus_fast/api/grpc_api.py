@@ -1,0 +1,211 @@
+"""gRPC adapter: NodeService and ControlService on grpc.aio.
+
+Handlers only translate protobuf to core calls and core errors to statuses
+(``nexus_fast.api.status``); the core does the work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from nexus_fast import errors
+from nexus_fast.api.status import grpc_status
+from nexus_fast.core.nodes import NodeRegistry, Session, validate_node_id
+from nexus_fast.logs import get_logger
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+from nexus_fast.telemetry import metrics
+
+log = get_logger("grpc")
+
+# A node that opens a stream but never says who it is is dropped after this.
+FIRST_MESSAGE_TIMEOUT = 30.0
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def _status_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return str(code)
+
+
+def instrumented(method: str) -> Callable[[_Handler], _Handler]:
+    """Count and time a handler, and map core errors to gRPC statuses in one place."""
+    histogram = metrics.GRPC_REQUEST_DURATION.labels(method=method)
+
+    def decorate(handler: _Handler) -> _Handler:
+        @functools.wraps(handler)
+        async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            status = "OK"
+            try:
+                return await handler(self, request, context)
+            except errors.NexusError as exc:
+                code = grpc_status(exc)
+                status = code.name
+                if isinstance(exc, errors.ResourceExhausted):
+                    context.set_trailing_metadata(
+                        (("retry-after-ms", str(int(exc.retry_after * 1000))),)
+                    )
+                await context.abort(code, str(exc))
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                status = _status_name(context)
+                raise
+            except Exception:
+                status = "INTERNAL"
+                log.exception("unhandled error in handler", extra={"method": method})
+                await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+            finally:
+                histogram.observe(time.perf_counter() - started)
+                metrics.GRPC_REQUESTS.labels(method=method, status=status).inc()
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+class NodeService(pb_grpc.NodeServiceServicer):
+    """What node proxies speak: register, one Connect stream per node, deregister."""
+
+    def __init__(self, registry: NodeRegistry) -> None:
+        self._registry = registry
+
+    @instrumented("NodeService/Register")
+    async def Register(
+        self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterResponse:
+        node, config = await self._registry.register(request)
+        return pb.RegisterResponse(session_epoch=node.session_epoch, config=config, node=node)
+
+    @instrumented("NodeService/Deregister")
+    async def Deregister(
+        self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeregisterResponse:
+        await self._registry.deregister(request.node_id, request.session_epoch)
+        return pb.DeregisterResponse()
+
+    @instrumented("NodeService/Connect")
+    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        try:
+            first = await asyncio.wait_for(context.read(), FIRST_MESSAGE_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise errors.InvalidArgument(
+                "first message", f"no NodeMessage within {FIRST_MESSAGE_TIMEOUT:.0f}s"
+            ) from None
+        if first is grpc.aio.EOF:
+            return
+        session = await self._registry.open_session(first.node_id, first.session_epoch)
+        metrics.GRPC_CONNECTIONS_ACTIVE.inc()
+        reader = asyncio.get_running_loop().create_task(
+            self._read_loop(context, session, first), name=f"node-reader-{session.node_id}"
+        )
+        try:
+            await self._write_loop(context, session)
+        finally:
+            reader.cancel()
+            self._registry.close_session(session)
+            metrics.GRPC_CONNECTIONS_ACTIVE.dec()
+        if session.close_reason is not None:
+            raise session.close_reason
+
+    async def _write_loop(self, context: grpc.aio.ServicerContext, session: Session) -> None:
+        outbound = session.outbound
+        while True:
+            message = await outbound.get()
+            if message is None:
+                return
+            await context.write(message)
+
+    async def _read_loop(
+        self, context: grpc.aio.ServicerContext, session: Session, first: pb.NodeMessage
+    ) -> None:
+        registry = self._registry
+        message: Any = first
+        try:
+            while message is not grpc.aio.EOF:
+                await self._handle(session, message)
+                if session.closed:
+                    return
+                message = await context.read()
+            session.close(None)  # the node half-closed: end the stream cleanly
+        except errors.NexusError as exc:
+            session.close(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the peer vanished mid-read, or a bug: end this stream only
+            if not session.closed:
+                log.debug("node stream read failed", extra={"node": session.node_id, "err": exc})
+            session.close(errors.Unavailable("stream read failed"))
+        finally:
+            if not session.closed:
+                registry.close_session(session)
+
+    async def _handle(self, session: Session, message: pb.NodeMessage) -> None:
+        if message.HasField("heartbeat"):
+            self._registry.validate_usage(message.heartbeat)
+            metrics.NODE_MESSAGES.labels(kind="heartbeat").inc()
+            came_back = self._registry.heartbeat(session, message.heartbeat)
+            if came_back is not None:
+                await came_back
+        if message.acks:
+            metrics.NODE_MESSAGES.labels(kind="ack").inc(len(message.acks))
+        if message.results:
+            metrics.NODE_MESSAGES.labels(kind="result").inc(len(message.results))
+        if message.agents:
+            metrics.NODE_MESSAGES.labels(kind="agent_status").inc(len(message.agents))
+
+
+class ControlService(pb_grpc.ControlServiceServicer):
+    """What operators speak: inspect and steer nodes."""
+
+    def __init__(self, registry: NodeRegistry) -> None:
+        self._registry = registry
+
+    @instrumented("ControlService/ListNodes")
+    async def ListNodes(
+        self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListNodesResponse:
+        nodes, token, matched = self._registry.list(
+            statuses=list(request.statuses),
+            labels=dict(request.label_selector),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListNodesResponse(nodes=nodes, next_page_token=token, total_matched=matched)
+
+    @instrumented("ControlService/GetNode")
+    async def GetNode(self, request: pb.GetNodeRequest, context: grpc.aio.ServicerContext) -> pb.Node:
+        validate_node_id(request.node_id)
+        return self._registry.get(request.node_id)
+
+    @instrumented("ControlService/DrainNode")
+    async def DrainNode(
+        self, request: pb.DrainNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Node:
+        return await self._registry.drain(request.node_id, request.drain, request.reason)
+
+    @instrumented("ControlService/SetNodeEligibility")
+    async def SetNodeEligibility(
+        self, request: pb.SetNodeEligibilityRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Node:
+        return await self._registry.set_eligibility(request.node_id, request.eligible)
+
+    @instrumented("ControlService/RemoveNode")
+    async def RemoveNode(
+        self, request: pb.RemoveNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RemoveNodeResponse:
+        await self._registry.remove(request.node_id)
+        return pb.RemoveNodeResponse()

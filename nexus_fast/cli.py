@@ -1,0 +1,71 @@
+"""``nexus-fast``: run the server.
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 when it cannot start
+(e.g. a port in use), 2 for invalid configuration or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from nexus_fast.about import version_text
+from nexus_fast.config import ConfigError, load_config
+from nexus_fast.logs import configure_logging
+
+# Flag -> dotted config key; flags beat environment, which beats the file.
+_FLAG_KEYS = {
+    "host": "server.host",
+    "grpc_port": "server.grpc_port",
+    "ws_port": "server.websocket_port",
+    "http_port": "server.http_port",
+    "db_path": "database.path",
+    "log_level": "logging.level",
+    "log_format": "logging.format",
+    "node_timeout": "performance.node_timeout",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nexus-fast", description="nexus_fast control plane server."
+    )
+    parser.add_argument("--config", "-c", help="TOML config file (e.g. configs/development.toml)")
+    parser.add_argument("--version", action="store_true", help="print versions and exit")
+    parser.add_argument("--host", help="address to listen on")
+    parser.add_argument("--grpc-port", help="gRPC port (default 50053)")
+    parser.add_argument("--ws-port", help="WebSocket port (default 8081)")
+    parser.add_argument("--http-port", help="HTTP health/metrics port (default 8082)")
+    parser.add_argument("--db-path", help="LMDB directory (default ./data)")
+    parser.add_argument("--log-level", help="debug|info|warning|error|critical")
+    parser.add_argument("--log-format", help="text|json")
+    parser.add_argument("--node-timeout", help='e.g. "30s"')
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        print(version_text())
+        return 0
+    overrides = {
+        key: getattr(args, flag) for flag, key in _FLAG_KEYS.items() if getattr(args, flag)
+    }
+    try:
+        config = load_config(args.config, overrides=overrides)
+    except ConfigError as exc:
+        print(f"nexus-fast: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.logging.level, config.logging.format)
+
+    import uvloop
+
+    from nexus_fast.server import run
+
+    return uvloop.run(run(config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

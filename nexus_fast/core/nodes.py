@@ -1,0 +1,626 @@
+"""Node registry: registration, sessions, heartbeats and the liveness pruner.
+
+The registry keeps every node in memory (a ``Node`` protobuf per node) and
+persists each state change, with the event describing it, in one store commit
+before it answers. Heartbeats only touch memory: usage and last-seen are
+written to the store when the node's status changes, not per heartbeat, so a
+large fleet costs the store nothing while it is healthy.
+
+Liveness is tracked with an ``OrderedDict`` kept in last-heartbeat order
+(``move_to_end`` per heartbeat is O(1)); the pruner walks it from the stalest
+end and stops at the first fresh node, so a tick costs O(expired), not O(fleet).
+
+Status after a restart: nodes that were ``ready``/``draining`` keep that status
+but are ``connected=False`` and get one ``node_timeout`` of grace from the
+moment the server is up to reconnect; if they don't, the pruner marks them
+``down`` as usual. A quick restart therefore causes no mass down/up flap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import bisect
+import math
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final
+
+from nexus_fast.errors import (
+    InvalidArgument,
+    NodeNotFound,
+    StaleSession,
+    Superseded,
+    Unavailable,
+)
+from nexus_fast.logs import get_logger
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.store.base import Delete, Put, StateStore
+from nexus_fast.telemetry import metrics
+
+log = get_logger("nodes")
+
+NODES_DB: Final = "nodes"
+
+MAX_NODE_ID_LEN: Final = 128
+MAX_ADDRESS_LEN: Final = 256
+MAX_LABELS: Final = 64
+MAX_LABEL_KEY_LEN: Final = 63
+MAX_LABEL_VALUE_LEN: Final = 256
+MAX_VERSION_LEN: Final = 64
+DEFAULT_PAGE_SIZE: Final = 500
+MAX_PAGE_SIZE: Final = 5000
+# Bound per node: a node that stops reading its stream cannot pin unbounded memory.
+SESSION_QUEUE_SIZE: Final = 1024
+
+_NODE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
+_LABEL_KEY_RE: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")
+
+STATUS_NAMES: Final = {
+    pb.NODE_STATUS_READY: "ready",
+    pb.NODE_STATUS_DRAINING: "draining",
+    pb.NODE_STATUS_DOWN: "down",
+    pb.NODE_STATUS_REMOVED: "removed",
+}
+STATUS_BY_NAME: Final = {name: value for value, name in STATUS_NAMES.items()}
+_LIVE: Final = (pb.NODE_STATUS_READY, pb.NODE_STATUS_DRAINING)
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def validate_node_id(node_id: str, field_name: str = "node_id") -> None:
+    if not node_id:
+        raise InvalidArgument(field_name, "must not be empty")
+    if len(node_id) > MAX_NODE_ID_LEN:
+        raise InvalidArgument(field_name, f"longer than {MAX_NODE_ID_LEN} characters")
+    if not _NODE_ID_RE.match(node_id):
+        raise InvalidArgument(
+            field_name, "may contain only letters, digits and . _ : - (starting alphanumeric)"
+        )
+
+
+def validate_labels(labels: Mapping[str, str], field_name: str = "labels") -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(field_name, f"more than {MAX_LABELS} labels")
+    for key, value in labels.items():
+        if not key or len(key) > MAX_LABEL_KEY_LEN or not _LABEL_KEY_RE.match(key):
+            raise InvalidArgument(
+                f"{field_name}[{key!r}]",
+                f"label key must be 1..{MAX_LABEL_KEY_LEN} characters of letters, digits, . _ / -",
+            )
+        if len(value) > MAX_LABEL_VALUE_LEN:
+            raise InvalidArgument(
+                f"{field_name}[{key!r}]", f"label value longer than {MAX_LABEL_VALUE_LEN}"
+            )
+
+
+def validate_resources(res: pb.Resources, field_name: str) -> None:
+    for name in ("cpu", "memory", "gpu", "disk"):
+        value = getattr(res, name)
+        if not math.isfinite(value) or value < 0:
+            raise InvalidArgument(f"{field_name}.{name}", f"must be finite and >= 0, got {value}")
+
+
+@dataclass(eq=False)
+class Session:
+    """One open Connect stream of a node: its bounded outbound queue and how it ends.
+
+    The stream's writer takes messages from ``outbound``; ``None`` there means
+    "end the stream", with ``close_reason`` as the status (None = clean end).
+    """
+
+    node_id: str
+    epoch: int
+    outbound: asyncio.Queue[pb.ControlMessage | None] = field(
+        default_factory=lambda: asyncio.Queue(SESSION_QUEUE_SIZE)
+    )
+    closed: bool = False
+    close_reason: Exception | None = None
+
+    def close(self, reason: Exception | None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason
+        if self.outbound.full():
+            # Closing anyway: a queued message may be dropped to make room for the end mark.
+            self.outbound.get_nowait()
+        self.outbound.put_nowait(None)
+
+    def send(self, message: pb.ControlMessage) -> bool:
+        """Queue a message for the node; False (and the stream is ended) when full."""
+        if self.closed:
+            return False
+        try:
+            self.outbound.put_nowait(message)
+            return True
+        except asyncio.QueueFull:
+            self.close(Unavailable("node stream fell behind; reconnect"))
+            return False
+
+
+@dataclass(eq=False)
+class NodeEntry:
+    record: pb.Node
+    last_seen: float  # monotonic seconds
+    session: Session | None = None
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    heartbeat_interval: float
+    node_timeout: float
+    down_retention: float
+    max_batch_size: int
+
+
+class NodeRegistry:
+    """All nodes, their sessions and their liveness. Runs on the event loop only."""
+
+    def __init__(self, store: StateStore, settings: NodeSettings) -> None:
+        self._store = store
+        self.settings = settings
+        self._nodes: dict[str, NodeEntry] = {}
+        # Live nodes in last-heartbeat order (stalest first).
+        self._liveness: OrderedDict[str, None] = OrderedDict()
+        # Down nodes in order of going down, for retention.
+        self._down: OrderedDict[str, float] = OrderedDict()
+        self._sorted_ids: list[str] | None = None
+        self._status_counts: dict[int, int] = dict.fromkeys(STATUS_NAMES, 0)
+        self._pruner: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------ start / stop
+
+    def load(self) -> int:
+        """Rebuild memory from the store. Live nodes get a fresh grace period."""
+        now = time.monotonic()
+        wall_ms = now_ms()
+        for key, value in self._store.scan(NODES_DB):
+            node = pb.Node.FromString(value)
+            node.connected = False
+            entry = NodeEntry(record=node, last_seen=now)
+            self._nodes[node.id] = entry
+            if node.status in _LIVE:
+                self._liveness[node.id] = None
+            else:
+                gone_for = max(0.0, (wall_ms - node.status_changed_ms) / 1000.0)
+                self._down[node.id] = now - gone_for
+            self._status_counts[node.status] = self._status_counts.get(node.status, 0) + 1
+        # Oldest-down first so retention can stop at the first young one.
+        self._down = OrderedDict(sorted(self._down.items(), key=lambda item: item[1]))
+        self._sorted_ids = None
+        self._publish_counts()
+        return len(self._nodes)
+
+    def start(self, pruning_interval: float) -> None:
+        self._pruner = asyncio.get_running_loop().create_task(
+            self._prune_forever(pruning_interval), name="node-pruner"
+        )
+
+    async def stop(self) -> None:
+        """Stop the pruner and end every open node stream (nodes will reconnect)."""
+        if self._pruner is not None:
+            self._pruner.cancel()
+            try:
+                await self._pruner
+            except asyncio.CancelledError:
+                pass
+            self._pruner = None
+        for entry in self._nodes.values():
+            if entry.session is not None:
+                entry.session.close(Unavailable("server shutting down"))
+
+    # ------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, node_id: str) -> pb.Node:
+        entry = self._nodes.get(node_id)
+        if entry is None:
+            raise NodeNotFound(node_id)
+        return entry.record
+
+    def status_counts(self) -> dict[str, int]:
+        return {STATUS_NAMES[s]: n for s, n in self._status_counts.items()}
+
+    def connected_count(self) -> int:
+        return sum(1 for e in self._nodes.values() if e.session is not None)
+
+    def list(
+        self,
+        statuses: Iterable[int] = (),
+        labels: Mapping[str, str] | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[pb.Node], str, int]:
+        """Nodes in id order, filtered; returns (page, next_token, total_matched)."""
+        wanted = set(statuses)
+        for status in wanted:
+            if status not in STATUS_NAMES:
+                raise InvalidArgument("statuses", f"unknown node status {status}")
+        if labels:
+            validate_labels(labels, "label_selector")
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument("page_size", f"must be 0..{MAX_PAGE_SIZE}")
+        size = page_size or DEFAULT_PAGE_SIZE
+        after = _decode_page_token(page_token)
+        if self._sorted_ids is None:
+            self._sorted_ids = sorted(self._nodes)
+        ids = self._sorted_ids
+        start = bisect.bisect_right(ids, after) if after else 0
+        selector = list(labels.items()) if labels else []
+        page: list[pb.Node] = []
+        matched = after_start = 0
+        for i, node_id in enumerate(ids):
+            node = self._nodes[node_id].record
+            if not self._matches(node, wanted, selector):
+                continue
+            matched += 1
+            if i >= start:
+                after_start += 1
+                if len(page) < size:
+                    page.append(node)
+        next_token = _encode_page_token(page[-1].id) if after_start > len(page) else ""
+        return page, next_token, matched
+
+    @staticmethod
+    def _matches(node: pb.Node, wanted: set[int], selector: list[tuple[str, str]]) -> bool:
+        if wanted and node.status not in wanted:
+            return False
+        return not selector or all(node.labels.get(k) == v for k, v in selector)
+
+    # ------------------------------------------------------------ node calls
+
+    async def register(self, request: pb.RegisterRequest) -> tuple[pb.Node, pb.NodeConfig]:
+        """Create or refresh a node; each call starts a new session epoch."""
+        validate_node_id(request.node_id)
+        if len(request.address) > MAX_ADDRESS_LEN:
+            raise InvalidArgument("address", f"longer than {MAX_ADDRESS_LEN} characters")
+        if len(request.version) > MAX_VERSION_LEN:
+            raise InvalidArgument("version", f"longer than {MAX_VERSION_LEN} characters")
+        validate_labels(request.labels)
+        validate_resources(request.capacity, "capacity")
+
+        ts = now_ms()
+        entry = self._nodes.get(request.node_id)
+        previous = pb.Node()
+        if entry is None:
+            node = pb.Node(id=request.node_id, eligible=True, registered_ms=ts)
+            entry = NodeEntry(record=node, last_seen=time.monotonic())
+            self._nodes[node.id] = entry
+            self._sorted_ids = None
+            event_type = "node.registered"
+            old_status = pb.NODE_STATUS_UNSPECIFIED
+        else:
+            node = entry.record
+            previous.CopyFrom(node)
+            event_type = "node.reregistered"
+            old_status = node.status
+            if entry.session is not None:
+                entry.session.close(
+                    Superseded(f"superseded by session epoch {node.session_epoch + 1}")
+                )
+                entry.session = None
+        node.address = request.address
+        node.labels.clear()
+        node.labels.update(request.labels)
+        node.capacity.CopyFrom(request.capacity)
+        node.version = request.version
+        node.session_epoch += 1
+        node.last_heartbeat_ms = ts
+        node.connected = False
+        new_status = pb.NODE_STATUS_DRAINING if node.draining else pb.NODE_STATUS_READY
+        self._set_status(entry, new_status, ts)
+        try:
+            await self._persist([node], [(event_type, node)])
+        except BaseException:
+            self._rollback(request.node_id, entry, previous, old_status)
+            raise
+        return node, self.node_config()
+
+    def node_config(self) -> pb.NodeConfig:
+        return pb.NodeConfig(
+            heartbeat_interval_ms=int(self.settings.heartbeat_interval * 1000),
+            node_timeout_ms=int(self.settings.node_timeout * 1000),
+            max_batch_size=self.settings.max_batch_size,
+        )
+
+    async def open_session(self, node_id: str, epoch: int) -> Session:
+        """Attach a Connect stream; ends any older stream of the same node."""
+        validate_node_id(node_id, "node_id (first message)")
+        entry = self._nodes.get(node_id)
+        if entry is None:
+            raise NodeNotFound(node_id)
+        node = entry.record
+        if epoch != node.session_epoch:
+            raise StaleSession(
+                f"session epoch {epoch} of node {node_id!r} is not current "
+                f"(current is {node.session_epoch}); register again"
+            )
+        if entry.session is not None:
+            entry.session.close(Superseded("superseded by a newer stream of the same session"))
+        session = Session(node_id=node_id, epoch=epoch)
+        entry.session = session
+        node.connected = True
+        self._touch(entry)
+        session.send(pb.ControlMessage(config=self.node_config()))
+        if node.draining:
+            session.send(
+                pb.ControlMessage(drain=pb.DrainNotice(draining=True, reason=node.drain_reason))
+            )
+        if node.status == pb.NODE_STATUS_DOWN:
+            ts = now_ms()
+            self._set_status(entry, self._live_status(node), ts)
+            await self._persist([node], [("node.up", node)])
+        return session
+
+    def close_session(self, session: Session) -> None:
+        """Called when a stream ends, whichever side ended it."""
+        session.close(None)
+        entry = self._nodes.get(session.node_id)
+        if entry is not None and entry.session is session:
+            entry.session = None
+            entry.record.connected = False
+
+    def heartbeat(self, session: Session, heartbeat: pb.Heartbeat) -> Awaitable[None] | None:
+        """Record a heartbeat: memory only, O(1).
+
+        Returns an awaitable only when the node comes back from ``down``: that
+        status change must be persisted, and the caller awaits it.
+        """
+        entry = self._nodes.get(session.node_id)
+        if entry is None or entry.session is not session:
+            return None
+        node = entry.record
+        if heartbeat.HasField("usage"):
+            node.usage.CopyFrom(heartbeat.usage)
+        node.last_heartbeat_ms = now_ms()
+        self._touch(entry)
+        if node.status == pb.NODE_STATUS_DOWN:
+            # Back from down on the same stream: a status change, persisted by the loop.
+            self._set_status(entry, self._live_status(node), node.last_heartbeat_ms)
+            return self._persist([node], [("node.up", node)])
+        return None
+
+    def validate_usage(self, heartbeat: pb.Heartbeat) -> None:
+        if heartbeat.HasField("usage"):
+            validate_resources(heartbeat.usage, "heartbeat.usage")
+
+    async def deregister(self, node_id: str, epoch: int) -> None:
+        validate_node_id(node_id)
+        entry = self._nodes.get(node_id)
+        if entry is None:
+            raise NodeNotFound(node_id)
+        if epoch != entry.record.session_epoch:
+            raise StaleSession(
+                f"session epoch {epoch} of node {node_id!r} is not current "
+                f"(current is {entry.record.session_epoch})"
+            )
+        await self._remove(entry, "node.deregistered", None)
+
+    # ------------------------------------------------------------ operator calls
+
+    async def drain(self, node_id: str, drain: bool, reason: str) -> pb.Node:
+        validate_node_id(node_id)
+        if len(reason) > 1024:
+            raise InvalidArgument("reason", "longer than 1024 characters")
+        entry = self._nodes.get(node_id)
+        if entry is None:
+            raise NodeNotFound(node_id)
+        node = entry.record
+        if node.draining == drain and node.drain_reason == reason:
+            return node
+        node.draining = drain
+        node.drain_reason = reason if drain else ""
+        if node.status in _LIVE:
+            self._set_status(entry, self._live_status(node), now_ms())
+        await self._persist([node], [("node.drain" if drain else "node.undrain", node)])
+        if entry.session is not None:
+            entry.session.send(
+                pb.ControlMessage(drain=pb.DrainNotice(draining=drain, reason=node.drain_reason))
+            )
+        return node
+
+    async def set_eligibility(self, node_id: str, eligible: bool) -> pb.Node:
+        validate_node_id(node_id)
+        entry = self._nodes.get(node_id)
+        if entry is None:
+            raise NodeNotFound(node_id)
+        node = entry.record
+        if node.eligible != eligible:
+            node.eligible = eligible
+            await self._persist([node], [("node.eligibility", node)])
+        return node
+
+    async def remove(self, node_id: str) -> None:
+        validate_node_id(node_id)
+        entry = self._nodes.get(node_id)
+        if entry is None:
+            raise NodeNotFound(node_id)
+        await self._remove(entry, "node.removed", NodeNotFound(node_id))
+
+    # ------------------------------------------------------------ pruner
+
+    async def _prune_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.prune_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("pruner tick failed")
+
+    async def prune_once(self) -> tuple[int, int]:
+        """Mark stale nodes down and drop long-down ones; returns (downed, removed)."""
+        now = time.monotonic()
+        deadline = now - self.settings.node_timeout
+        ts = now_ms()
+        downed: list[pb.Node] = []
+        for node_id in self._liveness:
+            entry = self._nodes[node_id]
+            if entry.last_seen > deadline:
+                break  # everything after this one heartbeated more recently
+            downed.append(entry.record)
+        for node in downed:
+            entry = self._nodes[node.id]
+            self._set_status(entry, pb.NODE_STATUS_DOWN, ts)
+        expired: list[str] = []
+        retention_deadline = now - self.settings.down_retention
+        for node_id, since in self._down.items():
+            if since > retention_deadline:
+                break
+            expired.append(node_id)
+        ops: list[Put | Delete] = [
+            Put(NODES_DB, n.id.encode(), n.SerializeToString(deterministic=True)) for n in downed
+        ]
+        events = [_event("node.down", n) for n in downed]
+        for node_id in expired:
+            entry = self._nodes.pop(node_id)
+            self._down.pop(node_id, None)
+            self._count(entry.record.status, -1)
+            entry.record.status = pb.NODE_STATUS_REMOVED
+            ops.append(Delete(NODES_DB, node_id.encode()))
+            events.append(_event("node.expired", entry.record))
+        if expired:
+            self._sorted_ids = None
+        if ops:
+            self._publish_counts()
+            await self._store.commit(ops, events)
+            if downed:
+                log.info("nodes went down", extra={"count": len(downed)})
+            if expired:
+                log.info("down nodes expired", extra={"count": len(expired)})
+        return len(downed), len(expired)
+
+    # ------------------------------------------------------------ internals
+
+    @staticmethod
+    def _live_status(node: pb.Node) -> int:
+        return pb.NODE_STATUS_DRAINING if node.draining else pb.NODE_STATUS_READY
+
+    def _touch(self, entry: NodeEntry) -> None:
+        entry.last_seen = time.monotonic()
+        node_id = entry.record.id
+        if node_id in self._liveness:
+            self._liveness.move_to_end(node_id)
+
+    def _set_status(self, entry: NodeEntry, status: int, ts: int) -> None:
+        node = entry.record
+        old = node.status
+        node_id = node.id
+        if old == status:
+            return
+        if old != pb.NODE_STATUS_UNSPECIFIED:
+            self._count(old, -1)
+        self._count(status, +1)
+        node.status = status  # type: ignore[assignment]
+        node.status_changed_ms = ts
+        if status in _LIVE:
+            self._down.pop(node_id, None)
+            self._liveness[node_id] = None
+            self._liveness.move_to_end(node_id)
+            entry.last_seen = time.monotonic()
+        else:
+            self._liveness.pop(node_id, None)
+            if status == pb.NODE_STATUS_DOWN:
+                self._down[node_id] = time.monotonic()
+        self._publish_counts()
+
+    def _count(self, status: int, delta: int) -> None:
+        self._status_counts[status] = self._status_counts.get(status, 0) + delta
+
+    def _publish_counts(self) -> None:
+        for status, name in STATUS_NAMES.items():
+            if status != pb.NODE_STATUS_REMOVED:
+                metrics.NODES.labels(status=name).set(self._status_counts.get(status, 0))
+
+    def _rollback(self, node_id: str, entry: NodeEntry, previous: pb.Node, old: int) -> None:
+        """Undo an in-memory change whose commit failed, so memory matches disk."""
+        if old == pb.NODE_STATUS_UNSPECIFIED:
+            self._nodes.pop(node_id, None)
+            self._liveness.pop(node_id, None)
+            self._count(entry.record.status, -1)
+            self._sorted_ids = None
+        else:
+            self._set_status(entry, old, previous.status_changed_ms)
+            entry.record.CopyFrom(previous)
+        self._publish_counts()
+
+    async def _remove(self, entry: NodeEntry, event_type: str, reason: Exception | None) -> None:
+        node = entry.record
+        node_id = node.id
+        if entry.session is not None:
+            entry.session.close(reason)
+            entry.session = None
+        self._nodes.pop(node_id, None)
+        self._liveness.pop(node_id, None)
+        self._down.pop(node_id, None)
+        self._count(node.status, -1)
+        self._sorted_ids = None
+        self._publish_counts()
+        node.status = pb.NODE_STATUS_REMOVED
+        node.status_changed_ms = now_ms()
+        node.connected = False
+        await self._store.commit([Delete(NODES_DB, node_id.encode())], [_event(event_type, node)])
+
+    async def _persist(self, nodes: Sequence[pb.Node], events: Sequence[tuple[str, pb.Node]]) -> None:
+        ops = [
+            Put(NODES_DB, n.id.encode(), n.SerializeToString(deterministic=True)) for n in nodes
+        ]
+        await self._store.commit(ops, [_event(t, n) for t, n in events])
+
+
+def _event(event_type: str, node: pb.Node) -> bytes:
+    return pb.Event(
+        time_ms=now_ms(),
+        topic="node",
+        type=event_type,
+        key=node.id,
+        payload=node.SerializeToString(deterministic=True),
+    ).SerializeToString()
+
+
+def _encode_page_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        return base64.urlsafe_b64decode(padded.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "malformed page token") from None
+
+
+def node_to_dict(node: pb.Node) -> dict[str, object]:
+    """JSON-able view of a node (HTTP API, dashboard)."""
+
+    def res(r: pb.Resources) -> dict[str, float]:
+        return {"cpu": r.cpu, "memory": r.memory, "gpu": r.gpu, "disk": r.disk}
+
+    return {
+        "id": node.id,
+        "address": node.address,
+        "labels": dict(node.labels),
+        "capacity": res(node.capacity),
+        "usage": res(node.usage),
+        "status": STATUS_NAMES.get(node.status, "unknown"),
+        "eligible": node.eligible,
+        "draining": node.draining,
+        "drain_reason": node.drain_reason,
+        "session_epoch": node.session_epoch,
+        "last_heartbeat_ms": node.last_heartbeat_ms,
+        "registered_ms": node.registered_ms,
+        "status_changed_ms": node.status_changed_ms,
+        "connected": node.connected,
+        "version": node.version,
+    }

@@ -1,0 +1,347 @@
+"""The server process: wires the store, the core and the listeners on one loop.
+
+Start order is store -> services -> listeners, and the server says ready
+(``/ready`` 200, gRPC health SERVING) only after all of them are up. Stop order
+is the reverse: not ready, stop accepting, end streams within the deadline,
+flush the writer, close LMDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import nexus_fast
+from nexus_fast.about import versions
+from nexus_fast.api.grpc_api import ControlService, NodeService
+from nexus_fast.api.http_server import HttpServer
+from nexus_fast.api.ws_server import WebSocketServer
+from nexus_fast.config import Config
+from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, node_to_dict
+from nexus_fast.errors import NexusError
+from nexus_fast.logs import get_logger
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+from nexus_fast.store.lmdb_store import LmdbStore
+from nexus_fast.telemetry import metrics
+
+log = get_logger("server")
+
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["NodeService"].full_name,
+    pb.DESCRIPTOR.services_by_name["ControlService"].full_name,
+)
+# How often the maintenance loop refreshes gauges and clears stale LMDB readers.
+_MAINTENANCE_INTERVAL = 10.0
+
+
+class StartupError(Exception):
+    """The server could not start (e.g. a port in use); the message says why."""
+
+
+class NexusServer:
+    """One nexus-fast process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self._state = "starting"
+        self._stop_requested = asyncio.Event()
+        db = config.database
+        self.store = LmdbStore(
+            db.path,
+            map_size=db.cache_size,
+            max_map_size=db.max_map_size,
+            sync_window=db.sync_interval,
+        )
+        perf = config.performance
+        self.nodes = NodeRegistry(
+            self.store,
+            NodeSettings(
+                heartbeat_interval=perf.heartbeat_interval,
+                node_timeout=perf.node_timeout,
+                down_retention=perf.node_down_retention,
+                max_batch_size=perf.max_batch_size,
+            ),
+        )
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self._ws: WebSocketServer | None = None
+        self._http: HttpServer | None = None
+        self._background: list[asyncio.Task[None]] = []
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(
+            ThreadPoolExecutor(cfg.server.worker_threads, thread_name_prefix="nexus-worker")
+        )
+        metrics.VERSION_INFO.info(versions())
+        log.info(
+            "starting",
+            extra={"version": nexus_fast.__version__, **nexus_fast.implementation()},
+        )
+
+        await self.store.open()
+        loaded = self.nodes.load()
+        log.info("state loaded", extra={"nodes": loaded, "path": cfg.database.path})
+        self.nodes.start(cfg.performance.pruning_interval)
+
+        try:
+            await self._start_grpc()
+            self._ws = WebSocketServer(
+                cfg.server.host,
+                cfg.server.websocket_port,
+                max_connections=cfg.server.max_connections,
+                max_message_size=cfg.server.max_message_size,
+                ssl_context=self._server_ssl_context(),
+            )
+            await _bind("websocket", cfg.server.websocket_port, self._ws.start())
+            self._http = HttpServer(
+                cfg.server.host,
+                cfg.server.http_port,
+                self,
+                metrics_enabled=cfg.monitoring.metrics_enabled,
+                dashboard_enabled=cfg.monitoring.dashboard_enabled,
+            )
+            await _bind("http", cfg.server.http_port, self._http.start())
+        except BaseException:
+            await self.stop()
+            raise
+
+        self._background.append(loop.create_task(self._maintenance(), name="maintenance"))
+        if cfg.database.backup_interval > 0:
+            self._background.append(loop.create_task(self._backups(), name="backups"))
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._state = "ready"
+        log.info(
+            "ready",
+            extra={
+                "grpc": f"{cfg.server.host}:{self.grpc_port}",
+                "websocket": f"{cfg.server.host}:{cfg.server.websocket_port}",
+                "http": f"{cfg.server.host}:{cfg.server.http_port}",
+            },
+        )
+
+    async def _start_grpc(self) -> None:
+        cfg = self.config
+        size = cfg.server.max_message_size
+        server = grpc.aio.server(
+            options=[
+                # grpc sets SO_REUSEPORT by default, which would let a second server
+                # silently share the port instead of failing.
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", size),
+                ("grpc.max_send_message_length", size),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        pb_grpc.add_NodeServiceServicer_to_server(NodeService(self.nodes), server)
+        pb_grpc.add_ControlServiceServicer_to_server(ControlService(self.nodes), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        address = f"{cfg.server.host}:{cfg.server.grpc_port}"
+        try:
+            if cfg.security.tls_enabled:
+                port = server.add_secure_port(address, self._grpc_credentials())
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise StartupError(f"grpc: cannot listen on {address}: {exc}") from None
+        if port == 0:
+            raise StartupError(f"grpc: cannot listen on {address}: address already in use?")
+        self.grpc_port = port
+        await server.start()
+        self._grpc = server
+
+    def _grpc_credentials(self) -> grpc.ServerCredentials:
+        sec = self.config.security
+        with open(sec.tls_key_file, "rb") as key, open(sec.tls_cert_file, "rb") as cert:
+            pair = (key.read(), cert.read())
+        root = None
+        if sec.tls_ca_file:
+            with open(sec.tls_ca_file, "rb") as ca:
+                root = ca.read()
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=root, require_client_auth=root is not None
+        )
+
+    def _server_ssl_context(self) -> ssl.SSLContext | None:
+        sec = self.config.security
+        if not sec.tls_enabled:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
+        if sec.tls_ca_file:
+            context.load_verify_locations(sec.tls_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def request_stop(self) -> None:
+        self._stop_requested.set()
+
+    async def serve_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self._stop_requested.wait()
+        log.info("stop requested; draining", extra={"deadline_s": self.config.server.shutdown_timeout})
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Reverse of start; safe to call on a half-started server."""
+        if self._state == "stopped":
+            return
+        self._state = "stopping"
+        deadline = self.config.server.shutdown_timeout
+        started = time.monotonic()
+        await self._health.enter_graceful_shutdown()
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._background.clear()
+        # End node streams first (nodes reconnect to the next server), then let
+        # in-flight unary calls finish within what is left of the deadline.
+        await self.nodes.stop()
+        if self._ws is not None:
+            await self._ws.stop(max(0.1, deadline / 2))
+        if self._grpc is not None:
+            remaining = max(0.1, deadline - (time.monotonic() - started))
+            await self._grpc.stop(remaining)
+        if self._http is not None:
+            await self._http.stop()
+        await self.store.close()
+        self._state = "stopped"
+        log.info("stopped", extra={"seconds": round(time.monotonic() - started, 3)})
+
+    # ------------------------------------------------------------ background
+
+    async def _maintenance(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(_MAINTENANCE_INTERVAL)
+            try:
+                cleared = await loop.run_in_executor(None, self.store.reader_check)
+                if cleared:
+                    log.warning("cleared stale LMDB readers", extra={"count": cleared})
+                self.store.size_bytes()
+            except Exception:
+                log.exception("maintenance tick failed")
+
+    async def _backups(self) -> None:
+        db = self.config.database
+        while True:
+            await asyncio.sleep(db.backup_interval)
+            try:
+                path = await self.store.backup(db.resolved_backup_path())
+                log.info("backup written", extra={"path": str(path)})
+            except Exception:
+                log.exception("backup failed")
+
+    # ------------------------------------------------------------ HttpBackend
+
+    def is_ready(self) -> bool:
+        return self._state == "ready"
+
+    def is_live(self) -> bool:
+        return self._state != "stopped" and self.store.healthy()
+
+    def uptime(self) -> float:
+        return time.time() - self.started_at
+
+    def health_detail(self) -> dict[str, object]:
+        store_ok = self.store.healthy()
+        components: dict[str, Any] = {
+            "store": {"status": "ok" if store_ok else "failed", **self.store.stat()},
+            "grpc": {
+                "status": "ok" if self._grpc is not None else "down",
+                "port": self.grpc_port,
+                "connected_nodes": self.nodes.connected_count(),
+            },
+            "websocket": {
+                "status": "ok" if self._ws is not None else "down",
+                "port": self.config.server.websocket_port,
+                "connections": self._ws.active_connections if self._ws else 0,
+            },
+            "nodes": {"status": "ok", "total": len(self.nodes), **self.nodes.status_counts()},
+        }
+        if not store_ok:
+            status = "unhealthy"
+        elif self._state != "ready":
+            status = "degraded"
+        else:
+            status = "healthy"
+        return {
+            "status": status,
+            "state": self._state,
+            "version": nexus_fast.__version__,
+            "uptime_seconds": round(self.uptime(), 3),
+            "implementation": nexus_fast.implementation(),
+            "components": components,
+        }
+
+    def refresh_metrics(self) -> None:
+        metrics.UPTIME_SECONDS.set(self.uptime())
+        if self.store.healthy():
+            self.store.size_bytes()
+
+    def list_nodes(
+        self, statuses: list[str], labels: dict[str, str], limit: int, page_token: str
+    ) -> tuple[list[dict[str, object]], str]:
+        wanted = []
+        for name in statuses:
+            if name not in STATUS_BY_NAME:
+                raise ValueError(f"status: unknown node status {name!r}")
+            wanted.append(STATUS_BY_NAME[name])
+        try:
+            nodes, token, _ = self.nodes.list(wanted, labels, limit, page_token)
+        except NexusError as exc:
+            raise ValueError(str(exc)) from None
+        return [node_to_dict(n) for n in nodes], token
+
+    def get_node(self, node_id: str) -> dict[str, object] | None:
+        try:
+            return node_to_dict(self.nodes.get(node_id))
+        except NexusError:
+            return None
+
+
+async def _bind(name: str, port: int, starting: Any) -> None:
+    try:
+        await starting
+    except OSError as exc:
+        raise StartupError(f"{name}: cannot listen on port {port}: {exc.strerror or exc}") from None
+
+
+async def run(config: Config) -> int:
+    """Run a server until SIGTERM/SIGINT; returns the process exit code."""
+    server = NexusServer(config)
+    try:
+        await server.start()
+    except StartupError as exc:
+        log.error(str(exc))
+        return 1
+    await server.serve_until_stopped()
+    return 0
