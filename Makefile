@@ -1,0 +1,72 @@
+# nexus_fast developer entry points. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+.DEFAULT_GOAL := test
+
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.nexus-install-stamp
+# Anything that changes what `pip install -e .` produces (metadata, extensions, protobufs).
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard _ext/*.pyx _ext/*.pxd) \
+                $(shell find proto -name '*.proto' 2>/dev/null)
+PIP_FLAGS := --quiet --disable-pip-version-check
+
+.PHONY: venv install run test lint bench bench-short promtool clean
+
+venv install: $(STAMP)
+
+# Build without isolation: the build requirements (read from pyproject.toml, the single
+# source of truth) go into the venv first, then the editable install reuses them. Faster
+# and more predictable than an isolated build env re-fetched on every change.
+$(STAMP): $(BUILD_INPUTS)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install $(PIP_FLAGS) $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+	$(PIP) install $(PIP_FLAGS) --no-build-isolation -e '.[dev]'
+	@touch $@
+
+run: install
+	$(VENV)/bin/nexus-fast --config configs/development.toml
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy nexus_fast
+
+# Both twins: once with the compiled hot paths required, once pure Python.
+test: install promtool
+	$(MAKE) --no-print-directory lint
+	@rc=0; \
+	echo "== tests, compiled twins (NEXUS_REQUIRE_EXTENSIONS=1)"; \
+	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) -m pytest tests -q || rc=1; \
+	echo "== tests, pure-Python twins (NEXUS_NO_EXTENSIONS=1)"; \
+	NEXUS_NO_EXTENSIONS=1 $(PY) -m pytest tests -q || rc=1; \
+	exit $$rc
+
+# promtool checks the /metrics exposition in tests; best effort, never fails the target.
+promtool:
+	@if ! command -v promtool >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing promtool (Debian package prometheus)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 \
+	         && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
+	    || echo "WARNING: could not install promtool; tests that need it will skip"; \
+	  else \
+	    echo "WARNING: promtool not found and cannot apt-get install it; tests that need it will skip"; \
+	  fi; \
+	fi
+
+bench: install
+	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) -m pytest bench --benchmark-only -q
+
+# Quick CI mode: few rounds, no warm-up, just proves the suites run.
+bench-short: install
+	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) -m pytest bench --benchmark-only -q \
+	  --benchmark-min-rounds=3 --benchmark-max-time=0.05 --benchmark-warmup=off
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks
+	rm -f _ext/*.c _ext/*.html nexus_fast/*.so $(STAMP)
+	rm -f nexus_fast/pb/*_pb2.py nexus_fast/pb/*_pb2.pyi nexus_fast/pb/*_pb2_grpc.py
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
