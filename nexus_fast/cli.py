@@ -7,7 +7,6 @@ Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 when it cannot start
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 

@@ -25,16 +25,16 @@ from typing import Any, Final
 
 __all__ = [
     "ENV_OVERRIDES",
+    "CommandsConfig",
     "Config",
     "ConfigError",
     "DatabaseConfig",
+    "EventsConfig",
     "LoggingConfig",
     "MonitoringConfig",
     "PerformanceConfig",
-    "SecurityConfig",
-    "CommandsConfig",
-    "EventsConfig",
     "SchedulerConfig",
+    "SecurityConfig",
     "ServerConfig",
     "format_duration",
     "format_size",
@@ -471,8 +471,10 @@ def _convert(key: str, spec: _Spec, value: object, source: str, from_text: bool)
         else:
             raise fail()
         lo, hi = spec.min, spec.max
-        if not math.isfinite(number) or (lo is not None and number < lo) or (
-            hi is not None and number > hi
+        if (
+            not math.isfinite(number)
+            or (lo is not None and number < lo)
+            or (hi is not None and number > hi)
         ):
             raise fail()
         return number

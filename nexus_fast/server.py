@@ -205,7 +205,9 @@ class NexusServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         await self._stop_requested.wait()
-        log.info("stop requested; draining", extra={"deadline_s": self.config.server.shutdown_timeout})
+        log.info(
+            "stop requested; draining", extra={"deadline_s": self.config.server.shutdown_timeout}
+        )
         await self.stop()
 
     async def stop(self) -> None:
@@ -316,7 +318,7 @@ class NexusServer:
                 raise ValueError(f"status: unknown node status {name!r}")
             wanted.append(STATUS_BY_NAME[name])
         try:
-            nodes, token, _ = self.nodes.list(wanted, labels, limit, page_token)
+            nodes, token, _ = self.nodes.list_nodes(wanted, labels, limit, page_token)
         except NexusError as exc:
             raise ValueError(str(exc)) from None
         return [node_to_dict(n) for n in nodes], token

@@ -101,7 +101,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
     async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         try:
             first = await asyncio.wait_for(context.read(), FIRST_MESSAGE_TIMEOUT)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise errors.InvalidArgument(
                 "first message", f"no NodeMessage within {FIRST_MESSAGE_TIMEOUT:.0f}s"
             ) from None
@@ -178,7 +178,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def ListNodes(
         self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListNodesResponse:
-        nodes, token, matched = self._registry.list(
+        nodes, token, matched = self._registry.list_nodes(
             statuses=list(request.statuses),
             labels=dict(request.label_selector),
             page_size=request.page_size,
@@ -187,7 +187,9 @@ class ControlService(pb_grpc.ControlServiceServicer):
         return pb.ListNodesResponse(nodes=nodes, next_page_token=token, total_matched=matched)
 
     @instrumented("ControlService/GetNode")
-    async def GetNode(self, request: pb.GetNodeRequest, context: grpc.aio.ServicerContext) -> pb.Node:
+    async def GetNode(
+        self, request: pb.GetNodeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Node:
         validate_node_id(request.node_id)
         return self._registry.get(request.node_id)
 

@@ -27,7 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from nexus_fast.errors import (
     InvalidArgument,
@@ -132,6 +132,10 @@ class Session:
             self.outbound.get_nowait()
         self.outbound.put_nowait(None)
 
+    def has_room(self) -> bool:
+        """Room for a batch of commands, keeping a few slots for drain/cancel notices."""
+        return not self.closed and self.outbound.qsize() < SESSION_QUEUE_SIZE - 16
+
     def send(self, message: pb.ControlMessage) -> bool:
         """Queue a message for the node; False (and the stream is ended) when full."""
         if self.closed:
@@ -149,6 +153,22 @@ class NodeEntry:
     record: pb.Node
     last_seen: float  # monotonic seconds
     session: Session | None = None
+
+
+class NodeListener(Protocol):
+    """Told about node changes, on the loop, after they are applied in memory."""
+
+    def node_updated(self, node: pb.Node) -> None:
+        """A node was added or its status, eligibility, labels or capacity changed."""
+
+    def node_usage(self, node: pb.Node) -> None:
+        """A heartbeat updated a node's usage (hot path: keep it O(1))."""
+
+    def node_removed(self, node: pb.Node) -> None:
+        """A node was deregistered, removed or expired."""
+
+    def session_opened(self, node: pb.Node, session: Session) -> None:
+        """A node opened a Connect stream: work queued for it can flow."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +193,8 @@ class NodeRegistry:
         self._sorted_ids: list[str] | None = None
         self._status_counts: dict[int, int] = dict.fromkeys(STATUS_NAMES, 0)
         self._pruner: asyncio.Task[None] | None = None
+        self.listeners: list[NodeListener] = []
+        metrics.NODES.source = self.status_counts  # read at scrape time, nothing to keep in sync
 
     # ------------------------------------------------------------ start / stop
 
@@ -180,7 +202,7 @@ class NodeRegistry:
         """Rebuild memory from the store. Live nodes get a fresh grace period."""
         now = time.monotonic()
         wall_ms = now_ms()
-        for key, value in self._store.scan(NODES_DB):
+        for _, value in self._store.scan(NODES_DB):
             node = pb.Node.FromString(value)
             node.connected = False
             entry = NodeEntry(record=node, last_seen=now)
@@ -191,10 +213,11 @@ class NodeRegistry:
                 gone_for = max(0.0, (wall_ms - node.status_changed_ms) / 1000.0)
                 self._down[node.id] = now - gone_for
             self._status_counts[node.status] = self._status_counts.get(node.status, 0) + 1
+        for entry in self._nodes.values():
+            self._updated(entry.record)
         # Oldest-down first so retention can stop at the first young one.
         self._down = OrderedDict(sorted(self._down.items(), key=lambda item: item[1]))
         self._sorted_ids = None
-        self._publish_counts()
         return len(self._nodes)
 
     def start(self, pruning_interval: float) -> None:
@@ -227,12 +250,17 @@ class NodeRegistry:
         return entry.record
 
     def status_counts(self) -> dict[str, int]:
-        return {STATUS_NAMES[s]: n for s, n in self._status_counts.items()}
+        """Nodes per status name (removed nodes are gone, so never counted)."""
+        return {
+            name: self._status_counts.get(status, 0)
+            for status, name in STATUS_NAMES.items()
+            if status != pb.NODE_STATUS_REMOVED
+        }
 
     def connected_count(self) -> int:
         return sum(1 for e in self._nodes.values() if e.session is not None)
 
-    def list(
+    def list_nodes(
         self,
         statuses: Iterable[int] = (),
         labels: Mapping[str, str] | None = None,
@@ -322,6 +350,7 @@ class NodeRegistry:
         except BaseException:
             self._rollback(request.node_id, entry, previous, old_status)
             raise
+        self._updated(node)
         return node, self.node_config()
 
     def node_config(self) -> pb.NodeConfig:
@@ -358,7 +387,15 @@ class NodeRegistry:
             ts = now_ms()
             self._set_status(entry, self._live_status(node), ts)
             await self._persist([node], [("node.up", node)])
+            self._updated(node)
+        if entry.session is session:
+            for listener in self.listeners:
+                listener.session_opened(node, session)
         return session
+
+    def session_of(self, node_id: str) -> Session | None:
+        entry = self._nodes.get(node_id)
+        return entry.session if entry is not None else None
 
     def close_session(self, session: Session) -> None:
         """Called when a stream ends, whichever side ended it."""
@@ -382,9 +419,12 @@ class NodeRegistry:
             node.usage.CopyFrom(heartbeat.usage)
         node.last_heartbeat_ms = now_ms()
         self._touch(entry)
+        for listener in self.listeners:
+            listener.node_usage(node)
         if node.status == pb.NODE_STATUS_DOWN:
-            # Back from down on the same stream: a status change, persisted by the loop.
+            # Back from down on the same stream: a status change, persisted by the caller.
             self._set_status(entry, self._live_status(node), node.last_heartbeat_ms)
+            self._updated(node)
             return self._persist([node], [("node.up", node)])
         return None
 
@@ -421,6 +461,7 @@ class NodeRegistry:
         if node.status in _LIVE:
             self._set_status(entry, self._live_status(node), now_ms())
         await self._persist([node], [("node.drain" if drain else "node.undrain", node)])
+        self._updated(node)
         if entry.session is not None:
             entry.session.send(
                 pb.ControlMessage(drain=pb.DrainNotice(draining=drain, reason=node.drain_reason))
@@ -436,6 +477,7 @@ class NodeRegistry:
         if node.eligible != eligible:
             node.eligible = eligible
             await self._persist([node], [("node.eligibility", node)])
+            self._updated(node)
         return node
 
     async def remove(self, node_id: str) -> None:
@@ -471,6 +513,7 @@ class NodeRegistry:
         for node in downed:
             entry = self._nodes[node.id]
             self._set_status(entry, pb.NODE_STATUS_DOWN, ts)
+            self._updated(node)
         expired: list[str] = []
         retention_deadline = now - self.settings.down_retention
         for node_id, since in self._down.items():
@@ -488,10 +531,11 @@ class NodeRegistry:
             entry.record.status = pb.NODE_STATUS_REMOVED
             ops.append(Delete(NODES_DB, node_id.encode()))
             events.append(_event("node.expired", entry.record))
+            for listener in self.listeners:
+                listener.node_removed(entry.record)
         if expired:
             self._sorted_ids = None
         if ops:
-            self._publish_counts()
             await self._store.commit(ops, events)
             if downed:
                 log.info("nodes went down", extra={"count": len(downed)})
@@ -531,15 +575,13 @@ class NodeRegistry:
             self._liveness.pop(node_id, None)
             if status == pb.NODE_STATUS_DOWN:
                 self._down[node_id] = time.monotonic()
-        self._publish_counts()
+
+    def _updated(self, node: pb.Node) -> None:
+        for listener in self.listeners:
+            listener.node_updated(node)
 
     def _count(self, status: int, delta: int) -> None:
         self._status_counts[status] = self._status_counts.get(status, 0) + delta
-
-    def _publish_counts(self) -> None:
-        for status, name in STATUS_NAMES.items():
-            if status != pb.NODE_STATUS_REMOVED:
-                metrics.NODES.labels(status=name).set(self._status_counts.get(status, 0))
 
     def _rollback(self, node_id: str, entry: NodeEntry, previous: pb.Node, old: int) -> None:
         """Undo an in-memory change whose commit failed, so memory matches disk."""
@@ -551,7 +593,6 @@ class NodeRegistry:
         else:
             self._set_status(entry, old, previous.status_changed_ms)
             entry.record.CopyFrom(previous)
-        self._publish_counts()
 
     async def _remove(self, entry: NodeEntry, event_type: str, reason: Exception | None) -> None:
         node = entry.record
@@ -564,16 +605,17 @@ class NodeRegistry:
         self._down.pop(node_id, None)
         self._count(node.status, -1)
         self._sorted_ids = None
-        self._publish_counts()
         node.status = pb.NODE_STATUS_REMOVED
         node.status_changed_ms = now_ms()
         node.connected = False
+        for listener in self.listeners:
+            listener.node_removed(node)
         await self._store.commit([Delete(NODES_DB, node_id.encode())], [_event(event_type, node)])
 
-    async def _persist(self, nodes: Sequence[pb.Node], events: Sequence[tuple[str, pb.Node]]) -> None:
-        ops = [
-            Put(NODES_DB, n.id.encode(), n.SerializeToString(deterministic=True)) for n in nodes
-        ]
+    async def _persist(
+        self, nodes: Sequence[pb.Node], events: Sequence[tuple[str, pb.Node]]
+    ) -> None:
+        ops = [Put(NODES_DB, n.id.encode(), n.SerializeToString(deterministic=True)) for n in nodes]
         await self._store.commit(ops, [_event(t, n) for t, n in events])
 
 
