@@ -5,8 +5,9 @@
    wheel builds (``build_py``) and for editable installs (``build_py`` in editable mode, and
    the legacy ``develop`` command). Generated files are gitignored, never edited.
 2. Cython hot paths: ``_ext/ring.pyx`` -> ``nexus_fast._ring_c``, ``_ext/queue.pyx`` ->
-   ``nexus_fast._queue_c``. A failing compile fails the build. ``NEXUS_NO_EXTENSIONS=1``
-   at build time asks for the pure-Python build by name (no extensions at all).
+   ``nexus_fast._queue_c``, ``_ext/scoring.pyx`` -> ``nexus_fast._scoring_c``. A failing
+   compile fails the build. ``NEXUS_NO_EXTENSIONS=1`` at build time asks for the
+   pure-Python build by name (no extensions at all).
 """
 
 from __future__ import annotations
@@ -30,7 +31,11 @@ NO_EXTENSIONS = os.environ.get("NEXUS_NO_EXTENSIONS", "").strip().lower() in {
     "on",
 }
 
-HOT_PATHS = {"nexus_fast._ring_c": "_ext/ring.pyx", "nexus_fast._queue_c": "_ext/queue.pyx"}
+HOT_PATHS = {
+    "nexus_fast._ring_c": "_ext/ring.pyx",
+    "nexus_fast._queue_c": "_ext/queue.pyx",
+    "nexus_fast._scoring_c": "_ext/scoring.pyx",
+}
 
 
 def generate_protos() -> None:

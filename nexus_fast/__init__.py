@@ -10,7 +10,7 @@ __all__ = ("HOT_PATHS", "__version__", "implementation")
 
 # Selector modules (``nexus_fast.<name>``) of the hot paths that have a compiled twin.
 # Each exposes ``IMPLEMENTATION = "c" | "py"``; add a name here when a new trio lands.
-HOT_PATHS: tuple[str, ...] = ("ring", "queue")
+HOT_PATHS: tuple[str, ...] = ("ring", "queue", "scoring")
 
 
 def implementation() -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Shared fixtures: every behavioural test of a hot path runs against both twins.
 
-``ring_impl`` / ``queue_impl`` are parametrised over ``"c"`` and ``"py"`` and yield the
-twin module (``nexus_fast._ring_c`` / ``nexus_fast._ring_py``, ...). With
+``ring_impl`` / ``queue_impl`` / ``scoring_impl`` are parametrised over ``"c"`` and ``"py"``
+and yield the twin module (``nexus_fast._ring_c`` / ``nexus_fast._ring_py``, ...). With
 ``NEXUS_NO_EXTENSIONS=1`` only ``"py"`` is generated. Otherwise a missing compiled twin
 FAILS the ``"c"`` tests (build it with ``make install``): never a silent skip.
 """
@@ -46,3 +46,9 @@ def ring_impl(request: pytest.FixtureRequest) -> ModuleType:
 def queue_impl(request: pytest.FixtureRequest) -> ModuleType:
     """The CommandQueue twin module under test (``_queue_c`` or ``_queue_py``)."""
     return _load_twin("queue", request.param)
+
+
+@pytest.fixture(scope="session", params=IMPLEMENTATIONS)
+def scoring_impl(request: pytest.FixtureRequest) -> ModuleType:
+    """The node-scoring twin module under test (``_scoring_c`` or ``_scoring_py``)."""
+    return _load_twin("scoring", request.param)

@@ -13,7 +13,7 @@ import pytest
 import nexus_fast
 from nexus_fast._compat import NO_EXTENSIONS, REQUIRE_EXTENSIONS
 
-COMPILED = [f"nexus_fast._{name}_c" for name in ("ring", "queue")]
+COMPILED = [f"nexus_fast._{name}_c" for name in nexus_fast.HOT_PATHS]
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,117 @@
+"""Node scoring selector: the compiled loop for small fleets, numpy for large ones.
+
+Both twins (``_scoring_c`` and ``_scoring_py``) implement the same ``pick_best`` with the
+same arithmetic, so they choose the same node on the same input (tests/unit/test_scoring.py);
+the formulas are documented in ``nexus_fast/_scoring_py.py``. The compiled loop has almost
+no per-call cost but does its work one node at a time; numpy pays ~25 array operations of
+fixed overhead per call and then runs SIMD over whole rows. ``CROSSOVER_NODES`` is where the
+two meet, measured with bench/test_bench_scoring.py (see the figures there): below it the
+compiled twin runs, at or above it numpy does. With ``NEXUS_NO_EXTENSIONS=1`` (or no
+compiled build) numpy serves every size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ._compat import NO_EXTENSIONS, REQUIRE_EXTENSIONS
+from ._scoring_py import (
+    N_RESOURCES,
+    N_ROWS,
+    RESOURCE_NAMES,
+    ROW_AVAIL,
+    ROW_CAP,
+    ROW_FREE,
+    ROW_TASKS,
+)
+from ._scoring_py import pick_best as _numpy_pick
+
+__all__ = (
+    "CROSSOVER_NODES",
+    "IMPLEMENTATION",
+    "N_RESOURCES",
+    "N_ROWS",
+    "RESOURCE_NAMES",
+    "ROW_AVAIL",
+    "ROW_CAP",
+    "ROW_FREE",
+    "ROW_TASKS",
+    "pick_best",
+)
+
+# Fleet size (columns scanned) from which numpy beats the compiled loop. Measured with
+# bench/test_bench_scoring.py's fleet on the reference machine (2-core Xeon VM): compiled
+# 2 us @ 100, 9 us @ 1k, 40 us @ 4k, 55 us @ 6k, 71 us @ 8k, 107 us @ 12k nodes; numpy
+# ~30 us fixed + ~4.5 ns per node: 36 us @ 1k, 52 us @ 4k, 58 us @ 6k, 65 us @ 8k, 83 us @ 12k.
+CROSSOVER_NODES: Final = 6144
+
+_compiled_pick: Callable[..., int] | None
+if TYPE_CHECKING or NO_EXTENSIONS:
+    _compiled_pick = None
+    IMPLEMENTATION = "py"
+else:
+    try:
+        from ._scoring_c import pick_best as _compiled_pick
+
+        IMPLEMENTATION = "c"
+    except ImportError:  # pragma: no cover - depends on the build
+        if REQUIRE_EXTENSIONS:
+            raise
+        _compiled_pick = None
+        IMPLEMENTATION = "py"
+
+
+def pick_best(
+    feat: NDArray[np.float32],
+    n: int,
+    mask: NDArray[np.uint8],
+    spread: NDArray[np.float32] | None,
+    s_max: float,
+    heartbeat: NDArray[np.float64],
+    now: float,
+    node_timeout: float,
+    t_max: float,
+    req_cpu: float,
+    req_mem: float,
+    req_gpu: float,
+    req_disk: float,
+    w_least: float,
+    w_most: float,
+    w_balanced: float,
+    w_spread: float,
+    w_fresh: float,
+    r: int,
+) -> int:
+    """Index (< n) of the best feasible node, or -1; the twin is chosen by ``n``.
+
+    ``mask`` is uint8 (0/1); a bool array is viewed as uint8 for the compiled twin.
+    Arguments and formulas: see ``nexus_fast._scoring_py``.
+    """
+    pick = _compiled_pick if _compiled_pick is not None and n < CROSSOVER_NODES else _numpy_pick
+    if mask.dtype == np.bool_:
+        mask = mask.view(np.uint8)
+    return pick(
+        feat,
+        n,
+        mask,
+        spread,
+        s_max,
+        heartbeat,
+        now,
+        node_timeout,
+        t_max,
+        req_cpu,
+        req_mem,
+        req_gpu,
+        req_disk,
+        w_least,
+        w_most,
+        w_balanced,
+        w_spread,
+        w_fresh,
+        r,
+    )
