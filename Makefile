@@ -51,9 +51,9 @@ promtool:
 	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
 	    || { apt-get update -qq >/dev/null 2>&1 \
 	         && apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } \
-	    || echo "WARNING: could not install promtool; tests that need it will skip"; \
+	    || echo "WARNING: could not install promtool; the /metrics test will fail"; \
 	  else \
-	    echo "WARNING: promtool not found and cannot apt-get install it; tests that need it will skip"; \
+	    echo "WARNING: promtool not found and cannot apt-get install it; the /metrics test will fail"; \
 	  fi; \
 	fi
 

@@ -68,6 +68,7 @@ DEREGISTER_CONCURRENCY = 128
 RPC_TIMEOUT_S = 10.0
 DEREGISTER_TIMEOUT_S = 5.0
 STOPPED_AGENTS_KEPT = 256  # per node: stopped agents remembered (and re-reported on reconnect)
+AGENT_KINDS = frozenset({"agent.start", "agent.stop"})
 LOG_SUPPRESS_S = 5.0  # identical warnings are logged at most once per this window
 RECORD_FLUSH_S = 0.2
 DEFAULT_DEDUP_SIZE = 100_000
@@ -801,7 +802,9 @@ class NodeSim:
             self._complete(exe, False, b"", "deadline exceeded")
             return
         loop = asyncio.get_running_loop()
-        exe.handle = loop.call_later(fleet.exec_duration(), self._finish_execution, exe)
+        # Launching or stopping an agent returns at once; the agent then runs on its own.
+        delay = 0.0 if command.kind in AGENT_KINDS else fleet.exec_duration()
+        exe.handle = loop.call_later(delay, self._finish_execution, exe)
 
     def _on_cancel(self, command_id: str) -> None:
         exe = self._running.get(command_id)
@@ -817,7 +820,7 @@ class NodeSim:
             self._complete(exe, False, b"", "simulated failure")
             return
         kind = exe.command.kind
-        if kind in ("agent.start", "agent.stop"):
+        if kind in AGENT_KINDS:
             agent_id = agent_id_from_payload(exe.command.payload, exe.command.id)
             self._set_agent(agent_id, "running" if kind == "agent.start" else "stopped")
         self._complete(exe, True, b"ok", "")

@@ -405,8 +405,12 @@ class NodeRegistry:
             entry.session = None
             entry.record.connected = False
 
-    def heartbeat(self, session: Session, heartbeat: pb.Heartbeat) -> Awaitable[None] | None:
-        """Record a heartbeat: memory only, O(1).
+    def heartbeat(self, session: Session, heartbeat: pb.Heartbeat | None) -> Awaitable[None] | None:
+        """Record that the node spoke: memory only, O(1).
+
+        Any message counts as a sign of life, not only heartbeats: a node busy sending
+        results while its heartbeat waits in a queue must not be declared down.
+        ``heartbeat`` (when the message has one) also updates usage.
 
         Returns an awaitable only when the node comes back from ``down``: that
         status change must be persisted, and the caller awaits it.
@@ -415,12 +419,12 @@ class NodeRegistry:
         if entry is None or entry.session is not session:
             return None
         node = entry.record
-        if heartbeat.HasField("usage"):
-            node.usage.CopyFrom(heartbeat.usage)
         node.last_heartbeat_ms = now_ms()
         self._touch(entry)
-        for listener in self.listeners:
-            listener.node_usage(node)
+        if heartbeat is not None and heartbeat.HasField("usage"):
+            node.usage.CopyFrom(heartbeat.usage)
+            for listener in self.listeners:
+                listener.node_usage(node)
         if node.status == pb.NODE_STATUS_DOWN:
             # Back from down on the same stream: a status change, persisted by the caller.
             self._set_status(entry, self._live_status(node), node.last_heartbeat_ms)

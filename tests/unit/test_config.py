@@ -251,6 +251,30 @@ def test_env_table_targets_real_keys_and_unrelated_vars_ignored() -> None:
     assert load_config(env={"NEXUS_NO_EXTENSIONS": "1", "NEXUS_BOGUS": "x"}) == Config()
 
 
+def test_event_env_overrides() -> None:
+    cfg = load_config(
+        env={
+            "NEXUS_MAX_MESSAGE_SIZE": "64KB",
+            "NEXUS_EVENT_BUFFER_SIZE": "1024",
+            "NEXUS_EVENTS_RETENTION_COUNT": "10",
+            "NEXUS_EVENTS_RETENTION_AGE": "1h",
+            "NEXUS_EVENTS_BOOKMARK_INTERVAL": "250ms",
+            "NEXUS_EVENTS_SUBSCRIBER_BUFFER": "100",
+            "NEXUS_EVENTS_MAX_SUBSCRIPTIONS": "3",
+        }
+    )
+    assert cfg.server.max_message_size == 64 * 1024
+    assert cfg.performance.event_buffer_size == 1024
+    assert cfg.events.retention_count == 10
+    assert cfg.events.retention_age == 3600.0
+    assert cfg.events.bookmark_interval == 0.25
+    assert cfg.events.subscriber_buffer == 100
+    assert cfg.events.max_subscriptions == 3
+    with pytest.raises(ConfigError) as info:
+        load_config(env={"NEXUS_EVENT_BUFFER_SIZE": "1000"})
+    assert info.value.key == "performance.event_buffer_size"
+
+
 def test_string_overrides_are_parsed_like_env() -> None:
     cfg = load_config(env={}, overrides={"server.grpc_port": "7000", "database.cache_size": "2GB"})
     assert cfg.server.grpc_port == 7000

@@ -1,0 +1,437 @@
+"""Agents: long-running workloads placed by the scheduler, started and stopped by commands.
+
+The agent service places each replica itself and holds the replica's resource
+reservation for as long as it runs (a command's reservation ends with the
+command; an agent's must not). It then sends ``agent.start`` to the chosen
+node as a command with a fixed target. Nodes report agent states in their
+heartbeat messages. A node that goes down makes its agents ``lost``; they are
+placed again elsewhere.
+
+``pending -> running -> stopped | failed``, and ``lost -> pending`` again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+import orjson
+
+from nexus_fast.core.commands import FINAL_STATES, SUCCEEDED, CommandService
+from nexus_fast.core.nodes import validate_labels, validate_resources
+from nexus_fast.core.scheduler import PlacementRequest, Scheduler
+from nexus_fast.errors import FailedPrecondition, InvalidArgument, NotFound
+from nexus_fast.logs import get_logger
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.store.base import CommitResult, Put, StateStore
+from nexus_fast.telemetry import metrics
+
+log = get_logger("agents")
+
+AGENTS_DB: Final = "agents"
+PENDING: Final = pb.AGENT_STATE_PENDING
+RUNNING: Final = pb.AGENT_STATE_RUNNING
+STOPPED: Final = pb.AGENT_STATE_STOPPED
+FAILED: Final = pb.AGENT_STATE_FAILED
+LOST: Final = pb.AGENT_STATE_LOST
+FINAL: Final = frozenset({STOPPED, FAILED})
+STATE_NAMES: Final[dict[int, str]] = {
+    PENDING: "pending",
+    RUNNING: "running",
+    STOPPED: "stopped",
+    FAILED: "failed",
+    LOST: "lost",
+}
+# Node-reported states we accept (AgentStatus.state).
+_REPORTED: Final = {"running": RUNNING, "stopped": STOPPED, "failed": FAILED}
+MAX_REPLICAS: Final = 1000
+MAX_SPEC_SIZE: Final = 1024 * 1024
+# An agent whose start keeps failing is given up after this many placements.
+MAX_PLACEMENTS: Final = 5
+_TICK: Final = 1.0
+_NAME_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class AgentService:
+    """Every agent, in memory and in the ``agents`` database; runs on the loop only."""
+
+    def __init__(self, store: StateStore, scheduler: Scheduler, commands: CommandService) -> None:
+        self._store = store
+        self._scheduler = scheduler
+        self._commands = commands
+        self._agents: dict[str, pb.Agent] = {}
+        # Which agent a start/stop command belongs to, so its outcome can be applied.
+        self._command_agent: dict[str, tuple[str, str]] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._dirty = False
+        commands.on_final.append(self._command_finished)
+        metrics.AGENTS.source = self.state_counts
+
+    # ------------------------------------------------------------ start / stop
+
+    def load(self) -> int:
+        for _, value in self._store.scan(AGENTS_DB):
+            agent = pb.Agent.FromString(value)
+            self._agents[agent.id] = agent
+            if agent.state in (PENDING, RUNNING) and agent.node_id:
+                if self._scheduler.slot_of(agent.node_id) is not None:
+                    self._scheduler.reserve(
+                        agent.node_id, agent.spec.request, agent.spec.placement.spread_key
+                    )
+                else:
+                    agent.state = LOST
+            if agent.state in (PENDING, LOST) and not agent.stop_requested:
+                self._dirty = True
+        # Start/stop commands still in flight keep telling us how their agent fares.
+        for record in self._commands.active_records():
+            if record.agent_id in self._agents:
+                self._command_agent[record.id] = (record.agent_id, record.spec.target_node)
+        return len(self._agents)
+
+    def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="agents")
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+            self._ticker = None
+
+    # ------------------------------------------------------------ queries
+
+    def state_counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATE_NAMES.values(), 0)
+        for agent in self._agents.values():
+            counts[STATE_NAMES[agent.state]] += 1
+        return counts
+
+    def get(self, agent_id: str) -> pb.Agent:
+        if not agent_id:
+            raise InvalidArgument("id", "must not be empty")
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            raise NotFound(f"agent {agent_id!r} not found")
+        return agent
+
+    def list_agents(
+        self, name: str = "", states: Iterable[int] = (), page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[pb.Agent], str]:
+        wanted = set(states)
+        for state in wanted:
+            if state not in STATE_NAMES:
+                raise InvalidArgument("states", f"unknown agent state {state}")
+        if page_size > 5000:
+            raise InvalidArgument("page_size", "must be 0..5000")
+        size = page_size or 500
+        page: list[pb.Agent] = []
+        for agent_id in sorted(self._agents):
+            if page_token and agent_id <= page_token:
+                continue
+            agent = self._agents[agent_id]
+            if (name and agent.name != name) or (wanted and agent.state not in wanted):
+                continue
+            if len(page) == size:
+                return page, page[-1].id
+            page.append(agent)
+        return page, ""
+
+    # ------------------------------------------------------------ deploy / stop
+
+    async def deploy(self, spec: pb.AgentSpec) -> list[pb.Agent]:
+        """Create the replicas, place them, persist, then send their start commands."""
+        self._validate(spec)
+        live = [a for a in self._agents.values() if a.name == spec.name and a.state not in FINAL]
+        if live:
+            raise FailedPrecondition(
+                f"agent {spec.name!r} is already deployed ({len(live)} replicas not stopped); "
+                "stop it first"
+            )
+        ts = now_ms()
+        agents = []
+        for replica in range(spec.replicas or 1):
+            agent = pb.Agent(
+                id=f"{spec.name}-{replica}",
+                name=spec.name,
+                replica=replica,
+                state=PENDING,
+                created_ms=ts,
+                updated_ms=ts,
+            )
+            agent.spec.CopyFrom(spec)
+            agent.spec.replicas = spec.replicas or 1
+            agents.append(agent)
+        self._place(agents)
+        for agent in agents:
+            self._agents[agent.id] = agent
+        await self._save(agents)
+        await self._send_starts([a for a in agents if a.node_id])
+        return agents
+
+    async def stop_agent(self, name: str) -> list[pb.Agent]:
+        """Stop every replica of ``name``: unplaced ones at once, others via agent.stop."""
+        if not name:
+            raise InvalidArgument("name", "must not be empty")
+        replicas = [a for a in self._agents.values() if a.name == name]
+        if not replicas:
+            raise NotFound(f"agent {name!r} not found")
+        ts = now_ms()
+        to_stop: list[pb.Agent] = []
+        changed: list[pb.Agent] = []
+        for agent in replicas:
+            if agent.state in FINAL or agent.stop_requested:
+                continue
+            agent.stop_requested = True
+            agent.updated_ms = ts
+            changed.append(agent)
+            if agent.node_id and agent.state in (PENDING, RUNNING):
+                to_stop.append(agent)
+            else:
+                self._end(agent, STOPPED, "stopped before it was placed")
+        if changed:
+            await self._save(changed)
+        for agent in to_stop:
+            record = await self._commands.submit_internal(
+                pb.CommandSpec(
+                    kind="agent.stop",
+                    payload=orjson.dumps({"agent_id": agent.id, "name": agent.name}),
+                    target_node=agent.node_id,
+                ),
+                agent.id,
+            )
+            self._command_agent[record.id] = (agent.id, agent.node_id)
+        return replicas
+
+    def _validate(self, spec: pb.AgentSpec) -> None:
+        if not _NAME_RE.match(spec.name):
+            raise InvalidArgument(
+                "spec.name", "must be 1..63 lower-case letters, digits and '-' (DNS label)"
+            )
+        if spec.replicas > MAX_REPLICAS:
+            raise InvalidArgument("spec.replicas", f"must be at most {MAX_REPLICAS}")
+        if len(spec.spec) > MAX_SPEC_SIZE:
+            raise InvalidArgument("spec.spec", f"larger than {MAX_SPEC_SIZE} bytes")
+        validate_resources(spec.request, "spec.request")
+        validate_labels(spec.placement.label_selector, "spec.placement.label_selector")
+        if spec.placement.spread_key:
+            validate_labels({spec.placement.spread_key: ""}, "spec.placement.spread_key")
+
+    # ------------------------------------------------------------ placement
+
+    def _place(self, agents: Sequence[pb.Agent]) -> None:
+        decisions = self._scheduler.place_batch(
+            [
+                PlacementRequest(
+                    request=a.spec.request,
+                    label_selector=dict(a.spec.placement.label_selector),
+                    spread_key=a.spec.placement.spread_key,
+                    target_node="",
+                    exclude=frozenset(),
+                )
+                for a in agents
+            ]
+        )
+        ts = now_ms()
+        for agent, decision in zip(agents, decisions, strict=True):
+            agent.updated_ms = ts
+            if decision.node_id:
+                agent.node_id = decision.node_id
+                agent.state = PENDING
+                agent.placements += 1
+                agent.message = f"starting on {decision.node_id}"
+            else:
+                agent.node_id = ""
+                agent.message = f"waiting for a node: {decision.reason}"
+
+    async def _send_starts(self, agents: Sequence[pb.Agent]) -> None:
+        for agent in agents:
+            record = await self._commands.submit_internal(
+                pb.CommandSpec(
+                    kind="agent.start",
+                    payload=orjson.dumps(
+                        {
+                            "agent_id": agent.id,
+                            "name": agent.name,
+                            "replica": agent.replica,
+                            "spec": agent.spec.spec.decode("utf-8", "replace"),
+                        }
+                    ),
+                    target_node=agent.node_id,
+                ),
+                agent.id,
+            )
+            self._command_agent[record.id] = (agent.id, agent.node_id)
+
+    async def _replace_waiting(self) -> None:
+        """Place agents that are pending without a node, or lost."""
+        self._dirty = False
+        waiting = [
+            a
+            for a in self._agents.values()
+            if not a.stop_requested and ((a.state == PENDING and not a.node_id) or a.state == LOST)
+        ]
+        if not waiting:
+            return
+        before = {a.id: (a.node_id, a.message) for a in waiting}
+        for agent in waiting:
+            agent.state = PENDING
+        self._place(waiting)
+        changed = [a for a in waiting if (a.node_id, a.message) != before[a.id]]
+        if changed:
+            await self._save(changed)
+        await self._send_starts([a for a in waiting if a.node_id])
+
+    # ------------------------------------------------------------ reports and outcomes
+
+    def handle_reports(self, node_id: str, statuses: Sequence[pb.AgentStatus]) -> None:
+        """Agent states reported by a node in its messages."""
+        changed: list[pb.Agent] = []
+        for status in statuses:
+            agent = self._agents.get(status.agent_id)
+            state = _REPORTED.get(status.state)
+            if agent is None or agent.node_id != node_id or state is None:
+                continue
+            if state == agent.state or agent.state in FINAL:
+                continue
+            if state == RUNNING and agent.state != PENDING:
+                continue
+            if state == RUNNING:
+                agent.state = RUNNING
+                agent.message = status.message or f"running on {node_id}"
+                agent.updated_ms = now_ms()
+            else:
+                self._end(agent, state, status.message or f"{status.state} on {node_id}")
+            changed.append(agent)
+        if changed:
+            self._save_later(changed)
+
+    def _command_finished(self, record: pb.CommandRecord) -> None:
+        owner = self._command_agent.pop(record.id, None)
+        if owner is None:
+            return
+        agent_id, node_id = owner
+        agent = self._agents.get(agent_id)
+        if agent is None or agent.node_id != node_id or agent.state in FINAL:
+            return
+        if record.spec.kind == "agent.start":
+            if record.state == SUCCEEDED:
+                if agent.state == PENDING:
+                    agent.state = RUNNING
+                    agent.message = f"running on {node_id}"
+                    agent.updated_ms = now_ms()
+                    self._save_later([agent])
+                return
+            # The start did not take: give the node's capacity back and place it again.
+            self._release(agent)
+            if agent.placements >= MAX_PLACEMENTS:
+                self._end(agent, FAILED, f"start failed {agent.placements} times: {record.reason}")
+            else:
+                agent.state = LOST
+                agent.node_id = ""
+                agent.message = f"start failed on {node_id}: {record.reason}"
+                agent.updated_ms = now_ms()
+                self._dirty = True
+            self._save_later([agent])
+        elif record.spec.kind == "agent.stop" and record.state in FINAL_STATES:
+            # A stop that could not be delivered still ends the agent: its node is gone or
+            # unreachable, and the reservation must not leak.
+            self._end(agent, STOPPED, "stopped" if record.state == SUCCEEDED else record.reason)
+            self._save_later([agent])
+
+    def node_updated(self, node: pb.Node) -> None:
+        if node.status in (pb.NODE_STATUS_DOWN, pb.NODE_STATUS_REMOVED):
+            self._node_lost(node.id)
+        elif node.status == pb.NODE_STATUS_READY:
+            self._dirty = True
+
+    def node_usage(self, node: pb.Node) -> None:
+        """Nothing per heartbeat: agent states arrive in NodeMessage.agents."""
+
+    def node_removed(self, node: pb.Node) -> None:
+        self._node_lost(node.id)
+
+    def session_opened(self, node: pb.Node, session: object) -> None:
+        """Nothing to re-send: start/stop commands are redelivered by the command service."""
+
+    def _node_lost(self, node_id: str) -> None:
+        lost: list[pb.Agent] = []
+        ts = now_ms()
+        for agent in self._agents.values():
+            if agent.node_id != node_id or agent.state in FINAL:
+                continue
+            self._release(agent)
+            agent.node_id = ""
+            agent.updated_ms = ts
+            if agent.stop_requested:
+                agent.state = STOPPED
+                agent.message = f"node {node_id} went away while stopping"
+            else:
+                agent.state = LOST
+                agent.message = f"node {node_id} went down"
+            lost.append(agent)
+        if lost:
+            self._dirty = True
+            self._save_later(lost)
+            log.info("agents lost with their node", extra={"node": node_id, "count": len(lost)})
+
+    def _release(self, agent: pb.Agent) -> None:
+        if agent.node_id:
+            self._scheduler.release(
+                agent.node_id, agent.spec.request, agent.spec.placement.spread_key
+            )
+
+    def _end(self, agent: pb.Agent, state: int, message: str) -> None:
+        self._release(agent)
+        agent.state = state  # type: ignore[assignment]
+        agent.message = message
+        agent.updated_ms = now_ms()
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK)
+            if not self._dirty:
+                continue
+            try:
+                await self._replace_waiting()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("agent placement tick failed")
+
+    # ------------------------------------------------------------ persistence
+
+    def _save(self, agents: Sequence[pb.Agent]) -> asyncio.Future[CommitResult]:
+        ts = now_ms()
+        ops = []
+        events = []
+        for agent in agents:
+            body = agent.SerializeToString()
+            ops.append(Put(AGENTS_DB, agent.id.encode(), body))
+            events.append(
+                pb.Event(
+                    time_ms=ts,
+                    topic="agent",
+                    type=f"agent.{STATE_NAMES[agent.state]}",
+                    key=agent.id,
+                    payload=body,
+                ).SerializeToString()
+            )
+        return self._store.commit(ops, events)
+
+    def _save_later(self, agents: Sequence[pb.Agent]) -> None:
+        future = self._save(agents)
+        future.add_done_callback(_log_failure)
+
+
+def _log_failure(future: asyncio.Future[CommitResult]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("agent state write failed", extra={"err": str(future.exception())})

@@ -1,0 +1,906 @@
+"""Commands: submit, place, dispatch, ack, result, retry — durable at every step.
+
+Lifecycle: ``pending -> placed -> dispatched -> acked -> succeeded | failed |
+timed_out | cancelled``. The rules that make it trustworthy:
+
+* A submission is answered only after its records and events are committed
+  (one group-committed write for the whole batch), and a command reaches a
+  node's stream only after that commit: a node never runs a command the store
+  could forget.
+* Delivery is at-least-once: commands in flight on a node are sent again when
+  its stream reconnects, and after a restart. Nodes de-duplicate by id, so
+  execution is exactly-once per node.
+* Later transitions (dispatched, acked, final) are committed without holding
+  anything up; the single writer applies them in order, so the last state wins.
+* Every wait is bounded: each stage (pending, placed, dispatched) has a deadline
+  of the command's timeout; an expired stage uses up an attempt, and the last
+  attempt ends in ``timed_out``. A node going down retries its commands elsewhere.
+
+Records live in the ``commands`` database under ``c/<id>``; finished ones are
+indexed under ``x/<finished_ms>/<id>`` and dropped after ``final_retention``,
+which is also how long an idempotency key is remembered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import re
+import struct
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from nexus_fast.core.nodes import (
+    NodeRegistry,
+    Session,
+    validate_labels,
+    validate_node_id,
+    validate_resources,
+)
+from nexus_fast.core.scheduler import PlacementRequest, Scheduler
+from nexus_fast.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from nexus_fast.logs import get_logger
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.queue import CommandQueue
+from nexus_fast.store.base import CommitResult, Delete, Put, StateStore
+from nexus_fast.telemetry import metrics
+
+log = get_logger("commands")
+
+COMMANDS_DB: Final = "commands"
+_RECORD: Final = b"c/"
+_EXPIRY: Final = b"x/"
+
+PENDING: Final = pb.COMMAND_STATE_PENDING
+PLACED: Final = pb.COMMAND_STATE_PLACED
+DISPATCHED: Final = pb.COMMAND_STATE_DISPATCHED
+ACKED: Final = pb.COMMAND_STATE_ACKED
+SUCCEEDED: Final = pb.COMMAND_STATE_SUCCEEDED
+FAILED: Final = pb.COMMAND_STATE_FAILED
+TIMED_OUT: Final = pb.COMMAND_STATE_TIMED_OUT
+CANCELLED: Final = pb.COMMAND_STATE_CANCELLED
+FINAL_STATES: Final = frozenset({SUCCEEDED, FAILED, TIMED_OUT, CANCELLED})
+STATE_NAMES: Final[dict[int, str]] = {
+    PENDING: "pending",
+    PLACED: "placed",
+    DISPATCHED: "dispatched",
+    ACKED: "acked",
+    SUCCEEDED: "succeeded",
+    FAILED: "failed",
+    TIMED_OUT: "timed_out",
+    CANCELLED: "cancelled",
+}
+
+MAX_PRIORITY: Final = 2
+MAX_TIMEOUT_MS: Final = 24 * 3600 * 1000
+MAX_ATTEMPTS: Final = 100
+MAX_KIND_LEN: Final = 128
+MAX_ID_LEN: Final = 128
+MAX_WAIT_IDS: Final = 10_000
+MAX_LIST_PAGE: Final = 5000
+DEFAULT_LIST_PAGE: Final = 500
+# A list call reads at most this many records before returning a partial page.
+_LIST_SCAN_LIMIT: Final = 50_000
+# Slot 0 of the queue holds commands waiting for a node; nodes get 1.. .
+_UNPLACED: Final = 0
+_TICK: Final = 0.1
+# Events carry the record; payloads above this size are left out of the event copy.
+_EVENT_PAYLOAD_LIMIT: Final = 1024
+
+_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class CommandSettings:
+    default_timeout: float
+    default_max_attempts: int
+    max_payload_size: int
+    final_retention: float
+    max_batch_size: int
+    queue_capacity: int
+
+
+class CommandService:
+    """Owns every non-final command; runs on the event loop only."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        nodes: NodeRegistry,
+        scheduler: Scheduler,
+        settings: CommandSettings,
+    ) -> None:
+        self._store = store
+        self._nodes = nodes
+        self._scheduler = scheduler
+        self.settings = settings
+        self._active: dict[str, pb.CommandRecord] = {}
+        self._queue: CommandQueue[str] = CommandQueue(
+            settings.queue_capacity, lanes=MAX_PRIORITY + 1
+        )
+        self._slots: dict[str, int] = {}
+        self._free_slots: list[int] = []
+        self._next_slot = 1
+        # Dispatched or acked, per node, in dispatch order: re-sent when the node reconnects.
+        self._inflight: dict[str, dict[str, None]] = {}
+        # (deadline, seq, id, stage); an entry is live while its stage number is current.
+        self._deadlines: list[tuple[float, int, str, int]] = []
+        self._stage: dict[str, int] = {}
+        self._seq = 0
+        self._waiters: dict[str, list[asyncio.Queue[pb.CommandRecord]]] = {}
+        self._dirty_nodes: set[str] = set()
+        self._dispatch_handle: asyncio.Handle | None = None
+        self._pending_dirty = False
+        self._submitted_at: dict[str, float] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Future[CommitResult]] = set()
+        for state in FINAL_STATES:  # export zeros, so rate() works from the first scrape
+            metrics.COMMANDS_PROCESSED.labels(status=STATE_NAMES[state])
+        # Internal callers (agents) hear about final states here.
+        self.on_final: list[Callable[[pb.CommandRecord], None]] = []
+
+    # ------------------------------------------------------------ start / stop
+
+    def load(self) -> int:
+        """Restore every non-final command after a restart; returns how many."""
+        for _, value in self._store.scan(COMMANDS_DB, prefix=_RECORD):
+            record = pb.CommandRecord.FromString(value)
+            if record.state in FINAL_STATES:
+                continue
+            self._active[record.id] = record
+            self._restore(record)
+        metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
+        return len(self._active)
+
+    def _restore(self, record: pb.CommandRecord) -> None:
+        node_id = record.node_id
+        state = record.state
+        if state in (PLACED, DISPATCHED, ACKED) and self._node_live(node_id):
+            self._scheduler.reserve(node_id, record.spec.placement.request, self._spread(record))
+            if state == PLACED:
+                self._push(node_id, record)
+            else:
+                # The restart gives the attempt a fresh deadline, on the node's side too.
+                record.dispatched_ms = now_ms()
+                self._inflight.setdefault(node_id, {})[record.id] = None
+            self._set_deadline(record)
+            return
+        # Its node is down or gone (or it never had one): place it again.
+        if state == PLACED:
+            record.attempt -= 1  # it never reached the node
+        elif state in (DISPATCHED, ACKED):
+            if record.attempt >= record.spec.max_attempts:
+                self._finish(record, FAILED, f"node {node_id} was lost", left=True)
+                return
+            record.tried_nodes.append(node_id)
+        record.state = PENDING
+        record.node_id = ""
+        self._push_pending(record)
+        self._set_deadline(record)
+
+    def _node_live(self, node_id: str) -> bool:
+        if not node_id:
+            return False
+        try:
+            status = self._nodes.get(node_id).status
+        except NotFound:
+            return False
+        return status in (pb.NODE_STATUS_READY, pb.NODE_STATUS_DRAINING)
+
+    def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="commands")
+        self._pending_dirty = True
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+            self._ticker = None
+        if self._dispatch_handle is not None:
+            self._dispatch_handle.cancel()
+            self._dispatch_handle = None
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    def active_records(self) -> Iterable[pb.CommandRecord]:
+        return self._active.values()
+
+    def get(self, command_id: str) -> pb.CommandRecord:
+        if not command_id:
+            raise InvalidArgument("id", "must not be empty")
+        record = self._active.get(command_id)
+        if record is not None:
+            return record
+        stored = self._store.get(COMMANDS_DB, _RECORD + command_id.encode())
+        if stored is None:
+            raise NotFound(f"command {command_id!r} not found")
+        return pb.CommandRecord.FromString(stored)
+
+    def list_commands(
+        self,
+        states: Iterable[int] = (),
+        node_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[pb.CommandRecord], str]:
+        """Commands in id order (durable ones), filtered; (page, next_token)."""
+        wanted = set(states)
+        for state in wanted:
+            if state not in STATE_NAMES:
+                raise InvalidArgument("states", f"unknown command state {state}")
+        if page_size > MAX_LIST_PAGE:
+            raise InvalidArgument("page_size", f"must be 0..{MAX_LIST_PAGE}")
+        size = page_size or DEFAULT_LIST_PAGE
+        start = _RECORD + page_token.encode() + b"\x00" if page_token else None
+        page: list[pb.CommandRecord] = []
+        scanned = 0
+        last = ""
+        while len(page) < size and scanned < _LIST_SCAN_LIMIT:
+            chunk = self._store.scan(COMMANDS_DB, prefix=_RECORD, start=start, limit=1000)
+            if not chunk:
+                return page, ""
+            for key, value in chunk:
+                scanned += 1
+                last = key[len(_RECORD) :].decode()
+                record = self._active.get(last) or pb.CommandRecord.FromString(value)
+                if (not wanted or record.state in wanted) and (
+                    not node_id or record.node_id == node_id
+                ):
+                    page.append(record)
+                    if len(page) == size:
+                        break
+            start = _RECORD + last.encode() + b"\x00"
+        more = bool(self._store.scan(COMMANDS_DB, prefix=_RECORD, start=start, limit=1))
+        return page, last if more else ""
+
+    # ------------------------------------------------------------ submit
+
+    async def submit(self, specs: Sequence[pb.CommandSpec]) -> pb.SubmitCommandsResponse:
+        """Validate, de-duplicate, place and persist a batch; answers once durable."""
+        self._validate_batch(specs)
+        answers: list[tuple[pb.CommandRecord, bool]] = []  # (record, duplicate)
+        new: list[pb.CommandRecord] = []
+        seen: dict[str, pb.CommandRecord] = {}
+        for spec in specs:
+            key = spec.idempotency_key
+            existing = seen.get(key) if key else None
+            if key and existing is None:
+                existing = self._known(key)
+            if existing is not None:
+                answers.append((existing, True))
+                continue
+            record = self._new_record(spec)
+            if key:
+                seen[key] = record
+            new.append(record)
+            answers.append((record, False))
+        if len(self._active) + len(new) > self.settings.queue_capacity:
+            raise ResourceExhausted(
+                f"command queue full ({self.settings.queue_capacity} active commands); retry later",
+                retry_after=1.0,
+            )
+        placed = self._place([(r, frozenset()) for r in new])
+        for record in new:
+            self._active[record.id] = record
+            self._submitted_at[record.id] = time.monotonic()
+        try:
+            commit = await self._save(new) if new else None
+        except BaseException:
+            for record in new:
+                self._forget(record)
+            raise
+        # Durable: only now may the commands flow to nodes.
+        for record, node in zip(new, placed, strict=True):
+            if node:
+                self._push(node, record)
+            else:
+                self._push_pending(record)
+            self._set_deadline(record)
+        metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
+        return pb.SubmitCommandsResponse(
+            results=[_result(record, duplicate) for record, duplicate in answers],
+            index=commit.last_event_index if commit else self._store.last_event_index,
+        )
+
+    def _known(self, command_id: str) -> pb.CommandRecord | None:
+        record = self._active.get(command_id)
+        if record is not None:
+            return record
+        stored = self._store.get(COMMANDS_DB, _RECORD + command_id.encode())
+        return pb.CommandRecord.FromString(stored) if stored is not None else None
+
+    def _validate_batch(self, specs: Sequence[pb.CommandSpec]) -> None:
+        if not specs:
+            raise InvalidArgument("commands", "the batch is empty")
+        if len(specs) > self.settings.max_batch_size:
+            raise InvalidArgument(
+                "commands",
+                f"batch of {len(specs)} exceeds the limit of {self.settings.max_batch_size}",
+            )
+        for i, spec in enumerate(specs):
+            self._validate_spec(spec, f"commands[{i}]")
+
+    def _validate_spec(self, spec: pb.CommandSpec, at: str) -> None:
+        key = spec.idempotency_key
+        if key and (len(key) > MAX_ID_LEN or not _ID_RE.match(key)):
+            raise InvalidArgument(
+                f"{at}.idempotency_key",
+                f"must be 1..{MAX_ID_LEN} characters of letters, digits and . _ : / @ -",
+            )
+        if not spec.kind or len(spec.kind) > MAX_KIND_LEN:
+            raise InvalidArgument(f"{at}.kind", f"must be 1..{MAX_KIND_LEN} characters")
+        if len(spec.payload) > self.settings.max_payload_size:
+            raise InvalidArgument(
+                f"{at}.payload",
+                f"{len(spec.payload)} bytes exceeds the limit of {self.settings.max_payload_size}",
+            )
+        if spec.priority > MAX_PRIORITY:
+            raise InvalidArgument(f"{at}.priority", f"must be 0..{MAX_PRIORITY}")
+        if spec.timeout_ms > MAX_TIMEOUT_MS:
+            raise InvalidArgument(f"{at}.timeout_ms", f"must be at most {MAX_TIMEOUT_MS} (24h)")
+        if spec.max_attempts > MAX_ATTEMPTS:
+            raise InvalidArgument(f"{at}.max_attempts", f"must be at most {MAX_ATTEMPTS}")
+        placement = spec.placement
+        validate_labels(placement.label_selector, f"{at}.placement.label_selector")
+        validate_resources(placement.request, f"{at}.placement.request")
+        if placement.spread_key:
+            validate_labels({placement.spread_key: ""}, f"{at}.placement.spread_key")
+        if spec.target_node:
+            validate_node_id(spec.target_node, f"{at}.target_node")
+            try:
+                self._nodes.get(spec.target_node)
+            except NotFound:
+                raise NotFound(f"{at}.target_node: node {spec.target_node!r} not found") from None
+
+    def _new_record(self, spec: pb.CommandSpec, agent_id: str = "") -> pb.CommandRecord:
+        ts = now_ms()
+        record = pb.CommandRecord(
+            id=spec.idempotency_key or uuid.uuid4().hex,
+            state=PENDING,
+            created_ms=ts,
+            updated_ms=ts,
+            agent_id=agent_id,
+        )
+        record.spec.CopyFrom(spec)
+        if not record.spec.timeout_ms:
+            record.spec.timeout_ms = int(self.settings.default_timeout * 1000)
+        if not record.spec.max_attempts:
+            record.spec.max_attempts = self.settings.default_max_attempts
+        return record
+
+    # ------------------------------------------------------------ internal submit (agents)
+
+    async def submit_internal(self, spec: pb.CommandSpec, agent_id: str) -> pb.CommandRecord:
+        """Submit one command on behalf of the core (agent start/stop), already validated."""
+        record = self._new_record(spec, agent_id)
+        (node,) = self._place([(record, frozenset())])
+        self._active[record.id] = record
+        self._submitted_at[record.id] = time.monotonic()
+        await self._save([record])
+        if node:
+            self._push(node, record)
+        else:
+            self._push_pending(record)
+        self._set_deadline(record)
+        return record
+
+    # ------------------------------------------------------------ placement
+
+    def _spread(self, record: pb.CommandRecord) -> str:
+        return record.spec.placement.spread_key
+
+    def _place(self, items: Sequence[tuple[pb.CommandRecord, frozenset[str]]]) -> list[str]:
+        """Place records (reserving capacity); returns the node per record, "" if none."""
+        if not items:
+            return []
+        requests = [
+            PlacementRequest(
+                request=r.spec.placement.request,
+                label_selector=dict(r.spec.placement.label_selector),
+                spread_key=r.spec.placement.spread_key,
+                target_node=r.spec.target_node,
+                exclude=exclude,
+            )
+            for r, exclude in items
+        ]
+        decisions = self._scheduler.place_batch(requests)
+        # Nodes of failed attempts are avoided, unless nothing else fits.
+        second = [i for i, d in enumerate(decisions) if not d.node_id and requests[i].exclude]
+        if second:
+            retried = self._scheduler.place_batch(
+                [dataclasses.replace(requests[i], exclude=frozenset()) for i in second]
+            )
+            for i, decision in zip(second, retried, strict=True):
+                decisions[i] = decision
+        chosen: list[str] = []
+        ts = now_ms()
+        for (record, _), decision in zip(items, decisions, strict=True):
+            node = decision.node_id or ""
+            record.updated_ms = ts
+            if node:
+                record.state = PLACED
+                record.node_id = node
+                record.reason = ""
+                record.attempt += 1  # an attempt starts when a node is chosen
+            else:
+                record.state = PENDING
+                record.node_id = ""
+                record.reason = decision.reason
+            chosen.append(node)
+        return chosen
+
+    def _slot(self, node_id: str) -> int:
+        slot = self._slots.get(node_id)
+        if slot is None:
+            slot = self._free_slots.pop() if self._free_slots else self._next_slot
+            if slot == self._next_slot:
+                self._next_slot += 1
+            self._slots[node_id] = slot
+        return slot
+
+    def _push(self, node_id: str, record: pb.CommandRecord) -> None:
+        self._queue.push(self._slot(node_id), record.spec.priority, record.id, record.id)
+        self._dirty_nodes.add(node_id)
+        self._schedule_dispatch()
+
+    def _push_pending(self, record: pb.CommandRecord) -> None:
+        self._queue.push(_UNPLACED, record.spec.priority, record.id, record.id)
+        self._pending_dirty = True
+
+    def _place_pending(self) -> None:
+        """Try to place commands waiting for capacity (called from the ticker)."""
+        self._pending_dirty = False
+        waiting = self._queue.depth(_UNPLACED)
+        if not waiting:
+            return
+        ids = self._queue.pop_batch(_UNPLACED, min(waiting, self.settings.max_batch_size))
+        records = [self._active[i] for i in ids if i in self._active]
+        before = {r.id: r.reason for r in records}
+        nodes = self._place([(r, frozenset(r.tried_nodes)) for r in records])
+        changed: list[pb.CommandRecord] = []
+        for record, node in zip(records, nodes, strict=True):
+            if node:
+                self._push(node, record)
+                self._set_deadline(record)
+                changed.append(record)
+            else:
+                self._queue.push(_UNPLACED, record.spec.priority, record.id, record.id)
+                if before[record.id] != record.reason:
+                    changed.append(record)
+        if changed:
+            self._save_later(changed)
+        if len(ids) == self.settings.max_batch_size and any(nodes):
+            self._pending_dirty = True  # more may fit: go on next tick
+
+    # ------------------------------------------------------------ dispatch
+
+    def _schedule_dispatch(self) -> None:
+        if self._dispatch_handle is None:
+            self._dispatch_handle = asyncio.get_running_loop().call_soon(self._dispatch_dirty)
+
+    def _dispatch_dirty(self) -> None:
+        """Send queued commands to connected nodes, one batched message per node."""
+        self._dispatch_handle = None
+        dirty, self._dirty_nodes = self._dirty_nodes, set()
+        sent: list[pb.CommandRecord] = []
+        for node_id in dirty:
+            session = self._nodes.session_of(node_id)
+            if session is None or session.closed:
+                continue
+            slot = self._slots.get(node_id)
+            if slot is None:
+                continue
+            sent.extend(self._dispatch_to(node_id, slot, session))
+        if sent:
+            self._save_later(sent)
+            metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
+
+    def _dispatch_to(self, node_id: str, slot: int, session: Session) -> list[pb.CommandRecord]:
+        batch_size = self.settings.max_batch_size
+        sent: list[pb.CommandRecord] = []
+        inflight = self._inflight.setdefault(node_id, {})
+        now = time.monotonic()
+        ts = now_ms()
+        while self._queue.depth(slot) and session.has_room():
+            ids = self._queue.pop_batch(slot, batch_size)
+            commands = []
+            for command_id in ids:
+                record = self._active.get(command_id)
+                if record is None:
+                    continue
+                record.state = DISPATCHED
+                record.dispatched_ms = ts
+                record.updated_ms = ts
+                inflight[command_id] = None
+                self._set_deadline(record)
+                commands.append(_wire(record))
+                sent.append(record)
+                started = self._submitted_at.get(command_id)
+                if started is not None and record.attempt == 1:
+                    metrics.COMMAND_SUBMIT_TO_DISPATCH.observe(now - started)
+            if commands and not session.send(pb.ControlMessage(commands=commands)):
+                break  # the stream was closed for falling behind; reconnect re-sends in-flight
+        return sent
+
+    def session_opened(self, node: pb.Node, session: Session) -> None:
+        """Re-send what the node may have missed, then whatever is queued for it."""
+        inflight = self._inflight.get(node.id)
+        if inflight:
+            records = [self._active[i] for i in inflight if i in self._active]
+            for start in range(0, len(records), self.settings.max_batch_size):
+                chunk = records[start : start + self.settings.max_batch_size]
+                session.send(pb.ControlMessage(commands=[_wire(r) for r in chunk]))
+        if node.id in self._slots:
+            self._dirty_nodes.add(node.id)
+            self._schedule_dispatch()
+
+    # ------------------------------------------------------------ node reports
+
+    def handle_reports(self, node_id: str, message: pb.NodeMessage) -> None:
+        """Acks and results from a node's stream (already authenticated to node_id)."""
+        changed: list[pb.CommandRecord] = []
+        ts = now_ms()
+        # Reports are matched by command and node, not attempt: a node runs a command at
+        # most once, so a late report of an earlier attempt on the same node is the answer.
+        for ack in message.acks:
+            record = self._active.get(ack.command_id)
+            if record is None or record.node_id != node_id or record.state != DISPATCHED:
+                metrics.STALE_REPORTS.labels(kind="ack").inc()
+                continue
+            record.state = ACKED
+            record.updated_ms = ts
+            changed.append(record)
+        if changed:
+            self._save_later(changed)
+        for result in message.results:
+            record = self._active.get(result.command_id)
+            if (
+                record is None
+                or record.node_id != node_id
+                or record.state not in (DISPATCHED, ACKED)
+            ):
+                metrics.STALE_REPORTS.labels(kind="result").inc()
+                continue
+            record.output = result.output
+            if result.success:
+                self._finish(record, SUCCEEDED, "")
+            elif record.spec.target_node:
+                # The node de-duplicates by id: retrying on the same node cannot run it again.
+                self._finish(record, FAILED, result.error or "failed on the node")
+            else:
+                self._retry_or_finish(record, FAILED, result.error or "failed on the node")
+
+    # ------------------------------------------------------------ cancel / wait
+
+    async def cancel(self, command_id: str) -> pb.CommandRecord:
+        record = self._active.get(command_id)
+        if record is None:
+            final = self.get(command_id)  # NOT_FOUND if unknown
+            raise FailedPrecondition(
+                f"command {command_id!r} is already {STATE_NAMES.get(final.state, '?')}"
+            )
+        node_id = record.node_id
+        was_inflight = record.state in (DISPATCHED, ACKED)
+        self._finish(record, CANCELLED, "cancelled by request", save=False)
+        if was_inflight:
+            session = self._nodes.session_of(node_id)
+            if session is not None:
+                session.send(pb.ControlMessage(cancel_command_ids=[command_id]))
+        await self._save([record])
+        return record
+
+    async def wait(
+        self, ids: Sequence[str], timeout: float | None
+    ) -> AsyncIterator[pb.CommandRecord]:
+        """Yield each command's record once it is final (final ones at once)."""
+        if not ids:
+            raise InvalidArgument("ids", "must not be empty")
+        if len(ids) > MAX_WAIT_IDS:
+            raise InvalidArgument("ids", f"at most {MAX_WAIT_IDS} ids")
+        records = [self.get(i) for i in dict.fromkeys(ids)]  # NOT_FOUND before streaming
+        inbox: asyncio.Queue[pb.CommandRecord] = asyncio.Queue()
+        remaining = 0
+        for record in records:
+            if record.state not in FINAL_STATES:
+                self._waiters.setdefault(record.id, []).append(inbox)
+                remaining += 1
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for record in records:  # the final ones at once, whatever the timeout
+                if record.state in FINAL_STATES:
+                    yield record
+            while remaining:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return
+                try:
+                    record = await asyncio.wait_for(inbox.get(), left)
+                except TimeoutError:
+                    return
+                remaining -= 1
+                yield record
+        finally:
+            for record in records:
+                queues = self._waiters.get(record.id)
+                if queues and inbox in queues:
+                    queues.remove(inbox)
+                    if not queues:
+                        del self._waiters[record.id]
+
+    # ------------------------------------------------------------ node changes
+
+    def node_updated(self, node: pb.Node) -> None:
+        if node.status in (pb.NODE_STATUS_DOWN, pb.NODE_STATUS_REMOVED):
+            self._node_lost(node.id, f"node {node.id} went down")
+        self._pending_dirty = True
+
+    def node_usage(self, node: pb.Node) -> None:
+        """Usage changes are the scheduler's business; commands need nothing per heartbeat."""
+
+    def node_removed(self, node: pb.Node) -> None:
+        self._node_lost(node.id, f"node {node.id} was removed")
+        slot = self._slots.pop(node.id, None)
+        if slot is not None:
+            self._free_slots.append(slot)
+        self._inflight.pop(node.id, None)
+
+    def _node_lost(self, node_id: str, reason: str) -> None:
+        """Commands on a lost node: queued ones are placed again, in-flight ones retried."""
+        slot = self._slots.get(node_id)
+        moved: list[pb.CommandRecord] = []
+        if slot is not None:
+            while ids := self._queue.pop_batch(slot, 10_000):
+                for command_id in ids:
+                    record = self._active.get(command_id)
+                    if record is None:
+                        continue
+                    self._scheduler.release(
+                        node_id, record.spec.placement.request, self._spread(record)
+                    )
+                    record.attempt -= 1  # it never reached the node: that attempt did not start
+                    record.state = PENDING
+                    record.node_id = ""
+                    record.reason = reason
+                    self._push_pending(record)
+                    moved.append(record)
+        inflight = self._inflight.pop(node_id, {})
+        for command_id in inflight:
+            record = self._active.get(command_id)
+            if record is not None and record.node_id == node_id:
+                self._retry_or_finish(record, FAILED, reason, already_left=True)
+        if moved:
+            self._save_later(moved)
+
+    # ------------------------------------------------------------ transitions
+
+    def _retry_or_finish(
+        self, record: pb.CommandRecord, final_state: int, reason: str, already_left: bool = False
+    ) -> None:
+        """An attempt failed: place it again while attempts remain, else finish it."""
+        node_id = record.node_id
+        self._leave_node(record, already_left)
+        if record.attempt < record.spec.max_attempts:
+            if node_id and not record.spec.target_node:
+                record.tried_nodes.append(node_id)
+            record.state = PENDING
+            record.node_id = ""
+            record.reason = f"retrying after: {reason}"
+            record.updated_ms = now_ms()
+            self._push_pending(record)
+            self._set_deadline(record)
+            self._save_later([record])
+            metrics.COMMAND_RETRIES.inc()
+            return
+        record.node_id = node_id
+        self._finish(record, final_state, reason, left=True)
+
+    def _leave_node(self, record: pb.CommandRecord, already_left: bool = False) -> None:
+        node_id = record.node_id
+        if not node_id:
+            return
+        self._scheduler.release(node_id, record.spec.placement.request, self._spread(record))
+        if not already_left:
+            inflight = self._inflight.get(node_id)
+            if inflight is not None:
+                inflight.pop(record.id, None)
+            self._queue.discard(record.id)
+        self._pending_dirty = True
+
+    def _finish(
+        self,
+        record: pb.CommandRecord,
+        state: int,
+        reason: str,
+        *,
+        save: bool = True,
+        left: bool = False,
+    ) -> None:
+        if not left:
+            if record.state == PENDING:
+                self._queue.discard(record.id)
+            else:
+                self._leave_node(record)
+        ts = now_ms()
+        record.state = state  # type: ignore[assignment]
+        record.reason = reason
+        record.updated_ms = ts
+        record.finished_ms = ts
+        self._active.pop(record.id, None)
+        self._stage.pop(record.id, None)
+        started = self._submitted_at.pop(record.id, None)
+        if started is not None:
+            metrics.COMMAND_SUBMIT_TO_FINAL.observe(time.monotonic() - started)
+        metrics.COMMANDS_PROCESSED.labels(status=STATE_NAMES[state]).inc()
+        for inbox in self._waiters.pop(record.id, ()):
+            inbox.put_nowait(record)
+        for hook in self.on_final:
+            hook(record)
+        if save:
+            self._save_later([record])
+
+    def _forget(self, record: pb.CommandRecord) -> None:
+        """Undo a submission whose commit failed."""
+        self._active.pop(record.id, None)
+        self._submitted_at.pop(record.id, None)
+        if record.node_id:
+            self._scheduler.release(
+                record.node_id, record.spec.placement.request, self._spread(record)
+            )
+
+    # ------------------------------------------------------------ deadlines
+
+    def _set_deadline(self, record: pb.CommandRecord) -> None:
+        """Start the clock of the record's current stage (pending, placed or dispatched)."""
+        stage = self._stage.get(record.id, 0) + 1
+        self._stage[record.id] = stage
+        self._seq += 1
+        deadline = time.monotonic() + record.spec.timeout_ms / 1000.0
+        heapq.heappush(self._deadlines, (deadline, self._seq, record.id, stage))
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            _, _, command_id, stage = heapq.heappop(heap)
+            if self._stage.get(command_id) != stage:
+                continue
+            record = self._active.get(command_id)
+            if record is None:
+                continue
+            timeout_s = record.spec.timeout_ms / 1000.0
+            if record.state == PENDING:
+                reason = f"no feasible node within {timeout_s:g}s: {record.reason}"
+                self._finish(record, TIMED_OUT, reason)
+                continue
+            if record.state == PLACED:
+                reason = f"not dispatched to node {record.node_id} within {timeout_s:g}s"
+            else:
+                reason = f"no result from node {record.node_id} within {timeout_s:g}s"
+                session = self._nodes.session_of(record.node_id)
+                if session is not None:
+                    session.send(pb.ControlMessage(cancel_command_ids=[command_id]))
+            self._retry_or_finish(record, TIMED_OUT, reason)
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_TICK)
+            try:
+                self._expire()
+                if self._pending_dirty:
+                    self._place_pending()
+                # Nodes whose stream had no room last time get another go.
+                for node_id, slot in self._slots.items():
+                    if self._queue.depth(slot):
+                        self._dirty_nodes.add(node_id)
+                if self._dirty_nodes:
+                    self._schedule_dispatch()
+                metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("command tick failed")
+
+    async def prune_finished(self) -> int:
+        """Drop finished commands older than final_retention; returns how many."""
+        horizon = now_ms() - int(self.settings.final_retention * 1000)
+        expired = self._store.scan(
+            COMMANDS_DB, prefix=_EXPIRY, start=_EXPIRY, limit=self.settings.max_batch_size
+        )
+        ops: list[Put | Delete] = []
+        for key, _ in expired:
+            (finished,) = struct.unpack(">Q", key[2:10])
+            if finished > horizon:
+                break
+            ops.append(Delete(COMMANDS_DB, key))
+            ops.append(Delete(COMMANDS_DB, _RECORD + key[11:]))
+        if ops:
+            await self._store.commit(ops)
+        return len(ops) // 2
+
+    # ------------------------------------------------------------ persistence
+
+    def _save(self, records: Sequence[pb.CommandRecord]) -> asyncio.Future[CommitResult]:
+        ops: list[Put | Delete] = []
+        events: list[bytes] = []
+        ts = now_ms()
+        for record in records:
+            body = record.SerializeToString()
+            ops.append(Put(COMMANDS_DB, _RECORD + record.id.encode(), body))
+            if record.state in FINAL_STATES:
+                ops.append(
+                    Put(
+                        COMMANDS_DB,
+                        _EXPIRY + struct.pack(">Q", record.finished_ms) + b"/" + record.id.encode(),
+                        b"",
+                    )
+                )
+            events.append(_event(record, body, ts))
+        return self._store.commit(ops, events)
+
+    def _save_later(self, records: Sequence[pb.CommandRecord]) -> None:
+        """Commit without waiting; the writer keeps order, so the last state wins."""
+        future = self._save(records)
+        self._writes.add(future)
+        future.add_done_callback(self._write_done)
+
+    def _write_done(self, future: asyncio.Future[CommitResult]) -> None:
+        self._writes.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.error("command state write failed", extra={"err": str(future.exception())})
+
+
+def _wire(record: pb.CommandRecord) -> pb.Command:
+    return pb.Command(
+        id=record.id,
+        kind=record.spec.kind,
+        payload=record.spec.payload,
+        attempt=record.attempt,
+        deadline_ms=record.dispatched_ms + record.spec.timeout_ms,
+    )
+
+
+def _result(record: pb.CommandRecord, duplicate: bool = False) -> pb.SubmitResult:
+    return pb.SubmitResult(
+        id=record.id,
+        state=record.state,
+        node_id=record.node_id,
+        reason=record.reason,
+        duplicate=duplicate,
+    )
+
+
+def _event(record: pb.CommandRecord, body: bytes, ts: int) -> bytes:
+    if len(record.spec.payload) > _EVENT_PAYLOAD_LIMIT:
+        slim = pb.CommandRecord()
+        slim.CopyFrom(record)
+        slim.spec.payload = b""
+        body = slim.SerializeToString()
+    return pb.Event(
+        time_ms=ts,
+        topic="command",
+        type=f"command.{STATE_NAMES[record.state]}",
+        key=record.id,
+        payload=body,
+    ).SerializeToString()

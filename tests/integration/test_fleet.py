@@ -1,0 +1,73 @@
+"""A 1000-node nexus-node fleet against the real server: ready, down, restart."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+
+from .conftest import ServerProcess, http_get, list_all_nodes, wait_for
+
+FLEET = 1000
+
+
+def nodes_total(server: ServerProcess, status: str) -> float:
+    _, body, _ = http_get(server.http_base + "/metrics")
+    match = re.search(rf'^nexus_nodes_total{{status="{status}"}} (\S+)$', body.decode(), re.M)
+    return float(match.group(1)) if match else -1.0
+
+
+def test_thousand_nodes_ready_then_down_then_known_after_restart(
+    server_factory: type, fleet_factory: type
+) -> None:
+    server: ServerProcess = server_factory.create(NEXUS_HEARTBEAT_INTERVAL="1s").start()
+    fleet = fleet_factory.create(server.grpc_target, FLEET, "--labels", "zone=a,pool=sim")
+    with server.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+
+        def connected_ready() -> int:
+            ready = list_all_nodes(control, (pb.NODE_STATUS_READY,))
+            return sum(1 for n in ready if n.connected)
+
+        wait_for(lambda: connected_ready() == FLEET, 60, 0.5, "all nodes ready and connected")
+        ready = list_all_nodes(control, (pb.NODE_STATUS_READY,))
+        assert all(n.labels["pool"] == "sim" and n.labels["zone"] == "a" for n in ready)
+        assert nodes_total(server, "ready") == FLEET
+
+        # Stop the proxy without deregistering: the nodes must time out.
+        stopped_at = time.monotonic()
+        assert fleet.stop(signal.SIGTERM) == 0, fleet.log()
+        wait_for(
+            lambda: len(list_all_nodes(control, (pb.NODE_STATUS_DOWN,))) == FLEET,
+            20,
+            0.25,
+            "all nodes down",
+        )
+        # node_timeout is 3s: nobody may go down much before it.
+        assert time.monotonic() - stopped_at >= 2.5
+        assert nodes_total(server, "down") == FLEET
+        assert nodes_total(server, "ready") == 0
+
+    assert server.stop() == 0
+    again = server_factory.create(data_dir=server.data_dir).start()
+    with again.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+        known = list_all_nodes(control)
+        assert len(known) == FLEET
+        assert all(n.status == pb.NODE_STATUS_DOWN for n in known)
+        assert nodes_total(again, "down") == FLEET
+
+        # The fleet comes back: every node is ready again, with a new session epoch.
+        fleet = fleet_factory.create(again.grpc_target, FLEET, "--labels", "zone=a,pool=sim")
+        wait_for(
+            lambda: len(list_all_nodes(control, (pb.NODE_STATUS_READY,))) == FLEET,
+            60,
+            0.5,
+            "fleet back",
+        )
+        assert all(n.session_epoch == 2 for n in list_all_nodes(control))
+        assert fleet.stop() == 0
+    assert again.stop() == 0

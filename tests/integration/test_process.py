@@ -1,0 +1,154 @@
+"""The nexus-fast process: version, exit codes, ordered start and stop, restarts."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+
+from .conftest import HOST, REPO, ServerProcess, http_get
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_fast.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=env,
+    )
+
+
+def test_version_names_libraries_and_implementations() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("nexus-fast 0.1.0")
+    for library in ("grpcio", "protobuf", "picows", "lmdb"):
+        assert f"  {library} " in out
+    assert "hot paths: ring=" in out and "queue=" in out
+
+
+def test_invalid_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    cases = {
+        "[server]\ngrpc_port = 70000\n": ("server.grpc_port", "70000"),
+        "[server]\ngrpc_prot = 1\n": ("server.grpc_prot", "unknown key"),
+        '[performance]\nnode_timeout = "-5s"\n': ("performance.node_timeout", "-5s"),
+        '[server]\nmax_connections = "many"\n': ("server.max_connections", "many"),
+    }
+    for i, (text, (key, detail)) in enumerate(cases.items()):
+        path = tmp_path / f"bad-{i}.toml"
+        path.write_text(text)
+        result = run_cli("--config", str(path))
+        assert result.returncode == 2, (text, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert key in lines[0] and detail in lines[0], lines[0]
+
+
+def test_port_in_use_exits_1_without_traceback(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create()
+    with socket.socket() as blocker:
+        blocker.bind((HOST, server.http_port))
+        blocker.listen()
+        result = subprocess.run(
+            server.command(), capture_output=True, text=True, timeout=60, env=server.env()
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    assert "cannot listen" in output and str(server.http_port) in output
+
+
+def test_grpc_port_in_use_is_refused_not_shared(server_factory: type) -> None:
+    first: ServerProcess = server_factory.create().start()
+    second: ServerProcess = server_factory.create(data_dir=first.data_dir.parent / "other")
+    second.grpc_port = first.grpc_port
+    result = subprocess.run(
+        second.command(), capture_output=True, text=True, timeout=60, env=second.env()
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "grpc: cannot listen" in result.stdout + result.stderr
+
+
+def test_health_reflection_and_sigterm(server: ServerProcess) -> None:
+    with server.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "nexus.fabric.v1.NodeService", "nexus.fabric.v1.ControlService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflect.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
+        names = {s.name for r in responses for s in r.list_services_response.service}
+        assert {
+            "nexus.fabric.v1.NodeService",
+            "nexus.fabric.v1.ControlService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= names
+
+    started = time.monotonic()
+    assert server.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 5 + 2  # shutdown_timeout is 5s in tests
+    assert '"stopped"' in server.log() or "stopped" in server.log()
+
+
+def test_state_survives_restart_and_sigterm_with_open_streams(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create().start()
+    with server.channel() as channel:
+        nodes = pb_grpc.NodeServiceStub(channel)
+        control = pb_grpc.ControlServiceStub(channel)
+        reply = nodes.Register(
+            pb.RegisterRequest(node_id="persist-1", labels={"zone": "z"}), timeout=5
+        )
+        nodes.Register(pb.RegisterRequest(node_id="persist-2"), timeout=5)
+        control.DrainNode(pb.DrainNodeRequest(node_id="persist-1", drain=True, reason="r"))
+        control.SetNodeEligibility(
+            pb.SetNodeEligibilityRequest(node_id="persist-2", eligible=False)
+        )
+        # An open stream must not hold up shutdown.
+        stream = nodes.Connect(
+            iter([pb.NodeMessage(node_id="persist-1", session_epoch=reply.session_epoch)]),
+            timeout=30,
+        )
+        assert next(stream).HasField("config")
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 5 + 2
+        try:
+            for _ in stream:
+                pass
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE
+
+    again = server_factory.create(data_dir=server.data_dir).start()
+    with again.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+        one = control.GetNode(pb.GetNodeRequest(node_id="persist-1"), timeout=5)
+        two = control.GetNode(pb.GetNodeRequest(node_id="persist-2"), timeout=5)
+    assert one.draining and one.drain_reason == "r" and one.labels["zone"] == "z"
+    assert one.status == pb.NODE_STATUS_DRAINING and not one.connected
+    assert not two.eligible and two.status == pb.NODE_STATUS_READY
+    assert one.session_epoch == 1
+    # Ready until proven gone: after node_timeout (3s in tests) without a reconnect they go down.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status, body, _ = http_get(again.http_base + "/api/v1/nodes/persist-2")
+        if b'"down"' in body:
+            break
+        time.sleep(0.2)
+    assert status == 200 and b'"down"' in body
