@@ -409,6 +409,13 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = MappingProxyType(
         "NEXUS_PRUNING_INTERVAL": "performance.pruning_interval",
         "NEXUS_LOG_LEVEL": "logging.level",
         "NEXUS_LOG_FORMAT": "logging.format",
+        "NEXUS_MAX_MESSAGE_SIZE": "server.max_message_size",
+        "NEXUS_EVENT_BUFFER_SIZE": "performance.event_buffer_size",
+        "NEXUS_EVENTS_RETENTION_COUNT": "events.retention_count",
+        "NEXUS_EVENTS_RETENTION_AGE": "events.retention_age",
+        "NEXUS_EVENTS_BOOKMARK_INTERVAL": "events.bookmark_interval",
+        "NEXUS_EVENTS_SUBSCRIBER_BUFFER": "events.subscriber_buffer",
+        "NEXUS_EVENTS_MAX_SUBSCRIPTIONS": "events.max_subscriptions",
     }
 )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import ssl
 import time
@@ -23,10 +24,17 @@ from grpc_reflection.v1alpha import reflection
 import nexus_fast
 from nexus_fast.about import versions
 from nexus_fast.api.grpc_api import ControlService, NodeService
+from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.http_server import HttpServer
+from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
 from nexus_fast.config import Config
+from nexus_fast.core.agents import AgentService
+from nexus_fast.core.commands import CommandService, CommandSettings
+from nexus_fast.core.events import EventBus
+from nexus_fast.core.fleet import SchedulerFeed
 from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, node_to_dict
+from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.errors import NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
@@ -73,6 +81,25 @@ class NexusServer:
                 max_batch_size=perf.max_batch_size,
             ),
         )
+        self.scheduler = Scheduler(config.scheduler, perf.node_timeout)
+        self.commands = CommandService(
+            self.store,
+            self.nodes,
+            self.scheduler,
+            CommandSettings(
+                default_timeout=config.commands.default_timeout,
+                default_max_attempts=config.commands.default_max_attempts,
+                max_payload_size=config.commands.max_payload_size,
+                final_retention=config.commands.final_retention,
+                max_batch_size=perf.max_batch_size,
+                queue_capacity=perf.command_queue_size,
+            ),
+        )
+        self.agents = AgentService(self.store, self.scheduler, self.commands)
+        # Order matters: the scheduler must know a node before commands and agents react.
+        self.nodes.listeners += [SchedulerFeed(self.scheduler), self.commands, self.agents]
+        # Loaded and attached to store.on_commit right after store.open(), before any commit.
+        self.events = EventBus(self.store, config.events, perf.event_buffer_size)
         self._grpc: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self.grpc_port = 0
@@ -95,9 +122,24 @@ class NexusServer:
         )
 
         await self.store.open()
+        self.events.load()
+        self.store.on_commit = self.events.publish_committed
         loaded = self.nodes.load()
-        log.info("state loaded", extra={"nodes": loaded, "path": cfg.database.path})
+        commands = self.commands.load()
+        agents = self.agents.load()
+        log.info(
+            "state loaded",
+            extra={
+                "nodes": loaded,
+                "active_commands": commands,
+                "agents": agents,
+                "path": cfg.database.path,
+            },
+        )
         self.nodes.start(cfg.performance.pruning_interval)
+        self.commands.start()
+        self.agents.start()
+        self.events.start_pruner(cfg.performance.pruning_interval)
 
         try:
             await self._start_grpc()
@@ -107,6 +149,11 @@ class NexusServer:
                 max_connections=cfg.server.max_connections,
                 max_message_size=cfg.server.max_message_size,
                 ssl_context=self._server_ssl_context(),
+                on_message=EventStreamProtocol(
+                    self.events,
+                    max_subscriptions=cfg.events.max_subscriptions,
+                    submit_commands=self.commands.submit,
+                ),
             )
             await _bind("websocket", cfg.server.websocket_port, self._ws.start())
             self._http = HttpServer(
@@ -124,6 +171,9 @@ class NexusServer:
         self._background.append(loop.create_task(self._maintenance(), name="maintenance"))
         if cfg.database.backup_interval > 0:
             self._background.append(loop.create_task(self._backups(), name="backups"))
+        await self._system_event(
+            "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
+        )
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._state = "ready"
@@ -152,8 +202,12 @@ class NexusServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ]
         )
-        pb_grpc.add_NodeServiceServicer_to_server(NodeService(self.nodes), server)
-        pb_grpc.add_ControlServiceServicer_to_server(ControlService(self.nodes), server)
+        pb_grpc.add_NodeServiceServicer_to_server(
+            NodeService(self.nodes, self.commands, self.agents), server
+        )
+        add_control_service(
+            ControlService(self.nodes, self.commands, self.agents, events=self.events), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -214,10 +268,13 @@ class NexusServer:
         """Reverse of start; safe to call on a half-started server."""
         if self._state == "stopped":
             return
+        was_ready = self._state == "ready"
         self._state = "stopping"
         deadline = self.config.server.shutdown_timeout
         started = time.monotonic()
         await self._health.enter_graceful_shutdown()
+        if was_ready:
+            await self._system_event("system.stopping", {"pid": os.getpid()})
         for task in self._background:
             task.cancel()
         for task in self._background:
@@ -226,7 +283,11 @@ class NexusServer:
         self._background.clear()
         # End node streams first (nodes reconnect to the next server), then let
         # in-flight unary calls finish within what is left of the deadline.
+        await self.agents.stop()
+        await self.commands.stop()
         await self.nodes.stop()
+        # Watchers get a moment to deliver what was published, then end (UNAVAILABLE / 1001).
+        await self.events.close(drain_timeout=min(1.0, deadline / 4))
         if self._ws is not None:
             await self._ws.stop(max(0.1, deadline / 2))
         if self._grpc is not None:
@@ -238,6 +299,12 @@ class NexusServer:
         self._state = "stopped"
         log.info("stopped", extra={"seconds": round(time.monotonic() - started, 3)})
 
+    async def _system_event(self, event_type: str, data: dict[str, object]) -> None:
+        try:
+            await asyncio.wait_for(self.events.emit_system(event_type, data), 5.0)
+        except Exception:
+            log.exception("could not record a system event", extra={"type": event_type})
+
     # ------------------------------------------------------------ background
 
     async def _maintenance(self) -> None:
@@ -245,6 +312,7 @@ class NexusServer:
         while True:
             await asyncio.sleep(_MAINTENANCE_INTERVAL)
             try:
+                await self.commands.prune_finished()
                 cleared = await loop.run_in_executor(None, self.store.reader_check)
                 if cleared:
                     log.warning("cleared stale LMDB readers", extra={"count": cleared})

@@ -15,7 +15,11 @@ from typing import Any, TypeVar
 import grpc
 
 from nexus_fast import errors
+from nexus_fast.api import grpc_events
 from nexus_fast.api.status import grpc_status
+from nexus_fast.core.agents import AgentService
+from nexus_fast.core.commands import CommandService
+from nexus_fast.core.events import EventBus
 from nexus_fast.core.nodes import NodeRegistry, Session, validate_node_id
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
@@ -80,8 +84,15 @@ def instrumented(method: str) -> Callable[[_Handler], _Handler]:
 class NodeService(pb_grpc.NodeServiceServicer):
     """What node proxies speak: register, one Connect stream per node, deregister."""
 
-    def __init__(self, registry: NodeRegistry) -> None:
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        commands: CommandService | None = None,
+        agents: AgentService | None = None,
+    ) -> None:
         self._registry = registry
+        self._commands = commands
+        self._agents = agents
 
     @instrumented("NodeService/Register")
     async def Register(
@@ -154,25 +165,47 @@ class NodeService(pb_grpc.NodeServiceServicer):
                 registry.close_session(session)
 
     async def _handle(self, session: Session, message: pb.NodeMessage) -> None:
+        heartbeat = None
         if message.HasField("heartbeat"):
-            self._registry.validate_usage(message.heartbeat)
+            heartbeat = message.heartbeat
+            self._registry.validate_usage(heartbeat)
             metrics.NODE_MESSAGES.labels(kind="heartbeat").inc()
-            came_back = self._registry.heartbeat(session, message.heartbeat)
-            if came_back is not None:
-                await came_back
-        if message.acks:
+        came_back = self._registry.heartbeat(session, heartbeat)
+        if came_back is not None:
+            await came_back
+        if message.acks or message.results:
             metrics.NODE_MESSAGES.labels(kind="ack").inc(len(message.acks))
-        if message.results:
             metrics.NODE_MESSAGES.labels(kind="result").inc(len(message.results))
+            if self._commands is not None:
+                self._commands.handle_reports(session.node_id, message)
         if message.agents:
             metrics.NODE_MESSAGES.labels(kind="agent_status").inc(len(message.agents))
+            if self._agents is not None:
+                self._agents.handle_reports(session.node_id, message.agents)
 
 
 class ControlService(pb_grpc.ControlServiceServicer):
-    """What operators speak: inspect and steer nodes."""
+    """What operators speak: nodes, commands, agents and the event stream."""
 
-    def __init__(self, registry: NodeRegistry) -> None:
+    def __init__(
+        self,
+        registry: NodeRegistry,
+        commands: CommandService,
+        agents: AgentService,
+        *,
+        events: EventBus | None = None,
+    ) -> None:
         self._registry = registry
+        self._commands = commands
+        self._agents = agents
+        self._events = events
+
+    @instrumented("ControlService/WatchEvents")
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        # Register with grpc_events.add_control_service: it yields pre-encoded bytes.
+        await grpc_events.watch_events(self._events, request, context)
 
     @instrumented("ControlService/ListNodes")
     async def ListNodes(
@@ -211,3 +244,75 @@ class ControlService(pb_grpc.ControlServiceServicer):
     ) -> pb.RemoveNodeResponse:
         await self._registry.remove(request.node_id)
         return pb.RemoveNodeResponse()
+
+    # ------------------------------------------------------------ commands
+
+    @instrumented("ControlService/SubmitCommands")
+    async def SubmitCommands(
+        self, request: pb.SubmitCommandsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SubmitCommandsResponse:
+        return await self._commands.submit(request.commands)
+
+    @instrumented("ControlService/GetCommand")
+    async def GetCommand(
+        self, request: pb.GetCommandRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CommandRecord:
+        return self._commands.get(request.id)
+
+    @instrumented("ControlService/ListCommands")
+    async def ListCommands(
+        self, request: pb.ListCommandsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListCommandsResponse:
+        records, token = self._commands.list_commands(
+            states=list(request.states),
+            node_id=request.node_id,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListCommandsResponse(commands=records, next_page_token=token)
+
+    @instrumented("ControlService/CancelCommand")
+    async def CancelCommand(
+        self, request: pb.CancelCommandRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CommandRecord:
+        return await self._commands.cancel(request.id)
+
+    @instrumented("ControlService/WaitCommands")
+    async def WaitCommands(
+        self, request: pb.WaitCommandsRequest, context: grpc.aio.ServicerContext
+    ) -> None:
+        timeout = request.timeout_ms / 1000.0 if request.timeout_ms else None
+        async for record in self._commands.wait(list(request.ids), timeout):
+            await context.write(record)
+
+    # ------------------------------------------------------------ agents
+
+    @instrumented("ControlService/DeployAgent")
+    async def DeployAgent(
+        self, request: pb.DeployAgentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeployAgentResponse:
+        return pb.DeployAgentResponse(agents=await self._agents.deploy(request.spec))
+
+    @instrumented("ControlService/ListAgents")
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAgentsResponse:
+        agents, token = self._agents.list_agents(
+            name=request.name,
+            states=list(request.states),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.ListAgentsResponse(agents=agents, next_page_token=token)
+
+    @instrumented("ControlService/GetAgent")
+    async def GetAgent(
+        self, request: pb.GetAgentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Agent:
+        return self._agents.get(request.id)
+
+    @instrumented("ControlService/StopAgent")
+    async def StopAgent(
+        self, request: pb.StopAgentRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StopAgentResponse:
+        return pb.StopAgentResponse(agents=await self._agents.stop_agent(request.name))

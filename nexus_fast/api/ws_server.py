@@ -80,7 +80,9 @@ CLOSE_INVALID_TEXT: Final = 1007
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
 # A handler raised; the connection state is unknown, so the connection is dropped.
 CLOSE_INTERNAL_ERROR: Final = 1011
-# The client read too slowly: its outbound buffer filled while the socket was paused.
+# The client read too slowly: its outbound buffer filled while the socket was paused, or a
+# subscription fell events.subscriber_buffer behind; reason "slow consumer; resume after
+# index N" when the protocol layer set ``Connection.resume_hint``.
 CLOSE_SLOW_CONSUMER: Final = 4008
 
 # --- Error codes in ``{"type": "error", "code": ...}`` frames (connection stays open) ---
@@ -195,6 +197,9 @@ class Connection(WSListener):
         self._abort_handle: asyncio.TimerHandle | None = None
         self._close_callbacks: list[Callable[[Connection], None]] = []
         self._disconnected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._writable: asyncio.Future[None] | None = None
+        self.resume_hint: Callable[[], int | None] | None = None
+        """Index a cut-off client should resume after (put in the slow-consumer reason)."""
 
     # --- public API -----------------------------------------------------------------
 
@@ -202,6 +207,19 @@ class Connection(WSListener):
     def is_open(self) -> bool:
         """True until a close has started (ours or the peer's)."""
         return self._transport is not None and not self._closing
+
+    @property
+    def writable(self) -> bool:
+        """True while open and the socket accepts writes without queueing here."""
+        return self._transport is not None and not self._closing and not self._paused
+
+    async def wait_writable(self) -> None:
+        """Wait until the socket drains (``resume_writing``) or the connection is gone."""
+        if not self._paused or self._closing or self._transport is None:
+            return
+        if self._writable is None:
+            self._writable = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._writable)
 
     @property
     def buffered_bytes(self) -> int:
@@ -229,7 +247,7 @@ class Connection(WSListener):
                     self.remote,
                     self._pending_bytes,
                 )
-                self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+                self.close(CLOSE_SLOW_CONSUMER, self.slow_consumer_reason())
                 return False
             self._pending.append(data)
             self._pending_bytes += len(data)
@@ -237,6 +255,11 @@ class Connection(WSListener):
         transport.send(WSMsgType.TEXT, data)
         self._count_sent()
         return True
+
+    def slow_consumer_reason(self) -> str:
+        """Close reason for :data:`CLOSE_SLOW_CONSUMER`, with the index to resume after."""
+        hint = self.resume_hint() if self.resume_hint is not None else None
+        return "slow consumer" if hint is None else f"slow consumer; resume after index {hint}"
 
     def close(
         self, code: int = CLOSE_NORMAL, reason: str = "", *, timeout: float | None = None
@@ -252,6 +275,7 @@ class Connection(WSListener):
         self._pending.clear()
         self._pending_bytes = 0
         self._fragments = None
+        self._wake_writable()
         # picows types the code as its enum; private-range codes (4000-4999) pass as int.
         transport.send_close(code, reason.encode())  # type: ignore[arg-type]
         wait = _CLOSE_TIMEOUT if timeout is None else timeout
@@ -289,6 +313,7 @@ class Connection(WSListener):
         self._pending.clear()
         self._pending_bytes = 0
         self._server._connection_closed(self)
+        self._wake_writable()
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             try:
@@ -326,8 +351,15 @@ class Connection(WSListener):
             self._pending_bytes -= len(data)
             transport.send(WSMsgType.TEXT, data)
             self._count_sent()
+        if not self._paused:
+            self._wake_writable()
 
     # --- internals ----------------------------------------------------------------------
+
+    def _wake_writable(self) -> None:
+        waiter, self._writable = self._writable, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _count_sent(self) -> None:
         self.messages_sent += 1

@@ -136,3 +136,28 @@ COMMAND_SUBMIT_TO_FINAL = Histogram(
 
 AGENTS = CountsCollector("nexus_agents_total", "Agents by state.", "status")
 REGISTRY.register(AGENTS)
+
+# Event bus (nexus_fast/core/events.py) and its streams.
+EVENTS_PUBLISHED = Counter(
+    "nexus_events_published_total", "Events committed and published to subscribers.", ["type"]
+)
+EVENTS_PRUNED = Counter(
+    "nexus_events_pruned_total", "Events deleted from the durable log by retention."
+)
+EVENTS_DELIVERED = Counter(
+    "nexus_events_delivered_total", "Events sent to subscribers, by transport.", ["transport"]
+)
+EVENT_SUBSCRIPTIONS_ACTIVE = Gauge(
+    "nexus_event_subscriptions_active", "Open event subscriptions, by transport.", ["transport"]
+)
+EVENT_SUBSCRIBER_LAG = Histogram(
+    "nexus_event_subscriber_lag_events",
+    "Events a subscriber was behind the newest one when it read (sampled per read).",
+    ["transport"],
+    buckets=(0, 1, 10, 100, 500, 1000, 5000, 10000, 50000, 100000, 1000000),
+)
+EVENT_SLOW_CONSUMERS = Counter(
+    "nexus_event_slow_consumer_disconnects_total",
+    "Subscribers cut off for falling more than events.subscriber_buffer behind.",
+    ["transport"],
+)

@@ -1,0 +1,357 @@
+"""The WebSocket event protocol: subscribe / unsubscribe / submit on ``/v1/events``.
+
+:class:`EventStreamProtocol` is the ``on_message`` hook of
+:class:`~nexus_fast.api.ws_server.WebSocketServer`, which owns framing, limits, ``ping``
+and back-pressure. Each subscription is one task reading the event bus at its own cursor
+and sending ``events`` frames built from the events' cached JSON (encode once, fan out
+bytes). It sends only while the socket is writable: when picows pauses writing the task
+waits, and if the subscription then falls more than ``events.subscriber_buffer`` events
+behind, the connection is closed with 4008 and ``slow consumer; resume after index N``.
+The protocol is documented in docs/events.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import orjson
+from google.protobuf import json_format
+
+from nexus_fast.api.status import error_code
+from nexus_fast.api.ws_server import (
+    CLOSE_SLOW_CONSUMER,
+    ERROR_BAD_REQUEST,
+    ERROR_UNKNOWN_OP,
+    Connection,
+)
+from nexus_fast.core.events import EventBus, EventIndexTooOld, SlowConsumer, Subscription
+from nexus_fast.errors import NexusError, Unavailable
+from nexus_fast.logs import get_logger
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.telemetry import metrics
+
+__all__ = [
+    "ERROR_INTERNAL",
+    "ERROR_INVALID_ARGUMENT",
+    "ERROR_NOT_FOUND",
+    "ERROR_RESOURCE_EXHAUSTED",
+    "ERROR_UNAVAILABLE",
+    "MAX_FRAME_BYTES",
+    "MAX_FRAME_EVENTS",
+    "EventStreamProtocol",
+    "SubmitCommands",
+]
+
+log = get_logger("ws.events")
+
+SubmitCommands = Callable[[list[pb.CommandSpec]], Awaitable[pb.SubmitCommandsResponse]]
+"""``submit_commands(specs) -> SubmitCommandsResponse``; raises NexusError subclasses."""
+
+MAX_FRAME_EVENTS: Final = 500
+"""Most events in one ``events`` frame."""
+MAX_FRAME_BYTES: Final = 512 * 1024
+"""Soft cap on one ``events`` frame (under the 1 MiB default of common client libraries)."""
+MAX_INFLIGHT_SUBMITS: Final = 8
+"""Submits one connection may have pending at once."""
+
+# Error codes of error frames added by this layer (see also ws_server's bad_request/unknown_op).
+ERROR_INVALID_ARGUMENT: Final = "invalid_argument"
+ERROR_NOT_FOUND: Final = "not_found"
+ERROR_RESOURCE_EXHAUSTED: Final = "resource_exhausted"
+ERROR_UNAVAILABLE: Final = "unavailable"
+ERROR_INTERNAL: Final = "internal"
+
+_STATE_KEY: Final = "events"
+_EVENTS_PREFIX: Final = b'{"type":"events","subscription":'
+
+
+class _ConnectionState:
+    """The protocol's per-connection state: subscriptions, their tasks, pending submits."""
+
+    __slots__ = ("ids", "submits", "subs", "tasks")
+
+    def __init__(self) -> None:
+        self.ids = itertools.count(1)
+        self.subs: dict[str, Subscription] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.submits: set[asyncio.Task[None]] = set()
+
+    def resume_after(self) -> int | None:
+        """The smallest cursor over the subscriptions: safe to resume all of them after."""
+        return min((sub.cursor for sub in self.subs.values()), default=None)
+
+
+def _reply(conn: Connection, request: dict[str, Any], frame: dict[str, Any]) -> None:
+    if "id" in request:
+        frame["id"] = request["id"]
+    conn.send_bytes_text(orjson.dumps(frame))
+
+
+def _error(conn: Connection, request: dict[str, Any], code: str, message: str) -> None:
+    _reply(conn, request, {"type": "error", "code": code, "message": message})
+
+
+def _string_list(value: object, name: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"'{name}' must be a list of strings")
+    return value
+
+
+class EventStreamProtocol:
+    """``on_message`` hook implementing the event ops on top of the framing layer.
+
+    ``submit_commands`` is the commands core's batch submit (``None``: ``submit`` answers
+    an ``unavailable`` error frame). ``max_subscriptions`` bounds subscriptions per
+    connection.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        *,
+        max_subscriptions: int,
+        submit_commands: SubmitCommands | None = None,
+    ) -> None:
+        self.bus = bus
+        self.max_subscriptions = max_subscriptions
+        self.submit_commands = submit_commands
+        self._delivered = metrics.EVENTS_DELIVERED.labels(transport="websocket")
+
+    def __call__(self, conn: Connection, message: dict[str, Any]) -> None:
+        """Dispatch one client op (``ping`` is answered by the framing layer)."""
+        op = message["op"]
+        if op == "subscribe":
+            self._subscribe(conn, message)
+        elif op == "unsubscribe":
+            self._unsubscribe(conn, message)
+        elif op == "submit":
+            self._submit(conn, message)
+        else:
+            _error(conn, message, ERROR_UNKNOWN_OP, f"unknown op {op!r}")
+
+    # ------------------------------------------------------------ ops
+
+    def _state(self, conn: Connection) -> _ConnectionState:
+        state = conn.state.get(_STATE_KEY)
+        if not isinstance(state, _ConnectionState):
+            state = _ConnectionState()
+            conn.state[_STATE_KEY] = state
+            conn.resume_hint = state.resume_after
+            conn.add_close_callback(self._closed)
+        return state
+
+    def _subscribe(self, conn: Connection, message: dict[str, Any]) -> None:
+        try:
+            topics = _string_list(message.get("topics"), "topics")
+            keys = _string_list(message.get("keys"), "keys")
+            after = message.get("after_index")
+            if after is not None and (isinstance(after, bool) or not isinstance(after, int)):
+                raise TypeError("'after_index' must be an integer or null")
+        except TypeError as exc:
+            _error(conn, message, ERROR_BAD_REQUEST, str(exc))
+            return
+        state = self._state(conn)
+        if len(state.subs) >= self.max_subscriptions:
+            _error(
+                conn,
+                message,
+                ERROR_RESOURCE_EXHAUSTED,
+                f"at most {self.max_subscriptions} subscriptions per connection",
+            )
+            return
+        try:
+            sub = self.bus.subscribe(topics, keys, after, transport="websocket")
+        except EventIndexTooOld as exc:
+            _reply(conn, message, _reset_frame(None, exc))
+            return
+        except NexusError as exc:
+            _error(conn, message, error_code(exc), str(exc))
+            return
+        sid = f"s{next(state.ids)}"
+        state.subs[sid] = sub
+        _reply(
+            conn,
+            message,
+            {
+                "type": "subscribed",
+                "subscription": sid,
+                "after_index": sub.cursor,
+                "last_index": self.bus.last_index,
+            },
+        )
+        state.tasks[sid] = asyncio.get_running_loop().create_task(
+            self._pump(conn, state, sid, sub), name=f"ws-sub-{conn.id}-{sid}"
+        )
+
+    def _unsubscribe(self, conn: Connection, message: dict[str, Any]) -> None:
+        sid = message.get("subscription")
+        if not isinstance(sid, str):
+            _error(conn, message, ERROR_BAD_REQUEST, "'subscription' must be a string")
+            return
+        state = self._state(conn)
+        sub = state.subs.pop(sid, None)
+        if sub is None:
+            _error(conn, message, ERROR_NOT_FOUND, f"no subscription {sid!r}")
+            return
+        task = state.tasks.pop(sid, None)
+        if task is not None:
+            task.cancel()
+        sub.close()
+        _reply(conn, message, {"type": "unsubscribed", "subscription": sid, "index": sub.cursor})
+
+    def _submit(self, conn: Connection, message: dict[str, Any]) -> None:
+        raw = message.get("commands")
+        if not isinstance(raw, list) or not raw or not all(isinstance(c, dict) for c in raw):
+            _error(
+                conn, message, ERROR_BAD_REQUEST, "'commands' must be a non-empty list of objects"
+            )
+            return
+        submit = self.submit_commands
+        if submit is None:
+            _error(conn, message, ERROR_UNAVAILABLE, "command submission is not available")
+            return
+        state = self._state(conn)
+        if len(state.submits) >= MAX_INFLIGHT_SUBMITS:
+            _error(
+                conn,
+                message,
+                ERROR_RESOURCE_EXHAUSTED,
+                f"at most {MAX_INFLIGHT_SUBMITS} submits in flight per connection",
+            )
+            return
+        specs: list[pb.CommandSpec] = []
+        for i, item in enumerate(raw):
+            try:
+                specs.append(json_format.ParseDict(item, pb.CommandSpec()))
+            except json_format.ParseError as exc:
+                _error(conn, message, ERROR_INVALID_ARGUMENT, f"commands[{i}]: {exc}")
+                return
+        task = asyncio.get_running_loop().create_task(
+            self._run_submit(conn, message, specs, submit)
+        )
+        state.submits.add(task)
+        task.add_done_callback(state.submits.discard)
+
+    async def _run_submit(
+        self,
+        conn: Connection,
+        message: dict[str, Any],
+        specs: list[pb.CommandSpec],
+        submit: SubmitCommands,
+    ) -> None:
+        try:
+            response = await submit(specs)
+        except NexusError as exc:
+            _error(conn, message, error_code(exc), str(exc))
+            return
+        except Exception:
+            log.exception("websocket submit failed", extra={"client": conn.id})
+            _error(conn, message, ERROR_INTERNAL, "internal error")
+            return
+        results = [
+            json_format.MessageToDict(r, preserving_proto_field_name=True) for r in response.results
+        ]
+        _reply(conn, message, {"type": "submitted", "results": results, "index": response.index})
+
+    # ------------------------------------------------------------ delivery
+
+    async def _pump(
+        self, conn: Connection, state: _ConnectionState, sid: str, sub: Subscription
+    ) -> None:
+        """Send one subscription's events for as long as it lives."""
+        prefix = _EVENTS_PREFIX + orjson.dumps(sid) + b',"events":['
+        interval = self.bus.config.bookmark_interval
+        delivered = self._delivered
+        last_sent = time.monotonic()
+        try:
+            while True:
+                if not conn.writable:
+                    if not conn.is_open:
+                        return
+                    # Paused by picows: read nothing more until the socket drains; cut off
+                    # if the subscription falls too far behind meanwhile.
+                    await sub.guarded(conn.wait_writable())
+                    continue
+                events = sub.read(MAX_FRAME_EVENTS)
+                if events:
+                    start = 0
+                    size = 0
+                    n = len(events)
+                    for i in range(n + 1):
+                        if i < n:
+                            size += len(events[i].json) + 1
+                            if size <= MAX_FRAME_BYTES or i == start:
+                                continue
+                        if not conn.writable:
+                            # Sent only what the socket took; re-read the rest once it drains.
+                            sub.cursor = events[start].index - 1
+                            break
+                        conn.send_bytes_text(
+                            prefix + b",".join([e.json for e in events[start:i]]) + b"]}"
+                        )
+                        delivered.inc(i - start)
+                        if i < n:
+                            start, size = i, len(events[i].json) + 1
+                    last_sent = time.monotonic()
+                    await asyncio.sleep(0)  # one batch per turn: fair to the other tasks
+                    continue
+                if sub.lag > 0:
+                    await asyncio.sleep(0)  # nothing matched in this stretch; keep scanning
+                    continue
+                idle = time.monotonic() - last_sent
+                if idle >= interval:
+                    conn.send_bytes_text(
+                        b'{"type":"bookmark","subscription":%s,"index":%d}'
+                        % (orjson.dumps(sid), sub.cursor)
+                    )
+                    last_sent = time.monotonic()
+                    continue
+                await sub.wait(interval - idle)
+        except SlowConsumer as exc:
+            log.info(
+                "closing slow websocket subscriber",
+                extra={"client": conn.id, "subscription": sid, "lag": exc.lag},
+            )
+            conn.close(CLOSE_SLOW_CONSUMER, conn.slow_consumer_reason())
+        except EventIndexTooOld as exc:
+            conn.send_bytes_text(orjson.dumps(_reset_frame(sid, exc)))
+            state.subs.pop(sid, None)
+        except Unavailable:
+            pass  # the bus closed: the server is stopping and closes the connection
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("websocket subscription failed", extra={"client": conn.id})
+            conn.close(1011, "internal error")
+        finally:
+            state.tasks.pop(sid, None)
+            sub.close()
+
+    def _closed(self, conn: Connection) -> None:
+        state = conn.state.get(_STATE_KEY)
+        if not isinstance(state, _ConnectionState):
+            return
+        for task in list(state.tasks.values()):
+            task.cancel()
+        for task in list(state.submits):
+            task.cancel()
+        for sub in state.subs.values():
+            sub.close()
+
+
+def _reset_frame(sid: str | None, exc: EventIndexTooOld) -> dict[str, Any]:
+    frame: dict[str, Any] = {
+        "type": "reset",
+        "after_index": exc.after_index,
+        "oldest_index": exc.oldest_index,
+        "message": str(exc),
+    }
+    if sid is not None:
+        frame["subscription"] = sid
+    return frame

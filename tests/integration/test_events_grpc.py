@@ -1,0 +1,112 @@
+"""ControlService.WatchEvents against the real server process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+
+from .conftest import ServerProcess, wait_for
+from .events_util import (
+    Activity,
+    GrpcWatcher,
+    assert_exactly_once_in_order,
+    last_event_index,
+    stored_events,
+)
+
+T = TypeVar("T")
+pytestmark = pytest.mark.integration
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def test_watch_batches_bookmarks_and_filters(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create(NEXUS_EVENTS_BOOKMARK_INTERVAL="0.3s").start()
+    Activity(server, workers=2, nodes_per_worker=4).run(10, limit_per_worker=300)
+    end = last_event_index(server)
+
+    async def body() -> None:
+        everything = GrpcWatcher(server.grpc_target, after_index=0)
+        systems = GrpcWatcher(server.grpc_target, topics=["system"], after_index=0)
+        stream = await everything.until(end)
+        assert_exactly_once_in_order(stream.indices, 0, end, "grpc")
+        assert everything.batches <= end // 100  # many events per message
+        sys_stream = await systems.until(end)  # a bookmark carries it past the node events
+        assert [e["type"] for e in sys_stream.events] == ["system.started"]
+        assert sys_stream.bookmark == end
+        # Idle: bookmarks keep coming with the latest index.
+        t0 = time.monotonic()
+        everything.stream.bookmark = 0
+        await everything.until(end)
+        while everything.stream.bookmark != end:
+            await asyncio.sleep(0.05)
+        assert time.monotonic() - t0 < 2.0
+        for w in (everything, systems):
+            await w.close()
+
+    run(body())
+
+
+def test_watch_errors(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create(NEXUS_EVENTS_RETENTION_COUNT="5").start()
+    Activity(server, workers=1, nodes_per_worker=2).run(5, limit_per_worker=30)
+    end = last_event_index(server)
+    with server.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+
+        def first_error(request: pb.WatchEventsRequest) -> grpc.RpcError:
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in control.WatchEvents(request, timeout=5):
+                    pass
+            return info.value
+
+        err = first_error(pb.WatchEventsRequest(topics=["node", "nodes"]))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "nodes" in err.details()
+        err = first_error(pb.WatchEventsRequest(after_index=end + 100))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        # The pruner runs every pruning_interval (0.2s here).
+        wait_for(lambda: stored_events(server) == 5, 5, message="retention applied")
+        err = first_error(pb.WatchEventsRequest(after_index=1))
+        oldest = int(dict(err.trailing_metadata() or ())["nexus-oldest-index"])
+        assert oldest == end - 4
+        assert err.code() == grpc.StatusCode.OUT_OF_RANGE
+        assert f"oldest event kept is {oldest}" in err.details()
+        # Resuming from the oldest kept works, and after_index=0 starts there too.
+        for after in (oldest - 1, 0):
+            call = control.WatchEvents(pb.WatchEventsRequest(after_index=after), timeout=5)
+            got: list[int] = []
+            for batch in call:
+                got.extend(e.index for e in batch.events)
+                if got and got[-1] >= end:
+                    call.cancel()
+                    break
+            assert_exactly_once_in_order(got, oldest - 1, end, f"after_index={after}")
+
+
+def test_shutdown_ends_watches_after_system_stopping(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create().start()
+
+    async def body() -> None:
+        watcher = GrpcWatcher(server.grpc_target, topics=["system"])
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        await asyncio.to_thread(server.stop)
+        while not watcher._task.done():
+            await asyncio.sleep(0.05)
+        assert [e["type"] for e in watcher.stream.events] == ["system.stopping"]
+        assert watcher.error is not None and watcher.error.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - t0 < 5
+        await watcher.close()
+
+    run(body())

@@ -1,0 +1,374 @@
+"""The WebSocket event stream (and gRPC alongside it) against the real server process.
+
+Covers issue 4's acceptance: exactly once and in order under concurrent node activity
+for picows, `websockets` and gRPC clients; resume with after_index, also across a
+restart; reset for an index older than retention; a stalled subscriber cut off with 4008
+and its index while another keeps its rate and latency; bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import statistics
+import time
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import pytest
+import websockets
+from picows import WSMsgType
+
+from .conftest import ServerProcess, http_get, wait_for
+from .events_util import (
+    Activity,
+    GrpcWatcher,
+    PicowsClient,
+    WebsocketsClient,
+    assert_exactly_once_in_order,
+    filtered,
+    last_event_index,
+    metric,
+    stored_events,
+    submit_commands,
+    ws_url,
+)
+
+T = TypeVar("T")
+pytestmark = pytest.mark.integration
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float = 25.0) -> T:
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def settled_last_index(
+    server: ServerProcess, quiet: float = 0.7, timeout: float = 8.0
+) -> int:
+    """The server's last event index once it stopped moving for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = await asyncio.to_thread(last_event_index, server)
+    since = time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        now = await asyncio.to_thread(last_event_index, server)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return last
+    return last
+
+
+def test_exactly_once_in_order_for_picows_websockets_and_grpc(
+    server_factory: type, fleet_factory: type
+) -> None:
+    server: ServerProcess = server_factory.create(NEXUS_EVENTS_BOOKMARK_INTERVAL="0.3s").start()
+    keys = ["act-0-1", "act-2-3"]
+
+    async def body() -> None:
+        start = await asyncio.to_thread(last_event_index, server)
+        pic = await PicowsClient.connect(ws_url(server))
+        all_p = await pic.subscribe(after_index=0)
+        some_p = await pic.subscribe(topics=["node"], keys=keys, after_index=start)
+        wsl = await WebsocketsClient.connect(ws_url(server))
+        all_w = await wsl.subscribe(after_index=start)
+        node_w = await wsl.subscribe(topics=["node", "command"])  # live only
+        grpc_all = GrpcWatcher(server.grpc_target, after_index=0)
+        grpc_some = GrpcWatcher(server.grpc_target, topics=["node"], keys=keys, after_index=start)
+        # Concurrent publishers: a 20-node fleet joining, three churn threads, commands.
+        fleet = fleet_factory.create(server.grpc_target, 20, "--ramp", "0.5")
+        activity = Activity(server, workers=3, nodes_per_worker=5)
+        churn = asyncio.ensure_future(activity.run_async(2.0))
+        await asyncio.sleep(0.8)
+        accepted = await asyncio.to_thread(submit_commands, server, 200, 50)
+        await churn
+        end = await settled_last_index(server)
+        assert end - start > 300, "too little activity to prove anything"
+        assert accepted == 200
+
+        p_all = await pic.rec.until(all_p, end)
+        p_some = await pic.rec.until(some_p, end)
+        w_all = await wsl.rec.until(all_w, end)
+        w_node = await wsl.rec.until(node_w, end)
+        g_all = await grpc_all.until(end)
+        g_some = await grpc_some.until(end)
+
+        assert_exactly_once_in_order(p_all.indices, 0, end, "picows after_index=0")
+        assert_exactly_once_in_order(w_all.indices, start, end, "websockets")
+        assert_exactly_once_in_order(g_all.indices, 0, end, "grpc after_index=0")
+        # Three independent clients saw the same events (index, topic, type, key).
+        assert p_all.keys() == g_all.keys()
+        assert p_all.keys()[start:] == w_all.keys()
+        types = {e["type"] for e in w_all.events}
+        assert {"node.registered", "node.drain", "node.eligibility"} <= types, types
+        assert any(t.startswith("command.") for t in types), types
+        # Filters: exactly the matching subset of the unfiltered stream.
+        want_some = filtered(w_all.events, lambda e: e["topic"] == "node" and e["key"] in keys)
+        assert want_some and p_some.indices == want_some and g_some.indices == want_some
+        first_live = w_node.events[0]["index"] if w_node.events else end
+        want_node = filtered(
+            w_all.events, lambda e: e["topic"] in ("node", "command") and e["index"] >= first_live
+        )
+        assert w_node.indices == want_node
+        # Payloads are the entity as JSON.
+        node_event = next(e for e in p_all.events if e["topic"] == "node")
+        assert node_event["payload"]["id"] == node_event["key"]
+        # Idle streams get bookmarks with the latest index.
+        assert p_some.bookmark == end and g_some.bookmark == end
+        assert grpc_all.batches < len(g_all.events)  # batched on the wire
+        fleet.stop()
+        for client in (pic, wsl, grpc_all, grpc_some):
+            await client.close()
+
+    run(body(), 40)
+
+
+def test_resume_with_after_index_across_disconnect_and_restart(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create().start()
+    activity = Activity(server, workers=2, nodes_per_worker=3)
+    seen: list[int] = []
+
+    async def first() -> int:
+        client = await PicowsClient.connect(ws_url(server))
+        sid = await client.subscribe(after_index=0)
+        await activity.run_async(0.5)
+        end = await settled_last_index(server, quiet=0.3)
+        stream = await client.rec.until(sid, end)
+        await client.close()
+        # Take only part of what arrived: as if the client crashed mid-stream.
+        seen.extend(stream.indices[: len(stream.indices) // 2])
+        await activity.run_async(0.3)  # more events while disconnected
+        client = await PicowsClient.connect(ws_url(server))
+        sid = await client.subscribe(after_index=seen[-1])
+        end = await settled_last_index(server, quiet=0.3)
+        stream = await client.rec.until(sid, end)
+        seen.extend(stream.indices)
+        assert_exactly_once_in_order(seen, 0, end, "resumed")
+        await client.close()
+        return end
+
+    end = run(first())
+    assert server.stop() == 0
+    restarted: ServerProcess = server_factory.create(data_dir=server.data_dir).start()
+
+    async def second() -> None:
+        client = await PicowsClient.connect(ws_url(restarted))
+        sid = await client.subscribe(after_index=seen[-1])
+        watcher = GrpcWatcher(restarted.grpc_target, after_index=end - 5)
+        await Activity(restarted, workers=1, nodes_per_worker=2).run_async(0.3)
+        new_end = await settled_last_index(restarted, quiet=0.3)
+        stream = await client.rec.until(sid, new_end)
+        assert_exactly_once_in_order(seen + stream.indices, 0, new_end, "across restart")
+        types = [e["type"] for e in stream.events]
+        assert types[:2] == ["system.stopping", "system.started"], types[:5]
+        g = await watcher.until(new_end)
+        assert_exactly_once_in_order(g.indices, end - 5, new_end, "grpc across restart")
+        await client.close()
+        await watcher.close()
+
+    run(second())
+
+
+def test_after_index_older_than_retention_gets_reset(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create(NEXUS_EVENTS_RETENTION_COUNT="5").start()
+    Activity(server, workers=1, nodes_per_worker=2).run(5.0, limit_per_worker=30)
+    end = last_event_index(server)
+
+    async def body() -> None:
+        client = await PicowsClient.connect(ws_url(server))
+        # The pruner runs every pruning_interval (0.2s here).
+        await asyncio.to_thread(wait_for, lambda: stored_events(server) == 5, 5)
+        client.send({"op": "subscribe", "after_index": 1, "id": "old"})
+        reply = await client.rec.reply()
+        assert reply["type"] == "reset" and reply["oldest_index"] == end - 4, reply
+        assert reply == {
+            "type": "reset",
+            "after_index": 1,
+            "oldest_index": reply["oldest_index"],
+            "message": reply["message"],
+            "id": "old",
+        }
+        assert f"oldest event kept is {reply['oldest_index']}" in reply["message"]
+        # Re-list, then resume from the oldest kept: no error, contiguous to the end.
+        sid = await client.subscribe(after_index=reply["oldest_index"] - 1)
+        stream = await client.rec.until(sid, end)
+        assert_exactly_once_in_order(stream.indices, reply["oldest_index"] - 1, end, "after reset")
+        sid0 = await client.subscribe(after_index=0)
+        assert (await client.rec.until(sid0, end)).indices[0] == reply["oldest_index"]
+        await client.close()
+
+    run(body())
+
+
+def test_stalled_subscriber_is_cut_off_and_others_keep_their_pace(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create(NEXUS_EVENTS_SUBSCRIBER_BUFFER="100").start()
+    # 16 KB events: the stalled client's socket buffers (up to 4 MB on Linux) fill quickly.
+    activity = Activity(server, workers=3, nodes_per_worker=4, big=True)
+
+    async def burst(client: PicowsClient, sid: str, calls: int) -> tuple[float, float, float]:
+        """Publish ~3*calls events; return (events/s, p50 and p95 latency in ms) seen by sid."""
+        before = len(client.rec.streams.get(sid).events) if sid in client.rec.streams else 0
+        t0 = time.time()
+        await activity.run_async(20, limit_per_worker=calls)
+        end = await settled_last_index(server, quiet=0.3)
+        stream = await client.rec.until(sid, end)
+        events = stream.events[before:]
+        times = stream.received_at[before:]
+        lat = [(at - e["time_ms"] / 1000) * 1000 for e, at in zip(events, times)]
+        rate = len(events) / max(times[-1] - t0, 1e-3)
+        return rate, statistics.median(lat), statistics.quantiles(lat, n=20)[-1]
+
+    async def body() -> None:
+        fast = await PicowsClient.connect(ws_url(server))
+        sid = await fast.subscribe()
+        base_rate, base_p50, base_p95 = await burst(fast, sid, 200)
+
+        slow = await PicowsClient.connect(ws_url(server), rcvbuf=4096)
+        slow_sid = await slow.subscribe()
+        slow.pause_reading()  # stops reading: the server's socket fills, then it pauses
+        rate, p50, p95 = await burst(fast, sid, 200)
+        wait_for(lambda: metric(server, "nexus_event_slow_consumer_disconnects_total") >= 1, 5)
+        slow.resume_reading()
+        code, reason = await asyncio.wait_for(slow.rec.closed, 5)
+        assert code == 4008, (code, reason)
+        match = re.fullmatch(r"slow consumer; resume after index (\d+)", reason)
+        assert match, reason
+        got = slow.rec.streams[slow_sid].indices
+        assert got and int(match.group(1)) == got[-1]  # the last index it was sent
+        # The fast subscriber is unaffected: everything, and at its baseline pace.
+        end = last_event_index(server)
+        fast_got = fast.rec.streams[sid].indices
+        assert_exactly_once_in_order(fast_got, fast_got[0] - 1, end, "fast")
+        print(
+            f"baseline {base_rate:.0f}/s p50 {base_p50:.1f}ms p95 {base_p95:.1f}ms; "
+            f"with a stalled peer {rate:.0f}/s p50 {p50:.1f}ms p95 {p95:.1f}ms"
+        )
+        assert rate >= 0.5 * base_rate
+        assert p50 <= 3 * base_p50 + 50
+        # The cut-off client resumes where it was told: no gap, no duplicate.
+        again = await PicowsClient.connect(ws_url(server))
+        sid2 = await again.subscribe(after_index=int(match.group(1)))
+        rest = await again.rec.until(sid2, end)
+        assert_exactly_once_in_order(got + rest.indices, got[0] - 1, end, "slow resumed")
+        for client in (fast, slow, again):
+            await client.close()
+
+    run(body(), 40)
+
+
+def test_bad_input_gets_error_frames_or_close_codes(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create(
+        NEXUS_MAX_MESSAGE_SIZE="64KB",
+        NEXUS_MAX_CONNECTIONS="12",
+        NEXUS_EVENTS_MAX_SUBSCRIPTIONS="2",
+    ).start()
+
+    async def expect_error(client: PicowsClient, send: Any, code: str) -> None:
+        send()
+        reply = await client.rec.reply()
+        assert reply["type"] == "error" and reply["code"] == code, reply
+
+    async def expect_close(data: bytes, msg_type: WSMsgType, code: int, *more: bytes) -> None:
+        client = await PicowsClient.connect(ws_url(server))
+        client.raw(msg_type, data, fin=not more)
+        for i, chunk in enumerate(more):
+            client.raw(WSMsgType.CONTINUATION, chunk, fin=i == len(more) - 1)
+        got, _ = await asyncio.wait_for(client.rec.closed, 5)
+        assert got == code, (msg_type, got)
+        await client.close()
+
+    async def body() -> None:
+        observer = await PicowsClient.connect(ws_url(server))
+        obs = await observer.subscribe(after_index=0)
+        bad = await PicowsClient.connect(ws_url(server))
+        await expect_error(
+            bad, lambda: bad.raw(WSMsgType.TEXT, b'{"op": "subscribe",'), "bad_request"
+        )
+        await expect_error(bad, lambda: bad.raw(WSMsgType.TEXT, b"[1, 2]"), "bad_request")
+        await expect_error(bad, lambda: bad.send({"no": "op"}), "bad_request")
+        await expect_error(bad, lambda: bad.send({"op": "launch"}), "unknown_op")
+        await expect_error(
+            bad, lambda: bad.send({"op": "subscribe", "topics": "node"}), "bad_request"
+        )
+        await expect_error(
+            bad, lambda: bad.send({"op": "subscribe", "after_index": "7"}), "bad_request"
+        )
+        await expect_error(bad, lambda: bad.send({"op": "subscribe", "keys": [1]}), "bad_request")
+        await expect_error(
+            bad, lambda: bad.send({"op": "unsubscribe", "subscription": 3}), "bad_request"
+        )
+        await expect_error(
+            bad, lambda: bad.send({"op": "unsubscribe", "subscription": "s9"}), "not_found"
+        )
+        await expect_error(
+            bad, lambda: bad.send({"op": "subscribe", "topics": ["nodes"]}), "invalid_argument"
+        )
+        await expect_error(
+            bad, lambda: bad.send({"op": "subscribe", "after_index": 10**9}), "invalid_argument"
+        )
+        await expect_error(bad, lambda: bad.send({"op": "submit", "commands": "x"}), "bad_request")
+        await expect_error(
+            bad,
+            lambda: bad.send({"op": "submit", "commands": [{"kind": 1, "bogus": 2}]}),
+            "invalid_argument",
+        )
+        await bad.subscribe()
+        await bad.subscribe()
+        await expect_error(bad, lambda: bad.send({"op": "subscribe"}), "resource_exhausted")
+        bad.send({"op": "ping", "id": 1})
+        assert (await bad.rec.reply())["type"] == "pong"  # still serving after all that
+
+        await expect_close(b"\x00\x01junk", WSMsgType.BINARY, 1003)
+        await expect_close(b'{"op": "ping", "x": "\xff\xfe"}', WSMsgType.TEXT, 1007)
+        await expect_close(b"x" * 100_000, WSMsgType.TEXT, 1009)
+        await expect_close(b"[" * 10_000, WSMsgType.TEXT, 1009, *([b"[" * 10_000] * 10))
+        await expect_close(b"{}", WSMsgType.CONTINUATION, 1002)
+
+        # max_connections: the upgrade is refused with 503 while the others are fine.
+        extra = [await PicowsClient.connect(ws_url(server)) for _ in range(10)]
+        with pytest.raises(websockets.InvalidStatus) as info:
+            await websockets.connect(ws_url(server))
+        assert info.value.response.status_code == 503
+        for client in extra:
+            await client.close()
+
+        # The observer never noticed: it still gets every event, in order.
+        start = observer.rec.streams[obs].position if obs in observer.rec.streams else 0
+        await Activity(server, workers=1, nodes_per_worker=2).run_async(0.3)
+        end = last_event_index(server)
+        stream = await observer.rec.until(obs, end)
+        assert_exactly_once_in_order(stream.indices, 0, end, "observer")
+        assert start <= end
+        assert http_get(server.http_base + "/ready")[0] == 200
+        await observer.close()
+        await bad.close()
+
+    run(body())
+
+
+def test_submit_over_websocket_and_see_its_events(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create().start()
+
+    async def body() -> None:
+        client = await PicowsClient.connect(ws_url(server))
+        sid = await client.subscribe(topics=["command"])
+        client.send(
+            {
+                "op": "submit",
+                "id": "c",
+                "commands": [{"idempotency_key": "ws-1", "kind": "echo", "payload": "aGk="}],
+            }
+        )
+        reply = await client.rec.reply()
+        assert reply["type"] == "submitted" and reply["id"] == "c", reply
+        assert reply["results"][0]["id"] == "ws-1" and reply["index"] > 0
+        stream = await client.rec.until(sid, reply["index"])
+        assert stream.events and all(e["key"] == "ws-1" for e in stream.events)
+        assert stream.events[-1]["index"] <= reply["index"]
+        assert stream.events[0]["payload"]["spec"]["kind"] == "echo"
+        client.send({"op": "submit", "id": "d", "commands": [{"kind": ""}]})
+        reply = await client.rec.reply()
+        assert reply["type"] == "error" and reply["code"] == "invalid_argument", reply
+        await client.close()
+
+    run(body())
