@@ -91,7 +91,9 @@ class AgentService:
                 self._dirty = True
         # Start/stop commands still in flight keep telling us how their agent fares.
         for record in self._commands.active_records():
-            if record.agent_id in self._agents:
+            owner = self._agents.get(record.agent_id)
+            # Not those of an earlier deployment under the same id (see deploy).
+            if owner is not None and record.created_ms >= owner.created_ms:
                 self._command_agent[record.id] = (record.agent_id, record.spec.target_node)
         return len(self._agents)
 
@@ -171,6 +173,11 @@ class AgentService:
             agent.spec.replicas = spec.replicas or 1
             agents.append(agent)
         self._place(agents)
+        # Start/stop commands of an earlier deployment under the same ids must not act on
+        # these replicas when they finish (a late stop result would stop the new one).
+        ids = {a.id for a in agents}
+        for command_id in [c for c, (a, _) in self._command_agent.items() if a in ids]:
+            del self._command_agent[command_id]
         for agent in agents:
             self._agents[agent.id] = agent
         await self._save(agents)
@@ -331,10 +338,11 @@ class AgentService:
                     self._save_later([agent])
                 return
             # The start did not take: give the node's capacity back and place it again.
-            self._release(agent)
             if agent.placements >= MAX_PLACEMENTS:
+                # _end releases the reservation (once: releasing here too took another's).
                 self._end(agent, FAILED, f"start failed {agent.placements} times: {record.reason}")
             else:
+                self._release(agent)
                 agent.state = LOST
                 agent.node_id = ""
                 agent.message = f"start failed on {node_id}: {record.reason}"

@@ -128,6 +128,9 @@ class CommandService:
         self._scheduler = scheduler
         self.settings = settings
         self._active: dict[str, pb.CommandRecord] = {}
+        # Finished, but the write of the final state is not durable yet: reads must see this
+        # record, not the older state still in the store (a wait() would miss its end).
+        self._finishing: dict[str, pb.CommandRecord] = {}
         self._queue: CommandQueue[str] = CommandQueue(
             settings.queue_capacity, lanes=MAX_PRIORITY + 1
         )
@@ -230,7 +233,7 @@ class CommandService:
     def get(self, command_id: str) -> pb.CommandRecord:
         if not command_id:
             raise InvalidArgument("id", "must not be empty")
-        record = self._active.get(command_id)
+        record = self._active.get(command_id) or self._finishing.get(command_id)
         if record is not None:
             return record
         stored = self._store.get(COMMANDS_DB, _RECORD + command_id.encode())
@@ -264,7 +267,11 @@ class CommandService:
             for key, value in chunk:
                 scanned += 1
                 last = key[len(_RECORD) :].decode()
-                record = self._active.get(last) or pb.CommandRecord.FromString(value)
+                record = (
+                    self._active.get(last)
+                    or self._finishing.get(last)
+                    or pb.CommandRecord.FromString(value)
+                )
                 if (not wanted or record.state in wanted) and (
                     not node_id or record.node_id == node_id
                 ):
@@ -313,11 +320,7 @@ class CommandService:
             raise
         # Durable: only now may the commands flow to nodes.
         for record, node in zip(new, placed, strict=True):
-            if node:
-                self._push(node, record)
-            else:
-                self._push_pending(record)
-            self._set_deadline(record)
+            self._enqueue(record, node)
         metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
         return pb.SubmitCommandsResponse(
             results=[_result(record, duplicate) for record, duplicate in answers],
@@ -325,7 +328,7 @@ class CommandService:
         )
 
     def _known(self, command_id: str) -> pb.CommandRecord | None:
-        record = self._active.get(command_id)
+        record = self._active.get(command_id) or self._finishing.get(command_id)
         if record is not None:
             return record
         stored = self._store.get(COMMANDS_DB, _RECORD + command_id.encode())
@@ -399,12 +402,25 @@ class CommandService:
         self._active[record.id] = record
         self._submitted_at[record.id] = time.monotonic()
         await self._save([record])
+        self._enqueue(record, node)
+        return record
+
+    def _enqueue(self, record: pb.CommandRecord, node: str) -> None:
+        """Queue a just-committed record for its node, or to wait for one."""
+        if node and not self._node_live(node):
+            # The node went down while the commit was in flight: place it again instead.
+            self._scheduler.release(node, record.spec.placement.request, self._spread(record))
+            record.attempt -= 1
+            record.state = PENDING
+            record.node_id = ""
+            record.reason = f"node {node} went down"
+            node = ""
+            self._save_later([record])
         if node:
             self._push(node, record)
         else:
             self._push_pending(record)
         self._set_deadline(record)
-        return record
 
     # ------------------------------------------------------------ placement
 
@@ -622,15 +638,19 @@ class CommandService:
         records = [self.get(i) for i in dict.fromkeys(ids)]  # NOT_FOUND before streaming
         inbox: asyncio.Queue[pb.CommandRecord] = asyncio.Queue()
         remaining = 0
+        final_now: list[pb.CommandRecord] = []
         for record in records:
-            if record.state not in FINAL_STATES:
+            if record.state in FINAL_STATES:
+                final_now.append(record)
+            else:
                 self._waiters.setdefault(record.id, []).append(inbox)
                 remaining += 1
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            for record in records:  # the final ones at once, whatever the timeout
-                if record.state in FINAL_STATES:
-                    yield record
+            # The final ones at once, whatever the timeout. Decided above, not while
+            # yielding: one that finishes meanwhile comes through the inbox, once.
+            for record in final_now:
+                yield record
             while remaining:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -748,6 +768,7 @@ class CommandService:
         record.updated_ms = ts
         record.finished_ms = ts
         self._active.pop(record.id, None)
+        self._finishing[record.id] = record
         self._stage.pop(record.id, None)
         started = self._submitted_at.pop(record.id, None)
         if started is not None:
@@ -857,7 +878,17 @@ class CommandService:
                     )
                 )
             events.append(_event(record, body, ts))
-        return self._store.commit(ops, events)
+        future = self._store.commit(ops, events)
+        final = [r for r in records if r.state in FINAL_STATES]
+        if final:
+            future.add_done_callback(lambda _: self._durable(final))
+        return future
+
+    def _durable(self, records: Sequence[pb.CommandRecord]) -> None:
+        """The final state of ``records`` is in the store (or its write failed)."""
+        for record in records:
+            if self._finishing.get(record.id) is record:
+                del self._finishing[record.id]
 
     def _save_later(self, records: Sequence[pb.CommandRecord]) -> None:
         """Commit without waiting; the writer keeps order, so the last state wins."""

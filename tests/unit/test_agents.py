@@ -1,0 +1,608 @@
+"""AgentService without sockets: a real LmdbStore, NodeRegistry, Scheduler and CommandService
+wired as in ``server.py``. Node streams are read from ``Session.outbound``; the node's command
+results and agent statuses go in through the services' ``handle_reports``, as the gRPC adapter
+does. Reservations are checked on the scheduler (``reserved_of`` / ``tasks_of``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+import pytest
+import uvloop
+
+from nexus_fast.config import SchedulerConfig
+from nexus_fast.core import agents as agents_mod
+from nexus_fast.core import commands as commands_mod
+from nexus_fast.core.agents import AGENTS_DB, AgentService
+from nexus_fast.core.commands import COMMANDS_DB, CommandService, CommandSettings
+from nexus_fast.core.fleet import SchedulerFeed
+from nexus_fast.core.nodes import NodeRegistry, NodeSettings, Session
+from nexus_fast.core.scheduler import Scheduler
+from nexus_fast.errors import FailedPrecondition, InvalidArgument, NotFound
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.store import LmdbStore
+
+T = TypeVar("T")
+
+PENDING = pb.AGENT_STATE_PENDING
+RUNNING = pb.AGENT_STATE_RUNNING
+STOPPED = pb.AGENT_STATE_STOPPED
+FAILED = pb.AGENT_STATE_FAILED
+LOST = pb.AGENT_STATE_LOST
+# Liveness is only checked when a test calls prune_once (the pruner task is not started).
+NODE_TIMEOUT = 0.05
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(asyncio.wait_for(coro, 20))
+
+
+@pytest.fixture(autouse=True)
+def _fast_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The services' tickers run every 10 ms, so deadlines of 0.1-0.2 s are exact enough."""
+    monkeypatch.setattr(commands_mod, "_TICK", 0.01)
+    monkeypatch.setattr(agents_mod, "_TICK", 0.01)
+
+
+async def until(cond: Callable[[], object], timeout: float = 3.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or cond}")
+        await asyncio.sleep(0.005)
+
+
+def res(cpu: float = 0.0, memory: float = 0.0, gpu: float = 0.0) -> pb.Resources:
+    return pb.Resources(cpu=cpu, memory=memory, gpu=gpu)
+
+
+def drain(session: Session) -> list[pb.ControlMessage]:
+    out: list[pb.ControlMessage] = []
+    while not session.outbound.empty():
+        message = session.outbound.get_nowait()
+        if message is not None:
+            out.append(message)
+    return out
+
+
+def commands_in(messages: Sequence[pb.ControlMessage]) -> list[pb.Command]:
+    return [c for m in messages for c in m.commands]
+
+
+class Fabric:
+    """Store, registry, scheduler, commands and agents wired as ``NexusServer`` wires them."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        queue_capacity: int = 10_000,
+        max_batch_size: int = 100,
+        default_timeout: float = 10.0,
+        default_max_attempts: int = 3,
+    ) -> None:
+        self.store = LmdbStore(path, map_size=1 << 24)
+        self.nodes = NodeRegistry(
+            self.store,
+            NodeSettings(
+                heartbeat_interval=0.01,
+                node_timeout=NODE_TIMEOUT,
+                down_retention=3600.0,
+                max_batch_size=max_batch_size,
+            ),
+        )
+        self.scheduler = Scheduler(SchedulerConfig(), 30.0, random.Random(1))
+        self.commands = CommandService(
+            self.store,
+            self.nodes,
+            self.scheduler,
+            CommandSettings(
+                default_timeout=default_timeout,
+                default_max_attempts=default_max_attempts,
+                max_payload_size=1024,
+                final_retention=3600.0,
+                max_batch_size=max_batch_size,
+                queue_capacity=queue_capacity,
+            ),
+        )
+        self.agents = AgentService(self.store, self.scheduler, self.commands)
+        self.nodes.listeners += [SchedulerFeed(self.scheduler), self.commands, self.agents]
+        self.sessions: dict[str, Session] = {}
+
+    async def start(self) -> Fabric:
+        await self.store.open()
+        self.nodes.load()
+        self.commands.load()
+        self.agents.load()
+        self.commands.start()
+        self.agents.start()
+        return self
+
+    async def stop(self) -> None:
+        await self.agents.stop()
+        await self.commands.stop()
+        await self.nodes.stop()
+        await self.store.close()
+
+    async def node(
+        self,
+        node_id: str,
+        cpu: float = 8.0,
+        gpu: float = 0.0,
+        labels: dict[str, str] | None = None,
+        connect: bool = True,
+    ) -> Session | None:
+        """Register (a new epoch) and, unless told not to, open a stream; drains the config."""
+        node, _ = await self.nodes.register(
+            pb.RegisterRequest(node_id=node_id, capacity=res(cpu, 64.0, gpu), labels=labels or {})
+        )
+        if not connect:
+            return None
+        session = await self.nodes.open_session(node_id, node.session_epoch)
+        self.sessions[node_id] = session
+        return session
+
+    def report(self, node_id: str, **kw: Any) -> None:
+        """What the gRPC adapter does with a NodeMessage carrying acks/results."""
+        self.commands.handle_reports(node_id, pb.NodeMessage(**kw))
+
+    def succeed(self, node_id: str, command_id: str, output: bytes = b"ok") -> None:
+        self.report(
+            node_id,
+            results=[pb.CommandResult(command_id=command_id, success=True, output=output)],
+        )
+
+    def fail(self, node_id: str, command_id: str, error: str = "boom") -> None:
+        self.report(
+            node_id, results=[pb.CommandResult(command_id=command_id, success=False, error=error)]
+        )
+
+    def stored(self, command_id: str) -> pb.CommandRecord | None:
+        raw = self.store.get(COMMANDS_DB, b"c/" + command_id.encode())
+        return pb.CommandRecord.FromString(raw) if raw is not None else None
+
+    def stored_count(self) -> int:
+        return len(self.store.scan(COMMANDS_DB, prefix=b"c/"))
+
+    async def flush(self) -> None:
+        """Wait until every write queued so far is durable."""
+        await self.store.commit([])
+
+    async def down(self, *node_ids: str, keep: Sequence[str] = ()) -> None:
+        """Let ``node_ids`` miss their heartbeats (``keep`` heartbeat) and run the pruner."""
+        await asyncio.sleep(NODE_TIMEOUT * 1.5)
+        for node_id in keep:
+            self.nodes.heartbeat(self.sessions[node_id], None)
+        downed, _ = await self.nodes.prune_once()
+        assert downed == len(node_ids)
+        for node_id in node_ids:
+            assert self.nodes.get(node_id).status == pb.NODE_STATUS_DOWN
+
+
+async def fabric(path: Path, **kw: Any) -> Fabric:
+    return await Fabric(path, **kw).start()
+
+
+async def wait_sent(session: Session, count: int, timeout: float = 3.0) -> list[pb.Command]:
+    """Read ``count`` commands off the node's stream (other messages are skipped)."""
+    got: list[pb.Command] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"node got {len(got)} of {count} commands")
+        try:
+            message = await asyncio.wait_for(session.outbound.get(), left)
+        except TimeoutError:
+            continue
+        assert message is not None, "the node's stream was closed"
+        got.extend(message.commands)
+    return got
+
+
+def agent_spec(
+    name: str, replicas: int = 1, cpu: float = 1.0, gpu: float = 0.0, **kw: Any
+) -> pb.AgentSpec:
+    return pb.AgentSpec(
+        name=name, spec=b"image: x", request=res(cpu=cpu, gpu=gpu), replicas=replicas, **kw
+    )
+
+
+def agent_of(command: pb.Command) -> str:
+    return str(orjson.loads(command.payload)["agent_id"])
+
+
+async def next_command(session: Session, kind: str, timeout: float = 3.0) -> pb.Command:
+    """The next command of ``kind`` on the node's stream (others are skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for command in await wait_sent(session, 1, max(0.0, deadline - time.monotonic())):
+            if command.kind == kind:
+                return command
+
+
+def report_agents(f: Fabric, node_id: str, **states: str) -> None:
+    """What the gRPC adapter does with NodeMessage.agents: {agent_id: state}."""
+    f.agents.handle_reports(
+        node_id,
+        [pb.AgentStatus(agent_id=k.replace("_", "-"), state=v) for k, v in states.items()],
+    )
+
+
+def reserved_cpu(f: Fabric, node_id: str) -> float:
+    return f.scheduler.reserved_of(node_id)["cpu"]
+
+
+def stored_agent(f: Fabric, agent_id: str) -> pb.Agent | None:
+    raw = f.store.get(AGENTS_DB, agent_id.encode())
+    return pb.Agent.FromString(raw) if raw is not None else None
+
+
+# ------------------------------------------------------------------ deploy
+
+
+def test_deploy_places_replicas_and_sends_agent_start(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1")
+        s2 = await f.node("n2")
+        assert s1 is not None and s2 is not None
+        sessions = {"n1": s1, "n2": s2}
+        agents = await f.agents.deploy(agent_spec("web", replicas=3, cpu=2))
+        assert [a.id for a in agents] == ["web-0", "web-1", "web-2"]
+        assert all(a.state == PENDING and a.node_id and a.placements == 1 for a in agents)
+        assert {a.node_id for a in agents} == {"n1", "n2"}  # least-allocated spreads them
+        for node_id in ("n1", "n2"):
+            on_node = [a for a in agents if a.node_id == node_id]
+            assert reserved_cpu(f, node_id) == 2 * len(on_node)
+            starts = [await next_command(sessions[node_id], "agent.start") for _ in on_node]
+            assert sorted(agent_of(c) for c in starts) == sorted(a.id for a in on_node)
+            for c in starts:
+                body = orjson.loads(c.payload)
+                assert body["name"] == "web" and body["spec"] == "image: x"
+                record = f.commands.get(c.id)
+                assert record.spec.target_node == node_id and record.agent_id == agent_of(c)
+        for a in agents:
+            stored = stored_agent(f, a.id)
+            assert stored is not None and stored.node_id == a.node_id
+
+        # The node reports running (in its messages) -> RUNNING; others stay pending.
+        a0, a1, a2 = agents
+        report_agents(f, a0.node_id, web_0="running")
+        assert f.agents.get("web-0").state == RUNNING
+        assert f.agents.get("web-1").state == PENDING
+        # A report from a node the agent is not on is ignored.
+        other = "n2" if a1.node_id == "n1" else "n1"
+        report_agents(f, other, web_1="running")
+        assert f.agents.get("web-1").state == PENDING
+        # The start command succeeding also means running.
+        start_of = {r.agent_id: r.id for r in f.commands.active_records()}
+        f.commands.handle_reports(
+            a2.node_id,
+            pb.NodeMessage(results=[pb.CommandResult(command_id=start_of["web-2"], success=True)]),
+        )
+        assert f.agents.get("web-2").state == RUNNING
+        assert reserved_cpu(f, a2.node_id) >= 2  # the command ended; the agent's stays
+        await f.flush()
+        assert stored_agent(f, "web-0").state == RUNNING  # type: ignore[union-attr]
+        assert stored_agent(f, "web-2").state == RUNNING  # type: ignore[union-attr]
+        assert f.agents.state_counts()["running"] == 2
+        page, token = f.agents.list_agents(name="web", page_size=2)
+        assert [a.id for a in page] == ["web-0", "web-1"] and token == "web-1"
+        page, token = f.agents.list_agents(page_size=2, page_token=token)
+        assert [a.id for a in page] == ["web-2"] and token == ""
+        page, _ = f.agents.list_agents(states=[RUNNING])
+        assert [a.id for a in page] == ["web-0", "web-2"]
+        await f.stop()
+
+    run(main())
+
+
+BAD_AGENTS: list[tuple[str, Callable[[], pb.AgentSpec]]] = [
+    ("spec.name", lambda: agent_spec("")),
+    ("spec.name", lambda: agent_spec("Upper")),
+    ("spec.name", lambda: agent_spec("under_score")),
+    ("spec.name", lambda: agent_spec("-lead")),
+    ("spec.name", lambda: agent_spec("x" * 64)),
+    ("spec.replicas", lambda: agent_spec("ok", replicas=1001)),
+    ("spec.request.cpu", lambda: agent_spec("ok", cpu=-1)),
+    ("spec.request.gpu", lambda: agent_spec("ok", gpu=float("nan"))),
+    ("spec.spec", lambda: pb.AgentSpec(name="ok", spec=b"x" * (1024 * 1024 + 1))),
+    (
+        "spec.placement.label_selector",
+        lambda: agent_spec("ok", placement=pb.Placement(label_selector={"bad key": "v"})),
+    ),
+]
+
+
+@pytest.mark.parametrize(("field", "make"), BAD_AGENTS, ids=[f for f, _ in BAD_AGENTS])
+def test_bad_agent_spec_names_the_field_and_changes_nothing(
+    tmp_path: Path, field: str, make: Callable[[], pb.AgentSpec]
+) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        await f.node("n1")
+        with pytest.raises(InvalidArgument) as err:
+            await f.agents.deploy(make())
+        assert err.value.field.startswith(field), err.value.field
+        assert f.store.count(AGENTS_DB) == 0 and f.store.count(COMMANDS_DB) == 0
+        assert f.agents.list_agents() == ([], "")
+        assert f.scheduler.tasks_of("n1") == 0
+        await f.stop()
+
+    run(main())
+
+
+def test_deploy_of_a_live_name_is_refused_until_it_stopped(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1")
+        assert s1 is not None
+        await f.agents.deploy(agent_spec("db", replicas=2, cpu=1))
+        with pytest.raises(FailedPrecondition, match="db"):
+            await f.agents.deploy(agent_spec("db", replicas=1, cpu=3))
+        assert reserved_cpu(f, "n1") == 2
+        assert f.store.count(AGENTS_DB) == 2
+        assert len(f.agents.list_agents()[0]) == 2
+        await f.agents.stop_agent("db")
+        report_agents(f, "n1", db_0="stopped", db_1="stopped")
+        assert reserved_cpu(f, "n1") == 0
+        again = await f.agents.deploy(agent_spec("db", replicas=1, cpu=3))
+        assert [a.id for a in again] == ["db-0"] and again[0].state == PENDING
+        assert reserved_cpu(f, "n1") == 3
+        await f.stop()
+
+    run(main())
+
+
+# ------------------------------------------------------------------ node down
+
+
+def test_node_down_makes_agents_lost_then_places_them_elsewhere(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1")
+        assert s1 is not None
+        (agent,) = await f.agents.deploy(agent_spec("api", cpu=2))
+        assert agent.node_id == "n1"
+        await next_command(s1, "agent.start")
+        report_agents(f, "n1", api_0="running")
+        assert f.agents.get("api-0").state == RUNNING
+        s2 = await f.node("n2")
+        assert s2 is not None
+        assert reserved_cpu(f, "n2") == 0
+
+        await f.down("n1", keep=["n2"])
+        assert reserved_cpu(f, "n1") == 0
+        # LOST may last only until the next agent tick: read it from the durable event log.
+        await f.flush()
+        lost = [
+            pb.Agent.FromString(e.payload)
+            for e in (pb.Event.FromString(b) for _, b in f.store.events_since(0, 1000))
+            if e.type == "agent.lost"
+        ]
+        assert len(lost) == 1
+        assert lost[0].id == "api-0" and lost[0].state == LOST and lost[0].node_id == ""
+        assert "n1" in lost[0].message
+
+        start = await next_command(s2, "agent.start")
+        assert agent_of(start) == "api-0"
+        agent = f.agents.get("api-0")
+        assert agent.state == PENDING and agent.node_id == "n2" and agent.placements == 2
+        assert reserved_cpu(f, "n2") == 2 and reserved_cpu(f, "n1") == 0
+        report_agents(f, "n2", api_0="running")
+        assert f.agents.get("api-0").state == RUNNING
+        # The old node speaking up again changes nothing.
+        report_agents(f, "n1", api_0="stopped")
+        assert f.agents.get("api-0").state == RUNNING
+        await f.stop()
+
+    run(main())
+
+
+# ------------------------------------------------------------------ stop
+
+
+def test_stop_sends_agent_stop_and_ends_when_it_succeeds(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1")
+        assert s1 is not None
+        await f.agents.deploy(agent_spec("job", cpu=2))
+        await f.agents.deploy(agent_spec("other", cpu=1))
+        report_agents(f, "n1", job_0="running", other_0="running")
+        assert reserved_cpu(f, "n1") == 3
+        replicas = await f.agents.stop_agent("job")
+        assert [a.id for a in replicas] == ["job-0"] and replicas[0].stop_requested
+        assert f.agents.get("job-0").state == RUNNING  # until the node confirms
+        stop = await next_command(s1, "agent.stop")
+        assert agent_of(stop) == "job-0"
+        assert f.commands.get(stop.id).spec.target_node == "n1"
+        f.commands.handle_reports(
+            "n1", pb.NodeMessage(results=[pb.CommandResult(command_id=stop.id, success=True)])
+        )
+        assert f.agents.get("job-0").state == STOPPED
+        assert reserved_cpu(f, "n1") == 1  # only "other" holds capacity now
+        # A late "running" from the node does not bring it back.
+        report_agents(f, "n1", job_0="running")
+        assert f.agents.get("job-0").state == STOPPED
+        # Stopping again sends nothing.
+        await f.agents.stop_agent("job")
+        await asyncio.sleep(0.03)
+        assert [c for c in commands_in(drain(s1)) if c.kind == "agent.stop"] == []
+        await f.flush()
+        assert stored_agent(f, "job-0").state == STOPPED  # type: ignore[union-attr]
+        await f.stop()
+
+    run(main())
+
+
+def test_stop_ends_when_the_node_reports_stopped_and_releases_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1")
+        assert s1 is not None
+        await f.agents.deploy(agent_spec("job", cpu=2))
+        await f.agents.deploy(agent_spec("keep", cpu=1))
+        report_agents(f, "n1", job_0="running", keep_0="running")
+        await f.agents.stop_agent("job")
+        stop = await next_command(s1, "agent.stop")
+        report_agents(f, "n1", job_0="stopped")
+        assert f.agents.get("job-0").state == STOPPED
+        assert reserved_cpu(f, "n1") == 1
+        f.commands.handle_reports(
+            "n1", pb.NodeMessage(results=[pb.CommandResult(command_id=stop.id, success=True)])
+        )
+        assert f.agents.get("job-0").state == STOPPED
+        assert reserved_cpu(f, "n1") == 1  # the stop result released nothing twice
+        assert f.agents.get("keep-0").state == RUNNING
+        await f.stop()
+
+    run(main())
+
+
+def test_stale_stop_result_does_not_end_a_redeployed_agent(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1")
+        assert s1 is not None
+        await f.agents.deploy(agent_spec("svc", cpu=2))
+        report_agents(f, "n1", svc_0="running")
+        await f.agents.stop_agent("svc")
+        stop = await next_command(s1, "agent.stop")
+        report_agents(f, "n1", svc_0="stopped")  # the node confirms before the result
+        (again,) = await f.agents.deploy(agent_spec("svc", cpu=2))
+        assert again.node_id == "n1" and again.state == PENDING
+        # Now the first deployment's stop result arrives.
+        f.commands.handle_reports(
+            "n1", pb.NodeMessage(results=[pb.CommandResult(command_id=stop.id, success=True)])
+        )
+        agent = f.agents.get("svc-0")
+        assert agent.state == PENDING and not agent.stop_requested
+        assert reserved_cpu(f, "n1") == 2
+        report_agents(f, "n1", svc_0="running")
+        assert f.agents.get("svc-0").state == RUNNING
+        await f.stop()
+
+    run(main())
+
+
+def test_stop_of_an_unplaced_agent_ends_it_at_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1")
+        assert s1 is not None
+        (agent,) = await f.agents.deploy(agent_spec("gpu-job", gpu=1))
+        assert agent.state == PENDING and agent.node_id == ""
+        assert "gpu" in agent.message
+        await f.agents.stop_agent("gpu-job")
+        assert f.agents.get("gpu-job-0").state == STOPPED
+        assert f.commands.active_count == 0
+        gpu = await f.node("gpu", gpu=1)
+        assert gpu is not None
+        await asyncio.sleep(0.05)
+        assert commands_in(drain(gpu)) == []  # a stopped agent is never placed
+        assert f.scheduler.tasks_of("gpu") == 0
+        with pytest.raises(NotFound):
+            await f.agents.stop_agent("ghost")
+        with pytest.raises(InvalidArgument):
+            await f.agents.stop_agent("")
+        with pytest.raises(NotFound):
+            f.agents.get("ghost-0")
+        await f.stop()
+
+    run(main())
+
+
+# ------------------------------------------------------------------ failing starts
+
+
+def test_failing_start_is_placed_again_then_failed_releasing_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1")
+        assert s1 is not None
+        await f.agents.deploy(agent_spec("keep", cpu=1))
+        keep_start = await next_command(s1, "agent.start")
+        f.commands.handle_reports(
+            "n1", pb.NodeMessage(results=[pb.CommandResult(command_id=keep_start.id, success=True)])
+        )
+        assert f.agents.get("keep-0").state == RUNNING
+        assert f.scheduler.tasks_of("n1") == 1
+        await f.agents.deploy(agent_spec("flaky", cpu=2))
+        for attempt in range(1, agents_mod.MAX_PLACEMENTS + 1):
+            start = await next_command(s1, "agent.start")
+            while agent_of(start) != "flaky-0":
+                start = await next_command(s1, "agent.start")
+            assert f.agents.get("flaky-0").placements == attempt
+            assert reserved_cpu(f, "n1") == 3
+            f.commands.handle_reports(
+                "n1",
+                pb.NodeMessage(
+                    results=[pb.CommandResult(command_id=start.id, success=False, error="oom")]
+                ),
+            )
+        agent = f.agents.get("flaky-0")
+        assert agent.state == FAILED and "oom" in agent.message
+        assert str(agents_mod.MAX_PLACEMENTS) in agent.message
+        # Exactly its own reservation went back: "keep" still holds 1 cpu and 1 task.
+        assert reserved_cpu(f, "n1") == 1
+        assert f.scheduler.tasks_of("n1") == 1
+        await asyncio.sleep(0.05)
+        assert f.agents.get("flaky-0").placements == agents_mod.MAX_PLACEMENTS
+        await f.stop()
+
+    run(main())
+
+
+# ------------------------------------------------------------------ restart
+
+
+def test_restart_restores_agents_with_their_reservations(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1")
+        assert s1 is not None
+        await f.agents.deploy(agent_spec("web", replicas=2, cpu=2))
+        report_agents(f, "n1", web_0="running", web_1="running")
+        await f.agents.deploy(agent_spec("gpu-job", gpu=1))
+        await f.agents.deploy(agent_spec("old", cpu=1))
+        await f.agents.stop_agent("old")
+        report_agents(f, "n1", old_0="stopped")
+        await f.stop()
+
+        g = await fabric(tmp_path)
+        states = {a.id: (a.state, a.node_id) for a in g.agents.list_agents()[0]}
+        assert states == {
+            "web-0": (RUNNING, "n1"),
+            "web-1": (RUNNING, "n1"),
+            "gpu-job-0": (PENDING, ""),
+            "old-0": (STOPPED, "n1"),
+        }
+        assert reserved_cpu(g, "n1") == 4  # the running ones, not the stopped one
+        with pytest.raises(FailedPrecondition):
+            await g.agents.deploy(agent_spec("web"))
+        # The waiting one is placed once capacity appears.
+        gpu = await g.node("gpu", gpu=1)
+        assert gpu is not None
+        start = await next_command(gpu, "agent.start")
+        assert agent_of(start) == "gpu-job-0"
+        assert g.agents.get("gpu-job-0").node_id == "gpu"
+        assert g.scheduler.reserved_of("gpu")["gpu"] == 1
+        # Stopping a restored agent releases its restored reservation.
+        s = await g.node("n1")
+        assert s is not None
+        await g.agents.stop_agent("web")
+        report_agents(g, "n1", web_0="stopped", web_1="stopped")
+        assert reserved_cpu(g, "n1") == 0
+        await g.stop()
+
+    run(main())
