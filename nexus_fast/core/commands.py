@@ -26,13 +26,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import heapq
+import itertools
+import os
 import re
 import struct
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
+
+from prometheus_client import Counter
 
 from nexus_fast.core.nodes import (
     NodeRegistry,
@@ -150,8 +153,21 @@ class CommandService:
         self._submitted_at: dict[str, float] = {}
         self._ticker: asyncio.Task[None] | None = None
         self._writes: set[asyncio.Future[CommitResult]] = set()
-        for state in FINAL_STATES:  # export zeros, so rate() works from the first scrape
-            metrics.COMMANDS_PROCESSED.labels(status=STATE_NAMES[state])
+        # Writes staged for the next commit (see _save_later).
+        self._batch_ops: list[Put | Delete] = []
+        self._batch_events: list[bytes] = []
+        self._batch_final: list[pb.CommandRecord] = []
+        self._flush_handle: asyncio.Handle | None = None
+        # Children looked up once (labels() is a dict lookup under a lock), and exported
+        # at zero so rate() works from the first scrape.
+        self._processed: dict[int, Counter] = {
+            state: metrics.COMMANDS_PROCESSED.labels(status=STATE_NAMES[state])
+            for state in FINAL_STATES
+        }
+        # Generated ids: a random per-process prefix and a counter (uuid4 costs more and
+        # sorts randomly; these also list in submission order).
+        self._id_prefix = f"{now_ms():x}{os.urandom(4).hex()}-"
+        self._id_counter = itertools.count(1)
         # Internal callers (agents) hear about final states here.
         self.on_final: list[Callable[[pb.CommandRecord], None]] = []
 
@@ -218,6 +234,12 @@ class CommandService:
         if self._dispatch_handle is not None:
             self._dispatch_handle.cancel()
             self._dispatch_handle = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Commit the staged writes now and wait until every write so far is durable."""
+        if self._batch_ops or self._batch_events:
+            self._flush()
         if self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
 
@@ -380,7 +402,7 @@ class CommandService:
     def _new_record(self, spec: pb.CommandSpec, agent_id: str = "") -> pb.CommandRecord:
         ts = now_ms()
         record = pb.CommandRecord(
-            id=spec.idempotency_key or uuid.uuid4().hex,
+            id=spec.idempotency_key or f"{self._id_prefix}{next(self._id_counter):08x}",
             state=PENDING,
             created_ms=ts,
             updated_ms=ts,
@@ -773,7 +795,7 @@ class CommandService:
         started = self._submitted_at.pop(record.id, None)
         if started is not None:
             metrics.COMMAND_SUBMIT_TO_FINAL.observe(time.monotonic() - started)
-        metrics.COMMANDS_PROCESSED.labels(status=STATE_NAMES[state]).inc()
+        self._processed[state].inc()
         for inbox in self._waiters.pop(record.id, ()):
             inbox.put_nowait(record)
         for hook in self.on_final:
@@ -862,9 +884,9 @@ class CommandService:
 
     # ------------------------------------------------------------ persistence
 
-    def _save(self, records: Sequence[pb.CommandRecord]) -> asyncio.Future[CommitResult]:
-        ops: list[Put | Delete] = []
-        events: list[bytes] = []
+    def _stage_write(self, records: Sequence[pb.CommandRecord]) -> None:
+        """Snapshot records (and their transition events) into the next commit."""
+        ops, events, final = self._batch_ops, self._batch_events, self._batch_final
         ts = now_ms()
         for record in records:
             body = record.SerializeToString()
@@ -877,9 +899,32 @@ class CommandService:
                         b"",
                     )
                 )
+                final.append(record)
             events.append(_event(record, body, ts))
+
+    def _save(self, records: Sequence[pb.CommandRecord]) -> asyncio.Future[CommitResult]:
+        """Commit records now (with everything staged before them: order is kept)."""
+        self._stage_write(records)
+        return self._flush()
+
+    def _save_later(self, records: Sequence[pb.CommandRecord]) -> None:
+        """Commit without waiting, coalesced: one store request per loop iteration.
+
+        The writer applies requests in order, so the last state written wins.
+        """
+        self._stage_write(records)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> asyncio.Future[CommitResult]:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        ops, events, final = self._batch_ops, self._batch_events, self._batch_final
+        self._batch_ops, self._batch_events, self._batch_final = [], [], []
         future = self._store.commit(ops, events)
-        final = [r for r in records if r.state in FINAL_STATES]
+        self._writes.add(future)
+        future.add_done_callback(self._write_done)
         if final:
             future.add_done_callback(lambda _: self._durable(final))
         return future
@@ -889,12 +934,6 @@ class CommandService:
         for record in records:
             if self._finishing.get(record.id) is record:
                 del self._finishing[record.id]
-
-    def _save_later(self, records: Sequence[pb.CommandRecord]) -> None:
-        """Commit without waiting; the writer keeps order, so the last state wins."""
-        future = self._save(records)
-        self._writes.add(future)
-        future.add_done_callback(self._write_done)
 
     def _write_done(self, future: asyncio.Future[CommitResult]) -> None:
         self._writes.discard(future)

@@ -188,7 +188,8 @@ class Fabric:
         return len(self.store.scan(COMMANDS_DB, prefix=b"c/"))
 
     async def flush(self) -> None:
-        """Wait until every write queued so far is durable."""
+        """Wait until every write made so far (staged ones too) is durable."""
+        await self.commands.flush()
         await self.store.commit([])
 
     async def down(self, *node_ids: str, keep: Sequence[str] = ()) -> None:
