@@ -11,7 +11,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard _ext/*.pyx _ext/*.pxd) \
                 $(shell find proto -name '*.proto' 2>/dev/null)
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: venv install run test lint bench bench-short promtool clean
+.PHONY: venv install run test lint bench bench-short bench-e2e profile promtool clean
 
 venv install: $(STAMP)
 
@@ -64,6 +64,20 @@ bench: install
 bench-short: install
 	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) -m pytest bench --benchmark-only -q \
 	  --benchmark-min-rounds=3 --benchmark-max-time=0.05 --benchmark-warmup=off
+
+# End-to-end figures with their baselines (nexus-bench, docs/performance.md).
+SCENARIO ?= dispatch
+DURATION ?= 10
+bench-e2e: install
+	@for s in dispatch heartbeat events; do \
+	  NEXUS_REQUIRE_EXTENSIONS=1 $(VENV)/bin/nexus-bench $$s --spawn --baseline --duration $(DURATION) || exit 1; \
+	done
+	NEXUS_REQUIRE_EXTENSIONS=1 $(VENV)/bin/nexus-bench state --baseline --duration $(DURATION)
+	NEXUS_REQUIRE_EXTENSIONS=1 $(VENV)/bin/nexus-bench micro --duration $(DURATION)
+
+# The server under scalene while nexus-bench drives it; prints where the profile went.
+profile: install
+	DURATION=$(DURATION) profiling/run.sh $(SCENARIO)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

@@ -1,0 +1,370 @@
+"""``nexus-bench``: measure nexus_fast end to end, with the baseline it is judged against.
+
+    nexus-bench dispatch --spawn --baseline --duration 10 --json out.json
+    nexus-bench heartbeat --target 127.0.0.1:50053 --http 8082 --nodes 10000
+    nexus-bench events --spawn --subscribers 100 --baseline
+    nexus-bench state --baseline
+    nexus-bench micro
+
+Exit codes: 0 done and the error rate within ``--max-error-rate``; 1 error rate exceeded
+or the run failed; 2 invalid arguments; 130 interrupted (Ctrl-C) — children are stopped
+and temporary directories removed in every case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import ipaddress
+import math
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from nexus_fast.benchmark.common import Context
+from nexus_fast.benchmark.procs import BenchError, Endpoints, ProcessGroup, spawn_server
+from nexus_fast.benchmark.report import Report
+from nexus_fast.benchmark.runner import HARD_MAX_DURATION, HARD_MAX_OPS
+
+SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro")
+NETWORK = frozenset({"heartbeat", "dispatch", "events"})
+DEFAULT_NODES = {"heartbeat": 100, "dispatch": 100, "events": 10}
+
+_EPILOG = """\
+scenarios:
+  heartbeat  N nodes stream heartbeats (back to back, or --interval/--rate); heartbeats
+             handled/s by the server. Baseline: bare grpc.aio bidi echo, same streams.
+  dispatch   SubmitCommands batches -> place -> dispatch -> node ack+result -> succeeded;
+             commands/s, latency submit->node receives, ->reply, ->final (sampled).
+             Baseline: bare grpc.aio unary echo of the same request, same concurrency/rate.
+  events     M WebSocket subscribers (+ gRPC WatchEvents watchers) while a command load
+             runs; delivered events/s, event time->receive latency.
+             Baseline: bare picows broadcast of one of our frames to M subscribers.
+  state      LmdbStore in this process: durable commits/s per --levels, get/s.
+             Baseline: bare py-lmdb, one synced txn per put.
+  micro      ring, queue, scoring: compiled twin vs pure twin (ratio c/py).
+
+--rate R is operations per second on a fixed timetable (dispatch/events: batches,
+heartbeat: heartbeats over all nodes); latency then counts from the intended send time.
+"""
+
+
+def _pos_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _pos_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number within 0..1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number within 0..1, got {text!r}")
+    return value
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected e.g. 1,16,256, got {text!r}") from None
+    if not levels or any(x < 1 for x in levels):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,16,256, got {text!r}")
+    return levels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The nexus-bench argument parser."""
+    p = argparse.ArgumentParser(
+        prog="nexus-bench",
+        description="Benchmark nexus_fast end to end, side by side with a bare baseline.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("scenario", choices=SCENARIOS)
+    s = p.add_argument_group("server under test (heartbeat, dispatch, events)")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--target", metavar="HOST:PORT", help="a running server's gRPC address")
+    where.add_argument(
+        "--spawn",
+        action="store_true",
+        help="start python -m nexus_fast.cli on free 127.0.0.1 ports with a temporary data dir",
+    )
+    s.add_argument(
+        "--http", metavar="URL|PORT", help="the target's HTTP port or base URL (/metrics)"
+    )
+    s.add_argument("--ws", metavar="URL|PORT", help="the target's WebSocket port or base URL")
+    s.add_argument("--tls-ca", metavar="FILE", help="PEM root certificates (enables TLS on gRPC)")
+    s.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate chain (mTLS)")
+    s.add_argument("--tls-key", metavar="FILE", help="PEM client private key (mTLS)")
+    s.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a --target that is not a loopback address",
+    )
+    w = p.add_argument_group("load")
+    w.add_argument("--baseline", action="store_true", help="also measure the baseline, same run")
+    w.add_argument(
+        "--duration",
+        type=_pos_float,
+        default=10.0,
+        help=f"seconds of measurement (default 10, at most {HARD_MAX_DURATION:.0f})",
+    )
+    w.add_argument(
+        "--count",
+        "--commands",
+        dest="count",
+        type=_pos_int,
+        default=None,
+        help="stop after this many operations (commands for dispatch/events, heartbeats)",
+    )
+    w.add_argument("--rate", type=_pos_float, default=None, help="fixed rate, operations/s")
+    w.add_argument(
+        "--concurrency", type=_pos_int, default=4, help="requests in flight, closed loop (4)"
+    )
+    w.add_argument("--batch-size", type=_pos_int, default=100, help="commands per submit (100)")
+    w.add_argument(
+        "--nodes",
+        type=_pos_int,
+        default=None,
+        help="simulated nodes (heartbeat 100, dispatch 100, events 10)",
+    )
+    w.add_argument(
+        "--interval",
+        type=_pos_float,
+        default=None,
+        help="heartbeat: seconds between heartbeats of one node (default: back to back)",
+    )
+    w.add_argument(
+        "--subscribers", type=_pos_int, default=100, help="events: WebSocket subscribers"
+    )
+    w.add_argument(
+        "--watchers", type=int, default=1, help="events: gRPC WatchEvents streams (default 1)"
+    )
+    w.add_argument(
+        "--levels",
+        type=_levels,
+        default=[1, 16, 256],
+        help="state: commits in flight, comma separated (1,16,256)",
+    )
+    w.add_argument(
+        "--final-every",
+        type=int,
+        default=20,
+        help="dispatch: time submit->final on one command of every Nth batch (20; 0 = off)",
+    )
+    o = p.add_argument_group("output")
+    o.add_argument("--json", metavar="FILE", help="write the machine-readable report")
+    o.add_argument("--plot", metavar="FILE.png", help="draw latency percentiles (matplotlib)")
+    o.add_argument(
+        "--max-error-rate",
+        type=_fraction,
+        default=0.01,
+        help="exit 1 when errors / attempts exceed this (default 0.01)",
+    )
+    return p
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(
+                ipaddress.ip_address(info[4][0]).is_loopback
+                for info in socket.getaddrinfo(host, None)
+            )
+        except OSError:
+            return False
+
+
+def _split_target(target: str) -> tuple[str, int]:
+    host, sep, port = target.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--target must be HOST:PORT, got {target!r}")
+    return host, int(port)
+
+
+def _url(value: str | None, host: str, scheme: str) -> str | None:
+    if not value:
+        return None
+    if value.isdigit():
+        return f"{scheme}://{host}:{value}"
+    if "://" not in value:
+        raise ValueError(f"expected a port or a {scheme}:// URL, got {value!r}")
+    return value.rstrip("/")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and cross-check the arguments (argparse exits 2 on errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.scenario in NETWORK:
+        if not args.target and not args.spawn:
+            parser.error(f"{args.scenario} needs --target HOST:PORT or --spawn")
+        if args.target:
+            try:
+                host, _ = _split_target(args.target)
+                args.http_url = _url(args.http, host, "http")
+                args.ws_url = _url(args.ws, host, "ws")
+            except ValueError as exc:
+                parser.error(str(exc))
+            if not args.allow_remote and not _is_loopback(host):
+                parser.error(
+                    f"--target {args.target} is not a loopback address; add --allow-remote"
+                )
+            if args.scenario == "events" and not args.ws_url:
+                parser.error("events with --target needs --ws (the WebSocket port or URL)")
+        elif args.http or args.ws:
+            parser.error("--http/--ws go with --target (--spawn knows its own ports)")
+    elif args.target or args.spawn:
+        parser.error(f"{args.scenario} runs in this process; --target/--spawn do not apply")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.spawn and (args.tls_ca or args.tls_cert):
+        parser.error("--spawn starts a plaintext server; TLS options need --target")
+    if args.duration > HARD_MAX_DURATION:
+        parser.error(f"--duration is at most {HARD_MAX_DURATION:.0f} s")
+    if args.count is not None and args.count > HARD_MAX_OPS:
+        parser.error(f"--count is at most {HARD_MAX_OPS}")
+    if args.interval is not None and args.rate is not None:
+        parser.error("--interval and --rate both set the heartbeat rate: give one")
+    if args.interval is not None and args.scenario != "heartbeat":
+        parser.error("--interval applies to the heartbeat scenario")
+    if args.watchers < 0 or args.final_every < 0:
+        parser.error("--watchers and --final-every must be >= 0")
+    if args.plot:
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError:
+            parser.error(
+                "--plot needs matplotlib: pip install 'nexus-fast[plot]' (or pip install matplotlib)"
+            )
+    if args.nodes is None:
+        args.nodes = DEFAULT_NODES.get(args.scenario, 1)
+    return args
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | list | None)
+    }
+
+
+async def _run(ctx: Context) -> None:
+    from nexus_fast.benchmark.scenarios import dispatch, events, heartbeat, micro, state
+
+    modules = {
+        "heartbeat": heartbeat,
+        "dispatch": dispatch,
+        "events": events,
+        "state": state,
+        "micro": micro,
+    }
+    await modules[ctx.args.scenario].run(ctx)
+
+
+async def amain(args: argparse.Namespace, group: ProcessGroup) -> Report:
+    """Run the scenario; Ctrl-C/SIGTERM ends the measurement early (the report still prints)."""
+    report = Report(scenario=args.scenario, config=_config(args))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    hits = [0]
+
+    def on_signal() -> None:
+        hits[0] += 1
+        stop.set()
+        if hits[0] > 1:  # a second Ctrl-C: stop waiting for the drain
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    ctx = Context(args=args, group=group, report=report, stop=stop)
+    if args.scenario in NETWORK:
+        if args.spawn:
+            print("nexus-bench: starting the server ...", file=sys.stderr)
+            ctx.server = await loop.run_in_executor(None, lambda: spawn_server(group))
+            report.config["server"] = {"spawned": True, "grpc": ctx.server.grpc}
+        else:
+            ctx.server = Endpoints(grpc=args.target, http=args.http_url, ws=args.ws_url)
+            report.config["server"] = {"spawned": False, "grpc": args.target}
+    try:
+        await _run(ctx)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if stop.is_set():
+        report.notes.append("interrupted: figures cover the part that ran")
+        report.exit_code = 130
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (``nexus-bench``)."""
+    args = parse_args(argv)
+    import uvloop
+
+    group = ProcessGroup()
+    try:
+        report = uvloop.run(amain(args, group))
+    except BenchError as exc:
+        print(f"nexus-bench: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("nexus-bench: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line, not a traceback (NEXUS_BENCH_DEBUG=1 shows it)
+        if os.environ.get("NEXUS_BENCH_DEBUG"):
+            raise
+        detail = exc.details() if hasattr(exc, "details") else str(exc)
+        print(
+            f"nexus-bench: {args.scenario} failed: {type(exc).__name__}: {detail}", file=sys.stderr
+        )
+        return 1
+    finally:
+        group.close()
+    rate = report.error_rate()
+    if report.exit_code == 0 and rate > args.max_error_rate:
+        report.exit_code = 1
+        report.notes.append(
+            f"error rate {rate:.2%} exceeds --max-error-rate {args.max_error_rate:.2%}"
+        )
+    if report.exit_code == 0 and not report.results:
+        report.exit_code = 1
+        report.notes.append("nothing was measured")
+    print(report.table())
+    if args.json:
+        report.write_json(args.json)
+        print(f"json: {args.json}")
+    if args.plot:
+        report.plot(args.plot)
+        print(f"plot: {args.plot}")
+    return report.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

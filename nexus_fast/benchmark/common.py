@@ -1,0 +1,224 @@
+"""What every scenario shares: the run context, gRPC channels, and simulated nodes.
+
+:class:`BenchNode` is a lean node: Register, one Connect stream, heartbeats on demand, and
+commands answered at once with one NodeMessage carrying the ack and the result. It reuses
+the reference proxy's defaults (:mod:`nexus_fast.node_proxy`) but not its ``NodeSim``:
+that one coalesces replies for 2 ms, simulates execution time and de-duplicates, which is
+right for a fleet simulator and wrong for a harness that times the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from nexus_fast.benchmark.procs import Endpoints, ProcessGroup
+from nexus_fast.benchmark.report import Report
+from nexus_fast.node_proxy import DEFAULT_CAPACITY, default_channels, simulate_usage
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+
+MAX_MESSAGE = 64 * 1024 * 1024
+REGISTER_CONCURRENCY = 64
+RPC_TIMEOUT = 30.0
+
+
+@dataclass
+class Context:
+    """One run: parsed arguments, the server under test, child processes, the report."""
+
+    args: argparse.Namespace
+    group: ProcessGroup
+    report: Report
+    server: Endpoints | None = None  # None for in-process scenarios (state, micro)
+    stop: asyncio.Event | None = None
+
+    def stopping(self) -> bool:
+        """True after Ctrl-C."""
+        return self.stop is not None and self.stop.is_set()
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as fp:
+        return fp.read()
+
+
+def open_channel(target: str, args: argparse.Namespace | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel of its own TCP connection; TLS when ``--tls-*`` is given."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.use_local_subchannel_pool", 1),  # N channels = N connections, not one shared
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.enable_retries", 0),
+    ]
+    tls_ca = getattr(args, "tls_ca", None)
+    tls_cert = getattr(args, "tls_cert", None)
+    tls_key = getattr(args, "tls_key", None)
+    if tls_ca or tls_cert:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=_read(tls_ca),
+            private_key=_read(tls_key),
+            certificate_chain=_read(tls_cert),
+        )
+        return grpc.aio.secure_channel(target, creds, options=options)
+    return grpc.aio.insecure_channel(target, options=options)
+
+
+class BenchNode:
+    """One simulated node with measurement hooks.
+
+    ``on_commands(node, commands, received_at)`` is called for every ControlMessage with
+    commands, before the reply (ack + successful result for each) is written.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        stub: pb_grpc.NodeServiceStub,
+        on_commands: Callable[[BenchNode, Any, float], None] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.stub = stub
+        self.on_commands = on_commands
+        self.epoch = 0
+        self.call: Any = None
+        self.interval = 5.0
+        self._write_lock = asyncio.Lock()
+        self._reader: asyncio.Task[None] | None = None
+        self.heartbeat_bytes = b""
+        self.heartbeat_msg = pb.NodeMessage()
+        self.results_sent = 0
+        self.error = ""
+
+    async def register(self) -> None:
+        """Register (new session epoch) and remember the advised heartbeat interval."""
+        response = await self.stub.Register(
+            pb.RegisterRequest(
+                node_id=self.node_id,
+                address=f"bench://{self.node_id}",
+                labels={"bench": "1"},
+                capacity=pb.Resources(**DEFAULT_CAPACITY),
+                version="nexus-bench",
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+        self.epoch = response.session_epoch
+        if response.config.heartbeat_interval_ms:
+            self.interval = response.config.heartbeat_interval_ms / 1000.0
+        usage = simulate_usage(DEFAULT_CAPACITY, dict.fromkeys(DEFAULT_CAPACITY, 0.2), 0, 0)
+        self.heartbeat_msg = pb.NodeMessage(
+            heartbeat=pb.Heartbeat(usage=pb.Resources(**usage), sent_ms=int(time.time() * 1000))
+        )
+        self.heartbeat_bytes = self.heartbeat_msg.SerializeToString()
+
+    async def connect(self) -> None:
+        """Open the Connect stream and send the first message (identity + heartbeat)."""
+        self.call = self.stub.Connect()
+        first = pb.NodeMessage()
+        first.CopyFrom(self.heartbeat_msg)
+        first.node_id = self.node_id
+        first.session_epoch = self.epoch
+        await self.call.write(first)
+        self._reader = asyncio.ensure_future(self._read_loop())
+
+    async def heartbeat(self) -> None:
+        """Write one heartbeat on the stream."""
+        async with self._write_lock:
+            await self.call.write(self.heartbeat_msg)
+
+    async def _read_loop(self) -> None:
+        call = self.call
+        try:
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:
+                    return
+                if not msg.commands:
+                    continue
+                now = time.perf_counter()
+                if self.on_commands is not None:
+                    self.on_commands(self, msg.commands, now)
+                reply = pb.NodeMessage(
+                    acks=[pb.CommandAck(command_id=c.id, attempt=c.attempt) for c in msg.commands],
+                    results=[
+                        pb.CommandResult(command_id=c.id, attempt=c.attempt, success=True)
+                        for c in msg.commands
+                    ],
+                )
+                async with self._write_lock:
+                    await call.write(reply)
+                self.results_sent += len(msg.commands)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError) as exc:
+            self.error = str(exc)[:200]
+
+    async def close(self) -> None:
+        """Half-close and cancel the stream."""
+        if self.call is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.call.done_writing(), 1.0)
+            self.call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+
+
+class NodePool:
+    """``n`` :class:`BenchNode` over ``default_channels(n)`` channels (as ``nexus-node`` does)."""
+
+    def __init__(
+        self,
+        target: str,
+        n: int,
+        args: argparse.Namespace | None,
+        *,
+        prefix: str = "bench-",
+        on_commands: Callable[[BenchNode, Any, float], None] | None = None,
+        channels: int | None = None,
+    ) -> None:
+        self.channels = [open_channel(target, args) for _ in range(channels or default_channels(n))]
+        stubs = [pb_grpc.NodeServiceStub(ch) for ch in self.channels]
+        width = max(5, len(str(n - 1)))
+        self.nodes = [
+            BenchNode(f"{prefix}{i:0{width}d}", stubs[i % len(stubs)], on_commands)
+            for i in range(n)
+        ]
+
+    async def start(self) -> None:
+        """Register every node (bounded concurrency), then open every stream."""
+        slots = asyncio.Semaphore(REGISTER_CONCURRENCY)
+
+        async def one(node: BenchNode) -> None:
+            async with slots:
+                await node.register()
+                await node.connect()
+
+        await asyncio.gather(*(one(node) for node in self.nodes))
+
+    async def close(self) -> None:
+        """Close streams and channels."""
+        await asyncio.gather(*(node.close() for node in self.nodes), return_exceptions=True)
+        for ch in self.channels:
+            await ch.close()
+
+
+async def keep_alive(pool: NodePool, stop: asyncio.Event) -> None:
+    """Heartbeat every node at its advised interval so none goes down during a long run."""
+    while not stop.is_set():
+        interval = min(node.interval for node in pool.nodes) if pool.nodes else 5.0
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval * 0.5)
+        if stop.is_set():
+            return
+        await asyncio.gather(
+            *(node.heartbeat() for node in pool.nodes if not node.error), return_exceptions=True
+        )

@@ -1,0 +1,1 @@
+"""Scenarios: each is ``async def run(ctx: Context) -> None`` filling ``ctx.report``."""

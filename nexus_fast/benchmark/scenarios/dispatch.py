@@ -1,0 +1,348 @@
+"""``dispatch``: end to end. Submit batches -> place -> dispatch -> node ack+result -> final.
+
+Each operation is one ``SubmitCommands`` of ``--batch-size`` commands placed by the
+scheduler (no target node). Command ids are client idempotency keys, so the submit time
+of every command is known before the reply. The simulated nodes (in this process) note
+when each command arrives and answer at once with ack + success in one message.
+
+Figures: commands completed per second (the node sent the result; the server's
+``nexus_commands_processed_total`` must agree at the end), latency submit -> node
+receives (every command), submit -> reply, and submit -> final (sampled with
+``WaitCommands`` on one command of every ``--final-every``-th batch). The baseline is a
+bare grpc.aio unary echo of the same request bytes at the same concurrency (or rate).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from typing import Any
+
+import grpc
+
+from nexus_fast.benchmark.baselines import UNARY_METHOD
+from nexus_fast.benchmark.common import (
+    RPC_TIMEOUT,
+    BenchNode,
+    Context,
+    NodePool,
+    keep_alive,
+    open_channel,
+)
+from nexus_fast.benchmark.histogram import LatencyHistogram
+from nexus_fast.benchmark.procs import metric_sum, spawn_baseline
+from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, ratio
+from nexus_fast.benchmark.runner import DRAIN_TIMEOUT, Progress, drive
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+
+PAYLOAD = b"x" * 32
+PROCESSED = "nexus_commands_processed_total"
+SUBMIT_METHOD = "/nexus.fabric.v1.ControlService/SubmitCommands"
+
+
+KEY_DIGITS = 9
+
+
+def build_batch(prefix: str, first: int, size: int) -> pb.SubmitCommandsRequest:
+    """A batch of ``size`` scheduler-placed commands with ids ``prefix-first..`` (reference)."""
+    return pb.SubmitCommandsRequest(
+        commands=[
+            pb.CommandSpec(
+                idempotency_key=f"{prefix}-{first + i:0{KEY_DIGITS}d}",
+                kind="bench.noop",
+                payload=PAYLOAD,
+                placement=pb.Placement(request=pb.Resources(cpu=0.001)),
+            )
+            for i in range(size)
+        ]
+    )
+
+
+class BatchEncoder:
+    """Serialized ``SubmitCommandsRequest`` bytes, equal to :func:`build_batch`'s, made fast.
+
+    Every command differs only in its fixed-width id, so one spec is encoded once and the
+    id spliced in: the client then costs microseconds per batch, and both our server and
+    the echo baseline are measured at their limit rather than at the client's.
+    """
+
+    def __init__(self, prefix: str, size: int) -> None:
+        self.prefix = prefix
+        self.size = size
+        marker = "#" * (len(prefix) + 1 + KEY_DIGITS)
+        one = build_batch("", 0, 1).commands[0]
+        one.idempotency_key = marker
+        spec = pb.SubmitCommandsRequest(commands=[one]).SerializeToString()
+        head, _, tail = spec.partition(marker.encode())
+        self.head = head
+        self.tail = tail
+
+    def encode(self, first: int) -> tuple[bytes, list[str]]:
+        """The request bytes for ids ``first .. first+size-1`` and those ids."""
+        ids = [f"{self.prefix}-{first + i:0{KEY_DIGITS}d}" for i in range(self.size)]
+        head, tail = self.head, self.tail
+        return b"".join([head + cid.encode() + tail for cid in ids]), ids
+
+
+def op_mode(args: Any) -> str:
+    """Human description of the load shape."""
+    if args.rate:
+        return f"fixed rate {args.rate:g} batches/s"
+    return f"closed loop, concurrency {args.concurrency}"
+
+
+class DispatchLoad:
+    """Submits batches and tracks every command until its node got it (and answered)."""
+
+    def __init__(self, ctx: Context, channel: Any, *, final_every: int) -> None:
+        self.ctx = ctx
+        self.control = pb_grpc.ControlServiceStub(channel)
+        # Raw bytes both ways: the reply is not parsed (the echo baseline does the same).
+        self.submit_raw = channel.unary_unary(SUBMIT_METHOD)
+        self.batch = ctx.args.batch_size
+        self.prefix = f"b{os.getpid()}-{int(time.time() * 1000) % 10_000_000:07d}"
+        self.encoder = BatchEncoder(self.prefix, self.batch)
+        self.next_id = 0
+        self.submitted_at: dict[str, float] = {}
+        self.recv = LatencyHistogram()
+        self.reply = LatencyHistogram()
+        self.final = LatencyHistogram()
+        self.submitted = 0
+        self.received = 0
+        self.completed_at = 0.0
+        self.failed_commands = 0
+        self.final_every = final_every
+        self.batches = 0
+        self.waiters: set[asyncio.Future[None]] = set()
+        self.all_received = asyncio.Event()
+        self.window_over = False
+
+    def on_commands(self, node: BenchNode, commands: Any, now: float) -> None:
+        """Node hook: latency submit -> node receives, for every command."""
+        pop = self.submitted_at.pop  # a redelivered command is timed once
+        record = self.recv.record_ns
+        n = 0
+        for c in commands:
+            t = pop(c.id, None)
+            if t is not None:
+                record(int((now - t) * 1e9))
+                n += 1
+        self.received += n
+        self.completed_at = now
+        if self.window_over and self.received >= self.submitted:
+            self.all_received.set()
+
+    async def submit(self, intended: float) -> None:
+        """One SubmitCommands of a fresh batch (the drive's operation)."""
+        first = self.next_id
+        self.next_id += self.batch
+        request, ids = self.encoder.encode(first)
+        for cid in ids:
+            self.submitted_at[cid] = intended
+        try:
+            await self.submit_raw(request, timeout=RPC_TIMEOUT)
+        except grpc.aio.AioRpcError:
+            for cid in ids:
+                self.submitted_at.pop(cid, None)
+            self.failed_commands += len(ids)
+            raise
+        self.reply.record(time.perf_counter() - intended)
+        self.submitted += len(ids)
+        self.batches += 1
+        if self.final_every and self.batches % self.final_every == 0:
+            waiter = asyncio.ensure_future(self._wait_final(ids[-1], intended))
+            self.waiters.add(waiter)
+            waiter.add_done_callback(self.waiters.discard)
+
+    async def _wait_final(self, cid: str, intended: float) -> None:
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for record in self.control.WaitCommands(
+                pb.WaitCommandsRequest(ids=[cid], timeout_ms=int(DRAIN_TIMEOUT * 1000)),
+                timeout=DRAIN_TIMEOUT + 5,
+            ):
+                if record.state == pb.COMMAND_STATE_SUCCEEDED:
+                    self.final.record(time.perf_counter() - intended)
+
+
+async def measure_ours(ctx: Context) -> Measurement:
+    """Commands completed per second through the real server."""
+    args = ctx.args
+    server = ctx.server
+    assert server is not None
+    channel = open_channel(server.grpc, args)
+    load = DispatchLoad(ctx, channel, final_every=args.final_every)
+    pool = NodePool(server.grpc, args.nodes, args, prefix="dp-", on_commands=load.on_commands)
+    await pool.start()
+    await asyncio.sleep(0.2)  # let the scheduler see every node's first heartbeat
+    hb_stop = asyncio.Event()
+    beats = asyncio.ensure_future(keep_alive(pool, hb_stop))
+    m0 = server.metrics()
+    cpu0 = server.cpu_seconds()
+    c0 = time.process_time()
+    t0 = time.perf_counter()
+    progress = Progress(
+        lambda t: (
+            f"dispatch  t={t:5.1f}s  submitted={load.submitted:,}  received={load.received:,}  "
+            f"{load.received / max(t, 1e-9):,.0f} cmd/s"
+        )
+    )
+    progress.start()
+    try:
+        result = await drive(
+            load.submit,
+            duration=args.duration,
+            concurrency=args.concurrency,
+            rate=args.rate,
+            max_ops=-(-args.count // args.batch_size) if args.count else None,
+            stop=ctx.stop,
+        )
+        # Let every command that was accepted reach its node (bounded).
+        load.window_over = True
+        if load.received < load.submitted:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(load.all_received.wait(), DRAIN_TIMEOUT)
+        end = max(load.completed_at, t0 + result.elapsed)
+        elapsed = end - t0
+        cpu1 = server.cpu_seconds()
+        client_cpu = time.process_time() - c0
+        if load.waiters:
+            await asyncio.wait(list(load.waiters), timeout=DRAIN_TIMEOUT)
+        await asyncio.sleep(0.3)  # results in flight reach the server before we count
+        m1 = server.metrics()
+    finally:
+        await progress.stop()
+        hb_stop.set()
+        await asyncio.gather(beats, return_exceptions=True)
+        await pool.close()
+        await channel.close()
+    lost = load.submitted - load.received
+    extra: dict[str, Any] = {
+        "mode": op_mode(args),
+        "batch_size": args.batch_size,
+        "nodes": args.nodes,
+        "submitted": load.submitted,
+        "received_by_nodes": load.received,
+        "submit_rpcs": load.batches,
+        "submit_rpc_per_s": round(load.batches / max(result.elapsed, 1e-9), 1),
+    }
+    server_failed = 0
+    if m0 is not None and m1 is not None:
+        done = {
+            s: metric_sum(m1, PROCESSED, status=s) - metric_sum(m0, PROCESSED, status=s)
+            for s in ("succeeded", "failed", "timed_out", "cancelled")
+        }
+        extra["server_final_states"] = done
+        server_failed = int(done["failed"] + done["timed_out"] + done["cancelled"])
+    if result.last_error:
+        extra["last_error"] = result.last_error
+    m = Measurement(
+        name=f"commands end to end, batch {args.batch_size}",
+        throughput=load.received / elapsed if elapsed > 0 else 0.0,
+        unit="commands/s",
+        count=load.received,
+        duration_s=round(elapsed, 3),
+        errors=load.failed_commands + max(0, lost) + server_failed,
+        server_cpu=cpu_figure(None if cpu0 is None or cpu1 is None else cpu1 - cpu0, elapsed),
+        client_cpu=cpu_figure(client_cpu, elapsed),
+        extra=extra,
+    )
+    m.add_latency("submit->node recv", load.recv)
+    m.add_latency("submit->reply", load.reply)
+    m.add_latency("submit->final (smpl)", load.final)
+    return m
+
+
+async def measure_baseline(ctx: Context) -> Measurement:
+    """The same request bytes, concurrency or rate, against a bare grpc.aio unary echo."""
+    args = ctx.args
+    base = spawn_baseline(ctx.group, "grpc")
+    channel = open_channel(base.grpc)
+    echo = channel.unary_unary(UNARY_METHOD)  # raw bytes both ways, as ours
+    hist = LatencyHistogram()
+    counter = [0, 0]
+    encoder = BatchEncoder(
+        f"e{os.getpid()}-{int(time.time() * 1000) % 10_000_000:07d}", args.batch_size
+    )
+
+    async def op(intended: float) -> None:
+        first = counter[1]
+        counter[1] += args.batch_size
+        request, _ids = encoder.encode(first)  # the same encoder and sizes as ours
+        await echo(request, timeout=RPC_TIMEOUT)
+        hist.record(time.perf_counter() - intended)
+        counter[0] += 1
+
+    progress = Progress(
+        lambda t: (
+            f"baseline unary echo  t={t:5.1f}s  rpcs={counter[0]:,}  {counter[0] / max(t, 1e-9):,.0f}/s"
+        )
+    )
+    cpu0 = base.cpu_seconds()
+    c0 = time.process_time()
+    progress.start()
+    try:
+        result = await drive(
+            op,
+            duration=args.duration,
+            concurrency=args.concurrency,
+            rate=args.rate,
+            max_ops=-(-args.count // args.batch_size) if args.count else None,
+            stop=ctx.stop,
+        )
+    finally:
+        await progress.stop()
+        await channel.close()
+    cpu1 = base.cpu_seconds()
+    m = Measurement(
+        name="grpc.aio unary echo",
+        throughput=counter[0] / result.elapsed,
+        unit="rpc/s",
+        count=counter[0],
+        duration_s=round(result.elapsed, 3),
+        errors=result.errors,
+        server_cpu=cpu_figure(
+            None if cpu0 is None or cpu1 is None else cpu1 - cpu0, result.elapsed
+        ),
+        client_cpu=cpu_figure(time.process_time() - c0, result.elapsed),
+        extra={
+            "mode": op_mode(args),
+            "request_bytes": len(encoder.encode(0)[0]),
+        },
+    )
+    m.add_latency("echo round trip", hist)
+    return m
+
+
+async def run(ctx: Context) -> None:
+    """Measure ours, then (``--baseline``) the unary echo, and the issue's ratios."""
+    args = ctx.args
+    ours = await measure_ours(ctx)
+    ctx.report.results.append(ours)
+    if not args.baseline or ctx.stopping():
+        return
+    base = await measure_baseline(ctx)
+    ctx.report.baseline.append(base)
+    limit = base.throughput * args.batch_size
+    ctx.report.ratios.append(
+        Ratio(
+            "commands / (echo rpc/s x batch)",
+            ratio(ours.throughput, limit),
+            f"{ours.throughput:,.0f} cmd/s / ({base.throughput:,.0f} rpc/s x {args.batch_size})"
+            + (" (fixed rate: both carry the offered load; use closed loop)" if args.rate else ""),
+            ">= 0.5 (batches of 100, 1,000 nodes); and >= 20,000 cmd/s absolute",
+        )
+    )
+    p99_ours = ours.latency["submit->node recv"].get("p99_ms")
+    p99_base = base.latency["echo round trip"].get("p99_ms")
+    ctx.report.ratios.append(
+        Ratio(
+            "p99 submit->recv / p99 echo",
+            ratio(float(p99_ours) if p99_ours else None, float(p99_base) if p99_base else None),
+            f"{p99_ours} ms / {p99_base} ms"
+            + ("" if args.rate else " (closed loop: use --rate at 10% of max for the target)"),
+            "<= 2 at 10% of max rate",
+        )
+    )

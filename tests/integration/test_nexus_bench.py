@@ -1,0 +1,118 @@
+"""nexus-bench end to end: every scenario runs, prints its table and writes valid JSON.
+
+Each run is short (seconds); the figures are not checked against targets here, only that
+they exist and are positive, so a slow CI machine cannot fail these tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.integration
+
+
+def bench(tmp_path: Path, *argv: str, timeout: float = 45.0) -> tuple[str, dict[str, Any]]:
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "nexus_fast.benchmark.cli", *argv, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert "throughput" in proc.stdout and "p99.9" in proc.stdout  # the table
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "nexus-bench/1" and doc["ok"] is True
+    assert set(doc) >= {"config", "environment", "results", "baseline", "ratios"}
+    assert doc["results"], doc
+    for m in doc["results"]:
+        assert m["throughput"] > 0, m
+    return proc.stdout, doc
+
+
+def test_dispatch_spawn_baseline(tmp_path: Path) -> None:
+    stdout, doc = bench(
+        tmp_path, "dispatch", "--spawn", "--baseline", "--duration", "3", "--nodes", "20"
+    )
+    ours = doc["results"][0]
+    assert ours["unit"] == "commands/s" and ours["errors"] == 0
+    assert ours["latency"]["submit->node recv"]["count"] == ours["count"]
+    assert ours["server_cpu"]["seconds"] > 0
+    assert ours["extra"]["server_final_states"]["succeeded"] == ours["count"]
+    assert doc["baseline"][0]["throughput"] > 0
+    names = [r["name"] for r in doc["ratios"]]
+    assert "commands / (echo rpc/s x batch)" in names
+    assert all(r["value"] and r["value"] > 0 for r in doc["ratios"])
+    assert "ratios" in stdout
+
+
+def test_heartbeat_spawn_baseline(tmp_path: Path) -> None:
+    _, doc = bench(
+        tmp_path, "heartbeat", "--spawn", "--baseline", "--duration", "2", "--nodes", "20"
+    )
+    assert doc["results"][0]["unit"] == "heartbeats/s"
+    assert doc["results"][0]["extra"]["source"].startswith("server metric")
+    assert doc["baseline"][0]["throughput"] > 0 and doc["ratios"][0]["value"] > 0
+
+
+def test_events_spawn_baseline(tmp_path: Path) -> None:
+    _, doc = bench(
+        tmp_path,
+        "events",
+        "--spawn",
+        "--baseline",
+        "--duration",
+        "2",
+        "--subscribers",
+        "10",
+        "--nodes",
+        "5",
+    )
+    ws, grpc_watch = doc["results"]
+    assert ws["unit"] == "events/s" and grpc_watch["count"] > 0
+    assert ws["latency"]["event time->recv"]["count"] > 0
+    assert doc["baseline"][0]["throughput"] > 0 and doc["ratios"][0]["value"] > 0
+
+
+def test_state_and_micro(tmp_path: Path) -> None:
+    _, doc = bench(tmp_path, "state", "--baseline", "--duration", "2", "--levels", "1,64")
+    units = [m["unit"] for m in doc["results"]]
+    assert units == ["commits/s", "commits/s", "gets/s"]
+    assert len(doc["baseline"]) == 2 and len(doc["ratios"]) == 2
+    _, doc = bench(tmp_path, "micro", "--duration", "2")
+    assert {r["name"] for r in doc["ratios"]} >= {
+        "ring append c/py",
+        "queue c/py",
+        "scoring 1k c/py",
+    }
+
+
+def test_errors_exit_nonzero_and_cleanup(tmp_path: Path) -> None:
+    """A target with nothing listening: the run fails with exit 1, no traceback."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nexus_fast.benchmark.cli",
+            "dispatch",
+            "--target",
+            "127.0.0.1:9",
+            "--duration",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,287 @@
+"""nexus-bench pieces that need no sockets: histogram, schedule, report, CLI validation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nexus_fast.benchmark import cli
+from nexus_fast.benchmark.histogram import (
+    MAX_NS,
+    N_BUCKETS,
+    LatencyHistogram,
+    bucket_bounds,
+    bucket_index,
+)
+from nexus_fast.benchmark.procs import metric_sum, parse_metrics
+from nexus_fast.benchmark.report import SCHEMA, Measurement, Ratio, Report
+from nexus_fast.benchmark.runner import FixedRateSchedule, drive
+from nexus_fast.benchmark.scenarios.dispatch import BatchEncoder, build_batch
+
+# ------------------------------------------------------------------ histogram
+
+
+def test_buckets_are_contiguous_and_narrow() -> None:
+    prev_high = -1
+    for i in range(N_BUCKETS):
+        low, high = bucket_bounds(i)
+        assert low == prev_high + 1  # no gaps, no overlaps
+        assert bucket_index(low) == i and bucket_index(high) == i
+        if low >= 1000:  # from 1 us on: < 1% wide, i.e. ~2 significant digits
+            assert (high - low + 1) / low < 0.01
+        prev_high = high
+    assert bucket_index(MAX_NS) == N_BUCKETS - 1
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_percentiles_match_numpy_within_precision(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # Log-normal latencies spanning ~10 us .. ~1 s, like a real run.
+    data = np.exp(rng.normal(np.log(2e-3), 1.5, 50_000))
+    data = np.clip(data, 1e-6, 59.0)
+    hist = LatencyHistogram()
+    hist.record_many(data.tolist())
+    assert hist.count == len(data)
+    for q in (0, 1, 50, 90, 99, 99.9, 100):
+        expected = float(np.percentile(data, q, method="inverted_cdf"))
+        got = hist.percentile(q)
+        assert got == pytest.approx(expected, rel=0.01), q
+    assert hist.mean == pytest.approx(float(data.mean()), rel=1e-6)
+
+
+def test_percentile_of_uniform_and_constant() -> None:
+    hist = LatencyHistogram()
+    for _ in range(1000):
+        hist.record(0.005)
+    assert hist.percentile(50) == pytest.approx(0.005, rel=0.005)
+    assert hist.percentile(99.9) == pytest.approx(0.005, rel=0.005)
+    hist = LatencyHistogram()
+    values = [random.Random(7).uniform(0, 1) for _ in range(10_000)]
+    hist.record_many(values)
+    assert hist.percentile(50) == pytest.approx(float(np.median(values)), rel=0.01)
+
+
+def test_clamping_merge_and_round_trip() -> None:
+    a = LatencyHistogram()
+    a.record(-1.0)  # clock skew: counted as 0
+    a.record(120.0)  # beyond 60 s: clamped and flagged
+    assert a.min_ns == 0 and a.max_ns == MAX_NS and a.saturated == 1
+    b = LatencyHistogram()
+    b.record_many([0.001, 0.002, 0.003])
+    a.merge(b)
+    assert a.count == 5
+    c = LatencyHistogram.from_dict(json.loads(json.dumps(a.to_dict())))
+    assert c.to_dict() == a.to_dict()
+    assert c.percentile(50) == a.percentile(50)
+    summary = c.summary_ms()
+    assert set(summary) >= {"count", "p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms"}
+    assert LatencyHistogram().percentile(99) == 0.0
+    with pytest.raises(ValueError):
+        c.percentile(101)
+
+
+# ------------------------------------------------------------------ fixed-rate schedule
+
+
+def test_fixed_rate_schedule_math() -> None:
+    s = FixedRateSchedule(200.0, start=10.0)
+    assert s.intended(0) == 10.0
+    assert s.intended(200) == pytest.approx(11.0)
+    assert s.due(9.99) == 0
+    assert s.due(10.0) == 1  # operation 0 is due at the start
+    assert s.due(10.004) == 1
+    assert s.due(10.005) == 2
+    assert s.due(11.0) == 201
+    for i in range(1000):  # every op is due exactly from its intended time on
+        assert s.due(s.intended(i)) >= i + 1
+        assert s.due(s.intended(i) - 1e-6) <= i
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            FixedRateSchedule(bad, 0.0)
+
+
+def test_fixed_rate_latency_counts_from_intended_time() -> None:
+    """A stalled operation delays the ones behind it; their latency must show it."""
+
+    async def main() -> tuple[int, list[float]]:
+        lat: list[float] = []
+        lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+
+        async def op(intended: float) -> None:
+            async with lock:  # a server that handles one request at a time
+                if not lat:
+                    await asyncio.sleep(0.2)  # the first request stalls 200 ms
+            lat.append(loop.time() - intended)
+
+        import time
+
+        t_loop, t_perf = loop.time(), time.perf_counter()
+
+        async def op_perf(intended: float) -> None:
+            await op(intended - t_perf + t_loop)
+
+        res = await drive(op_perf, duration=0.3, rate=100.0)
+        return res.started, lat
+
+    started, lat = asyncio.run(main())
+    assert 25 <= started <= 35
+    # Requests intended during the stall waited for it: ~0.19 s, 0.18 s, ... not ~0.
+    assert sorted(lat)[-5] > 0.1
+
+
+def test_closed_loop_drive_counts_errors() -> None:
+    async def main() -> tuple[int, int, str]:
+        n = [0]
+
+        async def op(intended: float) -> None:
+            n[0] += 1
+            k = n[0]
+            await asyncio.sleep(0)
+            if k % 2:
+                raise RuntimeError("boom")
+
+        res = await drive(op, duration=5.0, concurrency=3, max_ops=10)
+        return res.started, res.errors, res.last_error
+
+    started, errors, last = asyncio.run(main())
+    assert started == 10 and errors == 5 and "boom" in last
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_json_report_schema(tmp_path: Path) -> None:
+    report = Report(scenario="dispatch", config={"duration": 3.0, "batch_size": 100})
+    ours = Measurement("commands", 1234.5, "commands/s", 3700, 3.0, errors=3)
+    hist = LatencyHistogram()
+    hist.record_many([0.001, 0.002])
+    ours.add_latency("submit->node recv", hist)
+    report.results.append(ours)
+    report.baseline.append(Measurement("echo", 4000.0, "rpc/s", 12000, 3.0))
+    report.ratios.append(Ratio("r", 0.3, "ours / base", ">= 0.5"))
+    path = tmp_path / "out.json"
+    report.write_json(path)
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == SCHEMA
+    assert set(doc) >= {
+        "scenario",
+        "ok",
+        "exit_code",
+        "config",
+        "environment",
+        "results",
+        "baseline",
+        "ratios",
+    }
+    assert set(doc["environment"]) >= {"date", "python", "cpu_count", "platform"}
+    m = doc["results"][0]
+    assert set(m) >= {
+        "name",
+        "throughput",
+        "unit",
+        "count",
+        "errors",
+        "error_rate",
+        "duration_s",
+        "latency",
+        "server_cpu",
+        "client_cpu",
+        "extra",
+    }
+    assert m["error_rate"] == pytest.approx(3 / 3703)
+    assert m["latency"]["submit->node recv"]["count"] == 2
+    assert doc["ratios"][0] == {
+        "name": "r",
+        "value": 0.3,
+        "definition": "ours / base",
+        "target": ">= 0.5",
+    }
+    table = report.table()
+    assert "commands" in table and "baseline: echo" in table and "p99.9" in table
+
+
+def test_plot_without_matplotlib_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name: str, *args: object, **kwargs: object) -> object:
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(RuntimeError, match="matplotlib"):
+        Report(scenario="micro", config={}).plot(tmp_path / "x.png")
+
+
+def test_metrics_parsing() -> None:
+    text = (
+        "# HELP x\n"
+        'nexus_node_messages_total{kind="heartbeat"} 12.0\n'
+        'nexus_node_messages_total{kind="ack"} 3.0\n'
+        "process_cpu_seconds_total 1.5\n"
+    )
+    m = parse_metrics(text)
+    assert metric_sum(m, "nexus_node_messages_total", kind="heartbeat") == 12.0
+    assert metric_sum(m, "nexus_node_messages_total") == 15.0
+    assert m["process_cpu_seconds_total"] == 1.5
+
+
+def test_batch_encoder_matches_protobuf() -> None:
+    enc = BatchEncoder("b1-0000002", 50)
+    raw, ids = enc.encode(77)
+    assert raw == build_batch("b1-0000002", 77, 50).SerializeToString()
+    assert ids[0] == "b1-0000002-000000077" and len(ids) == 50
+
+
+# ------------------------------------------------------------------ CLI validation
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["dispatch"], "needs --target"),
+        (["dispatch", "--spawn", "--target", "127.0.0.1:1"], "not allowed with"),
+        (["dispatch", "--target", "nohostport"], "HOST:PORT"),
+        (["dispatch", "--target", "10.1.2.3:50053"], "--allow-remote"),
+        (["events", "--target", "127.0.0.1:50053"], "needs --ws"),
+        (["state", "--spawn"], "runs in this process"),
+        (["dispatch", "--spawn", "--duration", "0"], "positive"),
+        (["dispatch", "--spawn", "--duration", "601"], "at most"),
+        (["dispatch", "--spawn", "--batch-size", "0"], "positive integer"),
+        (["dispatch", "--spawn", "--max-error-rate", "2"], "0..1"),
+        (["heartbeat", "--spawn", "--interval", "1", "--rate", "5"], "give one"),
+        (["dispatch", "--target", "127.0.0.1:1", "--tls-cert", "c.pem"], "go together"),
+        (["dispatch", "--spawn", "--http", "8082"], "go with --target"),
+        (["state", "--levels", "1,x"], "1,16,256"),
+        (["nope"], "invalid choice"),
+    ],
+)
+def test_cli_rejects(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_accepts_and_fills_defaults() -> None:
+    args = cli.parse_args(
+        ["dispatch", "--target", "127.0.0.1:50053", "--http", "8082", "--ws", "8081"]
+    )
+    assert args.http_url == "http://127.0.0.1:8082" and args.ws_url == "ws://127.0.0.1:8081"
+    assert args.nodes == 100 and args.batch_size == 100 and args.duration == 10.0
+    args = cli.parse_args(["heartbeat", "--spawn", "--nodes", "10000", "--commands", "5"])
+    assert args.nodes == 10000 and args.count == 5
+    args = cli.parse_args(["state", "--levels", "1,8"])
+    assert args.levels == [1, 8]
+    args = cli.parse_args(["dispatch", "--target", "localhost:1", "--http", "http://localhost:2/"])
+    assert args.http_url == "http://localhost:2"
