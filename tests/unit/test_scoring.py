@@ -284,31 +284,32 @@ def test_twin_matches_model(scoring_impl: ModuleType, args: tuple[Any, ...]) -> 
     assert scoring_impl.pick_best(*args) == model_pick(*args)
 
 
-@pytest.mark.skipif(NO_EXTENSIONS, reason="compiled twin disabled by NEXUS_NO_EXTENSIONS=1")
-@given(scenarios())
-def test_compiled_and_numpy_twins_agree(args: tuple[Any, ...]) -> None:
-    c = importlib.import_module("nexus_fast._scoring_c")
-    py = importlib.import_module("nexus_fast._scoring_py")
-    assert c.pick_best(*args) == py.pick_best(*args)
+# Compiled-vs-numpy comparisons exist only where the compiled twin may be used: the
+# compiled CI pass runs them, the pure pass (NEXUS_NO_EXTENSIONS=1) does not collect them.
+if not NO_EXTENSIONS:
 
+    @given(scenarios())
+    def test_compiled_and_numpy_twins_agree(args: tuple[Any, ...]) -> None:
+        c = importlib.import_module("nexus_fast._scoring_c")
+        py = importlib.import_module("nexus_fast._scoring_py")
+        assert c.pick_best(*args) == py.pick_best(*args)
 
-@pytest.mark.skipif(NO_EXTENSIONS, reason="compiled twin disabled by NEXUS_NO_EXTENSIONS=1")
-@given(st.integers(0, 2**32), st.integers(1, 3000))
-def test_twins_agree_on_random_fleets(seed: int, n: int) -> None:
-    """Continuous random values (few exact ties): the rounding must agree bit for bit."""
-    c = importlib.import_module("nexus_fast._scoring_c")
-    py = importlib.import_module("nexus_fast._scoring_py")
-    rng = np.random.default_rng(seed)
-    feat = np.zeros((N_ROWS, n), F32)
-    cap = rng.choice(np.array([1, 2, 4, 8, 96, 1024], F32), size=(4, n))
-    feat[ROW_CAP : ROW_CAP + 4] = cap
-    feat[ROW_FREE : ROW_FREE + 4] = cap * rng.random((4, n), F32)
-    feat[ROW_AVAIL : ROW_AVAIL + 4] = feat[ROW_FREE : ROW_FREE + 4] * rng.random((4, n), F32)
-    feat[ROW_TASKS] = rng.integers(0, 50, n)
-    mask = (rng.random(n) < 0.9).astype(np.uint8)
-    spread = rng.integers(0, 7, n).astype(F32)
-    hb = NOW - rng.random(n) * 40.0
-    req = tuple(float(v) for v in rng.choice([0.0, 0.3, 1.0, 2.5], size=4))
-    w = tuple(float(v) for v in rng.choice([0.0, 0.1, 0.7, 1.0], size=5))
-    args = (feat, n, mask, spread, 6.0, hb, NOW, TIMEOUT, 49.0, *req, *w, seed)
-    assert c.pick_best(*args) == py.pick_best(*args)
+    @given(st.integers(0, 2**32), st.integers(1, 3000))
+    def test_twins_agree_on_random_fleets(seed: int, n: int) -> None:
+        """Continuous random values (few exact ties): the rounding must agree bit for bit."""
+        c = importlib.import_module("nexus_fast._scoring_c")
+        py = importlib.import_module("nexus_fast._scoring_py")
+        rng = np.random.default_rng(seed)
+        feat = np.zeros((N_ROWS, n), F32)
+        cap = rng.choice(np.array([1, 2, 4, 8, 96, 1024], F32), size=(4, n))
+        feat[ROW_CAP : ROW_CAP + 4] = cap
+        feat[ROW_FREE : ROW_FREE + 4] = cap * rng.random((4, n), F32)
+        feat[ROW_AVAIL : ROW_AVAIL + 4] = feat[ROW_FREE : ROW_FREE + 4] * rng.random((4, n), F32)
+        feat[ROW_TASKS] = rng.integers(0, 50, n)
+        mask = (rng.random(n) < 0.9).astype(np.uint8)
+        spread = rng.integers(0, 7, n).astype(F32)
+        hb = NOW - rng.random(n) * 40.0
+        req = tuple(float(v) for v in rng.choice([0.0, 0.3, 1.0, 2.5], size=4))
+        w = tuple(float(v) for v in rng.choice([0.0, 0.1, 0.7, 1.0], size=5))
+        args = (feat, n, mask, spread, 6.0, hb, NOW, TIMEOUT, 49.0, *req, *w, seed)
+        assert c.pick_best(*args) == py.pick_best(*args)
