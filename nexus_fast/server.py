@@ -9,7 +9,6 @@ flush the writer, close LMDB.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import ssl
@@ -34,6 +33,7 @@ from nexus_fast.core.commands import CommandService, CommandSettings
 from nexus_fast.core.events import EventBus
 from nexus_fast.core.fleet import SchedulerFeed
 from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, node_to_dict
+from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.errors import NexusError
 from nexus_fast.logs import get_logger
@@ -105,7 +105,8 @@ class NexusServer:
         self.grpc_port = 0
         self._ws: WebSocketServer | None = None
         self._http: HttpServer | None = None
-        self._background: list[asyncio.Task[None]] = []
+        self._maintenance = Periodic("maintenance", self._maintain, log)
+        self._backups = Periodic("backups", self._backup, log)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -168,9 +169,9 @@ class NexusServer:
             await self.stop()
             raise
 
-        self._background.append(loop.create_task(self._maintenance(), name="maintenance"))
+        self._maintenance.start(_MAINTENANCE_INTERVAL)
         if cfg.database.backup_interval > 0:
-            self._background.append(loop.create_task(self._backups(), name="backups"))
+            self._backups.start(cfg.database.backup_interval)
         await self._system_event(
             "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
         )
@@ -275,12 +276,8 @@ class NexusServer:
         await self._health.enter_graceful_shutdown()
         if was_ready:
             await self._system_event("system.stopping", {"pid": os.getpid()})
-        for task in self._background:
-            task.cancel()
-        for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._background.clear()
+        await self._maintenance.stop()
+        await self._backups.stop()
         # End node streams first (nodes reconnect to the next server), then let
         # in-flight unary calls finish within what is left of the deadline.
         await self.agents.stop()
@@ -307,28 +304,17 @@ class NexusServer:
 
     # ------------------------------------------------------------ background
 
-    async def _maintenance(self) -> None:
+    async def _maintain(self) -> None:
+        await self.commands.prune_finished()
         loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(_MAINTENANCE_INTERVAL)
-            try:
-                await self.commands.prune_finished()
-                cleared = await loop.run_in_executor(None, self.store.reader_check)
-                if cleared:
-                    log.warning("cleared stale LMDB readers", extra={"count": cleared})
-                self.store.size_bytes()
-            except Exception:
-                log.exception("maintenance tick failed")
+        cleared = await loop.run_in_executor(None, self.store.reader_check)
+        if cleared:
+            log.warning("cleared stale LMDB readers", extra={"count": cleared})
+        self.store.size_bytes()
 
-    async def _backups(self) -> None:
-        db = self.config.database
-        while True:
-            await asyncio.sleep(db.backup_interval)
-            try:
-                path = await self.store.backup(db.resolved_backup_path())
-                log.info("backup written", extra={"path": str(path)})
-            except Exception:
-                log.exception("backup failed")
+    async def _backup(self) -> None:
+        path = await self.store.backup(self.config.database.resolved_backup_path())
+        log.info("backup written", extra={"path": str(path)})
 
     # ------------------------------------------------------------ HttpBackend
 

@@ -22,6 +22,7 @@ import orjson
 
 from nexus_fast.core.commands import FINAL_STATES, SUCCEEDED, CommandService
 from nexus_fast.core.nodes import validate_labels, validate_resources
+from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
 from nexus_fast.errors import FailedPrecondition, InvalidArgument, NotFound
 from nexus_fast.logs import get_logger
@@ -69,7 +70,7 @@ class AgentService:
         self._agents: dict[str, pb.Agent] = {}
         # Which agent a start/stop command belongs to, so its outcome can be applied.
         self._command_agent: dict[str, tuple[str, str]] = {}
-        self._ticker: asyncio.Task[None] | None = None
+        self._ticker = Periodic("agents", self._tick, log)
         self._dirty = False
         commands.on_final.append(self._command_finished)
         metrics.AGENTS.source = self.state_counts
@@ -98,16 +99,10 @@ class AgentService:
         return len(self._agents)
 
     def start(self) -> None:
-        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="agents")
+        self._ticker.start(_TICK)
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            try:
-                await self._ticker
-            except asyncio.CancelledError:
-                pass
-            self._ticker = None
+        await self._ticker.stop()
 
     # ------------------------------------------------------------ queries
 
@@ -403,17 +398,9 @@ class AgentService:
         agent.message = message
         agent.updated_ms = now_ms()
 
-    async def _tick_forever(self) -> None:
-        while True:
-            await asyncio.sleep(_TICK)
-            if not self._dirty:
-                continue
-            try:
-                await self._replace_waiting()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("agent placement tick failed")
+    async def _tick(self) -> None:
+        if self._dirty:
+            await self._replace_waiting()
 
     # ------------------------------------------------------------ persistence
 

@@ -44,6 +44,7 @@ from nexus_fast.core.nodes import (
     validate_node_id,
     validate_resources,
 )
+from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
 from nexus_fast.errors import (
     FailedPrecondition,
@@ -151,7 +152,7 @@ class CommandService:
         self._dispatch_handle: asyncio.Handle | None = None
         self._pending_dirty = False
         self._submitted_at: dict[str, float] = {}
-        self._ticker: asyncio.Task[None] | None = None
+        self._ticker = Periodic("commands", self._tick, log)
         self._writes: set[asyncio.Future[CommitResult]] = set()
         # Writes staged for the next commit (see _save_later).
         self._batch_ops: list[Put | Delete] = []
@@ -220,17 +221,11 @@ class CommandService:
         return status in (pb.NODE_STATUS_READY, pb.NODE_STATUS_DRAINING)
 
     def start(self) -> None:
-        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever(), name="commands")
+        self._ticker.start(_TICK)
         self._pending_dirty = True
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            try:
-                await self._ticker
-            except asyncio.CancelledError:
-                pass
-            self._ticker = None
+        await self._ticker.stop()
         if self._dispatch_handle is not None:
             self._dispatch_handle.cancel()
             self._dispatch_handle = None
@@ -846,24 +841,17 @@ class CommandService:
                     session.send(pb.ControlMessage(cancel_command_ids=[command_id]))
             self._retry_or_finish(record, TIMED_OUT, reason)
 
-    async def _tick_forever(self) -> None:
-        while True:
-            await asyncio.sleep(_TICK)
-            try:
-                self._expire()
-                if self._pending_dirty:
-                    self._place_pending()
-                # Nodes whose stream had no room last time get another go.
-                for node_id, slot in self._slots.items():
-                    if self._queue.depth(slot):
-                        self._dirty_nodes.add(node_id)
-                if self._dirty_nodes:
-                    self._schedule_dispatch()
-                metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("command tick failed")
+    async def _tick(self) -> None:
+        """Deadlines, waiting commands, and nodes whose stream had no room last time."""
+        self._expire()
+        if self._pending_dirty:
+            self._place_pending()
+        for node_id, slot in self._slots.items():
+            if self._queue.depth(slot):
+                self._dirty_nodes.add(node_id)
+        if self._dirty_nodes:
+            self._schedule_dispatch()
+        metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
 
     async def prune_finished(self) -> int:
         """Drop finished commands older than final_retention; returns how many."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar
@@ -33,6 +32,7 @@ from google.protobuf.message import DecodeError
 
 from nexus_fast.config import EventsConfig
 from nexus_fast.core.nodes import node_to_dict
+from nexus_fast.core.periodic import Periodic
 from nexus_fast.errors import InvalidArgument, NexusError, Unavailable
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
@@ -452,7 +452,7 @@ class EventBus:
         self._published: asyncio.Future[None] | None = None
         self._closed = False
         self._clock = clock
-        self._pruner: asyncio.Task[None] | None = None
+        self._pruner = Periodic("event-pruner", self.prune_once, log)
         self._subscriptions: set[Subscription] = set()
         self._type_counters: dict[str, Any] = {}
 
@@ -498,10 +498,7 @@ class EventBus:
 
     def start_pruner(self, interval: float) -> None:
         """Run retention (count and age) every ``interval`` seconds in the background."""
-        if self._pruner is None:
-            self._pruner = asyncio.get_running_loop().create_task(
-                self._prune_forever(interval), name="event-pruner"
-            )
+        self._pruner.start(interval)
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         """Stop the pruner and end every subscription (they raise ``Unavailable``).
@@ -517,11 +514,7 @@ class EventBus:
         for sub in list(self._subscriptions):
             sub.close()
         self._wake()
-        if self._pruner is not None:
-            self._pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pruner
-            self._pruner = None
+        await self._pruner.stop()
 
     # ------------------------------------------------------------ publishing
 
@@ -734,16 +727,6 @@ class EventBus:
             metrics.EVENTS_PRUNED.inc(deleted)
             log.debug("events pruned", extra={"deleted": deleted, "keep_after": keep_after})
         return deleted
-
-    async def _prune_forever(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.prune_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("event pruning failed")
 
     def stat(self) -> dict[str, object]:
         """Figures for ``/health/detailed``."""

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from nexus_fast.core.periodic import Periodic
 from nexus_fast.errors import (
     InvalidArgument,
     NodeNotFound,
@@ -192,7 +193,7 @@ class NodeRegistry:
         self._down: OrderedDict[str, float] = OrderedDict()
         self._sorted_ids: list[str] | None = None
         self._status_counts: dict[int, int] = dict.fromkeys(STATUS_NAMES, 0)
-        self._pruner: asyncio.Task[None] | None = None
+        self._pruner = Periodic("node-pruner", self.prune_once, log)
         self.listeners: list[NodeListener] = []
         metrics.NODES.source = self.status_counts  # read at scrape time, nothing to keep in sync
 
@@ -221,19 +222,11 @@ class NodeRegistry:
         return len(self._nodes)
 
     def start(self, pruning_interval: float) -> None:
-        self._pruner = asyncio.get_running_loop().create_task(
-            self._prune_forever(pruning_interval), name="node-pruner"
-        )
+        self._pruner.start(pruning_interval)
 
     async def stop(self) -> None:
         """Stop the pruner and end every open node stream (nodes will reconnect)."""
-        if self._pruner is not None:
-            self._pruner.cancel()
-            try:
-                await self._pruner
-            except asyncio.CancelledError:
-                pass
-            self._pruner = None
+        await self._pruner.stop()
         for entry in self._nodes.values():
             if entry.session is not None:
                 entry.session.close(Unavailable("server shutting down"))
@@ -492,16 +485,6 @@ class NodeRegistry:
         await self._remove(entry, "node.removed", NodeNotFound(node_id))
 
     # ------------------------------------------------------------ pruner
-
-    async def _prune_forever(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.prune_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("pruner tick failed")
 
     async def prune_once(self) -> tuple[int, int]:
         """Mark stale nodes down and drop long-down ones; returns (downed, removed)."""
