@@ -22,8 +22,8 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.unit.fabric
 
-from nexus_fast.pb import fabric_pb2 as pb  # noqa: E402
-from tests.unit.fabric import Fabric  # noqa: E402
+from nexus_fast.pb import fabric_pb2 as pb
+from tests.unit.fabric import Fabric
 
 
 async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> None:
