@@ -85,14 +85,14 @@ class NodeService(pb_grpc.NodeServiceServicer):
     """What node proxies speak: register, one Connect stream per node, deregister."""
 
     def __init__(
-        self,
-        registry: NodeRegistry,
-        commands: CommandService | None = None,
-        agents: AgentService | None = None,
+        self, registry: NodeRegistry, commands: CommandService, agents: AgentService
     ) -> None:
         self._registry = registry
         self._commands = commands
         self._agents = agents
+        # Counter children looked up once: this runs for every message of every node.
+        kinds = ("heartbeat", "ack", "result", "agent_status")
+        self._counted = {kind: metrics.NODE_MESSAGES.labels(kind=kind) for kind in kinds}
 
     @instrumented("NodeService/Register")
     async def Register(
@@ -165,23 +165,22 @@ class NodeService(pb_grpc.NodeServiceServicer):
                 registry.close_session(session)
 
     async def _handle(self, session: Session, message: pb.NodeMessage) -> None:
+        counted = self._counted
         heartbeat = None
         if message.HasField("heartbeat"):
             heartbeat = message.heartbeat
             self._registry.validate_usage(heartbeat)
-            metrics.NODE_MESSAGES.labels(kind="heartbeat").inc()
+            counted["heartbeat"].inc()
         came_back = self._registry.heartbeat(session, heartbeat)
         if came_back is not None:
             await came_back
         if message.acks or message.results:
-            metrics.NODE_MESSAGES.labels(kind="ack").inc(len(message.acks))
-            metrics.NODE_MESSAGES.labels(kind="result").inc(len(message.results))
-            if self._commands is not None:
-                self._commands.handle_reports(session.node_id, message)
+            counted["ack"].inc(len(message.acks))
+            counted["result"].inc(len(message.results))
+            self._commands.handle_reports(session.node_id, message)
         if message.agents:
-            metrics.NODE_MESSAGES.labels(kind="agent_status").inc(len(message.agents))
-            if self._agents is not None:
-                self._agents.handle_reports(session.node_id, message.agents)
+            counted["agent_status"].inc(len(message.agents))
+            self._agents.handle_reports(session.node_id, message.agents)
 
 
 class ControlService(pb_grpc.ControlServiceServicer):
