@@ -16,8 +16,6 @@ index; trailer ``nexus-oldest-index``), ``RESOURCE_EXHAUSTED`` for a slow consum
 
 from __future__ import annotations
 
-import asyncio
-import time
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -122,32 +120,21 @@ async def watch_events(
     delivered = metrics.EVENTS_DELIVERED.labels(transport="grpc")
     interval = bus.config.bookmark_interval
     try:
-        last_sent = time.monotonic()
         while True:
-            events = sub.read(MAX_BATCH_EVENTS)
-            if events:
-                # Split on bytes too: a batch of huge payloads stays under client limits.
-                start = 0
-                size = 0
-                for i, event in enumerate(events):
-                    size += len(event.pb_field)
-                    if size > MAX_BATCH_BYTES and i > start:
-                        await _write(sub, context, batch_bytes(events[start:i]))
-                        start, size = i, len(event.pb_field)
-                await _write(sub, context, batch_bytes(events[start:]))
-                delivered.inc(len(events))
-                last_sent = time.monotonic()
+            events = await sub.next_batch(MAX_BATCH_EVENTS, interval)
+            if isinstance(events, int):
+                await _write(sub, context, bookmark_bytes(events))
                 continue
-            if sub.lag > 0:
-                await asyncio.sleep(0)  # nothing matched in this stretch; keep scanning
-                continue
-            idle = time.monotonic() - last_sent
-            if idle >= interval:
-                # Also moves a filtered client's resume point past events it does not want.
-                await _write(sub, context, bookmark_bytes(sub.cursor))
-                last_sent = time.monotonic()
-                continue
-            await sub.wait(interval - idle)
+            # Split on bytes too: a batch of huge payloads stays under client limits.
+            start = 0
+            size = 0
+            for i, event in enumerate(events):
+                size += len(event.pb_field)
+                if size > MAX_BATCH_BYTES and i > start:
+                    await _write(sub, context, batch_bytes(events[start:i]))
+                    start, size = i, len(event.pb_field)
+            await _write(sub, context, batch_bytes(events[start:]))
+            delivered.inc(len(events))
     except EventIndexTooOld as exc:
         await _abort_too_old(context, exc)
     except SlowConsumer as exc:

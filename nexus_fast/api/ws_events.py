@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
@@ -268,7 +267,6 @@ class EventStreamProtocol:
         prefix = _EVENTS_PREFIX + orjson.dumps(sid) + b',"events":['
         interval = self.bus.config.bookmark_interval
         delivered = self._delivered
-        last_sent = time.monotonic()
         try:
             while True:
                 if not conn.writable:
@@ -278,41 +276,32 @@ class EventStreamProtocol:
                     # if the subscription falls too far behind meanwhile.
                     await sub.guarded(conn.wait_writable())
                     continue
-                events = sub.read(MAX_FRAME_EVENTS)
-                if events:
-                    start = 0
-                    size = 0
-                    n = len(events)
-                    for i in range(n + 1):
-                        if i < n:
-                            size += len(events[i].json) + 1
-                            if size <= MAX_FRAME_BYTES or i == start:
-                                continue
-                        if not conn.writable:
-                            # Sent only what the socket took; re-read the rest once it drains.
-                            sub.cursor = events[start].index - 1
-                            break
-                        conn.send_bytes_text(
-                            prefix + b",".join([e.json for e in events[start:i]]) + b"]}"
-                        )
-                        delivered.inc(i - start)
-                        if i < n:
-                            start, size = i, len(events[i].json) + 1
-                    last_sent = time.monotonic()
-                    await asyncio.sleep(0)  # one batch per turn: fair to the other tasks
-                    continue
-                if sub.lag > 0:
-                    await asyncio.sleep(0)  # nothing matched in this stretch; keep scanning
-                    continue
-                idle = time.monotonic() - last_sent
-                if idle >= interval:
+                events = await sub.next_batch(MAX_FRAME_EVENTS, interval)
+                if isinstance(events, int):
                     conn.send_bytes_text(
                         b'{"type":"bookmark","subscription":%s,"index":%d}'
-                        % (orjson.dumps(sid), sub.cursor)
+                        % (orjson.dumps(sid), events)
                     )
-                    last_sent = time.monotonic()
                     continue
-                await sub.wait(interval - idle)
+                start = 0
+                size = 0
+                n = len(events)
+                for i in range(n + 1):
+                    if i < n:
+                        size += len(events[i].json) + 1
+                        if size <= MAX_FRAME_BYTES or i == start:
+                            continue
+                    if not conn.writable:
+                        # Sent only what the socket took; re-read the rest once it drains.
+                        sub.cursor = events[start].index - 1
+                        break
+                    conn.send_bytes_text(
+                        prefix + b",".join([e.json for e in events[start:i]]) + b"]}"
+                    )
+                    delivered.inc(i - start)
+                    if i < n:
+                        start, size = i, len(events[i].json) + 1
+                await asyncio.sleep(0)  # one batch per turn: fair to the other tasks
         except SlowConsumer as exc:
             log.info(
                 "closing slow websocket subscriber",

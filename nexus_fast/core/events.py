@@ -315,7 +315,17 @@ class Subscription:
     what ``read()`` returns, then call ``wait()`` for more. Runs on the loop only.
     """
 
-    __slots__ = ("_bus", "_lag_metric", "closed", "cursor", "keys", "live", "topics", "transport")
+    __slots__ = (
+        "_bus",
+        "_lag_metric",
+        "_last_sent",
+        "closed",
+        "cursor",
+        "keys",
+        "live",
+        "topics",
+        "transport",
+    )
 
     def __init__(
         self,
@@ -334,6 +344,7 @@ class Subscription:
         # Catching up from the log is not being slow; the lag bound applies once live.
         self.live = cursor >= bus.last_index
         self._lag_metric = metrics.EVENT_SUBSCRIBER_LAG.labels(transport=transport)
+        self._last_sent = time.monotonic()
 
     @property
     def lag(self) -> int:
@@ -396,6 +407,26 @@ class Subscription:
     async def wait(self, timeout: float | None) -> bool:
         """Wait until events after the cursor are published; False on timeout."""
         return await self._bus.wait_after(self.cursor, timeout)
+
+    async def next_batch(
+        self, max_events: int, bookmark_interval: float
+    ) -> list[EventEnvelope] | int:
+        """What a transport sends next: matching events, or, after ``bookmark_interval``
+        with nothing to send, the index to bookmark (it also moves a filtered client's
+        resume point past the events it does not want)."""
+        while True:
+            events = self.read(max_events)
+            if events:
+                self._last_sent = time.monotonic()
+                return events
+            if self.lag > 0:
+                await asyncio.sleep(0)  # nothing matched in this stretch; keep scanning
+                continue
+            idle = time.monotonic() - self._last_sent
+            if idle >= bookmark_interval:
+                self._last_sent = time.monotonic()
+                return self.cursor
+            await self.wait(bookmark_interval - idle)
 
     async def guarded(self, awaitable: Awaitable[T]) -> T:
         """Await ``awaitable`` (a send blocked by the consumer), checking the lag bound.
