@@ -3,6 +3,7 @@
     nexus-bench dispatch --spawn --baseline --duration 10 --json out.json
     nexus-bench heartbeat --target 127.0.0.1:50053 --http 8082 --nodes 10000
     nexus-bench events --spawn --subscribers 100 --baseline
+    nexus-bench heartbeat --spawn --baseline --nodes 10000 --client-procs 2
     nexus-bench state --baseline
     nexus-bench micro
 
@@ -29,6 +30,7 @@ from nexus_fast.benchmark.common import Context
 from nexus_fast.benchmark.procs import BenchError, Endpoints, ProcessGroup, spawn_server
 from nexus_fast.benchmark.report import Report
 from nexus_fast.benchmark.runner import HARD_MAX_DURATION, HARD_MAX_OPS
+from nexus_fast.benchmark.workers import MAX_CLIENT_PROCS
 
 SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro")
 NETWORK = frozenset({"heartbeat", "dispatch", "events"})
@@ -50,6 +52,11 @@ scenarios:
 
 --rate R is operations per second on a fixed timetable (dispatch/events: batches,
 heartbeat: heartbeats over all nodes); latency then counts from the intended send time.
+
+--client-procs K (heartbeat, events) runs the node streams / WebSocket subscribers in K
+client worker processes (an even split, the same for ours and the baseline), so one
+client process no longer bounds both sides; the JSON records client_procs and each
+worker's CPU.
 """
 
 
@@ -173,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=20,
         help="dispatch: time submit->final on one command of every Nth batch (20; 0 = off)",
     )
+    w.add_argument(
+        "--client-procs",
+        type=_pos_int,
+        default=1,
+        help="heartbeat, events: split the client load (node streams, WebSocket "
+        "subscribers) over K worker processes, ours and baseline alike (1)",
+    )
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the machine-readable report")
     o.add_argument("--plot", metavar="FILE.png", help="draw latency percentiles (matplotlib)")
@@ -265,6 +279,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             )
     if args.nodes is None:
         args.nodes = DEFAULT_NODES.get(args.scenario, 1)
+    if args.client_procs > 1:
+        if args.scenario not in ("heartbeat", "events"):
+            parser.error("--client-procs applies to the heartbeat and events scenarios")
+        if args.client_procs > MAX_CLIENT_PROCS:
+            parser.error(f"--client-procs is at most {MAX_CLIENT_PROCS}")
+        load = args.nodes if args.scenario == "heartbeat" else args.subscribers
+        if args.client_procs > load:
+            what = "--nodes" if args.scenario == "heartbeat" else "--subscribers"
+            parser.error(f"--client-procs {args.client_procs} is more than {what} {load}")
     return args
 
 
@@ -325,6 +348,11 @@ async def amain(args: argparse.Namespace, group: ProcessGroup) -> Report:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``nexus-bench``)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["_worker"]:  # hidden: a client worker process (--client-procs)
+        from nexus_fast.benchmark import workers
+
+        return workers.main(argv[1:])
     args = parse_args(argv)
     import uvloop
 

@@ -147,17 +147,26 @@ class ProcessGroup:
         return path
 
     def start(
-        self, argv: list[str], *, log_name: str, env: dict[str, str] | None = None
+        self,
+        argv: list[str],
+        *,
+        log_name: str,
+        env: dict[str, str] | None = None,
+        pipes: bool = False,
     ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` with stdout/stderr to a log file in a temporary directory."""
+        """Start ``argv`` with stdout/stderr to a log file in a temporary directory.
+
+        ``pipes``: stdin and stdout are pipes to this process (client workers), only
+        stderr goes to the log.
+        """
         logdir = self.dirs[0] if self.dirs else self.tempdir("nexus-bench-")
         log_path = logdir / f"{log_name}.log"
         with log_path.open("ab") as log:
             proc = subprocess.Popen(
                 argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if pipes else log,
+                stderr=log if pipes else subprocess.STDOUT,
+                stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
                 env=env,
                 start_new_session=True,  # Ctrl-C in the terminal reaches us, not the children
             )

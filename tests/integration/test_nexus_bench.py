@@ -64,6 +64,28 @@ def test_heartbeat_spawn_baseline(tmp_path: Path) -> None:
     assert doc["baseline"][0]["throughput"] > 0 and doc["ratios"][0]["value"] > 0
 
 
+def test_heartbeat_client_procs(tmp_path: Path) -> None:
+    """--client-procs 2: the nodes run in two worker processes; their counts add up."""
+    _, doc = bench(
+        tmp_path,
+        "heartbeat",
+        "--spawn",
+        "--duration",
+        "1.5",
+        "--nodes",
+        "10",
+        "--client-procs",
+        "2",
+        timeout=30,
+    )
+    assert doc["config"]["client_procs"] == 2
+    ours = doc["results"][0]
+    assert ours["throughput"] > 0 and ours["errors"] == 0
+    assert ours["extra"]["client_procs"] == 2 and ours["extra"]["client_writes"] > 0
+    assert len(ours["extra"]["client_cpu_per_proc"]) == 2
+    assert ours["latency"]["send->write done"]["count"] == ours["extra"]["client_writes"]
+
+
 def test_events_spawn_baseline(tmp_path: Path) -> None:
     _, doc = bench(
         tmp_path,

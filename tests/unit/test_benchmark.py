@@ -22,6 +22,7 @@ from nexus_fast.benchmark.procs import metric_sum, parse_metrics
 from nexus_fast.benchmark.report import SCHEMA, Measurement, Ratio, Report
 from nexus_fast.benchmark.runner import FixedRateSchedule, drive
 from nexus_fast.benchmark.scenarios.dispatch import BatchEncoder, build_batch
+from nexus_fast.benchmark.workers import aggregate, split
 
 # ------------------------------------------------------------------ histogram
 
@@ -264,6 +265,10 @@ def test_batch_encoder_matches_protobuf() -> None:
         (["dispatch", "--spawn", "--http", "8082"], "go with --target"),
         (["state", "--levels", "1,x"], "1,16,256"),
         (["nope"], "invalid choice"),
+        (["dispatch", "--spawn", "--client-procs", "2"], "heartbeat and events"),
+        (["heartbeat", "--spawn", "--nodes", "3", "--client-procs", "4"], "more than --nodes"),
+        (["events", "--spawn", "--subscribers", "1", "--client-procs", "2"], "--subscribers"),
+        (["heartbeat", "--spawn", "--client-procs", "0"], "positive integer"),
     ],
 )
 def test_cli_rejects(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -285,3 +290,53 @@ def test_cli_accepts_and_fills_defaults() -> None:
     assert args.levels == [1, 8]
     args = cli.parse_args(["dispatch", "--target", "localhost:1", "--http", "http://localhost:2/"])
     assert args.http_url == "http://localhost:2"
+    assert args.client_procs == 1
+    args = cli.parse_args(["heartbeat", "--spawn", "--nodes", "10", "--client-procs", "2"])
+    assert args.client_procs == 2 and cli._config(args)["client_procs"] == 2
+
+
+# ------------------------------------------------------------------ client workers
+
+
+def test_split_is_even_and_covers_everything() -> None:
+    assert split(10_000, 2) == [(0, 5000), (5000, 5000)]
+    assert split(7, 3) == [(0, 3), (3, 2), (5, 2)]
+    for total, k in ((1, 1), (100, 7), (10_001, 4)):
+        parts = split(total, k)
+        assert sum(n for _, n in parts) == total
+        assert [off for off, _ in parts] == [sum(n for _, n in parts[:i]) for i in range(k)]
+        assert max(n for _, n in parts) - min(n for _, n in parts) <= 1
+
+
+def test_aggregate_sums_counts_and_merges_histograms() -> None:
+    rng = random.Random(7)
+    values = [[rng.uniform(1e-5, 0.2) for _ in range(1000)] for _ in range(3)]
+    whole = LatencyHistogram()
+    results = []
+    for i, vals in enumerate(values):
+        part = LatencyHistogram()
+        part.record_many(vals)
+        whole.record_many(vals)
+        # through JSON, as a worker's result line travels
+        doc = {
+            "counts": {"events": 100 * (i + 1), "closed": i % 2},
+            "hists": {"recv": part.to_dict()},
+            "cpu": 0.5 + i,
+            "elapsed": 2.0 + i / 10,
+            "first": 10.0 + i,
+            "last": 20.0 - i,
+            "extra": {"template": "x"} if i == 0 else {},
+        }
+        results.append(json.loads(json.dumps(doc)))
+    agg = aggregate(results)
+    assert agg.counts == {"events": 600, "closed": 1}
+    assert agg.cpu == pytest.approx(4.5) and agg.cpu_per_proc == [0.5, 1.5, 2.5]
+    assert agg.elapsed == pytest.approx(2.2)
+    assert (agg.first, agg.last) == (10.0, 20.0)
+    assert agg.extras[0] == {"template": "x"}
+    merged = agg.hists["recv"]
+    assert merged.count == whole.count == 3000
+    assert merged.to_dict() == whole.to_dict()
+    assert merged.summary_ms() == whole.summary_ms()
+    empty = aggregate([])
+    assert empty.counts == {} and empty.hists == {} and empty.cpu == 0.0

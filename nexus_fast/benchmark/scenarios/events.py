@@ -22,8 +22,15 @@ from nexus_fast.benchmark.common import Context, NodePool, keep_alive, open_chan
 from nexus_fast.benchmark.histogram import LatencyHistogram
 from nexus_fast.benchmark.procs import metric_sum, spawn_baseline
 from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, ratio
-from nexus_fast.benchmark.runner import Progress, drive
+from nexus_fast.benchmark.runner import HARD_MAX_DURATION, Progress, drive
 from nexus_fast.benchmark.scenarios.dispatch import DispatchLoad
+from nexus_fast.benchmark.workers import (
+    RESULT_GRACE,
+    ClientWorkers,
+    WorkerControl,
+    aggregate,
+    split,
+)
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -89,17 +96,21 @@ def make_listener(stats: FanoutStats, sample: bool, keep: bool) -> Any:
     return Subscriber
 
 
-async def connect_subscribers(url: str, m: int, stats: FanoutStats) -> list[Any]:
-    """Open ``m`` WebSocket connections to ``url`` and subscribe each to every topic."""
+async def connect_subscribers(url: str, m: int, stats: FanoutStats, first: int = 0) -> list[Any]:
+    """Open ``m`` WebSocket connections to ``url`` and subscribe each to every topic.
+
+    ``first``: global index of the first one (a worker's share): every tenth global index
+    samples latency, index 0 keeps frames.
+    """
     from picows import WSMsgType, ws_connect
 
     stats.expected = m
     transports = []
-    for i in range(m):
+    for i in range(first, first + m):
         listener = make_listener(stats, i % SAMPLE_EVERY == 0, i == 0)
         transport, _ = await ws_connect(listener, url, max_frame_size=64 * 1024 * 1024)
         transports.append(transport)
-    for i, transport in enumerate(transports):
+    for i, transport in enumerate(transports, first):
         transport.send(WSMsgType.TEXT, orjson.dumps({"op": "subscribe", "id": i}))
     await asyncio.wait_for(stats.all_subscribed.wait(), 30)
     return transports
@@ -143,7 +154,15 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
     pool = NodePool(server.grpc, args.nodes, args, prefix="ev-", on_commands=load.on_commands)
     await pool.start()
     ws = FanoutStats()
-    transports = await connect_subscribers(ws_url, args.subscribers, ws)
+    k = args.client_procs
+    workers: ClientWorkers | None = None
+    transports: list[Any] = []
+    if k > 1:
+        workers = _subscriber_workers(ctx, ws_url, "ours")
+        await workers.start()
+        await workers.ready()
+    else:
+        transports = await connect_subscribers(ws_url, args.subscribers, ws)
     grpc_stats = FanoutStats()
     watch_stop = asyncio.Event()
     watchers = [
@@ -152,16 +171,22 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
     hb_stop = asyncio.Event()
     beats = asyncio.ensure_future(keep_alive(pool, hb_stop))
     await asyncio.sleep(0.3)  # node registrations' events drain before the window opens
+    if workers is not None:
+        workers.send("go")  # each worker resets its counters, as below
     ws.events = ws.frames = grpc_stats.events = grpc_stats.frames = 0
     ws.hist, grpc_stats.hist = LatencyHistogram(), LatencyHistogram()
     m0 = server.metrics()
     cpu0 = server.cpu_seconds()
     c0 = time.process_time()
     t0 = time.perf_counter()
+
+    def delivered() -> int:
+        return workers.sent if workers is not None else ws.events
+
     progress = Progress(
         lambda t: (
-            f"events  t={t:5.1f}s  commands={load.received:,}  ws delivered={ws.events:,} "
-            f"({ws.events / max(t, 1e-9):,.0f}/s)  grpc delivered={grpc_stats.events:,}"
+            f"events  t={t:5.1f}s  commands={load.received:,}  ws delivered={delivered():,} "
+            f"({delivered() / max(t, 1e-9):,.0f}/s)  grpc delivered={grpc_stats.events:,}"
         )
     )
     progress.start()
@@ -180,8 +205,18 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
         m1 = server.metrics()
         client_cpu = time.process_time() - c0
         dropped = ws.closed  # before we close them ourselves
+        if workers is not None:
+            workers.send("stop")
+            agg = aggregate(await workers.results(RESULT_GRACE))
+            ws.events = agg.counts.get("events", 0)
+            ws.frames = agg.counts.get("frames", 0)
+            dropped = agg.counts.get("closed", 0)
+            ws.hist = agg.hists.get("recv", LatencyHistogram())
+            client_cpu += agg.cpu
     finally:
         await progress.stop()
+        if workers is not None:
+            await workers.close()
         watch_stop.set()
         hb_stop.set()
         for w in watchers:
@@ -204,6 +239,19 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
         "commands_per_s": round(load.received / elapsed, 1),
     }
     out = []
+    frame_bytes_mean = (
+        round(sum(map(len, ws.frames_kept)) / len(ws.frames_kept)) if ws.frames_kept else 0
+    )
+    template = b""
+    if ws.frames_kept:  # the baseline broadcasts a frame of ours of typical size
+        mean = ws.events / max(ws.frames, 1)
+        template = min(ws.frames_kept, key=lambda f: abs(f.count(EVENT_MARK) - mean))
+    procs_extra: dict[str, Any] = {}
+    if workers is not None:
+        kept = next((x for x in agg.extras if x.get("template")), {})  # worker 0's frames
+        template = kept.get("template", "").encode()
+        frame_bytes_mean = kept.get("frame_bytes_mean", 0)
+        procs_extra = {"client_procs": k, "client_cpu_per_proc": agg.cpu_per_proc}
     mws = Measurement(
         name=f"ws events delivered, {args.subscribers} subs",
         throughput=ws.events / elapsed,
@@ -217,9 +265,8 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
             **common,
             "frames": ws.frames,
             "events_per_frame": round(ws.events / ws.frames, 2) if ws.frames else 0,
-            "frame_bytes_mean": round(sum(map(len, ws.frames_kept)) / len(ws.frames_kept))
-            if ws.frames_kept
-            else 0,
+            "frame_bytes_mean": frame_bytes_mean,
+            **procs_extra,
         },
     )
     mws.add_latency("event time->recv", ws.hist)
@@ -236,10 +283,6 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
         )
         mg.add_latency("event time->recv", grpc_stats.hist)
         out.append(mg)
-    template = b""
-    if ws.frames_kept:  # the baseline broadcasts a frame of ours of typical size
-        mean = ws.events / max(ws.frames, 1)
-        template = min(ws.frames_kept, key=lambda f: abs(f.count(EVENT_MARK) - mean))
     return out, template
 
 
@@ -259,6 +302,8 @@ async def measure_baseline(ctx: Context, template: bytes) -> Measurement:
         str(args.duration),
     )
     assert base.ws is not None
+    if args.client_procs > 1:
+        return await _measure_baseline_procs(ctx, base, template)
     stats = FanoutStats()
     cpu0 = base.cpu_seconds()
     c0 = time.process_time()
@@ -299,6 +344,122 @@ async def measure_baseline(ctx: Context, template: bytes) -> Measurement:
         },
     )
     m.add_latency("event time->recv", stats.hist)
+    return m
+
+
+# ------------------------------------------------- --client-procs K: worker processes
+
+
+def _subscriber_workers(ctx: Context, url: str, mode: str) -> ClientWorkers:
+    """The subscribers split over ``--client-procs`` workers (the same split for both)."""
+    args = ctx.args
+    specs = [
+        {
+            "url": url,
+            "mode": mode,
+            "first": first,
+            "subscribers": m,
+            "duration": min(args.duration, HARD_MAX_DURATION),
+        }
+        for first, m in split(args.subscribers, args.client_procs)
+    ]
+    return ClientWorkers(ctx.group, "events-subscribers", specs)
+
+
+async def worker_subscribers(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any]:
+    """In a worker process: this share of the WebSocket subscribers counts what arrives.
+
+    ``ours``: counters reset at ``go``, the window ends at ``stop`` (the parent runs the
+    command load), bounded by the duration plus grace. ``baseline``: until the broadcast
+    sends ``done`` (after its duration) or ``stop``.
+    """
+    stats = FanoutStats()
+    keep = spec["first"] == 0
+    transports = await connect_subscribers(spec["url"], spec["subscribers"], stats, spec["first"])
+    progress: asyncio.Task[None] | None = None
+    try:
+        ctl.send(ready={})
+        c0 = time.process_time()
+        if spec["mode"] == "ours":
+            await ctl.go.wait()
+            stats.events = stats.frames = 0
+            stats.hist = LatencyHistogram()
+            c0 = time.process_time()
+            progress = ctl.progress_task(lambda: stats.events)
+            await ctl.window(spec["duration"] + RESULT_GRACE)
+        else:
+            progress = ctl.progress_task(lambda: stats.events)
+            await ctl.window(spec["duration"] + 10, stats.all_done)
+        cpu = time.process_time() - c0
+        progress.cancel()
+        extra: dict[str, Any] = {}
+        if keep and stats.frames_kept:
+            mean = stats.events / max(stats.frames, 1)
+            frame = min(stats.frames_kept, key=lambda f: abs(f.count(EVENT_MARK) - mean))
+            extra = {
+                "template": frame.decode(),
+                "frame_bytes_mean": round(
+                    sum(map(len, stats.frames_kept)) / len(stats.frames_kept)
+                ),
+            }
+        return {
+            "counts": {"events": stats.events, "frames": stats.frames, "closed": stats.closed},
+            "hists": {"recv": stats.hist.to_dict()},
+            "cpu": cpu,
+            "first": stats.first or None,
+            "last": stats.last or None,
+            "extra": extra,
+        }
+    finally:
+        if progress is not None:
+            progress.cancel()
+        for transport in transports:
+            transport.disconnect()
+
+
+async def _measure_baseline_procs(ctx: Context, base: Any, template: bytes) -> Measurement:
+    """:func:`measure_baseline` with the subscribers split over worker processes."""
+    args = ctx.args
+    workers = _subscriber_workers(ctx, base.ws + "/v1/events", "baseline")
+    cpu0 = base.cpu_seconds()
+    c0 = time.process_time()
+    progress = Progress(
+        lambda t: (
+            f"baseline picows broadcast  t={t:5.1f}s  delivered={workers.sent:,} "
+            f"({workers.sent / max(t, 1e-9):,.0f}/s)"
+        )
+    )
+    try:
+        await workers.start()
+        progress.start()
+        results = await workers.results(args.duration + 10 + RESULT_GRACE, ctx.stop)
+    finally:
+        await progress.stop()
+        await workers.close()
+    cpu1 = base.cpu_seconds()
+    agg = aggregate(results)
+    events = agg.counts.get("events", 0)
+    frames = agg.counts.get("frames", 0)
+    # first..last receive over every worker (perf_counter is one clock for all processes)
+    elapsed = max((agg.last or 0.0) - (agg.first or 0.0), 1e-9)
+    m = Measurement(
+        name=f"picows broadcast, {args.subscribers} subs",
+        throughput=events / elapsed,
+        unit="events/s",
+        count=events,
+        duration_s=round(elapsed, 3),
+        errors=0,
+        server_cpu=cpu_figure(None if cpu0 is None or cpu1 is None else cpu1 - cpu0, elapsed),
+        client_cpu=cpu_figure(agg.cpu + time.process_time() - c0, elapsed),
+        extra={
+            "frames": frames,
+            "frame_bytes": len(template),
+            "events_per_frame": round(events / frames, 2) if frames else 0,
+            "client_procs": args.client_procs,
+            "client_cpu_per_proc": agg.cpu_per_proc,
+        },
+    )
+    m.add_latency("event time->recv", agg.hists.get("recv", LatencyHistogram()))
     return m
 
 

@@ -9,6 +9,7 @@ flow control (the server does not answer heartbeats); the baseline's is the echo
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
@@ -21,6 +22,14 @@ from nexus_fast.benchmark.histogram import LatencyHistogram
 from nexus_fast.benchmark.procs import metric_sum, spawn_baseline
 from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, ratio
 from nexus_fast.benchmark.runner import HARD_MAX_DURATION, Progress
+from nexus_fast.benchmark.workers import (
+    RESULT_GRACE,
+    ClientWorkers,
+    WorkerControl,
+    aggregate,
+    split,
+    tls_spec,
+)
 from nexus_fast.node_proxy import default_channels
 from nexus_fast.pb import fabric_pb2 as pb
 
@@ -161,12 +170,7 @@ async def measure_baseline(ctx: Context) -> Measurement:
     base = spawn_baseline(ctx.group, "grpc")
     n = args.nodes
     channels = [open_channel(base.grpc) for _ in range(default_channels(n))]
-    message = pb.NodeMessage(
-        heartbeat=pb.Heartbeat(
-            usage=pb.Resources(cpu=1.6, memory=6.8e9, gpu=0.0, disk=2.1e10),
-            sent_ms=int(time.time() * 1000),
-        )
-    )
+    message = _baseline_message()
     calls = []
     for i in range(n):
         method = channels[i % len(channels)].stream_stream(
@@ -243,12 +247,283 @@ async def measure_baseline(ctx: Context) -> Measurement:
     return m
 
 
+def _baseline_message() -> Any:
+    return pb.NodeMessage(
+        heartbeat=pb.Heartbeat(
+            usage=pb.Resources(cpu=1.6, memory=6.8e9, gpu=0.0, disk=2.1e10),
+            sent_ms=int(time.time() * 1000),
+        )
+    )
+
+
+# ------------------------------------------------- --client-procs K: worker processes
+
+
+def _worker_specs(ctx: Context, target: str) -> list[dict[str, Any]]:
+    """One spec per worker: its share of the nodes (same split for ours and the baseline)."""
+    args = ctx.args
+    k = args.client_procs
+    counts = [n for _, n in split(args.count, k)] if args.count else [0] * k
+    return [
+        {
+            "worker": w,
+            "target": target,
+            "offset": offset,
+            "nodes": n,
+            "total": args.nodes,
+            "interval": send_interval(args),
+            "count": max(1, counts[w]) if args.count else 0,
+            "duration": min(args.duration, HARD_MAX_DURATION),
+            "tls": tls_spec(args),
+        }
+        for w, (offset, n) in enumerate(split(args.nodes, k))
+    ]
+
+
+async def worker_ours(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any]:
+    """In a worker process: this share of the nodes heartbeats the server under test."""
+    pool = NodePool(
+        spec["target"],
+        spec["nodes"],
+        argparse.Namespace(**spec["tls"]),
+        prefix=f"hb-{spec['worker']}-",
+    )
+    t_reg = time.perf_counter()
+    try:
+        await pool.start()
+        ctl.send(
+            ready={
+                "register_seconds": round(time.perf_counter() - t_reg, 3),
+                "message_bytes": len(pool.nodes[0].heartbeat_bytes) if pool.nodes else 0,
+            }
+        )
+        await ctl.go.wait()
+        hist = LatencyHistogram()
+        counter = [0, spec["count"] or 1 << 62]
+        stop = asyncio.Event()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        n, offset = spec["total"], spec["offset"]
+        loops = [
+            asyncio.ensure_future(
+                _stream_loop(
+                    offset + i, n, spec["interval"], t0, node.heartbeat, hist, counter, stop
+                )
+            )
+            for i, node in enumerate(pool.nodes)
+        ]
+        progress = ctl.progress_task(lambda: counter[0])
+        if not ctl.stop.is_set():
+            await ctl.window(spec["duration"], stop)
+        stop.set()
+        ctl.send(done=True)
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        for task in (*loops, progress):
+            task.cancel()
+        await asyncio.gather(*loops, progress, return_exceptions=True)
+        return {
+            "counts": {
+                "client_writes": counter[0],
+                "errors": sum(1 for node in pool.nodes if node.error),
+            },
+            "hists": {"send": hist.to_dict()},
+            "cpu": cpu,
+            "elapsed": elapsed,
+        }
+    finally:
+        await pool.close()
+
+
+async def worker_baseline(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any]:
+    """In a worker process: this share of the streams against the bare bidi echo."""
+    n = spec["nodes"]
+    channels = [open_channel(spec["target"]) for _ in range(default_channels(n))]
+    message = _baseline_message()
+    calls = []
+    for i in range(n):
+        method = channels[i % len(channels)].stream_stream(
+            STREAM_METHOD,
+            request_serializer=pb.NodeMessage.SerializeToString,
+            response_deserializer=pb.NodeMessage.FromString,
+        )
+        calls.append(method())
+    hist = LatencyHistogram()
+    received = [0]
+    counter = [0, spec["count"] or 1 << 62]
+    stop = asyncio.Event()
+    queues: list[collections.deque[float]] = [collections.deque() for _ in calls]
+
+    async def reader(call: Any, sent_at: collections.deque[float]) -> None:
+        perf = time.perf_counter
+        while True:
+            msg = await call.read()
+            if not isinstance(msg, pb.NodeMessage):
+                return
+            hist.record(perf() - sent_at.popleft())
+            received[0] += 1
+
+    readers = [asyncio.ensure_future(reader(c, q)) for c, q in zip(calls, queues)]
+    loops: list[asyncio.Future[None]] = []
+    try:
+        ctl.send(ready={"message_bytes": message.ByteSize()})
+        await ctl.go.wait()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        total, offset = spec["total"], spec["offset"]
+        loops = [
+            asyncio.ensure_future(
+                _stream_loop(
+                    offset + i,
+                    total,
+                    spec["interval"],
+                    t0,
+                    lambda call=call: call.write(message),
+                    None,
+                    counter,
+                    stop,
+                    queues[i],
+                )
+            )
+            for i, call in enumerate(calls)
+        ]
+        progress = ctl.progress_task(lambda: received[0])
+        if not ctl.stop.is_set():
+            await ctl.window(spec["duration"], stop)
+        stop.set()
+        ctl.send(done=True)
+        elapsed = time.perf_counter() - t0
+        echoed = received[0]
+        cpu = time.process_time() - c0
+        progress.cancel()
+        return {
+            "counts": {"echoed": echoed, "client_writes": counter[0]},
+            "hists": {"echo": hist.to_dict()},
+            "cpu": cpu,
+            "elapsed": elapsed,
+        }
+    finally:
+        for task in (*loops, *readers):
+            task.cancel()
+        await asyncio.gather(*loops, *readers, return_exceptions=True)
+        for call in calls:
+            call.cancel()
+        for ch in channels:
+            await ch.close()
+
+
+async def _run_workers(
+    ctx: Context, workers: ClientWorkers, label: str, before: Any, after: Any
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float, float, Any, Any]:
+    """Start, wait ready, snapshot ``before()``, go, collect, snapshot ``after()``."""
+    try:
+        await workers.start()
+        readies = await workers.ready()
+        snap0 = before()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        workers.send("go")
+        progress = Progress(
+            lambda t: (
+                f"{label}  t={t:5.1f}s  {workers.sent:,}  {workers.sent / max(t, 1e-9):,.0f}/s"
+            )
+        )
+        progress.start()
+        try:
+            await workers.done(min(ctx.args.duration, HARD_MAX_DURATION) + RESULT_GRACE, ctx.stop)
+        finally:
+            await progress.stop()
+        elapsed = time.perf_counter() - t0  # the window: go .. every worker's window ended
+        snap1 = after()
+        parent_cpu = time.process_time() - c0
+        results = await workers.results(RESULT_GRACE)
+    finally:
+        await workers.close()
+    return readies, results, elapsed, parent_cpu, snap0, snap1
+
+
+async def measure_ours_procs(ctx: Context) -> Measurement:
+    """:func:`measure_ours` with the nodes split over ``--client-procs`` worker processes."""
+    args = ctx.args
+    server = ctx.server
+    assert server is not None
+    workers = ClientWorkers(ctx.group, "heartbeat-ours", _worker_specs(ctx, server.grpc))
+
+    def snapshot() -> tuple[dict[str, float] | None, float | None]:
+        return server.metrics(), server.cpu_seconds()
+
+    readies, results, elapsed, parent_cpu, (m0, cpu0), (m1, cpu1) = await _run_workers(
+        ctx, workers, "heartbeat (workers' writes)", snapshot, snapshot
+    )
+    agg = aggregate(results)
+    writes = agg.counts.get("client_writes", 0)
+    if m1 is not None and m0 is not None:
+        handled = metric_sum(m1, HEARTBEAT_METRIC, kind="heartbeat") - metric_sum(
+            m0, HEARTBEAT_METRIC, kind="heartbeat"
+        )
+        source = "server metric nexus_node_messages_total{kind=heartbeat}"
+    else:
+        handled = writes
+        source = "client writes (no /metrics)"
+    m = Measurement(
+        name=f"heartbeats handled, {args.nodes} nodes",
+        throughput=handled / elapsed,
+        unit="heartbeats/s",
+        count=int(handled),
+        duration_s=round(elapsed, 3),
+        errors=agg.counts.get("errors", 0),
+        server_cpu=cpu_figure(None if cpu0 is None or cpu1 is None else cpu1 - cpu0, elapsed),
+        client_cpu=cpu_figure(agg.cpu + parent_cpu, elapsed),
+        extra={
+            "source": source,
+            "client_writes": writes,
+            "register_seconds": max(r["register_seconds"] for r in readies),
+            "interval_s": send_interval(args),
+            "message_bytes": readies[0]["message_bytes"],
+            "client_procs": args.client_procs,
+            "client_cpu_per_proc": agg.cpu_per_proc,
+        },
+    )
+    m.add_latency("send->write done", agg.hists.get("send", LatencyHistogram()))
+    return m
+
+
+async def measure_baseline_procs(ctx: Context) -> Measurement:
+    """:func:`measure_baseline` with the same split of the streams over worker processes."""
+    args = ctx.args
+    base = spawn_baseline(ctx.group, "grpc")
+    workers = ClientWorkers(ctx.group, "heartbeat-baseline", _worker_specs(ctx, base.grpc))
+    readies, results, elapsed, parent_cpu, cpu0, cpu1 = await _run_workers(
+        ctx, workers, "baseline bidi echo (echoes)", base.cpu_seconds, base.cpu_seconds
+    )
+    agg = aggregate(results)
+    echoed = agg.counts.get("echoed", 0)
+    m = Measurement(
+        name=f"grpc.aio bidi echo, {args.nodes} streams",
+        throughput=echoed / elapsed,
+        unit="messages/s",
+        count=echoed,
+        duration_s=round(elapsed, 3),
+        server_cpu=cpu_figure(None if cpu0 is None or cpu1 is None else cpu1 - cpu0, elapsed),
+        client_cpu=cpu_figure(agg.cpu + parent_cpu, elapsed),
+        extra={
+            "message_bytes": readies[0]["message_bytes"],
+            "client_writes": agg.counts.get("client_writes", 0),
+            "client_procs": args.client_procs,
+            "client_cpu_per_proc": agg.cpu_per_proc,
+        },
+    )
+    m.add_latency("echo round trip", agg.hists.get("echo", LatencyHistogram()))
+    return m
+
+
 async def run(ctx: Context) -> None:
     """Measure ours, then (``--baseline``) the bidi echo, and their ratio."""
-    ours = await measure_ours(ctx)
+    procs = ctx.args.client_procs > 1
+    ours = await (measure_ours_procs(ctx) if procs else measure_ours(ctx))
     ctx.report.results.append(ours)
     if ctx.args.baseline and not ctx.stopping():
-        base = await measure_baseline(ctx)
+        base = await (measure_baseline_procs(ctx) if procs else measure_baseline(ctx))
         ctx.report.baseline.append(base)
         ctx.report.ratios.append(
             Ratio(
