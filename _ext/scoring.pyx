@@ -1,17 +1,26 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-# distutils: extra_compile_args = -ffp-contract=off
+# distutils: extra_compile_args = -ffp-contract=off -ftree-vectorize -fvect-cost-model=dynamic
 """Node scoring, compiled twin of ``nexus_fast/_scoring_py.py`` (the typed source of truth).
 
 Same inputs, same formulas, same float32 operations in the same order (see that module's
-docstring), as a C loop over typed memoryviews: no numpy C-API, no Python objects in the
-loop, the GIL released for large fleets. It wins where numpy's per-call overhead dominates
-(small fleets); ``nexus_fast.scoring`` picks the faster twin by fleet size.
+docstring), as C loops over typed memoryviews: no numpy C-API, no Python objects in the
+loops, the GIL released for large fleets. The fleet is processed in blocks of ``BLOCK``
+nodes: each block is filtered and scored by one short branch-free loop per operation (every
+weight and request test hoisted out of them, terms with weight 0 skipped), which the C
+compiler vectorises, then scanned once for the best score. It has almost no per-call cost
+and, unlike numpy, makes one pass over the data with no temporaries, so it is the faster
+twin at every fleet size measured; ``nexus_fast.scoring`` picks the twin by fleet size.
 
 boundscheck/wraparound are off: every index is in ``[0, n)`` and ``n`` is checked against
 every array's length up front (tests/unit/test_scoring.py covers n = 0, 1 and the bounds).
 ``-ffp-contract=off`` keeps the compiler from fusing multiply-adds, which would round
-differently from numpy.
+differently from numpy. ``-ftree-vectorize -fvect-cost-model=dynamic`` let GCC vectorise the
+block loops at the build's ``-O2`` (explicit ``-f`` flags win over the ``-O`` level whatever
+their order): SIMD add, sub, mul, div, min and max round exactly like their scalar forms,
+and nothing is reassociated, so the choices are unchanged.
 """
+
+from libc.math cimport INFINITY
 
 from nexus_fast._scoring_py import (
     N_RESOURCES,
@@ -39,6 +48,11 @@ cdef Py_ssize_t NOGIL_MIN_NODES = 4096
 
 cdef float ONE = 1.0
 cdef float ZERO = 0.0
+cdef float NEG_INF = -INFINITY
+
+# Nodes filtered and scored per inner pass: its buffers (5 x 1 KiB) stay in L1.
+cdef enum:
+    BLOCK = 256
 
 
 cdef struct Kernel:
@@ -65,78 +79,147 @@ cdef struct Kernel:
     double k
 
 
-cdef inline bint _feasible(const Kernel* p, Py_ssize_t i) noexcept nogil:
-    # Branch-free: `&` (not `and`) so the compiler can evaluate all four at once.
-    # The filter reads avail (usage counts), the score free (reservations only).
-    return (
-        (p.mask[i] != 0)
-        & ((p.req[0] <= ZERO) | (p.avail[0][i] >= p.req[0]))
-        & ((p.req[1] <= ZERO) | (p.avail[1][i] >= p.req[1]))
-        & ((p.req[2] <= ZERO) | (p.avail[2][i] >= p.req[2]))
-        & ((p.req[3] <= ZERO) | (p.avail[3][i] >= p.req[3]))
-    )
+cdef inline void _block(
+    const Kernel* p, Py_ssize_t i0, Py_ssize_t m, float* score, int* feas
+) noexcept nogil:
+    """Filter and score nodes ``i0 .. i0 + m - 1`` (``m <= BLOCK``) into ``feas`` and ``score``.
 
-
-cdef inline float _score(const Kernel* p, Py_ssize_t i) noexcept nogil:
+    One short loop per operation, every weight and request test hoisted out of the loops:
+    each loop is branch-free over contiguous float32 rows, so the C compiler vectorises it
+    (SSE: 4 nodes per instruction) without changing a single rounding. Every value is
+    computed with the same operations in the same order as ``_scoring_py.pick_best``.
+    """
+    cdef float tot[BLOCK]
+    cdef float hi[BLOCK]
+    cdef float lo[BLOCK]
+    cdef Py_ssize_t k
     cdef int j
-    cdef float frac, total, hi, lo, least
-    cdef float score = ZERO
-    cdef double x
-    frac = (p.free[0][i] - p.req[0]) / p.cap[0][i]
-    total = frac
-    hi = frac
-    lo = frac
+    cdef float fr, rq, w, smax
+    cdef double x, stale = p.stale, kk = p.k
+    cdef const float* fp
+    cdef const float* cp
+    cdef const float* ap
+    cdef const float* sp
+    cdef const double* hb = p.heartbeat + i0
+    cdef const unsigned char* mk = p.mask + i0
+    cdef bint balance = p.w_balanced != ZERO
+
+    # filter: schedulable, and avail_j >= req_j for every requested resource
+    for k in range(m):
+        feas[k] = mk[k] != 0
+    for j in range(4):
+        rq = p.req[j]
+        if rq > ZERO:
+            ap = p.avail[j] + i0
+            for k in range(m):
+                feas[k] = feas[k] & (ap[k] >= rq)
+
+    # frac_j = (free_j - req_j) / cap_j; total, hi, lo over J
+    rq = p.req[0]
+    fp = p.free[0] + i0
+    cp = p.cap[0] + i0
+    for k in range(m):
+        tot[k] = (fp[k] - rq) / cp[k]
+    if balance:
+        for k in range(m):
+            hi[k] = tot[k]
+            lo[k] = tot[k]
     for j in range(1, 4):
-        if p.counted[j]:
-            frac = (p.free[j][i] - p.req[j]) / p.cap[j][i]
-            total = total + frac
-            if frac > hi:
-                hi = frac
-            if frac < lo:
-                lo = frac
-    total = total + (p.t_max - p.tasks[i]) / p.t_div
-    least = total / p.n_terms
-    if p.w_least != ZERO:
-        score = score + p.w_least * least
-    if p.w_most != ZERO:
-        score = score + p.w_most * (ONE - least)
-    if p.w_balanced != ZERO:
-        score = score + p.w_balanced * (ONE - (hi - lo))
-    if p.use_spread:
-        if p.s_max > ZERO:
-            score = score + p.w_spread * ((p.s_max - p.spread[i]) / p.s_max)
+        if not p.counted[j]:
+            continue
+        rq = p.req[j]
+        fp = p.free[j] + i0
+        cp = p.cap[j] + i0
+        if balance:
+            for k in range(m):
+                fr = (fp[k] - rq) / cp[k]
+                tot[k] = tot[k] + fr
+                hi[k] = fr if fr > hi[k] else hi[k]
+                lo[k] = fr if fr < lo[k] else lo[k]
         else:
-            score = score + p.w_spread
-    if p.w_fresh != ZERO:
-        x = (p.heartbeat[i] - p.stale) * p.k
-        if x > 1.0:
-            x = 1.0
-        elif x < 0.0:
-            x = 0.0
-        score = score + p.w_fresh * <float>x
-    return score
+            for k in range(m):
+                tot[k] = tot[k] + (fp[k] - rq) / cp[k]
+    # least = (total + tasks_term) / |J| + 1, kept in tot
+    fp = p.tasks + i0
+    for k in range(m):
+        tot[k] = (tot[k] + (p.t_max - fp[k]) / p.t_div) / p.n_terms
+
+    for k in range(m):
+        score[k] = ZERO
+    w = p.w_least
+    if w != ZERO:
+        for k in range(m):
+            score[k] = score[k] + w * tot[k]
+    w = p.w_most
+    if w != ZERO:
+        for k in range(m):
+            score[k] = score[k] + w * (ONE - tot[k])
+    w = p.w_balanced
+    if w != ZERO:
+        for k in range(m):
+            score[k] = score[k] + w * (ONE - (hi[k] - lo[k]))
+    if p.use_spread:
+        w = p.w_spread
+        smax = p.s_max
+        if smax > ZERO:
+            sp = p.spread + i0
+            for k in range(m):
+                score[k] = score[k] + w * ((smax - sp[k]) / smax)
+        else:
+            for k in range(m):
+                score[k] = score[k] + w
+    w = p.w_fresh
+    if w != ZERO:
+        # F is monotone in the heartbeat: if the block's stalest node is fully fresh (the
+        # common case), every node's F is exactly 1 and its term exactly w (as in numpy).
+        x = hb[0]
+        for k in range(1, m):
+            x = hb[k] if hb[k] < x else x
+        if (x - stale) * kk >= 1.0:
+            for k in range(m):
+                score[k] = score[k] + w
+        else:
+            for k in range(m):
+                x = (hb[k] - stale) * kk
+                x = 1.0 if x > 1.0 else x
+                x = 0.0 if x < 0.0 else x
+                score[k] = score[k] + w * <float>x
 
 
 cdef Py_ssize_t _pick(const Kernel* p, Py_ssize_t n, unsigned long long r) noexcept nogil:
-    cdef Py_ssize_t i, n_tied = 0, skip, first = -1
-    cdef float score, best = ZERO
-    for i in range(n):
-        if _feasible(p, i):
-            score = _score(p, i)
-            if n_tied == 0 or score > best:
-                best = score
-                n_tied = 1
-                first = i
-            elif score == best:
-                n_tied += 1
+    cdef float score[BLOCK]
+    cdef int feas[BLOCK]
+    cdef Py_ssize_t i0, k, m, n_tied = 0, skip, first = -1
+    cdef float s, best = NEG_INF
+    i0 = 0
+    while i0 < n:
+        m = n - i0 if n - i0 < BLOCK else BLOCK
+        _block(p, i0, m, score, feas)
+        for k in range(m):
+            s = score[k]
+            # one well-predicted branch per node: only a feasible node at or above the best
+            # so far (best starts at -inf) can change the choice
+            if (feas[k] != 0) & (s >= best):
+                if n_tied == 0 or s > best:
+                    best = s
+                    n_tied = 1
+                    first = i0 + k
+                elif s == best:
+                    n_tied += 1
+        i0 += m
     if n_tied <= 1:
         return first  # -1 when nothing is feasible
     skip = <Py_ssize_t>(r % <unsigned long long>n_tied)
-    for i in range(first, n):
-        if _feasible(p, i) and _score(p, i) == best:
-            if skip == 0:
-                return i
-            skip -= 1
+    i0 = first
+    while i0 < n:
+        m = n - i0 if n - i0 < BLOCK else BLOCK
+        _block(p, i0, m, score, feas)
+        for k in range(m):
+            if feas[k] and score[k] == best:
+                if skip == 0:
+                    return i0 + k
+                skip -= 1
+        i0 += m
     return -1  # unreachable: the tied nodes were counted above
 
 

@@ -1,13 +1,13 @@
-"""Node scoring selector: the compiled loop for small fleets, numpy for large ones.
+"""Node scoring selector: the compiled kernel when it is built, numpy otherwise.
 
 Both twins (``_scoring_c`` and ``_scoring_py``) implement the same ``pick_best`` with the
 same arithmetic, so they choose the same node on the same input (tests/unit/test_scoring.py);
-the formulas are documented in ``nexus_fast/_scoring_py.py``. The compiled loop has almost
-no per-call cost but does its work one node at a time; numpy pays ~25 array operations of
-fixed overhead per call and then runs SIMD over whole rows. ``CROSSOVER_NODES`` is where the
-two meet, measured with bench/test_bench_scoring.py (see the figures there): below it the
-compiled twin runs, at or above it numpy does. With ``NEXUS_NO_EXTENSIONS=1`` (or no
-compiled build) numpy serves every size.
+the formulas are documented in ``nexus_fast/_scoring_py.py``. The compiled kernel has almost
+no per-call cost and runs SIMD over blocks of nodes in one pass; numpy pays ~25 array
+operations of fixed overhead per call and then several passes over whole rows and their
+temporaries. Below ``CROSSOVER_NODES`` the compiled twin runs, at or above it numpy does
+(measured with bench/test_bench_scoring.py, see the figures below). With
+``NEXUS_NO_EXTENSIONS=1`` (or no compiled build) numpy serves every size.
 """
 
 from __future__ import annotations
@@ -43,11 +43,15 @@ __all__ = (
     "pick_best",
 )
 
-# Fleet size (columns scanned) from which numpy beats the compiled loop. Measured with
-# bench/test_bench_scoring.py's fleet on the reference machine (2-core Xeon VM): compiled
-# 2 us @ 100, 9 us @ 1k, 40 us @ 4k, 55 us @ 6k, 71 us @ 8k, 107 us @ 12k nodes; numpy
-# ~30 us fixed + ~4.5 ns per node: 36 us @ 1k, 52 us @ 4k, 58 us @ 6k, 65 us @ 8k, 83 us @ 12k.
-CROSSOVER_NODES: Final = 6144
+# Fleet size (columns scanned) from which numpy serves. Measured with
+# bench/test_bench_scoring.py's fleet on the reference machine (2-core Xeon VM), since the
+# compiled kernel runs SIMD over blocks: compiled 1.2 us @ 100, 4.6 us @ 1k, 39 us @ 10k,
+# 0.64 ms @ 100k, 7.3 ms @ 1M nodes; numpy 29 us @ 100, 37 us @ 1k, 80 us @ 10k,
+# 1.2 ms @ 100k, 19 ms @ 1M. The compiled twin is faster at every size measured, so numpy
+# serves only beyond the largest one (before the blocked kernel the two met at ~6k nodes).
+CROSSOVER_NODES: Final = 1 << 20
+
+_UINT8: Final = np.dtype(np.uint8)
 
 _compiled_pick: Callable[..., int] | None
 if TYPE_CHECKING or NO_EXTENSIONS:
@@ -92,7 +96,8 @@ def pick_best(
     Arguments and formulas: see ``nexus_fast._scoring_py``.
     """
     pick = _compiled_pick if _compiled_pick is not None and n < CROSSOVER_NODES else _numpy_pick
-    if mask.dtype == np.bool_:
+    dtype = mask.dtype
+    if dtype is not _UINT8 and dtype == np.bool_:  # identity first: `==` costs ~70 ns a call
         mask = mask.view(np.uint8)
     return pick(
         feat,

@@ -216,6 +216,33 @@ def test_tie_break_is_r_mod_ties_in_index_order(scoring_impl: ModuleType) -> Non
     assert call(scoring_impl, feat, 6, mask, hb, r=2**62 + 1) == tied[(2**62 + 1) % 4]
 
 
+@pytest.mark.parametrize("n", [255, 256, 257, 513, 1000])
+def test_ties_and_best_across_blocks(scoring_impl: ModuleType, n: int) -> None:
+    """Fleets longer than the compiled twin's 256-node blocks: ties spanning blocks, a
+    best node in the last block, infeasible nodes at the block edges."""
+    feat, mask, hb = fleet(n, tasks=1.0)
+    mask[[0, 255 % n, n - 1]] = 0
+    for r in (0, 1, 254, 255, 256, n - 4, 2**62 + 7):
+        assert call(scoring_impl, feat, n, mask, hb, r=r) == model_pick(
+            feat, n, mask, None, 0.0, hb, NOW, TIMEOUT, 1.0, 0, 0, 0, 0, 1, 0, 0.5, 1, 0.1, r
+        )
+    feat[ROW_TASKS, n - 3] = 0.0  # one node with a free task slot: the only best
+    assert call(scoring_impl, feat, n, mask, hb, t_max=1.0, r=3) == n - 3
+
+
+def test_freshness_per_block(scoring_impl: ModuleType) -> None:
+    """Fully fresh blocks next to blocks with stale nodes score like the model."""
+    n = 700
+    feat, mask, hb = fleet(n)
+    feat[ROW_TASKS] = np.arange(n) % 3
+    hb[300:310] = NOW - 20.0  # stale-ish nodes in the second block only
+    hb[650] = NOW - 29.0
+    for w in ((0, 0, 0, 0, 1), (1, 0, 0.5, 0, 0.1), (0, 1, 0, 0, 2)):
+        for r in (0, 5, 2**40):
+            args = (feat, n, mask, None, 0.0, hb, NOW, TIMEOUT, 2.0, 0, 0, 0, 0, *w, r)
+            assert scoring_impl.pick_best(*args) == model_pick(*args)
+
+
 def test_bool_mask_accepted_by_selector() -> None:
     feat, mask, hb = fleet(3)
     args = (feat, 3, mask.astype(bool), None, 0.0, hb, NOW, TIMEOUT, 0.0, 0, 0, 0, 0, 1, 0, 0, 0, 0)
