@@ -164,75 +164,102 @@ async def measure_ours(ctx: Context) -> Measurement:
     return m
 
 
-async def measure_baseline(ctx: Context) -> Measurement:
-    """The same streams against a bare grpc.aio bidi echo; echoes received per second."""
-    args = ctx.args
-    base = spawn_baseline(ctx.group, "grpc")
-    n = args.nodes
-    channels = [open_channel(base.grpc) for _ in range(default_channels(n))]
-    message = _baseline_message()
-    calls = []
-    for i in range(n):
-        method = channels[i % len(channels)].stream_stream(
-            STREAM_METHOD,
-            request_serializer=pb.NodeMessage.SerializeToString,
-            response_deserializer=pb.NodeMessage.FromString,
-        )
-        calls.append(method())
-    hist = LatencyHistogram()
-    received = [0]
-    counter = [0, args.count or 1 << 62]
-    stop = asyncio.Event()
-    interval = send_interval(args)
-    queues: list[collections.deque[float]] = [collections.deque() for _ in calls]
+class _EchoStreams:
+    """``n`` bidi streams to a bare echo server, each timing the echo of what it writes.
 
-    async def reader(call: Any, sent_at: collections.deque[float]) -> None:
+    The same client code serves the in-process baseline and each ``--client-procs`` worker.
+    """
+
+    def __init__(self, target: str, n: int) -> None:
+        self.channels = [open_channel(target) for _ in range(default_channels(n))]
+        self.message = _baseline_message()
+        self.calls: list[Any] = []
+        for i in range(n):
+            method = self.channels[i % len(self.channels)].stream_stream(
+                STREAM_METHOD,
+                request_serializer=pb.NodeMessage.SerializeToString,
+                response_deserializer=pb.NodeMessage.FromString,
+            )
+            self.calls.append(method())
+        self.hist = LatencyHistogram()
+        self.received = 0
+        self._queues: list[collections.deque[float]] = [collections.deque() for _ in self.calls]
+        self._tasks: list[asyncio.Future[None]] = [
+            asyncio.ensure_future(self._read(c, q)) for c, q in zip(self.calls, self._queues)
+        ]
+
+    async def _read(self, call: Any, sent_at: collections.deque[float]) -> None:
         perf = time.perf_counter
         while True:
             msg = await call.read()
             if not isinstance(msg, pb.NodeMessage):
                 return
-            hist.record(perf() - sent_at.popleft())  # one stream echoes in order
-            received[0] += 1
+            self.hist.record(perf() - sent_at.popleft())  # one stream echoes in order
+            self.received += 1
 
-    readers = [asyncio.ensure_future(reader(c, q)) for c, q in zip(calls, queues)]
+    def start(
+        self,
+        first: int,
+        total: int,
+        interval: float,
+        t0: float,
+        counter: list[int],
+        stop: asyncio.Event,
+    ) -> None:
+        """Write on every stream (stream ``i`` is ``first + i`` of ``total`` for pacing)."""
+        message = self.message
+        self._tasks += [
+            asyncio.ensure_future(
+                _stream_loop(
+                    first + i,
+                    total,
+                    interval,
+                    t0,
+                    lambda call=call: call.write(message),
+                    None,
+                    counter,
+                    stop,
+                    self._queues[i],
+                )
+            )
+            for i, call in enumerate(self.calls)
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for call in self.calls:
+            call.cancel()
+        for ch in self.channels:
+            await ch.close()
+
+
+async def measure_baseline(ctx: Context) -> Measurement:
+    """The same streams against a bare grpc.aio bidi echo; echoes received per second."""
+    args = ctx.args
+    base = spawn_baseline(ctx.group, "grpc")
+    n = args.nodes
+    streams = _EchoStreams(base.grpc, n)
+    counter = [0, args.count or 1 << 62]
+    stop = asyncio.Event()
     cpu0 = base.cpu_seconds()
     c0 = time.process_time()
     t0 = time.perf_counter()
-    loops = [
-        asyncio.ensure_future(
-            _stream_loop(
-                i,
-                n,
-                interval,
-                t0,
-                lambda call=call: call.write(message),
-                None,
-                counter,
-                stop,
-                queues[i],
-            )
-        )
-        for i, call in enumerate(calls)
-    ]
+    streams.start(0, n, send_interval(args), t0, counter, stop)
     await _window(
         ctx,
         stop,
         lambda t: (
-            f"baseline bidi echo  t={t:5.1f}s  echoes={received[0]:,}  {received[0] / max(t, 1e-9):,.0f}/s"
+            f"baseline bidi echo  t={t:5.1f}s  echoes={streams.received:,}  "
+            f"{streams.received / max(t, 1e-9):,.0f}/s"
         ),
     )
     elapsed = time.perf_counter() - t0
-    echoed = received[0]
+    echoed = streams.received
     cpu1 = base.cpu_seconds()
     client_cpu = time.process_time() - c0
-    for task in (*loops, *readers):
-        task.cancel()
-    await asyncio.gather(*loops, *readers, return_exceptions=True)
-    for call in calls:
-        call.cancel()
-    for ch in channels:
-        await ch.close()
+    await streams.close()
     m = Measurement(
         name=f"grpc.aio bidi echo, {n} streams",
         throughput=echoed / elapsed,
@@ -241,9 +268,9 @@ async def measure_baseline(ctx: Context) -> Measurement:
         duration_s=round(elapsed, 3),
         server_cpu=cpu_figure(None if cpu0 is None or cpu1 is None else cpu1 - cpu0, elapsed),
         client_cpu=cpu_figure(client_cpu, elapsed),
-        extra={"message_bytes": message.ByteSize(), "client_writes": counter[0]},
+        extra={"message_bytes": streams.message.ByteSize(), "client_writes": counter[0]},
     )
-    m.add_latency("echo round trip", hist)
+    m.add_latency("echo round trip", streams.hist)
     return m
 
 
@@ -337,79 +364,32 @@ async def worker_ours(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any
 
 async def worker_baseline(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any]:
     """In a worker process: this share of the streams against the bare bidi echo."""
-    n = spec["nodes"]
-    channels = [open_channel(spec["target"]) for _ in range(default_channels(n))]
-    message = _baseline_message()
-    calls = []
-    for i in range(n):
-        method = channels[i % len(channels)].stream_stream(
-            STREAM_METHOD,
-            request_serializer=pb.NodeMessage.SerializeToString,
-            response_deserializer=pb.NodeMessage.FromString,
-        )
-        calls.append(method())
-    hist = LatencyHistogram()
-    received = [0]
+    streams = _EchoStreams(spec["target"], spec["nodes"])
     counter = [0, spec["count"] or 1 << 62]
     stop = asyncio.Event()
-    queues: list[collections.deque[float]] = [collections.deque() for _ in calls]
-
-    async def reader(call: Any, sent_at: collections.deque[float]) -> None:
-        perf = time.perf_counter
-        while True:
-            msg = await call.read()
-            if not isinstance(msg, pb.NodeMessage):
-                return
-            hist.record(perf() - sent_at.popleft())
-            received[0] += 1
-
-    readers = [asyncio.ensure_future(reader(c, q)) for c, q in zip(calls, queues)]
-    loops: list[asyncio.Future[None]] = []
     try:
-        ctl.send(ready={"message_bytes": message.ByteSize()})
+        ctl.send(ready={"message_bytes": streams.message.ByteSize()})
         await ctl.go.wait()
         c0 = time.process_time()
         t0 = time.perf_counter()
-        total, offset = spec["total"], spec["offset"]
-        loops = [
-            asyncio.ensure_future(
-                _stream_loop(
-                    offset + i,
-                    total,
-                    spec["interval"],
-                    t0,
-                    lambda call=call: call.write(message),
-                    None,
-                    counter,
-                    stop,
-                    queues[i],
-                )
-            )
-            for i, call in enumerate(calls)
-        ]
-        progress = ctl.progress_task(lambda: received[0])
+        streams.start(spec["offset"], spec["total"], spec["interval"], t0, counter, stop)
+        progress = ctl.progress_task(lambda: streams.received)
         if not ctl.stop.is_set():
             await ctl.window(spec["duration"], stop)
         stop.set()
         ctl.send(done=True)
         elapsed = time.perf_counter() - t0
-        echoed = received[0]
+        echoed = streams.received
         cpu = time.process_time() - c0
         progress.cancel()
         return {
             "counts": {"echoed": echoed, "client_writes": counter[0]},
-            "hists": {"echo": hist.to_dict()},
+            "hists": {"echo": streams.hist.to_dict()},
             "cpu": cpu,
             "elapsed": elapsed,
         }
     finally:
-        for task in (*loops, *readers):
-            task.cancel()
-        await asyncio.gather(*loops, *readers, return_exceptions=True)
-        for call in calls:
-            call.cancel()
-        for ch in channels:
-            await ch.close()
+        await streams.close()
 
 
 async def _run_workers(
