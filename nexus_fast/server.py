@@ -48,8 +48,6 @@ SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["NodeService"].full_name,
     pb.DESCRIPTOR.services_by_name["ControlService"].full_name,
 )
-# How often the maintenance loop refreshes gauges and clears stale LMDB readers.
-_MAINTENANCE_INTERVAL = 10.0
 
 
 class StartupError(Exception):
@@ -169,7 +167,7 @@ class NexusServer:
             await self.stop()
             raise
 
-        self._maintenance.start(_MAINTENANCE_INTERVAL)
+        self._maintenance.start(cfg.monitoring.health_check_interval)
         if cfg.database.backup_interval > 0:
             self._backups.start(cfg.database.backup_interval)
         await self._system_event(

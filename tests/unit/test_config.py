@@ -549,3 +549,9 @@ def test_float_weights_parse_and_are_range_checked() -> None:
         with pytest.raises(ConfigError) as info:
             load_config(env={}, overrides={"scheduler.weight_spread": bad})
         assert "scheduler.weight_spread" in str(info.value) and "a number" in str(info.value)
+
+
+def test_readme_documents_every_environment_override() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    missing = [var for var in ENV_OVERRIDES if f"`{var}`" not in readme]
+    assert not missing, f"README configuration table lacks {missing}"
