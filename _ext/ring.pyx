@@ -6,6 +6,9 @@ wraparound are off: every subscript is ``index & mask``, always in ``[0, capacit
 and tests/unit/test_ring.py covers wraparound, overwrite and capacity 1.
 """
 
+from cpython.list cimport PyList_GET_ITEM, PyList_New, PyList_SET_ITEM
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int64_t
 from types import GenericAlias
 
@@ -94,7 +97,9 @@ cdef class EventRing:
 
     cdef list _slice(self, int64_t after_index, Py_ssize_t limit):
         cdef int64_t avail
-        cdef Py_ssize_t n, start, end
+        cdef Py_ssize_t n, start, i, j, head
+        cdef list buf, out
+        cdef PyObject* item
         if self._count == 0 or after_index >= self._last:
             return []
         if after_index < self._first - 1:
@@ -104,8 +109,22 @@ cdef class EventRing:
         if n <= 0:
             return []
         start = <Py_ssize_t>((after_index + 1) & self._mask)
-        end = start + n
-        # List slices copy only the references, in C.
-        if end <= self._capacity:
-            return self._buf[start:end]
-        return self._buf[start:] + self._buf[:end - self._capacity]
+        # Build the result directly: one allocation, the references copied over the one
+        # or two contiguous runs of the buffer (no intermediate slices, no concatenation).
+        # Slots after_index+1 .. after_index+n are filled (n <= count), so no NULLs.
+        buf = self._buf
+        out = PyList_New(n)
+        head = self._capacity - start
+        if head > n:
+            head = n
+        for i in range(head):
+            item = PyList_GET_ITEM(buf, start + i)
+            Py_INCREF(<object>item)
+            PyList_SET_ITEM(out, i, <object>item)
+        j = 0
+        for i in range(head, n):
+            item = PyList_GET_ITEM(buf, j)
+            Py_INCREF(<object>item)
+            PyList_SET_ITEM(out, i, <object>item)
+            j += 1
+        return out

@@ -117,6 +117,28 @@ def test_returns_references_not_copies(ring_impl: ModuleType) -> None:
     assert ring.since(0)[0] is item
 
 
+def test_wrapped_reads_hold_their_own_references(ring_impl: ModuleType) -> None:
+    # A window across the end of the buffer, cut exactly at the end, and crossing it;
+    # results are fresh lists that keep their items alive after they are overwritten.
+    ring = ring_impl.EventRing(8)
+    for i in range(1, 14):
+        ring.append(i, [i])  # slots: 9..13 -> 1..5, 6..8 -> 6..8
+    items = ring.since(5)
+    assert items == [[i] for i in range(6, 14)]
+    assert ring.since_limited(5, 3) == [[6], [7], [8]]  # stops exactly at the buffer end
+    assert ring.since_limited(6, 4) == [[7], [8], [9], [10]]  # crosses it
+    assert ring.since_limited(8, 2) == [[9], [10]]  # after the wrap only
+    items.append("extra")
+    assert len(ring.since(5)) == 8  # the ring's buffer is not shared with the result
+    before = ring.since(5)
+    for i in range(14, 30):
+        ring.append(i, [i])
+    assert before == [[i] for i in range(6, 14)]  # still alive once evicted
+    assert ring.since(21) == [[i] for i in range(22, 30)]
+    with pytest.raises(ring_impl.RingIndexTooOld):
+        ring.since(5)
+
+
 def test_generic_alias_and_repr(ring_impl: ModuleType) -> None:
     assert ring_impl.EventRing[bytes] is not None
     ring = ring_impl.EventRing(4)
