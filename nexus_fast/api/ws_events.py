@@ -283,25 +283,16 @@ class EventStreamProtocol:
                         % (orjson.dumps(sid), events)
                     )
                     continue
-                start = 0
-                size = 0
-                n = len(events)
-                for i in range(n + 1):
-                    if i < n:
-                        size += len(events[i].json) + 1
-                        if size <= MAX_FRAME_BYTES or i == start:
-                            continue
+                for start, end, body in sub.json_frames(events, MAX_FRAME_BYTES):
                     if not conn.writable:
                         # Sent only what the socket took; re-read the rest once it drains.
                         sub.cursor = events[start].index - 1
                         break
-                    conn.send_bytes_text(
-                        prefix + b",".join([e.json for e in events[start:i]]) + b"]}"
-                    )
-                    delivered.inc(i - start)
-                    if i < n:
-                        start, size = i, len(events[i].json) + 1
-                await asyncio.sleep(0)  # one batch per turn: fair to the other tasks
+                    conn.send_bytes_text(b"".join((prefix, body, b"]}")))
+                    delivered.inc(end - start)
+                if sub.lag > 0:
+                    await asyncio.sleep(0)  # one batch per turn: fair to the other tasks
+                # else next_batch waits for the next publish, which yields anyway
         except SlowConsumer as exc:
             log.info(
                 "closing slow websocket subscriber",

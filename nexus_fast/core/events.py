@@ -51,6 +51,7 @@ __all__ = [
     "Subscription",
     "batch_bytes",
     "bookmark_bytes",
+    "json_frames",
 ]
 
 log = get_logger("events")
@@ -66,6 +67,11 @@ STORE_CHUNK: Final = 512
 """Events read from the durable log per read txn: short txns, the loop stays responsive."""
 _PRUNE_SCAN_CHUNKS: Final = 64  # age pruning looks at most this many chunks per tick
 _LOAD_CHUNK: Final = 4096
+SHARED_READS: Final = 64
+"""Filtered read results the bus keeps for subscriptions at the same cursor and filter."""
+SHARED_FRAMES: Final = 64
+SHARED_FRAME_BYTES: Final = 8 * 1024 * 1024
+"""Bounds (entries, bytes) on the joined JSON frame bodies shared between subscriptions."""
 
 
 class EventIndexTooOld(NexusError):
@@ -114,6 +120,67 @@ def bookmark_bytes(index: int) -> bytes:
 def batch_bytes(events: Iterable[EventEnvelope]) -> bytes:
     """A serialized ``EventBatch`` holding ``events``: their cached field records joined."""
     return b"".join([e.pb_field for e in events])
+
+
+def json_frames(events: Sequence[EventEnvelope], max_bytes: int) -> list[tuple[int, int, bytes]]:
+    """``events`` split into WebSocket frame bodies: ``(start, end, body)`` per frame.
+
+    ``body`` is the cached JSON of ``events[start:end]`` joined with commas; a frame holds
+    at most ``max_bytes`` of it (one event more than that goes alone). Uncached: see
+    :meth:`Subscription.json_frames` for the shared version.
+    """
+    frames: list[tuple[int, int, bytes]] = []
+    start = 0
+    size = 0
+    for i, event in enumerate(events):
+        n = len(event.json) + 1
+        if size + n > max_bytes and i > start:
+            frames.append((start, i, b",".join([e.json for e in events[start:i]])))
+            start, size = i, 0
+        size += n
+    if events:
+        frames.append((start, len(events), b",".join([e.json for e in events[start:]])))
+    return frames
+
+
+class _Shared:
+    """A small FIFO cache bounded by entries and by bytes (values weigh ``weight``)."""
+
+    __slots__ = ("_data", "_max_bytes", "_max_entries", "_weight", "nbytes")
+
+    def __init__(self, max_entries: int, max_bytes: int, weight: Callable[[Any], int]) -> None:
+        self._data: dict[Any, Any] = {}
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+        self._weight = weight
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: Any) -> Any:
+        return self._data.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        weight = self._weight(value)
+        if weight > self._max_bytes:
+            return
+        data = self._data
+        old = data.pop(key, None)
+        if old is not None:
+            self.nbytes -= self._weight(old)
+        while data and (len(data) >= self._max_entries or self.nbytes + weight > self._max_bytes):
+            self.nbytes -= self._weight(data.pop(next(iter(data))))
+        data[key] = value
+        self.nbytes += weight
+
+    def clear(self) -> None:
+        self._data.clear()
+        self.nbytes = 0
+
+
+def _frames_weight(frames: list[tuple[int, int, bytes]]) -> int:
+    return sum(len(body) for _, _, body in frames)
 
 
 _COMMAND_STATES: Final = {v.number: v.name for v in pb.CommandState.DESCRIPTOR.values}
@@ -390,19 +457,46 @@ class Subscription:
             out = scanned
             self.cursor = scanned[-1].index
         else:
-            matches = self.matches
-            out = []
-            cursor = self.cursor
-            for event in scanned:
-                if matches(event):
-                    if len(out) >= max_events:
-                        break
-                    out.append(event)
-                cursor = event.index
+            # Subscriptions with the same filter at the same cursor (the common fan-out
+            # case) share one scan: same published range, so the same result.
+            key = (self.topics, self.keys, self.cursor, bus.last_index, max_events)
+            shared = bus._shared_reads.get(key)
+            if shared is None:
+                matches = self.matches
+                out = []
+                cursor = self.cursor
+                for event in scanned:
+                    if matches(event):
+                        if len(out) >= max_events:
+                            break
+                        out.append(event)
+                    cursor = event.index
+                bus._shared_reads.put(key, (out, cursor))
+            else:
+                out, cursor = shared
             self.cursor = cursor
         if self.cursor >= bus.last_index:
             self.live = True
         return out
+
+    def json_frames(
+        self, events: Sequence[EventEnvelope], max_bytes: int
+    ) -> list[tuple[int, int, bytes]]:
+        """:func:`json_frames` of a batch :meth:`read` returned, shared through the bus.
+
+        Every matching event between the batch's first and last index is in it, so the
+        filter and those indexes identify its bytes: subscriptions reading the same range
+        with the same filter join it once. Only for lists :meth:`read` returned, unmodified.
+        """
+        if not events:
+            return []
+        key = (self.topics, self.keys, events[0].index, events[-1].index, len(events), max_bytes)
+        cache = self._bus._shared_frames
+        frames: list[tuple[int, int, bytes]] | None = cache.get(key)
+        if frames is None:
+            frames = json_frames(events, max_bytes)
+            cache.put(key, frames)
+        return frames
 
     async def wait(self, timeout: float | None) -> bool:
         """Wait until events after the cursor are published; False on timeout."""
@@ -486,6 +580,10 @@ class EventBus:
         self._pruner = Periodic("event-pruner", self.prune_once, log)
         self._subscriptions: set[Subscription] = set()
         self._type_counters: dict[str, Any] = {}
+        # Work shared by subscriptions reading the same range (see Subscription.read and
+        # Subscription.json_frames); bounded, and only ever holding published events.
+        self._shared_reads = _Shared(SHARED_READS, 1 << 62, lambda _: 0)
+        self._shared_frames = _Shared(SHARED_FRAMES, SHARED_FRAME_BYTES, _frames_weight)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -754,6 +852,7 @@ class EventBus:
         if keep_after < first:
             return 0
         deleted = await store.prune_events(keep_after)
+        self._shared_reads.clear()  # a read now older than the log raises EventIndexTooOld
         if deleted:
             metrics.EVENTS_PRUNED.inc(deleted)
             log.debug("events pruned", extra={"deleted": deleted, "keep_after": keep_after})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -249,6 +250,84 @@ def test_exactly_once_in_order_against_a_list_model(
         assert sub.cursor == bus.last_index
 
     run(body_())
+
+
+def test_shared_reads_and_frames_match_the_uncached_path_and_are_bounded() -> None:
+    """Subscriptions at one cursor with one filter share a scan and the joined frame
+    bodies; the bytes equal the uncached join, other filters never share, and both
+    caches stay within their bounds."""
+
+    async def body_() -> None:
+        log = MemoryLog()
+        bus = make_bus(log, capacity=4096)
+        subs = {
+            name: [bus.subscribe(topics, keys, 0) for _ in range(3)]
+            for name, topics, keys in (
+                ("system", ["system"], []),
+                ("node", ["node"], []),
+                ("node-a", ["node"], ["a"]),
+                ("all", [], []),
+            )
+        }
+        got: dict[int, list[int]] = {id(s): [] for group in subs.values() for s in group}
+        for round_ in range(3 * events_mod.SHARED_FRAMES):
+            log.append(
+                [
+                    body("system" if i % 3 else "node", "ab"[i % 2], payload=b"%d" % round_)
+                    for i in range(7)
+                ]
+            )
+            frames_by_filter: dict[str, list[tuple[int, int, bytes]]] = {}
+            for name, group in subs.items():
+                for sub in group:
+                    batch = sub.read(5)
+                    frames = sub.json_frames(batch, 64)
+                    # identical bytes to the uncached split and join
+                    assert frames == events_mod.json_frames(batch, 64)
+                    assert b",".join(f[2] for f in frames) == b",".join(e.json for e in batch)
+                    got[id(sub)].extend(e.index for e in batch)
+                    if name in frames_by_filter:
+                        assert frames is frames_by_filter[name]  # shared, not rebuilt
+                    frames_by_filter[name] = frames
+            # the node filters see different events: never the same cached frames
+            assert frames_by_filter["node"] is not frames_by_filter["node-a"]
+            assert len(bus._shared_reads) <= events_mod.SHARED_READS
+            assert len(bus._shared_frames) <= events_mod.SHARED_FRAMES
+            assert bus._shared_frames.nbytes <= events_mod.SHARED_FRAME_BYTES
+        # every subscriber got exactly its filtered stream, in order
+        for name, group in subs.items():
+            sub = group[0]
+            model = [i for i, b in log.events.items() if sub.matches(EventEnvelope(i, b))][
+                : len(got[id(sub)])
+            ]
+            assert model and all(got[id(s)] == model for s in group), name
+
+    run(body_())
+
+
+def test_json_frames_split_like_the_frame_byte_cap() -> None:
+    envs = [EventEnvelope(i, body(payload=b'{"p":"%s"}' % (b"x" * i))) for i in range(1, 40)]
+    for cap in (1, 50, 200, 10**6):
+        frames = events_mod.json_frames(envs, cap)
+        assert frames[0][0] == 0 and frames[-1][1] == len(envs)
+        for (_, end, _), (start, _, _) in itertools.pairwise(frames):
+            assert end == start
+        for start, end, data in frames:
+            assert data == b",".join(e.json for e in envs[start:end])
+            assert end - start == 1 or len(data) + 1 <= cap
+    assert events_mod.json_frames([], 10) == []
+
+
+def test_shared_cache_bounds() -> None:
+    cache = events_mod._Shared(3, 10, len)
+    for i in range(10):
+        cache.put(i, b"x" * 4)
+        assert len(cache) <= 3 and cache.nbytes <= 10
+    assert cache.get(9) == b"xxxx" and cache.get(0) is None
+    cache.put("big", b"x" * 11)  # larger than the byte bound: not kept
+    assert cache.get("big") is None
+    cache.clear()
+    assert len(cache) == 0 and cache.nbytes == 0
 
 
 def test_reads_fall_back_to_the_log_and_detect_pruning_mid_stream() -> None:
