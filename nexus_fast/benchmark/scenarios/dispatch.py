@@ -34,7 +34,7 @@ from nexus_fast.benchmark.common import (
 from nexus_fast.benchmark.histogram import LatencyHistogram
 from nexus_fast.benchmark.procs import metric_sum, spawn_baseline
 from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, ratio
-from nexus_fast.benchmark.runner import DRAIN_TIMEOUT, Progress, drive
+from nexus_fast.benchmark.runner import DRAIN_TIMEOUT, DriveResult, Progress, drive
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -135,6 +135,18 @@ class DispatchLoad:
         if self.window_over and self.received >= self.submitted:
             self.all_received.set()
 
+    async def drive(self) -> DriveResult:
+        """Submit batches for the window, closed loop or at ``--rate`` (see ``runner.drive``)."""
+        args = self.ctx.args
+        return await drive(
+            self.submit,
+            duration=args.duration,
+            concurrency=args.concurrency,
+            rate=args.rate,
+            max_ops=-(-args.count // args.batch_size) if args.count else None,
+            stop=self.ctx.stop,
+        )
+
     async def submit(self, intended: float) -> None:
         """One SubmitCommands of a fresh batch (the drive's operation)."""
         first = self.next_id
@@ -191,14 +203,7 @@ async def measure_ours(ctx: Context) -> Measurement:
     )
     progress.start()
     try:
-        result = await drive(
-            load.submit,
-            duration=args.duration,
-            concurrency=args.concurrency,
-            rate=args.rate,
-            max_ops=-(-args.count // args.batch_size) if args.count else None,
-            stop=ctx.stop,
-        )
+        result = await load.drive()
         # Let every command that was accepted reach its node (bounded).
         load.window_over = True
         if load.received < load.submitted:

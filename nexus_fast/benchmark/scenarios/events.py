@@ -22,7 +22,7 @@ from nexus_fast.benchmark.common import Context, NodePool, keep_alive, open_chan
 from nexus_fast.benchmark.histogram import LatencyHistogram
 from nexus_fast.benchmark.procs import metric_sum, spawn_baseline
 from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, ratio
-from nexus_fast.benchmark.runner import HARD_MAX_DURATION, Progress, drive
+from nexus_fast.benchmark.runner import HARD_MAX_DURATION, Progress
 from nexus_fast.benchmark.scenarios.dispatch import DispatchLoad
 from nexus_fast.benchmark.workers import (
     RESULT_GRACE,
@@ -191,14 +191,7 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
     )
     progress.start()
     try:
-        result = await drive(
-            load.submit,
-            duration=args.duration,
-            concurrency=args.concurrency,
-            rate=args.rate,
-            max_ops=-(-args.count // args.batch_size) if args.count else None,
-            stop=ctx.stop,
-        )
+        result = await load.drive()
         await asyncio.sleep(TAIL_S)
         elapsed = time.perf_counter() - t0
         cpu1 = server.cpu_seconds()
