@@ -35,8 +35,6 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from prometheus_client import Counter
-
 from nexus_fast.core.nodes import (
     NodeRegistry,
     Session,
@@ -161,7 +159,7 @@ class CommandService:
         self._flush_handle: asyncio.Handle | None = None
         # Children looked up once (labels() is a dict lookup under a lock), and exported
         # at zero so rate() works from the first scrape.
-        self._processed: dict[int, Counter] = {
+        self._processed: dict[int, metrics.LoopValue] = {
             state: metrics.COMMANDS_PROCESSED.labels(status=STATE_NAMES[state])
             for state in FINAL_STATES
         }
@@ -306,12 +304,10 @@ class CommandService:
         self._validate_batch(specs)
         answers: list[tuple[pb.CommandRecord, bool]] = []  # (record, duplicate)
         new: list[pb.CommandRecord] = []
-        seen: dict[str, pb.CommandRecord] = {}
+        seen = self._known_keys(specs)
         for spec in specs:
             key = spec.idempotency_key
             existing = seen.get(key) if key else None
-            if key and existing is None:
-                existing = self._known(key)
             if existing is not None:
                 answers.append((existing, True))
                 continue
@@ -344,12 +340,28 @@ class CommandService:
             index=commit.last_event_index if commit else self._store.last_event_index,
         )
 
-    def _known(self, command_id: str) -> pb.CommandRecord | None:
-        record = self._active.get(command_id) or self._finishing.get(command_id)
-        if record is not None:
-            return record
-        stored = self._store.get(COMMANDS_DB, _RECORD + command_id.encode())
-        return pb.CommandRecord.FromString(stored) if stored is not None else None
+    def _known_keys(self, specs: Sequence[pb.CommandSpec]) -> dict[str, pb.CommandRecord]:
+        """The commands that already exist under the batch's idempotency keys, by key.
+
+        In memory first; the rest are read from the store in one read txn for the batch.
+        """
+        known: dict[str, pb.CommandRecord] = {}
+        missing: list[str] = []
+        for spec in specs:
+            key = spec.idempotency_key
+            if key and key not in known:
+                record = self._active.get(key) or self._finishing.get(key)
+                if record is not None:
+                    known[key] = record
+                else:
+                    missing.append(key)
+        if missing:
+            missing = list(dict.fromkeys(missing))
+            values = self._store.get_many(COMMANDS_DB, [_RECORD + k.encode() for k in missing])
+            for key, value in zip(missing, values, strict=True):
+                if value is not None:
+                    known[key] = pb.CommandRecord.FromString(value)
+        return known
 
     def _validate_batch(self, specs: Sequence[pb.CommandSpec]) -> None:
         if not specs:

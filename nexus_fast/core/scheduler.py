@@ -78,6 +78,7 @@ INITIAL_SLOTS: Final = 64
 NOT_SCHEDULABLE: Final = "not schedulable (draining, not ready or ineligible)"
 
 Vec = tuple[float, float, float, float]
+_INF: Final = math.inf
 _ZERO: Final[Vec] = (0.0, 0.0, 0.0, 0.0)
 
 
@@ -123,10 +124,14 @@ def _clean(v: float) -> float:
 
 def _request_vec(res: pb.Resources) -> Vec:
     vec = (res.cpu, res.memory, res.gpu, res.disk)
+    # One chained test per value (NaN fails every comparison); this runs per placement.
+    c, m, g, d = vec
+    if 0.0 <= c < _INF and 0.0 <= m < _INF and 0.0 <= g < _INF and 0.0 <= d < _INF:
+        return vec
     for name, v in zip(RESOURCE_NAMES, vec):
         if not (math.isfinite(v) and v >= 0.0):
             raise ValueError(f"request.{name} must be a finite number >= 0, got {v}")
-    return vec
+    return vec  # pragma: no cover - the fast test above accepts every valid vector
 
 
 class _SpreadIndex:
@@ -407,6 +412,9 @@ class Scheduler:
             self._rng.getrandbits(62),
         )
         if slot < 0:
+            # Why, worked out only now: an empty candidate set is rare, the check is not free.
+            if not mask.any():
+                return Placement(None, _no_match(request.label_selector))
             return Placement(None, self._no_fit_reason(mask, n, req))
         node_id = self._ids[slot]
         assert node_id is not None
@@ -421,9 +429,9 @@ class Scheduler:
             if label_mask is None:
                 return _no_match(selector)
             mask = mask & label_mask[:n]  # a new array: the stored rows stay untouched
-        if not mask.any():
-            return _no_match(selector)
         if request.exclude:
+            if not mask.any():
+                return _no_match(selector)
             if not selector:
                 mask = mask.copy()
             for node_id in request.exclude:

@@ -103,6 +103,10 @@ class StateStore(Protocol):
         """The value of ``key`` in ``db``, or ``None``."""
         ...
 
+    def get_many(self, db: str, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The value of each key (``None`` where absent), read in one snapshot."""
+        ...
+
     def scan(
         self,
         db: str,

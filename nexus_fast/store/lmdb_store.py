@@ -442,13 +442,21 @@ class LmdbStore:
         pairs: list[tuple[int, bytes]] = []
         puts = deletes = 0
         with env.begin(write=True) as txn:  # commits (fsync) on exit, aborts on exception
-            put = txn.put
+            # Consecutive puts to one database go to LMDB in one putmulti call (a C loop:
+            # ~0.2 us a put instead of ~1 us through Python, all of it holding the GIL the
+            # event loop needs). A delete or another database ends the run: order is kept.
+            run: list[tuple[bytes, bytes]] = []
+            run_db = ""
             for req in batch:
                 for op in req.ops:
                     if type(op) is Put:
-                        put(op.key, op.value, db=dbh[op.db])
-                        puts += 1
-                    elif type(op) is Delete:
+                        if op.db != run_db:
+                            puts += _put_run(txn, dbh, run_db, run)
+                            run_db = op.db
+                        run.append((op.key, op.value))
+                        continue
+                    puts += _put_run(txn, dbh, run_db, run)
+                    if type(op) is Delete:
                         txn.delete(op.key, db=dbh[op.db])
                         deletes += 1
                     elif type(op) is DeleteRange:
@@ -457,16 +465,23 @@ class LmdbStore:
                     first = idx + 1
                     for body in req.events:
                         idx += 1
-                        # append=True: indices only grow, so LMDB skips the tree search.
-                        if not put(pack(idx), body, db=events_db, append=True):
-                            raise StoreError(f"event index {idx} not above the newest stored")
                         pairs.append((idx, body))
-                    puts += len(req.events)
                     req.result = CommitResult(first, idx)
                 else:
                     req.result = _NO_EVENTS
+            puts += _put_run(txn, dbh, run_db, run)
+            if pairs:
+                # append=True: indices only grow, so LMDB skips the tree search; a key not
+                # above the newest stored is refused, which must never happen.
+                cursor = txn.cursor(db=events_db)
+                _, added = cursor.putmulti(
+                    [(pack(i), body) for i, body in pairs], overwrite=False, append=True
+                )
+                if added != len(pairs):
+                    raise StoreError(f"event indices {base + 1}..{idx} not above the newest")
+                puts += added
             if idx != base:
-                put(LAST_EVENT_KEY, pack(idx), db=dbh[META_DB])
+                txn.put(LAST_EVENT_KEY, pack(idx), db=dbh[META_DB])
         return pairs, idx, puts, deletes
 
     def _post(
@@ -577,6 +592,15 @@ class LmdbStore:
             value = txn.get(key)
         self._m_get.inc()
         return value
+
+    def get_many(self, db: str, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Each key's value or ``None``, in one read txn (a txn costs more than a get)."""
+        env, h = self._handle(db)
+        with env.begin(db=h) as txn:
+            get = txn.get
+            values = [get(key) for key in keys]
+        self._m_get.inc(len(keys))
+        return values
 
     def scan(
         self,
@@ -786,6 +810,19 @@ class LmdbStore:
         for stale in old[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
         return target
+
+
+def _put_run(
+    txn: lmdb.Transaction, dbh: dict[str, lmdb._Database], db: str, run: list[tuple[bytes, bytes]]
+) -> int:
+    """Write and empty a run of puts to one database; returns how many."""
+    if not run:
+        return 0
+    consumed, _ = txn.cursor(db=dbh[db]).putmulti(run)
+    if consumed != len(run):
+        raise StoreError(f"put of {len(run)} records to {db} stopped after {consumed}")
+    run.clear()
+    return consumed
 
 
 def _delete_range(

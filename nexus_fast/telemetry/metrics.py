@@ -6,10 +6,16 @@ registry. Names follow Prometheus conventions (base units, ``_total`` counters).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from bisect import bisect_left
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
-from prometheus_client.core import UnknownMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 # Latency buckets tuned for a loopback control plane: 50us .. 10s.
@@ -57,6 +63,82 @@ class CountsCollector(Collector):
         yield family
 
 
+class LoopCounter(Collector):
+    """A labelled counter updated only on the event loop: ``inc`` is one addition, no lock.
+
+    prometheus_client guards every value with a mutex (~0.4 us an ``inc``, ~1 us a
+    histogram ``observe``); the per-command and per-message metrics are updated many times
+    per command on the one loop thread, where the lock buys nothing. A scrape from another
+    thread reads plain ints: at worst one increment late.
+    """
+
+    def __init__(self, name: str, documentation: str, label: str) -> None:
+        self.name = name.removesuffix("_total")
+        self.documentation = documentation
+        self.label = label
+        self._children: dict[str, LoopValue] = {}
+        REGISTRY.register(self)
+
+    def labels(self, **label: str) -> LoopValue:
+        """The child for ``label=value`` (look it up once, then ``inc`` it)."""
+        if label.keys() != {self.label}:
+            raise ValueError(f"{self.name}: expected the label {self.label!r}, got {label}")
+        value = label[self.label]
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = LoopValue()
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, child in list(self._children.items()):
+            family.add_metric([value], child.value)
+        yield family
+
+
+class LoopValue:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+
+class LoopHistogram(Collector):
+    """An unlabelled histogram updated only on the event loop (see :class:`LoopCounter`).
+
+    ``observe`` is a bisect and two additions; buckets are ``le`` upper bounds, as in
+    Prometheus (a value equal to a bound counts in that bucket).
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = [*buckets, float("inf")]
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+        REGISTRY.register(self)
+
+    def observe(self, amount: float) -> None:
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def collect(self) -> Iterator[Metric]:
+        cumulative, running = [], 0
+        for bound, count in zip(self._bounds, list(self._counts), strict=True):
+            running += count
+            cumulative.append((_le(bound), running))
+        yield HistogramMetricFamily(
+            self.name, self.documentation, buckets=cumulative, sum_value=self._sum
+        )
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(float(bound))
+
+
 NODES = CountsCollector("nexus_nodes_total", "Known nodes by status.", "status")
 REGISTRY.register(NODES)
 
@@ -75,8 +157,8 @@ GRPC_CONNECTIONS_ACTIVE = Gauge(
     "nexus_grpc_connections_active",
     "Open long-lived gRPC streams (node Connect streams and event watchers).",
 )
-NODE_MESSAGES = Counter(
-    "nexus_node_messages_total", "Messages received on node Connect streams.", ["kind"]
+NODE_MESSAGES = LoopCounter(
+    "nexus_node_messages_total", "Messages received on node Connect streams.", "kind"
 )
 
 DB_OPERATIONS = Counter(
@@ -110,8 +192,8 @@ HTTP_REQUESTS = Counter(
     "nexus_http_requests_total", "HTTP requests on the health/metrics port.", ["path", "status"]
 )
 
-COMMANDS_PROCESSED = Counter(
-    "nexus_commands_processed_total", "Commands that reached a final state, by state.", ["status"]
+COMMANDS_PROCESSED = LoopCounter(
+    "nexus_commands_processed_total", "Commands that reached a final state, by state.", "status"
 )
 COMMAND_RETRIES = Counter("nexus_command_retries_total", "Command attempts retried.")
 STALE_REPORTS = Counter(
@@ -122,15 +204,15 @@ STALE_REPORTS = Counter(
 COMMAND_QUEUE_DEPTH = Gauge(
     "nexus_command_queue_depth", "Commands queued (waiting for a node or for dispatch)."
 )
-COMMAND_SUBMIT_TO_DISPATCH = Histogram(
+COMMAND_SUBMIT_TO_DISPATCH = LoopHistogram(
     "nexus_command_submit_to_dispatch_seconds",
     "Time from submission to the first dispatch to a node.",
-    buckets=_LATENCY_BUCKETS,
+    _LATENCY_BUCKETS,
 )
-COMMAND_SUBMIT_TO_FINAL = Histogram(
+COMMAND_SUBMIT_TO_FINAL = LoopHistogram(
     "nexus_command_submit_to_final_seconds",
     "Time from submission to a final state.",
-    buckets=_LATENCY_BUCKETS,
+    _LATENCY_BUCKETS,
 )
 
 

@@ -86,6 +86,8 @@ def test_put_get_scan_count_delete(tmp_path: Path) -> None:
         assert s.get("nodes", b"n/007") == b"v7"
         assert s.get("nodes", b"missing") is None
         assert s.get("agents", b"n/000") == b"other-db"
+        assert s.get_many("nodes", [b"n/003", b"missing", b"n/003"]) == [b"v3", None, b"v3"]
+        assert s.get_many("nodes", []) == []
         assert s.count("nodes") == 50
         assert [k for k, _ in s.scan("nodes", prefix=b"n/01")] == [
             b"n/%03d" % i for i in range(10, 20)
@@ -127,6 +129,30 @@ def test_group_commit_batches_concurrent_requests(tmp_path: Path) -> None:
         # Requests are applied in submission order: indices follow the commit() calls.
         assert [r.first_event_index for r in results] == list(range(1, 1001))
         assert s.stat()["avg_batch_requests"] > 10
+
+    with_store(tmp_path, body)
+
+
+def test_ops_apply_in_order_within_and_across_requests(tmp_path: Path) -> None:
+    """Puts to one database go to LMDB in runs; deletes and other databases cut the runs."""
+
+    async def body(s: LmdbStore) -> None:
+        first = s.commit(
+            [
+                Put("nodes", b"k", b"v1"),
+                Put("agents", b"k", b"a1"),
+                Put("nodes", b"k", b"v2"),
+                Delete("nodes", b"k"),
+                Put("nodes", b"j", b"j1"),
+                Put("nodes", b"k", b"v3"),
+            ]
+        )
+        # Queued together with the first, so one txn applies both, in this order.
+        second = s.commit([Put("nodes", b"j", b"j2"), DeleteRange("agents", b"k", None)])
+        third = s.commit([Put("agents", b"k", b"a2"), Put("nodes", b"k", b"v4")])
+        await asyncio.gather(first, second, third)
+        assert s.get_many("nodes", [b"k", b"j"]) == [b"v4", b"j2"]
+        assert s.get("agents", b"k") == b"a2"
 
     with_store(tmp_path, body)
 
