@@ -53,10 +53,11 @@ scenarios:
 --rate R is operations per second on a fixed timetable (dispatch/events: batches,
 heartbeat: heartbeats over all nodes); latency then counts from the intended send time.
 
---client-procs K (heartbeat, events) runs the node streams / WebSocket subscribers in K
-client worker processes (an even split, the same for ours and the baseline), so one
-client process no longer bounds both sides; the JSON records client_procs and each
-worker's CPU.
+--client-procs K (heartbeat, dispatch, events) runs the node streams / WebSocket
+subscribers in K client worker processes (an even split, the same for ours and the
+baseline; dispatch's submits, WaitCommands samples and unary echo baseline stay in the
+main process), so one client process no longer bounds both sides; the JSON records
+client_procs and each worker's CPU.
 """
 
 
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--client-procs",
         type=_pos_int,
         default=1,
-        help="heartbeat, events: split the client load (node streams, WebSocket "
+        help="heartbeat, dispatch, events: split the client load (node streams, WebSocket "
         "subscribers) over K worker processes, ours and baseline alike (1)",
     )
     o = p.add_argument_group("output")
@@ -280,13 +281,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.nodes is None:
         args.nodes = DEFAULT_NODES.get(args.scenario, 1)
     if args.client_procs > 1:
-        if args.scenario not in ("heartbeat", "events"):
-            parser.error("--client-procs applies to the heartbeat and events scenarios")
+        if args.scenario not in ("heartbeat", "dispatch", "events"):
+            parser.error("--client-procs applies to the heartbeat, dispatch and events scenarios")
         if args.client_procs > MAX_CLIENT_PROCS:
             parser.error(f"--client-procs is at most {MAX_CLIENT_PROCS}")
-        load = args.nodes if args.scenario == "heartbeat" else args.subscribers
+        nodes = args.scenario in ("heartbeat", "dispatch")
+        load = args.nodes if nodes else args.subscribers
         if args.client_procs > load:
-            what = "--nodes" if args.scenario == "heartbeat" else "--subscribers"
+            what = "--nodes" if nodes else "--subscribers"
             parser.error(f"--client-procs {args.client_procs} is more than {what} {load}")
     return args
 

@@ -334,9 +334,10 @@ class WorkerControl:
 
 
 def _roles() -> dict[str, Callable[[dict[str, Any], WorkerControl], Awaitable[dict[str, Any]]]]:
-    from nexus_fast.benchmark.scenarios import events, heartbeat
+    from nexus_fast.benchmark.scenarios import dispatch, events, heartbeat
 
     return {
+        "dispatch-nodes": dispatch.worker_nodes,
         "heartbeat-ours": heartbeat.worker_ours,
         "heartbeat-baseline": heartbeat.worker_baseline,
         "events-subscribers": events.worker_subscribers,

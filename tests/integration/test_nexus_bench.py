@@ -55,6 +55,29 @@ def test_dispatch_spawn_baseline(tmp_path: Path) -> None:
     assert "ratios" in stdout
 
 
+def test_dispatch_client_procs(tmp_path: Path) -> None:
+    """--client-procs 2: the nodes run in two worker processes, timing from the stamp."""
+    _, doc = bench(
+        tmp_path,
+        "dispatch",
+        "--spawn",
+        "--client-procs",
+        "2",
+        "--nodes",
+        "50",
+        "--duration",
+        "2",
+        timeout=30,
+    )
+    assert doc["config"]["client_procs"] == 2
+    ours = doc["results"][0]
+    assert ours["throughput"] > 0 and ours["errors"] == 0
+    assert ours["extra"]["client_procs"] == 2 and len(ours["extra"]["client_cpu_per_proc"]) == 2
+    assert ours["extra"]["received_by_nodes"] == ours["extra"]["submitted"] == ours["count"]
+    assert ours["latency"]["submit->node recv"]["count"] == ours["count"] > 0
+    assert ours["extra"]["server_final_states"]["succeeded"] == ours["count"]
+
+
 def test_heartbeat_spawn_baseline(tmp_path: Path) -> None:
     _, doc = bench(
         tmp_path, "heartbeat", "--spawn", "--baseline", "--duration", "2", "--nodes", "20"

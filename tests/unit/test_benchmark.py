@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,16 @@ from nexus_fast.benchmark.histogram import (
 from nexus_fast.benchmark.procs import metric_sum, parse_metrics
 from nexus_fast.benchmark.report import SCHEMA, Measurement, Ratio, Report
 from nexus_fast.benchmark.runner import FixedRateSchedule, drive
-from nexus_fast.benchmark.scenarios.dispatch import BatchEncoder, build_batch
+from nexus_fast.benchmark.scenarios.dispatch import (
+    PAYLOAD_SIZE,
+    ArrivalClock,
+    BatchEncoder,
+    build_batch,
+    payload_stamp,
+    stamp_payload,
+)
 from nexus_fast.benchmark.workers import aggregate, split
+from nexus_fast.pb import fabric_pb2 as pb
 
 # ------------------------------------------------------------------ histogram
 
@@ -242,6 +251,40 @@ def test_batch_encoder_matches_protobuf() -> None:
     raw, ids = enc.encode(77)
     assert raw == build_batch("b1-0000002", 77, 50).SerializeToString()
     assert ids[0] == "b1-0000002-000000077" and len(ids) == 50
+    stamp = 123_456_789_012_345
+    raw, ids = enc.encode(77, stamp)
+    assert raw == build_batch("b1-0000002", 77, 50, stamp).SerializeToString()
+    # the stamp changes no size: same bytes per request whatever the submit time
+    assert len(raw) == len(enc.encode(77)[0]) == len(enc.encode(77, 2**63 - 1)[0])
+    parsed = pb.SubmitCommandsRequest.FromString(raw)
+    assert [c.idempotency_key for c in parsed.commands] == ids
+    assert {payload_stamp(c.payload) for c in parsed.commands} == {stamp}
+
+
+def test_submit_stamp_round_trip() -> None:
+    for ns in (0, 1, 987_654_321, 2**63 - 1, time.perf_counter_ns()):
+        payload = stamp_payload(ns)
+        assert len(payload) == PAYLOAD_SIZE and payload_stamp(payload) == ns
+    assert payload_stamp(stamp_payload(-5)) == 0
+    for other in (b"", b"x" * 32, b"t=12", b"t=" + b"1" * 19 + b"z" * 11):
+        assert payload_stamp(other) is None
+
+
+def test_arrival_clock_times_this_runs_first_attempts() -> None:
+    clock = ArrivalClock("b9-")
+    submit = 1_000_000_000
+    commands = [
+        pb.Command(id="b9-000000001", payload=stamp_payload(submit), attempt=1),
+        pb.Command(id="b9-000000002", payload=stamp_payload(submit), attempt=2),  # redelivered
+        pb.Command(id="other-1", payload=stamp_payload(submit), attempt=1),  # not this run
+        pb.Command(id="b9-000000003", payload=b"x" * 32, attempt=1),  # no stamp
+    ]
+    clock.on_commands(None, commands, 1.25)  # type: ignore[arg-type]
+    assert clock.received == 1 and clock.redelivered == 1
+    assert clock.recv.count == 1 and clock.recv.percentile(50) == pytest.approx(0.25, rel=0.01)
+    assert clock.first == clock.last == 1.25
+    clock.on_commands(None, commands[:1], 2.0)  # type: ignore[arg-type]
+    assert clock.received == 2 and (clock.first, clock.last) == (1.25, 2.0)
 
 
 # ------------------------------------------------------------------ CLI validation
@@ -265,7 +308,8 @@ def test_batch_encoder_matches_protobuf() -> None:
         (["dispatch", "--spawn", "--http", "8082"], "go with --target"),
         (["state", "--levels", "1,x"], "1,16,256"),
         (["nope"], "invalid choice"),
-        (["dispatch", "--spawn", "--client-procs", "2"], "heartbeat and events"),
+        (["state", "--client-procs", "2"], "heartbeat, dispatch and events"),
+        (["dispatch", "--spawn", "--nodes", "3", "--client-procs", "4"], "more than --nodes"),
         (["heartbeat", "--spawn", "--nodes", "3", "--client-procs", "4"], "more than --nodes"),
         (["events", "--spawn", "--subscribers", "1", "--client-procs", "2"], "--subscribers"),
         (["heartbeat", "--spawn", "--client-procs", "0"], "positive integer"),
@@ -293,6 +337,8 @@ def test_cli_accepts_and_fills_defaults() -> None:
     assert args.client_procs == 1
     args = cli.parse_args(["heartbeat", "--spawn", "--nodes", "10", "--client-procs", "2"])
     assert args.client_procs == 2 and cli._config(args)["client_procs"] == 2
+    args = cli.parse_args(["dispatch", "--spawn", "--client-procs", "2"])
+    assert args.client_procs == 2 and args.nodes == 100
 
 
 # ------------------------------------------------------------------ client workers

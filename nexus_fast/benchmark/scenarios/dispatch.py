@@ -2,8 +2,13 @@
 
 Each operation is one ``SubmitCommands`` of ``--batch-size`` commands placed by the
 scheduler (no target node). Command ids are client idempotency keys, so the submit time
-of every command is known before the reply. The simulated nodes (in this process) note
-when each command arrives and answer at once with ack + success in one message.
+of every command is known before the reply; every command's payload also carries its
+submit time (``perf_counter`` in ns, see :func:`stamp_payload`). The simulated nodes
+note when each command arrives and answer at once with ack + success in one message.
+They run in this process, or with ``--client-procs K`` split over K worker processes
+(role ``dispatch-nodes``) that time each arrival from the stamp in the payload
+(``perf_counter`` is CLOCK_MONOTONIC, one clock for every process), so no per-command
+message crosses processes. Submits, ``WaitCommands`` sampling and the baseline stay here.
 
 Figures: commands completed per second (the node sent the result; the server's
 ``nexus_commands_processed_total`` must agree at the end), latency submit -> node
@@ -14,10 +19,12 @@ bare grpc.aio unary echo of the same request bytes at the same concurrency (or r
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -34,26 +41,62 @@ from nexus_fast.benchmark.common import (
 from nexus_fast.benchmark.histogram import LatencyHistogram
 from nexus_fast.benchmark.procs import metric_sum, spawn_baseline
 from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, ratio
-from nexus_fast.benchmark.runner import DRAIN_TIMEOUT, DriveResult, Progress, drive
+from nexus_fast.benchmark.runner import (
+    DRAIN_TIMEOUT,
+    HARD_MAX_DURATION,
+    DriveResult,
+    Progress,
+    drive,
+)
+from nexus_fast.benchmark.workers import (
+    RESULT_GRACE,
+    Aggregate,
+    ClientWorkers,
+    WorkerControl,
+    aggregate,
+    split,
+    tls_spec,
+)
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-PAYLOAD = b"x" * 32
 PROCESSED = "nexus_commands_processed_total"
 SUBMIT_METHOD = "/nexus.fabric.v1.ControlService/SubmitCommands"
 
 
 KEY_DIGITS = 9
+PAYLOAD_SIZE = 32  # bytes of every command's payload (it was b"x" * 32 before the stamp)
+STAMP = b"t="  # the payload: STAMP, the submit time in ns (STAMP_DIGITS digits), padding
+STAMP_DIGITS = 20  # perf_counter_ns fits in 19 digits for 300 years of uptime
+_STAMP_END = len(STAMP) + STAMP_DIGITS
+_STAMP_PAD = b"x" * (PAYLOAD_SIZE - _STAMP_END)
 
 
-def build_batch(prefix: str, first: int, size: int) -> pb.SubmitCommandsRequest:
+def stamp_payload(submit_ns: int) -> bytes:
+    """The :data:`PAYLOAD_SIZE` payload bytes carrying the submit time ``submit_ns``.
+
+    ``submit_ns`` is ``perf_counter`` in ns (CLOCK_MONOTONIC on Linux: the same clock in
+    every process of the machine), so a node in another process times ``recv - submit``.
+    """
+    return STAMP + b"%0*d" % (STAMP_DIGITS, max(0, submit_ns)) + _STAMP_PAD
+
+
+def payload_stamp(payload: bytes) -> int | None:
+    """The submit time (ns) :func:`stamp_payload` put in ``payload``; None if it has none."""
+    if len(payload) < _STAMP_END or not payload.startswith(STAMP):
+        return None
+    digits = payload[len(STAMP) : _STAMP_END]
+    return int(digits) if digits.isdigit() else None
+
+
+def build_batch(prefix: str, first: int, size: int, submit_ns: int = 0) -> pb.SubmitCommandsRequest:
     """A batch of ``size`` scheduler-placed commands with ids ``prefix-first..`` (reference)."""
     return pb.SubmitCommandsRequest(
         commands=[
             pb.CommandSpec(
                 idempotency_key=f"{prefix}-{first + i:0{KEY_DIGITS}d}",
                 kind="bench.noop",
-                payload=PAYLOAD,
+                payload=stamp_payload(submit_ns),
                 placement=pb.Placement(request=pb.Resources(cpu=0.001)),
             )
             for i in range(size)
@@ -64,27 +107,34 @@ def build_batch(prefix: str, first: int, size: int) -> pb.SubmitCommandsRequest:
 class BatchEncoder:
     """Serialized ``SubmitCommandsRequest`` bytes, equal to :func:`build_batch`'s, made fast.
 
-    Every command differs only in its fixed-width id, so one spec is encoded once and the
-    id spliced in: the client then costs microseconds per batch, and both our server and
-    the echo baseline are measured at their limit rather than at the client's.
+    Every command differs only in its fixed-width id and (per batch) its fixed-width
+    payload, so one spec is encoded once and both are spliced in: the client then costs
+    microseconds per batch, and both our server and the echo baseline are measured at
+    their limit rather than at the client's.
     """
 
     def __init__(self, prefix: str, size: int) -> None:
         self.prefix = prefix
         self.size = size
-        marker = "#" * (len(prefix) + 1 + KEY_DIGITS)
+        marker = b"#" * (len(prefix) + 1 + KEY_DIGITS)
+        payload_marker = b"~" * PAYLOAD_SIZE
         one = build_batch("", 0, 1).commands[0]
-        one.idempotency_key = marker
+        one.idempotency_key = marker.decode()
+        one.payload = payload_marker
         spec = pb.SubmitCommandsRequest(commands=[one]).SerializeToString()
-        head, _, tail = spec.partition(marker.encode())
+        # The id (field 1) is serialized before the payload (field 3).
+        head, _, rest = spec.partition(marker)
+        mid, _, tail = rest.partition(payload_marker)
         self.head = head
+        self.mid = mid
         self.tail = tail
 
-    def encode(self, first: int) -> tuple[bytes, list[str]]:
-        """The request bytes for ids ``first .. first+size-1`` and those ids."""
+    def encode(self, first: int, submit_ns: int = 0) -> tuple[bytes, list[str]]:
+        """The request bytes for ids ``first .. first+size-1`` submitted at ``submit_ns``."""
         ids = [f"{self.prefix}-{first + i:0{KEY_DIGITS}d}" for i in range(self.size)]
-        head, tail = self.head, self.tail
-        return b"".join([head + cid.encode() + tail for cid in ids]), ids
+        head = self.head
+        rest = self.mid + stamp_payload(submit_ns) + self.tail
+        return b"".join([head + cid.encode() + rest for cid in ids]), ids
 
 
 def op_mode(args: Any) -> str:
@@ -151,7 +201,7 @@ class DispatchLoad:
         """One SubmitCommands of a fresh batch (the drive's operation)."""
         first = self.next_id
         self.next_id += self.batch
-        request, ids = self.encoder.encode(first)
+        request, ids = self.encoder.encode(first, int(intended * 1e9))
         for cid in ids:
             self.submitted_at[cid] = intended
         try:
@@ -180,59 +230,105 @@ class DispatchLoad:
 
 
 async def measure_ours(ctx: Context) -> Measurement:
-    """Commands completed per second through the real server."""
+    """Commands completed per second through the real server.
+
+    The nodes run in this process, or (``--client-procs K``) in K worker processes; the
+    submits, the ``WaitCommands`` samples and every figure but the node side stay here.
+    """
     args = ctx.args
     server = ctx.server
     assert server is not None
     channel = open_channel(server.grpc, args)
     load = DispatchLoad(ctx, channel, final_every=args.final_every)
-    pool = NodePool(server.grpc, args.nodes, args, prefix="dp-", on_commands=load.on_commands)
-    await pool.start()
-    await asyncio.sleep(0.2)  # let the scheduler see every node's first heartbeat
+    workers: ClientWorkers | None = None
+    pool: NodePool | None = None
+    agg: Aggregate | None = None
+    if args.client_procs > 1:
+        specs = _node_specs(ctx, server.grpc, load.prefix)
+        workers = ClientWorkers(ctx.group, "dispatch-nodes", specs)
+    else:
+        pool = NodePool(server.grpc, args.nodes, args, prefix="dp-", on_commands=load.on_commands)
     hb_stop = asyncio.Event()
-    beats = asyncio.ensure_future(keep_alive(pool, hb_stop))
-    m0 = server.metrics()
-    cpu0 = server.cpu_seconds()
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    progress = Progress(
-        lambda t: (
-            f"dispatch  t={t:5.1f}s  submitted={load.submitted:,}  received={load.received:,}  "
-            f"{load.received / max(t, 1e-9):,.0f} cmd/s"
-        )
-    )
-    progress.start()
+    beats: asyncio.Future[None] | None = None
+    progress: Progress | None = None
+
+    def received() -> int:  # live: the workers' last progress figures
+        return workers.sent if workers is not None else load.received
+
     try:
+        if workers is not None:
+            await workers.start()
+            await workers.ready()  # every worker registered and connected its nodes
+        else:
+            assert pool is not None
+            await pool.start()
+        await asyncio.sleep(0.2)  # let the scheduler see every node's first heartbeat
+        if pool is not None:
+            beats = asyncio.ensure_future(keep_alive(pool, hb_stop))
+        m0 = server.metrics()
+        cpu0 = server.cpu_seconds()
+        c0 = time.process_time()
+        if workers is not None:
+            workers.send("go")  # they only time stamped commands of this run: no reset race
+        t0 = time.perf_counter()
+        progress = Progress(
+            lambda t: (
+                f"dispatch  t={t:5.1f}s  submitted={load.submitted:,}  "
+                f"received={received():,}  {received() / max(t, 1e-9):,.0f} cmd/s"
+            )
+        )
+        progress.start()
         result = await load.drive()
         # Let every command that was accepted reach its node (bounded).
         load.window_over = True
-        if load.received < load.submitted:
+        if workers is not None:
+            # progress figures come every 0.5 s: this may end that much after the last
+            # arrival, which is harmless (elapsed ends at the workers' last arrival)
+            await _until(lambda: workers.sent >= load.submitted, DRAIN_TIMEOUT)
+        elif load.received < load.submitted:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(load.all_received.wait(), DRAIN_TIMEOUT)
         end = max(load.completed_at, t0 + result.elapsed)
-        elapsed = end - t0
         cpu1 = server.cpu_seconds()
         client_cpu = time.process_time() - c0
         if load.waiters:
             await asyncio.wait(list(load.waiters), timeout=DRAIN_TIMEOUT)
         await asyncio.sleep(0.3)  # results in flight reach the server before we count
         m1 = server.metrics()
+        if workers is not None:
+            workers.send("stop")  # after the count: their nodes stay connected until here
+            agg = aggregate(await workers.results(RESULT_GRACE, ctx.stop))
+            # first submit .. last arrival (perf_counter: one clock for every process)
+            end = max(agg.last or 0.0, t0 + result.elapsed)
+            client_cpu += agg.cpu
+        elapsed = end - t0
     finally:
-        await progress.stop()
+        if progress is not None:
+            await progress.stop()
+        if workers is not None:
+            await workers.close()
         hb_stop.set()
-        await asyncio.gather(beats, return_exceptions=True)
-        await pool.close()
+        if beats is not None:
+            await asyncio.gather(beats, return_exceptions=True)
+        if pool is not None:
+            await pool.close()
         await channel.close()
-    lost = load.submitted - load.received
+    n_received = load.received if agg is None else agg.counts.get("received", 0)
+    lost = load.submitted - n_received
     extra: dict[str, Any] = {
         "mode": op_mode(args),
         "batch_size": args.batch_size,
         "nodes": args.nodes,
         "submitted": load.submitted,
-        "received_by_nodes": load.received,
+        "received_by_nodes": n_received,
         "submit_rpcs": load.batches,
         "submit_rpc_per_s": round(load.batches / max(result.elapsed, 1e-9), 1),
     }
+    if agg is not None:
+        extra["client_procs"] = args.client_procs
+        extra["client_cpu_per_proc"] = agg.cpu_per_proc
+        extra["redelivered"] = agg.counts.get("redelivered", 0)
+        extra["node_stream_errors"] = agg.counts.get("node_errors", 0)
     server_failed = 0
     if m0 is not None and m1 is not None:
         done = {
@@ -245,19 +341,145 @@ async def measure_ours(ctx: Context) -> Measurement:
         extra["last_error"] = result.last_error
     m = Measurement(
         name=f"commands end to end, batch {args.batch_size}",
-        throughput=load.received / elapsed if elapsed > 0 else 0.0,
+        throughput=n_received / elapsed if elapsed > 0 else 0.0,
         unit="commands/s",
-        count=load.received,
+        count=n_received,
         duration_s=round(elapsed, 3),
         errors=load.failed_commands + max(0, lost) + server_failed,
         server_cpu=cpu_figure(None if cpu0 is None or cpu1 is None else cpu1 - cpu0, elapsed),
         client_cpu=cpu_figure(client_cpu, elapsed),
         extra=extra,
     )
-    m.add_latency("submit->node recv", load.recv)
+    recv = load.recv if agg is None else agg.hists.get("recv", LatencyHistogram())
+    m.add_latency("submit->node recv", recv)
     m.add_latency("submit->reply", load.reply)
     m.add_latency("submit->final (smpl)", load.final)
     return m
+
+
+async def _until(cond: Callable[[], bool], timeout: float, every: float = 0.05) -> None:
+    """Poll ``cond()`` until true or ``timeout`` seconds passed (the in-process drain's
+    bound; like it, Ctrl-C does not cut it short: a second Ctrl-C does)."""
+    deadline = time.perf_counter() + timeout
+    while not cond() and time.perf_counter() < deadline:
+        await asyncio.sleep(every)
+
+
+# ------------------------------------------------- --client-procs K: worker processes
+
+
+def _node_specs(ctx: Context, target: str, prefix: str) -> list[dict[str, Any]]:
+    """One spec per worker: its share of the nodes and this run's command id prefix."""
+    args = ctx.args
+    # The parent ends the window with stop after the drive, its drain and the final
+    # samples; this bound only matters if the parent never does.
+    bound = min(args.duration, HARD_MAX_DURATION) + 3 * DRAIN_TIMEOUT + RESULT_GRACE
+    return [
+        {
+            "worker": w,
+            "target": target,
+            "offset": offset,
+            "nodes": n,
+            "prefix": prefix,
+            "duration": bound,
+            "tls": tls_spec(args),
+        }
+        for w, (offset, n) in enumerate(split(args.nodes, args.client_procs))
+    ]
+
+
+class ArrivalClock:
+    """Node hook in a worker: latency submit -> node receives from each command's stamp.
+
+    Only commands of this run count (ids starting with ``prefix``, a stamped payload).
+    A command is counted and timed on its first attempt; a later attempt (another node,
+    perhaps in another worker, after a failure) counts as redelivered and is not timed
+    again, as the in-process nodes time a command once.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.recv = LatencyHistogram()
+        self.received = 0
+        self.redelivered = 0
+        self.first = 0.0
+        self.last = 0.0
+
+    def on_commands(self, node: BenchNode, commands: Any, now: float) -> None:
+        """``BenchNode`` hook: called before the node answers the commands."""
+        now_ns = int(now * 1e9)
+        record = self.recv.record_ns
+        prefix = self.prefix
+        n = 0
+        for c in commands:
+            if not c.id.startswith(prefix):
+                continue
+            if c.attempt > 1:
+                self.redelivered += 1
+                continue
+            submit_ns = payload_stamp(c.payload)
+            if submit_ns is None:
+                continue
+            record(now_ns - submit_ns)
+            n += 1
+        if n:
+            self.received += n
+            if not self.first:
+                self.first = now
+            self.last = now
+
+
+async def worker_nodes(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any]:
+    """In a worker process: this share of the nodes receives and answers the commands.
+
+    Registers and connects the nodes (heartbeating them at their advised interval),
+    reports ready, and from ``go`` until ``stop`` (or the bound in the spec) times every
+    command of the run that arrives; the nodes answer each at once (ack + result).
+    """
+    clock = ArrivalClock(spec["prefix"])
+    pool = NodePool(
+        spec["target"],
+        spec["nodes"],
+        argparse.Namespace(**spec["tls"]),
+        prefix=f"dp-{spec['worker']}-",
+        on_commands=clock.on_commands,
+    )
+    hb_stop = asyncio.Event()
+    beats: asyncio.Future[None] | None = None
+    t_reg = time.perf_counter()
+    try:
+        await pool.start()
+        beats = asyncio.ensure_future(keep_alive(pool, hb_stop))
+        ctl.send(ready={"register_seconds": round(time.perf_counter() - t_reg, 3)})
+        await ctl.go.wait()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        progress = ctl.progress_task(lambda: clock.received)
+        if not ctl.stop.is_set():
+            await ctl.window(spec["duration"])
+        ctl.send(done=True)
+        elapsed = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        progress.cancel()
+        await asyncio.gather(progress, return_exceptions=True)
+        return {
+            "counts": {
+                "received": clock.received,
+                "redelivered": clock.redelivered,
+                "results_sent": sum(node.results_sent for node in pool.nodes),
+                "node_errors": sum(1 for node in pool.nodes if node.error),
+            },
+            "hists": {"recv": clock.recv.to_dict()},
+            "cpu": cpu,
+            "elapsed": elapsed,
+            "first": clock.first or None,
+            "last": clock.last or None,
+        }
+    finally:
+        hb_stop.set()
+        if beats is not None:
+            await asyncio.gather(beats, return_exceptions=True)
+        await pool.close()
 
 
 async def measure_baseline(ctx: Context) -> Measurement:
@@ -275,7 +497,8 @@ async def measure_baseline(ctx: Context) -> Measurement:
     async def op(intended: float) -> None:
         first = counter[1]
         counter[1] += args.batch_size
-        request, _ids = encoder.encode(first)  # the same encoder and sizes as ours
+        # the same encoder, sizes and stamped payload as ours
+        request, _ids = encoder.encode(first, int(intended * 1e9))
         await echo(request, timeout=RPC_TIMEOUT)
         hist.record(time.perf_counter() - intended)
         counter[0] += 1
