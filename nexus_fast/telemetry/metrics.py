@@ -16,7 +16,7 @@ from prometheus_client.core import (
     Metric,
     UnknownMetricFamily,
 )
-from prometheus_client.registry import Collector
+from prometheus_client.registry import Collector, CollectorRegistry
 
 # Latency buckets tuned for a loopback control plane: 50us .. 10s.
 _LATENCY_BUCKETS = (
@@ -72,12 +72,19 @@ class LoopCounter(Collector):
     thread reads plain ints: at worst one increment late.
     """
 
-    def __init__(self, name: str, documentation: str, label: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        label: str,
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
         self.name = name.removesuffix("_total")
         self.documentation = documentation
         self.label = label
         self._children: dict[str, LoopValue] = {}
-        REGISTRY.register(self)
+        if registry is not None:
+            registry.register(self)
 
     def labels(self, **label: str) -> LoopValue:
         """The child for ``label=value`` (look it up once, then ``inc`` it)."""
@@ -113,13 +120,20 @@ class LoopHistogram(Collector):
     Prometheus (a value equal to a bound counts in that bucket).
     """
 
-    def __init__(self, name: str, documentation: str, buckets: Sequence[float]) -> None:
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self._bounds = [*buckets, float("inf")]
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
-        REGISTRY.register(self)
+        if registry is not None:
+            registry.register(self)
 
     def observe(self, amount: float) -> None:
         self._counts[bisect_left(self._bounds, amount)] += 1

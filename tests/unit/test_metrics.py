@@ -1,0 +1,42 @@
+"""The loop-owned metric types render as Prometheus would render its own."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from nexus_fast.telemetry import metrics
+
+
+def render(collector: metrics.LoopCounter | metrics.LoopHistogram) -> str:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return generate_latest(registry).decode()
+
+
+def test_loop_histogram_buckets_are_cumulative_le_bounds() -> None:
+    h = metrics.LoopHistogram("t_loop_seconds", "A test histogram.", (0.1, 1.0), registry=None)
+    for value in (0.05, 0.1, 0.5, 1.0, 7.0):
+        h.observe(value)
+    text = render(h)
+    assert 't_loop_seconds_bucket{le="0.1"} 2.0' in text  # 0.1 itself is in le=0.1
+    assert 't_loop_seconds_bucket{le="1.0"} 4.0' in text
+    assert 't_loop_seconds_bucket{le="+Inf"} 5.0' in text
+    assert "t_loop_seconds_count 5.0" in text
+    assert "t_loop_seconds_sum 8.65" in text
+    assert "# TYPE t_loop_seconds histogram" in text
+
+
+def test_loop_counter_children_and_label_check() -> None:
+    c = metrics.LoopCounter("t_loop_things_total", "A test counter.", "kind", registry=None)
+    a = c.labels(kind="a")
+    a.inc()
+    a.inc(4)
+    assert c.labels(kind="a") is a
+    c.labels(kind="b")  # exported at zero from its first lookup
+    text = render(c)
+    assert 't_loop_things_total{kind="a"} 5.0' in text
+    assert 't_loop_things_total{kind="b"} 0.0' in text
+    assert "# TYPE t_loop_things_total counter" in text
+    with pytest.raises(ValueError, match="expected the label 'kind'"):
+        c.labels(status="a")
