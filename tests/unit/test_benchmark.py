@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from nexus_fast.benchmark import cli
+from nexus_fast.benchmark.common import keep_alive
 from nexus_fast.benchmark.histogram import (
     MAX_NS,
     N_BUCKETS,
@@ -386,3 +387,38 @@ def test_aggregate_sums_counts_and_merges_histograms() -> None:
     assert merged.summary_ms() == whole.summary_ms()
     empty = aggregate([])
     assert empty.counts == {} and empty.hists == {} and empty.cpu == 0.0
+
+
+def test_keep_alive_spreads_heartbeats_over_the_period() -> None:
+    """Every node beats each period, a few at a time: no burst of the whole fleet at once."""
+
+    class Node:
+        interval = 0.2  # beats every 0.1 s
+        error = ""
+
+        def __init__(self) -> None:
+            self.beats = 0
+
+        async def heartbeat(self) -> None:
+            self.beats += 1
+            in_flight.append(self)
+            await asyncio.sleep(0)
+            bursts.append(len(in_flight))
+            in_flight.remove(self)
+
+    class Pool:
+        nodes = [Node() for _ in range(100)]
+
+    in_flight: list[Node] = []
+    bursts: list[int] = []
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        task = asyncio.ensure_future(keep_alive(Pool(), stop, slices=50))  # type: ignore[arg-type]
+        await asyncio.sleep(0.25)
+        stop.set()
+        await asyncio.wait_for(task, 1.0)
+
+    asyncio.run(main())
+    assert all(node.beats >= 1 for node in Pool.nodes)
+    assert max(bursts) == 2  # 100 nodes / 50 slices
