@@ -4,7 +4,8 @@ Run as ``python -m nexus_fast.benchmark.baselines grpc --port P`` (a bare grpc.a
 with a unary echo and a bidi echo, raw bytes in and out: no protobuf parsing, no work) or
 ``... picows --port P --subscribers M --frame FILE --duration S`` (a bare picows server
 that broadcasts the same pre-encoded frame bytes to every subscriber, as fast as their
-sockets take them). Each runs on uvloop in its own process, like the real server.
+sockets take them), or ``... dispatch-floor --port P --http-port H`` (our dispatch RPCs with
+no work behind them: :mod:`nexus_fast.benchmark.floor`). Each runs on uvloop in its own process, like the real server.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ async def serve_grpc(port: int) -> None:
     )
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    await _until_signal()
+    await until_signal()
     await server.stop(0.5)
 
 
@@ -127,7 +128,7 @@ async def serve_picows(port: int, subscribers: int, frame: bytes, duration: floa
     server.close()
 
 
-async def _until_signal() -> None:
+async def until_signal() -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -138,8 +139,9 @@ async def _until_signal() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the baseline server processes."""
     parser = argparse.ArgumentParser(prog="nexus-bench-baseline", description=__doc__)
-    parser.add_argument("kind", choices=("grpc", "picows"))
+    parser.add_argument("kind", choices=("grpc", "picows", "dispatch-floor"))
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--http-port", type=int, help="/metrics port (dispatch-floor)")
     parser.add_argument("--subscribers", type=int, default=1)
     parser.add_argument("--frame", help="file with a template events frame (picows)")
     parser.add_argument("--duration", type=float, default=10.0)
@@ -148,6 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.kind == "grpc":
         uvloop.run(serve_grpc(args.port))
+    elif args.kind == "dispatch-floor":
+        from nexus_fast.benchmark.floor import serve
+
+        if args.http_port is None:
+            parser.error("dispatch-floor needs --http-port")
+        uvloop.run(serve(args.port, args.http_port))
     else:
         frame = b'{"type":"events","events":[{"payload":{}}]}'
         if args.frame:

@@ -270,11 +270,17 @@ def spawn_server(
 
 
 def spawn_baseline(group: ProcessGroup, kind: str, *args: str, timeout: float = 30.0) -> Endpoints:
-    """Start a baseline server (``grpc`` echo or ``picows`` broadcast) in its own process."""
+    """Start a baseline server (``grpc`` echo, ``picows`` broadcast or ``dispatch-floor``)."""
     port = free_port()
     argv = [sys.executable, "-m", "nexus_fast.benchmark.baselines", kind, "--port", str(port)]
+    http_port = free_port() if kind == "dispatch-floor" else 0
+    if http_port:
+        argv += ["--http-port", str(http_port)]
     proc = group.start([*argv, *args], log_name=f"baseline-{kind}", env=dict(os.environ))
     wait_port(HOST, port, proc, timeout)
+    if http_port:
+        wait_port(HOST, http_port, proc, timeout)
+        return Endpoints(grpc=f"{HOST}:{port}", http=f"http://{HOST}:{http_port}", pid=proc.pid)
     if kind == "grpc":
         return Endpoints(grpc=f"{HOST}:{port}", pid=proc.pid)
     return Endpoints(grpc="", ws=f"ws://{HOST}:{port}", pid=proc.pid)

@@ -48,9 +48,14 @@ def test_dispatch_spawn_baseline(tmp_path: Path) -> None:
     assert ours["latency"]["submit->node recv"]["count"] == ours["count"]
     assert ours["server_cpu"]["seconds"] > 0
     assert ours["extra"]["server_final_states"]["succeeded"] == ours["count"]
-    assert doc["baseline"][0]["throughput"] > 0
+    echo, floor = doc["baseline"]
+    assert echo["throughput"] > 0 and echo["unit"] == "rpc/s"
+    # The floor server ran the same load: every command reached a node and came back.
+    assert floor["name"].startswith("dispatch floor") and floor["errors"] == 0
+    assert floor["extra"]["server_final_states"]["succeeded"] == floor["count"] > 0
     names = [r["name"] for r in doc["ratios"]]
     assert "commands / (echo rpc/s x batch)" in names
+    assert "commands / floor commands" in names
     assert all(r["value"] and r["value"] > 0 for r in doc["ratios"])
     assert "ratios" in stdout
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -544,8 +545,17 @@ async def measure_baseline(ctx: Context) -> Measurement:
     return m
 
 
+async def measure_floor(ctx: Context) -> Measurement:
+    """The same client, fleet and load against the dispatch floor server (plaintext)."""
+    floor = spawn_baseline(ctx.group, "dispatch-floor")
+    plain = argparse.Namespace(**{**vars(ctx.args), "tls_ca": None, "tls_cert": None})
+    m = await measure_ours(dataclasses.replace(ctx, server=floor, args=plain))
+    m.name = "dispatch floor: same RPCs, no work"
+    return m
+
+
 async def run(ctx: Context) -> None:
-    """Measure ours, then (``--baseline``) the unary echo, and the issue's ratios."""
+    """Measure ours, then (``--baseline``) the unary echo and the floor, and the ratios."""
     args = ctx.args
     ours = await measure_ours(ctx)
     ctx.report.results.append(ours)
@@ -561,6 +571,20 @@ async def run(ctx: Context) -> None:
             f"{ours.throughput:,.0f} cmd/s / ({base.throughput:,.0f} rpc/s x {args.batch_size})"
             + (" (fixed rate: both carry the offered load; use closed loop)" if args.rate else ""),
             ">= 0.5 (batches of 100, 1,000 nodes); and >= 20,000 cmd/s absolute",
+        )
+    )
+    if ctx.stopping():
+        return
+    floor = await measure_floor(ctx)
+    ctx.report.baseline.append(floor)
+    ctx.report.ratios.append(
+        Ratio(
+            "commands / floor commands",
+            ratio(ours.throughput, floor.throughput),
+            f"{ours.throughput:,.0f} cmd/s / {floor.throughput:,.0f} cmd/s through the same "
+            "RPCs with no work behind them (the most grpc.aio carries here)"
+            + (" (fixed rate: both carry the offered load; use closed loop)" if args.rate else ""),
+            "none in the issue: what our work costs on top of the transport",
         )
     )
     p99_ours = ours.latency["submit->node recv"].get("p99_ms")
