@@ -2,7 +2,9 @@
 
 Drives the unit-test harness (real LmdbStore, NodeRegistry, Scheduler, CommandService) in
 process: 1,000 nodes, batches of 1,000, every command acked and succeeded, until all its
-writes are durable. ``PROF=1`` prints a cProfile of the run.
+writes are durable. ``PROF=1`` prints a cProfile of the run; ``TOTAL=N`` sets the count
+(e.g. a small one under ``valgrind --tool=callgrind``, whose instruction counts do not
+depend on what else the machine is doing).
 
     NEXUS_REQUIRE_EXTENSIONS=1 .venv/bin/python bench/core_commands.py
 """
@@ -76,4 +78,4 @@ async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> N
 
 
 if __name__ == "__main__":
-    uvloop.run(main())
+    uvloop.run(main(total=int(os.environ.get("TOTAL", "20000"))))

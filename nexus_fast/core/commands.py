@@ -570,7 +570,7 @@ class CommandService:
         ts = now_ms()
         while self._queue.depth(slot) and session.has_room():
             ids = self._queue.pop_batch(slot, batch_size)
-            commands = []
+            message = pb.ControlMessage()
             for command_id in ids:
                 record = self._active.get(command_id)
                 if record is None:
@@ -580,12 +580,12 @@ class CommandService:
                 record.updated_ms = ts
                 inflight[command_id] = None
                 self._set_deadline(record)
-                commands.append(_wire(record))
+                _add_wire(message, record)
                 sent.append(record)
                 started = self._submitted_at.get(command_id)
                 if started is not None and record.attempt == 1:
                     metrics.COMMAND_SUBMIT_TO_DISPATCH.observe(now - started)
-            if commands and not session.send(pb.ControlMessage(commands=commands)):
+            if message.commands and not session.send(message):
                 break  # the stream was closed for falling behind; reconnect re-sends in-flight
         return sent
 
@@ -596,7 +596,10 @@ class CommandService:
             records = [self._active[i] for i in inflight if i in self._active]
             for start in range(0, len(records), self.settings.max_batch_size):
                 chunk = records[start : start + self.settings.max_batch_size]
-                session.send(pb.ControlMessage(commands=[_wire(r) for r in chunk]))
+                message = pb.ControlMessage()
+                for record in chunk:
+                    _add_wire(message, record)
+                session.send(message)
         if node.id in self._slots:
             self._dirty_nodes.add(node.id)
             self._schedule_dispatch()
@@ -887,7 +890,7 @@ class CommandService:
     def _stage_write(self, records: Sequence[pb.CommandRecord]) -> None:
         """Snapshot records (and their transition events) into the next commit."""
         ops, events, final = self._batch_ops, self._batch_events, self._batch_final
-        ts = now_ms()
+        time_field = _time_field(now_ms())
         for record in records:
             body = record.SerializeToString()
             ops.append(Put(COMMANDS_DB, _RECORD + record.id.encode(), body))
@@ -900,7 +903,7 @@ class CommandService:
                     )
                 )
                 final.append(record)
-            events.append(_event(record, body, ts))
+            events.append(_event(record, body, time_field))
 
     def _save(self, records: Sequence[pb.CommandRecord]) -> asyncio.Future[CommitResult]:
         """Commit records now (with everything staged before them: order is kept)."""
@@ -941,13 +944,15 @@ class CommandService:
             log.error("command state write failed", extra={"err": str(future.exception())})
 
 
-def _wire(record: pb.CommandRecord) -> pb.Command:
-    return pb.Command(
+def _add_wire(message: pb.ControlMessage, record: pb.CommandRecord) -> None:
+    """Append the node's view of ``record`` to ``message`` (built in place: no copy)."""
+    spec = record.spec
+    message.commands.add(
         id=record.id,
-        kind=record.spec.kind,
-        payload=record.spec.payload,
+        kind=spec.kind,
+        payload=spec.payload,
         attempt=record.attempt,
-        deadline_ms=record.dispatched_ms + record.spec.timeout_ms,
+        deadline_ms=record.dispatched_ms + spec.timeout_ms,
     )
 
 
@@ -961,16 +966,56 @@ def _result(record: pb.CommandRecord, duplicate: bool = False) -> pb.SubmitResul
     )
 
 
-def _event(record: pb.CommandRecord, body: bytes, ts: int) -> bytes:
+def _event(record: pb.CommandRecord, body: bytes, time_field: bytes) -> bytes:
+    """The serialized ``pb.Event`` of a transition, as ``pb.Event(...).SerializeToString()``.
+
+    Encoded by hand (four transitions per command make this a hot path): the fields go in
+    number order, as protobuf writes them, and the bytes are identical (unit-tested).
+    ``time_field`` is :func:`_time_field` of the event time, shared by a batch.
+    """
     if len(record.spec.payload) > _EVENT_PAYLOAD_LIMIT:
         slim = pb.CommandRecord()
         slim.CopyFrom(record)
         slim.spec.payload = b""
         body = slim.SerializeToString()
-    return pb.Event(
-        time_ms=ts,
-        topic="command",
-        type=f"command.{STATE_NAMES[record.state]}",
-        key=record.id,
-        payload=body,
-    ).SerializeToString()
+    key = record.id.encode()
+    return b"".join(
+        (
+            time_field,  # 2: time_ms
+            _EVENT_HEADS[record.state],  # 3: topic, 4: type
+            b"\x2a",  # 5: key
+            _varint(len(key)),
+            key,
+            b"\x32",  # 6: payload
+            _varint(len(body)),
+            body,
+        )
+    )
+
+
+def _varint(value: int) -> bytes:
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
+    if value < 0x4000:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _time_field(ts_ms: int) -> bytes:
+    return b"\x10" + _varint(ts_ms)  # field 2, varint
+
+
+def _length_delimited(field: int, data: bytes) -> bytes:
+    return bytes(((field << 3) | 2,)) + _varint(len(data)) + data
+
+
+_SMALL_VARINTS: Final = [bytes((i,)) for i in range(0x80)]
+_EVENT_HEADS: Final[dict[int, bytes]] = {
+    state: _length_delimited(3, b"command") + _length_delimited(4, f"command.{name}".encode())
+    for state, name in STATE_NAMES.items()
+}

@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from nexus_fast.core import commands as commands_module
+from nexus_fast.core.commands import STATE_NAMES
 from nexus_fast.core.nodes import NODES_DB
 from nexus_fast.errors import (
     FailedPrecondition,
@@ -876,3 +878,35 @@ def test_get_unknown_and_empty(tmp_path: Path) -> None:
         await f.stop()
 
     run(main())
+
+
+@pytest.mark.parametrize("state", sorted(STATE_NAMES))
+@pytest.mark.parametrize(
+    ("command_id", "payload", "output"),
+    [
+        ("a", b"", b""),
+        ("x" * 200, b"p" * 100, b"o" * 20_000),  # key and body lengths past 1 and 2 bytes
+        ("big-payload", b"p" * 5_000, b""),  # the event carries the record without it
+    ],
+)
+def test_hand_encoded_event_equals_protobuf(
+    state: int, command_id: str, payload: bytes, output: bytes
+) -> None:
+    record = pb.CommandRecord(id=command_id, state=state, node_id="n1", output=output)  # type: ignore[arg-type]
+    record.spec.kind = "run"
+    record.spec.payload = payload
+    body = record.SerializeToString()
+    for ts in (1, 127, 128, 1_732_650_000_123):
+        slim = pb.CommandRecord()
+        slim.CopyFrom(record)
+        if len(payload) > commands_module._EVENT_PAYLOAD_LIMIT:
+            slim.spec.payload = b""
+        expected = pb.Event(
+            time_ms=ts,
+            topic="command",
+            type=f"command.{STATE_NAMES[state]}",
+            key=command_id,
+            payload=slim.SerializeToString(),
+        ).SerializeToString()
+        got = commands_module._event(record, body, commands_module._time_field(ts))
+        assert got == expected
