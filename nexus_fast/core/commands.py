@@ -335,10 +335,19 @@ class CommandService:
         for record, node in zip(new, placed, strict=True):
             self._enqueue(record, node)
         metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
-        return pb.SubmitCommandsResponse(
-            results=[_result(record, duplicate) for record, duplicate in answers],
-            index=commit.last_event_index if commit else self._store.last_event_index,
+        response = pb.SubmitCommandsResponse(
+            index=commit.last_event_index if commit else self._store.last_event_index
         )
+        add = response.results.add  # built in place: no per-result message copy
+        for record, duplicate in answers:
+            add(
+                id=record.id,
+                state=record.state,
+                node_id=record.node_id,
+                reason=record.reason,
+                duplicate=duplicate,
+            )
+        return response
 
     def _known_keys(self, specs: Sequence[pb.CommandSpec]) -> dict[str, pb.CommandRecord]:
         """The commands that already exist under the batch's idempotency keys, by key.
@@ -956,16 +965,6 @@ def _add_wire(message: pb.ControlMessage, record: pb.CommandRecord) -> None:
     )
 
 
-def _result(record: pb.CommandRecord, duplicate: bool = False) -> pb.SubmitResult:
-    return pb.SubmitResult(
-        id=record.id,
-        state=record.state,
-        node_id=record.node_id,
-        reason=record.reason,
-        duplicate=duplicate,
-    )
-
-
 def _event(record: pb.CommandRecord, body: bytes, time_field: bytes) -> bytes:
     """The serialized ``pb.Event`` of a transition, as ``pb.Event(...).SerializeToString()``.
 
@@ -979,15 +978,16 @@ def _event(record: pb.CommandRecord, body: bytes, time_field: bytes) -> bytes:
         slim.spec.payload = b""
         body = slim.SerializeToString()
     key = record.id.encode()
+    n_key, n_body = len(key), len(body)
     return b"".join(
         (
             time_field,  # 2: time_ms
             _EVENT_HEADS[record.state],  # 3: topic, 4: type
             b"\x2a",  # 5: key
-            _varint(len(key)),
+            _SMALL_VARINTS[n_key] if n_key < 0x80 else _varint(n_key),
             key,
             b"\x32",  # 6: payload
-            _varint(len(body)),
+            _SMALL_VARINTS[n_body] if n_body < 0x80 else _varint(n_body),
             body,
         )
     )
@@ -1007,7 +1007,16 @@ def _varint(value: int) -> bytes:
 
 
 def _time_field(ts_ms: int) -> bytes:
-    return b"\x10" + _varint(ts_ms)  # field 2, varint
+    """Field 2 (time_ms) of an event; one encoding per millisecond, however many events."""
+    global _last_time_field
+    last_ms, field = _last_time_field
+    if ts_ms != last_ms:
+        field = b"\x10" + _varint(ts_ms)
+        _last_time_field = (ts_ms, field)
+    return field
+
+
+_last_time_field: tuple[int, bytes] = (0, b"")  # time_ms 0 is left out, as protobuf does
 
 
 def _length_delimited(field: int, data: bytes) -> bytes:
