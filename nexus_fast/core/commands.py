@@ -31,8 +31,9 @@ import os
 import re
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Final
 
 from nexus_fast.core.nodes import (
@@ -97,6 +98,7 @@ _UNPLACED: Final = 0
 _TICK: Final = 0.1
 # Events carry the record; payloads above this size are left out of the event copy.
 _EVENT_PAYLOAD_LIMIT: Final = 1024
+_NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
 
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
 
@@ -469,16 +471,20 @@ class CommandService:
         """Place records (reserving capacity); returns the node per record, "" if none."""
         if not items:
             return []
-        requests = [
-            PlacementRequest(
-                request=r.spec.placement.request,
-                label_selector=dict(r.spec.placement.label_selector),
-                spread_key=r.spec.placement.spread_key,
-                target_node=r.spec.target_node,
-                exclude=exclude,
+        requests = []
+        for r, exclude in items:
+            placement = r.spec.placement
+            selector = placement.label_selector
+            requests.append(
+                PlacementRequest(
+                    request=placement.request,
+                    # dict() of a protobuf map costs ~3 us even when it is empty
+                    label_selector=dict(selector) if len(selector) else _NO_LABELS,
+                    spread_key=placement.spread_key,
+                    target_node=r.spec.target_node,
+                    exclude=exclude,
+                )
             )
-            for r, exclude in items
-        ]
         decisions = self._scheduler.place_batch(requests)
         # Nodes of failed attempts are avoided, unless nothing else fits.
         second = [i for i, d in enumerate(decisions) if not d.node_id and requests[i].exclude]

@@ -86,6 +86,8 @@ def validate_node_id(node_id: str, field_name: str = "node_id") -> None:
 
 
 def validate_labels(labels: Mapping[str, str], field_name: str = "labels") -> None:
+    if not labels:  # the common case; .items() of an empty protobuf map still costs ~3 us
+        return
     if len(labels) > MAX_LABELS:
         raise InvalidArgument(field_name, f"more than {MAX_LABELS} labels")
     for key, value in labels.items():
