@@ -294,6 +294,10 @@ class PerformanceConfig:
     heartbeat_interval: float = _f(5.0, "duration", positive=True)
     node_down_retention: float = _f(86400.0, "duration")
     max_batch_size: int = _f(1000, "int", min=1)
+    # Allocations between young-generation GC passes (Python's default is 700). The hot
+    # paths allocate a few hundred objects per command, so the default ran a collection
+    # every few commands; 0 keeps Python's setting.
+    gc_threshold: int = _f(20000, "int", min=0)
 
 
 @dataclass(frozen=True)
@@ -407,6 +411,7 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = MappingProxyType(
         "NEXUS_NODE_TIMEOUT": "performance.node_timeout",
         "NEXUS_HEARTBEAT_INTERVAL": "performance.heartbeat_interval",
         "NEXUS_PRUNING_INTERVAL": "performance.pruning_interval",
+        "NEXUS_GC_THRESHOLD": "performance.gc_threshold",
         "NEXUS_LOG_LEVEL": "logging.level",
         "NEXUS_LOG_FORMAT": "logging.format",
         "NEXUS_MAX_MESSAGE_SIZE": "server.max_message_size",

@@ -41,6 +41,8 @@ def test_health_ready_live(server: ServerProcess) -> None:
     assert status == 200 and detail["status"] == "healthy"
     assert detail["version"] == "0.1.0" and detail["uptime_seconds"] > 0
     assert set(detail["implementation"]) >= {"ring", "queue", "scoring"}
+    # performance.gc_threshold (default 20000) is applied once the server is up
+    assert detail["gc"]["threshold"][0] == 20000 and detail["gc"]["frozen"] > 0
     assert {"store", "grpc", "websocket"} <= set(detail["components"])
     assert detail["components"]["store"]["status"] == "ok"
     assert detail["components"]["grpc"]["port"] == server.grpc_port
