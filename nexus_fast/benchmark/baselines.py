@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 import time
@@ -24,6 +25,7 @@ ECHO_SERVICE = "nexus.bench.Echo"
 UNARY_METHOD = f"/{ECHO_SERVICE}/Unary"
 STREAM_METHOD = f"/{ECHO_SERVICE}/Stream"
 MAX_MESSAGE = 64 * 1024 * 1024
+GC_THRESHOLD = 20000  # nexus_fast's default performance.gc_threshold
 WRITE_BUFFER_HIGH = 64 * 1024  # pause broadcasting while a subscriber lags this much
 
 
@@ -147,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=10.0)
     args = parser.parse_args(argv)
     import uvloop
+
+    # The runtime settings the server under test runs with (performance.gc_threshold), so
+    # the comparison is of the servers, not of their garbage collector settings.
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
     if args.kind == "grpc":
         uvloop.run(serve_grpc(args.port))
