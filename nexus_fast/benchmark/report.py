@@ -82,6 +82,30 @@ def cpu_figure(seconds: float | None, wall: float) -> dict[str, float] | None:
     }
 
 
+def per_server_cpu(m: Measurement) -> float | None:
+    """Throughput per second of server CPU: what the server could carry on one whole core.
+
+    When a client, not the server, sets a rate (neither server near 100%), the raw ratio
+    says more about the client; this one compares what each server spends per operation.
+    It assumes the cost per operation stays the same up to saturation, so it is a ceiling.
+    """
+    cpu = m.server_cpu
+    if not cpu or not cpu.get("percent"):
+        return None
+    return m.throughput / (cpu["percent"] / 100.0)
+
+
+def cpu_ratio(name: str, ours: Measurement, base: Measurement, target: str) -> Ratio:
+    """``name`` per server CPU second: ours / the baseline's (see :func:`per_server_cpu`)."""
+    a, b = per_server_cpu(ours), per_server_cpu(base)
+    detail = (
+        f"{a:,.0f} / {b:,.0f} {ours.unit.split('/')[0]} per server CPU-second"
+        if a is not None and b is not None
+        else "server CPU unknown"
+    )
+    return Ratio(f"{name}, per server CPU", ratio(a, b), detail, target)
+
+
 def ratio(ours: float | None, base: float | None) -> float | None:
     """``ours / base`` rounded, or None when either is missing or the base is zero."""
     if ours is None or not base:

@@ -21,7 +21,7 @@ from nexus_fast.benchmark.histogram import (
     bucket_index,
 )
 from nexus_fast.benchmark.procs import metric_sum, parse_metrics
-from nexus_fast.benchmark.report import SCHEMA, Measurement, Ratio, Report
+from nexus_fast.benchmark.report import SCHEMA, Measurement, Ratio, Report, cpu_ratio
 from nexus_fast.benchmark.runner import FixedRateSchedule, drive
 from nexus_fast.benchmark.scenarios.dispatch import (
     PAYLOAD_SIZE,
@@ -422,3 +422,17 @@ def test_keep_alive_spreads_heartbeats_over_the_period() -> None:
     asyncio.run(main())
     assert all(node.beats >= 1 for node in Pool.nodes)
     assert max(bursts) == 2  # 100 nodes / 50 slices
+
+
+def test_cpu_ratio_compares_throughput_per_server_cpu_second() -> None:
+    ours = Measurement(name="ours", throughput=900.0, unit="messages/s", count=9000, duration_s=10)
+    ours.server_cpu = {"seconds": 5.0, "percent": 50.0}  # 1,800 per CPU-second
+    base = Measurement(
+        name="echo", throughput=1200.0, unit="messages/s", count=12000, duration_s=10
+    )
+    base.server_cpu = {"seconds": 8.0, "percent": 80.0}  # 1,500 per CPU-second
+    r = cpu_ratio("x / y", ours, base, "t")
+    assert r.name == "x / y, per server CPU" and r.value == 1.2
+    assert "1,800 / 1,500 messages per server CPU-second" in r.definition
+    base.server_cpu = None
+    assert cpu_ratio("x / y", ours, base, "t").value is None

@@ -41,7 +41,7 @@ from nexus_fast.benchmark.common import (
 )
 from nexus_fast.benchmark.histogram import LatencyHistogram
 from nexus_fast.benchmark.procs import metric_sum, spawn_baseline
-from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, ratio
+from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, cpu_ratio, ratio
 from nexus_fast.benchmark.runner import (
     DRAIN_TIMEOUT,
     HARD_MAX_DURATION,
@@ -586,6 +586,9 @@ async def run(ctx: Context) -> None:
             + (" (fixed rate: both carry the offered load; use closed loop)" if args.rate else ""),
             "none in the issue: what our work costs on top of the transport",
         )
+    )
+    ctx.report.ratios.append(
+        cpu_ratio("commands / floor commands", ours, floor, "none in the issue")
     )
     p99_ours = ours.latency["submit->node recv"].get("p99_ms")
     p99_base = base.latency["echo round trip"].get("p99_ms")

@@ -20,7 +20,7 @@ from nexus_fast.benchmark.baselines import STREAM_METHOD
 from nexus_fast.benchmark.common import Context, NodePool, open_channel
 from nexus_fast.benchmark.histogram import LatencyHistogram
 from nexus_fast.benchmark.procs import metric_sum, spawn_baseline
-from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, ratio
+from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, cpu_ratio, ratio
 from nexus_fast.benchmark.runner import HARD_MAX_DURATION, Progress
 from nexus_fast.benchmark.workers import (
     RESULT_GRACE,
@@ -511,5 +511,10 @@ async def run(ctx: Context) -> None:
                 ratio(ours.throughput, base.throughput),
                 "heartbeats handled/s / bare grpc.aio bidi echo messages/s (same streams, bytes)",
                 ">= 0.8 at 10,000 nodes",
+            )
+        )
+        ctx.report.ratios.append(
+            cpu_ratio(
+                "heartbeats / bidi echo", ours, base, "the same, when a client sets the rates"
             )
         )
