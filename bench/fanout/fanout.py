@@ -240,6 +240,13 @@ async def run_clients(port: int, subscribers: int, events: int, timeout: float) 
 # ------------------------------------------------------------------ driver
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as fp:
+        fields = fp.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     kind: str, subscribers: int, events: int, batch: int, timeout: float, rate: float = 0
 ) -> dict[str, Any]:
@@ -261,6 +268,7 @@ def measure(
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError(f"{kind} server did not start") from None
                 time.sleep(0.05)
+        cpu0 = proc_cpu_seconds(server.pid)  # serving only: not the server's imports
         out = subprocess.run(
             [sys.executable, me, "clients", *common, "--timeout", str(timeout)],
             env=env,
@@ -272,6 +280,11 @@ def measure(
             raise RuntimeError(f"clients failed: {out.stderr[-2000:]}")
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
         result["kind"] = kind
+        result["server_cpu_s"] = proc_cpu_seconds(server.pid) - cpu0
+        # what one delivery costs the server: comparable even when the clients set the rate
+        result["server_us_per_delivery"] = (
+            1e6 * result["server_cpu_s"] / max(result["delivered"], 1)
+        )
         return result
     finally:
         server.kill()
@@ -286,10 +299,14 @@ def compare(
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    lines = [f"{'server':<11} {'delivered/s':>12} {'p50 ms':>8} {'p99 ms':>8}  complete"]
+    lines = [
+        f"{'server':<11} {'delivered/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu s':>9}"
+        f" {'us/delivery':>11}  complete"
+    ]
     for r in results:
         lines.append(
             f"{r['kind']:<11} {r['events_per_s']:>12,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+            f" {r['server_cpu_s']:>9.2f} {r['server_us_per_delivery']:>11.3f}"
             f"  {r['delivered']}/{r['expected']}"
         )
     return "\n".join(lines)

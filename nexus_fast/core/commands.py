@@ -161,7 +161,7 @@ class CommandService:
         self._flush_handle: asyncio.Handle | None = None
         # Children looked up once (labels() is a dict lookup under a lock), and exported
         # at zero so rate() works from the first scrape.
-        self._processed: dict[int, metrics.LoopValue] = {
+        self._processed: dict[int, metrics.LoopCounter] = {
             state: metrics.COMMANDS_PROCESSED.labels(status=STATE_NAMES[state])
             for state in FINAL_STATES
         }

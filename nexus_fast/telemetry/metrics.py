@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
 from prometheus_client.core import (
@@ -63,61 +64,77 @@ class CountsCollector(Collector):
         yield family
 
 
-class LoopCounter(Collector):
-    """A labelled counter updated only on the event loop: ``inc`` is one addition, no lock.
+class _LoopMetric(Collector):
+    """A metric updated only on the event loop, with at most one label.
 
     prometheus_client guards every value with a mutex (~0.4 us an ``inc``, ~1 us a
-    histogram ``observe``); the per-command and per-message metrics are updated many times
-    per command on the one loop thread, where the lock buys nothing. A scrape from another
-    thread reads plain ints: at worst one increment late.
+    histogram ``observe``). The per-command, per-message and per-frame metrics are updated
+    many times per operation on the one loop thread, where the lock buys nothing: these
+    are plain additions. A scrape from another thread reads plain numbers, at worst one
+    update late.
     """
+
+    def __init__(
+        self, name: str, documentation: str, label: str | None, registry: CollectorRegistry | None
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.label = label
+        self._children: dict[str, Any] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def labels(self, **label: str) -> Any:
+        """The child for ``label=value`` (look it up once, then update it)."""
+        if self.label is None or label.keys() != {self.label}:
+            raise ValueError(f"{self.name}: expected the label {self.label!r}, got {label}")
+        value = label[self.label]
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._child()
+        return child
+
+    def _child(self) -> Any:
+        raise NotImplementedError
+
+    def _samples(self) -> list[tuple[list[str], Any]]:
+        if self.label is None:
+            return [([], self)]
+        return [([value], child) for value, child in list(self._children.items())]
+
+
+class LoopCounter(_LoopMetric):
+    """A counter (see :class:`_LoopMetric`): ``inc`` is one addition."""
 
     def __init__(
         self,
         name: str,
         documentation: str,
-        label: str,
+        label: str | None = None,
         registry: CollectorRegistry | None = REGISTRY,
     ) -> None:
-        self.name = name.removesuffix("_total")
-        self.documentation = documentation
-        self.label = label
-        self._children: dict[str, LoopValue] = {}
-        if registry is not None:
-            registry.register(self)
-
-    def labels(self, **label: str) -> LoopValue:
-        """The child for ``label=value`` (look it up once, then ``inc`` it)."""
-        if label.keys() != {self.label}:
-            raise ValueError(f"{self.name}: expected the label {self.label!r}, got {label}")
-        value = label[self.label]
-        child = self._children.get(value)
-        if child is None:
-            child = self._children[value] = LoopValue()
-        return child
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
-        for value, child in list(self._children.items()):
-            family.add_metric([value], child.value)
-        yield family
-
-
-class LoopValue:
-    __slots__ = ("value",)
-
-    def __init__(self) -> None:
-        self.value = 0
+        self.value = 0  # before registering: the registry collects once to learn the names
+        super().__init__(name.removesuffix("_total"), documentation, label, registry)
 
     def inc(self, amount: int = 1) -> None:
         self.value += amount
 
+    def _child(self) -> LoopCounter:
+        return LoopCounter(self.name, self.documentation, registry=None)
 
-class LoopHistogram(Collector):
-    """An unlabelled histogram updated only on the event loop (see :class:`LoopCounter`).
+    def collect(self) -> Iterator[Metric]:
+        labels = [self.label] if self.label else []
+        family = CounterMetricFamily(self.name, self.documentation, labels=labels)
+        for values, child in self._samples():
+            family.add_metric(values, child.value)
+        yield family
 
-    ``observe`` is a bisect and two additions; buckets are ``le`` upper bounds, as in
-    Prometheus (a value equal to a bound counts in that bucket).
+
+class LoopHistogram(_LoopMetric):
+    """A histogram (see :class:`_LoopMetric`): ``observe`` is a bisect and two additions.
+
+    Buckets are ``le`` upper bounds, as in Prometheus (a value equal to a bound counts in
+    that bucket).
     """
 
     def __init__(
@@ -125,28 +142,31 @@ class LoopHistogram(Collector):
         name: str,
         documentation: str,
         buckets: Sequence[float],
+        label: str | None = None,
         registry: CollectorRegistry | None = REGISTRY,
     ) -> None:
-        self.name = name
-        self.documentation = documentation
         self._bounds = [*buckets, float("inf")]
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
-        if registry is not None:
-            registry.register(self)
+        super().__init__(name, documentation, label, registry)
 
     def observe(self, amount: float) -> None:
         self._counts[bisect_left(self._bounds, amount)] += 1
         self._sum += amount
 
+    def _child(self) -> LoopHistogram:
+        return LoopHistogram(self.name, self.documentation, self._bounds[:-1], registry=None)
+
     def collect(self) -> Iterator[Metric]:
-        cumulative, running = [], 0
-        for bound, count in zip(self._bounds, list(self._counts), strict=True):
-            running += count
-            cumulative.append((_le(bound), running))
-        yield HistogramMetricFamily(
-            self.name, self.documentation, buckets=cumulative, sum_value=self._sum
-        )
+        labels = [self.label] if self.label else []
+        family = HistogramMetricFamily(self.name, self.documentation, labels=labels)
+        for values, child in self._samples():
+            cumulative, running = [], 0
+            for bound, count in zip(child._bounds, list(child._counts), strict=True):
+                running += count
+                cumulative.append((_le(bound), running))
+            family.add_metric(values, cumulative, child._sum)
+        yield family
 
 
 def _le(bound: float) -> str:
@@ -172,7 +192,7 @@ GRPC_CONNECTIONS_ACTIVE = Gauge(
     "Open long-lived gRPC streams (node Connect streams and event watchers).",
 )
 NODE_MESSAGES = LoopCounter(
-    "nexus_node_messages_total", "Messages received on node Connect streams.", "kind"
+    "nexus_node_messages_total", "Messages received on node Connect streams.", label="kind"
 )
 
 DB_OPERATIONS = Counter(
@@ -195,10 +215,10 @@ WEBSOCKET_CONNECTIONS_ACTIVE = Gauge(
 WEBSOCKET_REJECTED = Counter(
     "nexus_websocket_rejected_total", "WebSocket upgrades refused, by reason.", ["reason"]
 )
-WEBSOCKET_MESSAGES_RECEIVED = Counter(
+WEBSOCKET_MESSAGES_RECEIVED = LoopCounter(
     "nexus_websocket_messages_received_total", "WebSocket data frames received."
 )
-WEBSOCKET_MESSAGES_SENT = Counter(
+WEBSOCKET_MESSAGES_SENT = LoopCounter(
     "nexus_websocket_messages_sent_total", "WebSocket data frames sent."
 )
 
@@ -207,7 +227,9 @@ HTTP_REQUESTS = Counter(
 )
 
 COMMANDS_PROCESSED = LoopCounter(
-    "nexus_commands_processed_total", "Commands that reached a final state, by state.", "status"
+    "nexus_commands_processed_total",
+    "Commands that reached a final state, by state.",
+    label="status",
 )
 COMMAND_RETRIES = Counter("nexus_command_retries_total", "Command attempts retried.")
 STALE_REPORTS = Counter(
@@ -240,17 +262,17 @@ EVENTS_PUBLISHED = Counter(
 EVENTS_PRUNED = Counter(
     "nexus_events_pruned_total", "Events deleted from the durable log by retention."
 )
-EVENTS_DELIVERED = Counter(
-    "nexus_events_delivered_total", "Events sent to subscribers, by transport.", ["transport"]
+EVENTS_DELIVERED = LoopCounter(
+    "nexus_events_delivered_total", "Events sent to subscribers, by transport.", label="transport"
 )
 EVENT_SUBSCRIPTIONS_ACTIVE = Gauge(
     "nexus_event_subscriptions_active", "Open event subscriptions, by transport.", ["transport"]
 )
-EVENT_SUBSCRIBER_LAG = Histogram(
+EVENT_SUBSCRIBER_LAG = LoopHistogram(
     "nexus_event_subscriber_lag_events",
     "Events a subscriber was behind the newest one when it read (sampled per read).",
-    ["transport"],
-    buckets=(0, 1, 10, 100, 500, 1000, 5000, 10000, 50000, 100000, 1000000),
+    (0, 1, 10, 100, 500, 1000, 5000, 10000, 50000, 100000, 1000000),
+    label="transport",
 )
 EVENT_SLOW_CONSUMERS = Counter(
     "nexus_event_slow_consumer_disconnects_total",

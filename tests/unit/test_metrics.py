@@ -40,3 +40,20 @@ def test_loop_counter_children_and_label_check() -> None:
     assert "# TYPE t_loop_things_total counter" in text
     with pytest.raises(ValueError, match="expected the label 'kind'"):
         c.labels(status="a")
+
+
+def test_unlabelled_counter_and_labelled_histogram() -> None:
+    c = metrics.LoopCounter("t_loop_frames_total", "Frames.", registry=None)
+    c.inc()
+    c.inc(2)
+    assert "t_loop_frames_total 3.0" in render(c)
+    with pytest.raises(ValueError, match="expected the label None"):
+        c.labels(kind="a")
+    h = metrics.LoopHistogram("t_loop_lag", "Lag.", (1, 10), label="transport", registry=None)
+    h.labels(transport="ws").observe(5)
+    h.labels(transport="grpc").observe(50)
+    text = render(h)
+    assert 't_loop_lag_bucket{le="10.0",transport="ws"} 1.0' in text
+    assert 't_loop_lag_bucket{le="10.0",transport="grpc"} 0.0' in text
+    assert 't_loop_lag_count{transport="grpc"} 1.0' in text
+    assert 't_loop_lag_sum{transport="ws"} 5.0' in text
