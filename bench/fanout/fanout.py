@@ -186,6 +186,7 @@ async def run_clients(port: int, subscribers: int, events: int, timeout: float) 
     done = asyncio.get_running_loop().create_future()
     finished = [0]
     first_at: list[float] = []
+    first_cpu: list[float] = []
     latencies: list[float] = []
 
     class Client(WSListener):
@@ -202,6 +203,7 @@ async def run_clients(port: int, subscribers: int, events: int, timeout: float) 
             now = time.time()
             if not first_at:
                 first_at.append(now)
+                first_cpu.append(time.process_time())
             evs = msg["events"]
             self.count += len(evs)
             if self.sample:  # latency from a few clients keeps the client side cheap
@@ -225,6 +227,8 @@ async def run_clients(port: int, subscribers: int, events: int, timeout: float) 
         end, ok = time.time(), False
     received = sum(c.count for _, c in clients)
     start = min(first_at) if first_at else end
+    # the clients' share of a core while events flowed: ~100% means they set the rate
+    client_cpu = (time.process_time() - first_cpu[0]) if first_cpu else 0.0
     lat = sorted(latencies) or [0.0]
     return {
         "ok": ok,
@@ -232,6 +236,7 @@ async def run_clients(port: int, subscribers: int, events: int, timeout: float) 
         "expected": subscribers * events,
         "seconds": end - start,
         "events_per_s": received / max(end - start, 1e-9),
+        "client_cpu_pct": 100 * client_cpu / max(end - start, 1e-9),
         "p50_ms": 1000 * statistics.median(lat),
         "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))],
     }
@@ -301,12 +306,13 @@ def compare(
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
         f"{'server':<11} {'delivered/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu s':>9}"
-        f" {'us/delivery':>11}  complete"
+        f" {'us/delivery':>11} {'client cpu':>10}  complete"
     ]
     for r in results:
         lines.append(
             f"{r['kind']:<11} {r['events_per_s']:>12,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
             f" {r['server_cpu_s']:>9.2f} {r['server_us_per_delivery']:>11.3f}"
+            f" {r['client_cpu_pct']:>9.0f}%"
             f"  {r['delivered']}/{r['expected']}"
         )
     return "\n".join(lines)
