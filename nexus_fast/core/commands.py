@@ -45,6 +45,7 @@ from nexus_fast.core.nodes import (
 )
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
+from nexus_fast.core.wire import SMALL_VARINTS, length_delimited, varint
 from nexus_fast.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -990,26 +991,13 @@ def _event(record: pb.CommandRecord, body: bytes, time_field: bytes) -> bytes:
             time_field,  # 2: time_ms
             _EVENT_HEADS[record.state],  # 3: topic, 4: type
             b"\x2a",  # 5: key
-            _SMALL_VARINTS[n_key] if n_key < 0x80 else _varint(n_key),
+            SMALL_VARINTS[n_key] if n_key < 0x80 else varint(n_key),
             key,
             b"\x32",  # 6: payload
-            _SMALL_VARINTS[n_body] if n_body < 0x80 else _varint(n_body),
+            SMALL_VARINTS[n_body] if n_body < 0x80 else varint(n_body),
             body,
         )
     )
-
-
-def _varint(value: int) -> bytes:
-    if value < 0x80:
-        return _SMALL_VARINTS[value]
-    if value < 0x4000:
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _time_field(ts_ms: int) -> bytes:
@@ -1017,7 +1005,7 @@ def _time_field(ts_ms: int) -> bytes:
     global _last_time_field
     last_ms, field = _last_time_field
     if ts_ms != last_ms:
-        field = b"\x10" + _varint(ts_ms)
+        field = b"\x10" + varint(ts_ms)
         _last_time_field = (ts_ms, field)
     return field
 
@@ -1025,12 +1013,7 @@ def _time_field(ts_ms: int) -> bytes:
 _last_time_field: tuple[int, bytes] = (0, b"")  # time_ms 0 is left out, as protobuf does
 
 
-def _length_delimited(field: int, data: bytes) -> bytes:
-    return bytes(((field << 3) | 2,)) + _varint(len(data)) + data
-
-
-_SMALL_VARINTS: Final = [bytes((i,)) for i in range(0x80)]
 _EVENT_HEADS: Final[dict[int, bytes]] = {
-    state: _length_delimited(3, b"command") + _length_delimited(4, f"command.{name}".encode())
+    state: length_delimited(3, b"command") + length_delimited(4, f"command.{name}".encode())
     for state, name in STATE_NAMES.items()
 }

@@ -33,6 +33,7 @@ from google.protobuf.message import DecodeError
 from nexus_fast.config import EventsConfig
 from nexus_fast.core.nodes import node_to_dict
 from nexus_fast.core.periodic import Periodic
+from nexus_fast.core.wire import varint
 from nexus_fast.errors import InvalidArgument, NexusError, Unavailable
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
@@ -103,18 +104,9 @@ class SlowConsumer(NexusError):
         self.lag = lag
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 def bookmark_bytes(index: int) -> bytes:
     """A serialized ``EventBatch`` with no events and ``bookmark_index = index``."""
-    return b"\x10" + _varint(index) if index else b""
+    return b"\x10" + varint(index) if index else b""
 
 
 def batch_bytes(events: Iterable[EventEnvelope]) -> bytes:
@@ -316,7 +308,7 @@ class EventEnvelope:
         if self._has_index:
             return self._stored
         # The stored body leaves index unset; a leading field 1 sets it without re-encoding.
-        return b"\x08" + _varint(self.index) + self._stored
+        return b"\x08" + varint(self.index) + self._stored
 
     @property
     def json(self) -> bytes:
@@ -343,7 +335,7 @@ class EventEnvelope:
         data = self._pb_field
         if data is None:
             body = self.body
-            data = self._pb_field = b"\x0a" + _varint(len(body)) + body
+            data = self._pb_field = b"\x0a" + varint(len(body)) + body
         return data
 
     def event(self) -> pb.Event:

@@ -24,6 +24,7 @@ from nexus_fast.api import grpc_events, ws_events
 from nexus_fast.api.ws_server import CLOSE_SLOW_CONSUMER
 from nexus_fast.config import EventsConfig
 from nexus_fast.core import events as events_mod
+from nexus_fast.core import wire
 from nexus_fast.core.events import (
     EventBus,
     EventEnvelope,
@@ -742,3 +743,13 @@ def test_add_control_service_swaps_only_the_watch_serializer() -> None:
 
 class _Servicer(grpc_events.pb_grpc.ControlServiceServicer):
     pass
+
+
+@pytest.mark.parametrize("value", [1, 127, 128, 300, 16383, 16384, 2**35 + 7, 2**63 - 1])
+def test_wire_varint_and_field_match_protobuf(value: int) -> None:
+    # A varint field and a length-delimited field, each checked against protobuf's encoding
+    # (protobuf leaves out a zero or empty field, so those are not compared).
+    assert wire.varint(0) == b"\x00"
+    assert b"\x08" + wire.varint(value) == pb.Event(index=value).SerializeToString()
+    data = b"x" * (value % 20_000)
+    assert wire.length_delimited(6, data) == pb.Event(payload=data).SerializeToString()
