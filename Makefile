@@ -40,6 +40,8 @@ test: install promtool
 	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) -m pytest tests -q || rc=1; \
 	echo "== tests, pure-Python twins (NEXUS_NO_EXTENSIONS=1)"; \
 	NEXUS_NO_EXTENSIONS=1 $(PY) -m pytest tests -q || rc=1; \
+	echo "== benchmark suites, each run once untimed (make bench times them)"; \
+	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) -m pytest bench -q --benchmark-disable || rc=1; \
 	exit $$rc
 
 # promtool checks the /metrics exposition in tests; best effort, never fails the target.
