@@ -21,7 +21,7 @@ import orjson
 from nexus_fast.benchmark.common import Context, NodePool, keep_alive, open_channel
 from nexus_fast.benchmark.histogram import LatencyHistogram
 from nexus_fast.benchmark.procs import metric_sum, spawn_baseline
-from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, cpu_ratio, ratio
+from nexus_fast.benchmark.report import Measurement, Ratio, cpu_figure, ratio
 from nexus_fast.benchmark.runner import HARD_MAX_DURATION, Progress
 from nexus_fast.benchmark.scenarios.dispatch import DispatchLoad
 from nexus_fast.benchmark.workers import (
@@ -471,13 +471,6 @@ async def run(ctx: Context) -> None:
                 ">= 0.8 at 100 subscribers",
             )
         )
-        ctx.report.ratios.append(
-            cpu_ratio(
-                "ws delivered / picows broadcast",
-                ours[0],
-                base,
-                "the same, when a client sets the rates",
-            )
         )
         published = ours[0].extra.get("published_per_s")
         if published:
