@@ -471,7 +471,6 @@ async def run(ctx: Context) -> None:
                 ">= 0.8 at 100 subscribers",
             )
         )
-        )
         published = ours[0].extra.get("published_per_s")
         if published:
             ctx.report.notes.append(
