@@ -4,7 +4,8 @@
 :class:`~nexus_fast.api.ws_server.WebSocketServer`, which owns framing, limits, ``ping``
 and back-pressure. Each subscription is one task reading the event bus at its own cursor
 and sending ``events`` frames built from the events' cached JSON (encode once, fan out
-bytes). It sends only while the socket is writable: when picows pauses writing the task
+bytes); caught up, it parks and the bus sends each publish to it in the publish itself.
+It sends only while the socket is writable: when picows pauses writing the task
 waits, and if the subscription then falls more than ``events.subscriber_buffer`` events
 behind, the connection is closed with 4008 and ``slow consumer; resume after index N``.
 The protocol is documented in docs/events.md.
@@ -27,7 +28,13 @@ from nexus_fast.api.ws_server import (
     ERROR_UNKNOWN_OP,
     Connection,
 )
-from nexus_fast.core.events import EventBus, EventIndexTooOld, SlowConsumer, Subscription
+from nexus_fast.core.events import (
+    EventBus,
+    EventEnvelope,
+    EventIndexTooOld,
+    SlowConsumer,
+    Subscription,
+)
 from nexus_fast.errors import NexusError, Unavailable
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
@@ -263,10 +270,31 @@ class EventStreamProtocol:
     async def _pump(
         self, conn: Connection, state: _ConnectionState, sid: str, sub: Subscription
     ) -> None:
-        """Send one subscription's events for as long as it lives."""
+        """Send one subscription's events for as long as it lives.
+
+        Catching up, it reads and sends batch after batch. Caught up, it parks the
+        subscription (:meth:`~nexus_fast.core.events.Subscription.park`): the bus then
+        sends each publish through ``send`` right away, and this task only wakes again
+        to catch up, to wait for a paused socket, or to send an idle bookmark.
+        """
         prefix = _EVENTS_PREFIX + orjson.dumps(sid) + b',"events":['
         interval = self.bus.config.bookmark_interval
         delivered = self._delivered
+
+        def send(events: list[EventEnvelope]) -> bool:
+            for start, end, body in sub.json_frames(events, MAX_FRAME_BYTES):
+                if not conn.writable:
+                    # Sent only what the socket took; the rest is read again once it drains.
+                    sub.cursor = events[start].index - 1
+                    return False
+                try:
+                    conn.send_bytes_text(b"".join((prefix, body, b"]}")))
+                except BaseException:
+                    sub.cursor = events[start].index - 1  # not sent: never skipped
+                    raise
+                delivered.inc(end - start)
+            return True
+
         try:
             while True:
                 if not conn.writable:
@@ -276,23 +304,25 @@ class EventStreamProtocol:
                     # if the subscription falls too far behind meanwhile.
                     await sub.guarded(conn.wait_writable())
                     continue
-                events = await sub.next_batch(MAX_FRAME_EVENTS, interval)
-                if isinstance(events, int):
+                events = sub.read(MAX_FRAME_EVENTS)
+                if events:
+                    sub.sent_now()
+                    send(events)
+                    if sub.lag > 0:
+                        await asyncio.sleep(0)  # one batch per turn: fair to the other tasks
+                    continue
+                if sub.lag > 0:
+                    await asyncio.sleep(0)  # nothing matched in this stretch; keep scanning
+                    continue
+                idle = sub.idle()
+                if idle >= interval:
                     conn.send_bytes_text(
                         b'{"type":"bookmark","subscription":%s,"index":%d}'
-                        % (orjson.dumps(sid), events)
+                        % (orjson.dumps(sid), sub.cursor)
                     )
+                    sub.sent_now()
                     continue
-                for start, end, body in sub.json_frames(events, MAX_FRAME_BYTES):
-                    if not conn.writable:
-                        # Sent only what the socket took; re-read the rest once it drains.
-                        sub.cursor = events[start].index - 1
-                        break
-                    conn.send_bytes_text(b"".join((prefix, body, b"]}")))
-                    delivered.inc(end - start)
-                if sub.lag > 0:
-                    await asyncio.sleep(0)  # one batch per turn: fair to the other tasks
-                # else next_batch waits for the next publish, which yields anyway
+                await sub.park(send, MAX_FRAME_EVENTS, interval - idle)
         except SlowConsumer as exc:
             log.info(
                 "closing slow websocket subscriber",

@@ -378,6 +378,9 @@ class Subscription:
         "_bus",
         "_lag_metric",
         "_last_sent",
+        "_parked",
+        "_push_max",
+        "_pusher",
         "closed",
         "cursor",
         "keys",
@@ -404,6 +407,10 @@ class Subscription:
         self.live = cursor >= bus.last_index
         self._lag_metric = metrics.EVENT_SUBSCRIBER_LAG.labels(transport=transport)
         self._last_sent = time.monotonic()
+        # Set while parked (see park): the bus sends for this subscription in the publish.
+        self._pusher: Callable[[list[EventEnvelope]], bool] | None = None
+        self._push_max = 0
+        self._parked: asyncio.Future[None] | None = None
 
     @property
     def lag(self) -> int:
@@ -490,6 +497,64 @@ class Subscription:
             cache.put(key, frames)
         return frames
 
+    def sent_now(self) -> None:
+        """Note that the transport just sent something (bookmarks count idle time from it)."""
+        self._last_sent = time.monotonic()
+
+    def idle(self) -> float:
+        """Seconds since the transport last sent something."""
+        return time.monotonic() - self._last_sent
+
+    async def park(
+        self, pusher: Callable[[list[EventEnvelope]], bool], max_events: int, timeout: float
+    ) -> None:
+        """Let the bus deliver while this subscription is caught up; return when it can't.
+
+        The fan-out fast path. While parked, every publish is read for this subscription
+        (at most ``max_events``, through the same shared scan and frame caches as
+        :meth:`read`) and handed to ``pusher`` inside the publish: no task wakes up per
+        subscriber and per publish. ``pusher(events)`` sends what the transport takes and
+        returns False if it stopped early, having moved the cursor back to the first
+        event it did not send (if it raises, the same; a cursor it left untouched is
+        moved back to before the batch). Returns (unparked) when a publish leaves something unsent
+        or unread, when anything in the push raised (the caller's next ``read`` meets it
+        again and handles it), when the subscription or the bus closes, or after
+        ``timeout`` seconds (the caller's bookmark timer). Call only when ``lag == 0``.
+        """
+        if self.lag > 0 or self.closed or self._bus.closed:
+            return
+        loop = asyncio.get_running_loop()
+        parked: asyncio.Future[None] = loop.create_future()
+        self._pusher, self._push_max, self._parked = pusher, max_events, parked
+        bus = self._bus
+        bus._pushing[self] = None
+        timer = loop.call_later(timeout, _unpark, parked)
+        try:
+            await parked
+        finally:
+            timer.cancel()
+            bus._pushing.pop(self, None)
+            self._pusher = self._parked = None
+
+    def _push(self) -> bool:
+        """The bus's side of :meth:`park`: deliver what was just published; False to unpark."""
+        pusher = self._pusher
+        if pusher is None:
+            return False
+        before = self.cursor
+        events = self.read(self._push_max)
+        if events:
+            self._last_sent = time.monotonic()
+            read_to = self.cursor
+            try:
+                if not pusher(events):
+                    return False
+            except BaseException:
+                if self.cursor == read_to:  # the pusher sent nothing: nothing may be skipped
+                    self.cursor = before
+                raise
+        return self.lag <= 0
+
     async def wait(self, timeout: float | None) -> bool:
         """Wait until events after the cursor are published; False on timeout."""
         return await self._bus.wait_after(self.cursor, timeout)
@@ -540,6 +605,13 @@ class Subscription:
         if not self.closed:
             self.closed = True
             self._bus._subscription_closed(self)
+            if self._parked is not None:
+                _unpark(self._parked)
+
+
+def _unpark(parked: asyncio.Future[None]) -> None:
+    if not parked.done():
+        parked.set_result(None)
 
 
 class EventBus:
@@ -567,6 +639,8 @@ class EventBus:
         self._ring: EventRing[EventEnvelope] = EventRing(ring_capacity)
         self._last_index = 0
         self._published: asyncio.Future[None] | None = None
+        # Parked subscriptions (Subscription.park), in parking order: delivered in publish.
+        self._pushing: dict[Subscription, None] = {}
         self._closed = False
         self._clock = clock
         self._pruner = Periodic("event-pruner", self.prune_once, log)
@@ -629,6 +703,10 @@ class EventBus:
         """
         self._closed = True
         self._wake()
+        for sub in list(self._pushing):  # parked ones drain and end through their tasks
+            if sub._parked is not None:
+                _unpark(sub._parked)
+        self._pushing.clear()
         deadline = time.monotonic() + drain_timeout
         while self._subscriptions and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -657,6 +735,20 @@ class EventBus:
             counts[event_type] = counts.get(event_type, 0) + 1
         self._count(counts)
         self._wake()
+        if self._pushing:
+            self._push()
+
+    def _push(self) -> None:
+        """Deliver the publish to every parked subscription; unpark those that need their task."""
+        for sub in list(self._pushing):
+            try:
+                keep = sub._push()
+            except Exception:  # the subscription's task meets it again in read() and handles it
+                keep = False
+            if not keep:
+                self._pushing.pop(sub, None)
+                if sub._parked is not None:
+                    _unpark(sub._parked)
 
     def _count(self, counts: dict[str, int]) -> None:
         # One increment per type per batch: a labelled counter costs ~1 us per call.
@@ -810,6 +902,7 @@ class EventBus:
         return sub
 
     def _subscription_closed(self, sub: Subscription) -> None:
+        self._pushing.pop(sub, None)
         if sub in self._subscriptions:
             self._subscriptions.discard(sub)
             metrics.EVENT_SUBSCRIPTIONS_ACTIVE.labels(transport=sub.transport).dec()

@@ -391,6 +391,81 @@ def test_wait_times_out_for_bookmarks_and_wakes_on_publish() -> None:
     run(body_())
 
 
+def test_parked_subscription_gets_each_publish_inside_the_publish() -> None:
+    """The fan-out fast path: no task runs between the publish and the send."""
+
+    async def body_() -> None:
+        log = MemoryLog()
+        bus = make_bus(log, capacity=64)
+        everything = bus.subscribe()
+        commands_only = bus.subscribe(topics=["command"])
+        sent: dict[str, list[int]] = {"all": [], "cmd": []}
+
+        def pusher(name: str) -> Callable[[list[EventEnvelope]], bool]:
+            def push(events: list[EventEnvelope]) -> bool:
+                sent[name].extend(e.index for e in events)
+                return True
+
+            return push
+
+        parks = [
+            asyncio.ensure_future(everything.park(pusher("all"), 10, 5.0)),
+            asyncio.ensure_future(commands_only.park(pusher("cmd"), 10, 5.0)),
+        ]
+        await asyncio.sleep(0)  # both parked
+        log.append([body("system"), body("command", key="c1")])  # no await: all in publish
+        assert sent == {"all": [1, 2], "cmd": [2]}
+        log.append([body("system")])  # no match for the filtered one: it stays parked
+        assert sent == {"all": [1, 2, 3], "cmd": [2]} and commands_only.cursor == 3
+        # More than one read takes (max_events=10): the subscription's task must go on.
+        log.append([body("system") for _ in range(12)])
+        assert sent["all"] == list(range(1, 14)) and everything.lag == 2
+        await asyncio.wait_for(parks[0], 1)
+        assert not parks[1].done()
+        assert everything.idle() < 1  # the pushes count as sends for the bookmark timer
+        commands_only.close()  # closing unparks
+        await asyncio.wait_for(parks[1], 1)
+
+    run(body_())
+
+
+def test_parked_push_that_stops_early_unparks_with_the_cursor_it_set() -> None:
+    async def body_() -> None:
+        log = MemoryLog()
+        bus = make_bus(log, capacity=64)
+        sub = bus.subscribe()
+
+        def push(events: list[EventEnvelope]) -> bool:
+            sub.cursor = events[0].index  # took one event, then the socket paused
+            return False
+
+        parked = asyncio.ensure_future(sub.park(push, 10, 5.0))
+        await asyncio.sleep(0)
+        log.append([body(), body(), body()])
+        await asyncio.wait_for(parked, 1)
+        assert sub.cursor == 1 and [e.index for e in sub.read(10)] == [2, 3]
+        # Parking with something to read returns at once; a timeout returns too.
+        log.append([body()])
+        await asyncio.wait_for(sub.park(push, 10, 5.0), 1)
+        sub.read(10)
+        await asyncio.wait_for(sub.park(push, 10, 0.01), 1)
+        # A pusher that raises unparks; the error is the subscription task's to meet, and
+        # the batch it did not send is read again, not skipped.
+        raising = asyncio.ensure_future(sub.park(lambda events: 1 / 0 > 0, 10, 5.0))
+        await asyncio.sleep(0)
+        log.append([body()])
+        await asyncio.wait_for(raising, 1)
+        assert [e.index for e in sub.read(10)] == [5]
+        # The bus closing unparks every parked subscription.
+        again = asyncio.ensure_future(sub.park(push, 10, 5.0))
+        sub.read(10)
+        await asyncio.sleep(0)
+        await bus.close()
+        await asyncio.wait_for(again, 1)
+
+    run(body_())
+
+
 def test_close_drains_then_ends_subscriptions() -> None:
     async def body_() -> None:
         log = MemoryLog()
