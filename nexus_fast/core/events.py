@@ -516,10 +516,12 @@ class Subscription:
         subscriber and per publish. ``pusher(events)`` sends what the transport takes and
         returns False if it stopped early, having moved the cursor back to the first
         event it did not send (if it raises, the same; a cursor it left untouched is
-        moved back to before the batch). Returns (unparked) when a publish leaves something unsent
-        or unread, when anything in the push raised (the caller's next ``read`` meets it
-        again and handles it), when the subscription or the bus closes, or after
-        ``timeout`` seconds (the caller's bookmark timer). Call only when ``lag == 0``.
+        moved back to before the batch).
+
+        Returns (unparked) when a publish leaves something unsent or unread, when
+        anything in the push raised (the caller's next ``read`` meets it again and
+        handles it), when the subscription or the bus closes, or after ``timeout``
+        seconds (the caller's bookmark timer). Call only when ``lag == 0``.
         """
         if self.lag > 0 or self.closed or self._bus.closed:
             return
