@@ -160,7 +160,7 @@ class CommandService:
         self._batch_events: list[bytes] = []
         self._batch_final: list[pb.CommandRecord] = []
         self._flush_handle: asyncio.Handle | None = None
-        # Children looked up once (labels() is a dict lookup under a lock), and exported
+        # Children looked up once (labels() is a dict lookup and a check), and exported
         # at zero so rate() works from the first scrape.
         self._processed: dict[int, metrics.LoopCounter] = {
             state: metrics.COMMANDS_PROCESSED.labels(status=STATE_NAMES[state])
