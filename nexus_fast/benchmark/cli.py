@@ -42,7 +42,10 @@ scenarios:
              handled/s by the server. Baseline: bare grpc.aio bidi echo, same streams.
   dispatch   SubmitCommands batches -> place -> dispatch -> node ack+result -> succeeded;
              commands/s, latency submit->node receives, ->reply, ->final (sampled).
-             Baseline: bare grpc.aio unary echo of the same request, same concurrency/rate.
+             Baselines: bare grpc.aio unary echo of the same request, same concurrency/rate;
+             and the dispatch floor, a grpc.aio server with the same RPCs and no work
+             behind them, driven by the same client and fleet (ours / floor: what our
+             work costs on top of the transport).
   events     M WebSocket subscribers (+ gRPC WatchEvents watchers) while a command load
              runs; delivered events/s, event time->receive latency.
              Baseline: bare picows broadcast of one of our frames to M subscribers.
@@ -52,6 +55,9 @@ scenarios:
 
 --rate R is operations per second on a fixed timetable (dispatch/events: batches,
 heartbeat: heartbeats over all nodes); latency then counts from the intended send time.
+
+Ratios are printed raw and, for heartbeat and dispatch, per server CPU-second as well:
+when a client, not the server, sets both rates, the second still compares the servers.
 
 --client-procs K (heartbeat, dispatch, events) runs the node streams / WebSocket
 subscribers in K client worker processes (an even split, the same for ours and the
