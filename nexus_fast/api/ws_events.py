@@ -26,6 +26,7 @@ from nexus_fast.api.ws_server import (
     CLOSE_SLOW_CONSUMER,
     ERROR_BAD_REQUEST,
     ERROR_UNKNOWN_OP,
+    FRAME_HEADROOM,
     Connection,
 )
 from nexus_fast.core.events import (
@@ -73,6 +74,8 @@ ERROR_INTERNAL: Final = "internal"
 
 _STATE_KEY: Final = "events"
 _EVENTS_PREFIX: Final = b'{"type":"events","subscription":'
+_FRAME: Final = bytearray()  # bytearray().join: one copy into a buffer picows frames in place
+_HEADROOM: Final = bytes(FRAME_HEADROOM)
 
 
 class _ConnectionState:
@@ -288,7 +291,7 @@ class EventStreamProtocol:
                     sub.cursor = events[start].index - 1
                     return False
                 try:
-                    conn.send_bytes_text(b"".join((prefix, body, b"]}")))
+                    conn.send_text_frame(_FRAME.join((_HEADROOM, prefix, body, b"]}")))
                 except BaseException:
                     sub.cursor = events[start].index - 1  # not sent: never skipped
                     raise

@@ -84,6 +84,7 @@ CLOSE_INTERNAL_ERROR: Final = 1011
 # subscription fell events.subscriber_buffer behind; reason "slow consumer; resume after
 # index N" when the protocol layer set ``Connection.resume_hint``.
 CLOSE_SLOW_CONSUMER: Final = 4008
+FRAME_HEADROOM: Final = 14  # room for the longest WebSocket frame header (picows)
 
 # --- Error codes in ``{"type": "error", "code": ...}`` frames (connection stays open) ---
 # Malformed JSON, not an object, or a missing/non-string "op".
@@ -253,6 +254,20 @@ class Connection(WSListener):
             self._pending_bytes += len(data)
             return True
         transport.send(WSMsgType.TEXT, data)
+        self._count_sent()
+        return True
+
+    def send_text_frame(self, frame: bytearray) -> bool:
+        """Like :meth:`send_bytes_text` for a payload built after :data:`FRAME_HEADROOM`
+        spare bytes: picows writes the frame header into them instead of copying the
+        payload into its own buffer (a large fan-out frame is copied once per subscriber
+        either way; this saves the second copy)."""
+        transport = self._transport
+        if transport is None or self._closing:
+            return False
+        if self._paused:
+            return self.send_bytes_text(bytes(memoryview(frame)[FRAME_HEADROOM:]))
+        transport.send_reuse_external_bytearray(WSMsgType.TEXT, frame, FRAME_HEADROOM)
         self._count_sent()
         return True
 

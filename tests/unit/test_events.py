@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexus_fast.api import grpc_events, ws_events
-from nexus_fast.api.ws_server import CLOSE_SLOW_CONSUMER
+from nexus_fast.api.ws_server import CLOSE_SLOW_CONSUMER, FRAME_HEADROOM
 from nexus_fast.config import EventsConfig
 from nexus_fast.core import events as events_mod
 from nexus_fast.core import wire
@@ -600,6 +600,10 @@ class FakeConnection:
     def send_bytes_text(self, data: bytes) -> bool:
         self.frames.append(orjson.loads(data))
         return True
+
+    def send_text_frame(self, frame: bytearray) -> bool:
+        assert frame[:FRAME_HEADROOM] == bytes(FRAME_HEADROOM)  # room for picows' header
+        return self.send_bytes_text(bytes(frame[FRAME_HEADROOM:]))
 
     def add_close_callback(self, cb: Callable[[Any], None]) -> None:
         self._callbacks.append(cb)
