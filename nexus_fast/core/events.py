@@ -65,6 +65,7 @@ MAX_KEYS: Final = 1024
 """Most keys one subscription may filter on (bounded per-subscription memory)."""
 MAX_KEY_LEN: Final = 256
 STORE_CHUNK: Final = 512
+PUSH_CHUNK: Final = 256  # parked subscriptions served per loop callback of a publish
 """Events read from the durable log per read txn: short txns, the loop stays responsive."""
 _PRUNE_SCAN_CHUNKS: Final = 64  # age pruning looks at most this many chunks per tick
 _LOAD_CHUNK: Final = 4096
@@ -641,8 +642,12 @@ class EventBus:
         self._ring: EventRing[EventEnvelope] = EventRing(ring_capacity)
         self._last_index = 0
         self._published: asyncio.Future[None] | None = None
-        # Parked subscriptions (Subscription.park), in parking order: delivered in publish.
+        # Parked subscriptions (Subscription.park), in parking order: delivered in publish,
+        # PUSH_CHUNK at a time (see _push).
         self._pushing: dict[Subscription, None] = {}
+        self._push_pass: list[Subscription] | None = None
+        self._push_at = 0
+        self._push_again = False
         self._closed = False
         self._clock = clock
         self._pruner = Periodic("event-pruner", self.prune_once, log)
@@ -709,6 +714,7 @@ class EventBus:
             if sub._parked is not None:
                 _unpark(sub._parked)
         self._pushing.clear()
+        self._push_pass = None
         deadline = time.monotonic() + drain_timeout
         while self._subscriptions and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -741,16 +747,44 @@ class EventBus:
             self._push()
 
     def _push(self) -> None:
-        """Deliver the publish to every parked subscription; unpark those that need their task."""
-        for sub in list(self._pushing):
+        """Deliver the publish to every parked subscription; unpark those that need their task.
+
+        One pass over the parked subscriptions, ``PUSH_CHUNK`` of them per loop callback, so
+        a publish to thousands of subscribers does not hold the loop in one piece. A publish
+        during a pass asks for one more pass after it: the subscriptions already served in
+        this one have not seen it yet.
+        """
+        if self._push_pass is not None:
+            self._push_again = True
+            return
+        self._push_pass, self._push_at, self._push_again = list(self._pushing), 0, False
+        self._push_step()
+
+    def _push_step(self) -> None:
+        batch = self._push_pass
+        if batch is None:  # the bus closed meanwhile
+            return
+        start = self._push_at
+        end = min(start + PUSH_CHUNK, len(batch))
+        pushing = self._pushing
+        for sub in batch[start:end]:
+            if sub not in pushing:  # unparked or closed since the pass began
+                continue
             try:
                 keep = sub._push()
             except Exception:  # the subscription's task meets it again in read() and handles it
                 keep = False
             if not keep:
-                self._pushing.pop(sub, None)
+                pushing.pop(sub, None)
                 if sub._parked is not None:
                     _unpark(sub._parked)
+        if end < len(batch):
+            self._push_at = end
+            asyncio.get_running_loop().call_soon(self._push_step)
+            return
+        self._push_pass = None
+        if self._push_again and pushing:
+            self._push()
 
     def _count(self, counts: dict[str, int]) -> None:
         # One increment per type per batch: a labelled counter costs ~1 us per call.

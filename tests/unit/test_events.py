@@ -429,6 +429,39 @@ def test_parked_subscription_gets_each_publish_inside_the_publish() -> None:
     run(body_())
 
 
+def test_push_to_many_parked_subscriptions_yields_between_chunks() -> None:
+    """A publish to thousands of parked subscribers does not hold the loop in one piece."""
+
+    async def body_() -> None:
+        log = MemoryLog()
+        bus = make_bus(log, capacity=64)
+        n = 2 * events_mod.PUSH_CHUNK + 88
+        got: list[list[int]] = [[] for _ in range(n)]
+        subs = [bus.subscribe() for _ in range(n)]
+
+        def pusher(i: int) -> Callable[[list[EventEnvelope]], bool]:
+            def push(events: list[EventEnvelope]) -> bool:
+                got[i].extend(e.index for e in events)
+                return True
+
+            return push
+
+        parks = [asyncio.ensure_future(s.park(pusher(i), 10, 5.0)) for i, s in enumerate(subs)]
+        await asyncio.sleep(0)
+        log.append([body()])
+        served = sum(1 for g in got if g)
+        assert served == events_mod.PUSH_CHUNK  # the rest after the loop's next turns
+        log.append([body()])  # published during the pass: everyone gets it, in order
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert all(g == [1, 2] for g in got)
+        assert not any(p.done() for p in parks)
+        await bus.close()
+        await asyncio.wait_for(asyncio.gather(*parks), 1)
+
+    run(body_())
+
+
 def test_parked_push_that_stops_early_unparks_with_the_cursor_it_set() -> None:
     async def body_() -> None:
         log = MemoryLog()
