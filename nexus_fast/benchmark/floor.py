@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import signal
 from typing import Any
 
 import grpc
 from prometheus_client import Counter, start_http_server
 
-from nexus_fast.benchmark.baselines import MAX_MESSAGE
+from nexus_fast.benchmark.baselines import MAX_MESSAGE, until_signal
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -83,22 +82,22 @@ class Floor(pb_grpc.NodeServiceServicer, pb_grpc.ControlServiceServicer):
         queues = self.queues
         if not queues:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no node is connected")
-        per_node: dict[int, list[pb.Command]] = {}
-        results = []
+        # Messages built in place (add()), as nexus_fast builds them: no copies.
+        per_node: dict[int, pb.ControlMessage] = {}
+        response = pb.SubmitCommandsResponse()
         for spec in request.commands:
             command_id = spec.idempotency_key or f"c{next(self.ids)}"
             node = next(self.turn) % len(queues)
-            per_node.setdefault(node, []).append(
-                pb.Command(id=command_id, kind=spec.kind, payload=spec.payload, attempt=1)
+            message = per_node.get(node)
+            if message is None:
+                message = per_node[node] = pb.ControlMessage()
+            message.commands.add(id=command_id, kind=spec.kind, payload=spec.payload, attempt=1)
+            response.results.add(
+                id=command_id, state=pb.COMMAND_STATE_PLACED, node_id=f"node-{node}"
             )
-            results.append(
-                pb.SubmitResult(
-                    id=command_id, state=pb.COMMAND_STATE_PLACED, node_id=f"node-{node}"
-                )
-            )
-        for node, commands in per_node.items():
-            queues[node].put_nowait(pb.ControlMessage(commands=commands))
-        return pb.SubmitCommandsResponse(results=results)
+        for node, message in per_node.items():
+            queues[node].put_nowait(message)
+        return response
 
     async def WaitCommands(self, request: Any, context: Any) -> Any:
         timeout = request.timeout_ms / 1000 or None
@@ -126,9 +125,5 @@ async def serve(grpc_port: int, http_port: int) -> None:
     pb_grpc.add_ControlServiceServicer_to_server(floor, server)
     server.add_insecure_port(f"127.0.0.1:{grpc_port}")
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signal()
     await server.stop(1)
