@@ -391,6 +391,16 @@ def test_wait_times_out_for_bookmarks_and_wakes_on_publish() -> None:
     run(body_())
 
 
+def recorder(sink: list[int]) -> Callable[[list[EventEnvelope]], bool]:
+    """A pusher for Subscription.park that takes every event, noting its index in ``sink``."""
+
+    def push(events: list[EventEnvelope]) -> bool:
+        sink.extend(e.index for e in events)
+        return True
+
+    return push
+
+
 def test_parked_subscription_gets_each_publish_inside_the_publish() -> None:
     """The fan-out fast path: no task runs between the publish and the send."""
 
@@ -400,17 +410,9 @@ def test_parked_subscription_gets_each_publish_inside_the_publish() -> None:
         everything = bus.subscribe()
         commands_only = bus.subscribe(topics=["command"])
         sent: dict[str, list[int]] = {"all": [], "cmd": []}
-
-        def pusher(name: str) -> Callable[[list[EventEnvelope]], bool]:
-            def push(events: list[EventEnvelope]) -> bool:
-                sent[name].extend(e.index for e in events)
-                return True
-
-            return push
-
         parks = [
-            asyncio.ensure_future(everything.park(pusher("all"), 10, 5.0)),
-            asyncio.ensure_future(commands_only.park(pusher("cmd"), 10, 5.0)),
+            asyncio.ensure_future(everything.park(recorder(sent["all"]), 10, 5.0)),
+            asyncio.ensure_future(commands_only.park(recorder(sent["cmd"]), 10, 5.0)),
         ]
         await asyncio.sleep(0)  # both parked
         log.append([body("system"), body("command", key="c1")])  # no await: all in publish
@@ -438,15 +440,9 @@ def test_push_to_many_parked_subscriptions_yields_between_chunks() -> None:
         n = 2 * events_mod.PUSH_CHUNK + 88
         got: list[list[int]] = [[] for _ in range(n)]
         subs = [bus.subscribe() for _ in range(n)]
-
-        def pusher(i: int) -> Callable[[list[EventEnvelope]], bool]:
-            def push(events: list[EventEnvelope]) -> bool:
-                got[i].extend(e.index for e in events)
-                return True
-
-            return push
-
-        parks = [asyncio.ensure_future(s.park(pusher(i), 10, 5.0)) for i, s in enumerate(subs)]
+        parks = [
+            asyncio.ensure_future(s.park(recorder(got[i]), 10, 5.0)) for i, s in enumerate(subs)
+        ]
         await asyncio.sleep(0)
         log.append([body()])
         served = sum(1 for g in got if g)
