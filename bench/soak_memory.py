@@ -26,7 +26,7 @@ from pathlib import Path
 import grpc
 import websockets
 
-from nexus_fast.benchmark.procs import free_port, http_get
+from nexus_fast.benchmark.procs import free_ports, http_get
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -76,7 +76,7 @@ async def command_load(target: str, per_second: int, stop: asyncio.Event) -> int
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
     data = Path(tempfile.mkdtemp(prefix="nexus-soak-"))
-    grpc_port, ws_port, http_port = free_port(), free_port(), free_port()
+    grpc_port, ws_port, http_port = free_ports(3)
     env = dict(os.environ, NEXUS_LOG_LEVEL="warning")
     server = subprocess.Popen(
         [sys.executable, "-m", "nexus_fast.cli", "--config", str(REPO / "configs/development.toml"),

@@ -30,11 +30,16 @@ class BenchError(Exception):
     """A benchmark could not run (server did not start, bad target, ...)."""
 
 
-def free_port(host: str = HOST) -> int:
-    """A port that was free a moment ago on ``host``."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_ports(n: int, host: str = HOST) -> list[int]:
+    """``n`` distinct ports free a moment ago: bound all at once, so no two are the same."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def proc_cpu_seconds(pid: int) -> float | None:
@@ -225,7 +230,7 @@ def spawn_server(
     not spend its CPU on log lines we do not read.
     """
     data = group.tempdir("nexus-bench-data-")
-    grpc_port, ws_port, http_port = free_port(), free_port(), free_port()
+    grpc_port, ws_port, http_port = free_ports(3)
     env = dict(os.environ)
     env.update(
         {
@@ -271,9 +276,10 @@ def spawn_server(
 
 def spawn_baseline(group: ProcessGroup, kind: str, *args: str, timeout: float = 30.0) -> Endpoints:
     """Start a baseline server (``grpc`` echo, ``picows`` broadcast or ``dispatch-floor``)."""
-    port = free_port()
+    port, http_port = free_ports(2)
     argv = [sys.executable, "-m", "nexus_fast.benchmark.baselines", kind, "--port", str(port)]
-    http_port = free_port() if kind == "dispatch-floor" else 0
+    if kind != "dispatch-floor":
+        http_port = 0
     if http_port:
         argv += ["--http-port", str(http_port)]
     proc = group.start([*argv, *args], log_name=f"baseline-{kind}", env=dict(os.environ))

@@ -28,10 +28,16 @@ REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free loopback ports: all bound at once, so no two can be the same."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind((HOST, 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class ServerProcess:
@@ -54,9 +60,7 @@ class ServerProcess:
             self.ws_port = same_ports_as.ws_port
             self.http_port = same_ports_as.http_port
         else:
-            self.grpc_port = free_port()
-            self.ws_port = free_port()
-            self.http_port = free_port()
+            self.grpc_port, self.ws_port, self.http_port = free_ports(3)
         self.extra_env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
