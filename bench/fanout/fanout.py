@@ -29,14 +29,10 @@ from typing import Any
 
 import orjson
 
+from nexus_fast.benchmark.procs import free_ports
+
 KINDS = ("nexus", "picows", "websockets")
 PAD = "x" * 200  # ~300-byte events, like a small node/command event
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # ------------------------------------------------------------------ servers
@@ -256,7 +252,7 @@ def measure(
     kind: str, subscribers: int, events: int, batch: int, timeout: float, rate: float = 0
 ) -> dict[str, Any]:
     """Start a ``kind`` server process and a client process; return the client's figures."""
-    port = free_port()
+    (port,) = free_ports(1)
     env = dict(os.environ, PYTHONUNBUFFERED="1", FANOUT_RATE=str(rate))
     me = os.path.abspath(__file__)
     common = ["--port", str(port), "--subscribers", str(subscribers), "--events", str(events)]
