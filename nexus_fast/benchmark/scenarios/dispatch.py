@@ -548,7 +548,8 @@ async def measure_baseline(ctx: Context) -> Measurement:
 async def measure_floor(ctx: Context) -> Measurement:
     """The same client, fleet and load against the dispatch floor server (plaintext)."""
     floor = spawn_baseline(ctx.group, "dispatch-floor")
-    plain = argparse.Namespace(**{**vars(ctx.args), "tls_ca": None, "tls_cert": None})
+    no_tls = {"tls_ca": None, "tls_cert": None, "tls_key": None}
+    plain = argparse.Namespace(**{**vars(ctx.args), **no_tls})
     m = await measure_ours(dataclasses.replace(ctx, server=floor, args=plain))
     m.name = "dispatch floor: same RPCs, no work"
     return m
