@@ -51,3 +51,46 @@ class ResourceExhausted(NexusError):
 
 class Unavailable(NexusError):
     """The server cannot serve the request now (starting, stopping, store failure)."""
+
+
+class QueueFull(ResourceExhausted):
+    """The command queue holds as many active commands as it may; retry later."""
+
+
+class StoreFull(ResourceExhausted):
+    """The store cannot take more writes (map at its ceiling, or the disk is full).
+
+    Reads keep serving; health reports it until a write succeeds again.
+    """
+
+    def __init__(self, message: str = "store full", retry_after: float = 5.0) -> None:
+        super().__init__(message, retry_after)
+
+
+class EventIndexTooOld(NexusError):
+    """``after_index`` is older than retention: the events after it are gone.
+
+    ``oldest_index`` is the oldest index still kept; the client must re-list the state it
+    follows and resume with ``after_index = oldest_index - 1`` (or live).
+    """
+
+    def __init__(self, after_index: int, oldest_index: int) -> None:
+        super().__init__(
+            f"after_index {after_index} is older than retention: the oldest event kept is "
+            f"{oldest_index}; re-list and resume from after_index {oldest_index - 1}"
+        )
+        self.after_index = after_index
+        self.oldest_index = oldest_index
+
+
+class SlowConsumer(NexusError):
+    """The subscriber fell more than ``subscriber_buffer`` events behind while not reading.
+
+    ``last_index`` is the index up to which it was served; resume with
+    ``after_index = last_index``.
+    """
+
+    def __init__(self, last_index: int, lag: int) -> None:
+        super().__init__(f"slow consumer; resume after index {last_index}")
+        self.last_index = last_index
+        self.lag = lag

@@ -50,7 +50,7 @@ from nexus_fast.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
+    QueueFull,
 )
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
@@ -320,7 +320,7 @@ class CommandService:
             new.append(record)
             answers.append((record, False))
         if len(self._active) + len(new) > self.settings.queue_capacity:
-            raise ResourceExhausted(
+            raise QueueFull(
                 f"command queue full ({self.settings.queue_capacity} active commands); retry later",
                 retry_after=1.0,
             )

@@ -34,7 +34,7 @@ from nexus_fast.config import EventsConfig
 from nexus_fast.core.nodes import node_to_dict
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.wire import varint
-from nexus_fast.errors import InvalidArgument, NexusError, Unavailable
+from nexus_fast.errors import EventIndexTooOld, InvalidArgument, SlowConsumer, Unavailable
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.ring import EventRing, RingIndexTooOld
@@ -74,35 +74,6 @@ SHARED_READS: Final = 64
 SHARED_FRAMES: Final = 64
 SHARED_FRAME_BYTES: Final = 8 * 1024 * 1024
 """Bounds (entries, bytes) on the joined JSON frame bodies shared between subscriptions."""
-
-
-class EventIndexTooOld(NexusError):
-    """``after_index`` is older than retention: the events after it are gone.
-
-    ``oldest_index`` is the oldest index still kept; the client must re-list the state it
-    follows and resume with ``after_index = oldest_index - 1`` (or live).
-    """
-
-    def __init__(self, after_index: int, oldest_index: int) -> None:
-        super().__init__(
-            f"after_index {after_index} is older than retention: the oldest event kept is "
-            f"{oldest_index}; re-list and resume from after_index {oldest_index - 1}"
-        )
-        self.after_index = after_index
-        self.oldest_index = oldest_index
-
-
-class SlowConsumer(NexusError):
-    """The subscriber fell more than ``subscriber_buffer`` events behind while not reading.
-
-    ``last_index`` is the index up to which it was served; resume with
-    ``after_index = last_index``.
-    """
-
-    def __init__(self, last_index: int, lag: int) -> None:
-        super().__init__(f"slow consumer; resume after index {last_index}")
-        self.last_index = last_index
-        self.lag = lag
 
 
 def bookmark_bytes(index: int) -> bytes:
