@@ -21,13 +21,12 @@ from typing import Any, Final
 
 import grpc
 
+from nexus_fast.codec.frames import batch_bytes, bookmark_bytes
 from nexus_fast.core.events import (
     EventBus,
     EventIndexTooOld,
     SlowConsumer,
     Subscription,
-    batch_bytes,
-    bookmark_bytes,
 )
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc

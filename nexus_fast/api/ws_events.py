@@ -29,9 +29,9 @@ from nexus_fast.api.ws_server import (
     FRAME_HEADROOM,
     Connection,
 )
+from nexus_fast.codec.frames import EventEnvelope
 from nexus_fast.core.events import (
     EventBus,
-    EventEnvelope,
     EventIndexTooOld,
     SlowConsumer,
     Subscription,

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
+from nexus_fast.clock import now_ms
+from nexus_fast.codec.protowire import CommandEvents, add_node_command, node_commands
 from nexus_fast.core.nodes import (
     NodeRegistry,
     Session,
@@ -45,7 +47,6 @@ from nexus_fast.core.nodes import (
 )
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
-from nexus_fast.core.wire import SMALL_VARINTS, length_delimited, varint
 from nexus_fast.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -97,15 +98,9 @@ _LIST_SCAN_LIMIT: Final = 50_000
 # Slot 0 of the queue holds commands waiting for a node; nodes get 1.. .
 _UNPLACED: Final = 0
 _TICK: Final = 0.1
-# Events carry the record; payloads above this size are left out of the event copy.
-_EVENT_PAYLOAD_LIMIT: Final = 1024
 _NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
 
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)
@@ -160,6 +155,7 @@ class CommandService:
         self._batch_events: list[bytes] = []
         self._batch_final: list[pb.CommandRecord] = []
         self._flush_handle: asyncio.Handle | None = None
+        self._event_encoder = CommandEvents()
         # Children looked up once (labels() is a dict lookup and a check), and exported
         # at zero so rate() works from the first scrape.
         self._processed: dict[int, metrics.LoopCounter] = {
@@ -596,7 +592,7 @@ class CommandService:
                 record.updated_ms = ts
                 inflight[command_id] = None
                 self._set_deadline(record)
-                _add_wire(message, record)
+                add_node_command(message, record)
                 sent.append(record)
                 started = self._submitted_at.get(command_id)
                 if started is not None and record.attempt == 1:
@@ -611,11 +607,7 @@ class CommandService:
         if inflight:
             records = [self._active[i] for i in inflight if i in self._active]
             for start in range(0, len(records), self.settings.max_batch_size):
-                chunk = records[start : start + self.settings.max_batch_size]
-                message = pb.ControlMessage()
-                for record in chunk:
-                    _add_wire(message, record)
-                session.send(message)
+                session.send(node_commands(records[start : start + self.settings.max_batch_size]))
         if node.id in self._slots:
             self._dirty_nodes.add(node.id)
             self._schedule_dispatch()
@@ -906,7 +898,8 @@ class CommandService:
     def _stage_write(self, records: Sequence[pb.CommandRecord]) -> None:
         """Snapshot records (and their transition events) into the next commit."""
         ops, events, final = self._batch_ops, self._batch_events, self._batch_final
-        time_field = _time_field(now_ms())
+        encoder = self._event_encoder
+        time_field = encoder.time_field(now_ms())
         for record in records:
             body = record.SerializeToString()
             ops.append(Put(COMMANDS_DB, _RECORD + record.id.encode(), body))
@@ -919,7 +912,7 @@ class CommandService:
                     )
                 )
                 final.append(record)
-            events.append(_event(record, body, time_field))
+            events.append(encoder.encode(record, body, time_field))
 
     def _save(self, records: Sequence[pb.CommandRecord]) -> asyncio.Future[CommitResult]:
         """Commit records now (with everything staged before them: order is kept)."""
@@ -958,62 +951,3 @@ class CommandService:
         self._writes.discard(future)
         if not future.cancelled() and future.exception() is not None:
             log.error("command state write failed", extra={"err": str(future.exception())})
-
-
-def _add_wire(message: pb.ControlMessage, record: pb.CommandRecord) -> None:
-    """Append the node's view of ``record`` to ``message`` (built in place: no copy)."""
-    spec = record.spec
-    message.commands.add(
-        id=record.id,
-        kind=spec.kind,
-        payload=spec.payload,
-        attempt=record.attempt,
-        deadline_ms=record.dispatched_ms + spec.timeout_ms,
-    )
-
-
-def _event(record: pb.CommandRecord, body: bytes, time_field: bytes) -> bytes:
-    """The serialized ``pb.Event`` of a transition, as ``pb.Event(...).SerializeToString()``.
-
-    Encoded by hand (four transitions per command make this a hot path): the fields go in
-    number order, as protobuf writes them, and the bytes are identical (unit-tested).
-    ``time_field`` is :func:`_time_field` of the event time, shared by a batch.
-    """
-    if len(record.spec.payload) > _EVENT_PAYLOAD_LIMIT:
-        slim = pb.CommandRecord()
-        slim.CopyFrom(record)
-        slim.spec.payload = b""
-        body = slim.SerializeToString()
-    key = record.id.encode()
-    n_key, n_body = len(key), len(body)
-    return b"".join(
-        (
-            time_field,  # 2: time_ms
-            _EVENT_HEADS[record.state],  # 3: topic, 4: type
-            b"\x2a",  # 5: key
-            SMALL_VARINTS[n_key] if n_key < 0x80 else varint(n_key),
-            key,
-            b"\x32",  # 6: payload
-            SMALL_VARINTS[n_body] if n_body < 0x80 else varint(n_body),
-            body,
-        )
-    )
-
-
-def _time_field(ts_ms: int) -> bytes:
-    """Field 2 (time_ms) of an event; one encoding per millisecond, however many events."""
-    global _last_time_field
-    last_ms, field = _last_time_field
-    if ts_ms != last_ms:
-        field = b"\x10" + varint(ts_ms)
-        _last_time_field = (ts_ms, field)
-    return field
-
-
-_last_time_field: tuple[int, bytes] = (0, b"")  # time_ms 0 is left out, as protobuf does
-
-
-_EVENT_HEADS: Final[dict[int, bytes]] = {
-    state: length_delimited(3, b"command") + length_delimited(4, f"command.{name}".encode())
-    for state, name in STATE_NAMES.items()
-}

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from nexus_fast.core import commands as commands_module
+from nexus_fast.codec import protowire
 from nexus_fast.core.commands import STATE_NAMES
 from nexus_fast.core.nodes import NODES_DB
 from nexus_fast.errors import (
@@ -899,7 +899,7 @@ def test_hand_encoded_event_equals_protobuf(
     for ts in (1, 127, 128, 1_732_650_000_123):
         slim = pb.CommandRecord()
         slim.CopyFrom(record)
-        if len(payload) > commands_module._EVENT_PAYLOAD_LIMIT:
+        if len(payload) > protowire.EVENT_PAYLOAD_LIMIT:
             slim.spec.payload = b""
         expected = pb.Event(
             time_ms=ts,
@@ -908,5 +908,6 @@ def test_hand_encoded_event_equals_protobuf(
             key=command_id,
             payload=slim.SerializeToString(),
         ).SerializeToString()
-        got = commands_module._event(record, body, commands_module._time_field(ts))
+        encoder = protowire.CommandEvents()
+        got = encoder.encode(record, body, encoder.time_field(ts))
         assert got == expected
