@@ -59,8 +59,8 @@ MAX_KEYS: Final = 1024
 """Most keys one subscription may filter on (bounded per-subscription memory)."""
 MAX_KEY_LEN: Final = 256
 STORE_CHUNK: Final = 512
-PUSH_CHUNK: Final = 256  # parked subscriptions served per loop callback of a publish
 """Events read from the durable log per read txn: short txns, the loop stays responsive."""
+PUSH_CHUNK: Final = 256  # parked subscriptions served per loop callback of a publish
 _PRUNE_SCAN_CHUNKS: Final = 64  # age pruning looks at most this many chunks per tick
 _LOAD_CHUNK: Final = 4096
 SHARED_READS: Final = 64
