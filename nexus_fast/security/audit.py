@@ -57,10 +57,13 @@ _FIELDS: Final = (
     "time_ms",
     "suppressed",
 )
+_STR_FIELDS: Final = _FIELDS[:7]
 _TRUNCATED = "…"
 
 
 def _clip(value: str) -> str:
+    if len(value) <= MAX_FIELD_CHARS and value.isascii():
+        return value  # the usual case, without an encode
     # Lone surrogates cannot be encoded as UTF-8 (orjson refuses them); replace, never fail.
     if len(value) > MAX_FIELD_CHARS:
         value = value[: MAX_FIELD_CHARS - 1] + _TRUNCATED
@@ -93,16 +96,15 @@ class AuditRecord:
     suppressed: int = 0
 
     def __post_init__(self) -> None:
-        for name in _FIELDS[:7]:
+        for name in _STR_FIELDS:
             value = getattr(self, name)
-            if not isinstance(value, str):
-                raise TypeError(f"AuditRecord.{name} must be str, got {type(value).__name__}")
-            clipped = _clip(value)
-            if clipped is not value:
-                object.__setattr__(self, name, clipped)
+            if type(value) is not str or len(value) > MAX_FIELD_CHARS or not value.isascii():
+                if not isinstance(value, str):
+                    raise TypeError(f"AuditRecord.{name} must be str, got {type(value).__name__}")
+                object.__setattr__(self, name, _clip(value))
         for name in ("time_ms", "suppressed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+            if type(value) is not int or not 0 <= value < 2**63:
                 raise ValueError(f"AuditRecord.{name} must be an int in 0..2**63-1, got {value!r}")
 
     @classmethod
@@ -132,7 +134,17 @@ class AuditRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a plain dict."""
-        return {name: getattr(self, name) for name in _FIELDS}
+        return {
+            "principal": self.principal,
+            "role": self.role,
+            "peer": self.peer,
+            "method": self.method,
+            "target": self.target,
+            "request_id": self.request_id,
+            "outcome": self.outcome,
+            "time_ms": self.time_ms,
+            "suppressed": self.suppressed,
+        }
 
 
 class ChainHead(NamedTuple):
@@ -191,11 +203,18 @@ def chain_puts(
     """
     seq, prev = head
     pairs: list[tuple[bytes, bytes]] = []
+    # encode_entry inlined: this runs in the store's writer thread, holding the GIL.
     pack = _SEQ.pack
+    dumps = orjson.dumps
+    sort_keys = orjson.OPT_SORT_KEYS
+    sha256 = hashlib.sha256
     for record in records:
         seq += 1
-        value, prev = encode_entry(prev, seq, record)
-        pairs.append((pack(seq), value))
+        fields = record.to_dict()
+        fields["seq"] = seq
+        body = dumps(fields, option=sort_keys)
+        prev = sha256(prev + body).digest()
+        pairs.append((pack(seq), prev + body))
     return pairs, ChainHead(seq, prev)
 
 

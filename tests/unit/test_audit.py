@@ -25,6 +25,7 @@ from nexus_fast.security.audit import (
     audit_seq,
     canonical_body,
     chain_puts,
+    encode_entry,
     head_from_last,
     iter_export,
     verify,
@@ -80,11 +81,14 @@ def test_keys_are_big_endian_sequence_numbers() -> None:
 
 
 def test_chain_puts_links_each_entry_to_the_previous() -> None:
-    pairs, head = chain_puts(EMPTY_HEAD, [rec(0), rec(1), rec(2)])
+    records = [rec(0), rec(1), rec(2)]
+    pairs, head = chain_puts(EMPTY_HEAD, records)
     assert [audit_seq(k) for k, _ in pairs] == [1, 2, 3]
     prev = GENESIS_HASH
-    for key, value in pairs:
+    for (key, value), record in zip(pairs, records):
         body = value[32:]
+        assert body == canonical_body(audit_seq(key), record)
+        assert (value, value[:32]) == encode_entry(prev, audit_seq(key), record)
         assert value[:32] == hashlib.sha256(prev + body).digest()
         assert orjson.loads(body)["seq"] == audit_seq(key)
         prev = value[:32]
