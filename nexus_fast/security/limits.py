@@ -474,9 +474,21 @@ class PrincipalLimits:
             raise RateLimited("request", principal, wait)
 
     def check_bytes(self, principal: str, size: int) -> None:
-        """Spend ``size`` bytes of write budget or raise :class:`RateLimited`."""
+        """Spend ``size`` bytes of write budget or raise :class:`RateLimited`.
+
+        A write larger than ``byte_burst`` can never fit: :class:`LimitExceeded`.
+        """
         wait = self.bytes.check(principal, float(size))
         if wait:
+            if wait == math.inf:
+                # Waiting never helps; a finite hint keeps int(retry_after * 1000) safe.
+                raise LimitExceeded(
+                    f"bytes in one write ({size})",
+                    principal,
+                    int(self.bytes.burst),
+                    "principal",
+                    retry_after=60.0,
+                )
             raise RateLimited("write bytes", principal, wait)
 
     def stream(self, principal: str) -> Slot:

@@ -394,6 +394,9 @@ def test_principal_limits_raise_typed_errors() -> None:
     with pytest.raises(RateLimited) as exc:
         limits.check_bytes("op", 60)
     assert exc.value.retry_after == pytest.approx(0.2)
+    with pytest.raises(LimitExceeded, match=r"too many bytes in one write \(101\)") as big:
+        limits.check_bytes("fresh", 101)
+    assert big.value.retry_after == 60.0 and big.value.limit == 100
     with limits.stream("op"):
         with pytest.raises(LimitExceeded):
             limits.stream("op")
