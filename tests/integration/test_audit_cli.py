@@ -201,3 +201,16 @@ def test_verify_next_to_a_running_server(server: ServerProcess) -> None:
     exported = run_cli("export", "--db-path", str(server.data_dir))
     assert exported.returncode == 0 and exported.stdout == ""
     assert server.stop() == 0
+
+
+def test_falls_back_to_no_lock_when_the_lock_file_cannot_be_opened(tmp_path: Path) -> None:
+    """A copy whose lock.mdb cannot be opened (read-only media; here a directory in its
+    place, as root ignores permissions) is still verified, with a warning."""
+    db = tmp_path / "data"
+    write_changes_with_audit(db, 5)
+    (db / "lock.mdb").unlink()
+    (db / "lock.mdb").mkdir()
+    result = run_cli("verify", "--db-path", str(db))
+    assert result.returncode == 0, result.stderr
+    assert "audit chain ok: 5 entries" in result.stdout
+    assert "warning: opened without LMDB's lock file" in result.stderr
