@@ -227,8 +227,10 @@ class RateLimiter:
     def check(self, principal: str, cost: float = 1.0) -> float:
         """Spend ``cost`` units of ``principal``'s budget: ``0.0`` if allowed, else seconds to wait.
 
-        A refused check spends nothing.
+        A refused check spends nothing. A negative cost is a caller bug (it would refill).
         """
+        if cost < 0:
+            raise ValueError("cost must be >= 0")
         if not self.rate:
             return 0.0
         now = self._clock()

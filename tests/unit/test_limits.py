@@ -126,6 +126,8 @@ def test_invalid_arguments() -> None:
         RateLimiter(rate=1.0, burst=0)
     with pytest.raises(ValueError):
         RateLimiter(rate=1.0, burst=1, max_keys=0)
+    with pytest.raises(ValueError):  # a negative cost would hand out free credit
+        RateLimiter(rate=1.0, burst=1).check("a", -1.0)
 
 
 _ops = st.lists(
