@@ -8,6 +8,8 @@ the real server process over loopback.
 
 from __future__ import annotations
 
+import re
+import socket
 from collections.abc import Iterator
 
 import grpc
@@ -16,7 +18,7 @@ import pytest
 
 from nexus_fast.pb import fabric_pb2 as pb
 
-from .conftest import ServerProcess, http_get
+from .conftest import HOST, ServerProcess, http_get
 from .events_util import metric
 
 pytestmark = pytest.mark.integration
@@ -130,3 +132,55 @@ def test_thousands_of_junk_grpc_requests_leave_the_log_small(server: ServerProce
     assert grown < 2_000, grown
     assert metric(server, "nexus_bad_requests_total") == 2_500
     assert http_get(server.http_base + "/ready")[0] == 200
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def _raw_http(server: ServerProcess, data: bytes) -> bytes:
+    """Send ``data`` on a fresh connection; return everything the server answers."""
+    with socket.create_connection((HOST, server.http_port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+HTTP_JUNK = [
+    # A valid request first, then junk on the same connection (aiohttp logged these).
+    b"GET /live HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1 junk\r\n\r\n",
+    b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+    b"GET /live HTTP/1.1\r\nHost: x\r\n\r\nGET /live HTTP/1.1\r\nbad header line\r\n\r\n",
+    b"GET /live HTTP/1.1\r\nHost: x\r\n\r\nGET /live HTTP/1.1\r\nX-Big: "
+    + b"a" * 100_000
+    + b"\r\n\r\n",
+    # Junk as the very first request.
+    b"GET /live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+    b"GET /live HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+    b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\n\r\n",
+    b"GET /live HTTP/9.9\r\n\r\n",
+]
+
+
+def test_junk_http_requests_get_400_and_no_traceback(server: ServerProcess) -> None:
+    for junk in HTTP_JUNK:
+        answer = _raw_http(server, junk)
+        statuses = re.findall(rb"^HTTP/1\.[01] (\d{3}) ", answer, re.MULTILINE)
+        assert statuses and statuses[-1] == b"400", (junk[:80], answer[:500])
+    for _ in range(200):
+        assert (
+            re.findall(rb"^HTTP/1\.[01] (\d{3}) ", _raw_http(server, HTTP_JUNK[2]), re.M)[-1]
+            == b"400"
+        )
+    assert http_get(server.http_base + "/live")[0] == 200
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
+    assert len(_bad_input_warnings(server, "http")) == 1
+    assert metric(server, "nexus_bad_requests_total") >= 200 + len(HTTP_JUNK) - 1
