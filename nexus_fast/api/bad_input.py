@@ -38,9 +38,11 @@ _last: dict[str, tuple[float, int]] = {}
 def peer_host(peer: str) -> str:
     """The host part of a peer address, so all connections from one host share a limit.
 
-    Accepts gRPC peers (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``), ``host:port`` and
-    bare hosts.
+    Accepts gRPC peers (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``, ``unix:path``),
+    ``host:port`` and bare hosts.
     """
+    if peer.startswith("unix:"):
+        return peer
     for prefix in ("ipv4:", "ipv6:"):
         if peer.startswith(prefix):
             peer = peer[len(prefix) :]
