@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -17,6 +18,7 @@ import orjson
 import pytest
 
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
 from .conftest import HOST, ServerProcess, http_get
 from .events_util import metric
@@ -112,6 +114,42 @@ def test_undecodable_grpc_requests_get_invalid_argument_and_one_warning(
     assert warnings[0]["level"] == "warning", warnings
     counted = metric(server, "nexus_bad_requests_total")
     assert counted == len(methods), counted
+
+
+def test_junk_in_the_middle_of_a_connect_stream_ends_it_with_invalid_argument(
+    server: ServerProcess,
+) -> None:
+    with server.channel() as channel:
+        node = pb_grpc.NodeServiceStub(channel)
+        registered = node.Register(
+            pb.RegisterRequest(node_id="junk-node", capacity=pb.Resources(cpu=1)), timeout=10
+        )
+        hello = pb.NodeMessage(node_id="junk-node", session_epoch=registered.session_epoch)
+        sent = threading.Event()
+
+        def messages() -> Iterator[bytes]:
+            yield hello.SerializeToString()
+            yield hello.SerializeToString()
+            yield JUNK
+            sent.wait(10)  # keep the stream open: the server must end it
+
+        connect = channel.stream_stream("/nexus.fabric.v1.NodeService/Connect")
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in connect(messages(), timeout=10):
+                    pass
+        finally:
+            sent.set()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert info.value.details() == "request is not a valid nexus.fabric.v1.NodeMessage"
+        # The node can connect again with a fresh session.
+        again = node.Register(
+            pb.RegisterRequest(node_id="junk-node", capacity=pb.Resources(cpu=1)), timeout=10
+        )
+        assert again.session_epoch > registered.session_epoch
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log, log[-3000:]
+    assert len(_bad_input_warnings(server, "grpc")) == 1
 
 
 def test_thousands_of_junk_grpc_requests_leave_the_log_small(server: ServerProcess) -> None:
