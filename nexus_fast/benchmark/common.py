@@ -2,7 +2,7 @@
 
 :class:`BenchNode` is a lean node: Register, one Connect stream, heartbeats on demand, and
 commands answered at once with one NodeMessage carrying the ack and the result. It reuses
-the reference proxy's defaults (:mod:`nexus_fast.node_proxy`) but not its ``NodeSim``:
+the reference proxy's defaults (:mod:`nexus_fast.node`) but not its ``NodeSim``:
 that one coalesces replies for 2 ms, simulates execution time and de-duplicates, which is
 right for a fleet simulator and wrong for a harness that times the server.
 """
@@ -22,7 +22,7 @@ import grpc.aio
 
 from nexus_fast.benchmark.procs import Endpoints, ProcessGroup
 from nexus_fast.benchmark.report import Report
-from nexus_fast.node_proxy import DEFAULT_CAPACITY, default_channels, simulate_usage
+from nexus_fast.node import DEFAULT_CAPACITY, default_channels, simulate_usage
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 

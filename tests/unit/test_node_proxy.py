@@ -10,8 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nexus_fast import node_proxy as np_
-from nexus_fast.node_proxy import (
+from nexus_fast.node import (
     GIB,
     Action,
     DedupCache,
@@ -32,7 +31,9 @@ from nexus_fast.node_proxy import (
     parse_labels,
     parse_size,
     register_error_is_fatal,
+    sim,
     simulate_usage,
+    spec,
 )
 from nexus_fast.pb import fabric_pb2 as pb
 
@@ -87,8 +88,8 @@ def test_parse_capacity_full_and_defaults() -> None:
     partial = parse_capacity("gpu=2, memory=512MB")
     assert partial["gpu"] == 2.0
     assert partial["memory"] == 512 * 1024**2
-    assert partial["cpu"] == np_.DEFAULT_CAPACITY["cpu"]  # untouched keys keep the default
-    assert parse_capacity("") == np_.DEFAULT_CAPACITY
+    assert partial["cpu"] == spec.DEFAULT_CAPACITY["cpu"]  # untouched keys keep the default
+    assert parse_capacity("") == spec.DEFAULT_CAPACITY
 
 
 @pytest.mark.parametrize("text", ["cpu", "ram=1GB", "memory=lots", "gpu=-1", "=3"])
@@ -121,7 +122,7 @@ def test_parse_exec_duration() -> None:
 def test_parse_args_defaults() -> None:
     args = parse_args([])
     assert args.target == "127.0.0.1:50053"
-    assert len(args.node_specs) == np_.DEFAULT_NODES
+    assert len(args.node_specs) == spec.DEFAULT_NODES
     assert args.node_specs[0].node_id == "node-00000"
     assert args.duration == 0.0
     assert args.status_interval == 5.0
@@ -129,7 +130,7 @@ def test_parse_args_defaults() -> None:
     assert args.exec_duration == (0.01, 0.01)
     assert args.failure_rate == 0.0
     assert args.channels is None
-    assert args.node_specs[0].capacity == np_.DEFAULT_CAPACITY
+    assert args.node_specs[0].capacity == spec.DEFAULT_CAPACITY
 
 
 def test_parse_args_full() -> None:
@@ -385,7 +386,7 @@ def test_usage_grows_with_work_and_handles_zero_capacity() -> None:
     assert busy["cpu"] > idle["cpu"] > 0
     assert busy["memory"] > idle["memory"]
     assert busy["gpu"] == 0.0  # no GPUs: never any GPU usage
-    assert simulate_usage({}, base, 5, 5) == dict.fromkeys(np_.RESOURCE_KEYS, 0.0)
+    assert simulate_usage({}, base, 5, 5) == dict.fromkeys(spec.RESOURCE_KEYS, 0.0)
 
 
 # ---------------------------------------------------------------- status lines
@@ -398,7 +399,7 @@ def _snap(elapsed: float, **counters: int) -> StatusSnapshot:
         nodes=1000,
         connected=998,
         registered=1000,
-        counters=np_.Stats(**counters),
+        counters=sim.Stats(**counters),
     )
 
 
@@ -534,7 +535,7 @@ def test_cancel_and_failure_rate(tmp_path: Path) -> None:
         assert (result.command_id, result.success, result.error) == ("long", False, "cancelled")
         assert fleet.stats.cancelled == 1
         assert not node._running
-        fleet.exec_duration = lambda: 0.0  # type: ignore[method-assign]
+        fleet.ctx.exec_range = (0.0, 0.0)
         node.handle_control(pb.ControlMessage(commands=[_cmd("f")]))
         await asyncio.sleep(0.01)
         msg = node.build_message(heartbeat=False, all_agents=False)
@@ -589,9 +590,9 @@ def test_config_drain_and_batch_limit(tmp_path: Path) -> None:
             sizes.append(len(msg.acks))
         assert sizes == [2, 2, 1]
         node.apply_config(pb.NodeConfig(heartbeat_interval_ms=1))
-        assert node.interval_s == np_.MIN_HEARTBEAT_S
+        assert node.interval_s == sim.MIN_HEARTBEAT_S
         node.apply_config(pb.NodeConfig())  # zero = keep the current value
-        assert node.interval_s == np_.MIN_HEARTBEAT_S
+        assert node.interval_s == sim.MIN_HEARTBEAT_S
         for exe in node._running.values():
             assert exe.handle is not None
             exe.handle.cancel()

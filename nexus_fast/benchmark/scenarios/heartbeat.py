@@ -30,7 +30,7 @@ from nexus_fast.benchmark.workers import (
     split,
     tls_spec,
 )
-from nexus_fast.node_proxy import default_channels
+from nexus_fast.node import default_channels
 from nexus_fast.pb import fabric_pb2 as pb
 
 HEARTBEAT_METRIC = "nexus_node_messages_total"
