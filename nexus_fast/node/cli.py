@@ -18,7 +18,7 @@ import tomllib
 from collections.abc import Sequence
 from typing import Any
 
-from nexus_fast.node import channel
+from nexus_fast.node.channel import add_arguments, check_arguments
 from nexus_fast.node.fleet import NODES_PER_CHANNEL, Fleet
 from nexus_fast.node.policy import DEFAULT_DEDUP_SIZE
 from nexus_fast.node.sim import log
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="HTTP/2 keepalive ping interval; 0 = off (default; the server must "
         "permit pings this frequent)",
     )
-    channel.add_arguments(c)
+    add_arguments(c)
     r = p.add_argument_group("run")
     r.add_argument(
         "--duration",
@@ -210,7 +210,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.spec and args.nodes is not None:
         parser.error("--nodes cannot be combined with --spec (counts come from the spec)")
-    channel.check_arguments(parser, args)
+    check_arguments(parser, args)
     try:
         if args.spec:
             groups: list[Any] = load_spec_groups(args.spec)
