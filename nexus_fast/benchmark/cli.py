@@ -358,9 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``nexus-bench``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_worker"]:  # hidden: a client worker process (--client-procs)
-        from nexus_fast.benchmark import workers
+        from nexus_fast.benchmark import roles
 
-        return workers.main(argv[1:])
+        return roles.main(argv[1:])
     args = parse_args(argv)
     import uvloop
 

@@ -20,13 +20,13 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from nexus_fast.benchmark.base import MAX_MESSAGE
 from nexus_fast.benchmark.procs import Endpoints, ProcessGroup
 from nexus_fast.benchmark.report import Report
 from nexus_fast.node import DEFAULT_CAPACITY, default_channels, simulate_usage
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-MAX_MESSAGE = 64 * 1024 * 1024
 REGISTER_CONCURRENCY = 64
 RPC_TIMEOUT = 30.0
 

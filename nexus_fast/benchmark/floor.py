@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, start_http_server
 
-from nexus_fast.benchmark.baselines import MAX_MESSAGE, until_signal
+from nexus_fast.benchmark.base import MAX_MESSAGE, until_signal
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 

@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,41 +331,3 @@ class WorkerControl:
                 self.send(progress=value())
 
         return asyncio.ensure_future(loop())
-
-
-def _roles() -> dict[str, Callable[[dict[str, Any], WorkerControl], Awaitable[dict[str, Any]]]]:
-    from nexus_fast.benchmark.scenarios import dispatch, events, heartbeat
-
-    return {
-        "dispatch-nodes": dispatch.worker_nodes,
-        "heartbeat-ours": heartbeat.worker_ours,
-        "heartbeat-baseline": heartbeat.worker_baseline,
-        "events-subscribers": events.worker_subscribers,
-    }
-
-
-async def _amain(role: str, spec: dict[str, Any]) -> None:
-    ctl = WorkerControl()
-    await ctl.start()
-    result = await _roles()[role](spec, ctl)
-    ctl.send(result=result)
-
-
-def main(argv: Sequence[str]) -> int:
-    """``nexus-bench _worker ROLE SPEC_JSON`` (started by :class:`ClientWorkers` only)."""
-    if len(argv) != 2 or argv[0] not in _roles():
-        print("nexus-bench _worker: internal mode, started by nexus-bench", file=sys.stderr)
-        return 2
-    import uvloop
-
-    try:
-        uvloop.run(_amain(argv[0], json.loads(argv[1])))
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        if os.environ.get("NEXUS_BENCH_DEBUG"):
-            raise
-        detail = exc.details() if hasattr(exc, "details") else str(exc)
-        print(f"nexus-bench worker {argv[0]}: {type(exc).__name__}: {detail}", file=sys.stderr)
-        return 1
-    return 0
