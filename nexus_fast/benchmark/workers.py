@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,21 +90,23 @@ def aggregate(results: Sequence[dict[str, Any]]) -> Aggregate:
     return agg
 
 
-def tls_spec(args: Any) -> dict[str, str | None]:
-    """The ``--tls-*`` options a worker needs to open the same channels."""
-    return {k: getattr(args, k, None) for k in ("tls_ca", "tls_cert", "tls_key")}
-
-
 # ------------------------------------------------------------------ parent side
 
 
 class ClientWorkers:
     """K worker processes of one role, started, synchronised and collected by the parent."""
 
-    def __init__(self, group: ProcessGroup, role: str, specs: Sequence[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        group: ProcessGroup,
+        role: str,
+        specs: Sequence[dict[str, Any]],
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.group = group
         self.role = role
         self.specs = list(specs)
+        self.env = {**os.environ, **(env or {})}  # secrets go here, never into argv
         self.procs: list[subprocess.Popen[bytes]] = []
         self.progress = [0] * len(self.specs)
         self._ready: list[asyncio.Future[dict[str, Any]]] = []
@@ -132,7 +134,7 @@ class ClientWorkers:
                 json.dumps(spec),
             ]
             proc = self.group.start(
-                argv, log_name=f"worker-{self.role}-{i}", env=dict(os.environ), pipes=True
+                argv, log_name=f"worker-{self.role}-{i}", env=dict(self.env), pipes=True
             )
             self.procs.append(proc)
             ready: asyncio.Future[dict[str, Any]] = loop.create_future()
