@@ -148,13 +148,8 @@ def channel_credentials(auth: ClientAuth) -> grpc.ChannelCredentials:
     return creds
 
 
-class _TokenInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,  # type: ignore[misc]  # grpc is untyped
-    grpc.aio.UnaryStreamClientInterceptor,  # type: ignore[misc]  # grpc is untyped
-    grpc.aio.StreamUnaryClientInterceptor,  # type: ignore[misc]  # grpc is untyped
-    grpc.aio.StreamStreamClientInterceptor,  # type: ignore[misc]  # grpc is untyped
-):
-    """Adds ``authorization: Bearer <token>`` to every call on a plaintext channel."""
+class _AddToken:
+    """Adds ``authorization: Bearer <token>`` to a call's metadata (plaintext channels)."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
         self._metadata = metadata
@@ -169,21 +164,38 @@ class _TokenInterceptor(
             details.wait_for_ready,
         )
 
+
+# grpc.aio files an interceptor under the first of the four kinds it is an instance of,
+# so each kind needs its own class.
+
+
+class _UnaryUnaryToken(_AddToken, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _UnaryStreamToken(_AddToken, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
-    async def intercept_stream_unary(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(self._details(details), request_iterator)
 
-    async def intercept_stream_stream(
-        self, continuation: Any, details: Any, request_iterator: Any
-    ) -> Any:
-        return await continuation(self._details(details), request_iterator)
+class _StreamUnaryToken(_AddToken, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+class _StreamStreamToken(_AddToken, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def token_interceptors(auth: ClientAuth) -> list[Any]:
+    """The client interceptors that send ``auth``'s token on every kind of call."""
+    metadata = auth.metadata()
+    if not metadata:
+        return []
+    kinds = (_UnaryUnaryToken, _UnaryStreamToken, _StreamUnaryToken, _StreamStreamToken)
+    return [kind(metadata) for kind in kinds]
 
 
 def open_channel(
@@ -198,6 +210,6 @@ def open_channel(
         return grpc.aio.secure_channel(target, channel_credentials(auth), options=opts)
     if auth.token:
         return grpc.aio.insecure_channel(
-            target, options=opts, interceptors=[_TokenInterceptor(auth.metadata())]
+            target, options=opts, interceptors=token_interceptors(auth)
         )
     return grpc.aio.insecure_channel(target, options=opts)
