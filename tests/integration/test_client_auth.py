@@ -239,3 +239,38 @@ def test_nexus_node_without_client_certificate_cannot_register(
     assert fleet.proc.wait(30) == 0
     log = fleet.log()
     assert "Register failed (UNAVAILABLE" in log and "registered=0" in log, log
+
+
+def test_nexus_bench_websocket_subscribers_send_the_token() -> None:
+    """The events scenario's subscribers put the token in the upgrade's Authorization."""
+    from picows import WSListener, WSMsgType, ws_create_server
+
+    from nexus_fast.benchmark.scenarios.events import FanoutStats, connect_subscribers
+
+    seen: list[str | None] = []
+
+    class Peer(WSListener):  # type: ignore[misc]
+        def on_ws_frame(self, transport: Any, frame: Any) -> None:
+            if frame.msg_type == WSMsgType.TEXT:  # a subscribe op
+                transport.send(WSMsgType.TEXT, b'{"type":"subscribed"}')
+
+    def factory(request: Any) -> Peer:
+        seen.append(request.headers.get("Authorization"))
+        return Peer()
+
+    async def scenario(auth: ClientAuth) -> None:
+        server = await ws_create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{port}/v1/events"
+        try:
+            transports = await connect_subscribers(url, 3, FanoutStats(), auth=auth)
+            for transport in transports:
+                transport.disconnect()
+        finally:
+            server.close()
+
+    asyncio.run(scenario(ClientAuth(token=TOKEN)))
+    assert seen == [f"Bearer {TOKEN}"] * 3
+    seen.clear()
+    asyncio.run(scenario(ClientAuth()))
+    assert seen == [None] * 3

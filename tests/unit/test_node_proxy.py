@@ -15,6 +15,7 @@ from nexus_fast.node import (
     Action,
     DedupCache,
     Fleet,
+    NodeContext,
     NodeSim,
     StatusSnapshot,
     agent_id_from_payload,
@@ -612,5 +613,26 @@ def test_failed_write_requeues_results(tmp_path: Path) -> None:
         assert again is not None
         assert [r.command_id for r in again.results] == ["a", "b"]
         assert not again.acks  # acks of a dead stream are dropped; redelivery re-acks
+
+    asyncio.run(scenario())
+
+
+def test_node_runs_on_a_context_without_a_fleet() -> None:
+    """NodeSim needs only its NodeContext: counters, de-dup and records go through it."""
+    recorded: list[tuple[str, str, bool]] = []
+
+    def record(node_id: str, command: pb.Command, attempt: int, ok: bool, error: str) -> None:
+        recorded.append((node_id, command.id, ok))
+
+    async def scenario() -> None:
+        ctx = NodeContext(stub=lambda i: None, record=record, exec_range=(0.0, 0.0))
+        spec = build_node_specs([{"count": 1}])[0]
+        node = NodeSim(ctx, spec, 0)
+        node.handle_control(pb.ControlMessage(commands=[_cmd("x1")]))
+        await asyncio.sleep(0.01)
+        msg = node.build_message(heartbeat=False, all_agents=False)
+        assert msg is not None and [r.command_id for r in msg.results] == ["x1"]
+        assert ctx.stats.executed == 1 and len(ctx.dedup) == 1
+        assert recorded == [(spec.node_id, "x1", True)]
 
     asyncio.run(scenario())
