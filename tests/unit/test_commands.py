@@ -26,20 +26,20 @@ from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store import LmdbStore
 from nexus_fast.store.base import Delete
 
-from .fabric import (  # noqa: F401  (fast_ticks: autouse fixture)
-    NODE_TIMEOUT,
-    Fabric,
+from .fabric import (
     cancels_in,
     commands_in,
     drain,
     fabric,
-    fast_ticks,
     res,
     run,
     spec,
     until,
     wait_sent,
 )
+
+# Deadlines of 0.1-0.2 s need the 10 ms ticker (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_ticks")
 
 PENDING = pb.COMMAND_STATE_PENDING
 PLACED = pb.COMMAND_STATE_PLACED
