@@ -99,7 +99,9 @@ class ServerProcess:
                 "NEXUS_NODE_TIMEOUT": "3s",
                 "NEXUS_HEARTBEAT_INTERVAL": "0.5s",
                 "NEXUS_PRUNING_INTERVAL": "0.2s",
-                "NEXUS_SHUTDOWN_TIMEOUT": "5s",
+                # Longer than stop()'s 20 s: a server that waits out its drain instead of
+                # exiting once nothing is in flight fails the test rather than passing slowly.
+                "NEXUS_SHUTDOWN_TIMEOUT": "30s",
                 "NEXUS_DB_CACHE_SIZE": "256MB",
             }
         )
