@@ -31,7 +31,6 @@ import dataclasses
 import heapq
 import itertools
 import os
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from typing import Final
 
 from nexus_fast.clock import now_ms
 from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
+from nexus_fast.core.command_spec import MAX_PRIORITY, validate_spec
 from nexus_fast.core.command_states import (
     ACKED,
     CANCELLED,
@@ -56,9 +56,7 @@ from nexus_fast.core.dispatch import Dispatcher
 from nexus_fast.core.nodes import (
     NodeRegistry,
     Session,
-    validate_labels,
     validate_node_id,
-    validate_resources,
 )
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
@@ -91,11 +89,6 @@ __all__ = [
 
 log = get_logger("commands")
 
-MAX_PRIORITY: Final = 2
-MAX_TIMEOUT_MS: Final = 24 * 3600 * 1000
-MAX_ATTEMPTS: Final = 100
-MAX_KIND_LEN: Final = 128
-MAX_ID_LEN: Final = 128
 MAX_WAIT_IDS: Final = 10_000
 MAX_LIST_PAGE: Final = 5000
 DEFAULT_LIST_PAGE: Final = 500
@@ -103,8 +96,6 @@ DEFAULT_LIST_PAGE: Final = 500
 _LIST_SCAN_LIMIT: Final = 50_000
 _TICK: Final = 0.1
 _NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
-
-_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
 
 
 @dataclass(frozen=True)
@@ -367,30 +358,7 @@ class CommandService:
             self._validate_spec(spec, f"commands[{i}]")
 
     def _validate_spec(self, spec: pb.CommandSpec, at: str) -> None:
-        key = spec.idempotency_key
-        if key and (len(key) > MAX_ID_LEN or not _ID_RE.match(key)):
-            raise InvalidArgument(
-                f"{at}.idempotency_key",
-                f"must be 1..{MAX_ID_LEN} characters of letters, digits and . _ : / @ -",
-            )
-        if not spec.kind or len(spec.kind) > MAX_KIND_LEN:
-            raise InvalidArgument(f"{at}.kind", f"must be 1..{MAX_KIND_LEN} characters")
-        if len(spec.payload) > self.settings.max_payload_size:
-            raise InvalidArgument(
-                f"{at}.payload",
-                f"{len(spec.payload)} bytes exceeds the limit of {self.settings.max_payload_size}",
-            )
-        if spec.priority > MAX_PRIORITY:
-            raise InvalidArgument(f"{at}.priority", f"must be 0..{MAX_PRIORITY}")
-        if spec.timeout_ms > MAX_TIMEOUT_MS:
-            raise InvalidArgument(f"{at}.timeout_ms", f"must be at most {MAX_TIMEOUT_MS} (24h)")
-        if spec.max_attempts > MAX_ATTEMPTS:
-            raise InvalidArgument(f"{at}.max_attempts", f"must be at most {MAX_ATTEMPTS}")
-        placement = spec.placement
-        validate_labels(placement.label_selector, f"{at}.placement.label_selector")
-        validate_resources(placement.request, f"{at}.placement.request")
-        if placement.spread_key:
-            validate_labels({placement.spread_key: ""}, f"{at}.placement.spread_key")
+        validate_spec(spec, at, self.settings.max_payload_size)
         if spec.target_node:
             validate_node_id(spec.target_node, f"{at}.target_node")
             try:
