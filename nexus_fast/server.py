@@ -28,12 +28,13 @@ from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
+from nexus_fast.codec.json import node_to_dict
 from nexus_fast.config import Config
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService, CommandSettings
 from nexus_fast.core.events import EventBus
 from nexus_fast.core.fleet import SchedulerFeed
-from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, node_to_dict
+from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.errors import NexusError
