@@ -306,6 +306,9 @@ class RbacConfig:
     roles: tuple[RoleConfig, ...] = ()
 
 
+_DEFAULT_RBAC: Final = RbacConfig()  # frozen, so one shared default is safe
+
+
 @dataclass(frozen=True)
 class SecurityConfig:
     """[security]: TLS / mTLS, authentication and authorisation (docs/security.md).
@@ -334,7 +337,7 @@ class SecurityConfig:
     allowed_origins: tuple[str, ...] = _f((), "strlist")
     # Empty: any Host header.
     allowed_hosts: tuple[str, ...] = _f((), "strlist")
-    rbac: RbacConfig = _f(RbacConfig(), "rbac")
+    rbac: RbacConfig = _f(_DEFAULT_RBAC, "rbac")  # noqa: RUF009 (frozen dataclass)
 
     @property
     def mtls_enabled(self) -> bool:
@@ -611,7 +614,7 @@ def _parse_rbac(key: str, value: object, source: str, fail: Any) -> RbacConfig:
         if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]{0,63}", name):
             raise ConfigError(f"{where}.name", name, "a lower-case role name", source)
         if not isinstance(perms, list) or not all(
-            isinstance(p, str) and re.fullmatch(r"\*|[a-z_]+\.(\*|[a-z_]+)", p) for p in perms
+            isinstance(p, str) and re.fullmatch(r"\*|(\*|[a-z_]+)\.(\*|[a-z_]+)", p) for p in perms
         ):
             raise ConfigError(
                 f"{where}.permissions", perms, 'a list like ["node.read", "command.*"]', source
