@@ -63,6 +63,7 @@ GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
         # Load balancers and orchestrators probe without credentials (TLS still applies).
         "/grpc.health.v1.Health/Check": PUBLIC,
         "/grpc.health.v1.Health/Watch": PUBLIC,
+        "/grpc.health.v1.Health/List": "health.read",
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "reflection.read",
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": "reflection.read",
     }
