@@ -81,9 +81,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[Secu
 def _grpc_fails_handshake(
     server: SecureServer, pki: Path, cert: str | None, ca: Path | None
 ) -> None:
-    with grpc_channel(server, pki, cert, ca) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            pb_grpc.ControlServiceStub(channel).ListNodes(pb.ListNodesRequest(), timeout=5)
+    with grpc_channel(server, pki, cert, ca) as channel, pytest.raises(grpc.RpcError) as info:
+        pb_grpc.ControlServiceStub(channel).ListNodes(pb.ListNodesRequest(), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
 
 
@@ -96,9 +95,8 @@ def test_handshake_fails_on_all_three_ports(
     context = client_ssl(pki, cert, ca)
     # With TLS 1.3 the client learns of the refusal on its first read: the upgrade request
     # gets no HTTP answer at all (InvalidMessage), never a 101.
-    with pytest.raises((ssl.SSLError, ConnectionError, InvalidHandshake)):
-        with ws(server, context):
-            pass
+    with pytest.raises((ssl.SSLError, ConnectionError, InvalidHandshake)), ws(server, context):
+        pass
     with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
         http(server, "/live", context=context)
 
