@@ -18,6 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
@@ -189,6 +190,20 @@ def test_good_tokens_work_and_public_probes_need_none(
         stub = pb_grpc.ControlServiceStub(channel)
         for value in (operator, rs_viewer):
             stub.ListNodes(pb.ListNodesRequest(), metadata=bearer(value), timeout=5)
+        # Streams keep their own serializers (WatchEvents sends pre-encoded batches) and
+        # async-generator handlers (reflection) work behind the interceptor.
+        events = stub.WatchEvents(
+            pb.WatchEventsRequest(after_index=0), metadata=bearer(operator), timeout=5
+        )
+        assert next(events).events[0].type == "system.started"
+        events.cancel()
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+            metadata=bearer(rs_viewer),
+            timeout=5,
+        )
+        services = next(reflection).list_services_response.service
+        assert "nexus.fabric.v1.ControlService" in {s.name for s in services}
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(), timeout=5
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -146,3 +147,10 @@ def test_matches() -> None:
     assert matches("*.read", "agent.read") and not matches("*.read", "agent.write")
     assert not matches("node.*", "nodes.read") and not matches("node.read", "node.readx")
     assert all("." in p for p in ALL_PERMISSIONS)
+
+
+def test_docs_show_the_whole_table() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "security.md").read_text()
+    for table in (GRPC_METHODS, WS_OPS, HTTP_ROUTES):
+        for name, permission in table.items():
+            assert f"| `{name}` | `{permission}` |" in docs, name
