@@ -75,6 +75,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, authenticator: Authenticator, rbac: Rbac) -> None:
         self._auth = authenticator
         self._rbac = rbac
+        # method -> (handler from the server, the wrapped one): built once per method, so
+        # a call costs a dictionary lookup here; bounded by the methods that exist.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -85,10 +88,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler  # unknown method: UNIMPLEMENTED, as without auth
         method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
         permission = GRPC_METHODS.get(method)
-        if permission == PUBLIC:
-            return handler
-        return _wrap(handler, self._authorize(method, permission))
+        wrapped = (
+            handler if permission == PUBLIC else _wrap(handler, self._authorize(method, permission))
+        )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
     def _authorize(
         self, method: str, permission: str | None
