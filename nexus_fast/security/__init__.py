@@ -1,1 +1,0 @@
-"""Trust: identity, the permission table, roles and the port adapters (docs/security.md)."""
