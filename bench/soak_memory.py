@@ -93,7 +93,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     break
             await asyncio.sleep(0.05)
         fleet = subprocess.Popen(
-            [sys.executable, "-m", "nexus_fast.node_proxy", "--target", f"{HOST}:{grpc_port}",
+            [sys.executable, "-m", "nexus_fast.node", "--target", f"{HOST}:{grpc_port}",
              "--nodes", str(args.nodes), "--status-interval", "0", "--exec-duration", "0.01"],
             cwd=REPO, stdout=subprocess.DEVNULL,
         )  # fmt: skip

@@ -3,7 +3,7 @@
 Baselines measured in the same run: a plain Python loop over the same feature-major data
 (what the scheduler would be without numpy or Cython), and "bare numpy": the same score
 terms written directly over the same arrays with no tie-break, no weight skipping and no
-input checks (the floor a vectorised scorer of this layout can reach; issue 5's target is
+input checks (the floor a vectorised scorer of this layout can reach; the target is
 the selector within 1.5x of it at 10k). ``selector`` is ``nexus_fast.scoring.pick_best``,
 what the scheduler calls: compiled below ``CROSSOVER_NODES``, numpy at or above it.
 

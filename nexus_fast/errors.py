@@ -94,3 +94,15 @@ class SlowConsumer(NexusError):
         super().__init__(f"slow consumer; resume after index {last_index}")
         self.last_index = last_index
         self.lag = lag
+
+
+class UndecodableRequest(NexusError):
+    """The request bytes are not a valid ``message`` (protobuf that does not parse).
+
+    Raised at the API edge before any core code runs; the peer sent junk or speaks
+    another schema, so it is answered without a traceback in the log.
+    """
+
+    def __init__(self, message_name: str) -> None:
+        super().__init__(f"request is not a valid {message_name}")
+        self.message_name = message_name

@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 import nexus_fast
 from nexus_fast.about import versions
-from nexus_fast.api.grpc_api import ControlService, NodeService
+from nexus_fast.api.grpc_api import ControlService, NodeService, add_node_service
 from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
@@ -39,7 +39,6 @@ from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.errors import NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
-from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from nexus_fast.security.layer import OPEN_API_WARNING, SecurityLayer
 from nexus_fast.security.tls import server_ssl_context
 from nexus_fast.store.lmdb_store import LmdbStore
@@ -221,9 +220,7 @@ class NexusServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        pb_grpc.add_NodeServiceServicer_to_server(
-            NodeService(self.nodes, self.commands, self.agents), server
-        )
+        add_node_service(NodeService(self.nodes, self.commands, self.agents), server)
         add_control_service(
             ControlService(self.nodes, self.commands, self.agents, events=self.events), server
         )

@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 import grpc
 
 from nexus_fast import errors
-from nexus_fast.api import grpc_events
-from nexus_fast.api.status import grpc_status
+from nexus_fast.api import bad_input, grpc_events
+from nexus_fast.api.grpc_handlers import register
+from nexus_fast.api.status import grpc_status, grpc_trailers
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService
 from nexus_fast.core.events import EventBus
@@ -36,11 +37,12 @@ _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
 
 
 def _status_name(context: grpc.aio.ServicerContext) -> str:
-    code = context.code()
+    code: object = context.code()
     if code is None:
         return "OK"
     if isinstance(code, grpc.StatusCode):
-        return code.name
+        name: str = code.name
+        return name
     return str(code)
 
 
@@ -54,14 +56,17 @@ def instrumented(method: str) -> Callable[[_Handler], _Handler]:
             started = time.perf_counter()
             status = "OK"
             try:
+                if type(request) is errors.UndecodableRequest:
+                    raise request  # the strict deserializer's verdict (grpc_handlers)
                 return await handler(self, request, context)
             except errors.NexusError as exc:
                 code = grpc_status(exc)
                 status = code.name
-                if isinstance(exc, errors.ResourceExhausted):
-                    context.set_trailing_metadata(
-                        (("retry-after-ms", str(int(exc.retry_after * 1000))),)
-                    )
+                if isinstance(exc, errors.UndecodableRequest):
+                    bad_input.report("grpc", "undecodable", context.peer(), f"{method}: {exc}")
+                trailers = grpc_trailers(exc)
+                if trailers:
+                    context.set_trailing_metadata(trailers)
                 await context.abort(code, str(exc))
             except asyncio.CancelledError:
                 status = "CANCELLED"
@@ -80,6 +85,12 @@ def instrumented(method: str) -> Callable[[_Handler], _Handler]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def add_node_service(servicer: pb_grpc.NodeServiceServicer, server: Any) -> None:
+    """``add_NodeServiceServicer_to_server`` with strict request decoding (junk bytes get
+    ``INVALID_ARGUMENT``, see :mod:`.grpc_handlers`)."""
+    register(pb_grpc.add_NodeServiceServicer_to_server, servicer, server)
 
 
 class NodeService(pb_grpc.NodeServiceServicer):

@@ -11,24 +11,19 @@ Statuses: ``INVALID_ARGUMENT`` (unknown topic, bad key, index ahead of the log),
 ``OUT_OF_RANGE`` when ``after_index`` is older than retention (message names the oldest
 index; trailer ``nexus-oldest-index``), ``RESOURCE_EXHAUSTED`` for a slow consumer
 ("slow consumer; resume after index N"; trailer ``nexus-resume-after-index``),
-``UNAVAILABLE`` when the server shuts down.
+``UNAVAILABLE`` when the server shuts down: the handler raises the core errors and
+``grpc_api.instrumented`` maps them through the one table (``nexus_fast.api.status``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Final
 
 import grpc
 
-from nexus_fast.core.events import (
-    EventBus,
-    EventIndexTooOld,
-    SlowConsumer,
-    Subscription,
-    batch_bytes,
-    bookmark_bytes,
-)
+from nexus_fast.api.grpc_handlers import register
+from nexus_fast.api.status import OLDEST_INDEX_TRAILER, RESUME_AFTER_TRAILER
+from nexus_fast.core.events import EventBus, Subscription, batch_bytes, bookmark_bytes
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from nexus_fast.telemetry import metrics
@@ -47,8 +42,6 @@ MAX_BATCH_EVENTS: Final = 500
 """Most events in one EventBatch message."""
 MAX_BATCH_BYTES: Final = 1 << 20
 """Soft cap on one EventBatch (1 MiB, well under the default 4 MiB client limit)."""
-OLDEST_INDEX_TRAILER: Final = "nexus-oldest-index"
-RESUME_AFTER_TRAILER: Final = "nexus-resume-after-index"
 _METHOD: Final = "WatchEvents"
 
 
@@ -59,43 +52,15 @@ def serialize_event_batch(message: bytes | pb.EventBatch) -> bytes:
     return message.SerializeToString()  # type: ignore[union-attr]
 
 
-class _RawWatchEvents:
-    """Stands in for the server while the generated code registers ControlService,
-    swapping the WatchEvents serializer; everything else is forwarded unchanged."""
-
-    def __init__(self, server: Any) -> None:
-        self._server = server
-
-    def _patch(self, handlers: dict[str, Any]) -> dict[str, Any]:
-        handlers = dict(handlers)
-        old = handlers[_METHOD]
-        handlers[_METHOD] = grpc.unary_stream_rpc_method_handler(
-            old.unary_stream,
-            request_deserializer=old.request_deserializer,
-            response_serializer=serialize_event_batch,
-        )
-        return handlers
-
-    def add_generic_rpc_handlers(self, generic_handlers: Sequence[Any]) -> None:
-        # The generated code passes one DictionaryGenericHandler for the service.
-        patched = []
-        for handler in generic_handlers:
-            table = getattr(handler, "_method_handlers", None)
-            name = handler.service_name() if hasattr(handler, "service_name") else None
-            if isinstance(table, dict) and name:
-                prefix = f"/{name}/"
-                methods = {k.removeprefix(prefix): v for k, v in table.items()}
-                handler = grpc.method_handlers_generic_handler(name, self._patch(methods))
-            patched.append(handler)
-        self._server.add_generic_rpc_handlers(tuple(patched))
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self._server.add_registered_method_handlers(service, self._patch(handlers))
-
-
 def add_control_service(servicer: pb_grpc.ControlServiceServicer, server: Any) -> None:
-    """``add_ControlServiceServicer_to_server``, with WatchEvents sending pre-encoded bytes."""
-    pb_grpc.add_ControlServiceServicer_to_server(servicer, _RawWatchEvents(server))
+    """``add_ControlServiceServicer_to_server``, with WatchEvents sending pre-encoded bytes
+    and every method decoding its request strictly (see :mod:`.grpc_handlers`)."""
+    register(
+        pb_grpc.add_ControlServiceServicer_to_server,
+        servicer,
+        server,
+        {_METHOD: serialize_event_batch},
+    )
 
 
 async def watch_events(
@@ -103,19 +68,15 @@ async def watch_events(
 ) -> None:
     """Serve one WatchEvents stream until the client leaves or the bus closes.
 
-    Writes serialized ``EventBatch`` bytes with ``context.write``; statuses as described
-    in the module docstring. Raises core errors (``InvalidArgument``, ``Unavailable``)
-    for the caller's error mapping.
+    Writes serialized ``EventBatch`` bytes with ``context.write``. Raises core errors
+    (``InvalidArgument``, ``EventIndexTooOld``, ``SlowConsumer``, ``Unavailable``) for the
+    caller's error mapping (``nexus_fast.api.status``: statuses and trailers).
     """
     if bus is None:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "event bus not configured")
         return
     after = request.after_index if request.HasField("after_index") else None
-    try:
-        sub = bus.subscribe(request.topics, request.keys, after, transport="grpc")
-    except EventIndexTooOld as exc:
-        await _abort_too_old(context, exc)
-        return
+    sub = bus.subscribe(request.topics, request.keys, after, transport="grpc")
     metrics.GRPC_CONNECTIONS_ACTIVE.inc()
     delivered = metrics.EVENTS_DELIVERED.labels(transport="grpc")
     interval = bus.config.bookmark_interval
@@ -135,11 +96,6 @@ async def watch_events(
                     start, size = i, len(event.pb_field)
             await _write(sub, context, batch_bytes(events[start:]))
             delivered.inc(len(events))
-    except EventIndexTooOld as exc:
-        await _abort_too_old(context, exc)
-    except SlowConsumer as exc:
-        context.set_trailing_metadata(((RESUME_AFTER_TRAILER, str(exc.last_index)),))
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
     finally:
         sub.close()
         metrics.GRPC_CONNECTIONS_ACTIVE.dec()
@@ -150,8 +106,3 @@ async def _write(sub: Subscription, context: grpc.aio.ServicerContext, data: byt
     # leaves its op pending in gRPC core, and the status could then not be sent at all.
     sub.check_lag()
     await context.write(data)
-
-
-async def _abort_too_old(context: grpc.aio.ServicerContext, exc: EventIndexTooOld) -> None:
-    context.set_trailing_metadata(((OLDEST_INDEX_TRAILER, str(exc.oldest_index)),))
-    await context.abort(grpc.StatusCode.OUT_OF_RANGE, str(exc))

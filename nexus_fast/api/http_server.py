@@ -8,6 +8,7 @@ process's one event loop; no threads. It only translates: every answer comes fro
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from ssl import SSLContext
@@ -15,9 +16,13 @@ from typing import Any, Final, Protocol
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from nexus_fast.api import bad_input
+from nexus_fast.api.status import error_code, http_headers, http_status
+from nexus_fast.errors import NexusError
 from nexus_fast.telemetry import metrics
 
 __all__ = [
@@ -48,6 +53,39 @@ _DASHBOARD_CSP: Final = (
 )
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_CAMEL: Final = re.compile(r"(?<!^)(?=[A-Z])")
+
+
+class _PeerErrorLogger(logging.LoggerAdapter[logging.Logger]):
+    """Logger for aiohttp's protocol layer (``RequestHandler``).
+
+    aiohttp answers a request it cannot parse (bad request line, bad or oversize header,
+    bad Content-Length) with 400 itself, before any middleware, and logs it with a
+    traceback at ERROR. That is the peer's fault, not ours: count it and log one WARNING
+    per peer a minute (:mod:`.bad_input`). Anything else keeps its level and traceback.
+    """
+
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
+        """Bad requests are reported; real errors are logged with their traceback."""
+        if not _report_bad_request(args, kwargs):
+            kwargs.setdefault("exc_info", True)
+            super().error(msg, *args, **kwargs)
+
+    def debug(self, msg: object, *args: object, **kwargs: Any) -> None:
+        """aiohttp logs a bad method on a connection's first request at DEBUG: count it too."""
+        if not _report_bad_request(args, kwargs):
+            super().debug(msg, *args, **kwargs)
+
+
+def _report_bad_request(args: tuple[object, ...], kwargs: dict[str, Any]) -> bool:
+    exc = kwargs.get("exc_info")
+    if not isinstance(exc, HttpProcessingError):
+        return False
+    peer = str(args[0]) if args else ""
+    reason = _CAMEL.sub("_", type(exc).__name__).lower()  # a bounded set: aiohttp's classes
+    detail = (exc.message or "").strip().splitlines()
+    bad_input.report("http", reason, peer, f"{exc.code} {detail[0][:200] if detail else reason}")
+    return True
 
 
 class HttpBackend(Protocol):
@@ -76,12 +114,13 @@ class HttpBackend(Protocol):
     ) -> tuple[list[dict[str, object]], str]:
         """One page of nodes as JSON-able dicts and the next page token ("" at the end).
 
-        Raises ValueError with a client-facing message on a bad filter or token.
+        Raises ValueError with a client-facing message on a bad filter or token, or a
+        NexusError (answered through the error table, ``nexus_fast.api.status``).
         """
         ...
 
     def get_node(self, node_id: str) -> dict[str, object] | None:
-        """One node as a JSON-able dict, or None if unknown."""
+        """One node as a JSON-able dict, or None if unknown (or raises NodeNotFound)."""
         ...
 
 
@@ -223,6 +262,7 @@ class HttpServer:
             # Probes and scrapes every few seconds would drown the log; requests are counted.
             access_log=None,
             shutdown_timeout=_SHUTDOWN_TIMEOUT,
+            logger=_PeerErrorLogger(logging.getLogger("nexus.http.aiohttp"), {}),
         )
         await runner.setup()
         site = web.TCPSite(runner, self.host, self._requested_port, ssl_context=self._ssl_context)
@@ -281,6 +321,10 @@ class HttpServer:
             allow = exc.headers.get("Allow")
             if allow is not None:
                 response.headers["Allow"] = allow
+        except NexusError as exc:
+            # A core error: status and code from the one table, like gRPC and WebSocket.
+            response = _error(http_status(exc), error_code(exc), str(exc))
+            response.headers.update(http_headers(exc))
         except Exception:
             logger.exception("http handler failed: %s %s", request.method, request.path)
             response = _error(500, "internal", "internal server error")

@@ -14,39 +14,32 @@ The protocol is documented in docs/events.md.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import itertools
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import orjson
+from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import json_format
 
-from nexus_fast.api.status import error_code
+from nexus_fast import errors
+from nexus_fast.api.status import row
 from nexus_fast.api.ws_server import (
-    CLOSE_SLOW_CONSUMER,
     ERROR_BAD_REQUEST,
     ERROR_UNKNOWN_OP,
     FRAME_HEADROOM,
     Connection,
 )
-from nexus_fast.core.events import (
-    EventBus,
-    EventEnvelope,
-    EventIndexTooOld,
-    SlowConsumer,
-    Subscription,
-)
-from nexus_fast.errors import NexusError, Unavailable
+from nexus_fast.core.events import EventBus, EventEnvelope, Subscription
+from nexus_fast.errors import NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.telemetry import metrics
 
 __all__ = [
-    "ERROR_INTERNAL",
-    "ERROR_INVALID_ARGUMENT",
-    "ERROR_NOT_FOUND",
-    "ERROR_RESOURCE_EXHAUSTED",
-    "ERROR_UNAVAILABLE",
     "MAX_FRAME_BYTES",
     "MAX_FRAME_EVENTS",
     "EventStreamProtocol",
@@ -64,13 +57,6 @@ MAX_FRAME_BYTES: Final = 512 * 1024
 """Soft cap on one ``events`` frame (under the 1 MiB default of common client libraries)."""
 MAX_INFLIGHT_SUBMITS: Final = 8
 """Submits one connection may have pending at once."""
-
-# Error codes of error frames added by this layer (see also ws_server's bad_request/unknown_op).
-ERROR_INVALID_ARGUMENT: Final = "invalid_argument"
-ERROR_NOT_FOUND: Final = "not_found"
-ERROR_RESOURCE_EXHAUSTED: Final = "resource_exhausted"
-ERROR_UNAVAILABLE: Final = "unavailable"
-ERROR_INTERNAL: Final = "internal"
 
 _STATE_KEY: Final = "events"
 _EVENTS_PREFIX: Final = b'{"type":"events","subscription":'
@@ -102,6 +88,89 @@ def _reply(conn: Connection, request: dict[str, Any], frame: dict[str, Any]) -> 
 
 def _error(conn: Connection, request: dict[str, Any], code: str, message: str) -> None:
     _reply(conn, request, {"type": "error", "code": code, "message": message})
+
+
+def _fail(
+    conn: Connection, request: dict[str, Any] | None, exc: NexusError, sid: str | None = None
+) -> bool:
+    """Report a core error as the one table says: an ``error`` frame, a ``reset`` frame,
+    or closing the connection. Returns True if the connection is being closed."""
+    found = row(exc)
+    if found.ws_frame == "close" and found.ws_close is not None:
+        reason = conn.slow_consumer_reason() if isinstance(exc, errors.SlowConsumer) else str(exc)
+        conn.close(found.ws_close, reason)
+        return True
+    if found.ws_frame == "reset" and isinstance(exc, errors.EventIndexTooOld):
+        frame = _reset_frame(sid, exc)
+    else:
+        frame = {"type": "error", "code": found.code, "message": str(exc)}
+    if request is None:
+        conn.send_bytes_text(orjson.dumps(frame))
+    else:
+        _reply(conn, request, frame)
+    return False
+
+
+_URLSAFE_TO_STANDARD: Final = str.maketrans("-_", "+/")
+_BASE64_CHARS: Final = re.compile(r"[A-Za-z0-9+/\-_]*")
+
+
+def strict_b64decode(value: object) -> bytes:
+    """Decode a proto3 JSON ``bytes`` value, refusing anything that is not base64.
+
+    proto3 JSON accepts the standard and the URL-safe alphabet, padded or not (as
+    ``json_format`` does), but ``json_format`` also drops characters outside the alphabet
+    (``"!!!"`` became ``b''``). Here every character must belong to one alphabet, padding
+    (if any) must be exact, and re-encoding must give the input back (no stray bits).
+    """
+    if not isinstance(value, str):
+        raise ValueError("must be a base64 string")
+    body = value.rstrip("=")
+    if not _BASE64_CHARS.fullmatch(body):
+        raise ValueError("is not valid base64 (characters outside the alphabet)")
+    padding = len(value) - len(body)
+    missing = -len(body) % 4
+    if missing == 3:
+        raise ValueError("is not valid base64 (truncated: length is 1 more than a multiple of 4)")
+    if padding and padding != missing:
+        raise ValueError("is not valid base64 (wrong padding)")
+    if ("-" in body or "_" in body) and ("+" in body or "/" in body):
+        raise ValueError("is not valid base64 (mixes the standard and URL-safe alphabets)")
+    standard = body.translate(_URLSAFE_TO_STANDARD)
+    try:
+        data = base64.b64decode(standard + "=" * missing, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not valid base64 (characters outside the alphabet)") from None
+    if base64.b64encode(data).decode("ascii").rstrip("=") != standard:
+        raise ValueError("is not valid base64 (non-canonical: stray bits in the last character)")
+    return data
+
+
+def _check_bytes_fields(item: object, message: Any, path: str) -> None:
+    """Raise InvalidArgument naming the first ``bytes`` field that is not strict base64.
+
+    Walks the JSON object along the message descriptor (nested and repeated messages
+    too); everything else is left to ``json_format``, which names its own errors.
+    """
+    if not isinstance(item, dict):
+        return
+    for field in message.fields:
+        key = field.json_name if field.json_name in item else field.name
+        if key not in item:
+            continue
+        value = item[key]
+        where = f"{path}.{key}"
+        repeated = field.is_repeated
+        values = value if repeated and isinstance(value, list) else [value]
+        for i, one in enumerate(values):
+            at = f"{where}[{i}]" if repeated else where
+            if field.type == pb_descriptor.FieldDescriptor.TYPE_BYTES and one is not None:
+                try:
+                    strict_b64decode(one)
+                except ValueError as exc:
+                    raise errors.InvalidArgument(at, str(exc)) from None
+            elif field.message_type is not None and not field.message_type.GetOptions().map_entry:
+                _check_bytes_fields(one, field.message_type, at)
 
 
 def _string_list(value: object, name: str) -> list[str]:
@@ -166,21 +235,14 @@ class EventStreamProtocol:
             _error(conn, message, ERROR_BAD_REQUEST, str(exc))
             return
         state = self._state(conn)
-        if len(state.subs) >= self.max_subscriptions:
-            _error(
-                conn,
-                message,
-                ERROR_RESOURCE_EXHAUSTED,
-                f"at most {self.max_subscriptions} subscriptions per connection",
-            )
-            return
         try:
+            if len(state.subs) >= self.max_subscriptions:
+                raise errors.ResourceExhausted(
+                    f"at most {self.max_subscriptions} subscriptions per connection"
+                )
             sub = self.bus.subscribe(topics, keys, after, transport="websocket")
-        except EventIndexTooOld as exc:
-            _reply(conn, message, _reset_frame(None, exc))
-            return
         except NexusError as exc:
-            _error(conn, message, error_code(exc), str(exc))
+            _fail(conn, message, exc)
             return
         sid = f"s{next(state.ids)}"
         state.subs[sid] = sub
@@ -206,7 +268,7 @@ class EventStreamProtocol:
         state = self._state(conn)
         sub = state.subs.pop(sid, None)
         if sub is None:
-            _error(conn, message, ERROR_NOT_FOUND, f"no subscription {sid!r}")
+            _fail(conn, message, errors.NotFound(f"no subscription {sid!r}"))
             return
         task = state.tasks.pop(sid, None)
         if task is not None:
@@ -222,25 +284,24 @@ class EventStreamProtocol:
             )
             return
         submit = self.submit_commands
-        if submit is None:
-            _error(conn, message, ERROR_UNAVAILABLE, "command submission is not available")
-            return
         state = self._state(conn)
-        if len(state.submits) >= MAX_INFLIGHT_SUBMITS:
-            _error(
-                conn,
-                message,
-                ERROR_RESOURCE_EXHAUSTED,
-                f"at most {MAX_INFLIGHT_SUBMITS} submits in flight per connection",
-            )
-            return
         specs: list[pb.CommandSpec] = []
-        for i, item in enumerate(raw):
-            try:
-                specs.append(json_format.ParseDict(item, pb.CommandSpec()))
-            except json_format.ParseError as exc:
-                _error(conn, message, ERROR_INVALID_ARGUMENT, f"commands[{i}]: {exc}")
-                return
+        try:
+            if submit is None:
+                raise errors.Unavailable("command submission is not available")
+            if len(state.submits) >= MAX_INFLIGHT_SUBMITS:
+                raise errors.ResourceExhausted(
+                    f"at most {MAX_INFLIGHT_SUBMITS} submits in flight per connection"
+                )
+            for i, item in enumerate(raw):
+                _check_bytes_fields(item, pb.CommandSpec.DESCRIPTOR, f"commands[{i}]")
+                try:
+                    specs.append(json_format.ParseDict(item, pb.CommandSpec()))
+                except json_format.ParseError as exc:
+                    raise errors.InvalidArgument(f"commands[{i}]", str(exc)) from None
+        except NexusError as exc:
+            _fail(conn, message, exc)
+            return
         task = asyncio.get_running_loop().create_task(
             self._run_submit(conn, message, specs, submit)
         )
@@ -257,11 +318,11 @@ class EventStreamProtocol:
         try:
             response = await submit(specs)
         except NexusError as exc:
-            _error(conn, message, error_code(exc), str(exc))
+            _fail(conn, message, exc)
             return
         except Exception:
             log.exception("websocket submit failed", extra={"client": conn.id})
-            _error(conn, message, ERROR_INTERNAL, "internal error")
+            _fail(conn, message, NexusError("internal error"))
             return
         results = [
             json_format.MessageToDict(r, preserving_proto_field_name=True) for r in response.results
@@ -326,17 +387,16 @@ class EventStreamProtocol:
                     sub.sent_now()
                     continue
                 await sub.park(send, MAX_FRAME_EVENTS, interval - idle)
-        except SlowConsumer as exc:
-            log.info(
-                "closing slow websocket subscriber",
-                extra={"client": conn.id, "subscription": sid, "lag": exc.lag},
-            )
-            conn.close(CLOSE_SLOW_CONSUMER, conn.slow_consumer_reason())
-        except EventIndexTooOld as exc:
-            conn.send_bytes_text(orjson.dumps(_reset_frame(sid, exc)))
-            state.subs.pop(sid, None)
-        except Unavailable:
+        except errors.Unavailable:
             pass  # the bus closed: the server is stopping and closes the connection
+        except NexusError as exc:  # slow consumer (closes), index too old (reset frame)
+            if isinstance(exc, errors.SlowConsumer):
+                log.info(
+                    "closing slow websocket subscriber",
+                    extra={"client": conn.id, "subscription": sid, "lag": exc.lag},
+                )
+            if not _fail(conn, None, exc, sid):
+                state.subs.pop(sid, None)  # the subscription ended; the connection stays
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -358,7 +418,7 @@ class EventStreamProtocol:
             sub.close()
 
 
-def _reset_frame(sid: str | None, exc: EventIndexTooOld) -> dict[str, Any]:
+def _reset_frame(sid: str | None, exc: errors.EventIndexTooOld) -> dict[str, Any]:
     frame: dict[str, Any] = {
         "type": "reset",
         "after_index": exc.after_index,

@@ -35,6 +35,7 @@ from picows import (
     ws_create_server,
 )
 
+from nexus_fast.api import bad_input
 from nexus_fast.telemetry import metrics
 
 __all__ = [
@@ -72,7 +73,8 @@ WS_PATH: Final = "/v1/events"
 CLOSE_NORMAL: Final = 1000
 # The server is shutting down; reconnect (and resume from the last index) later.
 CLOSE_GOING_AWAY: Final = 1001
-# Broken framing (e.g. a CONTINUATION with no message started); the stream is unusable.
+# Broken framing (RSV bits set with no extension negotiated, a CONTINUATION with no
+# message started); the stream is unusable.
 CLOSE_PROTOCOL_ERROR: Final = 1002
 # Binary frames: the protocol is JSON text only, so a binary frame is a client bug.
 CLOSE_UNSUPPORTED_DATA: Final = 1003
@@ -85,7 +87,7 @@ CLOSE_INTERNAL_ERROR: Final = 1011
 # The client read too slowly: its outbound buffer filled while the socket was paused, or a
 # subscription fell events.subscriber_buffer behind; reason "slow consumer; resume after
 # index N" when the protocol layer set ``Connection.resume_hint``.
-CLOSE_SLOW_CONSUMER: Final = 4008
+CLOSE_SLOW_CONSUMER: Final = 4008  # the error table's row for SlowConsumer (api/status.py)
 FRAME_HEADROOM: Final = 14  # room for the longest WebSocket frame header (picows)
 
 # --- Error codes in ``{"type": "error", "code": ...}`` frames (connection stays open) ---
@@ -229,11 +231,6 @@ class Connection(WSListener):
         if self._writable is None:
             self._writable = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._writable)
-
-    @property
-    def buffered_bytes(self) -> int:
-        """Bytes queued here while the socket is paused."""
-        return self._pending_bytes
 
     def send_json(self, obj: object) -> bool:
         """Encode ``obj`` with orjson and send it as one text frame; see send_bytes_text."""
@@ -396,10 +393,18 @@ class Connection(WSListener):
         metrics.WEBSOCKET_MESSAGES_SENT.inc()
 
     def _on_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            # RFC 6455 5.2: RSV bits are for negotiated extensions, and we negotiate none.
+            self._protocol_error(CLOSE_PROTOCOL_ERROR, "rsv_bits", "RSV bits set")
+            return
         msg_type = frame.msg_type
         if msg_type == WSMsgType.TEXT:
             if self._fragments is not None:
-                self.close(CLOSE_PROTOCOL_ERROR, "new message before the previous one ended")
+                self._protocol_error(
+                    CLOSE_PROTOCOL_ERROR,
+                    "unfinished_message",
+                    "new message before the previous one ended",
+                )
             elif frame.fin:
                 self._on_text(frame.get_payload_as_memoryview())
             else:
@@ -408,7 +413,11 @@ class Connection(WSListener):
             fragments = self._fragments
             if fragments is None:
                 if not self._closing:
-                    self.close(CLOSE_PROTOCOL_ERROR, "continuation frame without a message")
+                    self._protocol_error(
+                        CLOSE_PROTOCOL_ERROR,
+                        "orphan_continuation",
+                        "continuation frame without a message",
+                    )
                 return
             if len(fragments) + frame.payload_size > self._server.max_message_size:
                 self.close(CLOSE_MESSAGE_TOO_BIG, "message too big")
@@ -451,7 +460,9 @@ class Connection(WSListener):
             try:
                 bytes(payload).decode("utf-8")
             except UnicodeDecodeError:
-                self.close(CLOSE_INVALID_TEXT, "invalid UTF-8 in text frame")
+                self._protocol_error(
+                    CLOSE_INVALID_TEXT, "invalid_utf8", "invalid UTF-8 in text frame"
+                )
                 return
             self._send_error(ERROR_BAD_REQUEST, f"malformed JSON: {exc}")
             return
@@ -472,6 +483,13 @@ class Connection(WSListener):
             self._send_error(ERROR_UNKNOWN_OP, f"unknown op {op!r}", message)
             return
         on_message(self, message)
+
+    def _protocol_error(self, code: int, reason: str, message: str) -> None:
+        """Close for a frame that breaks RFC 6455; counted, logged once per peer a minute."""
+        if self._closing:
+            return
+        bad_input.report("websocket", reason, self.remote, f"{message} (closing with {code})")
+        self.close(code, message)
 
     def _send_error(self, code: str, message: str, request: dict[str, Any] | None = None) -> None:
         frame: dict[str, object] = {"type": "error", "code": code, "message": message}

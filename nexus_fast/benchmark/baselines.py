@@ -21,10 +21,11 @@ from typing import Any
 
 import orjson
 
+from nexus_fast.benchmark.base import MAX_MESSAGE, until_signal
+
 ECHO_SERVICE = "nexus.bench.Echo"
 UNARY_METHOD = f"/{ECHO_SERVICE}/Unary"
 STREAM_METHOD = f"/{ECHO_SERVICE}/Stream"
-MAX_MESSAGE = 64 * 1024 * 1024
 GC_THRESHOLD = 20000  # nexus_fast's default performance.gc_threshold
 WRITE_BUFFER_HIGH = 64 * 1024  # pause broadcasting while a subscriber lags this much
 
@@ -128,14 +129,6 @@ async def serve_picows(port: int, subscribers: int, frame: bytes, duration: floa
     # subscribers, "done" included.
     await waiter
     server.close()
-
-
-async def until_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,45 +26,97 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import nexus_fast.node.channel as client_channel
 from nexus_fast.benchmark.common import Context
 from nexus_fast.benchmark.procs import BenchError, Endpoints, ProcessGroup, spawn_server
 from nexus_fast.benchmark.report import Report
 from nexus_fast.benchmark.runner import HARD_MAX_DURATION, HARD_MAX_OPS
 from nexus_fast.benchmark.workers import MAX_CLIENT_PROCS
+from nexus_fast.node.channel import ClientAuth
 
 SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro")
 NETWORK = frozenset({"heartbeat", "dispatch", "events"})
 DEFAULT_NODES = {"heartbeat": 100, "dispatch": 100, "events": 10}
 
-_EPILOG = """\
-scenarios:
-  heartbeat  N nodes stream heartbeats (back to back, or --interval/--rate); heartbeats
-             handled/s by the server. Baseline: bare grpc.aio bidi echo, same streams.
-  dispatch   SubmitCommands batches -> place -> dispatch -> node ack+result -> succeeded;
-             commands/s, latency submit->node receives, ->reply, ->final (sampled).
-             Baselines: bare grpc.aio unary echo of the same request, same concurrency/rate;
-             and the dispatch floor, a grpc.aio server with the same RPCs and no work
-             behind them, driven by the same client and fleet (ours / floor: what our
-             work costs on top of the transport).
-  events     M WebSocket subscribers (+ gRPC WatchEvents watchers) while a command load
-             runs; delivered events/s, event time->receive latency.
-             Baseline: bare picows broadcast of one of our frames to M subscribers.
-  state      LmdbStore in this process: durable commits/s per --levels, get/s.
-             Baseline: bare py-lmdb, one synced txn per put.
-  micro      ring, queue, scoring: compiled twin vs pure twin (ratio c/py).
+_SCENARIO_DOC = {
+    "heartbeat": """\
+N nodes stream heartbeats (back to back, or --interval/--rate); heartbeats handled/s by
+the server. Baseline: bare grpc.aio bidi echo, same streams.""",
+    "dispatch": """\
+SubmitCommands batches -> place -> dispatch -> node ack+result -> succeeded; commands/s,
+latency submit->node receives, ->reply, ->final (sampled).
 
+Its commands go to its own simulated nodes only: every node of the run registers with
+the label nexus-bench-run=<random> and every command selects that label, so other nodes
+of the server (a nexus-node fleet, an earlier run) never receive them.
+
+Baselines: bare grpc.aio unary echo of the same request, same concurrency/rate; and the
+dispatch floor, a grpc.aio server with the same RPCs and no work behind them, driven by
+the same client and fleet (ours / floor: what our work costs on top of the transport).""",
+    "events": """\
+M WebSocket subscribers (+ gRPC WatchEvents watchers) while a command load runs (on this
+run's own nodes, as dispatch); delivered events/s, event time->receive latency.
+Baseline: bare picows broadcast of one of our frames to M subscribers.""",
+    "state": """\
+LmdbStore in this process: durable commits/s per --levels, get/s.
+Baseline: bare py-lmdb, one synced txn per put.""",
+    "micro": "ring, queue, scoring: compiled twin vs pure twin (ratio c/py).",
+}
+
+_SUMMARY = {
+    "heartbeat": "node streams heartbeat: heartbeats handled/s",
+    "dispatch": "commands end to end, on this run's own nodes: commands/s, latency",
+    "events": "WebSocket and gRPC event fan-out under a command load",
+    "state": "LMDB store in this process: durable commits/s, get/s",
+    "micro": "hot paths: compiled twin vs pure twin",
+}
+
+_RATE_NOTE = """\
 --rate R is operations per second on a fixed timetable (dispatch/events: batches,
-heartbeat: heartbeats over all nodes); latency then counts from the intended send time.
+heartbeat: heartbeats over all nodes); latency then counts from the intended send time."""
 
-Ratios are printed raw and, for heartbeat and dispatch, per server CPU-second as well:
-when a client, not the server, sets both rates, the second still compares the servers.
+_CLIENT_PROCS_NOTE = """\
+--client-procs K runs the node streams / WebSocket subscribers in K client worker
+processes (an even split, the same for ours and the baseline; dispatch's submits,
+WaitCommands samples and unary echo baseline stay in the main process), so one client
+process no longer bounds both sides; the JSON records client_procs and each worker's CPU."""
 
---client-procs K (heartbeat, dispatch, events) runs the node streams / WebSocket
-subscribers in K client worker processes (an even split, the same for ours and the
-baseline; dispatch's submits, WaitCommands samples and unary echo baseline stay in the
-main process), so one client process no longer bounds both sides; the JSON records
-client_procs and each worker's CPU.
-"""
+_CPU_NOTE = """\
+Ratios are printed raw and per server CPU-second as well: when a client, not the server,
+sets both rates, the second still compares the servers."""
+
+_EPILOG = """\
+nexus-bench SCENARIO --help shows that scenario's options.
+
+Exit codes: 0 done and the error rate within --max-error-rate; 1 error rate exceeded or
+the run failed; 2 invalid arguments; 130 interrupted."""
+
+# What a scenario's namespace holds for the options it does not take (the checks and the
+# report read one shape of namespace for every scenario).
+_DEFAULTS: dict[str, Any] = {
+    "target": None,
+    "spawn": False,
+    "http": None,
+    "ws": None,
+    "tls_ca": None,
+    "tls_cert": None,
+    "tls_key": None,
+    "tls_server_name": None,
+    "token": None,
+    "allow_remote": False,
+    "baseline": False,
+    "count": None,
+    "rate": None,
+    "concurrency": 4,
+    "batch_size": 100,
+    "nodes": None,
+    "interval": None,
+    "subscribers": 100,
+    "watchers": 1,
+    "levels": [1, 16, 256],
+    "final_every": 20,
+    "client_procs": 1,
+}
 
 
 def _pos_int(text: str) -> int:
@@ -107,16 +159,8 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The nexus-bench argument parser."""
-    p = argparse.ArgumentParser(
-        prog="nexus-bench",
-        description="Benchmark nexus_fast end to end, side by side with a bare baseline.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("scenario", choices=SCENARIOS)
-    s = p.add_argument_group("server under test (heartbeat, dispatch, events)")
+def _server_options(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("server under test")
     where = s.add_mutually_exclusive_group()
     where.add_argument("--target", metavar="HOST:PORT", help="a running server's gRPC address")
     where.add_argument(
@@ -128,72 +172,82 @@ def build_parser() -> argparse.ArgumentParser:
         "--http", metavar="URL|PORT", help="the target's HTTP port or base URL (/metrics)"
     )
     s.add_argument("--ws", metavar="URL|PORT", help="the target's WebSocket port or base URL")
-    s.add_argument("--tls-ca", metavar="FILE", help="PEM root certificates (enables TLS on gRPC)")
-    s.add_argument("--tls-cert", metavar="FILE", help="PEM client certificate chain (mTLS)")
-    s.add_argument("--tls-key", metavar="FILE", help="PEM client private key (mTLS)")
+    client_channel.add_arguments(s)
     s.add_argument(
         "--allow-remote",
         action="store_true",
         help="allow a --target that is not a loopback address",
     )
+
+
+def _load_options(p: argparse.ArgumentParser, scenario: str) -> None:
     w = p.add_argument_group("load")
-    w.add_argument("--baseline", action="store_true", help="also measure the baseline, same run")
+    if scenario != "micro":
+        w.add_argument("--baseline", action="store_true", help="also measure the baseline")
     w.add_argument(
         "--duration",
         type=_pos_float,
         default=10.0,
         help=f"seconds of measurement (default 10, at most {HARD_MAX_DURATION:.0f})",
     )
-    w.add_argument(
-        "--count",
-        "--commands",
-        dest="count",
-        type=_pos_int,
-        default=None,
-        help="stop after this many operations (commands for dispatch/events, heartbeats)",
-    )
-    w.add_argument("--rate", type=_pos_float, default=None, help="fixed rate, operations/s")
-    w.add_argument(
-        "--concurrency", type=_pos_int, default=4, help="requests in flight, closed loop (4)"
-    )
-    w.add_argument("--batch-size", type=_pos_int, default=100, help="commands per submit (100)")
-    w.add_argument(
-        "--nodes",
-        type=_pos_int,
-        default=None,
-        help="simulated nodes (heartbeat 100, dispatch 100, events 10)",
-    )
-    w.add_argument(
-        "--interval",
-        type=_pos_float,
-        default=None,
-        help="heartbeat: seconds between heartbeats of one node (default: back to back)",
-    )
-    w.add_argument(
-        "--subscribers", type=_pos_int, default=100, help="events: WebSocket subscribers"
-    )
-    w.add_argument(
-        "--watchers", type=int, default=1, help="events: gRPC WatchEvents streams (default 1)"
-    )
-    w.add_argument(
-        "--levels",
-        type=_levels,
-        default=[1, 16, 256],
-        help="state: commits in flight, comma separated (1,16,256)",
-    )
-    w.add_argument(
-        "--final-every",
-        type=int,
-        default=20,
-        help="dispatch: time submit->final on one command of every Nth batch (20; 0 = off)",
-    )
-    w.add_argument(
-        "--client-procs",
-        type=_pos_int,
-        default=1,
-        help="heartbeat, dispatch, events: split the client load (node streams, WebSocket "
-        "subscribers) over K worker processes, ours and baseline alike (1)",
-    )
+    if scenario in NETWORK:
+        w.add_argument(
+            "--count",
+            "--commands",
+            dest="count",
+            type=_pos_int,
+            default=None,
+            help="stop after this many operations (commands for dispatch/events, heartbeats)",
+        )
+        w.add_argument("--rate", type=_pos_float, default=None, help="fixed rate, operations/s")
+        w.add_argument(
+            "--nodes",
+            type=_pos_int,
+            default=None,
+            help=f"simulated nodes of this run (default {DEFAULT_NODES[scenario]})"
+            + ("; its commands go to these only" if scenario != "heartbeat" else ""),
+        )
+        w.add_argument(
+            "--client-procs",
+            type=_pos_int,
+            default=1,
+            help="split the client load (node streams, WebSocket subscribers) over K "
+            "worker processes, ours and baseline alike (1)",
+        )
+    if scenario in ("dispatch", "events"):
+        w.add_argument(
+            "--concurrency", type=_pos_int, default=4, help="requests in flight, closed loop (4)"
+        )
+        w.add_argument("--batch-size", type=_pos_int, default=100, help="commands per submit (100)")
+    if scenario == "heartbeat":
+        w.add_argument(
+            "--interval",
+            type=_pos_float,
+            default=None,
+            help="seconds between heartbeats of one node (default: back to back)",
+        )
+    if scenario == "dispatch":
+        w.add_argument(
+            "--final-every",
+            type=int,
+            default=20,
+            help="time submit->final on one command of every Nth batch (20; 0 = off)",
+        )
+    if scenario == "events":
+        w.add_argument("--subscribers", type=_pos_int, default=100, help="WebSocket subscribers")
+        w.add_argument(
+            "--watchers", type=int, default=1, help="gRPC WatchEvents streams (default 1)"
+        )
+    if scenario == "state":
+        w.add_argument(
+            "--levels",
+            type=_levels,
+            default=[1, 16, 256],
+            help="commits in flight, comma separated (1,16,256)",
+        )
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write the machine-readable report")
     o.add_argument("--plot", metavar="FILE.png", help="draw latency percentiles (matplotlib)")
@@ -203,6 +257,39 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.01,
         help="exit 1 when errors / attempts exceed this (default 0.01)",
     )
+
+
+def _scenario_description(scenario: str) -> str:
+    notes = [_SCENARIO_DOC[scenario]]
+    if scenario in NETWORK:
+        notes += [_RATE_NOTE, _CLIENT_PROCS_NOTE]
+    if scenario in ("heartbeat", "dispatch"):
+        notes.append(_CPU_NOTE)
+    return "\n\n".join(notes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The nexus-bench argument parser: one sub-command per scenario, each with its options."""
+    p = argparse.ArgumentParser(
+        prog="nexus-bench",
+        description="Benchmark nexus_fast end to end, side by side with a bare baseline.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="scenario", required=True, metavar="SCENARIO")
+    for scenario in SCENARIOS:
+        sp = sub.add_parser(
+            scenario,
+            help=_SUMMARY[scenario],
+            description=_scenario_description(scenario),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if scenario in NETWORK:
+            _server_options(sp)
+        _load_options(sp, scenario)
+        _output_options(sp)
+        taken = {a.dest for a in sp._actions}
+        sp.set_defaults(**{k: v for k, v in _DEFAULTS.items() if k not in taken})
     return p
 
 
@@ -261,10 +348,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                 parser.error("events with --target needs --ws (the WebSocket port or URL)")
         elif args.http or args.ws:
             parser.error("--http/--ws go with --target (--spawn knows its own ports)")
-    elif args.target or args.spawn:
-        parser.error(f"{args.scenario} runs in this process; --target/--spawn do not apply")
-    if bool(args.tls_cert) != bool(args.tls_key):
-        parser.error("--tls-cert and --tls-key go together")
+    client_channel.check_arguments(parser, args)
     if args.spawn and (args.tls_ca or args.tls_cert):
         parser.error("--spawn starts a plaintext server; TLS options need --target")
     if args.duration > HARD_MAX_DURATION:
@@ -273,8 +357,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--count is at most {HARD_MAX_OPS}")
     if args.interval is not None and args.rate is not None:
         parser.error("--interval and --rate both set the heartbeat rate: give one")
-    if args.interval is not None and args.scenario != "heartbeat":
-        parser.error("--interval applies to the heartbeat scenario")
     if args.watchers < 0 or args.final_every < 0:
         parser.error("--watchers and --final-every must be >= 0")
     if args.plot:
@@ -287,8 +369,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.nodes is None:
         args.nodes = DEFAULT_NODES.get(args.scenario, 1)
     if args.client_procs > 1:
-        if args.scenario not in ("heartbeat", "dispatch", "events"):
-            parser.error("--client-procs applies to the heartbeat, dispatch and events scenarios")
         if args.client_procs > MAX_CLIENT_PROCS:
             parser.error(f"--client-procs is at most {MAX_CLIENT_PROCS}")
         nodes = args.scenario in ("heartbeat", "dispatch")
@@ -300,9 +380,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    config = {
         k: v for k, v in vars(args).items() if isinstance(v, str | int | float | bool | list | None)
     }
+    if config.get("token"):
+        config["token"] = "(set)"  # the report says a token was used, never which
+    return config
 
 
 async def _run(ctx: Context) -> None:
@@ -334,7 +417,7 @@ async def amain(args: argparse.Namespace, group: ProcessGroup) -> Report:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
-    ctx = Context(args=args, group=group, report=report, stop=stop)
+    ctx = Context(args=args, group=group, report=report, stop=stop, auth=ClientAuth.from_args(args))
     if args.scenario in NETWORK:
         if args.spawn:
             print("nexus-bench: starting the server ...", file=sys.stderr)
@@ -358,9 +441,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``nexus-bench``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["_worker"]:  # hidden: a client worker process (--client-procs)
-        from nexus_fast.benchmark import workers
+        from nexus_fast.benchmark import roles
 
-        return workers.main(argv[1:])
+        return roles.main(argv[1:])
     args = parse_args(argv)
     import uvloop
 

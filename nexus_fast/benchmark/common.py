@@ -2,7 +2,7 @@
 
 :class:`BenchNode` is a lean node: Register, one Connect stream, heartbeats on demand, and
 commands answered at once with one NodeMessage carrying the ack and the result. It reuses
-the reference proxy's defaults (:mod:`nexus_fast.node_proxy`) but not its ``NodeSim``:
+the reference proxy's defaults (:mod:`nexus_fast.node`) but not its ``NodeSim``:
 that one coalesces replies for 2 ms, simulates execution time and de-duplicates, which is
 right for a fleet simulator and wrong for a harness that times the server.
 """
@@ -12,23 +12,35 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import grpc.aio
 
+import nexus_fast.node.channel as client_channel
+from nexus_fast.benchmark.base import MAX_MESSAGE
 from nexus_fast.benchmark.procs import Endpoints, ProcessGroup
 from nexus_fast.benchmark.report import Report
-from nexus_fast.node_proxy import DEFAULT_CAPACITY, default_channels, simulate_usage
+from nexus_fast.node.channel import ClientAuth
+from nexus_fast.node.fleet import default_channels
+from nexus_fast.node.policy import simulate_usage
+from nexus_fast.node.spec import DEFAULT_CAPACITY
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-MAX_MESSAGE = 64 * 1024 * 1024
 REGISTER_CONCURRENCY = 64
 RPC_TIMEOUT = 30.0
+RUN_LABEL = "nexus-bench-run"  # every node of a run carries it; its commands select it
+
+
+def run_labels() -> dict[str, str]:
+    """``{RUN_LABEL: <random>}``: the label that makes a run's commands land on its own
+    nodes, not on other nodes of the server (another fleet, an earlier run)."""
+    return {RUN_LABEL: secrets.token_hex(6)}
 
 
 @dataclass
@@ -40,38 +52,23 @@ class Context:
     report: Report
     server: Endpoints | None = None  # None for in-process scenarios (state, micro)
     stop: asyncio.Event | None = None
+    auth: ClientAuth = field(default_factory=ClientAuth)  # --tls-* and --token
+    labels: dict[str, str] = field(default_factory=run_labels)  # this run's nodes
 
     def stopping(self) -> bool:
         """True after Ctrl-C."""
         return self.stop is not None and self.stop.is_set()
 
 
-def _read(path: str | None) -> bytes | None:
-    if not path:
-        return None
-    with open(path, "rb") as fp:
-        return fp.read()
-
-
-def open_channel(target: str, args: argparse.Namespace | None = None) -> grpc.aio.Channel:
-    """A grpc.aio channel of its own TCP connection; TLS when ``--tls-*`` is given."""
+def open_channel(target: str, auth: ClientAuth | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel of its own TCP connection; TLS and token as ``auth`` says."""
     options: list[tuple[str, Any]] = [
         ("grpc.use_local_subchannel_pool", 1),  # N channels = N connections, not one shared
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.enable_retries", 0),
     ]
-    tls_ca = getattr(args, "tls_ca", None)
-    tls_cert = getattr(args, "tls_cert", None)
-    tls_key = getattr(args, "tls_key", None)
-    if tls_ca or tls_cert:
-        creds = grpc.ssl_channel_credentials(
-            root_certificates=_read(tls_ca),
-            private_key=_read(tls_key),
-            certificate_chain=_read(tls_cert),
-        )
-        return grpc.aio.secure_channel(target, creds, options=options)
-    return grpc.aio.insecure_channel(target, options=options)
+    return client_channel.open_channel(target, auth, options)
 
 
 class BenchNode:
@@ -86,9 +83,11 @@ class BenchNode:
         node_id: str,
         stub: pb_grpc.NodeServiceStub,
         on_commands: Callable[[BenchNode, Any, float], None] | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
         self.node_id = node_id
         self.stub = stub
+        self.labels = {"bench": "1", **(labels or {})}
         self.on_commands = on_commands
         self.epoch = 0
         self.call: Any = None
@@ -106,7 +105,7 @@ class BenchNode:
             pb.RegisterRequest(
                 node_id=self.node_id,
                 address=f"bench://{self.node_id}",
-                labels={"bench": "1"},
+                labels=self.labels,
                 capacity=pb.Resources(**DEFAULT_CAPACITY),
                 version="nexus-bench",
             ),
@@ -173,23 +172,27 @@ class BenchNode:
 
 
 class NodePool:
-    """``n`` :class:`BenchNode` over ``default_channels(n)`` channels (as ``nexus-node`` does)."""
+    """``n`` :class:`BenchNode` over ``default_channels(n)`` channels (as ``nexus-node`` does).
+
+    ``labels`` go on every node (a run's :func:`run_labels`, which its commands select).
+    """
 
     def __init__(
         self,
         target: str,
         n: int,
-        args: argparse.Namespace | None,
+        auth: ClientAuth | None,
         *,
         prefix: str = "bench-",
         on_commands: Callable[[BenchNode, Any, float], None] | None = None,
         channels: int | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
-        self.channels = [open_channel(target, args) for _ in range(channels or default_channels(n))]
+        self.channels = [open_channel(target, auth) for _ in range(channels or default_channels(n))]
         stubs = [pb_grpc.NodeServiceStub(ch) for ch in self.channels]
         width = max(5, len(str(n - 1)))
         self.nodes = [
-            BenchNode(f"{prefix}{i:0{width}d}", stubs[i % len(stubs)], on_commands)
+            BenchNode(f"{prefix}{i:0{width}d}", stubs[i % len(stubs)], on_commands, labels)
             for i in range(n)
         ]
 

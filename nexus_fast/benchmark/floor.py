@@ -7,8 +7,8 @@ no durable write, no state machine, no events. What is left is the transport: on
 call per batch, one ``ControlMessage`` written to each node stream that gets a command
 (through an ``asyncio.Queue`` and a writer task, as nexus_fast does), one ``NodeMessage``
 read back. Its commands/s is the most any grpc.aio server with this message pattern can
-reach on the machine, with the same client; the unary echo x batch size (the issue's
-yardstick) leaves out the node streams.
+reach on the machine, with the same client; the unary echo x batch size (the dispatch
+target's yardstick) leaves out the node streams.
 
 Started by nexus-bench as ``python -m nexus_fast.benchmark.baselines dispatch-floor --port P
 --http-port H``.
@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from prometheus_client import Counter, start_http_server
 
-from nexus_fast.benchmark.baselines import MAX_MESSAGE, until_signal
+from nexus_fast.benchmark.base import MAX_MESSAGE, until_signal
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 

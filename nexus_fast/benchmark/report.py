@@ -60,7 +60,7 @@ class Measurement:
 
 @dataclass
 class Ratio:
-    """``value = ours / baseline`` as the issue defines it, with its target if any."""
+    """``value = ours / baseline`` as this benchmark defines it, with its target if any."""
 
     name: str
     value: float | None

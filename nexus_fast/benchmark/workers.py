@@ -29,7 +29,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,21 +90,23 @@ def aggregate(results: Sequence[dict[str, Any]]) -> Aggregate:
     return agg
 
 
-def tls_spec(args: Any) -> dict[str, str | None]:
-    """The ``--tls-*`` options a worker needs to open the same channels."""
-    return {k: getattr(args, k, None) for k in ("tls_ca", "tls_cert", "tls_key")}
-
-
 # ------------------------------------------------------------------ parent side
 
 
 class ClientWorkers:
     """K worker processes of one role, started, synchronised and collected by the parent."""
 
-    def __init__(self, group: ProcessGroup, role: str, specs: Sequence[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        group: ProcessGroup,
+        role: str,
+        specs: Sequence[dict[str, Any]],
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.group = group
         self.role = role
         self.specs = list(specs)
+        self.env = {**os.environ, **(env or {})}  # secrets go here, never into argv
         self.procs: list[subprocess.Popen[bytes]] = []
         self.progress = [0] * len(self.specs)
         self._ready: list[asyncio.Future[dict[str, Any]]] = []
@@ -132,7 +134,7 @@ class ClientWorkers:
                 json.dumps(spec),
             ]
             proc = self.group.start(
-                argv, log_name=f"worker-{self.role}-{i}", env=dict(os.environ), pipes=True
+                argv, log_name=f"worker-{self.role}-{i}", env=dict(self.env), pipes=True
             )
             self.procs.append(proc)
             ready: asyncio.Future[dict[str, Any]] = loop.create_future()
@@ -331,41 +333,3 @@ class WorkerControl:
                 self.send(progress=value())
 
         return asyncio.ensure_future(loop())
-
-
-def _roles() -> dict[str, Callable[[dict[str, Any], WorkerControl], Awaitable[dict[str, Any]]]]:
-    from nexus_fast.benchmark.scenarios import dispatch, events, heartbeat
-
-    return {
-        "dispatch-nodes": dispatch.worker_nodes,
-        "heartbeat-ours": heartbeat.worker_ours,
-        "heartbeat-baseline": heartbeat.worker_baseline,
-        "events-subscribers": events.worker_subscribers,
-    }
-
-
-async def _amain(role: str, spec: dict[str, Any]) -> None:
-    ctl = WorkerControl()
-    await ctl.start()
-    result = await _roles()[role](spec, ctl)
-    ctl.send(result=result)
-
-
-def main(argv: Sequence[str]) -> int:
-    """``nexus-bench _worker ROLE SPEC_JSON`` (started by :class:`ClientWorkers` only)."""
-    if len(argv) != 2 or argv[0] not in _roles():
-        print("nexus-bench _worker: internal mode, started by nexus-bench", file=sys.stderr)
-        return 2
-    import uvloop
-
-    try:
-        uvloop.run(_amain(argv[0], json.loads(argv[1])))
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        if os.environ.get("NEXUS_BENCH_DEBUG"):
-            raise
-        detail = exc.details() if hasattr(exc, "details") else str(exc)
-        print(f"nexus-bench worker {argv[0]}: {type(exc).__name__}: {detail}", file=sys.stderr)
-        return 1
-    return 0

@@ -208,7 +208,7 @@ class Fleet:
             [
                 sys.executable,
                 "-m",
-                "nexus_fast.node_proxy",
+                "nexus_fast.node",
                 "--target",
                 target,
                 "--nodes",

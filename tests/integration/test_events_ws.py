@@ -15,9 +15,13 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+import grpc
 import pytest
 import websockets
 from picows import WSMsgType
+
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
 from .conftest import ServerProcess, http_get, wait_for
 from .events_util import (
@@ -372,3 +376,77 @@ def test_submit_over_websocket_and_see_its_events(server_factory: type) -> None:
         await client.close()
 
     run(body())
+
+
+def test_submit_payload_must_be_strict_base64(server_factory: type) -> None:
+    """Issue 10 defect 4: "!!!" was stored as b'' (json_format drops what is not base64)."""
+    server: ServerProcess = server_factory.create().start()
+
+    async def body() -> None:
+        client = await PicowsClient.connect(ws_url(server))
+        for payload in ["!!!", "aGk=!", "aGk==", "QR", "a", "ab-/", "aG k="]:
+            client.send(
+                {
+                    "op": "submit",
+                    "id": payload,
+                    "commands": [
+                        {"idempotency_key": "b64-bad", "kind": "echo", "payload": payload}
+                    ],
+                }
+            )
+            reply = await client.rec.reply()
+            assert reply["type"] == "error" and reply["code"] == "invalid_argument", reply
+            assert reply["id"] == payload, reply
+            assert reply["message"].startswith("commands[0].payload: "), reply
+        # Both proto3 JSON alphabets, padded or not, still work.
+        for i, payload in enumerate(["aGk=", "aGk", "-_-_", "+/+/"]):
+            key = f"b64-ok-{i}"
+            client.send(
+                {
+                    "op": "submit",
+                    "commands": [{"idempotency_key": key, "kind": "echo", "payload": payload}],
+                }
+            )
+            reply = await client.rec.reply()
+            assert reply["type"] == "submitted", reply
+        await client.close()
+
+    run(body())
+    with server.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+        assert control.GetCommand(pb.GetCommandRequest(id="b64-ok-0")).spec.payload == b"hi"
+        assert control.GetCommand(pb.GetCommandRequest(id="b64-ok-1")).spec.payload == b"hi"
+        assert (
+            control.GetCommand(pb.GetCommandRequest(id="b64-ok-2")).spec.payload == b"\xfb\xff\xbf"
+        )
+        assert (
+            control.GetCommand(pb.GetCommandRequest(id="b64-ok-3")).spec.payload == b"\xfb\xff\xbf"
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            control.GetCommand(pb.GetCommandRequest(id="b64-bad"))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_frame_with_rsv_bits_closes_with_1002(server_factory: type) -> None:
+    """Issue 10 defect 4: RSV bits without a negotiated extension are a protocol error."""
+    server: ServerProcess = server_factory.create().start()
+
+    async def body() -> None:
+        for rsv in ({"rsv1": True}, {"rsv2": True}, {"rsv3": True}):
+            client = await PicowsClient.connect(ws_url(server))
+            assert client.transport is not None
+            client.transport.send(WSMsgType.TEXT, b'{"op": "ping", "id": 1}', True, **rsv)
+            code, reason = await asyncio.wait_for(client.rec.closed, 5)
+            assert (code, reason) == (1002, "RSV bits set"), rsv
+            await client.close()
+        # The same frame without RSV bits is fine.
+        client = await PicowsClient.connect(ws_url(server))
+        client.send({"op": "ping", "id": 2})
+        assert (await client.rec.reply())["type"] == "pong"
+        await client.close()
+
+    run(body())
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log
+    assert log.count("bad websocket request from 127.0.0.1") == 1, log[-3000:]
+    assert metric(server, "nexus_bad_requests_total") == 3

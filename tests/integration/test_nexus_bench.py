@@ -14,6 +14,11 @@ from typing import Any
 
 import pytest
 
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+
+from .conftest import ServerProcess, list_all_nodes, wait_for
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
@@ -166,3 +171,47 @@ def test_errors_exit_nonzero_and_cleanup(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_dispatch_target_ignores_other_nodes_of_the_server(
+    tmp_path: Path, server_factory: type, fleet_factory: type
+) -> None:
+    """A server with a foreign nexus-node fleet: the run drives only its own nodes.
+
+    Before its nodes carried a run label (and its commands selected it), most commands
+    went to the foreign nodes, which the run does not watch: 49-90% errors and exit 1.
+    """
+    server: ServerProcess = server_factory.create().start()
+    foreign = fleet_factory.create(server.grpc_target, 50, "--labels", "pool=foreign")
+    with server.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+        wait_for(
+            lambda: (
+                sum(n.connected for n in list_all_nodes(control, (pb.NODE_STATUS_READY,))) >= 50
+            ),
+            60,
+            0.2,
+            "the foreign fleet is ready",
+        )
+    _, doc = bench(
+        tmp_path,
+        "dispatch",
+        "--target",
+        server.grpc_target,
+        "--http",
+        str(server.http_port),
+        "--duration",
+        "3",
+        "--nodes",
+        "10",
+        timeout=60,
+    )
+    ours = doc["results"][0]
+    assert ours["errors"] == 0, ours
+    assert ours["count"] == ours["extra"]["submitted"] > 0
+    assert ours["extra"]["received_by_nodes"] == ours["extra"]["submitted"]
+    assert ours["extra"]["server_final_states"]["succeeded"] == ours["count"]
+    # Not one of the run's commands reached the foreign fleet.
+    assert foreign.stop() == 0
+    final = [line for line in foreign.log().splitlines() if line.startswith("final ")]
+    assert final and " cmds=0 " in final[-1], foreign.log()

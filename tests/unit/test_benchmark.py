@@ -262,6 +262,15 @@ def test_batch_encoder_matches_protobuf() -> None:
     assert {payload_stamp(c.payload) for c in parsed.commands} == {stamp}
 
 
+def test_batch_encoder_selects_the_run_label() -> None:
+    labels = {"nexus-bench-run": "a1b2c3d4e5f6"}
+    enc = BatchEncoder("b1-0000002", 3, labels)
+    raw, _ = enc.encode(5, 42)
+    assert raw == build_batch("b1-0000002", 5, 3, 42, labels).SerializeToString()
+    parsed = pb.SubmitCommandsRequest.FromString(raw)
+    assert all(dict(c.placement.label_selector) == labels for c in parsed.commands)
+
+
 def test_submit_stamp_round_trip() -> None:
     for ns in (0, 1, 987_654_321, 2**63 - 1, time.perf_counter_ns()):
         payload = stamp_payload(ns)
@@ -299,7 +308,11 @@ def test_arrival_clock_times_this_runs_first_attempts() -> None:
         (["dispatch", "--target", "nohostport"], "HOST:PORT"),
         (["dispatch", "--target", "10.1.2.3:50053"], "--allow-remote"),
         (["events", "--target", "127.0.0.1:50053"], "needs --ws"),
-        (["state", "--spawn"], "runs in this process"),
+        (["state", "--spawn"], "unrecognized arguments: --spawn"),
+        (["micro", "--nodes", "3"], "unrecognized arguments: --nodes"),
+        (["dispatch", "--spawn", "--interval", "1"], "unrecognized arguments: --interval"),
+        (["dispatch", "--target", "127.0.0.1:1", "--tls-ca", "/nonexistent.pem"], "readable"),
+        (["dispatch", "--spawn", "--token", ""], "non-empty single line"),
         (["dispatch", "--spawn", "--duration", "0"], "positive"),
         (["dispatch", "--spawn", "--duration", "601"], "at most"),
         (["dispatch", "--spawn", "--batch-size", "0"], "positive integer"),
@@ -309,7 +322,7 @@ def test_arrival_clock_times_this_runs_first_attempts() -> None:
         (["dispatch", "--spawn", "--http", "8082"], "go with --target"),
         (["state", "--levels", "1,x"], "1,16,256"),
         (["nope"], "invalid choice"),
-        (["state", "--client-procs", "2"], "heartbeat, dispatch and events"),
+        (["state", "--client-procs", "2"], "unrecognized arguments: --client-procs"),
         (["dispatch", "--spawn", "--nodes", "3", "--client-procs", "4"], "more than --nodes"),
         (["heartbeat", "--spawn", "--nodes", "3", "--client-procs", "4"], "more than --nodes"),
         (["events", "--spawn", "--subscribers", "1", "--client-procs", "2"], "--subscribers"),
@@ -340,6 +353,40 @@ def test_cli_accepts_and_fills_defaults() -> None:
     assert args.client_procs == 2 and cli._config(args)["client_procs"] == 2
     args = cli.parse_args(["dispatch", "--spawn", "--client-procs", "2"])
     assert args.client_procs == 2 and args.nodes == 100
+
+
+def test_scenario_help_shows_its_own_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(["dispatch", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "--batch-size" in text and "--final-every" in text and "--token" in text
+    assert "nexus-bench-run=<random>" in text  # says its commands go to its own nodes
+    assert "--levels" not in text and "--interval" not in text and "--subscribers" not in text
+    with pytest.raises(SystemExit):
+        cli.parse_args(["state", "--help"])
+    text = capsys.readouterr().out
+    assert "--levels" in text and "--target" not in text and "--batch-size" not in text
+
+
+def test_report_config_never_holds_the_token() -> None:
+    args = cli.parse_args(["dispatch", "--spawn", "--token", "s3cret-token"])
+    assert args.token == "s3cret-token"
+    config = cli._config(args)
+    assert config["token"] == "(set)" and "s3cret" not in repr(config)
+    assert cli._config(cli.parse_args(["state"]))["token"] is None
+
+
+def test_benchmark_output_has_no_internal_wording() -> None:
+    """Figures and help speak to users: no references to our issue tracker."""
+    import pathlib
+
+    import nexus_fast.benchmark as bench_pkg
+
+    root = pathlib.Path(bench_pkg.__file__).parent
+    for path in root.rglob("*.py"):
+        text = path.read_text().lower()
+        assert "the issue" not in text and "issue's" not in text, path
 
 
 # ------------------------------------------------------------------ client workers

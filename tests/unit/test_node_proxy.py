@@ -10,12 +10,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from nexus_fast import node_proxy as np_
-from nexus_fast.node_proxy import (
+from nexus_fast.node import (
     GIB,
     Action,
     DedupCache,
     Fleet,
+    NodeContext,
     NodeSim,
     StatusSnapshot,
     agent_id_from_payload,
@@ -32,7 +32,9 @@ from nexus_fast.node_proxy import (
     parse_labels,
     parse_size,
     register_error_is_fatal,
+    sim,
     simulate_usage,
+    spec,
 )
 from nexus_fast.pb import fabric_pb2 as pb
 
@@ -87,8 +89,8 @@ def test_parse_capacity_full_and_defaults() -> None:
     partial = parse_capacity("gpu=2, memory=512MB")
     assert partial["gpu"] == 2.0
     assert partial["memory"] == 512 * 1024**2
-    assert partial["cpu"] == np_.DEFAULT_CAPACITY["cpu"]  # untouched keys keep the default
-    assert parse_capacity("") == np_.DEFAULT_CAPACITY
+    assert partial["cpu"] == spec.DEFAULT_CAPACITY["cpu"]  # untouched keys keep the default
+    assert parse_capacity("") == spec.DEFAULT_CAPACITY
 
 
 @pytest.mark.parametrize("text", ["cpu", "ram=1GB", "memory=lots", "gpu=-1", "=3"])
@@ -121,7 +123,7 @@ def test_parse_exec_duration() -> None:
 def test_parse_args_defaults() -> None:
     args = parse_args([])
     assert args.target == "127.0.0.1:50053"
-    assert len(args.node_specs) == np_.DEFAULT_NODES
+    assert len(args.node_specs) == spec.DEFAULT_NODES
     assert args.node_specs[0].node_id == "node-00000"
     assert args.duration == 0.0
     assert args.status_interval == 5.0
@@ -129,7 +131,7 @@ def test_parse_args_defaults() -> None:
     assert args.exec_duration == (0.01, 0.01)
     assert args.failure_rate == 0.0
     assert args.channels is None
-    assert args.node_specs[0].capacity == np_.DEFAULT_CAPACITY
+    assert args.node_specs[0].capacity == spec.DEFAULT_CAPACITY
 
 
 def test_parse_args_full() -> None:
@@ -385,7 +387,7 @@ def test_usage_grows_with_work_and_handles_zero_capacity() -> None:
     assert busy["cpu"] > idle["cpu"] > 0
     assert busy["memory"] > idle["memory"]
     assert busy["gpu"] == 0.0  # no GPUs: never any GPU usage
-    assert simulate_usage({}, base, 5, 5) == dict.fromkeys(np_.RESOURCE_KEYS, 0.0)
+    assert simulate_usage({}, base, 5, 5) == dict.fromkeys(spec.RESOURCE_KEYS, 0.0)
 
 
 # ---------------------------------------------------------------- status lines
@@ -398,7 +400,7 @@ def _snap(elapsed: float, **counters: int) -> StatusSnapshot:
         nodes=1000,
         connected=998,
         registered=1000,
-        counters=np_.Stats(**counters),
+        counters=sim.Stats(**counters),
     )
 
 
@@ -534,7 +536,7 @@ def test_cancel_and_failure_rate(tmp_path: Path) -> None:
         assert (result.command_id, result.success, result.error) == ("long", False, "cancelled")
         assert fleet.stats.cancelled == 1
         assert not node._running
-        fleet.exec_duration = lambda: 0.0  # type: ignore[method-assign]
+        fleet.ctx.exec_range = (0.0, 0.0)
         node.handle_control(pb.ControlMessage(commands=[_cmd("f")]))
         await asyncio.sleep(0.01)
         msg = node.build_message(heartbeat=False, all_agents=False)
@@ -589,9 +591,9 @@ def test_config_drain_and_batch_limit(tmp_path: Path) -> None:
             sizes.append(len(msg.acks))
         assert sizes == [2, 2, 1]
         node.apply_config(pb.NodeConfig(heartbeat_interval_ms=1))
-        assert node.interval_s == np_.MIN_HEARTBEAT_S
+        assert node.interval_s == sim.MIN_HEARTBEAT_S
         node.apply_config(pb.NodeConfig())  # zero = keep the current value
-        assert node.interval_s == np_.MIN_HEARTBEAT_S
+        assert node.interval_s == sim.MIN_HEARTBEAT_S
         for exe in node._running.values():
             assert exe.handle is not None
             exe.handle.cancel()
@@ -611,5 +613,26 @@ def test_failed_write_requeues_results(tmp_path: Path) -> None:
         assert again is not None
         assert [r.command_id for r in again.results] == ["a", "b"]
         assert not again.acks  # acks of a dead stream are dropped; redelivery re-acks
+
+    asyncio.run(scenario())
+
+
+def test_node_runs_on_a_context_without_a_fleet() -> None:
+    """NodeSim needs only its NodeContext: counters, de-dup and records go through it."""
+    recorded: list[tuple[str, str, bool]] = []
+
+    def record(node_id: str, command: pb.Command, attempt: int, ok: bool, error: str) -> None:
+        recorded.append((node_id, command.id, ok))
+
+    async def scenario() -> None:
+        ctx = NodeContext(stub=lambda i: None, record=record, exec_range=(0.0, 0.0))
+        spec = build_node_specs([{"count": 1}])[0]
+        node = NodeSim(ctx, spec, 0)
+        node.handle_control(pb.ControlMessage(commands=[_cmd("x1")]))
+        await asyncio.sleep(0.01)
+        msg = node.build_message(heartbeat=False, all_agents=False)
+        assert msg is not None and [r.command_id for r in msg.results] == ["x1"]
+        assert ctx.stats.executed == 1 and len(ctx.dedup) == 1
+        assert recorded == [(spec.node_id, "x1", True)]
 
     asyncio.run(scenario())

@@ -1,7 +1,9 @@
 """``dispatch``: end to end. Submit batches -> place -> dispatch -> node ack+result -> final.
 
 Each operation is one ``SubmitCommands`` of ``--batch-size`` commands placed by the
-scheduler (no target node). Command ids are client idempotency keys, so the submit time
+scheduler (no target node) on this run's own nodes: every node registers with the label
+``nexus-bench-run=<random>`` and every command selects it, so other nodes of the server
+(a ``nexus-node`` fleet, an earlier run) never receive them. Command ids are client idempotency keys, so the submit time
 of every command is known before the reply; every command's payload also carries its
 submit time (``perf_counter`` in ns, see :func:`stamp_payload`). The simulated nodes
 note when each command arrives and answer at once with ack + success in one message.
@@ -19,13 +21,12 @@ bare grpc.aio unary echo of the same request bytes at the same concurrency (or r
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -56,8 +57,8 @@ from nexus_fast.benchmark.workers import (
     WorkerControl,
     aggregate,
     split,
-    tls_spec,
 )
+from nexus_fast.node.channel import ClientAuth
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -90,15 +91,26 @@ def payload_stamp(payload: bytes) -> int | None:
     return int(digits) if digits.isdigit() else None
 
 
-def build_batch(prefix: str, first: int, size: int, submit_ns: int = 0) -> pb.SubmitCommandsRequest:
-    """A batch of ``size`` scheduler-placed commands with ids ``prefix-first..`` (reference)."""
+def build_batch(
+    prefix: str,
+    first: int,
+    size: int,
+    submit_ns: int = 0,
+    selector: Mapping[str, str] | None = None,
+) -> pb.SubmitCommandsRequest:
+    """A batch of ``size`` scheduler-placed commands with ids ``prefix-first..`` (reference).
+
+    ``selector``: labels a node must carry to be chosen (the run's own nodes).
+    """
     return pb.SubmitCommandsRequest(
         commands=[
             pb.CommandSpec(
                 idempotency_key=f"{prefix}-{first + i:0{KEY_DIGITS}d}",
                 kind="bench.noop",
                 payload=stamp_payload(submit_ns),
-                placement=pb.Placement(request=pb.Resources(cpu=0.001)),
+                placement=pb.Placement(
+                    label_selector=selector or {}, request=pb.Resources(cpu=0.001)
+                ),
             )
             for i in range(size)
         ]
@@ -114,16 +126,17 @@ class BatchEncoder:
     their limit rather than at the client's.
     """
 
-    def __init__(self, prefix: str, size: int) -> None:
+    def __init__(self, prefix: str, size: int, selector: Mapping[str, str] | None = None) -> None:
         self.prefix = prefix
         self.size = size
         marker = b"#" * (len(prefix) + 1 + KEY_DIGITS)
         payload_marker = b"~" * PAYLOAD_SIZE
-        one = build_batch("", 0, 1).commands[0]
+        one = build_batch("", 0, 1, 0, selector).commands[0]
         one.idempotency_key = marker.decode()
         one.payload = payload_marker
         spec = pb.SubmitCommandsRequest(commands=[one]).SerializeToString()
-        # The id (field 1) is serialized before the payload (field 3).
+        # The id (field 1) is serialized before the payload (field 3), the placement
+        # (field 5, with the selector) after both: it stays in the constant tail.
         head, _, rest = spec.partition(marker)
         mid, _, tail = rest.partition(payload_marker)
         self.head = head
@@ -155,7 +168,7 @@ class DispatchLoad:
         self.submit_raw = channel.unary_unary(SUBMIT_METHOD)
         self.batch = ctx.args.batch_size
         self.prefix = f"b{os.getpid()}-{int(time.time() * 1000) % 10_000_000:07d}"
-        self.encoder = BatchEncoder(self.prefix, self.batch)
+        self.encoder = BatchEncoder(self.prefix, self.batch, ctx.labels)
         self.next_id = 0
         self.submitted_at: dict[str, float] = {}
         self.recv = LatencyHistogram()
@@ -239,16 +252,23 @@ async def measure_ours(ctx: Context) -> Measurement:
     args = ctx.args
     server = ctx.server
     assert server is not None
-    channel = open_channel(server.grpc, args)
+    channel = open_channel(server.grpc, ctx.auth)
     load = DispatchLoad(ctx, channel, final_every=args.final_every)
     workers: ClientWorkers | None = None
     pool: NodePool | None = None
     agg: Aggregate | None = None
     if args.client_procs > 1:
         specs = _node_specs(ctx, server.grpc, load.prefix)
-        workers = ClientWorkers(ctx.group, "dispatch-nodes", specs)
+        workers = ClientWorkers(ctx.group, "dispatch-nodes", specs, env=ctx.auth.env())
     else:
-        pool = NodePool(server.grpc, args.nodes, args, prefix="dp-", on_commands=load.on_commands)
+        pool = NodePool(
+            server.grpc,
+            args.nodes,
+            ctx.auth,
+            prefix="dp-",
+            on_commands=load.on_commands,
+            labels=ctx.labels,
+        )
     hb_stop = asyncio.Event()
     beats: asyncio.Future[None] | None = None
     progress: Progress | None = None
@@ -383,7 +403,8 @@ def _node_specs(ctx: Context, target: str, prefix: str) -> list[dict[str, Any]]:
             "nodes": n,
             "prefix": prefix,
             "duration": bound,
-            "tls": tls_spec(args),
+            "auth": ctx.auth.to_dict(),
+            "labels": ctx.labels,
         }
         for w, (offset, n) in enumerate(split(args.nodes, args.client_procs))
     ]
@@ -441,9 +462,10 @@ async def worker_nodes(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, An
     pool = NodePool(
         spec["target"],
         spec["nodes"],
-        argparse.Namespace(**spec["tls"]),
+        ClientAuth.from_dict(spec["auth"]),
         prefix=f"dp-{spec['worker']}-",
         on_commands=clock.on_commands,
+        labels=spec["labels"],
     )
     hb_stop = asyncio.Event()
     beats: asyncio.Future[None] | None = None
@@ -491,8 +513,8 @@ async def measure_baseline(ctx: Context) -> Measurement:
     echo = channel.unary_unary(UNARY_METHOD)  # raw bytes both ways, as ours
     hist = LatencyHistogram()
     counter = [0, 0]
-    encoder = BatchEncoder(
-        f"e{os.getpid()}-{int(time.time() * 1000) % 10_000_000:07d}", args.batch_size
+    encoder = BatchEncoder(  # the same request bytes as ours, selector included
+        f"e{os.getpid()}-{int(time.time() * 1000) % 10_000_000:07d}", args.batch_size, ctx.labels
     )
 
     async def op(intended: float) -> None:
@@ -548,9 +570,7 @@ async def measure_baseline(ctx: Context) -> Measurement:
 async def measure_floor(ctx: Context) -> Measurement:
     """The same client, fleet and load against the dispatch floor server (plaintext)."""
     floor = spawn_baseline(ctx.group, "dispatch-floor")
-    no_tls = {"tls_ca": None, "tls_cert": None, "tls_key": None}
-    plain = argparse.Namespace(**{**vars(ctx.args), **no_tls})
-    m = await measure_ours(dataclasses.replace(ctx, server=floor, args=plain))
+    m = await measure_ours(dataclasses.replace(ctx, server=floor, auth=ctx.auth.plaintext()))
     m.name = "dispatch floor: same RPCs, no work"
     return m
 
@@ -584,13 +604,11 @@ async def run(ctx: Context) -> None:
             ratio(ours.throughput, floor.throughput),
             f"{ours.throughput:,.0f} cmd/s / {floor.throughput:,.0f} cmd/s through the same "
             "RPCs with no work behind them (the most grpc.aio carries here)"
-            + (" (fixed rate: both carry the offered load; use closed loop)" if args.rate else ""),
-            "none in the issue: what our work costs on top of the transport",
+            + (" (fixed rate: both carry the offered load; use closed loop)" if args.rate else "")
+            + "; what our work costs on top of the transport",
         )
     )
-    ctx.report.ratios.append(
-        cpu_ratio("commands / floor commands", ours, floor, "none in the issue")
-    )
+    ctx.report.ratios.append(cpu_ratio("commands / floor commands", ours, floor, ""))
     p99_ours = ours.latency["submit->node recv"].get("p99_ms")
     p99_base = base.latency["echo round trip"].get("p99_ms")
     ctx.report.ratios.append(

@@ -31,6 +31,7 @@ from nexus_fast.benchmark.workers import (
     aggregate,
     split,
 )
+from nexus_fast.node.channel import ClientAuth
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -96,19 +97,31 @@ def make_listener(stats: FanoutStats, sample: bool, keep: bool) -> Any:
     return Subscriber
 
 
-async def connect_subscribers(url: str, m: int, stats: FanoutStats, first: int = 0) -> list[Any]:
+async def connect_subscribers(
+    url: str, m: int, stats: FanoutStats, first: int = 0, auth: ClientAuth | None = None
+) -> list[Any]:
     """Open ``m`` WebSocket connections to ``url`` and subscribe each to every topic.
 
     ``first``: global index of the first one (a worker's share): every tenth global index
-    samples latency, index 0 keeps frames.
+    samples latency, index 0 keeps frames. ``auth``: its token goes in the upgrade's
+    ``Authorization`` header; its TLS files verify a ``wss://`` server (and identify us).
     """
     from picows import WSMsgType, ws_connect
 
+    auth = auth or ClientAuth()
+    headers = auth.http_headers()
+    ssl_context = auth.ssl_context() if url.startswith("wss:") else None
     stats.expected = m
     transports = []
     for i in range(first, first + m):
         listener = make_listener(stats, i % SAMPLE_EVERY == 0, i == 0)
-        transport, _ = await ws_connect(listener, url, max_frame_size=64 * 1024 * 1024)
+        transport, _ = await ws_connect(
+            listener,
+            url,
+            max_frame_size=64 * 1024 * 1024,
+            extra_headers=headers,
+            ssl_context=ssl_context,
+        )
         transports.append(transport)
     for i, transport in enumerate(transports, first):
         transport.send(WSMsgType.TEXT, orjson.dumps({"op": "subscribe", "id": i}))
@@ -148,10 +161,17 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
     ws_url = server.ws.rstrip("/") + (
         "" if server.ws.rstrip("/").endswith("/v1/events") else "/v1/events"
     )
-    channel = open_channel(server.grpc, args)
+    channel = open_channel(server.grpc, ctx.auth)
     control = pb_grpc.ControlServiceStub(channel)
     load = DispatchLoad(ctx, channel, final_every=0)
-    pool = NodePool(server.grpc, args.nodes, args, prefix="ev-", on_commands=load.on_commands)
+    pool = NodePool(
+        server.grpc,
+        args.nodes,
+        ctx.auth,
+        prefix="ev-",
+        on_commands=load.on_commands,
+        labels=ctx.labels,
+    )
     await pool.start()
     ws = FanoutStats()
     k = args.client_procs
@@ -162,7 +182,7 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
         await workers.start()
         await workers.ready()
     else:
-        transports = await connect_subscribers(ws_url, args.subscribers, ws)
+        transports = await connect_subscribers(ws_url, args.subscribers, ws, auth=ctx.auth)
     grpc_stats = FanoutStats()
     watch_stop = asyncio.Event()
     watchers = [
@@ -353,10 +373,12 @@ def _subscriber_workers(ctx: Context, url: str, mode: str) -> ClientWorkers:
             "first": first,
             "subscribers": m,
             "duration": min(args.duration, HARD_MAX_DURATION),
+            "auth": (ctx.auth if mode == "ours" else ClientAuth()).to_dict(),
         }
         for first, m in split(args.subscribers, args.client_procs)
     ]
-    return ClientWorkers(ctx.group, "events-subscribers", specs)
+    env = ctx.auth.env() if mode == "ours" else {}
+    return ClientWorkers(ctx.group, "events-subscribers", specs, env=env)
 
 
 async def worker_subscribers(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any]:
@@ -368,7 +390,10 @@ async def worker_subscribers(spec: dict[str, Any], ctl: WorkerControl) -> dict[s
     """
     stats = FanoutStats()
     keep = spec["first"] == 0
-    transports = await connect_subscribers(spec["url"], spec["subscribers"], stats, spec["first"])
+    auth = ClientAuth.from_dict(spec.get("auth"))
+    transports = await connect_subscribers(
+        spec["url"], spec["subscribers"], stats, spec["first"], auth
+    )
     progress: asyncio.Task[None] | None = None
     try:
         ctl.send(ready={})

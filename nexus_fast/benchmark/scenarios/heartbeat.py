@@ -9,7 +9,6 @@ flow control (the server does not answer heartbeats); the baseline's is the echo
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import contextlib
@@ -28,9 +27,9 @@ from nexus_fast.benchmark.workers import (
     WorkerControl,
     aggregate,
     split,
-    tls_spec,
 )
-from nexus_fast.node_proxy import default_channels
+from nexus_fast.node.channel import ClientAuth
+from nexus_fast.node.fleet import default_channels
 from nexus_fast.pb import fabric_pb2 as pb
 
 HEARTBEAT_METRIC = "nexus_node_messages_total"
@@ -41,7 +40,7 @@ def send_interval(args: Any) -> float:
     if args.interval:
         return float(args.interval)
     if args.rate:
-        return args.nodes / float(args.rate)
+        return float(args.nodes) / float(args.rate)
     return 0.0
 
 
@@ -102,7 +101,7 @@ async def measure_ours(ctx: Context) -> Measurement:
     args = ctx.args
     server = ctx.server
     assert server is not None
-    pool = NodePool(server.grpc, args.nodes, args, prefix="hb-")
+    pool = NodePool(server.grpc, args.nodes, ctx.auth, prefix="hb-", labels=ctx.labels)
     t_reg = time.perf_counter()
     await pool.start()
     reg_s = time.perf_counter() - t_reg
@@ -301,7 +300,8 @@ def _worker_specs(ctx: Context, target: str) -> list[dict[str, Any]]:
             "interval": send_interval(args),
             "count": max(1, counts[w]) if args.count else 0,
             "duration": min(args.duration, HARD_MAX_DURATION),
-            "tls": tls_spec(args),
+            "auth": ctx.auth.to_dict(),
+            "labels": ctx.labels,
         }
         for w, (offset, n) in enumerate(split(args.nodes, k))
     ]
@@ -312,8 +312,9 @@ async def worker_ours(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any
     pool = NodePool(
         spec["target"],
         spec["nodes"],
-        argparse.Namespace(**spec["tls"]),
+        ClientAuth.from_dict(spec["auth"]),
         prefix=f"hb-{spec['worker']}-",
+        labels=spec["labels"],
     )
     t_reg = time.perf_counter()
     try:
@@ -427,7 +428,9 @@ async def measure_ours_procs(ctx: Context) -> Measurement:
     args = ctx.args
     server = ctx.server
     assert server is not None
-    workers = ClientWorkers(ctx.group, "heartbeat-ours", _worker_specs(ctx, server.grpc))
+    workers = ClientWorkers(
+        ctx.group, "heartbeat-ours", _worker_specs(ctx, server.grpc), env=ctx.auth.env()
+    )
 
     def snapshot() -> tuple[dict[str, float] | None, float | None]:
         return server.metrics(), server.cpu_seconds()

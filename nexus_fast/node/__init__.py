@@ -1,0 +1,68 @@
+"""nexus-node, the reference node proxy: a fleet of simulated nodes for a nexus_fast server.
+
+Layout, from the bottom up: ``spec`` (parsing, node specs, spec files), ``policy`` (a
+node's pure decisions: backoff, stream-end actions, de-dup, usage), ``channel`` (TLS and
+token client connections, shared with nexus-bench), ``sim`` (one node and its narrow
+``NodeContext``), ``fleet`` (channels, counters, status, shutdown), ``cli`` (``nexus-node``).
+"""
+
+from nexus_fast.node.channel import ClientAuth, open_channel
+from nexus_fast.node.cli import build_parser, main, parse_args, run_fleet
+from nexus_fast.node.fleet import Fleet, StatusSnapshot, default_channels, format_status
+from nexus_fast.node.policy import (
+    Action,
+    DedupCache,
+    agent_id_from_payload,
+    backoff_delay,
+    classify_stream_end,
+    jittered,
+    register_error_is_fatal,
+    simulate_usage,
+)
+from nexus_fast.node.sim import NodeContext, NodeSim, Stats
+from nexus_fast.node.spec import (
+    DEFAULT_CAPACITY,
+    GIB,
+    RESOURCE_KEYS,
+    NodeSpec,
+    build_node_specs,
+    parse_capacity,
+    parse_cpu,
+    parse_exec_duration,
+    parse_labels,
+    parse_size,
+)
+
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "GIB",
+    "RESOURCE_KEYS",
+    "Action",
+    "ClientAuth",
+    "DedupCache",
+    "Fleet",
+    "NodeContext",
+    "NodeSim",
+    "NodeSpec",
+    "Stats",
+    "StatusSnapshot",
+    "agent_id_from_payload",
+    "backoff_delay",
+    "build_node_specs",
+    "build_parser",
+    "classify_stream_end",
+    "default_channels",
+    "format_status",
+    "jittered",
+    "main",
+    "open_channel",
+    "parse_args",
+    "parse_capacity",
+    "parse_cpu",
+    "parse_exec_duration",
+    "parse_labels",
+    "parse_size",
+    "register_error_is_fatal",
+    "run_fleet",
+    "simulate_usage",
+]
