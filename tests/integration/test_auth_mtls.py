@@ -30,8 +30,9 @@ from .auth_util import (
     ws,
     ws_op,
 )
+from .conftest import wait_for
 
-PRINCIPALS = ("--node", "node-a", "node-b", "--operator", "alice", "--viewer", "bob",
+PRINCIPALS = ("--node", "node-a", "node-b", "node-00000", "--operator", "alice", "--viewer", "bob",
               "--admin", "root")  # fmt: skip
 
 
@@ -166,3 +167,60 @@ def test_node_certificate_acts_only_as_its_node(server: SecureServer, pki: Path)
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.ControlServiceStub(channel).ListNodes(pb.ListNodesRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def _run_one(stub: pb_grpc.ControlServiceStub, node_id: str) -> pb.CommandRecord:
+    reply = stub.SubmitCommands(
+        pb.SubmitCommandsRequest(commands=[pb.CommandSpec(kind="echo", target_node=node_id)]),
+        timeout=5,
+    )
+    ids = [r.id for r in reply.results]
+    records = list(
+        stub.WaitCommands(pb.WaitCommandsRequest(ids=ids, timeout_ms=15_000), timeout=20)
+    )
+    assert len(records) == 1
+    return records[0]
+
+
+def test_real_node_over_mtls_keeps_its_stream_against_another_principal(
+    server: SecureServer, pki: Path, fleet_factory: type
+) -> None:
+    """nexus-node with its own node certificate runs commands; node-a's certificate,
+    presenting node-00000's id and its public session epoch, is refused and changes nothing."""
+    fleet = fleet_factory.create(
+        server.grpc_target, 1,
+        "--tls-ca", str(pki / "ca.pem"),
+        "--tls-cert", str(pki / "node-node-00000.pem"),
+        "--tls-key", str(pki / "node-node-00000-key.pem"),
+    )  # fmt: skip
+    with grpc_channel(server, pki, "operator-alice") as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+
+        def ready() -> bool:
+            try:
+                node = control.GetNode(pb.GetNodeRequest(node_id="node-00000"), timeout=5)
+            except grpc.RpcError:
+                return False
+            return node.status == pb.NODE_STATUS_READY
+
+        wait_for(ready, 20, message=f"node-00000 ready:\n{fleet.log()}\n{server.log()}")
+        assert _run_one(control, "node-00000").state == pb.COMMAND_STATE_SUCCEEDED
+        epoch = control.GetNode(pb.GetNodeRequest(node_id="node-00000"), timeout=5).session_epoch
+        with grpc_channel(server, pki, "node-node-a") as intruder:
+            stub = pb_grpc.NodeServiceStub(intruder)
+            first = pb.NodeMessage(
+                node_id="node-00000", session_epoch=epoch, heartbeat=pb.Heartbeat()
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stub.Connect(iter([first]), timeout=5):
+                    pass
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Register(
+                    pb.RegisterRequest(node_id="node-00000", address="6.6.6.6:1"), timeout=5
+                )
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        node = control.GetNode(pb.GetNodeRequest(node_id="node-00000"), timeout=5)
+        assert node.session_epoch == epoch and node.status == pb.NODE_STATUS_READY
+        assert _run_one(control, "node-00000").state == pb.COMMAND_STATE_SUCCEEDED
+    assert fleet.proc.poll() is None, fleet.log()
