@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import InvalidMessage, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from .conftest import HOST, REPO, ServerProcess
@@ -140,19 +140,28 @@ def ws(
         ssl=context,
         additional_headers=headers,
         origin=origin,  # type: ignore[arg-type]
-        open_timeout=5,
+        open_timeout=15,  # shared CI machines: TLS handshakes can queue for seconds
     ) as conn:
         yield conn
 
 
 def ws_refused(server: ServerProcess, context: ssl.SSLContext, **kw: Any) -> int:
-    """The HTTP status of a refused upgrade (fails the test if it is accepted)."""
-    try:
-        with ws(server, context, **kw):
-            pass
-    except InvalidStatus as exc:
-        return exc.response.status_code
-    raise AssertionError("the WebSocket upgrade was accepted")
+    """The HTTP status of a refused upgrade (fails the test if it is accepted).
+
+    Rarely (about 1 in a few hundred here) a refused upgrade over TLS reaches the client as
+    a closed connection without the response (picows closes right after writing it); that
+    is retried, a 101 never is.
+    """
+    for _ in range(3):
+        try:
+            with ws(server, context, **kw):
+                pass
+        except InvalidStatus as exc:
+            return exc.response.status_code
+        except InvalidMessage:
+            continue
+        raise AssertionError("the WebSocket upgrade was accepted")
+    raise AssertionError("three refused upgrades got no HTTP response")
 
 
 def ws_op(conn: ClientConnection, message: dict[str, Any]) -> dict[str, Any]:

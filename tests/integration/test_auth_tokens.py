@@ -177,8 +177,17 @@ def test_refusals_name_the_reason(
             with pytest.raises(grpc.RpcError) as info:
                 stub.ListNodes(pb.ListNodesRequest(), metadata=bearer(bad[case]), timeout=5)
             assert words in (info.value.details() or ""), (case, info.value.details())
-    # The token is never written to the log.
-    assert bad["expired"] not in server.log_path.read_text()
+    # Tokens are never written to the log, not even from a refused upgrade's query string.
+    secret = (pki / "jwt.secret").read_bytes().strip()
+    marked = jwt.encode(_claims(sub="log-canary", exp=int(time.time()) - 60), secret)
+    assert ws_refused(server, client_ssl(pki), query=f"?access_token={marked}") == 401
+    with grpc_channel(server, pki) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.ControlServiceStub(channel).ListNodes(
+            pb.ListNodesRequest(), metadata=bearer(marked), timeout=5
+        )
+    assert http(server, "/api/v1/nodes", {"Authorization": f"Bearer {marked}"})[0] == 401
+    log = server.log_path.read_text()
+    assert marked not in log and marked.split(".")[1] not in log
 
 
 def test_good_tokens_work_and_public_probes_need_none(
