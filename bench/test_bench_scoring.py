@@ -96,15 +96,15 @@ def test_score_one_placement(benchmark: Any, load_twin: Any, impl: str, n: int) 
         assert bare_numpy(feat, n, mask, hb, t_max) >= 0
         benchmark(bare_numpy, feat, n, mask, hb, t_max)
         return
-    if impl == "selector":
-        pick = scoring.pick_best
-    else:
-        pick = load_twin("scoring", "c" if impl == "c" else "py").pick_best
+    twin = scoring if impl == "selector" else load_twin("scoring", "c" if impl == "c" else "py")
+    pick, query = twin.pick_best, twin.Query
     rand = random.Random(1)
-    args = (feat, n, mask, None, 0.0, hb, NOW, TIMEOUT, t_max, *REQ, *W)
 
     def run() -> int:
-        return int(pick(*args, rand.getrandbits(62)))
+        # One Query per placement, as the scheduler builds it.
+        return int(
+            pick(feat, n, mask, hb, query(REQ, W, NOW, TIMEOUT, t_max, 0.0, rand.getrandbits(62)))
+        )
 
     assert run() >= 0
     benchmark(run)

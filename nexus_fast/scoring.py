@@ -1,7 +1,7 @@
 """Node scoring selector: the compiled kernel when it is built, numpy otherwise.
 
-Both twins (``_scoring_c`` and ``_scoring_py``) implement the same ``pick_best`` with the
-same arithmetic, so they choose the same node on the same input (tests/unit/test_scoring.py);
+Both twins (``_scoring_c`` and ``_scoring_py``) implement the same ``Query`` and
+``pick_best(feat, n, mask, heartbeat, query, spread=None)`` with the same arithmetic, so they choose the same node on the same input (tests/unit/test_scoring.py);
 the formulas are documented in ``nexus_fast/_scoring_py.py``. The compiled kernel has almost
 no per-call cost and runs SIMD over blocks of nodes in one pass; numpy pays ~25 array
 operations of fixed overhead per call and then several passes over whole rows and their
@@ -22,6 +22,7 @@ from ._compat import NO_EXTENSIONS, REQUIRE_EXTENSIONS
 from ._scoring_py import (
     N_RESOURCES,
     N_ROWS,
+    N_WEIGHTS,
     RESOURCE_NAMES,
     ROW_AVAIL,
     ROW_CAP,
@@ -35,11 +36,13 @@ __all__ = (
     "IMPLEMENTATION",
     "N_RESOURCES",
     "N_ROWS",
+    "N_WEIGHTS",
     "RESOURCE_NAMES",
     "ROW_AVAIL",
     "ROW_CAP",
     "ROW_FREE",
     "ROW_TASKS",
+    "Query",
     "pick_best",
 )
 
@@ -53,18 +56,26 @@ CROSSOVER_NODES: Final = 1 << 20
 
 _UINT8: Final = np.dtype(np.uint8)
 
+# ``Query`` is the compiled twin's when it is built (its kernel reads the C fields of that
+# class only); the numpy twin reads the fields of either, so both sides of the crossover take
+# the same object.
 _compiled_pick: Callable[..., int] | None
 if TYPE_CHECKING or NO_EXTENSIONS:
+    from ._scoring_py import Query
+
     _compiled_pick = None
     IMPLEMENTATION = "py"
 else:
     try:
+        from ._scoring_c import Query
         from ._scoring_c import pick_best as _compiled_pick
 
         IMPLEMENTATION = "c"
     except ImportError:  # pragma: no cover - depends on the build
         if REQUIRE_EXTENSIONS:
             raise
+        from ._scoring_py import Query
+
         _compiled_pick = None
         IMPLEMENTATION = "py"
 
@@ -72,51 +83,19 @@ else:
 def pick_best(
     feat: NDArray[np.float32],
     n: int,
-    mask: NDArray[np.uint8],
-    spread: NDArray[np.float32] | None,
-    s_max: float,
+    mask: NDArray[np.uint8] | NDArray[np.bool_],
     heartbeat: NDArray[np.float64],
-    now: float,
-    node_timeout: float,
-    t_max: float,
-    req_cpu: float,
-    req_mem: float,
-    req_gpu: float,
-    req_disk: float,
-    w_least: float,
-    w_most: float,
-    w_balanced: float,
-    w_spread: float,
-    w_fresh: float,
-    r: int,
+    query: Query,
+    spread: NDArray[np.float32] | None = None,
 ) -> int:
     """Index (< n) of the best feasible node, or -1; the twin is chosen by ``n``.
 
     ``mask`` is uint8 (0/1); a bool array is viewed as uint8 for the compiled twin.
-    Arguments and formulas: see ``nexus_fast._scoring_py``.
+    ``query`` is a ``Query`` of this module. Arguments and formulas: see
+    ``nexus_fast._scoring_py``.
     """
     pick = _compiled_pick if _compiled_pick is not None and n < CROSSOVER_NODES else _numpy_pick
     dtype = mask.dtype
     if dtype is not _UINT8 and dtype == np.bool_:  # identity first: `==` costs ~70 ns a call
         mask = mask.view(np.uint8)
-    return pick(
-        feat,
-        n,
-        mask,
-        spread,
-        s_max,
-        heartbeat,
-        now,
-        node_timeout,
-        t_max,
-        req_cpu,
-        req_mem,
-        req_gpu,
-        req_disk,
-        w_least,
-        w_most,
-        w_balanced,
-        w_spread,
-        w_fresh,
-        r,
-    )
+    return pick(feat, n, mask, heartbeat, query, spread)

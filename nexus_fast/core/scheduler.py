@@ -66,6 +66,7 @@ from nexus_fast.scoring import (
     ROW_CAP,
     ROW_FREE,
     ROW_TASKS,
+    Query,
     pick_best,
 )
 
@@ -390,27 +391,10 @@ class Scheduler:
             index = self._spread_index(request.spread_key)
             spread = index.group_count[index.group[:n]]
             s_max = float(index.group_count.max())
-        slot = pick_best(
-            self._feat,
-            n,
-            mask.view(np.uint8),
-            spread,
-            s_max,
-            self._heartbeat,
-            self._clock(),
-            self._timeout,
-            float(self._t_max),
-            req[0],
-            req[1],
-            req[2],
-            req[3],
-            w[0],
-            w[1],
-            w[2],
-            w[3],
-            w[4],
-            self._rng.getrandbits(62),
+        query = Query(
+            req, w, self._clock(), self._timeout, self._t_max, s_max, self._rng.getrandbits(62)
         )
+        slot = pick_best(self._feat, n, mask.view(np.uint8), self._heartbeat, query, spread)
         if slot < 0:
             # Why, worked out only now: an empty candidate set is rare, the check is not free.
             if not mask.any():

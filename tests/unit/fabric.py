@@ -14,12 +14,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 import uvloop
 
 from nexus_fast.config import SchedulerConfig
-from nexus_fast.core import agents as agents_mod
-from nexus_fast.core import commands as commands_mod
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import COMMANDS_DB, CommandService, CommandSettings
 from nexus_fast.core.fleet import SchedulerFeed
@@ -37,13 +34,6 @@ NODE_TIMEOUT = 0.05
 def run(coro: Coroutine[Any, Any, T]) -> T:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(asyncio.wait_for(coro, 20))
-
-
-@pytest.fixture(autouse=True)
-def fast_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The services' tickers run every 10 ms, so deadlines of 0.1-0.2 s are exact enough."""
-    monkeypatch.setattr(commands_mod, "_TICK", 0.01)
-    monkeypatch.setattr(agents_mod, "_TICK", 0.01)
 
 
 async def until(cond: Callable[[], object], timeout: float = 3.0, what: str = "") -> None:
