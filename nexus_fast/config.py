@@ -23,6 +23,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from nexus_fast.security.rbac import RbacConfig, RbacError, RoleConfig, parse_rbac
+
 __all__ = [
     "ENV_OVERRIDES",
     "CommandsConfig",
@@ -283,29 +285,6 @@ JWT_ALGORITHMS: Final = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "
                          "ES256", "ES384", "EdDSA")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class RoleConfig:
-    """One ``[[security.rbac.roles]]`` entry: a role name and its permission patterns."""
-
-    name: str
-    permissions: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class RbacConfig:
-    """``[security.rbac]``: role-based access control over the permission table.
-
-    ``enabled = false`` lets every authenticated principal do everything (authentication
-    only). ``default_role`` is given to principals whose credential names no role (empty:
-    such principals are refused). ``roles`` add roles or replace the built-in operator and
-    viewer (admin and node are fixed).
-    """
-
-    enabled: bool = True
-    default_role: str = ""
-    roles: tuple[RoleConfig, ...] = ()
-
-
 _DEFAULT_RBAC: Final = RbacConfig()  # frozen, so one shared default is safe
 
 
@@ -519,7 +498,14 @@ def _convert(key: str, spec: _Spec, value: object, source: str, from_text: bool)
             raise fail()
         return tuple(items)
     if kind == "rbac":
-        return _parse_rbac(key, value, source, fail)
+        try:
+            return parse_rbac(value)
+        except RbacError as exc:
+            where = f"{key}.{exc.key}" if exc.key else key
+            if exc.guess is not None or exc.unknown:
+                guess = exc.guess and f"{key}.{exc.guess}"
+                raise _unknown("key", where, exc.value, source, guess) from None
+            raise ConfigError(where, exc.value, exc.expected, source) from None
     if kind == "enum":
         if not isinstance(value, str) or value.strip().lower() not in spec.choices:
             raise fail()
@@ -584,46 +570,6 @@ def _convert(key: str, spec: _Spec, value: object, source: str, from_text: bool)
             raise fail()
         return size
     raise AssertionError(f"unhandled kind {kind!r}")  # pragma: no cover
-
-
-_RBAC_KEYS: Final = ("enabled", "default_role", "roles")
-
-
-def _parse_rbac(key: str, value: object, source: str, fail: Any) -> RbacConfig:
-    """``[security.rbac]`` with its ``[[security.rbac.roles]]`` array of tables."""
-    if not isinstance(value, dict):
-        raise fail()
-    for name in value:
-        if name not in _RBAC_KEYS:
-            raise _unknown("key", f"{key}.{name}", value[name], source, _closest(name, _RBAC_KEYS))
-    enabled = value.get("enabled", True)
-    default_role = value.get("default_role", "")
-    raw_roles = value.get("roles", [])
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{key}.enabled", enabled, "a boolean (true/false)", source)
-    if not isinstance(default_role, str):
-        raise ConfigError(f"{key}.default_role", default_role, "a role name", source)
-    if not isinstance(raw_roles, list):
-        raise ConfigError(f"{key}.roles", raw_roles, "[[security.rbac.roles]] tables", source)
-    roles: list[RoleConfig] = []
-    for i, role in enumerate(raw_roles):
-        where = f"{key}.roles[{i}]"
-        if not isinstance(role, dict) or set(role) - {"name", "permissions"}:
-            raise ConfigError(where, role, "a table with name and permissions", source)
-        name, perms = role.get("name"), role.get("permissions", [])
-        if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_-]{0,63}", name):
-            raise ConfigError(f"{where}.name", name, "a lower-case role name", source)
-        if not isinstance(perms, list) or not all(
-            isinstance(p, str) and re.fullmatch(r"\*|(\*|[a-z_]+)\.(\*|[a-z_]+)", p) for p in perms
-        ):
-            raise ConfigError(
-                f"{where}.permissions", perms, 'a list like ["node.read", "command.*"]', source
-            )
-        roles.append(RoleConfig(name, tuple(perms)))
-    names = [r.name for r in roles]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"{key}.roles", names, "distinct role names", source)
-    return RbacConfig(enabled, default_role, tuple(roles))
 
 
 def _closest(word: str, candidates: list[str] | tuple[str, ...]) -> str | None:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import collections
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from nexus_fast.config import SecurityConfig
+from nexus_fast.security.principal import PermissionDenied, Principal, Unauthenticated
+from nexus_fast.security.tokens import TokenVerifier
 
 __all__ = [
     "CERT_ROLES",
@@ -55,36 +56,6 @@ CERT_ROLES: Final[Mapping[str, str]] = {
 _CERT_CACHE_SIZE: Final = 1024
 
 
-class Unauthenticated(Exception):
-    """No credential, or one that does not verify (gRPC UNAUTHENTICATED, HTTP 401)."""
-
-
-class PermissionDenied(Exception):
-    """A known principal may not do this (gRPC PERMISSION_DENIED, HTTP 403)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """An authenticated caller.
-
-    Attributes:
-        name: certificate CN or token ``sub`` (``node:<id>`` for node tokens).
-        role: ``admin``, ``operator``, ``viewer``, ``node`` or a configured role.
-        method: ``"cert"`` or ``"token"``.
-        node_id: the node this principal is, for node principals; None otherwise.
-        expires_at: unix seconds after which the credential is void (tokens), or None.
-    """
-
-    name: str
-    role: str
-    method: str
-    node_id: str | None = None
-    expires_at: float | None = None
-
-    def __str__(self) -> str:
-        return f"{self.name} ({self.role}, {self.method})"
-
-
 def _node_principal(name: str, node_id: str, method: str, expires: float | None) -> Principal:
     if not node_id:
         raise Unauthenticated("node credential names no node id")
@@ -95,9 +66,6 @@ class Authenticator:
     """Turns credentials into principals. Safe to share; everything is cached and bounded."""
 
     def __init__(self, config: SecurityConfig) -> None:
-        # Imported here so identity stays importable without the token machinery.
-        from nexus_fast.security.tokens import TokenVerifier
-
         self.config = config
         self.default_role = config.rbac.default_role
         self.tokens: TokenVerifier | None = None

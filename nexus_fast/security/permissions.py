@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-from nexus_fast.config import RbacConfig
 from nexus_fast.security.identity import ROLE_ADMIN, ROLE_NODE, Principal
+from nexus_fast.security.rbac import RbacConfig
 
 __all__ = [
     "ALL_PERMISSIONS",

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from nexus_fast.config import SecurityConfig
-from nexus_fast.security.identity import Principal, Unauthenticated
+from nexus_fast.security.principal import Principal, Unauthenticated
 
 __all__ = [
     "DEFAULT_AUDIENCE",
