@@ -12,6 +12,7 @@ import asyncio
 import gc
 import os
 import signal
+import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,7 @@ from nexus_fast.errors import NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+from nexus_fast.store.base import StoreError
 from nexus_fast.store.lmdb_store import LmdbStore
 from nexus_fast.telemetry import metrics
 
@@ -53,6 +55,20 @@ SERVICE_NAMES = (
 
 class StartupError(Exception):
     """The server could not start (e.g. a port in use); the message says why."""
+
+
+# Listener name -> (flag, environment variable) that change its port.
+_PORT_KNOBS = {
+    "grpc": ("--grpc-port", "NEXUS_GRPC_PORT"),
+    "websocket": ("--ws-port", "NEXUS_WS_PORT"),
+    "http": ("--http-port", "NEXUS_HTTP_PORT"),
+}
+
+
+def _listen_error(name: str, host: str, port: int, reason: str) -> str:
+    flag, env = _PORT_KNOBS[name]
+    reason = reason[:1].lower() + reason[1:]
+    return f"{name}: cannot listen on {host}:{port}: {reason} (change it with {flag} or {env})"
 
 
 class NexusServer:
@@ -106,6 +122,7 @@ class NexusServer:
         self._http: HttpServer | None = None
         self._maintenance = Periodic("maintenance", self._maintain, log)
         self._backups = Periodic("backups", self._backup, log)
+        self._health_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -121,7 +138,11 @@ class NexusServer:
             extra={"version": nexus_fast.__version__, **nexus_fast.implementation()},
         )
 
-        await self.store.open()
+        try:
+            await self.store.open()
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        self.store.on_failure = self._on_store_failure
         self.events.load()
         self.store.on_commit = self.events.publish_committed
         loaded = self.nodes.load()
@@ -142,6 +163,14 @@ class NexusServer:
         self.events.start_pruner(cfg.performance.pruning_interval)
 
         try:
+            # Probe the ports first with plain sockets: grpc-core would print its own
+            # multi-line complaint ("set GRPC_VERBOSITY=debug") for a port in use.
+            for name, port in (
+                ("grpc", cfg.server.grpc_port),
+                ("websocket", cfg.server.websocket_port),
+                ("http", cfg.server.http_port),
+            ):
+                await _check_port_free(name, cfg.server.host, port)
             await self._start_grpc()
             self._ws = WebSocketServer(
                 cfg.server.host,
@@ -155,7 +184,7 @@ class NexusServer:
                     submit_commands=self.commands.submit,
                 ),
             )
-            await _bind("websocket", cfg.server.websocket_port, self._ws.start())
+            await _bind("websocket", cfg.server.host, cfg.server.websocket_port, self._ws.start())
             self._http = HttpServer(
                 cfg.server.host,
                 cfg.server.http_port,
@@ -163,7 +192,7 @@ class NexusServer:
                 metrics_enabled=cfg.monitoring.metrics_enabled,
                 dashboard_enabled=cfg.monitoring.dashboard_enabled,
             )
-            await _bind("http", cfg.server.http_port, self._http.start())
+            await _bind("http", cfg.server.host, cfg.server.http_port, self._http.start())
         except BaseException:
             await self.stop()
             raise
@@ -181,9 +210,8 @@ class NexusServer:
         await self._system_event(
             "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
         )
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._state = "ready"
+        await self._set_grpc_health()
         log.info(
             "ready",
             extra={
@@ -228,9 +256,13 @@ class NexusServer:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise StartupError(f"grpc: cannot listen on {address}: {exc}") from None
+            raise StartupError(
+                _listen_error("grpc", cfg.server.host, cfg.server.grpc_port, str(exc))
+            ) from None
         if port == 0:
-            raise StartupError(f"grpc: cannot listen on {address}: address already in use?")
+            raise StartupError(
+                _listen_error("grpc", cfg.server.host, cfg.server.grpc_port, "address in use?")
+            )
         self.grpc_port = port
         await server.start()
         self._grpc = server
@@ -277,30 +309,80 @@ class NexusServer:
             return
         was_ready = self._state == "ready"
         self._state = "stopping"
+        if self._http is not None:
+            self._http.set_stopping()  # /ready answers "stopping" for the whole drain
         deadline = self.config.server.shutdown_timeout
         started = time.monotonic()
+        # Seconds per phase, logged with "stopped": a slow stop names its slow step.
+        phases: dict[str, float] = {}
+        mark = started
+
+        def done(phase: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            phases[phase] = round(now - mark, 3)
+            mark = now
+
         await self._health.enter_graceful_shutdown()
         if was_ready:
             await self._system_event("system.stopping", {"pid": os.getpid()})
         await self._maintenance.stop()
         await self._backups.stop()
+        done("announce")
         # End node streams first (nodes reconnect to the next server), then let
         # in-flight unary calls finish within what is left of the deadline.
         await self.agents.stop()
         await self.commands.stop()
         await self.nodes.stop()
+        done("core")
         # Watchers get a moment to deliver what was published, then end (UNAVAILABLE / 1001).
         await self.events.close(drain_timeout=min(1.0, deadline / 4))
+        done("events")
         if self._ws is not None:
             await self._ws.stop(max(0.1, deadline / 2))
+        done("websocket")
+        late_sessions = self.nodes.connected_count()
         if self._grpc is not None:
             remaining = max(0.1, deadline - (time.monotonic() - started))
             await self._grpc.stop(remaining)
+        done("grpc")
         if self._http is not None:
             await self._http.stop()
+        done("http")
         await self.store.close()
+        done("store")
         self._state = "stopped"
-        log.info("stopped", extra={"seconds": round(time.monotonic() - started, 3)})
+        log.info(
+            "stopped",
+            extra={
+                "seconds": round(time.monotonic() - started, 3),
+                "phases": phases,
+                "late_sessions": late_sessions,
+            },
+        )
+
+    def _on_store_failure(self, reason: str | None) -> None:
+        """Store hook (loop): a failing store makes the server unhealthy until it clears."""
+        if reason is not None:
+            log.error("store failing: not ready until a write succeeds", extra={"reason": reason})
+        else:
+            log.warning("store works again: ready")
+        task = asyncio.get_running_loop().create_task(self._set_grpc_health())
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _set_grpc_health(self) -> None:
+        """gRPC health mirrors /ready: SERVING only while ready and the store works."""
+        if self._state == "stopping" or self._state == "stopped":
+            return  # enter_graceful_shutdown already said NOT_SERVING, for good
+        serving = self.is_ready()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
 
     async def _system_event(self, event_type: str, data: dict[str, object]) -> None:
         try:
@@ -325,7 +407,7 @@ class NexusServer:
     # ------------------------------------------------------------ HttpBackend
 
     def is_ready(self) -> bool:
-        return self._state == "ready"
+        return self._state == "ready" and self.store.healthy()
 
     def is_live(self) -> bool:
         return self._state != "stopped" and self.store.healthy()
@@ -336,7 +418,11 @@ class NexusServer:
     def health_detail(self) -> dict[str, object]:
         store_ok = self.store.healthy()
         components: dict[str, Any] = {
-            "store": {"status": "ok" if store_ok else "failed", **self.store.stat()},
+            "store": {
+                "status": "ok" if store_ok else "failed",
+                "reason": self.store.failure,
+                **self.store.stat(),
+            },
             "grpc": {
                 "status": "ok" if self._grpc is not None else "down",
                 "port": self.grpc_port,
@@ -391,11 +477,37 @@ class NexusServer:
             return None
 
 
-async def _bind(name: str, port: int, starting: Any) -> None:
+async def _check_port_free(name: str, host: str, port: int) -> None:
+    """Raise StartupError naming the port and its flag/env var if ``host:port`` is taken."""
+    if port == 0:
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise StartupError(
+            f"{name}: cannot resolve listen address {host!r}: {exc.strerror or exc} "
+            "(change it with --host or NEXUS_HOST)"
+        ) from None
+    for family, type_, proto, _, address in infos:
+        with socket.socket(family, type_, proto) as probe:
+            # Like every real listener: TIME_WAIT leftovers of a previous run are no conflict.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(
+                    _listen_error(name, host, port, exc.strerror or str(exc))
+                ) from None
+
+
+async def _bind(name: str, host: str, port: int, starting: Any) -> None:
     try:
         await starting
     except OSError as exc:
-        raise StartupError(f"{name}: cannot listen on port {port}: {exc.strerror or exc}") from None
+        raise StartupError(_listen_error(name, host, port, exc.strerror or str(exc))) from None
 
 
 async def run(config: Config) -> int:
@@ -405,6 +517,10 @@ async def run(config: Config) -> int:
         await server.start()
     except StartupError as exc:
         log.error(str(exc))
+        return 1
+    except OSError as exc:  # e.g. an unreadable TLS file: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        log.error(f"cannot start: {exc.strerror or exc}{where}")
         return 1
     await server.serve_until_stopped()
     return 0
