@@ -53,6 +53,11 @@ SERVICE_NAMES = (
 )
 
 
+# While gRPC drains in-flight calls, how often stop() ends node streams that calls
+# accepted just before the stop opened late.
+_SWEEP_INTERVAL_S = 0.05
+
+
 class StartupError(Exception):
     """The server could not start (e.g. a port in use); the message says why."""
 
@@ -329,8 +334,17 @@ class NexusServer:
         await self._maintenance.stop()
         await self._backups.stop()
         done("announce")
-        # End node streams first (nodes reconnect to the next server), then let
-        # in-flight unary calls finish within what is left of the deadline.
+        grpc_stopped: asyncio.Task[None] | None = None
+        if self._grpc is not None:
+            # Refuse new RPCs BEFORE ending node streams. Ended nodes reconnect at once; when
+            # gRPC still accepted calls, a node reconnecting while the phases below ran got
+            # a fresh session nothing ended, and server.stop() waited for it the whole
+            # grace (the full shutdown_timeout). In-flight calls keep the grace.
+            grace = max(0.1, deadline - (time.monotonic() - started))
+            grpc_stopped = asyncio.get_running_loop().create_task(self._grpc.stop(grace))
+            await asyncio.sleep(0)  # the task's first step stops accepting calls
+        # End node streams (nodes reconnect to the next server), then let in-flight unary
+        # calls finish within what is left of the deadline.
         await self.agents.stop()
         await self.commands.stop()
         await self.nodes.stop()
@@ -338,14 +352,9 @@ class NexusServer:
         # Watchers get a moment to deliver what was published, then end (UNAVAILABLE / 1001).
         await self.events.close(drain_timeout=min(1.0, deadline / 4))
         done("events")
-        if self._ws is not None:
-            await self._ws.stop(max(0.1, deadline / 2))
-        done("websocket")
-        late_sessions = self.nodes.connected_count()
-        if self._grpc is not None:
-            remaining = max(0.1, deadline - (time.monotonic() - started))
-            await self._grpc.stop(remaining)
-        done("grpc")
+        ws_stop = self._ws.stop(max(0.1, deadline / 2)) if self._ws is not None else None
+        swept = (await asyncio.gather(_maybe(ws_stop), self._drain_grpc(grpc_stopped)))[1]
+        done("listeners")
         if self._http is not None:
             await self._http.stop()
         done("http")
@@ -357,9 +366,26 @@ class NexusServer:
             extra={
                 "seconds": round(time.monotonic() - started, 3),
                 "phases": phases,
-                "late_sessions": late_sessions,
+                "late_node_streams": swept,
             },
         )
+
+    async def _drain_grpc(self, stopped: asyncio.Task[None] | None) -> int:
+        """Wait for gRPC's stop; end node streams opened by calls accepted just before it.
+
+        Returns how many such late streams were ended.
+        """
+        swept = 0
+        while stopped is not None:
+            finished, _ = await asyncio.wait({stopped}, timeout=_SWEEP_INTERVAL_S)
+            if finished:
+                stopped.result()
+                break
+            late = self.nodes.connected_count()
+            if late:
+                swept += late
+                await self.nodes.stop()
+        return swept
 
     def _on_store_failure(self, reason: str | None) -> None:
         """Store hook (loop): a failing store makes the server unhealthy until it clears."""
@@ -475,6 +501,11 @@ class NexusServer:
             return node_to_dict(self.nodes.get(node_id))
         except NexusError:
             return None
+
+
+async def _maybe(step: Any) -> None:
+    if step is not None:
+        await step
 
 
 async def _check_port_free(name: str, host: str, port: int) -> None:
