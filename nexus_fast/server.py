@@ -389,6 +389,7 @@ class NexusServer:
 
     def _on_store_failure(self, reason: str | None) -> None:
         """Store hook (loop): a failing store makes the server unhealthy until it clears."""
+        metrics.DB_HEALTHY.set(0 if reason is not None else 1)
         if reason is not None:
             log.error("store failing: not ready until a write succeeds", extra={"reason": reason})
         else:
@@ -479,7 +480,9 @@ class NexusServer:
 
     def refresh_metrics(self) -> None:
         metrics.UPTIME_SECONDS.set(self.uptime())
-        if self.store.healthy():
+        healthy = self.store.healthy()
+        metrics.DB_HEALTHY.set(1 if healthy else 0)
+        if healthy:
             self.store.size_bytes()
 
     def list_nodes(

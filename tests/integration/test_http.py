@@ -57,6 +57,11 @@ def test_metrics_pass_promtool_and_carry_the_required_families(server: ServerPro
     for name in REQUIRED_METRICS:
         assert f"# TYPE {name} " in text or f"# TYPE {name.removesuffix('_total')} " in text, name
     assert 'nexus_nodes_total{status="ready"} 1.0' in text
+    # Defect 9: the spec's untyped *_total names stay; typed gauges sit beside them.
+    assert "# TYPE nexus_nodes_total untyped" in text and "# TYPE nexus_nodes gauge" in text
+    assert 'nexus_nodes{status="ready"} 1.0' in text
+    assert "# TYPE nexus_agents_total untyped" in text and "# TYPE nexus_agents gauge" in text
+    assert "nexus_db_healthy 1.0" in text
     assert 'nexus_grpc_requests_total{method="NodeService/Register",status="OK"} 1.0' in text
     promtool = shutil.which("promtool")
     assert promtool, "promtool is installed by `make test` (Debian package prometheus)"
