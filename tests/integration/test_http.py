@@ -7,6 +7,7 @@ import subprocess
 
 import orjson
 
+import nexus_fast
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -39,7 +40,7 @@ def test_health_ready_live(server: ServerProcess) -> None:
     status, body, _ = http_get(server.http_base + "/health/detailed")
     detail = orjson.loads(body)
     assert status == 200 and detail["status"] == "healthy"
-    assert detail["version"] == "0.1.0" and detail["uptime_seconds"] > 0
+    assert detail["version"] == nexus_fast.__version__ and detail["uptime_seconds"] > 0
     assert set(detail["implementation"]) >= {"ring", "queue", "scoring"}
     # performance.gc_threshold (default 20000) is applied once the server is up
     assert detail["gc"]["threshold"][0] == 20000 and detail["gc"]["frozen"] > 0

@@ -11,12 +11,14 @@ import socket
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import nexus_fast
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -38,7 +40,9 @@ def test_version_names_libraries_and_implementations() -> None:
     result = run_cli("--version")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert out.startswith("nexus-fast 0.1.0")
+    # One version source: the installed metadata is nexus_fast.__version__.
+    assert metadata.version("nexus-fast") == nexus_fast.__version__
+    assert out.startswith(f"nexus-fast {nexus_fast.__version__}\n")
     for library in ("grpcio", "protobuf", "picows", "lmdb"):
         assert f"  {library} " in out
     assert "hot paths: ring=" in out and "queue=" in out
