@@ -459,6 +459,7 @@ class LmdbStore:
     def _writer_main(self) -> None:
         q = self._queue
         carry: _Request | None = None
+        inflight: list[_Request] = []  # the batch being committed, failed too if we crash
         stopping = False
         try:
             while not stopping:
@@ -492,19 +493,21 @@ class LmdbStore:
                         break
                     batch.append(item)
                     n += item.n_ops
+                inflight = batch
                 self._process(batch)
+                inflight = []
         except BaseException as exc:
             log.exception("LMDB writer thread crashed")
             self._writer_dead = True
-            self._fail_leftovers(carry)
+            self._fail_leftovers(inflight, carry)
             loop = self._loop
             if loop is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(self._set_failure, f"writer thread died: {exc!r}")
             raise
 
-    def _fail_leftovers(self, carry: _Request | None) -> None:
-        """After a writer crash, fail every request still queued so no caller hangs."""
-        left: list[_Request] = [carry] if carry is not None else []
+    def _fail_leftovers(self, inflight: list[_Request], carry: _Request | None) -> None:
+        """After a writer crash, fail the batch it held and every request still queued."""
+        left: list[_Request] = [*inflight, *([carry] if carry is not None else [])]
         while True:
             try:
                 item = self._queue.get_nowait()

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import nexus_fast
+from nexus_fast.config import ENV_OVERRIDES
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -231,3 +232,13 @@ def test_ready_says_stopping_during_the_drain(server_factory: type) -> None:
         wait_for(stopping, 10, interval=0.02, message=f"/ready during the drain: {seen}")
         assert all(json.loads(body)["status"] != "starting" for _, body in seen), seen
     assert server.stop(timeout=60) == 0
+
+
+def test_help_lists_environment_variables_and_exit_codes() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for name in (*ENV_OVERRIDES, "NEXUS_NO_EXTENSIONS", "NEXUS_REQUIRE_EXTENSIONS"):
+        assert f"  {name} " in result.stdout, name
+    exit_codes = result.stdout.split("exit codes:", 1)[1]
+    for code in ("0", "1", "2"):
+        assert f"\n  {code}  " in exit_codes, code

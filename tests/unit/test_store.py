@@ -732,3 +732,27 @@ def test_writer_thread_is_the_only_writer(tmp_path: Path) -> None:
 
     with_store(tmp_path, body)
     assert len(writer_threads) == 1 and next(iter(writer_threads)).startswith("lmdb-writer")
+
+
+# The writer re-raises what killed it (so it shows in the log): expected here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_dead_writer_is_reported_as_a_failure(tmp_path: Path) -> None:
+    seen: list[str | None] = []
+
+    async def body(s: LmdbStore) -> None:
+        s.on_failure = seen.append
+
+        def crash(batch: Any) -> None:
+            raise SystemExit("simulated writer death")  # not an Exception: the thread ends
+
+        s._process = crash  # type: ignore[method-assign]
+        with pytest.raises(StoreError, match="writer thread died"):
+            await s.commit([Put("nodes", b"n", b"v")])
+        for _ in range(100):  # the failure report is scheduled on the loop after the crash
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert not s.healthy() and "writer thread died" in (s.failure or "")
+        assert seen and "writer thread died" in (seen[0] or "")
+
+    with_store(tmp_path, body)
