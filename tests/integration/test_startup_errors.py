@@ -92,7 +92,9 @@ PURE_BUILD = (
 def test_pure_build_with_require_extensions(server_factory: type) -> None:
     server: ServerProcess = server_factory.create()
     command = [sys.executable, "-c", PURE_BUILD, *server.command()[3:]]
-    env = {**server.env(), "NEXUS_REQUIRE_EXTENSIONS": "1"}
+    # NEXUS_NO_EXTENSIONS (the pure CI run sets it) would override the requirement.
+    env = {k: v for k, v in server.env().items() if k != "NEXUS_NO_EXTENSIONS"}
+    env["NEXUS_REQUIRE_EXTENSIONS"] = "1"
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO, env=env)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr and result.stdout == "", result.stderr
