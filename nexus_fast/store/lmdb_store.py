@@ -15,20 +15,14 @@ Threading model (see ARCHITECTURE.md, "Persistence" and the critical-path rules)
   synchronous, none is open while the loop runs the resize callback. The only read txns
   off the loop (``backup``) hold ``_resize_lock``, which the resize also takes.
 
-One server per data directory: ``open()`` takes an exclusive ``flock`` on ``nexus.lock`` in
-it before LMDB is opened and holds it until ``close()`` (LMDB's own lock file only
-coordinates readers and the writer; it does not stop a second writer process from
-clobbering the event counter). Read-only opens (backup, check) skip that lock.
-
-Data at rest is private: the directory is created 0700, the data, lock and backup files
-0600, with those modes at creation (``os.open``/``mkdir`` modes), never chmod-ed later.
+One server per data directory, and private data at rest: see ``datadir.py``. ``open()``
+takes the directory lock before LMDB opens and ``close()`` releases it; read-only opens
+(backup, check) skip it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import fcntl
 import logging
 import os
 import queue
@@ -43,6 +37,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from nexus_fast.store import datadir
 from nexus_fast.store.base import (
     CommitHook,
     CommitResult,
@@ -54,7 +49,6 @@ from nexus_fast.store.base import (
     StoreClosed,
     StoreError,
     StoreFull,
-    StoreLocked,
     StoreReadOnly,
 )
 from nexus_fast.telemetry import metrics
@@ -74,10 +68,7 @@ LAST_EVENT_KEY = b"last_event_index"
 """Key in ``meta`` holding the newest event index (8-byte big-endian)."""
 
 BACKUP_PREFIX = "nexus-backup-"
-LOCK_FILE = "nexus.lock"
-"""File in the data directory that a serving process holds an exclusive flock on."""
-DIR_MODE = 0o700
-FILE_MODE = 0o600
+LOCK_FILE = datadir.LOCK_FILE
 
 _INDEX = struct.Struct(">Q")
 _NO_EVENTS = CommitResult(0, 0)
@@ -226,51 +217,18 @@ class LmdbStore:
         """
         if self.read_only:
             return self._open_read_only()
-        try:
-            # The mode applies to the leaf only; parents the user named already exist or
-            # are created like mkdir -p would.
-            os.makedirs(self.path, mode=DIR_MODE, exist_ok=True)
-        except FileExistsError:
-            raise StoreError(f"database path {self.path} exists and is not a directory") from None
-        except OSError as exc:
-            raise StoreError(
-                f"cannot create database directory {self.path}: {exc.strerror or exc}"
-            ) from None
-        if not self.path.is_dir():
-            raise StoreError(f"database path {self.path} is not a directory")
-        self._lock_dir()
+        datadir.create_private_dir(self.path)
+        self._lock_fd = datadir.lock_dir(self.path)
         try:
             return self._open_writable()
         except BaseException:
             self._unlock_dir()
             raise
 
-    def _lock_dir(self) -> None:
-        """Take the exclusive directory lock and write our pid into the lock file."""
-        lock_path = self.path / LOCK_FILE
-        try:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
-        except OSError as exc:
-            raise StoreError(f"cannot open lock file {lock_path}: {exc.strerror or exc}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise StoreLocked(
-                    f"database {self.path} is in use by pid {holder} "
-                    f"(it holds {lock_path}); one server per data directory"
-                ) from None
-            raise StoreError(f"cannot lock {lock_path}: {exc.strerror or exc}") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
-
     def _unlock_dir(self) -> None:
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
-            os.close(fd)  # releases the flock; the file stays (deleting it would race)
+            datadir.unlock_dir(fd)
 
     def _open_read_only(self) -> tuple[lmdb.Environment, dict[str, lmdb._Database], int]:
         if not (self.path / "data.mdb").is_file():
@@ -314,7 +272,7 @@ class LmdbStore:
                 readahead=False,  # random access to a hot working set; readahead wastes RAM
                 max_dbs=MAX_DBS,
                 max_readers=MAX_READERS,
-                mode=FILE_MODE,  # data.mdb and lock.mdb are created 0600
+                mode=datadir.FILE_MODE,  # data.mdb and lock.mdb are created 0600
             )
         except lmdb.Error as exc:
             raise StoreError(f"cannot open database {self.path}: {exc}") from None
@@ -542,7 +500,7 @@ class LmdbStore:
                     error = StoreError(f"map resize failed: {exc!r}")
                 break
             except Exception as exc:  # any txn failure fails this batch only
-                if _disk_full(exc):
+                if datadir.is_disk_full(exc):
                     error = StoreFull(f"store full: no space left on the device ({exc})")
                 else:
                     error = StoreError(f"commit failed: {exc!r}")
@@ -953,16 +911,14 @@ class LmdbStore:
         return target
 
     def _backup_blocking(self, dest: Path, keep: int) -> Path:
-        os.makedirs(dest, mode=DIR_MODE, exist_ok=True)
+        os.makedirs(dest, mode=datadir.DIR_MODE, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         target = dest / f"{BACKUP_PREFIX}{stamp}"
         tmp = dest / f".{BACKUP_PREFIX}{stamp}.tmp"
-        tmp.mkdir(mode=DIR_MODE)
+        tmp.mkdir(mode=datadir.DIR_MODE)
         try:
             # copyfd into a file we create 0600: env.copy() would create it 0644.
-            fd = os.open(
-                tmp / "data.mdb", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE
-            )
+            fd = datadir.create_private_file(tmp / "data.mdb")
             try:
                 with self._resize_lock:
                     env = self._env
@@ -981,13 +937,6 @@ class LmdbStore:
         for stale in old[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
         return target
-
-
-def _disk_full(exc: BaseException) -> bool:
-    """True for an ENOSPC/EDQUOT from the filesystem, whichever exception carries it."""
-    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    return isinstance(exc, lmdb.Error) and "No space left" in str(exc)
 
 
 def _put_run(
