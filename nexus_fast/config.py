@@ -445,6 +445,7 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = MappingProxyType(
         "NEXUS_SHUTDOWN_TIMEOUT": "server.shutdown_timeout",
         "NEXUS_DB_PATH": "database.path",
         "NEXUS_DB_CACHE_SIZE": "database.cache_size",
+        "NEXUS_DB_MAX_MAP_SIZE": "database.max_map_size",
         "NEXUS_TLS_ENABLED": "security.tls_enabled",
         "NEXUS_TLS_CERT_FILE": "security.tls_cert_file",
         "NEXUS_TLS_KEY_FILE": "security.tls_key_file",

@@ -349,7 +349,10 @@ class HttpServer:
     async def _ready(self, request: web.Request) -> web.Response:
         if not self._stopping and self.backend.is_ready():
             return _json({"status": "ready"})
-        return _json({"status": "stopping" if self._stopping else "starting"}, 503)
+        status = "stopping" if self._stopping else "starting"
+        if not self._stopping and not self.backend.is_live():
+            status = "unhealthy"  # e.g. the store is full: /health/detailed says why
+        return _json({"status": status}, 503)
 
     async def _live(self, request: web.Request) -> web.Response:
         return _json({"status": "alive"})
