@@ -147,8 +147,6 @@ class NexusServer:
             extra={"version": nexus_fast.__version__, **nexus_fast.implementation()},
         )
 
-        if self.security is None:
-            log.warning(OPEN_API_WARNING)
         try:
             await self.store.open()
         except StoreError as exc:
@@ -227,6 +225,9 @@ class NexusServer:
             "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
         )
         self._state = "ready"
+        if self.security is None:
+            # Once started: a start that fails says only why, in one line.
+            log.warning(OPEN_API_WARNING)
         await self._set_grpc_health()
         log.info(
             "ready",
