@@ -356,6 +356,15 @@ class NodesConfig:
     max_gpu: float = _f(1024.0, "float", min=0, max=1e9)
     max_disk: int = _f(1024 * TB, "size", min=0)
 
+    def limits(self) -> dict[str, float]:
+        """``{resource: most a node may report}``, as the node registry checks it."""
+        return {
+            "cpu": self.max_cpu,
+            "memory": float(self.max_memory),
+            "gpu": self.max_gpu,
+            "disk": float(self.max_disk),
+        }
+
 
 @dataclass(frozen=True)
 class EventsConfig:
