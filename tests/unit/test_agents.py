@@ -594,4 +594,3 @@ def test_agent_list_pages_end_before_the_byte_budget(tmp_path: Path) -> None:
         await f.stop()
 
     run(main())
-

@@ -987,9 +987,7 @@ def test_list_commands_pages_end_before_the_byte_budget(tmp_path: Path) -> None:
             + [spec("tiny", target_node="n1")]
         )
         one = f.commands.get("c00").ByteSize()
-        f.commands.settings = dataclasses.replace(
-            f.commands.settings, max_page_bytes=3 * one + 20
-        )
+        f.commands.settings = dataclasses.replace(f.commands.settings, max_page_bytes=3 * one + 20)
         seen: list[str] = []
         token = ""
         while True:
