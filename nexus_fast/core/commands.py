@@ -39,7 +39,7 @@ from typing import Final
 
 from nexus_fast.clock import now_ms
 from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
-from nexus_fast.core.command_spec import MAX_PRIORITY, validate_spec
+from nexus_fast.core.command_spec import MAX_PRIORITY, cap_result, validate_spec
 from nexus_fast.core.command_states import (
     ACKED,
     CANCELLED,
@@ -160,9 +160,8 @@ class CommandService:
         self._id_counter = itertools.count(1)
         # Internal callers (agents) hear about final states here.
         self.on_final: list[Callable[[pb.CommandRecord], None]] = []
-        # Internal command kinds whose node-bound payload is built at dispatch, by kind. The
-        # record keeps a small reference instead: agent.start carries the agent's spec, which
-        # is stored once per agent, not in every replica's command record.
+        # Node-bound payloads built at dispatch, by kind: the record keeps a reference (agent.start
+        # carries the agent's spec, stored once per agent, not in each replica's command).
         self.node_payloads: dict[str, Callable[[pb.CommandRecord], bytes | None]] = {}
 
     # ------------------------------------------------------------ start / stop
@@ -575,13 +574,8 @@ class CommandService:
             ):
                 metrics.STALE_REPORTS.labels(kind="result").inc()
                 continue
-            # Capped before it is kept: a node must not fill the store or grow a record past
-            # what a list page (and the message limit) can carry.
-            cap = self.settings.max_output_size
-            output = result.output
-            record.output_truncated = len(output) > cap
-            record.output = output[:cap] if record.output_truncated else output
-            error, record.error_truncated = _cap_text(result.error, cap)
+            # Capped before it is kept: a node must not fill the store or overflow a list page.
+            error = cap_result(record, result, self.settings.max_output_size)
             if result.success:
                 self._finish(record, SUCCEEDED, "")
             elif record.spec.target_node:
@@ -803,13 +797,3 @@ class CommandService:
         """Drop finished commands older than final_retention; returns how many."""
         horizon = now_ms() - int(self.settings.final_retention * 1000)
         return await self._log.prune_finished(horizon, self.settings.max_batch_size)
-
-
-def _cap_text(text: str, cap: int) -> tuple[str, bool]:
-    """``text`` cut to at most ``cap`` UTF-8 bytes at a character boundary; (text, cut)."""
-    if len(text) * 4 <= cap:  # cannot be over: a character is at most 4 bytes
-        return text, False
-    raw = text.encode()
-    if len(raw) <= cap:
-        return text, False
-    return raw[:cap].decode("utf-8", "ignore"), True
