@@ -31,11 +31,11 @@ from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
 from nexus_fast.codec.json import node_to_dict
 from nexus_fast.config import Config
-from nexus_fast.core.agents import AgentService
+from nexus_fast.core.agents import AgentService, AgentSettings
 from nexus_fast.core.commands import CommandService, CommandSettings
 from nexus_fast.core.events import EventBus
 from nexus_fast.core.fleet import SchedulerFeed
-from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings
+from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, page_budget
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.errors import NexusError
@@ -101,6 +101,8 @@ class NexusServer:
                 node_timeout=perf.node_timeout,
                 down_retention=perf.node_down_retention,
                 max_batch_size=perf.max_batch_size,
+                max_capacity=config.nodes.limits(),
+                max_page_bytes=page_budget(config.server.max_message_size),
             ),
         )
         self.scheduler = Scheduler(config.scheduler, perf.node_timeout)
@@ -115,9 +117,20 @@ class NexusServer:
                 final_retention=config.commands.final_retention,
                 max_batch_size=perf.max_batch_size,
                 queue_capacity=perf.command_queue_size,
+                max_output_size=config.commands.max_output_size,
+                max_page_bytes=page_budget(config.server.max_message_size),
             ),
         )
-        self.agents = AgentService(self.store, self.scheduler, self.commands)
+        self.agents = AgentService(
+            self.store,
+            self.scheduler,
+            self.commands,
+            AgentSettings(
+                max_spec_bytes=config.agents.max_spec_bytes,
+                max_replicas=config.agents.max_replicas,
+                max_page_bytes=page_budget(config.server.max_message_size),
+            ),
+        )
         # Order matters: the scheduler must know a node before commands and agents react.
         self.nodes.listeners += [SchedulerFeed(self.scheduler), self.commands, self.agents]
         # Loaded and attached to store.on_commit right after store.open(), before any commit.
