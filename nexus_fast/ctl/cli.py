@@ -305,10 +305,12 @@ def nodes_drain(node_id: str, reason: str, disable: bool) -> None:
 
 @nodes.command("eligibility")
 @click.argument("node_id")
-@click.option("--enable/--disable", "eligible", required=True, default=None)
+@click.option("--enable/--disable", "eligible", default=None, help="Required: one or the other.")
 @leaf
-def nodes_eligibility(node_id: str, eligible: bool) -> None:
+def nodes_eligibility(node_id: str, eligible: bool | None) -> None:
     """Mark a node (in)eligible for scheduling."""
+    if eligible is None:
+        raise click.UsageError("give --enable or --disable")
     request = pb.SetNodeEligibilityRequest(node_id=node_id, eligible=eligible)
     node = run(connection(), lambda c: c.unary("SetNodeEligibility", request))
     echo(render.render([node], render.NODE_COLUMNS, output(), many=False))
@@ -621,10 +623,14 @@ def events_tail(
     elif not follow:
         request.after_index = 0
     fmt = output()
-    if fmt in ("table", "wide"):
-        echo(render.EVENT_HEADER + ("  SUMMARY" if fmt == "wide" else ""))
+    # The header waits for the first event: a failed connection prints nothing on stdout.
+    header = [render.EVENT_HEADER + ("  SUMMARY" if fmt == "wide" else "")]
+    if fmt not in ("table", "wide"):
+        header.clear()
 
     def on_event(event: pb.Event) -> None:
+        if header:
+            click.echo(header.pop())
         click.echo(render.event_line(event, fmt))
         sys.stdout.flush()
 
