@@ -34,6 +34,7 @@ EXIT_SERVER = 3  # the server refused the request or could not be reached
 
 # Trailers the server sets on some errors (nexus_fast/api/status.py): worth showing.
 _TRAILERS = ("nexus-oldest-index", "retry-after-ms", "nexus-resume-after-index")
+_RESUME_TRAILER = "nexus-resume-after-index"
 _CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     # Fail fast on a dead target instead of grpc's long default reconnect backoff.
@@ -155,9 +156,10 @@ async def follow_events(
 
     Without ``follow``: stop at the first bookmark (the server has nothing newer that
     matches) or after ``idle`` seconds without a batch. With ``follow``: run until
-    interrupted; when the stream breaks with UNAVAILABLE (server restart, network), open
-    it again with ``after_index`` = the last index printed (or the last bookmark, which
-    also covers events the filter skipped), so nothing is missed or printed twice.
+    interrupted; when the stream breaks with UNAVAILABLE (server restart, network) or the
+    server cuts it off as a slow consumer, open it again with ``after_index`` = the last
+    index printed (or the last bookmark, which also covers events the filter skipped), so
+    nothing is missed or printed twice.
     """
     resume: int | None = request.after_index if request.HasField("after_index") else None
     failures = 0
@@ -182,7 +184,7 @@ async def follow_events(
                 return
             reason = "stream ended"
         except grpc.aio.AioRpcError as err:
-            if not follow or err.code() != grpc.StatusCode.UNAVAILABLE:
+            if not follow or not _resumable(err):
                 raise
             reason = describe(client.conn.target, err)
         # Full-jitter backoff, 0.2 s doubling to 5 s: a restarting server is back quickly.
@@ -192,6 +194,15 @@ async def follow_events(
             f"{reason}; reconnecting in {delay:.1f}s, resuming after index {resume or 'now'}"
         )
         await asyncio.sleep(delay)
+
+
+def _resumable(err: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE (restart, network), or cut off as a slow consumer (RESOURCE_EXHAUSTED
+    with a resume index): reconnecting and resuming by index loses nothing."""
+    if err.code() == grpc.StatusCode.UNAVAILABLE:
+        return True
+    trailers = {key for key, _ in (err.trailing_metadata() or ())}
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and _RESUME_TRAILER in trailers
 
 
 async def _batches(

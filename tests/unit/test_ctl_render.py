@@ -10,7 +10,7 @@ import grpc.aio
 import yaml
 
 from nexus_fast.ctl import render
-from nexus_fast.ctl.client import describe
+from nexus_fast.ctl.client import _resumable, describe
 from nexus_fast.pb import fabric_pb2 as pb
 
 
@@ -130,3 +130,15 @@ def test_describe_is_one_line_with_target_status_and_trailers() -> None:
     assert (
         line == "h:1: OUT_OF_RANGE: after_index 3 is older than retention (nexus-oldest-index=40)"
     )
+
+
+def _error(code: grpc.StatusCode, *trailers: tuple[str, str]) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailers), "x")
+
+
+def test_follow_resumes_only_where_resuming_loses_nothing() -> None:
+    assert _resumable(_error(grpc.StatusCode.UNAVAILABLE))
+    assert _resumable(_error(grpc.StatusCode.RESOURCE_EXHAUSTED, ("nexus-resume-after-index", "7")))
+    assert not _resumable(_error(grpc.StatusCode.RESOURCE_EXHAUSTED, ("retry-after-ms", "5")))
+    assert not _resumable(_error(grpc.StatusCode.OUT_OF_RANGE, ("nexus-oldest-index", "9")))
+    assert not _resumable(_error(grpc.StatusCode.PERMISSION_DENIED))
