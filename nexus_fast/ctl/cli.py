@@ -347,16 +347,14 @@ def _print_records(records: Sequence[pb.CommandRecord], many: bool) -> None:
     echo(render.render(records, render.COMMAND_COLUMNS, output(), many=many))
 
 
-def _fail_unless_succeeded(records: Sequence[pb.CommandRecord], ids: Sequence[str]) -> None:
-    seen = {r.id: r for r in records}
+def _fail_unless_succeeded(records: Sequence[pb.CommandRecord]) -> None:
     bad = []
-    for cid in ids:
-        record = seen.get(cid)
-        if record is None:
-            bad.append(f"{cid}: not final yet")
+    for record in records:
+        state = render.command_state(record).upper()
+        if record.state not in FINAL_STATES:
+            bad.append(f"{record.id}: still {state} (not final when the wait ended)")
         elif record.state != FINAL_OK:
-            state = render.command_state(record).upper()
-            bad.append(f"{cid}: {state}" + (f": {record.reason}" if record.reason else ""))
+            bad.append(f"{record.id}: {state}" + (f": {record.reason}" if record.reason else ""))
     if bad:
         raise NotSucceeded("; ".join(bad))
 
@@ -425,9 +423,8 @@ def commands_submit(
     if not wait:
         echo(render.render([result], render.SUBMIT_COLUMNS, output(), many=False))
         return
-    if records:
-        _print_records(records, many=False)
-    _fail_unless_succeeded(records, [result.id])
+    _print_records(records, many=False)
+    _fail_unless_succeeded(records)
 
 
 @commands.command("get")
@@ -465,9 +462,8 @@ def commands_ls(states: tuple[str, ...], node_id: str, limit: int) -> None:
 def commands_wait(ids: tuple[str, ...], timeout: float | None) -> None:
     """Wait until commands are final; exit 1 unless all SUCCEEDED."""
     records = run(connection(), lambda c: c.wait(list(ids), timeout or 0))
-    if records:
-        _print_records(records, many=len(ids) > 1)
-    _fail_unless_succeeded(records, ids)
+    _print_records(records, many=len(records) > 1)
+    _fail_unless_succeeded(records)
 
 
 @commands.command("cancel")

@@ -109,11 +109,20 @@ class Client:
             request.page_token = response.next_page_token
 
     async def wait(self, ids: list[str], timeout: float) -> list[pb.CommandRecord]:
-        """The final records of ``ids`` (WaitCommands); fewer when ``timeout`` ran out."""
+        """The records of ``ids`` in that order: final ones as WaitCommands streamed them,
+        and, for those still running when ``timeout`` ran out, their current record."""
+        ids = list(dict.fromkeys(ids))
         request = pb.WaitCommandsRequest(ids=ids, timeout_ms=int(timeout * 1000))
         # The server ends the stream at timeout_ms; the call deadline only backs that up.
         deadline = timeout + self.timeout if timeout else None
-        return [record async for record in self.control.WaitCommands(request, timeout=deadline)]
+        final = {r.id: r async for r in self.control.WaitCommands(request, timeout=deadline)}
+        out = []
+        for cid in ids:
+            record = final.get(cid)
+            if record is None:
+                record = await self.unary("GetCommand", pb.GetCommandRequest(id=cid))
+            out.append(record)
+        return out
 
     async def serving(self) -> str:
         """The gRPC health status of the server as a whole (``SERVING``, ...)."""

@@ -233,8 +233,10 @@ def test_cancel_pending_command(env: Env) -> None:
 
 def test_wait_timeout_exits_1(env: Env) -> None:
     cid = env.json("commands", "submit", "--kind", "echo", "--label", "zone=never")["id"]
-    result = env.run("commands", "wait", cid, "--timeout", "0.3s")
-    assert result.returncode == 1 and f"{cid}: not final yet" in result.stderr
+    result = env.run("commands", "wait", cid, "--timeout", "0.3s", "-o", "json")
+    assert result.returncode == 1
+    assert f"{cid}: still PENDING (not final when the wait ended)" in result.stderr
+    assert json.loads(result.stdout)["state"] == "COMMAND_STATE_PENDING"  # the current record
     env.ok("commands", "cancel", cid)
 
 
