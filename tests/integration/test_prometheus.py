@@ -125,19 +125,24 @@ def test_alert_rules_pass_promtool() -> None:
     assert unit.returncode == 0, unit.stdout + unit.stderr
 
 
-class Prometheus:
-    """The Debian ``prometheus`` binary on a free loopback port, scraping one target."""
+def scrape_config(target: str) -> str:
+    """Scrape ``target`` every second as job nexus-fast, with the alert rules loaded."""
+    return (
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files:\n  - {RULES}\n"
+        "scrape_configs:\n  - job_name: nexus-fast\n"
+        f"    static_configs:\n      - targets: ['{target}']\n"
+    )
 
-    def __init__(self, tmp: Path, target: str) -> None:
+
+class Prometheus:
+    """The Debian ``prometheus`` binary on a free loopback port with its own storage."""
+
+    def __init__(self, tmp: Path, config_text: str) -> None:
         (self.port,) = free_ports(1)
         self.log_path = tmp / "prometheus.log"
         config = tmp / "prometheus.yml"
-        config.write_text(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-            f"rule_files:\n  - {RULES}\n"
-            "scrape_configs:\n  - job_name: nexus-fast\n"
-            f"    static_configs:\n      - targets: ['{target}']\n"
-        )
+        config.write_text(config_text)
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [
@@ -189,7 +194,7 @@ class Prometheus:
 
 @pytest.fixture
 def prometheus(busy_server: ServerProcess, tmp_path: Path) -> Iterator[Prometheus]:
-    prom = Prometheus(tmp_path, f"{HOST}:{busy_server.http_port}")
+    prom = Prometheus(tmp_path, scrape_config(f"{HOST}:{busy_server.http_port}"))
     try:
         wait_for(prom.ready, 30, message="prometheus ready")
         yield prom
