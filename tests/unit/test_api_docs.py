@@ -98,3 +98,39 @@ def test_stale_file_fails_the_check(tmp_path: Path, capsys: pytest.CaptureFixtur
     (proto / "t" / "t.proto").write_text(text)
     assert gen.main([*args, "--check"]) == 1
     assert "stale" in capsys.readouterr().err
+
+
+# The messages docs/troubleshooting.md quotes, and the source file that produces each: a
+# reworded message fails here until the guide says the same.
+QUOTED = {
+    "address already in use?": "nexus_fast/server.py",
+    "cannot listen on port": "nexus_fast/server.py",
+    "database full (max_map_size=": "nexus_fast/store/lmdb_store.py",
+    "command queue full (": "nexus_fast/core/commands.py",
+    "slow consumer; resume after index": "nexus_fast/errors.py",
+    "is older than retention: the oldest event kept is": "nexus_fast/errors.py",
+    "superseded by session epoch": "nexus_fast/core/nodes.py",
+    "superseded by a newer stream of the same session": "nexus_fast/core/nodes.py",
+    "node stream fell behind; reconnect": "nexus_fast/core/nodes.py",
+    "is not current": "nexus_fast/core/nodes.py",
+    "request is not a valid": "nexus_fast/errors.py",
+}
+
+
+def test_troubleshooting_covers_each_error_with_the_real_message() -> None:
+    guide = (REPO / "docs" / "troubleshooting.md").read_text()
+    for heading in (
+        "## Port in use",
+        "## Data dir locked",
+        "## Store full",
+        "## Slow consumer cut off",
+        "## Node superseded",
+        "## Certificate refused",
+        "## UNAUTHENTICATED / PERMISSION_DENIED",
+    ):
+        assert heading in guide
+        section = guide.split(heading, 1)[1].split("\n## ", 1)[0]
+        assert "Fix" in section, f"{heading} has no fix"
+    for message, source in QUOTED.items():
+        assert message in guide, f"troubleshooting.md does not quote {message!r}"
+        assert message in (REPO / source).read_text(), f"{source} no longer says {message!r}"
