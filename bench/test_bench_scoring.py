@@ -5,7 +5,7 @@ Baselines measured in the same run: a plain Python loop over the same feature-ma
 terms written directly over the same arrays with no tie-break, no weight skipping and no
 input checks (the floor a vectorised scorer of this layout can reach; the target is
 the selector within 1.5x of it at 10k). ``selector`` is ``nexus_fast.scoring.pick_best``,
-what the scheduler calls: compiled below ``CROSSOVER_NODES``, numpy at or above it.
+what the scheduler calls: the compiled twin whenever it is built.
 
 The fleet: four node shapes, random reservations (free rows, scored) and usage above them
 (available rows, filtered), 0..20 tasks per node, 2% not schedulable, all heartbeats fresh;

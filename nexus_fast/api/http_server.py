@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from ssl import SSLContext
 from typing import Any, Final, Protocol
@@ -223,6 +223,7 @@ class HttpServer:
         metrics_enabled: bool = True,
         dashboard_enabled: bool = True,
         ssl_context: SSLContext | None = None,
+        middlewares: Sequence[Any] = (),
     ) -> None:
         self.host = host
         self.backend = backend
@@ -230,6 +231,8 @@ class HttpServer:
         self.dashboard_enabled = dashboard_enabled
         self._requested_port = port
         self._ssl_context = ssl_context
+        # Run inside _middleware, so their answers get the same headers and metrics.
+        self._middlewares = tuple(middlewares)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._dashboard: bytes | None = None
@@ -287,7 +290,7 @@ class HttpServer:
     # --- app ------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware])
+        app = web.Application(middlewares=[self._middleware, *self._middlewares])
         app.on_response_prepare.append(_set_common_headers)
         router = app.router
         router.add_get("/health", self._health)
@@ -346,7 +349,10 @@ class HttpServer:
     async def _ready(self, request: web.Request) -> web.Response:
         if not self._stopping and self.backend.is_ready():
             return _json({"status": "ready"})
-        return _json({"status": "stopping" if self._stopping else "starting"}, 503)
+        status = "stopping" if self._stopping else "starting"
+        if not self._stopping and not self.backend.is_live():
+            status = "unhealthy"  # e.g. the store is full: /health/detailed says why
+        return _json({"status": status}, 503)
 
     async def _live(self, request: web.Request) -> web.Response:
         return _json({"status": "alive"})

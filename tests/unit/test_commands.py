@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from nexus_fast.core import commands as commands_module
+from nexus_fast.codec import protowire
 from nexus_fast.core.commands import STATE_NAMES
 from nexus_fast.core.nodes import NODES_DB
 from nexus_fast.errors import (
@@ -573,6 +573,38 @@ def test_node_down_replaces_queued_and_retries_inflight(tmp_path: Path) -> None:
     run(main())
 
 
+def test_removed_node_hands_its_queue_back_and_its_slot_carries_nothing_over(
+    tmp_path: Path,
+) -> None:
+    # The scheduler hears of the removal first and lets its slot go; the queue still holds
+    # the node's lane until it has moved the queued work back to pending.
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        await f.node("n1", connect=False)
+        await f.commands.submit([spec("a"), spec("b")])
+        assert f.commands.get("a").state == PLACED
+        slot = f.scheduler.slot_of("n1")
+        await f.nodes.remove("n1")
+        for cid in ("a", "b"):
+            record = f.commands.get(cid)
+            assert record.state == PENDING and record.attempt == 0, cid
+        assert f.scheduler.slots.get("n1") is None  # every holder let go
+        s2 = await f.node("n2")
+        assert s2 is not None
+        assert f.scheduler.slot_of("n2") == slot  # the freed slot, reused
+        sent = await wait_sent(s2, 2)
+        assert sorted(c.id for c in sent) == ["a", "b"]
+        for cid in ("a", "b"):
+            record = f.commands.get(cid)
+            assert record.node_id == "n2" and record.attempt == 1, cid
+        assert f.scheduler.tasks_of("n2") == 2
+        await asyncio.sleep(0.03)
+        assert commands_in(drain(s2)) == []  # each once
+        await f.stop()
+
+    run(main())
+
+
 # ------------------------------------------------------------------ cancel
 
 
@@ -715,7 +747,7 @@ def test_a_just_finished_command_reads_final_before_its_write_is_durable(
         assert [r.id for r in page] == ["a"]
         await f.flush()
         assert f.stored("a").state == SUCCEEDED  # type: ignore[union-attr]
-        assert not f.commands._finishing  # memory is let go once durable
+        assert not f.commands._log.finishing  # memory is let go once durable
         await f.stop()
 
     run(main())
@@ -900,7 +932,7 @@ def test_hand_encoded_event_equals_protobuf(
     for ts in (1, 127, 128, 1_732_650_000_123):
         slim = pb.CommandRecord()
         slim.CopyFrom(record)
-        if len(payload) > commands_module._EVENT_PAYLOAD_LIMIT:
+        if len(payload) > protowire.EVENT_PAYLOAD_LIMIT:
             slim.spec.payload = b""
         expected = pb.Event(
             time_ms=ts,
@@ -909,5 +941,6 @@ def test_hand_encoded_event_equals_protobuf(
             key=command_id,
             payload=slim.SerializeToString(),
         ).SerializeToString()
-        got = commands_module._event(record, body, commands_module._time_field(ts))
+        encoder = protowire.CommandEvents()
+        got = encoder.encode(record, body, encoder.time_field(ts))
         assert got == expected
