@@ -103,9 +103,14 @@ def test_stale_file_fails_the_check(tmp_path: Path, capsys: pytest.CaptureFixtur
 # Messages docs/troubleshooting.md quotes: each must still be produced somewhere in nexus_fast/,
 # so a reworded message fails here until the guide says the same.
 QUOTED = (
-    "address already in use?",
-    "cannot listen on port",
-    "database full (max_map_size=",
+    "cannot listen on",
+    "(change it with",
+    "address in use?",
+    "is in use by pid",
+    "one server per data directory",
+    "store full: the database reached max_map_size (",
+    "raise database.max_map_size or free space",
+    "store full: no space left on the device (",
     "command queue full (",
     "slow consumer; resume after index",
     "is older than retention: the oldest event kept is",
