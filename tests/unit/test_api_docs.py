@@ -105,7 +105,7 @@ def test_stale_file_fails_the_check(tmp_path: Path, capsys: pytest.CaptureFixtur
 QUOTED = (
     "cannot listen on",
     "(change it with",
-    "address in use?",
+    "nexus.lock",
     "is in use by pid",
     "one server per data directory",
     "store full: the database reached max_map_size (",
