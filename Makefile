@@ -11,7 +11,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard _ext/*.pyx _ext/*.pxd) \
                 $(shell find proto -name '*.proto' 2>/dev/null)
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: venv install run test lint bench bench-short bench-e2e profile promtool clean
+.PHONY: venv install run test lint docs bench bench-short bench-e2e profile promtool clean
 
 venv install: $(STAMP)
 
@@ -27,10 +27,18 @@ $(STAMP): $(BUILD_INPUTS)
 run: install
 	$(VENV)/bin/nexus-fast --config configs/development.toml
 
-lint: install
+lint: install promtool
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict nexus_fast
+	$(PY) scripts/gen_api_docs.py --check
+	promtool check rules deploy/prometheus-rules.yml
+	promtool test rules deploy/prometheus-rules.test.yml
+	promtool check config examples/monitoring/prometheus.yml
+
+# docs/api.md from the comments in proto/ (lint fails when it is stale).
+docs: install
+	$(PY) scripts/gen_api_docs.py
 
 # Both twins: once with the compiled hot paths required, once pure Python.
 test: install promtool
@@ -44,9 +52,10 @@ test: install promtool
 	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) -m pytest bench -q --benchmark-disable || rc=1; \
 	exit $$rc
 
-# promtool checks the /metrics exposition in tests; best effort, never fails the target.
+# promtool checks the /metrics exposition and the alert rules; the prometheus server (same
+# Debian package) runs in tests/integration/test_prometheus.py. Best effort, never fails here.
 promtool:
-	@if ! command -v promtool >/dev/null 2>&1; then \
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing promtool (Debian package prometheus)"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
