@@ -26,7 +26,6 @@ submit walks one way: API -> here (validate, place) -> log (commit) -> dispatche
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import heapq
 import itertools
@@ -39,7 +38,7 @@ from typing import Final
 
 from nexus_fast.clock import now_ms
 from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
-from nexus_fast.core.command_spec import MAX_PRIORITY, cap_result, validate_spec
+from nexus_fast.core.command_spec import MAX_PRIORITY, cap_result, same_spec, validate_spec
 from nexus_fast.core.command_states import (
     ACKED,
     CANCELLED,
@@ -52,6 +51,7 @@ from nexus_fast.core.command_states import (
     SUCCEEDED,
     TIMED_OUT,
 )
+from nexus_fast.core.command_wait import CommandWaiters
 from nexus_fast.core.dispatch import Dispatcher
 from nexus_fast.core.nodes import (
     NodeRegistry,
@@ -63,6 +63,7 @@ from nexus_fast.core.nodes import (
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
 from nexus_fast.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -144,7 +145,7 @@ class CommandService:
         self._deadlines: list[tuple[float, int, str, int]] = []
         self._stage: dict[str, int] = {}
         self._seq = 0
-        self._waiters: dict[str, list[asyncio.Queue[pb.CommandRecord]]] = {}
+        self._waiters = CommandWaiters()
         self._pending_dirty = False
         self._submitted_at: dict[str, float] = {}
         self._ticker = Periodic("commands", self._tick, log)
@@ -299,10 +300,16 @@ class CommandService:
         answers: list[tuple[pb.CommandRecord, bool]] = []  # (record, duplicate)
         new: list[pb.CommandRecord] = []
         seen = self._known_keys(specs)
-        for spec in specs:
+        for i, spec in enumerate(specs):
             key = spec.idempotency_key
             existing = seen.get(key) if key else None
             if existing is not None:
+                if not same_spec(existing.spec, spec):
+                    raise AlreadyExists(
+                        f"commands[{i}].idempotency_key: {key!r} is already used by "
+                        f"command {existing.id!r} with a different spec",
+                        existing.id,
+                    )
                 answers.append((existing, True))
                 continue
             record = self._new_record(spec)
@@ -571,6 +578,9 @@ class CommandService:
                 record is None
                 or record.node_id != node_id
                 or record.state not in (DISPATCHED, ACKED)
+                # A failure echoed for an earlier attempt (the command was retried on this
+                # node since) is not the answer to the current one; a success still is.
+                or (not result.success and 0 < result.attempt < record.attempt)
             ):
                 metrics.STALE_REPORTS.labels(kind="result").inc()
                 continue
@@ -578,10 +588,12 @@ class CommandService:
             error = cap_result(record, result, self.settings.max_output_size)
             if result.success:
                 self._finish(record, SUCCEEDED, "")
-            elif record.spec.target_node:
-                # The node de-duplicates by id: retrying on the same node cannot run it again.
+            elif record.agent_id:
+                # The agent service re-places a replica whose start failed, on any node.
                 self._finish(record, FAILED, error or "failed on the node")
             else:
+                # A target_node command retries on its node (with a higher attempt number,
+                # which nodes run again); the others move to another node while they can.
                 self._retry_or_finish(record, FAILED, error or "failed on the node")
 
     # ------------------------------------------------------------ cancel / wait
@@ -601,47 +613,18 @@ class CommandService:
         await self._log.save([record])
         return record
 
-    async def wait(
-        self, ids: Sequence[str], timeout: float | None
-    ) -> AsyncIterator[pb.CommandRecord]:
-        """Yield each command's record once it is final (final ones at once)."""
+    def wait(self, ids: Sequence[str], timeout: float | None) -> AsyncIterator[pb.CommandRecord]:
+        """Each command's record once it is final (see :class:`CommandWaiters`).
+
+        The ids are checked here, before anything is iterated (NOT_FOUND streams nothing).
+        """
         if not ids:
             raise InvalidArgument("ids", "must not be empty")
         if len(ids) > MAX_WAIT_IDS:
             raise InvalidArgument("ids", f"at most {MAX_WAIT_IDS} ids")
         records = [self.get(i) for i in dict.fromkeys(ids)]  # NOT_FOUND before streaming
-        inbox: asyncio.Queue[pb.CommandRecord] = asyncio.Queue()
-        remaining = 0
-        final_now: list[pb.CommandRecord] = []
-        for record in records:
-            if record.state in FINAL_STATES:
-                final_now.append(record)
-            else:
-                self._waiters.setdefault(record.id, []).append(inbox)
-                remaining += 1
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            # The final ones at once, whatever the timeout. Decided above, not while
-            # yielding: one that finishes meanwhile comes through the inbox, once.
-            for record in final_now:
-                yield record
-            while remaining:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return
-                try:
-                    record = await asyncio.wait_for(inbox.get(), left)
-                except TimeoutError:
-                    return
-                remaining -= 1
-                yield record
-        finally:
-            for record in records:
-                queues = self._waiters.get(record.id)
-                if queues and inbox in queues:
-                    queues.remove(inbox)
-                    if not queues:
-                        del self._waiters[record.id]
+        # The caller holds the waiting generator itself, so closing it unregisters at once.
+        return self._waiters.wait(records, timeout)
 
     # ------------------------------------------------------------ node changes
 
@@ -737,8 +720,7 @@ class CommandService:
         if started is not None:
             metrics.COMMAND_SUBMIT_TO_FINAL.observe(time.monotonic() - started)
         self._processed[state].inc()
-        for inbox in self._waiters.pop(record.id, ()):
-            inbox.put_nowait(record)
+        self._waiters.finished(record)
         for hook in self.on_final:
             hook(record)
         if save:
