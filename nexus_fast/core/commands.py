@@ -578,9 +578,6 @@ class CommandService:
                 record is None
                 or record.node_id != node_id
                 or record.state not in (DISPATCHED, ACKED)
-                # A failure echoed for an earlier attempt (the command was retried on this
-                # node since) is not the answer to the current one; a success still is.
-                or (not result.success and 0 < result.attempt < record.attempt)
             ):
                 metrics.STALE_REPORTS.labels(kind="result").inc()
                 continue
