@@ -128,6 +128,8 @@ function renderNodes() {
   state.filtered = state.nodeOrder.filter((id) => keep(state.nodes.get(id)));
   $("shown").textContent = `${state.filtered.length} of ${state.nodes.size} shown`;
   $("nodes-spacer").style.height = `${state.filtered.length * ROW}px`;
+  // Short lists take their own height; long ones scroll inside 14 rows.
+  $("nodes-scroller").style.height = `${Math.min(14, Math.max(1, state.filtered.length)) * ROW + 2}px`;
   renderCounts();
   renderRows();
 }
@@ -221,7 +223,7 @@ function renderRates() {
   $("rates").innerHTML = COMMAND_STATES.map((s) =>
     `<span class="pill s-${s.toLowerCase()}">${s}</span><meter min="0" max="${max}" value="${counts[s]}"></meter>`
     + `<span class="n" data-state="${s}">${counts[s]}/min</span>`).join("");
-  $("cmd-rate").textContent = counts.PENDING;
+  $("cmd-rate").textContent = counts.SUCCEEDED + counts.FAILED + counts.TIMED_OUT + counts.CANCELLED;
 }
 
 function renderLifecycle(c) {
