@@ -25,6 +25,7 @@ import pytest
 
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+
 from .conftest import ServerProcess, wait_for
 
 CHROMIUM = Path(os.environ.get("NEXUS_CHROMIUM", "/usr/bin/chromium"))
@@ -90,7 +91,7 @@ def _node_statuses(driver: Any) -> dict[str, str]:
 def _command_state(driver: Any, command_id: str) -> str | None:
     return _js(  # type: ignore[no-any-return]
         driver,
-        "const r = document.querySelector(`#commands tr[data-command-id=\"${arguments[0]}\"]`);"
+        'const r = document.querySelector(`#commands tr[data-command-id="${arguments[0]}"]`);'
         "return r ? r.querySelector('td.state').textContent.trim() : null",
         command_id,
     )
@@ -130,8 +131,10 @@ def test_dashboard_follows_the_fabric_live(
 
     browser.get(server.http_base + "/dashboard")
     wait_for(
-        lambda: set(_node_statuses(browser)) == expected
-        and set(_node_statuses(browser).values()) == {"ready"},
+        lambda: (
+            set(_node_statuses(browser)) == expected
+            and set(_node_statuses(browser).values()) == {"ready"}
+        ),
         30,
         0.2,
         "the page lists every node as ready",
@@ -155,8 +158,10 @@ def test_dashboard_follows_the_fabric_live(
     doomed.stop(signal.SIGKILL)
     killed = time.monotonic()
     wait_for(
-        lambda: _node_statuses(browser).get("doomed-00000") == "down"
-        and _node_statuses(browser).get("doomed-00001") == "down",
+        lambda: (
+            _node_statuses(browser).get("doomed-00000") == "down"
+            and _node_statuses(browser).get("doomed-00001") == "down"
+        ),
         NODE_TIMEOUT + DOWN_SLACK,
         0.1,
         "the page shows the killed fleet's nodes down",
@@ -175,12 +180,14 @@ def test_dashboard_follows_the_fabric_live(
     )
     browser.find_element("css selector", f'#commands tr[data-command-id="{command_id}"]').click()
     wait_for(
-        lambda: _js(
-            browser,
-            "const s = document.getElementById('lifecycle-state');"
-            "return s && s.textContent.trim()",
-        )
-        == "SUCCEEDED",
+        lambda: (
+            _js(
+                browser,
+                "const s = document.getElementById('lifecycle-state');"
+                "return s && s.textContent.trim()",
+            )
+            == "SUCCEEDED"
+        ),
         10,
         0.1,
         "lifecycle panel",
@@ -194,8 +201,7 @@ def test_dashboard_follows_the_fabric_live(
             pb.DeployAgentRequest(spec=pb.AgentSpec(name="llm", replicas=2)), timeout=10
         )
     wait_for(
-        lambda: "2 running"
-        in _js(browser, "return document.getElementById('agents').textContent"),
+        lambda: "2 running" in _js(browser, "return document.getElementById('agents').textContent"),
         20,
         0.2,
         "the page shows both agent replicas running",
@@ -217,8 +223,10 @@ def test_dashboard_follows_the_fabric_live(
         NEXUS_HEARTBEAT_INTERVAL="0.5s",
     ).start()
     wait_for(
-        lambda: _js(browser, "return window.nexusDashboard.connects") >= 2
-        and _js(browser, "return window.nexusDashboard.live"),
+        lambda: (
+            _js(browser, "return window.nexusDashboard.connects") >= 2
+            and _js(browser, "return window.nexusDashboard.live")
+        ),
         30,
         0.2,
         "the page reconnects",

@@ -171,10 +171,10 @@ def test_stream_older_than_retention_is_410(server_factory: type) -> None:
     server = server_factory.create(NEXUS_EVENTS_RETENTION_COUNT="5").start()
     _submit(server, 30)
     wait_for(
-        lambda: orjson.loads(http_get(server.http_base + "/api/v1/events?limit=1")[1])[
-            "oldest_index"
-        ]
-        > 2,
+        lambda: (
+            orjson.loads(http_get(server.http_base + "/api/v1/events?limit=1")[1])["oldest_index"]
+            > 2
+        ),
         10,
         0.1,
         "the pruner drops old events",
@@ -259,7 +259,7 @@ def test_slow_stream_client_is_cut_off(server_factory: type) -> None:
         _submit(server, 1000)
 
     def cut_off() -> bool:
-        status, body, _ = http_get(server.http_base + "/metrics")
+        _status, body, _ = http_get(server.http_base + "/metrics")
         return b'nexus_event_slow_consumer_disconnects_total{transport="http"} 1.0' in body
 
     wait_for(cut_off, 30, 0.2, "the stuck stream is counted as a slow consumer")
