@@ -30,7 +30,7 @@ run: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy nexus_fast
+	$(VENV)/bin/mypy --strict nexus_fast
 
 # Both twins: once with the compiled hot paths required, once pure Python.
 test: install promtool chromium

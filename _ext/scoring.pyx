@@ -11,6 +11,10 @@ compiler vectorises, then scanned once for the best score. It has almost no per-
 and, unlike numpy, makes one pass over the data with no temporaries, so it is the faster
 twin at every fleet size measured; ``nexus_fast.scoring`` picks the twin by fleet size.
 
+The scalars of a placement come in one ``Query`` (a cdef class: the request and weights are
+converted to C floats once, on construction); the matrix layout is the C enum of
+``_ext/_scoring.pxd``, exported here as the same ints as the pure twin's constants.
+
 boundscheck/wraparound are off: every index is in ``[0, n)`` and ``n`` is checked against
 every array's length up front (tests/unit/test_scoring.py covers n = 0, 1 and the bounds).
 ``-ffp-contract=off`` keeps the compiler from fusing multiply-adds, which would round
@@ -22,26 +26,31 @@ and nothing is reassociated, so the choices are unchanged.
 
 from libc.math cimport INFINITY
 
-from nexus_fast._scoring_py import (
-    N_RESOURCES,
-    N_ROWS,
-    RESOURCE_NAMES,
-    ROW_AVAIL,
-    ROW_CAP,
-    ROW_FREE,
-    ROW_TASKS,
-)
+cimport _scoring
 
 __all__ = (
     "N_RESOURCES",
     "N_ROWS",
+    "N_WEIGHTS",
     "RESOURCE_NAMES",
     "ROW_AVAIL",
     "ROW_CAP",
     "ROW_FREE",
     "ROW_TASKS",
+    "Query",
     "pick_best",
 )
+
+# The matrix layout of _scoring.pxd, for Python (the same values as _scoring_py's).
+N_RESOURCES = _scoring.N_RESOURCES
+N_ROWS = _scoring.N_ROWS
+N_WEIGHTS = _scoring.N_WEIGHTS
+ROW_FREE = _scoring.ROW_FREE
+ROW_AVAIL = _scoring.ROW_AVAIL
+ROW_CAP = _scoring.ROW_CAP
+ROW_TASKS = _scoring.ROW_TASKS
+RESOURCE_NAMES = ("cpu", "memory", "gpu", "disk")
+_R_LIMIT = 2**63  # a Python int: r must fit the kernel's unsigned tie-break arithmetic
 
 # Below this many nodes the loop is shorter than releasing and re-taking the GIL.
 cdef Py_ssize_t NOGIL_MIN_NODES = 4096
@@ -56,15 +65,15 @@ cdef enum:
 
 
 cdef struct Kernel:
-    const float* free[4]  # cap - reserved: scored
-    const float* avail[4]  # cap - max(usage, reserved): filtered
-    const float* cap[4]
+    const float* free[_scoring.N_RESOURCES]  # cap - reserved: scored
+    const float* avail[_scoring.N_RESOURCES]  # cap - max(usage, reserved): filtered
+    const float* cap[_scoring.N_RESOURCES]
     const float* tasks
     const unsigned char* mask
     const float* spread
     const double* heartbeat
-    float req[4]
-    bint counted[4]
+    float req[_scoring.N_RESOURCES]
+    bint counted[_scoring.N_RESOURCES]
     float n_terms
     float t_max
     float t_div
@@ -107,7 +116,7 @@ cdef inline void _block(
     # filter: schedulable, and avail_j >= req_j for every requested resource
     for k in range(m):
         feas[k] = mk[k] != 0
-    for j in range(4):
+    for j in range(_scoring.N_RESOURCES):
         rq = p.req[j]
         if rq > ZERO:
             ap = p.avail[j] + i0
@@ -124,7 +133,7 @@ cdef inline void _block(
         for k in range(m):
             hi[k] = tot[k]
             lo[k] = tot[k]
-    for j in range(1, 4):
+    for j in range(1, _scoring.N_RESOURCES):
         if not p.counted[j]:
             continue
         rq = p.req[j]
@@ -223,32 +232,78 @@ cdef Py_ssize_t _pick(const Kernel* p, Py_ssize_t n, unsigned long long r) noexc
     return -1  # unreachable: the tied nodes were counted above
 
 
+cdef class Query:
+    """The scalars of one placement: what it asks for, how nodes are weighed, the clock.
+
+    The compiled twin of ``nexus_fast._scoring_py.Query``: same fields (read-only), same
+    validation; the request and weights are also kept as C floats for the kernel.
+    """
+
+    # What Python sees: the same fields as the pure twin's dataclass, read-only.
+    cdef readonly tuple req
+    cdef readonly tuple weights
+    cdef readonly double now
+    cdef readonly double node_timeout
+    cdef readonly double t_max
+    cdef readonly double s_max
+    cdef readonly long long r
+    # What the kernel reads: the request and weights as C floats, converted once.
+    cdef float c_req[_scoring.N_RESOURCES]
+    cdef float c_weights[_scoring.N_WEIGHTS]
+
+    def __init__(
+        self,
+        req,
+        weights,
+        double now,
+        double node_timeout,
+        double t_max,
+        double s_max=0.0,
+        r=0,
+    ):
+        cdef int j
+        # Any sequence is accepted and kept as a tuple, as the pure twin does.
+        self.req = req if type(req) is tuple else tuple(req)
+        self.weights = weights if type(weights) is tuple else tuple(weights)
+        if len(self.req) != _scoring.N_RESOURCES:
+            raise ValueError(f"req needs {N_RESOURCES} values, got {len(self.req)}")
+        if len(self.weights) != _scoring.N_WEIGHTS:
+            raise ValueError(f"weights needs {N_WEIGHTS} values, got {len(self.weights)}")
+        if not node_timeout > 0:
+            raise ValueError("node_timeout must be > 0")
+        if not 0 <= r < _R_LIMIT:
+            raise ValueError("r must be in [0, 2**63)")
+        for j in range(_scoring.N_RESOURCES):
+            self.c_req[j] = self.req[j]
+        for j in range(_scoring.N_WEIGHTS):
+            self.c_weights[j] = self.weights[j]
+        self.now = now
+        self.node_timeout = node_timeout
+        self.t_max = t_max
+        self.s_max = s_max
+        self.r = r
+
+    def __repr__(self):
+        return (
+            f"Query(req={self.req!r}, weights={self.weights!r}, now={self.now!r}, "
+            f"node_timeout={self.node_timeout!r}, t_max={self.t_max!r}, "
+            f"s_max={self.s_max!r}, r={self.r!r})"
+        )
+
+
 def pick_best(
     const float[:, ::1] feat,
     Py_ssize_t n,
     const unsigned char[::1] mask,
-    const float[::1] spread,
-    float s_max,
     const double[::1] heartbeat,
-    double now,
-    double node_timeout,
-    float t_max,
-    float req_cpu,
-    float req_mem,
-    float req_gpu,
-    float req_disk,
-    float w_least,
-    float w_most,
-    float w_balanced,
-    float w_spread,
-    float w_fresh,
-    long long r,
+    Query query not None,
+    const float[::1] spread=None,
 ):
     """Index (< n) of the best feasible node, or -1 if none is feasible (see _scoring_py)."""
     cdef Kernel p
     cdef int j
     cdef Py_ssize_t best
-    if feat.shape[0] < N_ROWS:
+    if feat.shape[0] < _scoring.N_ROWS:
         raise ValueError(f"feat needs {N_ROWS} rows, got {feat.shape[0]}")
     if n < 0 or n > feat.shape[1]:
         raise ValueError(f"n={n} out of range for {feat.shape[1]} columns")
@@ -256,43 +311,36 @@ def pick_best(
         raise ValueError("mask and heartbeat must cover n nodes")
     if spread is not None and spread.shape[0] < n:
         raise ValueError("spread must cover n nodes")
-    if not node_timeout > 0:
-        raise ValueError("node_timeout must be > 0")
-    if r < 0:
-        raise ValueError("r must be >= 0")
     if n == 0:
         return -1
-    for j in range(4):
-        p.free[j] = &feat[ROW_FREE + j, 0]
-        p.avail[j] = &feat[ROW_AVAIL + j, 0]
-        p.cap[j] = &feat[ROW_CAP + j, 0]
-    p.tasks = &feat[ROW_TASKS, 0]
+    for j in range(_scoring.N_RESOURCES):
+        p.free[j] = &feat[_scoring.ROW_FREE + j, 0]
+        p.avail[j] = &feat[_scoring.ROW_AVAIL + j, 0]
+        p.cap[j] = &feat[_scoring.ROW_CAP + j, 0]
+        p.req[j] = query.c_req[j]
+    p.tasks = &feat[_scoring.ROW_TASKS, 0]
     p.mask = &mask[0]
     p.heartbeat = &heartbeat[0]
-    p.req[0] = req_cpu
-    p.req[1] = req_mem
-    p.req[2] = req_gpu
-    p.req[3] = req_disk
     p.counted[0] = True
     p.counted[1] = True
-    p.counted[2] = req_gpu > ZERO
-    p.counted[3] = req_disk > ZERO
+    p.counted[2] = p.req[2] > ZERO
+    p.counted[3] = p.req[3] > ZERO
     p.n_terms = <float>(3 + p.counted[2] + p.counted[3])  # cpu, memory, tasks, gpu?, disk?
-    p.t_max = t_max
-    p.t_div = t_max + ONE
-    p.s_max = s_max
-    p.w_least = w_least
-    p.w_most = w_most
-    p.w_balanced = w_balanced
-    p.w_spread = w_spread
-    p.w_fresh = w_fresh
-    p.use_spread = spread is not None and w_spread != ZERO
+    p.t_max = <float>query.t_max
+    p.t_div = p.t_max + ONE
+    p.s_max = <float>query.s_max
+    p.w_least = query.c_weights[0]
+    p.w_most = query.c_weights[1]
+    p.w_balanced = query.c_weights[2]
+    p.w_spread = query.c_weights[3]
+    p.w_fresh = query.c_weights[4]
+    p.use_spread = spread is not None and p.w_spread != ZERO
     p.spread = &spread[0] if p.use_spread else NULL
-    p.stale = now - node_timeout
-    p.k = 2.0 / node_timeout
+    p.stale = query.now - query.node_timeout
+    p.k = 2.0 / query.node_timeout
     if n >= NOGIL_MIN_NODES:
         with nogil:
-            best = _pick(&p, n, <unsigned long long>r)
+            best = _pick(&p, n, <unsigned long long>query.r)
     else:
-        best = _pick(&p, n, <unsigned long long>r)
+        best = _pick(&p, n, <unsigned long long>query.r)
     return best

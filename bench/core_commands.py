@@ -1,7 +1,6 @@
 """Loop time per command in the core, without gRPC: submit, dispatch, ack, result.
 
-Drives the unit-test harness (real LmdbStore, NodeRegistry, Scheduler, CommandService) in
-process: 1,000 nodes, batches of 1,000, every command acked and succeeded, until all its
+Drives the core in process (``nexus_fast.core.assembly.CoreFabric`` on a real LmdbStore): 1,000 nodes, batches of 1,000, every command acked and succeeded, until all its
 writes are durable. ``PROF=1`` prints a cProfile of the run; ``TOTAL=N`` sets the count
 (e.g. a small one under ``valgrind --tool=callgrind``, whose instruction counts do not
 depend on what else the machine is doing).
@@ -15,22 +14,23 @@ import asyncio
 import cProfile
 import os
 import pstats
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.unit.fabric
-
+from nexus_fast.core.assembly import CoreFabric
 from nexus_fast.pb import fabric_pb2 as pb
-from tests.unit.fabric import Fabric
+from nexus_fast.store import LmdbStore
 
 
 async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> None:
-    fab = await Fabric(
-        Path(tempfile.mkdtemp()), queue_capacity=200_000, max_batch_size=batch, default_timeout=300
+    fab = await CoreFabric(
+        LmdbStore(Path(tempfile.mkdtemp()), map_size=1 << 24),
+        queue_capacity=200_000,
+        max_batch_size=batch,
+        default_timeout=300,
     ).start()
     sessions = [await fab.node(f"n{i:04d}") for i in range(nodes)]
     for session in sessions:

@@ -5,7 +5,7 @@ Baselines measured in the same run: a plain Python loop over the same feature-ma
 terms written directly over the same arrays with no tie-break, no weight skipping and no
 input checks (the floor a vectorised scorer of this layout can reach; the target is
 the selector within 1.5x of it at 10k). ``selector`` is ``nexus_fast.scoring.pick_best``,
-what the scheduler calls: compiled below ``CROSSOVER_NODES``, numpy at or above it.
+what the scheduler calls: the compiled twin whenever it is built.
 
 The fleet: four node shapes, random reservations (free rows, scored) and usage above them
 (available rows, filtered), 0..20 tasks per node, 2% not schedulable, all heartbeats fresh;
@@ -96,15 +96,15 @@ def test_score_one_placement(benchmark: Any, load_twin: Any, impl: str, n: int) 
         assert bare_numpy(feat, n, mask, hb, t_max) >= 0
         benchmark(bare_numpy, feat, n, mask, hb, t_max)
         return
-    if impl == "selector":
-        pick = scoring.pick_best
-    else:
-        pick = load_twin("scoring", "c" if impl == "c" else "py").pick_best
+    twin = scoring if impl == "selector" else load_twin("scoring", "c" if impl == "c" else "py")
+    pick, query = twin.pick_best, twin.Query
     rand = random.Random(1)
-    args = (feat, n, mask, None, 0.0, hb, NOW, TIMEOUT, t_max, *REQ, *W)
 
     def run() -> int:
-        return int(pick(*args, rand.getrandbits(62)))
+        # One Query per placement, as the scheduler builds it.
+        return int(
+            pick(feat, n, mask, hb, query(REQ, W, NOW, TIMEOUT, t_max, 0.0, rand.getrandbits(62)))
+        )
 
     assert run() >= 0
     benchmark(run)

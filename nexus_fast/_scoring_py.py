@@ -6,7 +6,9 @@ matrix up to date incrementally; nothing here allocates per node or knows node i
 
 Inputs
 ------
-``feat``: float32, shape ``(N_ROWS, capacity)``, C-contiguous, one row per feature, for each
+``pick_best(feat, n, mask, heartbeat, query, spread=None)``: the arrays are arguments, every
+scalar of the placement is in one ``Query`` (what is requested, the weights, the clock, the
+fleet maxima and the tie-break). ``feat``: float32, shape ``(N_ROWS, capacity)``, C-contiguous, one row per feature, for each
 resource ``j`` (0 cpu, 1 memory, 2 gpu, 3 disk):
 
 - ``ROW_FREE + j``: unreserved capacity, ``cap - reserved`` (what the SCORE reads);
@@ -18,10 +20,11 @@ and row ``ROW_TASKS`` the number of tasks placed on the node. Only the first ``n
 are read. ``mask`` (uint8, 0 or 1): the node is schedulable, matches the label selector and
 is not excluded. ``spread`` (float32 or None): per node, the
 number of tasks with the request's spread key already on nodes that share this node's value
-of that label, and ``s_max`` the largest such count in the fleet. ``t_max``: the largest task
-count in the fleet. (The scheduler maintains both maxima incrementally, so the kernel needs
+of that label, and ``query.s_max`` the largest such count in the fleet. ``query.t_max``: the
+largest task count in the fleet. (The scheduler maintains both maxima incrementally, so the kernel needs
 no extra pass for them.) ``heartbeat`` (float64): last heartbeat time, on the same clock as
-``now``.
+``query.now``. ``query.req`` is the request ``(cpu, memory, gpu, disk)`` and ``query.weights``
+the score weights ``(least, most, balanced, spread, fresh)``.
 Preconditions (the scheduler guarantees them): finite values, ``0 <= avail <= free <= cap``,
 ``cap > 0`` for cpu and memory (absent resources are stored with a tiny positive cap),
 ``0 <= tasks <= t_max``, ``0 <= spread <= s_max``, ``node_timeout > 0``, ``0 <= r < 2**63``.
@@ -70,7 +73,7 @@ still spread evenly and bin-packing still fills one node at a time.
 terms with weight 0 left out.
 
 Ties: every feasible node whose score equals the best exactly is tied; the caller's random
-integer ``r`` chooses the ``(r mod n_tied)``-th of them in index order.
+integer ``query.r`` chooses the ``(r mod n_tied)``-th of them in index order.
 
 Arithmetic (why the twins agree bit for bit): the filter compares float32 with float32
 (requests and weights are rounded to float32 first); every score term is computed in float32
@@ -82,6 +85,7 @@ compiler never fuses a multiply and an add.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
@@ -90,14 +94,18 @@ from numpy.typing import NDArray
 __all__ = (
     "N_RESOURCES",
     "N_ROWS",
+    "N_WEIGHTS",
     "RESOURCE_NAMES",
     "ROW_AVAIL",
     "ROW_CAP",
     "ROW_FREE",
     "ROW_TASKS",
+    "Query",
     "pick_best",
 )
 
+# The matrix rows; _ext/scoring.pxd declares the same values as a C enum for the compiled
+# twin (tests/unit/test_scoring.py checks that they agree).
 N_RESOURCES: Final = 4
 RESOURCE_NAMES: Final = ("cpu", "memory", "gpu", "disk")
 ROW_FREE: Final = 0  # cap - reserved: scored
@@ -105,18 +113,50 @@ ROW_AVAIL: Final = 4  # cap - max(usage, reserved): filtered
 ROW_CAP: Final = 8
 ROW_TASKS: Final = 12
 N_ROWS: Final = 13
+N_WEIGHTS: Final = 5  # least, most, balanced, spread, fresh
 
 _F32 = np.float32
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """The scalars of one placement: what it asks for, how nodes are weighed, the clock.
+
+    ``req``: the request ``(cpu, memory, gpu, disk)``; ``weights``: ``(least, most, balanced,
+    spread, fresh)``; ``now`` and ``node_timeout``: the heartbeat clock; ``t_max`` /
+    ``s_max``: the fleet's largest task count and spread count; ``r``: the tie-break
+    (``0 <= r < 2**63``). Both twins export a ``Query`` with these fields, validated on
+    construction; each twin's ``pick_best`` reads either.
+    """
+
+    req: tuple[float, float, float, float]
+    weights: tuple[float, float, float, float, float]
+    now: float
+    node_timeout: float
+    t_max: float
+    s_max: float = 0.0
+    r: int = 0
+
+    def __post_init__(self) -> None:
+        # Any sequence is accepted and kept as a tuple, as the compiled twin does.
+        object.__setattr__(self, "req", tuple(self.req))
+        object.__setattr__(self, "weights", tuple(self.weights))
+        if len(self.req) != N_RESOURCES:
+            raise ValueError(f"req needs {N_RESOURCES} values, got {len(self.req)}")
+        if len(self.weights) != N_WEIGHTS:
+            raise ValueError(f"weights needs {N_WEIGHTS} values, got {len(self.weights)}")
+        if not self.node_timeout > 0:
+            raise ValueError("node_timeout must be > 0")
+        if not 0 <= self.r < 1 << 63:
+            raise ValueError("r must be in [0, 2**63)")
 
 
 def _check(
     feat: NDArray[np.float32],
     n: int,
     mask: NDArray[np.uint8] | NDArray[np.bool_],
-    spread: NDArray[np.float32] | None,
     heartbeat: NDArray[np.float64],
-    node_timeout: float,
-    r: int,
+    spread: NDArray[np.float32] | None,
 ) -> None:
     if feat.dtype != np.float32 or feat.ndim != 2 or not feat.flags.c_contiguous:
         raise TypeError("feat must be a C-contiguous 2-D float32 array")
@@ -132,37 +172,29 @@ def _check(
         raise TypeError("heartbeat must be float64")
     if spread is not None and spread.dtype != np.float32:
         raise TypeError("spread must be float32")
-    if not node_timeout > 0:
-        raise ValueError("node_timeout must be > 0")
-    if r < 0:
-        raise ValueError("r must be >= 0")
 
 
 def pick_best(
     feat: NDArray[np.float32],
     n: int,
     mask: NDArray[np.uint8] | NDArray[np.bool_],
-    spread: NDArray[np.float32] | None,
-    s_max: float,
     heartbeat: NDArray[np.float64],
-    now: float,
-    node_timeout: float,
-    t_max: float,
-    req_cpu: float,
-    req_mem: float,
-    req_gpu: float,
-    req_disk: float,
-    w_least: float,
-    w_most: float,
-    w_balanced: float,
-    w_spread: float,
-    w_fresh: float,
-    r: int,
+    query: Query,
+    spread: NDArray[np.float32] | None = None,
 ) -> int:
     """Index (< n) of the best feasible node, or -1 if none is feasible (see module doc)."""
-    _check(feat, n, mask, spread, heartbeat, node_timeout, r)
+    _check(feat, n, mask, heartbeat, spread)
     if n == 0:
         return -1
+    req_cpu, req_mem, req_gpu, req_disk = query.req
+    w_least, w_most, w_balanced, w_spread, w_fresh = query.weights
+    now, node_timeout, t_max, s_max, r = (
+        query.now,
+        query.node_timeout,
+        query.t_max,
+        query.s_max,
+        query.r,
+    )
     req = (_F32(req_cpu), _F32(req_mem), _F32(req_gpu), _F32(req_disk))
     m = mask[:n]
     feas = m.copy() if m.dtype == np.bool_ else m != 0

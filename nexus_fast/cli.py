@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from nexus_fast.about import version_text
 from nexus_fast.config import ConfigError, load_config
 from nexus_fast.logs import configure_logging
+from nexus_fast.security.layer import check_security
 
 # Flag -> dotted config key; flags beat environment, which beats the file.
 _FLAG_KEYS = {
@@ -45,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv))[:1] in (["certs"], ["token"]):
+        from nexus_fast.security.tools import main as security_tool
+
+        return security_tool(sys.argv[1:] if argv is None else list(argv))
     args = _parser().parse_args(argv)
     if args.version:
         print(version_text())
@@ -54,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         config = load_config(args.config, overrides=overrides)
+        check_security(config)  # auth_required without TLS or a JWT key: exit 2
     except ConfigError as exc:
         print(f"nexus-fast: {exc}", file=sys.stderr)
         return 2

@@ -23,6 +23,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from nexus_fast.security.rbac import RbacConfig, RbacError, RoleConfig, parse_rbac
+
 __all__ = [
     "ENV_OVERRIDES",
     "CommandsConfig",
@@ -33,6 +35,8 @@ __all__ = [
     "LoggingConfig",
     "MonitoringConfig",
     "PerformanceConfig",
+    "RbacConfig",
+    "RoleConfig",
     "SchedulerConfig",
     "SecurityConfig",
     "ServerConfig",
@@ -185,7 +189,7 @@ def format_size(size: int) -> str:
 class _Spec:
     """How one field is parsed and range-checked."""
 
-    kind: str  # str | bool | int | float | port | duration | size | enum
+    kind: str  # str | bool | int | float | port | duration | size | enum | strlist | rbac
     min: float | None = None
     max: float | None = None
     positive: bool = False  # durations: strictly > 0
@@ -201,6 +205,15 @@ class _Spec:
             return "a string"
         if self.kind == "enum":
             return "one of " + ", ".join(self.choices)
+        if self.kind == "strlist":
+            if self.choices:
+                return "a list of " + ", ".join(self.choices)
+            return "a list of strings (or one comma-separated string)"
+        if self.kind == "rbac":
+            return (
+                "a [security.rbac] table: enabled (bool), default_role (str), "
+                "[[security.rbac.roles]] with name (str) and permissions (list of str)"
+            )
         if self.kind == "int":
             return "an integer" + _bounds(self.min, self.max, str)
         if self.kind == "float":
@@ -267,15 +280,43 @@ class MonitoringConfig:
     health_check_interval: float = _f(5.0, "duration", positive=True)
 
 
+TLS_VERSIONS: Final = ("1.2", "1.3")
+JWT_ALGORITHMS: Final = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256",
+                         "ES256", "ES384", "EdDSA")  # fmt: skip
+
+
+_DEFAULT_RBAC: Final = RbacConfig()  # frozen, so one shared default is safe
+
+
 @dataclass(frozen=True)
 class SecurityConfig:
-    """[security]: TLS / mTLS. ``tls_ca_file`` set means clients must present certs."""
+    """[security]: TLS / mTLS, authentication and authorisation (docs/security.md).
+
+    ``tls_ca_file`` set means clients must present certs on every TLS port.
+    """
 
     tls_enabled: bool = _f(False, "bool")
     tls_cert_file: str = _f("", "str")
     tls_key_file: str = _f("", "str")
     tls_ca_file: str = _f("", "str")
     auth_token: str = _f("", "str")
+    # Off: every port is open (development); start-up logs one WARNING saying so.
+    auth_required: bool = _f(False, "bool")
+    jwt_secret_file: str = _f("", "str")
+    jwt_public_key_file: str = _f("", "str")
+    # Empty: derived from the key (HS256 for a secret; RS256, ES256, EdDSA for a public key).
+    jwt_algorithms: tuple[str, ...] = _f((), "strlist", choices=JWT_ALGORITHMS)
+    jwt_issuer: str = _f("nexus-fast", "str")
+    jwt_audience: str = _f("nexus-fast", "str")
+    jwt_leeway: float = _f(30.0, "duration")
+    http_tls: bool = _f(False, "bool")
+    min_tls_version: str = _f("1.2", "enum", choices=TLS_VERSIONS)
+    cipher_suites: str = _f("", "str")
+    # Empty: only the server's own host:port (HTTP and WebSocket ports).
+    allowed_origins: tuple[str, ...] = _f((), "strlist")
+    # Empty: any Host header.
+    allowed_hosts: tuple[str, ...] = _f((), "strlist")
+    rbac: RbacConfig = _f(_DEFAULT_RBAC, "rbac")  # noqa: RUF009 (frozen dataclass)
 
     @property
     def mtls_enabled(self) -> bool:
@@ -443,6 +484,28 @@ def _convert(key: str, spec: _Spec, value: object, source: str, from_text: bool)
         if not isinstance(value, str):
             raise fail()
         return value
+    if kind == "strlist":
+        items: list[object]
+        if from_text and isinstance(value, str):
+            items = [part.strip() for part in value.split(",") if part.strip()]
+        elif isinstance(value, list | tuple):
+            items = list(value)
+        else:
+            raise fail()
+        if not all(isinstance(item, str) and item for item in items):
+            raise fail()
+        if spec.choices and any(item not in spec.choices for item in items):
+            raise fail()
+        return tuple(items)
+    if kind == "rbac":
+        try:
+            return parse_rbac(value)
+        except RbacError as exc:
+            where = f"{key}.{exc.key}" if exc.key else key
+            if exc.guess is not None or exc.unknown:
+                guess = exc.guess and f"{key}.{exc.guess}"
+                raise _unknown("key", where, exc.value, source, guess) from None
+            raise ConfigError(where, exc.value, exc.expected, source) from None
     if kind == "enum":
         if not isinstance(value, str) or value.strip().lower() not in spec.choices:
             raise fail()
@@ -633,6 +696,27 @@ def _check(cfg: Config, sources: Mapping[str, str], raw: Mapping[str, object]) -
     elif sec.tls_ca_file:
         # A client CA without TLS would silently leave mTLS off; refuse instead.
         raise err("security.tls_ca_file", "empty unless security.tls_enabled = true")
+    if sec.http_tls and not sec.tls_enabled:
+        raise err("security.http_tls", "false unless security.tls_enabled = true")
+    for key in ("security.jwt_secret_file", "security.jwt_public_key_file"):
+        path = getattr(sec, key.partition(".")[2])
+        if path and not Path(path).is_file():
+            raise err(key, "an existing file (or empty)")
+    hmac = [a for a in sec.jwt_algorithms if a.startswith("HS")]
+    if hmac and not sec.jwt_secret_file:
+        raise err("security.jwt_algorithms", f"no {hmac[0]} unless security.jwt_secret_file is set")
+    public = [a for a in sec.jwt_algorithms if not a.startswith("HS")]
+    if public and not sec.jwt_public_key_file:
+        raise err(
+            "security.jwt_algorithms", f"no {public[0]} unless security.jwt_public_key_file is set"
+        )
+    fixed = {"admin", "node"}
+    for role in sec.rbac.roles:
+        if role.name in fixed:
+            raise err("security.rbac", f"no [[security.rbac.roles]] named {role.name!r} (built in)")
+    known = {"admin", "operator", "viewer", "node", *(r.name for r in sec.rbac.roles)}
+    if sec.rbac.default_role and sec.rbac.default_role not in known:
+        raise err("security.rbac", f"default_role among {', '.join(sorted(known))}")
 
 
 def load_config(

@@ -1,13 +1,12 @@
 """Node scoring selector: the compiled kernel when it is built, numpy otherwise.
 
-Both twins (``_scoring_c`` and ``_scoring_py``) implement the same ``pick_best`` with the
-same arithmetic, so they choose the same node on the same input (tests/unit/test_scoring.py);
+Both twins (``_scoring_c`` and ``_scoring_py``) implement the same ``Query`` and
+``pick_best(feat, n, mask, heartbeat, query, spread=None)`` with the same arithmetic, so they choose the same node on the same input (tests/unit/test_scoring.py);
 the formulas are documented in ``nexus_fast/_scoring_py.py``. The compiled kernel has almost
 no per-call cost and runs SIMD over blocks of nodes in one pass; numpy pays ~25 array
 operations of fixed overhead per call and then several passes over whole rows and their
-temporaries. Below ``CROSSOVER_NODES`` the compiled twin runs, at or above it numpy does
-(measured with bench/test_bench_scoring.py, see the figures below). With
-``NEXUS_NO_EXTENSIONS=1`` (or no compiled build) numpy serves every size.
+temporaries. The compiled twin is faster at every fleet size measured (figures below), so it
+serves whenever it is built; with ``NEXUS_NO_EXTENSIONS=1`` (or no compiled build) numpy does.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from ._compat import NO_EXTENSIONS, REQUIRE_EXTENSIONS
 from ._scoring_py import (
     N_RESOURCES,
     N_ROWS,
+    N_WEIGHTS,
     RESOURCE_NAMES,
     ROW_AVAIL,
     ROW_CAP,
@@ -31,40 +31,44 @@ from ._scoring_py import (
 from ._scoring_py import pick_best as _numpy_pick
 
 __all__ = (
-    "CROSSOVER_NODES",
     "IMPLEMENTATION",
     "N_RESOURCES",
     "N_ROWS",
+    "N_WEIGHTS",
     "RESOURCE_NAMES",
     "ROW_AVAIL",
     "ROW_CAP",
     "ROW_FREE",
     "ROW_TASKS",
+    "Query",
     "pick_best",
 )
 
-# Fleet size (columns scanned) from which numpy serves. Measured with
-# bench/test_bench_scoring.py's fleet on the reference machine (2-core Xeon VM), since the
-# compiled kernel runs SIMD over blocks: compiled 1.2 us @ 100, 4.6 us @ 1k, 39 us @ 10k,
-# 0.64 ms @ 100k, 7.3 ms @ 1M nodes; numpy 29 us @ 100, 37 us @ 1k, 80 us @ 10k,
-# 1.2 ms @ 100k, 19 ms @ 1M. The compiled twin is faster at every size measured, so numpy
-# serves only beyond the largest one (before the blocked kernel the two met at ~6k nodes).
-CROSSOVER_NODES: Final = 1 << 20
-
+# Measured with bench/test_bench_scoring.py's fleet on the reference machine (2-core Xeon VM):
+# compiled 1.2 us @ 100, 4.6 us @ 1k, 39 us @ 10k, 0.64 ms @ 100k, 7.3 ms @ 1M nodes; numpy
+# 29 us @ 100, 37 us @ 1k, 80 us @ 10k, 1.2 ms @ 100k, 19 ms @ 1M. The compiled kernel wins at
+# every size, so there is no crossover (before the blocked kernel the two met at ~6k nodes).
 _UINT8: Final = np.dtype(np.uint8)
 
+# ``Query`` is the compiled twin's when it is built (its kernel reads the C fields of that
+# class only); the numpy twin reads the fields of either.
 _compiled_pick: Callable[..., int] | None
 if TYPE_CHECKING or NO_EXTENSIONS:
+    from ._scoring_py import Query
+
     _compiled_pick = None
     IMPLEMENTATION = "py"
 else:
     try:
+        from ._scoring_c import Query
         from ._scoring_c import pick_best as _compiled_pick
 
         IMPLEMENTATION = "c"
     except ImportError:  # pragma: no cover - depends on the build
         if REQUIRE_EXTENSIONS:
             raise
+        from ._scoring_py import Query
+
         _compiled_pick = None
         IMPLEMENTATION = "py"
 
@@ -72,51 +76,19 @@ else:
 def pick_best(
     feat: NDArray[np.float32],
     n: int,
-    mask: NDArray[np.uint8],
-    spread: NDArray[np.float32] | None,
-    s_max: float,
+    mask: NDArray[np.uint8] | NDArray[np.bool_],
     heartbeat: NDArray[np.float64],
-    now: float,
-    node_timeout: float,
-    t_max: float,
-    req_cpu: float,
-    req_mem: float,
-    req_gpu: float,
-    req_disk: float,
-    w_least: float,
-    w_most: float,
-    w_balanced: float,
-    w_spread: float,
-    w_fresh: float,
-    r: int,
+    query: Query,
+    spread: NDArray[np.float32] | None = None,
 ) -> int:
-    """Index (< n) of the best feasible node, or -1; the twin is chosen by ``n``.
+    """Index (< n) of the best feasible node, or -1.
 
     ``mask`` is uint8 (0/1); a bool array is viewed as uint8 for the compiled twin.
-    Arguments and formulas: see ``nexus_fast._scoring_py``.
+    ``query`` is a ``Query`` of this module. Arguments and formulas: see
+    ``nexus_fast._scoring_py``.
     """
-    pick = _compiled_pick if _compiled_pick is not None and n < CROSSOVER_NODES else _numpy_pick
+    pick = _compiled_pick if _compiled_pick is not None else _numpy_pick
     dtype = mask.dtype
     if dtype is not _UINT8 and dtype == np.bool_:  # identity first: `==` costs ~70 ns a call
         mask = mask.view(np.uint8)
-    return pick(
-        feat,
-        n,
-        mask,
-        spread,
-        s_max,
-        heartbeat,
-        now,
-        node_timeout,
-        t_max,
-        req_cpu,
-        req_mem,
-        req_gpu,
-        req_disk,
-        w_least,
-        w_most,
-        w_balanced,
-        w_spread,
-        w_fresh,
-        r,
-    )
+    return pick(feat, n, mask, heartbeat, query, spread)

@@ -28,17 +28,20 @@ from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
+from nexus_fast.codec.json import agent_to_dict, command_to_dict, node_to_dict
 from nexus_fast.config import Config
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService, CommandSettings
-from nexus_fast.core.events import EventBus, agent_to_dict, command_to_dict
+from nexus_fast.core.events import EventBus
 from nexus_fast.core.fleet import SchedulerFeed
-from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, node_to_dict
+from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.errors import InvalidArgument, NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.security.layer import OPEN_API_WARNING, SecurityLayer
+from nexus_fast.security.tls import server_ssl_context
 from nexus_fast.store.lmdb_store import LmdbStore
 from nexus_fast.telemetry import metrics
 
@@ -99,6 +102,8 @@ class NexusServer:
         # Loaded and attached to store.on_commit right after store.open(), before any commit.
         self.events = EventBus(self.store, config.events, perf.event_buffer_size)
         self._grpc: grpc.aio.Server | None = None
+        # None when security.auth_required = false: nothing is installed, ports are open.
+        self.security = SecurityLayer.from_config(config)
         self._health = health.aio.HealthServicer()
         self.grpc_port = 0
         self._ws: WebSocketServer | None = None
@@ -120,6 +125,8 @@ class NexusServer:
             extra={"version": nexus_fast.__version__, **nexus_fast.implementation()},
         )
 
+        if self.security is None:
+            log.warning(OPEN_API_WARNING)
         await self.store.open()
         self.events.load()
         self.store.on_commit = self.events.publish_committed
@@ -148,11 +155,14 @@ class NexusServer:
                 max_connections=cfg.server.max_connections,
                 max_message_size=cfg.server.max_message_size,
                 ssl_context=self._server_ssl_context(),
-                on_message=EventStreamProtocol(
-                    self.events,
-                    max_subscriptions=cfg.events.max_subscriptions,
-                    submit_commands=self.commands.submit,
+                on_message=self._guard_ws(
+                    EventStreamProtocol(
+                        self.events,
+                        max_subscriptions=cfg.events.max_subscriptions,
+                        submit_commands=self.commands.submit,
+                    )
                 ),
+                admit=self.security.ws.admit if self.security else None,
             )
             await _bind("websocket", cfg.server.websocket_port, self._ws.start())
             self._http = HttpServer(
@@ -161,6 +171,8 @@ class NexusServer:
                 self,
                 metrics_enabled=cfg.monitoring.metrics_enabled,
                 dashboard_enabled=cfg.monitoring.dashboard_enabled,
+                ssl_context=self._server_ssl_context() if cfg.security.http_tls else None,
+                middlewares=self.security.http_middlewares() if self.security else (),
                 events=self.events,
             )
             await _bind("http", cfg.server.http_port, self._http.start())
@@ -197,6 +209,7 @@ class NexusServer:
         cfg = self.config
         size = cfg.server.max_message_size
         server = grpc.aio.server(
+            interceptors=self.security.grpc_interceptors() if self.security else None,
             options=[
                 # grpc sets SO_REUSEPORT by default, which would let a second server
                 # silently share the port instead of failing.
@@ -207,7 +220,7 @@ class NexusServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
-            ]
+            ],
         )
         add_node_service(NodeService(self.nodes, self.commands, self.agents), server)
         add_control_service(
@@ -246,15 +259,11 @@ class NexusServer:
         )
 
     def _server_ssl_context(self) -> ssl.SSLContext | None:
-        sec = self.config.security
-        if not sec.tls_enabled:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
-        if sec.tls_ca_file:
-            context.load_verify_locations(sec.tls_ca_file)
-            context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        return server_ssl_context(self.config.security)
+
+    def _guard_ws(self, on_message: Any) -> Any:
+        """The WebSocket op handler, behind the per-op permission check when auth is on."""
+        return self.security.ws.guard(on_message) if self.security else on_message
 
     def request_stop(self) -> None:
         self._stop_requested.set()

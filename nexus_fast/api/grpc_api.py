@@ -25,6 +25,7 @@ from nexus_fast.core.nodes import NodeRegistry, Session, validate_node_id
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+from nexus_fast.security.grpc_auth import check_node_id
 from nexus_fast.telemetry import metrics
 
 log = get_logger("grpc")
@@ -129,6 +130,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
             ) from None
         if first is grpc.aio.EOF:
             return
+        await check_node_id(context, first.node_id)  # nodes act only as themselves
         session = await self._registry.open_session(first.node_id, first.session_epoch)
         metrics.GRPC_CONNECTIONS_ACTIVE.inc()
         reader = asyncio.get_running_loop().create_task(

@@ -23,7 +23,8 @@ import grpc
 
 from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.status import OLDEST_INDEX_TRAILER, RESUME_AFTER_TRAILER
-from nexus_fast.core.events import EventBus, Subscription, batch_bytes, bookmark_bytes
+from nexus_fast.codec.frames import batch_bytes, bookmark_bytes
+from nexus_fast.core.events import EventBus, Subscription
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from nexus_fast.telemetry import metrics

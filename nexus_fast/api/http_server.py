@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from ssl import SSLContext
 from typing import Any, Final, Protocol
@@ -249,6 +249,7 @@ class HttpServer:
         dashboard_enabled: bool = True,
         ssl_context: SSLContext | None = None,
         events: EventBus | None = None,
+        middlewares: Sequence[Any] = (),
     ) -> None:
         self.host = host
         self.events = HttpEvents(events) if events is not None else None
@@ -257,6 +258,8 @@ class HttpServer:
         self.dashboard_enabled = dashboard_enabled
         self._requested_port = port
         self._ssl_context = ssl_context
+        # Run inside _middleware, so their answers get the same headers and metrics.
+        self._middlewares = tuple(middlewares)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._dashboard: bytes | None = None
@@ -316,7 +319,7 @@ class HttpServer:
     # --- app ------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware])
+        app = web.Application(middlewares=[self._middleware, *self._middlewares])
         app.on_response_prepare.append(_set_common_headers)
         router = app.router
         router.add_get("/health", self._health)

@@ -33,7 +33,8 @@ from nexus_fast.api.ws_server import (
     FRAME_HEADROOM,
     Connection,
 )
-from nexus_fast.core.events import EventBus, EventEnvelope, Subscription
+from nexus_fast.codec.frames import EventEnvelope
+from nexus_fast.core.events import EventBus, Subscription
 from nexus_fast.errors import NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb

@@ -51,11 +51,13 @@ __all__ = [
     "ERROR_BAD_REQUEST",
     "ERROR_UNKNOWN_OP",
     "REJECT_AUTH_ERROR",
+    "REJECT_FORBIDDEN",
     "REJECT_NOT_FOUND",
     "REJECT_SHUTTING_DOWN",
     "REJECT_TOO_MANY_CONNECTIONS",
     "REJECT_UNAUTHORIZED",
     "WS_PATH",
+    "Admit",
     "Authenticate",
     "Connection",
     "OnMessage",
@@ -105,6 +107,8 @@ REJECT_SHUTTING_DOWN: Final = "shutting_down"
 REJECT_UNAUTHORIZED: Final = "unauthorized"
 # The authenticate hook itself raised (HTTP 500); logged, never shown to the client.
 REJECT_AUTH_ERROR: Final = "auth_error"
+# The admit hook refused the request (HTTP 403, e.g. a foreign Origin).
+REJECT_FORBIDDEN: Final = "forbidden"
 
 # Bytes one connection may queue while its socket is paused before it is cut off.
 DEFAULT_MAX_SEND_BUFFER: Final = 4 * 1024 * 1024
@@ -118,6 +122,10 @@ _AUTO_PING_REPLY: Final = 20.0
 
 Authenticate = Callable[[dict[str, str], dict[str, str]], "str | None"]
 """``authenticate(headers, query) -> error or None``; header names are lower-case."""
+
+Admit = Callable[[dict[str, str], dict[str, str]], "tuple[int, str] | MutableMapping[str, object]"]
+"""``admit(headers, query)``: ``(401 or 403, message)`` refuses the upgrade; a mapping is
+copied into the new connection's ``state`` (e.g. its principal)."""
 
 OnMessage = Callable[["Connection", dict[str, Any]], None]
 """``on_message(connection, message)`` for every op other than ``ping``."""
@@ -297,6 +305,13 @@ class Connection(WSListener):
         """Drop the socket now, without waiting for the closing handshake."""
         if self._transport is not None and not self._transport.is_disconnected:
             self._transport.disconnect(graceful=False)
+
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The client certificate the TLS handshake verified (``getpeercert()``), if any."""
+        if self._transport is None:
+            return None
+        cert = self._transport.underlying_transport.get_extra_info("peercert")
+        return cert if isinstance(cert, dict) and cert else None
 
     def add_close_callback(self, callback: Callable[[Connection], None]) -> None:
         """Call ``callback(connection)`` once the connection is gone (e.g. unsubscribe)."""
@@ -501,6 +516,7 @@ class WebSocketServer:
         max_message_size: int,
         ssl_context: SSLContext | None = None,
         authenticate: Authenticate | None = None,
+        admit: Admit | None = None,
         on_message: OnMessage | None = None,
         max_send_buffer: int = DEFAULT_MAX_SEND_BUFFER,
     ) -> None:
@@ -513,6 +529,7 @@ class WebSocketServer:
         self.max_message_size = max_message_size
         self.max_send_buffer = max_send_buffer
         self.authenticate = authenticate
+        self.admit = admit
         self.on_message = on_message
         self._requested_port = port
         self._ssl_context = ssl_context
@@ -635,9 +652,20 @@ class WebSocketServer:
                 )
             if error is not None:
                 return _refuse(HTTPStatus.UNAUTHORIZED, REJECT_UNAUTHORIZED, error)
+        admitted: MutableMapping[str, object] = {}
+        if self.admit is not None:
+            verdict = self.admit(headers, query)
+            if isinstance(verdict, tuple):
+                status, message = verdict
+                if status == HTTPStatus.UNAUTHORIZED:
+                    return _refuse(HTTPStatus.UNAUTHORIZED, REJECT_UNAUTHORIZED, message)
+                return _refuse(HTTPStatus.FORBIDDEN, REJECT_FORBIDDEN, message)
+            admitted = verdict
         # Counted in on_ws_connected: picows calls it synchronously right after this
         # returns, so the limit check above cannot race with another upgrade.
-        return Connection(self, headers, query)
+        connection = Connection(self, headers, query)
+        connection.state.update(admitted)
+        return connection
 
     def _connection_opened(self, conn: Connection) -> None:
         self._connections.add(conn)

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-import orjson
-
+from nexus_fast.clock import now_ms
+from nexus_fast.codec.json import agent_start_payload, agent_stop_payload
+from nexus_fast.codec.protowire import event
 from nexus_fast.core.commands import FINAL_STATES, SUCCEEDED, CommandService
 from nexus_fast.core.nodes import validate_labels, validate_resources
 from nexus_fast.core.periodic import Periodic
@@ -54,10 +54,6 @@ MAX_SPEC_SIZE: Final = 1024 * 1024
 MAX_PLACEMENTS: Final = 5
 _TICK: Final = 1.0
 _NAME_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class AgentService:
@@ -205,7 +201,7 @@ class AgentService:
             record = await self._commands.submit_internal(
                 pb.CommandSpec(
                     kind="agent.stop",
-                    payload=orjson.dumps({"agent_id": agent.id, "name": agent.name}),
+                    payload=agent_stop_payload(agent),
                     target_node=agent.node_id,
                 ),
                 agent.id,
@@ -259,14 +255,7 @@ class AgentService:
             record = await self._commands.submit_internal(
                 pb.CommandSpec(
                     kind="agent.start",
-                    payload=orjson.dumps(
-                        {
-                            "agent_id": agent.id,
-                            "name": agent.name,
-                            "replica": agent.replica,
-                            "spec": agent.spec.spec.decode("utf-8", "replace"),
-                        }
-                    ),
+                    payload=agent_start_payload(agent),
                     target_node=agent.node_id,
                 ),
                 agent.id,
@@ -411,15 +400,7 @@ class AgentService:
         for agent in agents:
             body = agent.SerializeToString()
             ops.append(Put(AGENTS_DB, agent.id.encode(), body))
-            events.append(
-                pb.Event(
-                    time_ms=ts,
-                    topic="agent",
-                    type=f"agent.{STATE_NAMES[agent.state]}",
-                    key=agent.id,
-                    payload=body,
-                ).SerializeToString()
-            )
+            events.append(event("agent", f"agent.{STATE_NAMES[agent.state]}", agent.id, body, ts))
         return self._store.commit(ops, events)
 
     def _save_later(self, agents: Sequence[pb.Agent]) -> None:

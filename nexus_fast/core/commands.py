@@ -16,9 +16,12 @@ timed_out | cancelled``. The rules that make it trustworthy:
   of the command's timeout; an expired stage uses up an attempt, and the last
   attempt ends in ``timed_out``. A node going down retries its commands elsewhere.
 
-Records live in the ``commands`` database under ``c/<id>``; finished ones are
-indexed under ``x/<finished_ms>/<id>`` and dropped after ``final_retention``,
-which is also how long an idempotency key is remembered.
+This module is the state machine: validation, placement, transitions, deadlines,
+waiters and metrics. It hands records to the :class:`~nexus_fast.core.command_log.CommandLog`
+(persistence, group commit) and, once durable, to the
+:class:`~nexus_fast.core.dispatch.Dispatcher` (per-node queues, in-flight, streams). A
+submit walks one way: API -> here (validate, place) -> log (commit) -> dispatcher (queue)
+-> the node's stream.
 """
 
 from __future__ import annotations
@@ -28,24 +31,35 @@ import dataclasses
 import heapq
 import itertools
 import os
-import re
-import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
+from nexus_fast.clock import now_ms
+from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
+from nexus_fast.core.command_spec import MAX_PRIORITY, validate_spec
+from nexus_fast.core.command_states import (
+    ACKED,
+    CANCELLED,
+    DISPATCHED,
+    FAILED,
+    FINAL_STATES,
+    PENDING,
+    PLACED,
+    STATE_NAMES,
+    SUCCEEDED,
+    TIMED_OUT,
+)
+from nexus_fast.core.dispatch import Dispatcher
 from nexus_fast.core.nodes import (
     NodeRegistry,
     Session,
-    validate_labels,
     validate_node_id,
-    validate_resources,
 )
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
-from nexus_fast.core.wire import SMALL_VARINTS, length_delimited, varint
 from nexus_fast.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -54,58 +68,34 @@ from nexus_fast.errors import (
 )
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
-from nexus_fast.queue import CommandQueue
-from nexus_fast.store.base import CommitResult, Delete, Put, StateStore
+from nexus_fast.store.base import StateStore
 from nexus_fast.telemetry import metrics
+
+__all__ = [
+    "ACKED",
+    "CANCELLED",
+    "COMMANDS_DB",
+    "DISPATCHED",
+    "FAILED",
+    "FINAL_STATES",
+    "PENDING",
+    "PLACED",
+    "STATE_NAMES",
+    "SUCCEEDED",
+    "TIMED_OUT",
+    "CommandService",
+    "CommandSettings",
+]
 
 log = get_logger("commands")
 
-COMMANDS_DB: Final = "commands"
-_RECORD: Final = b"c/"
-_EXPIRY: Final = b"x/"
-
-PENDING: Final = pb.COMMAND_STATE_PENDING
-PLACED: Final = pb.COMMAND_STATE_PLACED
-DISPATCHED: Final = pb.COMMAND_STATE_DISPATCHED
-ACKED: Final = pb.COMMAND_STATE_ACKED
-SUCCEEDED: Final = pb.COMMAND_STATE_SUCCEEDED
-FAILED: Final = pb.COMMAND_STATE_FAILED
-TIMED_OUT: Final = pb.COMMAND_STATE_TIMED_OUT
-CANCELLED: Final = pb.COMMAND_STATE_CANCELLED
-FINAL_STATES: Final = frozenset({SUCCEEDED, FAILED, TIMED_OUT, CANCELLED})
-STATE_NAMES: Final[dict[int, str]] = {
-    PENDING: "pending",
-    PLACED: "placed",
-    DISPATCHED: "dispatched",
-    ACKED: "acked",
-    SUCCEEDED: "succeeded",
-    FAILED: "failed",
-    TIMED_OUT: "timed_out",
-    CANCELLED: "cancelled",
-}
-
-MAX_PRIORITY: Final = 2
-MAX_TIMEOUT_MS: Final = 24 * 3600 * 1000
-MAX_ATTEMPTS: Final = 100
-MAX_KIND_LEN: Final = 128
-MAX_ID_LEN: Final = 128
 MAX_WAIT_IDS: Final = 10_000
 MAX_LIST_PAGE: Final = 5000
 DEFAULT_LIST_PAGE: Final = 500
 # A list call reads at most this many records before returning a partial page.
 _LIST_SCAN_LIMIT: Final = 50_000
-# Slot 0 of the queue holds commands waiting for a node; nodes get 1.. .
-_UNPLACED: Final = 0
 _TICK: Final = 0.1
-# Events carry the record; payloads above this size are left out of the event copy.
-_EVENT_PAYLOAD_LIMIT: Final = 1024
 _NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
-
-_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)
@@ -133,33 +123,24 @@ class CommandService:
         self._scheduler = scheduler
         self.settings = settings
         self._active: dict[str, pb.CommandRecord] = {}
-        # Finished, but the write of the final state is not durable yet: reads must see this
-        # record, not the older state still in the store (a wait() would miss its end).
-        self._finishing: dict[str, pb.CommandRecord] = {}
-        self._queue: CommandQueue[str] = CommandQueue(
-            settings.queue_capacity, lanes=MAX_PRIORITY + 1
+        self._log = CommandLog(store)
+        self._dispatch = Dispatcher(
+            nodes,
+            scheduler.slots,
+            self._active,
+            capacity=settings.queue_capacity,
+            priorities=MAX_PRIORITY + 1,
+            batch_size=settings.max_batch_size,
+            sent=self._dispatched,
         )
-        self._slots: dict[str, int] = {}
-        self._free_slots: list[int] = []
-        self._next_slot = 1
-        # Dispatched or acked, per node, in dispatch order: re-sent when the node reconnects.
-        self._inflight: dict[str, dict[str, None]] = {}
         # (deadline, seq, id, stage); an entry is live while its stage number is current.
         self._deadlines: list[tuple[float, int, str, int]] = []
         self._stage: dict[str, int] = {}
         self._seq = 0
         self._waiters: dict[str, list[asyncio.Queue[pb.CommandRecord]]] = {}
-        self._dirty_nodes: set[str] = set()
-        self._dispatch_handle: asyncio.Handle | None = None
         self._pending_dirty = False
         self._submitted_at: dict[str, float] = {}
         self._ticker = Periodic("commands", self._tick, log)
-        self._writes: set[asyncio.Future[CommitResult]] = set()
-        # Writes staged for the next commit (see _save_later).
-        self._batch_ops: list[Put | Delete] = []
-        self._batch_events: list[bytes] = []
-        self._batch_final: list[pb.CommandRecord] = []
-        self._flush_handle: asyncio.Handle | None = None
         # Children looked up once (labels() is a dict lookup and a check), and exported
         # at zero so rate() works from the first scrape.
         self._processed: dict[int, metrics.LoopCounter] = {
@@ -177,13 +158,10 @@ class CommandService:
 
     def load(self) -> int:
         """Restore every non-final command after a restart; returns how many."""
-        for _, value in self._store.scan(COMMANDS_DB, prefix=_RECORD):
-            record = pb.CommandRecord.FromString(value)
-            if record.state in FINAL_STATES:
-                continue
+        for record in self._log.load():
             self._active[record.id] = record
             self._restore(record)
-        metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
+        metrics.COMMAND_QUEUE_DEPTH.set(len(self._dispatch))
         return len(self._active)
 
     def _restore(self, record: pb.CommandRecord) -> None:
@@ -192,11 +170,11 @@ class CommandService:
         if state in (PLACED, DISPATCHED, ACKED) and self._node_live(node_id):
             self._scheduler.reserve(node_id, record.spec.placement.request, self._spread(record))
             if state == PLACED:
-                self._push(node_id, record)
+                self._dispatch.push(record, node_id)
             else:
                 # The restart gives the attempt a fresh deadline, on the node's side too.
                 record.dispatched_ms = now_ms()
-                self._inflight.setdefault(node_id, {})[record.id] = None
+                self._dispatch.restore_inflight(node_id, record.id)
             self._set_deadline(record)
             return
         # Its node is down or gone (or it never had one): place it again.
@@ -227,17 +205,12 @@ class CommandService:
 
     async def stop(self) -> None:
         await self._ticker.stop()
-        if self._dispatch_handle is not None:
-            self._dispatch_handle.cancel()
-            self._dispatch_handle = None
+        self._dispatch.stop()
         await self.flush()
 
     async def flush(self) -> None:
         """Commit the staged writes now and wait until every write so far is durable."""
-        if self._batch_ops or self._batch_events:
-            self._flush()
-        if self._writes:
-            await asyncio.gather(*self._writes, return_exceptions=True)
+        await self._log.flush()
 
     # ------------------------------------------------------------ queries
 
@@ -251,13 +224,10 @@ class CommandService:
     def get(self, command_id: str) -> pb.CommandRecord:
         if not command_id:
             raise InvalidArgument("id", "must not be empty")
-        record = self._active.get(command_id) or self._finishing.get(command_id)
-        if record is not None:
-            return record
-        stored = self._store.get(COMMANDS_DB, _RECORD + command_id.encode())
-        if stored is None:
+        record = self._active.get(command_id) or self._log.read(command_id)
+        if record is None:
             raise NotFound(f"command {command_id!r} not found")
-        return pb.CommandRecord.FromString(stored)
+        return record
 
     def list_commands(
         self,
@@ -274,20 +244,20 @@ class CommandService:
         if page_size > MAX_LIST_PAGE:
             raise InvalidArgument("page_size", f"must be 0..{MAX_LIST_PAGE}")
         size = page_size or DEFAULT_LIST_PAGE
-        start = _RECORD + page_token.encode() + b"\x00" if page_token else None
+        after = page_token or None
         page: list[pb.CommandRecord] = []
         scanned = 0
         last = ""
+        finishing = self._log.finishing
         while len(page) < size and scanned < _LIST_SCAN_LIMIT:
-            chunk = self._store.scan(COMMANDS_DB, prefix=_RECORD, start=start, limit=1000)
+            chunk = self._log.scan(after, 1000)
             if not chunk:
                 return page, ""
-            for key, value in chunk:
+            for last, value in chunk:
                 scanned += 1
-                last = key[len(_RECORD) :].decode()
                 record = (
                     self._active.get(last)
-                    or self._finishing.get(last)
+                    or finishing.get(last)
                     or pb.CommandRecord.FromString(value)
                 )
                 if (not wanted or record.state in wanted) and (
@@ -296,8 +266,8 @@ class CommandService:
                     page.append(record)
                     if len(page) == size:
                         break
-            start = _RECORD + last.encode() + b"\x00"
-        more = bool(self._store.scan(COMMANDS_DB, prefix=_RECORD, start=start, limit=1))
+            after = last
+        more = bool(self._log.scan(after, 1))
         return page, last if more else ""
 
     # ------------------------------------------------------------ submit
@@ -325,19 +295,21 @@ class CommandService:
                 retry_after=1.0,
             )
         placed = self._place([(r, frozenset()) for r in new])
+        now = time.monotonic()
         for record in new:
             self._active[record.id] = record
-            self._submitted_at[record.id] = time.monotonic()
+            self._submitted_at[record.id] = now
         try:
-            commit = await self._save(new) if new else None
+            commit = await self._log.save(new) if new else None
         except BaseException:
             for record in new:
                 self._forget(record)
             raise
         # Durable: only now may the commands flow to nodes.
-        for record, node in zip(new, placed, strict=True):
-            self._enqueue(record, node)
-        metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
+        live: dict[str, bool] = {}  # one registry look-up per node, not per command
+        for record, placement in zip(new, placed, strict=True):
+            self._enqueue(record, placement, live)
+        metrics.COMMAND_QUEUE_DEPTH.set(len(self._dispatch))
         response = pb.SubmitCommandsResponse(
             index=commit.last_event_index if commit else self._store.last_event_index
         )
@@ -362,17 +334,16 @@ class CommandService:
         for spec in specs:
             key = spec.idempotency_key
             if key and key not in known:
-                record = self._active.get(key) or self._finishing.get(key)
+                record = self._active.get(key) or self._log.finishing.get(key)
                 if record is not None:
                     known[key] = record
                 else:
                     missing.append(key)
         if missing:
             missing = list(dict.fromkeys(missing))
-            values = self._store.get_many(COMMANDS_DB, [_RECORD + k.encode() for k in missing])
-            for key, value in zip(missing, values, strict=True):
-                if value is not None:
-                    known[key] = pb.CommandRecord.FromString(value)
+            for key, stored in zip(missing, self._log.read_many(missing), strict=True):
+                if stored is not None:
+                    known[key] = stored
         return known
 
     def _validate_batch(self, specs: Sequence[pb.CommandSpec]) -> None:
@@ -387,30 +358,7 @@ class CommandService:
             self._validate_spec(spec, f"commands[{i}]")
 
     def _validate_spec(self, spec: pb.CommandSpec, at: str) -> None:
-        key = spec.idempotency_key
-        if key and (len(key) > MAX_ID_LEN or not _ID_RE.match(key)):
-            raise InvalidArgument(
-                f"{at}.idempotency_key",
-                f"must be 1..{MAX_ID_LEN} characters of letters, digits and . _ : / @ -",
-            )
-        if not spec.kind or len(spec.kind) > MAX_KIND_LEN:
-            raise InvalidArgument(f"{at}.kind", f"must be 1..{MAX_KIND_LEN} characters")
-        if len(spec.payload) > self.settings.max_payload_size:
-            raise InvalidArgument(
-                f"{at}.payload",
-                f"{len(spec.payload)} bytes exceeds the limit of {self.settings.max_payload_size}",
-            )
-        if spec.priority > MAX_PRIORITY:
-            raise InvalidArgument(f"{at}.priority", f"must be 0..{MAX_PRIORITY}")
-        if spec.timeout_ms > MAX_TIMEOUT_MS:
-            raise InvalidArgument(f"{at}.timeout_ms", f"must be at most {MAX_TIMEOUT_MS} (24h)")
-        if spec.max_attempts > MAX_ATTEMPTS:
-            raise InvalidArgument(f"{at}.max_attempts", f"must be at most {MAX_ATTEMPTS}")
-        placement = spec.placement
-        validate_labels(placement.label_selector, f"{at}.placement.label_selector")
-        validate_resources(placement.request, f"{at}.placement.request")
-        if placement.spread_key:
-            validate_labels({placement.spread_key: ""}, f"{at}.placement.spread_key")
+        validate_spec(spec, at, self.settings.max_payload_size)
         if spec.target_node:
             validate_node_id(spec.target_node, f"{at}.target_node")
             try:
@@ -439,26 +387,36 @@ class CommandService:
     async def submit_internal(self, spec: pb.CommandSpec, agent_id: str) -> pb.CommandRecord:
         """Submit one command on behalf of the core (agent start/stop), already validated."""
         record = self._new_record(spec, agent_id)
-        (node,) = self._place([(record, frozenset())])
+        (placement,) = self._place([(record, frozenset())])
         self._active[record.id] = record
         self._submitted_at[record.id] = time.monotonic()
-        await self._save([record])
-        self._enqueue(record, node)
+        await self._log.save([record])
+        self._enqueue(record, placement, {})
         return record
 
-    def _enqueue(self, record: pb.CommandRecord, node: str) -> None:
-        """Queue a just-committed record for its node, or to wait for one."""
-        if node and not self._node_live(node):
-            # The node went down while the commit was in flight: place it again instead.
-            self._scheduler.release(node, record.spec.placement.request, self._spread(record))
-            record.attempt -= 1
-            record.state = PENDING
-            record.node_id = ""
-            record.reason = f"node {node} went down"
-            node = ""
-            self._save_later([record])
+    def _enqueue(
+        self, record: pb.CommandRecord, placement: tuple[str, int], live: dict[str, bool]
+    ) -> None:
+        """Queue a just-committed record for its node, or to wait for one.
+
+        ``live`` caches, per node, whether it is still up (the batch's look-ups).
+        """
+        node, slot = placement
         if node:
-            self._push(node, record)
+            up = live.get(node)
+            if up is None:
+                up = live[node] = self._node_live(node)
+            if not up:
+                # The node went down while the commit was in flight: place it again instead.
+                self._scheduler.release(node, record.spec.placement.request, self._spread(record))
+                record.attempt -= 1
+                record.state = PENDING
+                record.node_id = ""
+                record.reason = f"node {node} went down"
+                node = ""
+                self._log.save_later([record])
+        if node:
+            self._dispatch.push(record, node, slot)
         else:
             self._push_pending(record)
         self._set_deadline(record)
@@ -468,8 +426,10 @@ class CommandService:
     def _spread(self, record: pb.CommandRecord) -> str:
         return record.spec.placement.spread_key
 
-    def _place(self, items: Sequence[tuple[pb.CommandRecord, frozenset[str]]]) -> list[str]:
-        """Place records (reserving capacity); returns the node per record, "" if none."""
+    def _place(
+        self, items: Sequence[tuple[pb.CommandRecord, frozenset[str]]]
+    ) -> list[tuple[str, int]]:
+        """Place records (reserving capacity); returns (node, slot) per record, ("", -1) if none."""
         if not items:
             return []
         requests = []
@@ -495,7 +455,7 @@ class CommandService:
             )
             for i, decision in zip(second, retried, strict=True):
                 decisions[i] = decision
-        chosen: list[str] = []
+        chosen: list[tuple[str, int]] = []
         ts = now_ms()
         for (record, _), decision in zip(items, decisions, strict=True):
             node = decision.node_id or ""
@@ -509,116 +469,57 @@ class CommandService:
                 record.state = PENDING
                 record.node_id = ""
                 record.reason = decision.reason
-            chosen.append(node)
+            chosen.append((node, decision.slot))
         return chosen
 
-    def _slot(self, node_id: str) -> int:
-        slot = self._slots.get(node_id)
-        if slot is None:
-            slot = self._free_slots.pop() if self._free_slots else self._next_slot
-            if slot == self._next_slot:
-                self._next_slot += 1
-            self._slots[node_id] = slot
-        return slot
-
-    def _push(self, node_id: str, record: pb.CommandRecord) -> None:
-        self._queue.push(self._slot(node_id), record.spec.priority, record.id, record.id)
-        self._dirty_nodes.add(node_id)
-        self._schedule_dispatch()
-
     def _push_pending(self, record: pb.CommandRecord) -> None:
-        self._queue.push(_UNPLACED, record.spec.priority, record.id, record.id)
+        self._dispatch.push_pending(record)
         self._pending_dirty = True
 
     def _place_pending(self) -> None:
         """Try to place commands waiting for capacity (called from the ticker)."""
         self._pending_dirty = False
-        waiting = self._queue.depth(_UNPLACED)
+        waiting = self._dispatch.pending_count()
         if not waiting:
             return
-        ids = self._queue.pop_batch(_UNPLACED, min(waiting, self.settings.max_batch_size))
+        ids = self._dispatch.pop_pending(min(waiting, self.settings.max_batch_size))
         records = [self._active[i] for i in ids if i in self._active]
         before = {r.id: r.reason for r in records}
         nodes = self._place([(r, frozenset(r.tried_nodes)) for r in records])
         changed: list[pb.CommandRecord] = []
-        for record, node in zip(records, nodes, strict=True):
+        for record, (node, slot) in zip(records, nodes, strict=True):
             if node:
-                self._push(node, record)
+                self._dispatch.push(record, node, slot)
                 self._set_deadline(record)
                 changed.append(record)
             else:
-                self._queue.push(_UNPLACED, record.spec.priority, record.id, record.id)
+                self._dispatch.push_pending(record)
                 if before[record.id] != record.reason:
                     changed.append(record)
         if changed:
-            self._save_later(changed)
-        if len(ids) == self.settings.max_batch_size and any(nodes):
+            self._log.save_later(changed)
+        if len(ids) == self.settings.max_batch_size and any(node for node, _ in nodes):
             self._pending_dirty = True  # more may fit: go on next tick
 
     # ------------------------------------------------------------ dispatch
 
-    def _schedule_dispatch(self) -> None:
-        if self._dispatch_handle is None:
-            self._dispatch_handle = asyncio.get_running_loop().call_soon(self._dispatch_dirty)
-
-    def _dispatch_dirty(self) -> None:
-        """Send queued commands to connected nodes, one batched message per node."""
-        self._dispatch_handle = None
-        dirty, self._dirty_nodes = self._dirty_nodes, set()
-        sent: list[pb.CommandRecord] = []
-        for node_id in dirty:
-            session = self._nodes.session_of(node_id)
-            if session is None or session.closed:
-                continue
-            slot = self._slots.get(node_id)
-            if slot is None:
-                continue
-            sent.extend(self._dispatch_to(node_id, slot, session))
-        if sent:
-            self._save_later(sent)
-            metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
-
-    def _dispatch_to(self, node_id: str, slot: int, session: Session) -> list[pb.CommandRecord]:
-        batch_size = self.settings.max_batch_size
-        sent: list[pb.CommandRecord] = []
-        inflight = self._inflight.setdefault(node_id, {})
+    def _dispatched(self, records: list[pb.CommandRecord]) -> None:
+        """The dispatcher sent ``records`` to their nodes: start their clocks, save."""
         now = time.monotonic()
-        ts = now_ms()
-        while self._queue.depth(slot) and session.has_room():
-            ids = self._queue.pop_batch(slot, batch_size)
-            message = pb.ControlMessage()
-            for command_id in ids:
-                record = self._active.get(command_id)
-                if record is None:
-                    continue
-                record.state = DISPATCHED
-                record.dispatched_ms = ts
-                record.updated_ms = ts
-                inflight[command_id] = None
-                self._set_deadline(record)
-                _add_wire(message, record)
-                sent.append(record)
-                started = self._submitted_at.get(command_id)
-                if started is not None and record.attempt == 1:
-                    metrics.COMMAND_SUBMIT_TO_DISPATCH.observe(now - started)
-            if message.commands and not session.send(message):
-                break  # the stream was closed for falling behind; reconnect re-sends in-flight
-        return sent
+        submitted_at = self._submitted_at
+        observe = metrics.COMMAND_SUBMIT_TO_DISPATCH.observe
+        for record in records:
+            self._set_deadline(record)
+            if record.attempt == 1:
+                started = submitted_at.get(record.id)
+                if started is not None:
+                    observe(now - started)
+        self._log.save_later(records)
+        metrics.COMMAND_QUEUE_DEPTH.set(len(self._dispatch))
 
     def session_opened(self, node: pb.Node, session: Session) -> None:
         """Re-send what the node may have missed, then whatever is queued for it."""
-        inflight = self._inflight.get(node.id)
-        if inflight:
-            records = [self._active[i] for i in inflight if i in self._active]
-            for start in range(0, len(records), self.settings.max_batch_size):
-                chunk = records[start : start + self.settings.max_batch_size]
-                message = pb.ControlMessage()
-                for record in chunk:
-                    _add_wire(message, record)
-                session.send(message)
-        if node.id in self._slots:
-            self._dirty_nodes.add(node.id)
-            self._schedule_dispatch()
+        self._dispatch.session_opened(node, session)
 
     # ------------------------------------------------------------ node reports
 
@@ -637,7 +538,7 @@ class CommandService:
             record.updated_ms = ts
             changed.append(record)
         if changed:
-            self._save_later(changed)
+            self._log.save_later(changed)
         for result in message.results:
             record = self._active.get(result.command_id)
             if (
@@ -669,10 +570,8 @@ class CommandService:
         was_inflight = record.state in (DISPATCHED, ACKED)
         self._finish(record, CANCELLED, "cancelled by request", save=False)
         if was_inflight:
-            session = self._nodes.session_of(node_id)
-            if session is not None:
-                session.send(pb.ControlMessage(cancel_command_ids=[command_id]))
-        await self._save([record])
+            self._dispatch.send_cancel(node_id, [command_id])
+        await self._log.save([record])
         return record
 
     async def wait(
@@ -729,37 +628,29 @@ class CommandService:
 
     def node_removed(self, node: pb.Node) -> None:
         self._node_lost(node.id, f"node {node.id} was removed")
-        slot = self._slots.pop(node.id, None)
-        if slot is not None:
-            self._free_slots.append(slot)
-        self._inflight.pop(node.id, None)
+        self._dispatch.node_removed(node.id)
 
     def _node_lost(self, node_id: str, reason: str) -> None:
         """Commands on a lost node: queued ones are placed again, in-flight ones retried."""
-        slot = self._slots.get(node_id)
+        queued, inflight = self._dispatch.take_node(node_id)
         moved: list[pb.CommandRecord] = []
-        if slot is not None:
-            while ids := self._queue.pop_batch(slot, 10_000):
-                for command_id in ids:
-                    record = self._active.get(command_id)
-                    if record is None:
-                        continue
-                    self._scheduler.release(
-                        node_id, record.spec.placement.request, self._spread(record)
-                    )
-                    record.attempt -= 1  # it never reached the node: that attempt did not start
-                    record.state = PENDING
-                    record.node_id = ""
-                    record.reason = reason
-                    self._push_pending(record)
-                    moved.append(record)
-        inflight = self._inflight.pop(node_id, {})
+        for command_id in queued:
+            record = self._active.get(command_id)
+            if record is None:
+                continue
+            self._scheduler.release(node_id, record.spec.placement.request, self._spread(record))
+            record.attempt -= 1  # it never reached the node: that attempt did not start
+            record.state = PENDING
+            record.node_id = ""
+            record.reason = reason
+            self._push_pending(record)
+            moved.append(record)
         for command_id in inflight:
             record = self._active.get(command_id)
             if record is not None and record.node_id == node_id:
                 self._retry_or_finish(record, FAILED, reason, already_left=True)
         if moved:
-            self._save_later(moved)
+            self._log.save_later(moved)
 
     # ------------------------------------------------------------ transitions
 
@@ -778,7 +669,7 @@ class CommandService:
             record.updated_ms = now_ms()
             self._push_pending(record)
             self._set_deadline(record)
-            self._save_later([record])
+            self._log.save_later([record])
             metrics.COMMAND_RETRIES.inc()
             return
         record.node_id = node_id
@@ -790,10 +681,7 @@ class CommandService:
             return
         self._scheduler.release(node_id, record.spec.placement.request, self._spread(record))
         if not already_left:
-            inflight = self._inflight.get(node_id)
-            if inflight is not None:
-                inflight.pop(record.id, None)
-            self._queue.discard(record.id)
+            self._dispatch.leave(node_id, record.id)
         self._pending_dirty = True
 
     def _finish(
@@ -807,7 +695,7 @@ class CommandService:
     ) -> None:
         if not left:
             if record.state == PENDING:
-                self._queue.discard(record.id)
+                self._dispatch.discard(record.id)
             else:
                 self._leave_node(record)
         ts = now_ms()
@@ -816,7 +704,7 @@ class CommandService:
         record.updated_ms = ts
         record.finished_ms = ts
         self._active.pop(record.id, None)
-        self._finishing[record.id] = record
+        self._log.finishing[record.id] = record
         self._stage.pop(record.id, None)
         started = self._submitted_at.pop(record.id, None)
         if started is not None:
@@ -827,7 +715,7 @@ class CommandService:
         for hook in self.on_final:
             hook(record)
         if save:
-            self._save_later([record])
+            self._log.save_later([record])
 
     def _forget(self, record: pb.CommandRecord) -> None:
         """Undo a submission whose commit failed."""
@@ -867,9 +755,7 @@ class CommandService:
                 reason = f"not dispatched to node {record.node_id} within {timeout_s:g}s"
             else:
                 reason = f"no result from node {record.node_id} within {timeout_s:g}s"
-                session = self._nodes.session_of(record.node_id)
-                if session is not None:
-                    session.send(pb.ControlMessage(cancel_command_ids=[command_id]))
+                self._dispatch.send_cancel(record.node_id, [command_id])
             self._retry_or_finish(record, TIMED_OUT, reason)
 
     async def _tick(self) -> None:
@@ -877,143 +763,10 @@ class CommandService:
         self._expire()
         if self._pending_dirty:
             self._place_pending()
-        for node_id, slot in self._slots.items():
-            if self._queue.depth(slot):
-                self._dirty_nodes.add(node_id)
-        if self._dirty_nodes:
-            self._schedule_dispatch()
-        metrics.COMMAND_QUEUE_DEPTH.set(len(self._queue))
+        self._dispatch.mark_backlog()
+        metrics.COMMAND_QUEUE_DEPTH.set(len(self._dispatch))
 
     async def prune_finished(self) -> int:
         """Drop finished commands older than final_retention; returns how many."""
         horizon = now_ms() - int(self.settings.final_retention * 1000)
-        expired = self._store.scan(
-            COMMANDS_DB, prefix=_EXPIRY, start=_EXPIRY, limit=self.settings.max_batch_size
-        )
-        ops: list[Put | Delete] = []
-        for key, _ in expired:
-            (finished,) = struct.unpack(">Q", key[2:10])
-            if finished > horizon:
-                break
-            ops.append(Delete(COMMANDS_DB, key))
-            ops.append(Delete(COMMANDS_DB, _RECORD + key[11:]))
-        if ops:
-            await self._store.commit(ops)
-        return len(ops) // 2
-
-    # ------------------------------------------------------------ persistence
-
-    def _stage_write(self, records: Sequence[pb.CommandRecord]) -> None:
-        """Snapshot records (and their transition events) into the next commit."""
-        ops, events, final = self._batch_ops, self._batch_events, self._batch_final
-        time_field = _time_field(now_ms())
-        for record in records:
-            body = record.SerializeToString()
-            ops.append(Put(COMMANDS_DB, _RECORD + record.id.encode(), body))
-            if record.state in FINAL_STATES:
-                ops.append(
-                    Put(
-                        COMMANDS_DB,
-                        _EXPIRY + struct.pack(">Q", record.finished_ms) + b"/" + record.id.encode(),
-                        b"",
-                    )
-                )
-                final.append(record)
-            events.append(_event(record, body, time_field))
-
-    def _save(self, records: Sequence[pb.CommandRecord]) -> asyncio.Future[CommitResult]:
-        """Commit records now (with everything staged before them: order is kept)."""
-        self._stage_write(records)
-        return self._flush()
-
-    def _save_later(self, records: Sequence[pb.CommandRecord]) -> None:
-        """Commit without waiting, coalesced: one store request per loop iteration.
-
-        The writer applies requests in order, so the last state written wins.
-        """
-        self._stage_write(records)
-        if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> asyncio.Future[CommitResult]:
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        ops, events, final = self._batch_ops, self._batch_events, self._batch_final
-        self._batch_ops, self._batch_events, self._batch_final = [], [], []
-        future = self._store.commit(ops, events)
-        self._writes.add(future)
-        future.add_done_callback(self._write_done)
-        if final:
-            future.add_done_callback(lambda _: self._durable(final))
-        return future
-
-    def _durable(self, records: Sequence[pb.CommandRecord]) -> None:
-        """The final state of ``records`` is in the store (or its write failed)."""
-        for record in records:
-            if self._finishing.get(record.id) is record:
-                del self._finishing[record.id]
-
-    def _write_done(self, future: asyncio.Future[CommitResult]) -> None:
-        self._writes.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.error("command state write failed", extra={"err": str(future.exception())})
-
-
-def _add_wire(message: pb.ControlMessage, record: pb.CommandRecord) -> None:
-    """Append the node's view of ``record`` to ``message`` (built in place: no copy)."""
-    spec = record.spec
-    message.commands.add(
-        id=record.id,
-        kind=spec.kind,
-        payload=spec.payload,
-        attempt=record.attempt,
-        deadline_ms=record.dispatched_ms + spec.timeout_ms,
-    )
-
-
-def _event(record: pb.CommandRecord, body: bytes, time_field: bytes) -> bytes:
-    """The serialized ``pb.Event`` of a transition, as ``pb.Event(...).SerializeToString()``.
-
-    Encoded by hand (four transitions per command make this a hot path): the fields go in
-    number order, as protobuf writes them, and the bytes are identical (unit-tested).
-    ``time_field`` is :func:`_time_field` of the event time, shared by a batch.
-    """
-    if len(record.spec.payload) > _EVENT_PAYLOAD_LIMIT:
-        slim = pb.CommandRecord()
-        slim.CopyFrom(record)
-        slim.spec.payload = b""
-        body = slim.SerializeToString()
-    key = record.id.encode()
-    n_key, n_body = len(key), len(body)
-    return b"".join(
-        (
-            time_field,  # 2: time_ms
-            _EVENT_HEADS[record.state],  # 3: topic, 4: type
-            b"\x2a",  # 5: key
-            SMALL_VARINTS[n_key] if n_key < 0x80 else varint(n_key),
-            key,
-            b"\x32",  # 6: payload
-            SMALL_VARINTS[n_body] if n_body < 0x80 else varint(n_body),
-            body,
-        )
-    )
-
-
-def _time_field(ts_ms: int) -> bytes:
-    """Field 2 (time_ms) of an event; one encoding per millisecond, however many events."""
-    global _last_time_field
-    last_ms, field = _last_time_field
-    if ts_ms != last_ms:
-        field = b"\x10" + varint(ts_ms)
-        _last_time_field = (ts_ms, field)
-    return field
-
-
-_last_time_field: tuple[int, bytes] = (0, b"")  # time_ms 0 is left out, as protobuf does
-
-
-_EVENT_HEADS: Final[dict[int, bytes]] = {
-    state: length_delimited(3, b"command") + length_delimited(4, f"command.{name}".encode())
-    for state, name in STATE_NAMES.items()
-}
+        return await self._log.prune_finished(horizon, self.settings.max_batch_size)

@@ -2,7 +2,8 @@
 
 Every committed state change carries an event (written by the store in the same txn);
 the store hands each committed batch to :meth:`EventBus.publish_committed` on the loop.
-Publishing decodes each body ONCE into an immutable :class:`EventEnvelope`, appends it
+Publishing decodes each body ONCE into an immutable
+:class:`~nexus_fast.codec.frames.EventEnvelope` (the codec's), appends it
 to the :class:`~nexus_fast.ring.EventRing` and wakes waiting subscribers through one
 shared future: no per-subscriber copies, no per-subscriber work on the publish path.
 
@@ -11,9 +12,8 @@ the events, from the store's log (bounded chunks, short read txns) when older. D
 is every matching event with index > ``after_index``, in order, exactly once, or an
 explicit :class:`EventIndexTooOld` when retention already dropped part of the range.
 
-Wire encodings are made lazily, once per event, and shared by every subscriber:
-``EventEnvelope.json`` (orjson, for WebSocket) and ``EventEnvelope.pb_field`` (the
-``EventBatch.events`` field record, so a gRPC batch is a ``b"".join``).
+Wire encodings live in :mod:`nexus_fast.codec`: the envelope makes each one lazily, once
+per event, and every subscriber shares it.
 
 The core knows nothing of gRPC or WebSocket: adapters turn :class:`SlowConsumer` and
 :class:`EventIndexTooOld` into their statuses and close codes.
@@ -22,18 +22,16 @@ The core knows nothing of gRPC or WebSocket: adapters turn :class:`SlowConsumer`
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar
 
-import orjson
-from google.protobuf.message import DecodeError
-
+from nexus_fast.clock import now_ms
+from nexus_fast.codec.frames import EventEnvelope, decode_event, json_frames
+from nexus_fast.codec.json import system_payload
+from nexus_fast.codec.protowire import event
 from nexus_fast.config import EventsConfig
-from nexus_fast.core.nodes import node_to_dict
 from nexus_fast.core.periodic import Periodic
-from nexus_fast.core.wire import varint
 from nexus_fast.errors import EventIndexTooOld, InvalidArgument, SlowConsumer, Unavailable
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
@@ -46,13 +44,9 @@ __all__ = [
     "STORE_CHUNK",
     "TOPICS",
     "EventBus",
-    "EventEnvelope",
     "EventIndexTooOld",
     "SlowConsumer",
     "Subscription",
-    "batch_bytes",
-    "bookmark_bytes",
-    "json_frames",
 ]
 
 log = get_logger("events")
@@ -65,8 +59,8 @@ MAX_KEYS: Final = 1024
 """Most keys one subscription may filter on (bounded per-subscription memory)."""
 MAX_KEY_LEN: Final = 256
 STORE_CHUNK: Final = 512
-PUSH_CHUNK: Final = 256  # parked subscriptions served per loop callback of a publish
 """Events read from the durable log per read txn: short txns, the loop stays responsive."""
+PUSH_CHUNK: Final = 256  # parked subscriptions served per loop callback of a publish
 _PRUNE_SCAN_CHUNKS: Final = 64  # age pruning looks at most this many chunks per tick
 _LOAD_CHUNK: Final = 4096
 SHARED_READS: Final = 64
@@ -74,37 +68,6 @@ SHARED_READS: Final = 64
 SHARED_FRAMES: Final = 64
 SHARED_FRAME_BYTES: Final = 8 * 1024 * 1024
 """Bounds (entries, bytes) on the joined JSON frame bodies shared between subscriptions."""
-
-
-def bookmark_bytes(index: int) -> bytes:
-    """A serialized ``EventBatch`` with no events and ``bookmark_index = index``."""
-    return b"\x10" + varint(index) if index else b""
-
-
-def batch_bytes(events: Iterable[EventEnvelope]) -> bytes:
-    """A serialized ``EventBatch`` holding ``events``: their cached field records joined."""
-    return b"".join([e.pb_field for e in events])
-
-
-def json_frames(events: Sequence[EventEnvelope], max_bytes: int) -> list[tuple[int, int, bytes]]:
-    """``events`` split into WebSocket frame bodies: ``(start, end, body)`` per frame.
-
-    ``body`` is the cached JSON of ``events[start:end]`` joined with commas; a frame holds
-    at most ``max_bytes`` of it (one event more than that goes alone). Uncached: see
-    :meth:`Subscription.json_frames` for the shared version.
-    """
-    frames: list[tuple[int, int, bytes]] = []
-    start = 0
-    size = 0
-    for i, event in enumerate(events):
-        n = len(event.json) + 1
-        if size + n > max_bytes and i > start:
-            frames.append((start, i, b",".join([e.json for e in events[start:i]])))
-            start, size = i, 0
-        size += n
-    if events:
-        frames.append((start, len(events), b",".join([e.json for e in events[start:]])))
-    return frames
 
 
 class _Shared:
@@ -145,177 +108,6 @@ class _Shared:
 
 def _frames_weight(frames: list[tuple[int, int, bytes]]) -> int:
     return sum(len(body) for _, _, body in frames)
-
-
-_COMMAND_STATES: Final = {v.number: v.name for v in pb.CommandState.DESCRIPTOR.values}
-_AGENT_STATES: Final = {v.number: v.name for v in pb.AgentState.DESCRIPTOR.values}
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _resources(r: pb.Resources) -> dict[str, float]:
-    return {"cpu": r.cpu, "memory": r.memory, "gpu": r.gpu, "disk": r.disk}
-
-
-def _placement(p: pb.Placement) -> dict[str, Any]:
-    return {
-        "label_selector": dict(p.label_selector),
-        "request": _resources(p.request),
-        "spread_key": p.spread_key,
-    }
-
-
-def command_to_dict(rec: pb.CommandRecord) -> dict[str, Any]:
-    """JSON-able CommandRecord: proto field names, enum names, bytes base64, every field.
-
-    Hand-written: ``json_format.MessageToDict`` costs ~50 us per record, this ~5 us.
-    """
-    spec = rec.spec
-    return {
-        "id": rec.id,
-        "spec": {
-            "idempotency_key": spec.idempotency_key,
-            "kind": spec.kind,
-            "payload": _b64(spec.payload),
-            "target_node": spec.target_node,
-            "placement": _placement(spec.placement),
-            "priority": spec.priority,
-            "timeout_ms": spec.timeout_ms,
-            "max_attempts": spec.max_attempts,
-        },
-        "state": _COMMAND_STATES.get(rec.state, str(rec.state)),
-        "node_id": rec.node_id,
-        "attempt": rec.attempt,
-        "reason": rec.reason,
-        "output": _b64(rec.output),
-        "created_ms": rec.created_ms,
-        "updated_ms": rec.updated_ms,
-        "dispatched_ms": rec.dispatched_ms,
-        "finished_ms": rec.finished_ms,
-        "tried_nodes": list(rec.tried_nodes),
-        "agent_id": rec.agent_id,
-    }
-
-
-def agent_to_dict(agent: pb.Agent) -> dict[str, Any]:
-    """JSON-able Agent, in the same style as :func:`command_to_dict`."""
-    spec = agent.spec
-    return {
-        "id": agent.id,
-        "name": agent.name,
-        "replica": agent.replica,
-        "spec": {
-            "name": spec.name,
-            "spec": _b64(spec.spec),
-            "request": _resources(spec.request),
-            "placement": _placement(spec.placement),
-            "replicas": spec.replicas,
-        },
-        "state": _AGENT_STATES.get(agent.state, str(agent.state)),
-        "node_id": agent.node_id,
-        "message": agent.message,
-        "created_ms": agent.created_ms,
-        "updated_ms": agent.updated_ms,
-        "placements": agent.placements,
-        "stop_requested": agent.stop_requested,
-    }
-
-
-def _payload_json(topic: str, payload: bytes) -> object:
-    """The entity in an event payload as a JSON-able value, by topic."""
-    try:
-        if topic == "node":
-            return node_to_dict(pb.Node.FromString(payload))
-        if topic == "command":
-            return command_to_dict(pb.CommandRecord.FromString(payload))
-        if topic == "agent":
-            return agent_to_dict(pb.Agent.FromString(payload))
-        if topic == "system":
-            return orjson.loads(payload) if payload else None
-    except (DecodeError, orjson.JSONDecodeError):
-        log.warning("undecodable event payload", extra={"topic": topic})
-    # Unknown topic or a corrupt payload: pass the bytes through rather than drop the event.
-    return base64.b64encode(payload).decode("ascii") if payload else None
-
-
-class EventEnvelope:
-    """One committed event, decoded once; immutable, shared by every subscriber.
-
-    ``body`` is the serialized ``pb.Event`` WITH ``index`` set. ``json`` and ``pb_field``
-    are encoded on first use and cached, so each wire format costs one encode per event.
-    """
-
-    __slots__ = (
-        "_has_index",
-        "_json",
-        "_pb_field",
-        "_stored",
-        "index",
-        "key",
-        "time_ms",
-        "topic",
-        "type",
-    )
-
-    def __init__(self, index: int, stored_body: bytes) -> None:
-        event = pb.Event.FromString(stored_body)
-        self.index = index
-        self.time_ms = event.time_ms
-        self.topic = event.topic
-        self.type = event.type
-        self.key = event.key
-        self._has_index = event.index != 0
-        if self._has_index:  # not how the store writes them, but be exact anyway
-            event.index = index
-            stored_body = event.SerializeToString()
-        self._stored = stored_body
-        self._json: bytes | None = None
-        self._pb_field: bytes | None = None
-
-    @property
-    def body(self) -> bytes:
-        """The serialized ``pb.Event`` with ``index`` set."""
-        if self._has_index:
-            return self._stored
-        # The stored body leaves index unset; a leading field 1 sets it without re-encoding.
-        return b"\x08" + varint(self.index) + self._stored
-
-    @property
-    def json(self) -> bytes:
-        """``{"index","time_ms","topic","type","key","payload"}`` as orjson bytes (cached)."""
-        data = self._json
-        if data is None:
-            # Decoded again here rather than kept: the ring holds one copy of each payload.
-            payload = pb.Event.FromString(self._stored).payload
-            data = self._json = orjson.dumps(
-                {
-                    "index": self.index,
-                    "time_ms": self.time_ms,
-                    "topic": self.topic,
-                    "type": self.type,
-                    "key": self.key,
-                    "payload": _payload_json(self.topic, payload),
-                }
-            )
-        return data
-
-    @property
-    def pb_field(self) -> bytes:
-        """This event as one ``EventBatch.events`` field record (tag, length, body)."""
-        data = self._pb_field
-        if data is None:
-            body = self.body
-            data = self._pb_field = b"\x0a" + varint(len(body)) + body
-        return data
-
-    def event(self) -> pb.Event:
-        """A fresh ``pb.Event`` (tests, tools; not used on the fan-out path)."""
-        return pb.Event.FromString(self.body)
-
-    def __repr__(self) -> str:
-        return f"<EventEnvelope {self.index} {self.type} {self.key!r}>"
 
 
 def _check_filters(
@@ -768,13 +560,7 @@ class EventBus:
             counter.inc(n)
 
     def _append(self, index: int, body: bytes) -> str:
-        try:
-            envelope = EventEnvelope(index, body)
-        except DecodeError:
-            log.error("undecodable event body in the log", extra={"index": index})
-            envelope = EventEnvelope(
-                index, pb.Event(topic="system", type="system.corrupt").SerializeToString()
-            )
+        envelope = decode_event(index, body)
         ring = self._ring
         if len(ring) and index != ring.last_index + 1:
             # Unexpected hole (e.g. the log was pruned under a stale ring): start over.
@@ -828,18 +614,11 @@ class EventBus:
 
     def emit(self, topic: str, event_type: str, key: str, payload: bytes) -> asyncio.Future[Any]:
         """Commit an event that carries no state change (system events); resolves once durable."""
-        body = pb.Event(
-            time_ms=time.time_ns() // 1_000_000,
-            topic=topic,
-            type=event_type,
-            key=key,
-            payload=payload,
-        ).SerializeToString()
-        return self._store.commit((), (body,))
+        return self._store.commit((), (event(topic, event_type, key, payload, now_ms()),))
 
     def emit_system(self, event_type: str, data: Mapping[str, object]) -> asyncio.Future[Any]:
         """A ``system`` event whose payload is ``data`` as UTF-8 JSON."""
-        return self.emit("system", event_type, "", orjson.dumps(dict(data)))
+        return self.emit("system", event_type, "", system_payload(data))
 
     # ------------------------------------------------------------ reading
 

@@ -19,7 +19,6 @@ moment the server is up to reconnect; if they don't, the pruner marks them
 from __future__ import annotations
 
 import asyncio
-import base64
 import bisect
 import math
 import re
@@ -29,6 +28,9 @@ from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from nexus_fast.clock import now_ms
+from nexus_fast.codec.protowire import event
+from nexus_fast.codec.tokens import decode_page_token, encode_page_token
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.errors import (
     InvalidArgument,
@@ -68,10 +70,6 @@ STATUS_NAMES: Final = {
 }
 STATUS_BY_NAME: Final = {name: value for value, name in STATUS_NAMES.items()}
 _LIVE: Final = (pb.NODE_STATUS_READY, pb.NODE_STATUS_DRAINING)
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def validate_node_id(node_id: str, field_name: str = "node_id") -> None:
@@ -272,7 +270,7 @@ class NodeRegistry:
         if page_size < 0 or page_size > MAX_PAGE_SIZE:
             raise InvalidArgument("page_size", f"must be 0..{MAX_PAGE_SIZE}")
         size = page_size or DEFAULT_PAGE_SIZE
-        after = _decode_page_token(page_token)
+        after = decode_page_token(page_token)
         if self._sorted_ids is None:
             self._sorted_ids = sorted(self._nodes)
         ids = self._sorted_ids
@@ -289,7 +287,7 @@ class NodeRegistry:
                 after_start += 1
                 if len(page) < size:
                     page.append(node)
-        next_token = _encode_page_token(page[-1].id) if after_start > len(page) else ""
+        next_token = encode_page_token(page[-1].id) if after_start > len(page) else ""
         return page, next_token, matched
 
     @staticmethod
@@ -609,49 +607,4 @@ class NodeRegistry:
 
 
 def _event(event_type: str, node: pb.Node) -> bytes:
-    return pb.Event(
-        time_ms=now_ms(),
-        topic="node",
-        type=event_type,
-        key=node.id,
-        payload=node.SerializeToString(deterministic=True),
-    ).SerializeToString()
-
-
-def _encode_page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
-
-
-def _decode_page_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        padded = token + "=" * (-len(token) % 4)
-        return base64.urlsafe_b64decode(padded.encode()).decode()
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("page_token", "malformed page token") from None
-
-
-def node_to_dict(node: pb.Node) -> dict[str, object]:
-    """JSON-able view of a node (HTTP API, dashboard)."""
-
-    def res(r: pb.Resources) -> dict[str, float]:
-        return {"cpu": r.cpu, "memory": r.memory, "gpu": r.gpu, "disk": r.disk}
-
-    return {
-        "id": node.id,
-        "address": node.address,
-        "labels": dict(node.labels),
-        "capacity": res(node.capacity),
-        "usage": res(node.usage),
-        "status": STATUS_NAMES.get(node.status, "unknown"),
-        "eligible": node.eligible,
-        "draining": node.draining,
-        "drain_reason": node.drain_reason,
-        "session_epoch": node.session_epoch,
-        "last_heartbeat_ms": node.last_heartbeat_ms,
-        "registered_ms": node.registered_ms,
-        "status_changed_ms": node.status_changed_ms,
-        "connected": node.connected,
-        "version": node.version,
-    }
+    return event("node", event_type, node.id, node.SerializeToString(deterministic=True), now_ms())

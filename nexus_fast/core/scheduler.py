@@ -44,7 +44,6 @@ for a key is built on its first use and then maintained incrementally like the r
 
 from __future__ import annotations
 
-import heapq
 import math
 import random
 import time
@@ -56,6 +55,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from nexus_fast.config import SchedulerConfig
+from nexus_fast.core.slots import NodeSlots
 from nexus_fast.errors import NodeNotFound
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.scoring import (
@@ -66,6 +66,7 @@ from nexus_fast.scoring import (
     ROW_CAP,
     ROW_FREE,
     ROW_TASKS,
+    Query,
     pick_best,
 )
 
@@ -102,6 +103,8 @@ class Placement:
 
     node_id: str | None
     reason: str = ""
+    # The node's slot in the shared NodeSlots (-1 when not placed): its queue lane is slot + 1.
+    slot: int = -1
 
     @property
     def placed(self) -> bool:
@@ -192,6 +195,7 @@ class Scheduler:
         rng: random.Random | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        slots: NodeSlots | None = None,
     ) -> None:
         if not node_timeout > 0:
             raise ValueError("node_timeout must be > 0")
@@ -208,13 +212,15 @@ class Scheduler:
         size = INITIAL_SLOTS
         self._size = size
         self._n = 0  # high-water mark: slots [0, n) are scanned
-        self._free_slots: list[int] = []  # min-heap, so the scanned range stays dense
+        # Shared with the command queue (see core/slots.py); the scheduler holds the slot of
+        # every node it knows, and _ids says which slots those are.
+        self._slots = slots if slots is not None else NodeSlots()
+        self._count = 0
         self._feat = np.zeros((N_ROWS, size), np.float32)
         self._feat[ROW_CAP : ROW_CAP + N_RESOURCES] = CAP_FLOOR
         self._heartbeat = np.full(size, np.inf, np.float64)
         self._schedulable = np.zeros(size, np.bool_)
         self._ids: list[str | None] = [None] * size
-        self._slots: dict[str, int] = {}
         self._labels: list[dict[str, str]] = [{} for _ in range(size)]
         self._why_not: list[str] = [""] * size
         self._capacity: list[Vec] = [_ZERO] * size
@@ -231,13 +237,18 @@ class Scheduler:
     # ------------------------------------------------------------------ node data
 
     def __len__(self) -> int:
-        return len(self._slots)
+        return self._count
 
     def __contains__(self, node_id: object) -> bool:
-        return node_id in self._slots
+        return isinstance(node_id, str) and self._held(node_id) is not None
+
+    @property
+    def slots(self) -> NodeSlots:
+        """The node -> slot index this scheduler numbers its columns by."""
+        return self._slots
 
     def slot_of(self, node_id: str) -> int | None:
-        return self._slots.get(node_id)
+        return self._held(node_id)
 
     def node_at(self, slot: int) -> str:
         node_id = self._ids[slot] if 0 <= slot < self._n else None
@@ -260,7 +271,7 @@ class Scheduler:
 
         ``reason`` says why it is not schedulable (``"draining"``, ``"not ready"``, ...).
         """
-        slot = self._slots.get(node_id)
+        slot = self._held(node_id)
         if slot is None:
             slot = self._allocate(node_id)
         self._set_labels(slot, dict(labels))
@@ -290,7 +301,7 @@ class Scheduler:
 
     def remove_node(self, node_id: str) -> bool:
         """Forget a node and its reservations; False if it was unknown."""
-        slot = self._slots.pop(node_id, None)
+        slot = self._held(node_id)
         if slot is None:
             return False
         self._set_labels(slot, {})
@@ -305,7 +316,8 @@ class Scheduler:
         self._capacity[slot] = self._usage[slot] = self._reserved[slot] = _ZERO
         self._feat[:, slot] = 0.0
         self._feat[ROW_CAP : ROW_CAP + N_RESOURCES, slot] = CAP_FLOOR
-        heapq.heappush(self._free_slots, slot)
+        self._count -= 1
+        self._slots.release(node_id)
         return True
 
     # ------------------------------------------------------------------ reservations
@@ -316,8 +328,8 @@ class Scheduler:
 
     def release(self, node_id: str, request: pb.Resources, spread_key: str = "") -> bool:
         """Undo ``reserve`` (the task ended); False if the node is gone (nothing to do)."""
-        slot = self._slots.get(node_id)
-        if slot is None:
+        slot = self._slots.get(node_id)  # _held(), inlined: once per finished command
+        if slot is None or slot >= self._n or self._ids[slot] != node_id:
             return False
         req = _request_vec(request)
         tasks = self._tasks[slot] - 1 if self._tasks[slot] > 0 else 0
@@ -370,8 +382,8 @@ class Scheduler:
             placement = self._check_target(request, req)
         else:
             placement = self._pick(request, req)
-        if reserve and placement.node_id is not None:
-            self._reserve_slot(self._slots[placement.node_id], req, request.spread_key)
+        if reserve and placement.slot >= 0:
+            self._reserve_slot(placement.slot, req, request.spread_key)
         return placement
 
     def place_batch(self, requests: Sequence[PlacementRequest]) -> list[Placement]:
@@ -390,27 +402,10 @@ class Scheduler:
             index = self._spread_index(request.spread_key)
             spread = index.group_count[index.group[:n]]
             s_max = float(index.group_count.max())
-        slot = pick_best(
-            self._feat,
-            n,
-            mask.view(np.uint8),
-            spread,
-            s_max,
-            self._heartbeat,
-            self._clock(),
-            self._timeout,
-            float(self._t_max),
-            req[0],
-            req[1],
-            req[2],
-            req[3],
-            w[0],
-            w[1],
-            w[2],
-            w[3],
-            w[4],
-            self._rng.getrandbits(62),
+        query = Query(
+            req, w, self._clock(), self._timeout, self._t_max, s_max, self._rng.getrandbits(62)
         )
+        slot = pick_best(self._feat, n, mask.view(np.uint8), self._heartbeat, query, spread)
         if slot < 0:
             # Why, worked out only now: an empty candidate set is rare, the check is not free.
             if not mask.any():
@@ -418,7 +413,7 @@ class Scheduler:
             return Placement(None, self._no_fit_reason(mask, n, req))
         node_id = self._ids[slot]
         assert node_id is not None
-        return Placement(node_id)
+        return Placement(node_id, "", slot)
 
     def _candidates(self, request: PlacementRequest, n: int) -> NDArray[np.bool_] | str:
         """Schedulable & label masks & not excluded, as a bool row over [0, n); or why not."""
@@ -435,7 +430,7 @@ class Scheduler:
             if not selector:
                 mask = mask.copy()
             for node_id in request.exclude:
-                slot = self._slots.get(node_id)
+                slot = self._held(node_id)
                 if slot is not None:
                     mask[slot] = False
             if not mask.any():
@@ -464,7 +459,7 @@ class Scheduler:
 
     def _check_target(self, request: PlacementRequest, req: Vec) -> Placement:
         node_id = request.target_node
-        slot = self._slots.get(node_id)
+        slot = self._held(node_id)
         if slot is None:
             return Placement(None, f"target node {node_id} is unknown")
         if node_id in request.exclude:
@@ -483,25 +478,30 @@ class Scheduler:
                     f"target node {node_id} has {float(avail):g} {RESOURCE_NAMES[j]} available, "
                     f"needs {req[j]:g}",
                 )
-        return Placement(node_id)
+        return Placement(node_id, "", slot)
 
     # ------------------------------------------------------------------ internals
 
-    def _slot(self, node_id: str) -> int:
+    def _held(self, node_id: str) -> int | None:
+        """The node's slot if this scheduler holds it (the index may list queue-only nodes)."""
         slot = self._slots.get(node_id)
+        if slot is None or slot >= self._n or self._ids[slot] != node_id:
+            return None
+        return slot
+
+    def _slot(self, node_id: str) -> int:
+        slot = self._held(node_id)
         if slot is None:
             raise NodeNotFound(node_id)
         return slot
 
     def _allocate(self, node_id: str) -> int:
-        if self._free_slots:
-            slot = heapq.heappop(self._free_slots)
-        else:
-            if self._n == self._size:
-                self._grow()
-            slot = self._n
-            self._n += 1
-        self._slots[node_id] = slot
+        slot = self._slots.acquire(node_id)
+        while slot >= self._size:
+            self._grow()
+        if slot >= self._n:
+            self._n = slot + 1
+        self._count += 1
         self._ids[slot] = node_id
         self._tasks[slot] = 0
         self._reserved[slot] = _ZERO
@@ -560,8 +560,9 @@ class Scheduler:
         index = self._spread.get(key)
         if index is None:
             index = self._spread[key] = _SpreadIndex(self._size)
-            for slot in self._slots.values():
-                index.move(slot, self._labels[slot].get(key))
+            for slot, node_id in enumerate(self._ids[: self._n]):
+                if node_id is not None:
+                    index.move(slot, self._labels[slot].get(key))
         return index
 
     def _reserve_slot(self, slot: int, req: Vec, spread_key: str) -> None:

@@ -26,6 +26,17 @@ from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 HOST = "127.0.0.1"
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration ``integration`` (``-m "not integration"``).
+
+    The hook sees the whole session's items, so it marks only those in this folder.
+    """
+    for item in items:
+        if item.path.resolve().is_relative_to(HERE):
+            item.add_marker(pytest.mark.integration)
 
 
 class ServerProcess:
@@ -88,7 +99,9 @@ class ServerProcess:
                 "NEXUS_NODE_TIMEOUT": "3s",
                 "NEXUS_HEARTBEAT_INTERVAL": "0.5s",
                 "NEXUS_PRUNING_INTERVAL": "0.2s",
-                "NEXUS_SHUTDOWN_TIMEOUT": "5s",
+                # Longer than stop()'s 20 s: a server that waits out its drain instead of
+                # exiting once nothing is in flight fails the test rather than passing slowly.
+                "NEXUS_SHUTDOWN_TIMEOUT": "30s",
                 "NEXUS_DB_CACHE_SIZE": "256MB",
             }
         )

@@ -60,6 +60,7 @@ class Stream:
     events: list[dict[str, Any]] = field(default_factory=list)
     received_at: list[float] = field(default_factory=list)
     bookmark: int = 0
+    bookmarks: int = 0  # bookmark frames received
 
     @property
     def indices(self) -> list[int]:
@@ -91,7 +92,9 @@ class _Recorder:
             stream.events.extend(frame["events"])
             stream.received_at.extend([now] * len(frame["events"]))
         elif kind == "bookmark":
-            self.streams.setdefault(frame["subscription"], Stream()).bookmark = frame["index"]
+            stream = self.streams.setdefault(frame["subscription"], Stream())
+            stream.bookmark = frame["index"]
+            stream.bookmarks += 1
         else:
             self.replies.put_nowait(frame)
 
@@ -243,6 +246,7 @@ class GrpcWatcher:
                     self.stream.received_at.append(now)
                 if batch.bookmark_index:
                     self.stream.bookmark = batch.bookmark_index
+                    self.stream.bookmarks += 1
         except grpc.aio.AioRpcError as err:
             self.error = err
 
@@ -253,6 +257,19 @@ class GrpcWatcher:
                 raise AssertionError(f"watch ended: {self.error}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"grpc reached {self.stream.position}, wanted {index}")
+            await asyncio.sleep(0.01)
+        return self.stream
+
+    async def until_bookmarks(self, count: int, timeout: float) -> Stream:
+        """Wait until ``count`` bookmark messages have arrived in all."""
+        deadline = time.monotonic() + timeout
+        while self.stream.bookmarks < count:
+            if self._task.done():
+                raise AssertionError(f"watch ended: {self.error}")
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.stream.bookmarks} bookmarks in {timeout}s, wanted {count}"
+                )
             await asyncio.sleep(0.01)
         return self.stream
 

@@ -9,6 +9,7 @@ import re
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -16,6 +17,8 @@ import pytest
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
+from .auth_util import SecureServer, make_pki, token, write_config
+from .auth_util import http as auth_http
 from .conftest import HOST, ServerProcess, http_get, wait_for
 
 CSP = (
@@ -283,3 +286,46 @@ def test_slow_stream_client_is_cut_off(server_factory: type) -> None:
     _, events = fresh.events_until(newest)
     fresh.close()
     assert [e["index"] for e in events] == list(range(1, newest + 1))
+
+
+def test_new_routes_go_through_the_permission_table(tmp_path: Path) -> None:
+    """With auth on: the page's files are public, its data routes need a reader's token."""
+    pki = make_pki(tmp_path / "pki")
+    config = write_config(
+        tmp_path / "auth.toml",
+        f"""auth_required = true
+tls_enabled = true
+tls_cert_file = "{pki / "server.pem"}"
+tls_key_file = "{pki / "server-key.pem"}"
+jwt_secret_file = "{pki / "jwt.secret"}"
+""",
+    )
+    server = SecureServer(tmp_path / "data", tmp_path / "server.log", config)
+    try:
+        server.start()
+        viewer = {"Authorization": f"Bearer {token(pki, 'vera', 'viewer')}"}
+        node = {"Authorization": f"Bearer {token(pki, 'node:n1', 'node')}"}
+        for path in ("/dashboard/dashboard.js", "/dashboard/dashboard.css"):
+            assert auth_http(server, path)[0] == 200, path
+        for path in (
+            "/api/v1/events?limit=1",
+            "/api/v1/agents",
+            "/api/v1/commands/nope",
+            "/api/v1/events/stream?topics=nope",
+        ):
+            assert auth_http(server, path)[0] == 401, path
+            assert auth_http(server, path, node)[0] == 403, path
+        assert auth_http(server, "/api/v1/events?limit=1", viewer)[0] == 200
+        assert auth_http(server, "/api/v1/agents", viewer)[0] == 200
+        assert auth_http(server, "/api/v1/commands/nope", viewer)[0] == 404
+        # A reader gets the stream (past auth, the bad topic is the stream's own 400).
+        assert auth_http(server, "/api/v1/events/stream?topics=nope", viewer)[0] == 400
+        conn = http.client.HTTPConnection(HOST, server.http_port, timeout=10)
+        conn.request("GET", "/api/v1/events/stream?after_index=0", headers=viewer)
+        response = conn.getresponse()
+        assert response.status == 200
+        assert response.readline() == b"retry: 1000\n"
+        assert response.readline() == b"event: hello\n"
+        conn.close()
+    finally:
+        server.kill()

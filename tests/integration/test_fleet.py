@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import signal
-import time
 
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
@@ -38,7 +37,6 @@ def test_thousand_nodes_ready_then_down_then_known_after_restart(
         assert nodes_total(server, "ready") == FLEET
 
         # Stop the proxy without deregistering: the nodes must time out.
-        stopped_at = time.monotonic()
         assert fleet.stop(signal.SIGTERM) == 0, fleet.log()
         wait_for(
             lambda: len(list_all_nodes(control, (pb.NODE_STATUS_DOWN,))) == FLEET,
@@ -46,8 +44,11 @@ def test_thousand_nodes_ready_then_down_then_known_after_restart(
             0.25,
             "all nodes down",
         )
-        # node_timeout is 3s: nobody may go down much before it.
-        assert time.monotonic() - stopped_at >= 2.5
+        # node_timeout is 3 s: each node went down only after 3 s without a message, by the
+        # server's own stamps (whole ms).
+        down = list_all_nodes(control, (pb.NODE_STATUS_DOWN,))
+        silent_ms = [n.status_changed_ms - n.last_heartbeat_ms for n in down]
+        assert min(silent_ms) >= 3000 - 1, sorted(silent_ms)[:5]
         assert nodes_total(server, "down") == FLEET
         assert nodes_total(server, "ready") == 0
 

@@ -101,9 +101,8 @@ def test_health_reflection_and_sigterm(server: ServerProcess) -> None:
             "grpc.reflection.v1alpha.ServerReflection",
         } <= names
 
-    started = time.monotonic()
+    # Exits before its 30 s drain deadline (stop() gives up after 20 s): nothing in flight.
     assert server.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 5 + 2  # shutdown_timeout is 5s in tests
     assert '"stopped"' in server.log() or "stopped" in server.log()
 
 
@@ -126,9 +125,7 @@ def test_state_survives_restart_and_sigterm_with_open_streams(server_factory: ty
             timeout=30,
         )
         assert next(stream).HasField("config")
-        started = time.monotonic()
-        assert server.stop() == 0
-        assert time.monotonic() - started < 5 + 2
+        assert server.stop() == 0  # before the 30 s drain deadline: the stream is closed
         try:
             for _ in stream:
                 pass

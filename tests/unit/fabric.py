@@ -1,30 +1,22 @@
 """The core services wired as ``server.py`` wires them, without sockets, for unit tests.
 
-A real LmdbStore, NodeRegistry, Scheduler, CommandService and AgentService; node streams are
-driven through ``register`` / ``open_session`` and read from ``Session.outbound``; node
-reports go in through ``handle_reports``, as the gRPC adapter does.
+:class:`~nexus_fast.core.assembly.CoreFabric` on a real LmdbStore, with helpers to report,
+read what was stored and take nodes down.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import pytest
 import uvloop
 
-from nexus_fast.config import SchedulerConfig
-from nexus_fast.core import agents as agents_mod
-from nexus_fast.core import commands as commands_mod
-from nexus_fast.core.agents import AgentService
-from nexus_fast.core.commands import COMMANDS_DB, CommandService, CommandSettings
-from nexus_fast.core.fleet import SchedulerFeed
-from nexus_fast.core.nodes import NodeRegistry, NodeSettings, Session
-from nexus_fast.core.scheduler import Scheduler
+from nexus_fast.core.assembly import CoreFabric
+from nexus_fast.core.commands import COMMANDS_DB
+from nexus_fast.core.nodes import Session
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store import LmdbStore
 
@@ -37,13 +29,6 @@ NODE_TIMEOUT = 0.05
 def run(coro: Coroutine[Any, Any, T]) -> T:
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(asyncio.wait_for(coro, 20))
-
-
-@pytest.fixture(autouse=True)
-def fast_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The services' tickers run every 10 ms, so deadlines of 0.1-0.2 s are exact enough."""
-    monkeypatch.setattr(commands_mod, "_TICK", 0.01)
-    monkeypatch.setattr(agents_mod, "_TICK", 0.01)
 
 
 async def until(cond: Callable[[], object], timeout: float = 3.0, what: str = "") -> None:
@@ -79,78 +64,15 @@ def cancels_in(messages: Sequence[pb.ControlMessage]) -> list[str]:
     return [i for m in messages for i in m.cancel_command_ids]
 
 
-class Fabric:
-    """Store, registry, scheduler, commands and agents wired as ``NexusServer`` wires them."""
+class Fabric(CoreFabric):
+    """The core as ``NexusServer`` wires it, on an LmdbStore at ``path``, with test helpers."""
 
-    def __init__(
-        self,
-        path: Path,
-        *,
-        queue_capacity: int = 10_000,
-        max_batch_size: int = 100,
-        default_timeout: float = 10.0,
-        default_max_attempts: int = 3,
-    ) -> None:
-        self.store = LmdbStore(path, map_size=1 << 24)
-        self.nodes = NodeRegistry(
-            self.store,
-            NodeSettings(
-                heartbeat_interval=0.01,
-                node_timeout=NODE_TIMEOUT,
-                down_retention=3600.0,
-                max_batch_size=max_batch_size,
-            ),
-        )
-        self.scheduler = Scheduler(SchedulerConfig(), 30.0, random.Random(1))
-        self.commands = CommandService(
-            self.store,
-            self.nodes,
-            self.scheduler,
-            CommandSettings(
-                default_timeout=default_timeout,
-                default_max_attempts=default_max_attempts,
-                max_payload_size=1024,
-                final_retention=3600.0,
-                max_batch_size=max_batch_size,
-                queue_capacity=queue_capacity,
-            ),
-        )
-        self.agents = AgentService(self.store, self.scheduler, self.commands)
-        self.nodes.listeners += [SchedulerFeed(self.scheduler), self.commands, self.agents]
-        self.sessions: dict[str, Session] = {}
+    def __init__(self, path: Path, **kw: Any) -> None:
+        super().__init__(LmdbStore(path, map_size=1 << 24), node_timeout=NODE_TIMEOUT, **kw)
 
     async def start(self) -> Fabric:
-        await self.store.open()
-        self.nodes.load()
-        self.commands.load()
-        self.agents.load()
-        self.commands.start()
-        self.agents.start()
+        await super().start()
         return self
-
-    async def stop(self) -> None:
-        await self.agents.stop()
-        await self.commands.stop()
-        await self.nodes.stop()
-        await self.store.close()
-
-    async def node(
-        self,
-        node_id: str,
-        cpu: float = 8.0,
-        gpu: float = 0.0,
-        labels: dict[str, str] | None = None,
-        connect: bool = True,
-    ) -> Session | None:
-        """Register (a new epoch) and, unless told not to, open a stream; drains the config."""
-        node, _ = await self.nodes.register(
-            pb.RegisterRequest(node_id=node_id, capacity=res(cpu, 64.0, gpu), labels=labels or {})
-        )
-        if not connect:
-            return None
-        session = await self.nodes.open_session(node_id, node.session_epoch)
-        self.sessions[node_id] = session
-        return session
 
     def report(self, node_id: str, **kw: Any) -> None:
         """What the gRPC adapter does with a NodeMessage carrying acks/results."""
@@ -173,11 +95,6 @@ class Fabric:
 
     def stored_count(self) -> int:
         return len(self.store.scan(COMMANDS_DB, prefix=b"c/"))
-
-    async def flush(self) -> None:
-        """Wait until every write made so far (staged ones too) is durable."""
-        await self.commands.flush()
-        await self.store.commit([])
 
     async def down(self, *node_ids: str, keep: Sequence[str] = ()) -> None:
         """Let ``node_ids`` miss their heartbeats (``keep`` heartbeat) and run the pruner."""

@@ -22,20 +22,18 @@ from nexus_fast.core.nodes import Session
 from nexus_fast.errors import FailedPrecondition, InvalidArgument, NotFound
 from nexus_fast.pb import fabric_pb2 as pb
 
-from .fabric import (  # noqa: F401  (fast_ticks: autouse fixture)
-    NODE_TIMEOUT,
+from .fabric import (
     Fabric,
-    cancels_in,
     commands_in,
     drain,
     fabric,
-    fast_ticks,
     res,
     run,
-    spec,
-    until,
     wait_sent,
 )
+
+# Deadlines of 0.1-0.2 s need the 10 ms ticker (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_ticks")
 
 PENDING = pb.AGENT_STATE_PENDING
 RUNNING = pb.AGENT_STATE_RUNNING

@@ -6,14 +6,13 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from nexus_fast.core import commands as commands_module
+from nexus_fast.codec import protowire
 from nexus_fast.core.commands import STATE_NAMES
 from nexus_fast.core.nodes import NODES_DB
 from nexus_fast.errors import (
@@ -26,20 +25,20 @@ from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store import LmdbStore
 from nexus_fast.store.base import Delete
 
-from .fabric import (  # noqa: F401  (fast_ticks: autouse fixture)
-    NODE_TIMEOUT,
-    Fabric,
+from .fabric import (
     cancels_in,
     commands_in,
     drain,
     fabric,
-    fast_ticks,
     res,
     run,
     spec,
     until,
     wait_sent,
 )
+
+# Deadlines of 0.1-0.2 s need the 10 ms ticker (tests/unit/conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_ticks")
 
 PENDING = pb.COMMAND_STATE_PENDING
 PLACED = pb.COMMAND_STATE_PLACED
@@ -456,10 +455,10 @@ def test_no_result_within_timeout_is_retried_then_timed_out(tmp_path: Path) -> N
         record = f.commands.get("a")
         assert record.attempt == 2 and list(record.tried_nodes) == [first]
         assert cancels_in(drain(sessions[first])) == ["a"]
-        started = time.monotonic()
         await until(lambda: f.commands.get("a").state == TIMED_OUT, 1.0)
-        assert time.monotonic() - started >= 0.1  # the second attempt got its own timeout
         record = f.commands.get("a")
+        # The second attempt got its own timeout, by the service's own stamps (whole ms).
+        assert record.finished_ms - record.dispatched_ms >= 150 - 1
         assert "no result from node" in record.reason and other in record.reason
         assert cancels_in(drain(sessions[other])) == ["a"]
         assert f.scheduler.tasks_of("n1") == f.scheduler.tasks_of("n2") == 0
@@ -574,6 +573,38 @@ def test_node_down_replaces_queued_and_retries_inflight(tmp_path: Path) -> None:
     run(main())
 
 
+def test_removed_node_hands_its_queue_back_and_its_slot_carries_nothing_over(
+    tmp_path: Path,
+) -> None:
+    # The scheduler hears of the removal first and lets its slot go; the queue still holds
+    # the node's lane until it has moved the queued work back to pending.
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        await f.node("n1", connect=False)
+        await f.commands.submit([spec("a"), spec("b")])
+        assert f.commands.get("a").state == PLACED
+        slot = f.scheduler.slot_of("n1")
+        await f.nodes.remove("n1")
+        for cid in ("a", "b"):
+            record = f.commands.get(cid)
+            assert record.state == PENDING and record.attempt == 0, cid
+        assert f.scheduler.slots.get("n1") is None  # every holder let go
+        s2 = await f.node("n2")
+        assert s2 is not None
+        assert f.scheduler.slot_of("n2") == slot  # the freed slot, reused
+        sent = await wait_sent(s2, 2)
+        assert sorted(c.id for c in sent) == ["a", "b"]
+        for cid in ("a", "b"):
+            record = f.commands.get(cid)
+            assert record.node_id == "n2" and record.attempt == 1, cid
+        assert f.scheduler.tasks_of("n2") == 2
+        await asyncio.sleep(0.03)
+        assert commands_in(drain(s2)) == []  # each once
+        await f.stop()
+
+    run(main())
+
+
 # ------------------------------------------------------------------ cancel
 
 
@@ -646,12 +677,11 @@ def test_wait_yields_final_at_once_others_as_they_finish_and_stops_at_timeout(
             f.fail("n1", "a", "x")  # max_attempts 3: a retry, not final
 
         task = asyncio.get_running_loop().create_task(finish_later())
-        started = time.monotonic()
-        got2 = [(r.id, r.state) async for r in f.commands.wait(["done", "b", "a", "b"], 0.2)]
-        elapsed = time.monotonic() - started
+        got2 = [(r.id, r.state) async for r in f.commands.wait(["done", "b", "a", "b"], 0.5)]
+        # It waited past a's failure (a retry, not final) for its timeout, not just for b.
+        assert task.done()
         await task
         assert got2 == [("done", SUCCEEDED), ("b", SUCCEEDED)]
-        assert 0.15 <= elapsed < 1.0
         assert not f.commands._waiters  # nothing left registered
 
         with pytest.raises(NotFound):
@@ -703,9 +733,12 @@ def test_a_just_finished_command_reads_final_before_its_write_is_durable(
         f.succeed("n1", "a", b"out")
         assert f.commands.get("a").state == SUCCEEDED
         assert f.commands.get("a").output == b"out"
-        started = time.monotonic()
-        got = [r.state async for r in f.commands.wait(["a"], 0.5)]
-        assert got == [SUCCEEDED] and time.monotonic() - started < 0.2
+
+        async def states() -> list[int]:
+            return [r.state async for r in f.commands.wait(["a"], 3600)]
+
+        # A wait that read the older stored state would sleep its whole hour: wait_for fails.
+        assert await asyncio.wait_for(states(), 10) == [SUCCEEDED]
         dup = (await f.commands.submit([spec("a")])).results[0]
         assert dup.duplicate and dup.state == SUCCEEDED
         with pytest.raises(FailedPrecondition, match="succeeded"):
@@ -714,7 +747,7 @@ def test_a_just_finished_command_reads_final_before_its_write_is_durable(
         assert [r.id for r in page] == ["a"]
         await f.flush()
         assert f.stored("a").state == SUCCEEDED  # type: ignore[union-attr]
-        assert not f.commands._finishing  # memory is let go once durable
+        assert not f.commands._log.finishing  # memory is let go once durable
         await f.stop()
 
     run(main())
@@ -899,7 +932,7 @@ def test_hand_encoded_event_equals_protobuf(
     for ts in (1, 127, 128, 1_732_650_000_123):
         slim = pb.CommandRecord()
         slim.CopyFrom(record)
-        if len(payload) > commands_module._EVENT_PAYLOAD_LIMIT:
+        if len(payload) > protowire.EVENT_PAYLOAD_LIMIT:
             slim.spec.payload = b""
         expected = pb.Event(
             time_ms=ts,
@@ -908,5 +941,6 @@ def test_hand_encoded_event_equals_protobuf(
             key=command_id,
             payload=slim.SerializeToString(),
         ).SerializeToString()
-        got = commands_module._event(record, body, commands_module._time_field(ts))
+        encoder = protowire.CommandEvents()
+        got = encoder.encode(record, body, encoder.time_field(ts))
         assert got == expected

@@ -22,16 +22,15 @@ from hypothesis import strategies as st
 
 from nexus_fast.api import grpc_events, ws_events
 from nexus_fast.api.ws_server import CLOSE_SLOW_CONSUMER, FRAME_HEADROOM
+from nexus_fast.codec import frames as codec_frames
+from nexus_fast.codec import protowire as wire
+from nexus_fast.codec.frames import EventEnvelope, batch_bytes, bookmark_bytes
 from nexus_fast.config import EventsConfig
 from nexus_fast.core import events as events_mod
-from nexus_fast.core import wire
 from nexus_fast.core.events import (
     EventBus,
-    EventEnvelope,
     EventIndexTooOld,
     SlowConsumer,
-    batch_bytes,
-    bookmark_bytes,
 )
 from nexus_fast.errors import InvalidArgument, ResourceExhausted, Unavailable
 from nexus_fast.pb import fabric_pb2 as pb
@@ -284,7 +283,7 @@ def test_shared_reads_and_frames_match_the_uncached_path_and_are_bounded() -> No
                     batch = sub.read(5)
                     frames = sub.json_frames(batch, 64)
                     # identical bytes to the uncached split and join
-                    assert frames == events_mod.json_frames(batch, 64)
+                    assert frames == codec_frames.json_frames(batch, 64)
                     assert b",".join(f[2] for f in frames) == b",".join(e.json for e in batch)
                     got[id(sub)].extend(e.index for e in batch)
                     if name in frames_by_filter:
@@ -309,14 +308,14 @@ def test_shared_reads_and_frames_match_the_uncached_path_and_are_bounded() -> No
 def test_json_frames_split_like_the_frame_byte_cap() -> None:
     envs = [EventEnvelope(i, body(payload=b'{"p":"%s"}' % (b"x" * i))) for i in range(1, 40)]
     for cap in (1, 50, 200, 10**6):
-        frames = events_mod.json_frames(envs, cap)
+        frames = codec_frames.json_frames(envs, cap)
         assert frames[0][0] == 0 and frames[-1][1] == len(envs)
         for (_, end, _), (start, _, _) in itertools.pairwise(frames):
             assert end == start
         for start, end, data in frames:
             assert data == b",".join(e.json for e in envs[start:end])
             assert end - start == 1 or len(data) + 1 <= cap
-    assert events_mod.json_frames([], 10) == []
+    assert codec_frames.json_frames([], 10) == []
 
 
 def test_shared_cache_bounds() -> None:

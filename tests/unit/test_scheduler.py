@@ -9,6 +9,7 @@ import pytest
 
 from nexus_fast.config import SchedulerConfig
 from nexus_fast.core.scheduler import Placement, PlacementRequest, Scheduler
+from nexus_fast.core.slots import NodeSlots
 from nexus_fast.errors import NodeNotFound
 from nexus_fast.pb import fabric_pb2 as pb
 
@@ -332,6 +333,28 @@ def test_label_masks_after_removal_and_slot_reuse() -> None:
     assert s.place(req(label_selector={"zone": "x"})).node_id == "c"
     with pytest.raises(IndexError):
         s.node_at(99)
+
+
+def test_node_slots_are_shared_and_freed_by_the_last_holder() -> None:
+    slots = NodeSlots()
+    s = Scheduler(SPREAD, 30.0, random.Random(1), clock=lambda: NOW, slots=slots)
+    slot_a = add(s, "a")
+    add(s, "b")
+    placed = s.place(req(target_node="a"))
+    assert placed.node_id == "a" and placed.slot == slot_a == slots.get("a")
+    assert slots.acquire("a") == slot_a  # a second holder (the command queue)
+    assert s.remove_node("a")
+    # The scheduler let go, the queue still holds it: not reusable, not the scheduler's.
+    assert "a" not in s and slots.get("a") == slot_a and s.slot_of("a") is None
+    assert add(s, "c") != slot_a
+    assert not s.place(req(target_node="a")).placed
+    # Re-adding the node while the queue holds its slot keeps the same slot.
+    assert add(s, "a") == slot_a and s.place(req(target_node="a")).slot == slot_a
+    assert s.remove_node("a") and slots.release("a")
+    assert slots.get("a") is None and slots.node_at(slot_a) is None
+    assert add(s, "d") == slot_a  # freed by the last holder: reused, lowest first
+    assert not slots.release("a")
+    assert len(s) == 3 and len(slots) == 3
 
 
 def test_growth_keeps_data_and_masks() -> None:

@@ -19,29 +19,21 @@ from hypothesis import strategies as st
 
 from nexus_fast import scoring
 from nexus_fast._compat import NO_EXTENSIONS
-from nexus_fast._scoring_py import N_ROWS, ROW_AVAIL, ROW_CAP, ROW_FREE, ROW_TASKS
+from nexus_fast._scoring_py import N_ROWS, ROW_AVAIL, ROW_CAP, ROW_FREE, ROW_TASKS, Query
 
 F32 = np.float32
 NOW = 1000.0
 TIMEOUT = 30.0
 
 
-def model_pick(
-    feat: Any,
-    n: int,
-    mask: Any,
-    spread: Any,
-    s_max: float,
-    hb: Any,
-    now: float,
-    timeout: float,
-    t_max: float,
-    *rest: Any,
-) -> int:
-    """Trivially correct reference: one node at a time, float32 scalars throughout."""
-    req = [F32(v) for v in rest[:4]]
-    w = [F32(v) for v in rest[4:9]]
-    r = rest[9]
+def model_pick(feat: Any, n: int, mask: Any, hb: Any, query: Any, spread: Any = None) -> int:
+    """Trivially correct reference: one node at a time, float32 scalars throughout.
+
+    ``query`` is either twin's ``Query`` (only its fields are read).
+    """
+    req = [F32(v) for v in query.req]
+    w = [F32(v) for v in query.weights]
+    r, now, timeout, t_max, s_max = query.r, query.now, query.node_timeout, query.t_max, query.s_max
     counted = [0, 1] + [j for j in (2, 3) if req[j] > 0]
     scores: dict[int, Any] = {}
     for i in range(n):
@@ -95,24 +87,16 @@ def fleet(
 
 
 def call(impl: ModuleType, feat: Any, n: int, mask: Any, hb: Any, **kw: Any) -> int:
-    req = kw.get("req", (0.0, 0.0, 0.0, 0.0))
-    w = kw.get("w", (1.0, 0.0, 0.5, 1.0, 0.1))
-    return int(
-        impl.pick_best(
-            feat,
-            n,
-            mask,
-            kw.get("spread"),
-            kw.get("s_max", 0.0),
-            hb,
-            kw.get("now", NOW),
-            TIMEOUT,
-            kw.get("t_max", float(feat[ROW_TASKS, :n].max(initial=0))),
-            *req,
-            *w,
-            kw.get("r", 0),
-        )
+    query = impl.Query(
+        kw.get("req", (0.0, 0.0, 0.0, 0.0)),
+        kw.get("w", (1.0, 0.0, 0.5, 1.0, 0.1)),
+        kw.get("now", NOW),
+        TIMEOUT,
+        kw.get("t_max", float(feat[ROW_TASKS, :n].max(initial=0))),
+        kw.get("s_max", 0.0),
+        kw.get("r", 0),
     )
+    return int(impl.pick_best(feat, n, mask, hb, query, kw.get("spread")))
 
 
 def test_empty_and_infeasible(scoring_impl: ModuleType) -> None:
@@ -139,6 +123,29 @@ def test_single_node_and_bounds(scoring_impl: ModuleType) -> None:
         call(scoring_impl, big, 8, bmask, bhb[:4])
     with pytest.raises(ValueError):
         call(scoring_impl, big, 8, bmask, bhb, spread=np.zeros(4, F32), s_max=1.0)
+
+
+def test_query_fields_validation_and_immutability(scoring_impl: ModuleType) -> None:
+    query = scoring_impl.Query([1.0, 2, 0, 0], [1, 0, 0.5, 1, 0.1], NOW, TIMEOUT, 3, 1.5, 2**63 - 1)
+    assert query.req == (1.0, 2, 0, 0) and query.weights == (1, 0, 0.5, 1, 0.1)
+    assert (query.now, query.node_timeout, query.t_max, query.s_max) == (NOW, TIMEOUT, 3, 1.5)
+    assert query.r == 2**63 - 1
+    assert repr(query) == repr(Query(*[getattr(query, f) for f in Query.__dataclass_fields__]))
+    with pytest.raises(AttributeError):
+        query.r = 1
+    good = ((0, 0, 0, 0), (1, 0, 0, 0, 0), NOW, TIMEOUT, 0.0)
+    assert scoring_impl.Query(*good).s_max == 0.0 and scoring_impl.Query(*good).r == 0
+    for bad in (
+        {"req": (0, 0, 0)},
+        {"weights": (1, 0, 0, 0, 0, 0)},
+        {"node_timeout": 0.0},
+        {"node_timeout": float("nan")},
+        {"r": -1},
+        {"r": 2**63},
+    ):
+        fields = dict(zip(("req", "weights", "now", "node_timeout", "t_max"), good), **bad)
+        with pytest.raises(ValueError):
+            scoring_impl.Query(**fields)
 
 
 def test_only_first_n_columns_are_read(scoring_impl: ModuleType) -> None:
@@ -223,9 +230,8 @@ def test_ties_and_best_across_blocks(scoring_impl: ModuleType, n: int) -> None:
     feat, mask, hb = fleet(n, tasks=1.0)
     mask[[0, 255 % n, n - 1]] = 0
     for r in (0, 1, 254, 255, 256, n - 4, 2**62 + 7):
-        assert call(scoring_impl, feat, n, mask, hb, r=r) == model_pick(
-            feat, n, mask, None, 0.0, hb, NOW, TIMEOUT, 1.0, 0, 0, 0, 0, 1, 0, 0.5, 1, 0.1, r
-        )
+        query = Query((0, 0, 0, 0), (1, 0, 0.5, 1, 0.1), NOW, TIMEOUT, 1.0, 0.0, r)
+        assert call(scoring_impl, feat, n, mask, hb, r=r) == model_pick(feat, n, mask, hb, query)
     feat[ROW_TASKS, n - 3] = 0.0  # one node with a free task slot: the only best
     assert call(scoring_impl, feat, n, mask, hb, t_max=1.0, r=3) == n - 3
 
@@ -239,19 +245,20 @@ def test_freshness_per_block(scoring_impl: ModuleType) -> None:
     hb[650] = NOW - 29.0
     for w in ((0, 0, 0, 0, 1), (1, 0, 0.5, 0, 0.1), (0, 1, 0, 0, 2)):
         for r in (0, 5, 2**40):
-            args = (feat, n, mask, None, 0.0, hb, NOW, TIMEOUT, 2.0, 0, 0, 0, 0, *w, r)
-            assert scoring_impl.pick_best(*args) == model_pick(*args)
+            query = scoring_impl.Query((0, 0, 0, 0), w, NOW, TIMEOUT, 2.0, 0.0, r)
+            assert scoring_impl.pick_best(feat, n, mask, hb, query) == model_pick(
+                feat, n, mask, hb, query
+            )
 
 
 def test_bool_mask_accepted_by_selector() -> None:
     feat, mask, hb = fleet(3)
-    args = (feat, 3, mask.astype(bool), None, 0.0, hb, NOW, TIMEOUT, 0.0, 0, 0, 0, 0, 1, 0, 0, 0, 0)
-    assert scoring.pick_best(*args, 4) == 1
+    query = scoring.Query((0, 0, 0, 0), (1, 0, 0, 0, 0), NOW, TIMEOUT, 0.0, 0.0, 4)
+    assert scoring.pick_best(feat, 3, mask.astype(bool), hb, query) == 1
 
 
-def test_selector_crossover_uses_both_twins(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_selector_uses_the_compiled_twin_at_every_size(monkeypatch: pytest.MonkeyPatch) -> None:
     assert scoring.IMPLEMENTATION in ({"py"} if NO_EXTENSIONS else {"c"})
-    assert scoring.CROSSOVER_NODES > 100
     seen: list[str] = []
     py = importlib.import_module("nexus_fast._scoring_py")
 
@@ -260,10 +267,10 @@ def test_selector_crossover_uses_both_twins(monkeypatch: pytest.MonkeyPatch) -> 
         return int(py.pick_best(*args))
 
     monkeypatch.setattr(scoring, "_numpy_pick", numpy_pick)
-    for n in (10, scoring.CROSSOVER_NODES):
+    for n in (10, 1 << 20):
         feat, mask, hb = fleet(n)
         call(scoring, feat, n, mask, hb)
-    assert seen == (["py", "py"] if NO_EXTENSIONS else ["py"])
+    assert seen == (["py", "py"] if NO_EXTENSIONS else [])
 
 
 # ----------------------------------------------------------------------- properties
@@ -303,12 +310,25 @@ def scenarios(draw: st.DrawFn) -> tuple[Any, ...]:
     req = tuple(draw(st.sampled_from([0.0, 0.0, 0.5, 1.0, 0.1, 3.0])) for _ in range(4))
     w = tuple(draw(st.sampled_from([0.0, 1.0, 0.5, 0.1, 2.0])) for _ in range(5))
     r = draw(st.integers(0, 2**62))
-    return (feat, n, mask, spread, s_max, hb, NOW, TIMEOUT, t_max, *req, *w, r)
+    fields = {
+        "req": req,
+        "weights": w,
+        "now": NOW,
+        "node_timeout": TIMEOUT,
+        "t_max": t_max,
+        "s_max": s_max,
+        "r": r,
+    }
+    return feat, n, mask, hb, spread, fields
 
 
 @given(scenarios())
-def test_twin_matches_model(scoring_impl: ModuleType, args: tuple[Any, ...]) -> None:
-    assert scoring_impl.pick_best(*args) == model_pick(*args)
+def test_twin_matches_model(scoring_impl: ModuleType, case: tuple[Any, ...]) -> None:
+    feat, n, mask, hb, spread, fields = case
+    query = scoring_impl.Query(**fields)
+    assert scoring_impl.pick_best(feat, n, mask, hb, query, spread) == model_pick(
+        feat, n, mask, hb, query, spread
+    )
 
 
 # Compiled-vs-numpy comparisons exist only where the compiled twin may be used: the
@@ -316,10 +336,15 @@ def test_twin_matches_model(scoring_impl: ModuleType, args: tuple[Any, ...]) -> 
 if not NO_EXTENSIONS:
 
     @given(scenarios())
-    def test_compiled_and_numpy_twins_agree(args: tuple[Any, ...]) -> None:
+    def test_compiled_and_numpy_twins_agree(case: tuple[Any, ...]) -> None:
         c = importlib.import_module("nexus_fast._scoring_c")
         py = importlib.import_module("nexus_fast._scoring_py")
-        assert c.pick_best(*args) == py.pick_best(*args)
+        feat, n, mask, hb, spread, fields = case
+        c_query = c.Query(**fields)
+        got = c.pick_best(feat, n, mask, hb, c_query, spread)
+        assert got == py.pick_best(feat, n, mask, hb, py.Query(**fields), spread)
+        # The numpy twin also reads the compiled Query (the selector exports that one).
+        assert got == py.pick_best(feat, n, mask, hb, c_query, spread)
 
     @given(st.integers(0, 2**32), st.integers(1, 3000))
     def test_twins_agree_on_random_fleets(seed: int, n: int) -> None:
@@ -338,5 +363,15 @@ if not NO_EXTENSIONS:
         hb = NOW - rng.random(n) * 40.0
         req = tuple(float(v) for v in rng.choice([0.0, 0.3, 1.0, 2.5], size=4))
         w = tuple(float(v) for v in rng.choice([0.0, 0.1, 0.7, 1.0], size=5))
-        args = (feat, n, mask, spread, 6.0, hb, NOW, TIMEOUT, 49.0, *req, *w, seed)
-        assert c.pick_best(*args) == py.pick_best(*args)
+        fields = (req, w, NOW, TIMEOUT, 49.0, 6.0, seed)
+        got = c.pick_best(feat, n, mask, hb, c.Query(*fields), spread)
+        assert got == py.pick_best(feat, n, mask, hb, py.Query(*fields), spread)
+
+    def test_compiled_layout_is_the_pure_twins() -> None:
+        """The C enum of _ext/_scoring.pxd, as exported, equals the pure twin's constants."""
+        c = importlib.import_module("nexus_fast._scoring_c")
+        py = importlib.import_module("nexus_fast._scoring_py")
+        for name in py.__all__:
+            if name.isupper():
+                assert getattr(c, name) == getattr(py, name), name
+        assert sorted(c.__all__) == sorted(py.__all__)

@@ -15,7 +15,6 @@ import importlib
 import time
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 
@@ -110,26 +109,17 @@ def scoring(n: int) -> Callable[[ModuleType], Callable[[], int]]:
         mask = (rng.random(n) >= 0.02).astype(np.uint8)
         now = 1_000_000.0
         heartbeat = now - rng.random(n) * 5.0
-        pick = mod.pick_best
-        args: tuple[Any, ...] = (
-            feat,
-            n,
-            mask,
-            None,
-            0.0,
-            heartbeat,
-            now,
-            30.0,
-            20.0,
-            1.0,
-            2.0,
-            0.0,
-            0.0,
-            *WEIGHTS,
-        )
+        pick, query = mod.pick_best, mod.Query
 
         def run() -> int:
-            pick(*args, 7)
+            # One Query per placement, as the scheduler builds it.
+            pick(
+                feat,
+                n,
+                mask,
+                heartbeat,
+                query((1.0, 2.0, 0.0, 0.0), WEIGHTS, now, 30.0, 20.0, 0.0, 7),
+            )
             return 1
 
         return run

@@ -1,0 +1,49 @@
+"""What a command submission may ask for: the limits of a ``CommandSpec``, checked up front."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from nexus_fast.core.nodes import validate_labels, validate_resources
+from nexus_fast.errors import InvalidArgument
+from nexus_fast.pb import fabric_pb2 as pb
+
+MAX_PRIORITY: Final = 2
+MAX_TIMEOUT_MS: Final = 24 * 3600 * 1000
+MAX_ATTEMPTS: Final = 100
+MAX_KIND_LEN: Final = 128
+MAX_ID_LEN: Final = 128
+
+_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+
+
+def validate_spec(spec: pb.CommandSpec, at: str, max_payload_size: int) -> None:
+    """Raise ``InvalidArgument`` naming the field (under ``at``) that breaks a limit.
+
+    The target node's existence is the caller's check (it needs the registry).
+    """
+    key = spec.idempotency_key
+    if key and (len(key) > MAX_ID_LEN or not _ID_RE.match(key)):
+        raise InvalidArgument(
+            f"{at}.idempotency_key",
+            f"must be 1..{MAX_ID_LEN} characters of letters, digits and . _ : / @ -",
+        )
+    if not spec.kind or len(spec.kind) > MAX_KIND_LEN:
+        raise InvalidArgument(f"{at}.kind", f"must be 1..{MAX_KIND_LEN} characters")
+    if len(spec.payload) > max_payload_size:
+        raise InvalidArgument(
+            f"{at}.payload",
+            f"{len(spec.payload)} bytes exceeds the limit of {max_payload_size}",
+        )
+    if spec.priority > MAX_PRIORITY:
+        raise InvalidArgument(f"{at}.priority", f"must be 0..{MAX_PRIORITY}")
+    if spec.timeout_ms > MAX_TIMEOUT_MS:
+        raise InvalidArgument(f"{at}.timeout_ms", f"must be at most {MAX_TIMEOUT_MS} (24h)")
+    if spec.max_attempts > MAX_ATTEMPTS:
+        raise InvalidArgument(f"{at}.max_attempts", f"must be at most {MAX_ATTEMPTS}")
+    placement = spec.placement
+    validate_labels(placement.label_selector, f"{at}.placement.label_selector")
+    validate_resources(placement.request, f"{at}.placement.request")
+    if placement.spread_key:
+        validate_labels({placement.spread_key: ""}, f"{at}.placement.spread_key")

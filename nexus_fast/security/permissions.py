@@ -1,0 +1,168 @@
+"""The one permission table and role-based access control over it.
+
+Every gRPC method, WebSocket op and HTTP route names the permission it needs
+(``resource.verb``); anything not in the table is denied. ``public`` means no credential
+is needed (liveness and readiness probes). ``node.self`` is NodeService for the caller's
+own node id only: the interceptor and ``NodeService.Connect`` compare the request's
+node id with the principal's (Kubernetes' NodeRestriction, here).
+
+Roles grant permission patterns: ``*``, ``node.*`` (every verb of a resource) and
+``*.read`` (one verb of every resource). Built in: ``admin`` (``*``), ``operator``
+(commands, agents, node drain and eligibility, every read but the audit log), ``viewer``
+(those reads), ``node`` (``node.self`` only, whatever the configuration says).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Final
+
+from nexus_fast.security.identity import ROLE_ADMIN, ROLE_NODE, Principal
+from nexus_fast.security.rbac import RbacConfig
+
+__all__ = [
+    "ALL_PERMISSIONS",
+    "BUILTIN_ROLES",
+    "GRPC_METHODS",
+    "HTTP_ROUTES",
+    "NODE_SELF",
+    "PUBLIC",
+    "WS_OPS",
+    "Rbac",
+    "matches",
+]
+
+PUBLIC: Final = "public"
+NODE_SELF: Final = "node.self"
+
+_NODE: Final = "/nexus.fabric.v1.NodeService/"
+_CONTROL: Final = "/nexus.fabric.v1.ControlService/"
+
+GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        _NODE + "Register": NODE_SELF,
+        _NODE + "Connect": NODE_SELF,
+        _NODE + "Deregister": NODE_SELF,
+        _CONTROL + "WatchEvents": "event.read",
+        _CONTROL + "ListNodes": "node.read",
+        _CONTROL + "GetNode": "node.read",
+        _CONTROL + "DrainNode": "node.drain",
+        _CONTROL + "SetNodeEligibility": "node.eligibility",
+        _CONTROL + "RemoveNode": "node.write",
+        _CONTROL + "SubmitCommands": "command.write",
+        _CONTROL + "GetCommand": "command.read",
+        _CONTROL + "ListCommands": "command.read",
+        _CONTROL + "CancelCommand": "command.write",
+        _CONTROL + "WaitCommands": "command.read",
+        _CONTROL + "DeployAgent": "agent.write",
+        _CONTROL + "ListAgents": "agent.read",
+        _CONTROL + "GetAgent": "agent.read",
+        _CONTROL + "StopAgent": "agent.write",
+        _CONTROL + "ListAudit": "audit.read",
+        # Load balancers and orchestrators probe without credentials (TLS still applies).
+        "/grpc.health.v1.Health/Check": PUBLIC,
+        "/grpc.health.v1.Health/Watch": PUBLIC,
+        "/grpc.health.v1.Health/List": "health.read",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": "reflection.read",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": "reflection.read",
+    }
+)
+"""gRPC method full name -> permission."""
+
+WS_OPS: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "ping": PUBLIC,  # answered by the framing layer on an authenticated connection
+        "subscribe": "event.read",
+        "unsubscribe": "event.read",
+        "submit": "command.write",
+    }
+)
+"""WebSocket op -> permission (the upgrade itself needs an authenticated principal)."""
+
+HTTP_ROUTES: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "/live": PUBLIC,
+        "/ready": PUBLIC,
+        "/health": PUBLIC,
+        "/health/detailed": "health.read",
+        "/metrics": "metrics.read",
+        "/api/v1/nodes": "node.read",
+        "/api/v1/nodes/{node_id}": "node.read",
+        "/api/v1/commands/{command_id}": "command.read",
+        "/api/v1/agents": "agent.read",
+        "/api/v1/events": "event.read",
+        "/api/v1/events/stream": "event.read",
+        # A static page with no data in it; the calls it makes are authorised one by one.
+        "/": PUBLIC,
+        "/dashboard": PUBLIC,
+        "/dashboard/{asset}": PUBLIC,  # the page's script and stylesheet
+    }
+)
+"""HTTP route template (aiohttp ``resource.canonical``) -> permission."""
+
+ALL_PERMISSIONS: Final = frozenset(
+    {*GRPC_METHODS.values(), *WS_OPS.values(), *HTTP_ROUTES.values()} - {PUBLIC}
+)
+
+_READS: Final = (
+    "node.read",
+    "command.read",
+    "agent.read",
+    "event.read",
+    "health.read",
+    "metrics.read",
+    "reflection.read",
+)
+BUILTIN_ROLES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
+    {
+        ROLE_ADMIN: ("*",),
+        "operator": ("command.*", "agent.*", "node.drain", "node.eligibility", *_READS),
+        "viewer": _READS,
+        ROLE_NODE: (NODE_SELF,),
+    }
+)
+
+
+def matches(pattern: str, permission: str) -> bool:
+    """``*``, ``resource.*``, ``*.verb`` or an exact ``resource.verb``."""
+    if pattern == "*" or pattern == permission:
+        return True
+    resource, _, verb = permission.partition(".")
+    p_resource, _, p_verb = pattern.partition(".")
+    return (p_resource in ("*", resource)) and (p_verb in ("*", verb))
+
+
+class Rbac:
+    """Role -> granted permissions, expanded once so a check is one set lookup."""
+
+    def __init__(self, config: RbacConfig) -> None:
+        self.enabled = config.enabled
+        patterns = dict(BUILTIN_ROLES)
+        for role in config.roles:
+            patterns[role.name] = role.permissions
+        # The fixed roles cannot be configured away (config.py refuses to redefine them).
+        patterns[ROLE_ADMIN] = BUILTIN_ROLES[ROLE_ADMIN]
+        patterns[ROLE_NODE] = BUILTIN_ROLES[ROLE_NODE]
+        self.roles: dict[str, frozenset[str]] = {}
+        for name, granted in patterns.items():
+            perms = {p for p in ALL_PERMISSIONS if any(matches(g, p) for g in granted)}
+            if name not in (ROLE_ADMIN, ROLE_NODE):
+                # node.self is the node role's alone: an operator is no node.
+                perms.discard(NODE_SELF)
+            self.roles[name] = frozenset(perms)
+        self._unchecked = frozenset(ALL_PERMISSIONS - {NODE_SELF})
+
+    def allows(self, principal: Principal, permission: str | None) -> bool:
+        """True when ``principal`` holds ``permission``; None (not in the table) is denied."""
+        if permission is None:
+            return False
+        if permission == PUBLIC:
+            return True
+        if principal.role == ROLE_NODE:
+            # Nodes act only as themselves, with or without RBAC.
+            return permission == NODE_SELF
+        if not self.enabled:
+            return permission in self._unchecked or principal.role == ROLE_ADMIN
+        granted = self.roles.get(principal.role)
+        return granted is not None and permission in granted

@@ -1,0 +1,172 @@
+"""Helpers for the auth tests: development PKI via the real CLI, secure servers, clients."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from websockets.exceptions import InvalidMessage, InvalidStatus
+from websockets.sync.client import ClientConnection, connect
+
+from .conftest import HOST, REPO, ServerProcess
+
+SECRET_NAME = "jwt.secret"
+
+
+def nexus_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m nexus_fast.cli ARGS`` (the real entry point)."""
+    return subprocess.run(
+        [sys.executable, "-m", "nexus_fast.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+
+
+def make_pki(out: Path, *extra: str) -> Path:
+    done = nexus_cli("certs", "--out", str(out), *extra)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def token(pki: Path, sub: str, role: str, ttl: str = "1h") -> str:
+    done = nexus_cli("token", "--secret-file", str(pki / SECRET_NAME), "--sub", sub,
+                     "--role", role, "--ttl", ttl)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def write_config(path: Path, security: str) -> Path:
+    path.write_text("[security]\n" + security)
+    return path
+
+
+class SecureServer(ServerProcess):
+    """A ServerProcess whose readiness probe may need HTTPS and a client certificate."""
+
+    def __init__(self, *args: Any, http_ssl: ssl.SSLContext | None = None, **kw: str) -> None:
+        super().__init__(*args, **kw)
+        self.http_ssl = http_ssl
+
+    @property
+    def http_base(self) -> str:
+        return f"{'https' if self.http_ssl else 'http'}://{HOST}:{self.http_port}"
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                if http(self, "/ready")[0] == 200:
+                    return
+            time.sleep(0.05)
+        raise AssertionError(f"server not ready within {timeout}s:\n{self.log()}")
+
+
+def client_ssl(pki: Path, cert: str | None = None, ca: Path | None = None) -> ssl.SSLContext:
+    """Trusts the server (``pki/ca.pem``); presents ``pki/<cert>.pem`` when given."""
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    if cert is not None:
+        base = ca or pki
+        context.load_cert_chain(str(base / f"{cert}.pem"), str(base / f"{cert}-key.pem"))
+    return context
+
+
+def http(
+    server: SecureServer,
+    path: str,
+    headers: dict[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(server.http_base + path, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context or server.http_ssl) as r:
+            return r.status, _json(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, _json(err.read())
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def grpc_channel(
+    server: ServerProcess, pki: Path, cert: str | None = None, ca: Path | None = None
+) -> grpc.Channel:
+    key = chain = None
+    if cert is not None:
+        base = ca or pki
+        key = (base / f"{cert}-key.pem").read_bytes()
+        chain = (base / f"{cert}.pem").read_bytes()
+    credentials = grpc.ssl_channel_credentials((pki / "ca.pem").read_bytes(), key, chain)
+    return grpc.secure_channel(server.grpc_target, credentials)
+
+
+def bearer(value: str) -> Sequence[tuple[str, str]]:
+    return (("authorization", f"Bearer {value}"),)
+
+
+def ws_url(server: ServerProcess, query: str = "") -> str:
+    return f"wss://{HOST}:{server.ws_port}/v1/events{query}"
+
+
+@contextlib.contextmanager
+def ws(
+    server: ServerProcess,
+    context: ssl.SSLContext,
+    headers: dict[str, str] | None = None,
+    query: str = "",
+    origin: str | None = None,
+) -> Iterator[ClientConnection]:
+    with connect(
+        ws_url(server, query),
+        ssl=context,
+        additional_headers=headers,
+        origin=origin,  # type: ignore[arg-type]
+        open_timeout=15,  # shared CI machines: TLS handshakes can queue for seconds
+    ) as conn:
+        yield conn
+
+
+def ws_refused(server: ServerProcess, context: ssl.SSLContext, **kw: Any) -> int:
+    """The HTTP status of a refused upgrade (fails the test if it is accepted).
+
+    Rarely (about 1 in a few hundred here) a refused upgrade over TLS reaches the client as
+    a closed connection without the response (picows closes right after writing it); that
+    is retried, a 101 never is.
+    """
+    for _ in range(3):
+        try:
+            with ws(server, context, **kw):
+                pass
+        except InvalidStatus as exc:
+            return exc.response.status_code
+        except InvalidMessage:
+            continue
+        raise AssertionError("the WebSocket upgrade was accepted")
+    raise AssertionError("three refused upgrades got no HTTP response")
+
+
+def ws_op(conn: ClientConnection, message: dict[str, Any]) -> dict[str, Any]:
+    conn.send(json.dumps({"id": "req-1", **message}))
+    while True:
+        reply = json.loads(conn.recv(timeout=5))
+        if reply.get("id") == "req-1" or reply.get("type") == "error":
+            return dict(reply)
