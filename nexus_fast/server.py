@@ -29,7 +29,7 @@ from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
-from nexus_fast.codec.json import node_to_dict
+from nexus_fast.codec.json import agent_to_dict, command_to_dict, node_to_dict
 from nexus_fast.config import Config
 from nexus_fast.core.agents import AgentService, AgentSettings
 from nexus_fast.core.commands import CommandService, CommandSettings
@@ -38,7 +38,7 @@ from nexus_fast.core.fleet import SchedulerFeed
 from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, page_budget
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import Scheduler
-from nexus_fast.errors import NexusError
+from nexus_fast.errors import InvalidArgument, NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.security.layer import OPEN_API_WARNING, SecurityLayer
@@ -218,6 +218,7 @@ class NexusServer:
                 dashboard_enabled=cfg.monitoring.dashboard_enabled,
                 ssl_context=self._server_ssl_context() if cfg.security.http_tls else None,
                 middlewares=self.security.http_middlewares() if self.security else (),
+                events=self.events,
             )
             await _bind("http", cfg.server.host, cfg.server.http_port, self._http.start())
         except BaseException:
@@ -524,6 +525,20 @@ class NexusServer:
             return node_to_dict(self.nodes.get(node_id))
         except NexusError:
             return None
+
+    def get_command(self, command_id: str) -> dict[str, object]:
+        return command_to_dict(self.commands.get(command_id))
+
+    def list_agents(
+        self, name: str, states: list[str], limit: int, page_token: str
+    ) -> tuple[list[dict[str, object]], str]:
+        numbers = []
+        for state in states:
+            if state not in pb.AgentState.DESCRIPTOR.values_by_name:
+                raise InvalidArgument("state", f"unknown agent state {state!r}")
+            numbers.append(pb.AgentState.Value(state))
+        agents, token = self.agents.list_agents(name, numbers, limit, page_token)
+        return [agent_to_dict(a) for a in agents], token
 
 
 async def _maybe(step: Any) -> None:
