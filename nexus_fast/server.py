@@ -104,6 +104,8 @@ class NexusServer:
         self._grpc: grpc.aio.Server | None = None
         # None when security.auth_required = false: nothing is installed, ports are open.
         self.security = SecurityLayer.from_config(config)
+        if self.security is not None:
+            self.nodes.listeners += self.security.node_listeners()
         self._health = health.aio.HealthServicer()
         self.grpc_port = 0
         self._ws: WebSocketServer | None = None
@@ -125,7 +127,7 @@ class NexusServer:
             extra={"version": nexus_fast.__version__, **nexus_fast.implementation()},
         )
 
-        if self.security is None:
+        if self.security is None or not self.security.authenticating:
             log.warning(OPEN_API_WARNING)
         await self.store.open()
         self.events.load()
@@ -162,7 +164,8 @@ class NexusServer:
                         submit_commands=self.commands.submit,
                     )
                 ),
-                admit=self.security.ws.admit if self.security else None,
+                admit=self.security.ws_admit if self.security else None,
+                on_connect=self.security.ws_on_connect if self.security else None,
             )
             await _bind("websocket", cfg.server.websocket_port, self._ws.start())
             self._http = HttpServer(
@@ -221,7 +224,8 @@ class NexusServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        add_node_service(NodeService(self.nodes, self.commands, self.agents), server)
+        limits = self.security.limits if self.security else None
+        add_node_service(NodeService(self.nodes, self.commands, self.agents, limits), server)
         add_control_service(
             ControlService(self.nodes, self.commands, self.agents, events=self.events), server
         )
@@ -262,7 +266,7 @@ class NexusServer:
 
     def _guard_ws(self, on_message: Any) -> Any:
         """The WebSocket op handler, behind the per-op permission check when auth is on."""
-        return self.security.ws.guard(on_message) if self.security else on_message
+        return self.security.ws_guard(on_message) if self.security else on_message
 
     def request_stop(self) -> None:
         self._stop_requested.set()
