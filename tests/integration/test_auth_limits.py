@@ -40,6 +40,7 @@ from .auth_util import (
     write_config,
     ws_url,
 )
+from .conftest import HOST, ServerProcess, http_get
 
 pytestmark = pytest.mark.integration
 
@@ -48,6 +49,8 @@ BURST = 8
 MAX_WS = 2
 MAX_STREAMS = 2
 MAX_NODES = 2
+BYTE_BURST = 4096  # bytes per principal at once; refilled at BYTE_RATE per second
+BYTE_RATE = 64
 CLOSE_LIMIT_EXCEEDED = 4029
 
 T = TypeVar("T")
@@ -79,6 +82,8 @@ max_streams = {MAX_STREAMS}
 total_streams = 100
 max_nodes = {MAX_NODES}
 total_nodes = 100
+bytes_per_second = {BYTE_RATE}
+byte_burst = {BYTE_BURST}
 """,
     )
     process = SecureServer(tmp / "data", tmp / "server.log", config)
@@ -350,3 +355,102 @@ def test_registered_nodes_are_capped_per_principal(server: SecureServer, pki: Pa
             timeout=5,
         )
         register("capped-3")
+
+
+# --------------------------------------------------------------------------- bytes
+
+
+def test_submitted_bytes_are_charged_on_grpc(server: SecureServer, pki: Path) -> None:
+    operator = token(pki, "bytes-grpc", "operator")
+
+    def submit(key: str, size: int) -> None:
+        spec = pb.CommandSpec(idempotency_key=key, kind="echo", payload=b"x" * size)
+        stub.SubmitCommands(
+            pb.SubmitCommandsRequest(commands=[spec]), metadata=bearer(operator), timeout=5
+        )
+
+    with grpc_channel(server, pki) as channel:
+        stub = pb_grpc.ControlServiceStub(channel)
+        submit("b1", BYTE_BURST // 2)
+        with pytest.raises(grpc.RpcError) as info:
+            submit("b2", BYTE_BURST // 2)  # the two together exceed the burst
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "write bytes rate limit" in (info.value.details() or "")
+        assert _retry_after_ms(info.value) > 0
+        with pytest.raises(grpc.RpcError) as info:
+            submit("b3", BYTE_BURST * 2)  # can never fit: refused as too large
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "bytes in one write" in (info.value.details() or "")
+        # Reads are not charged bytes.
+        stub.ListCommands(pb.ListCommandsRequest(), metadata=bearer(operator), timeout=5)
+
+
+def test_websocket_submit_frames_are_charged_bytes(
+    server: SecureServer, pki: Path, tls: ssl.SSLContext, connections: None
+) -> None:
+    operator = token(pki, "bytes-ws", "operator")
+    conn = _ws_open(server, tls, operator)
+    assert isinstance(conn, ClientConnection)
+    big = {"op": "submit", "id": "big", "commands": [{"kind": "echo", "payload": "eA==" * 2048}]}
+    conn.send(json.dumps(big))  # over 8 KB in one frame: more than the whole burst
+    reply = json.loads(conn.recv(timeout=5))
+    assert reply["type"] == "error" and reply["code"] == "limit_exceeded", reply
+    assert reply["id"] == "big"
+    small = {"op": "submit", "id": "small", "commands": [{"kind": "echo", "payload": "aGk="}]}
+    conn.send(json.dumps(small))
+    reply = json.loads(conn.recv(timeout=5))
+    assert reply["type"] == "submitted" and reply["id"] == "small", reply
+
+
+# --------------------------------------------------------------------------- auth off
+
+
+@pytest.fixture(scope="module")
+def open_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """auth_required = false with limits enabled: every caller is the anonymous principal."""
+    tmp = tmp_path_factory.mktemp("open-limits")
+    config = write_config(
+        tmp / "open.toml",
+        f"""auth_required = false
+
+[security.limits]
+enabled = true
+requests_per_second = {RATE}
+burst = {BURST}
+max_ws_connections = 1
+total_ws_connections = 10
+""",
+    )
+    process = ServerProcess(tmp / "data", tmp / "server.log", config)
+    try:
+        yield process.start()
+    finally:
+        process.kill()
+
+
+def test_without_auth_limits_apply_to_the_anonymous_principal(open_server: ServerProcess) -> None:
+    url = f"ws://{HOST}:{open_server.ws_port}/v1/events"
+    with connect(url, open_timeout=15) as first:
+        first.send(json.dumps({"op": "ping", "id": 1}))
+        assert json.loads(first.recv(timeout=5))["type"] == "pong"
+        with connect(url, open_timeout=15) as second, pytest.raises(ConnectionClosed) as info:
+            second.recv(timeout=5)
+        assert info.value.rcvd is not None
+        assert info.value.rcvd.code == CLOSE_LIMIT_EXCEEDED
+        assert "anonymous" in info.value.rcvd.reason
+    with grpc.insecure_channel(open_server.grpc_target) as channel:
+        stub = pb_grpc.ControlServiceStub(channel)
+        refused: grpc.RpcError | None = None
+        for _ in range(BURST + 20):
+            try:
+                stub.ListNodes(pb.ListNodesRequest(), timeout=5)
+            except grpc.RpcError as exc:
+                refused = exc
+                break
+        assert refused is not None and refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "anonymous" in (refused.details() or "")
+    # The bucket is shared across ports: HTTP is refused too, probes are not.
+    status, body, headers = http_get(open_server.http_base + "/api/v1/nodes")
+    assert status == 429 and json.loads(body)["error"]["code"] == "rate_limited"
+    assert int(headers["Retry-After"]) >= 1
+    assert http_get(open_server.http_base + "/ready")[0] == 200
