@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
+from nexus_fast import errors
+
 T = TypeVar("T")
 
 
@@ -66,8 +68,20 @@ class StoreBusy(StoreError):
     """The write queue is full; retry later (maps to RESOURCE_EXHAUSTED)."""
 
 
-class StoreFull(StoreError):
-    """The database reached its maximum size; the batch was not committed."""
+class StoreFull(StoreError, errors.StoreFull):
+    """The database reached its maximum size; the batch was not committed.
+
+    Also a :class:`nexus_fast.errors.StoreFull` (a ``ResourceExhausted``), so the API edge
+    answers ``RESOURCE_EXHAUSTED "store full"`` instead of INTERNAL.
+    """
+
+
+class StoreLocked(StoreError):
+    """Another process holds the data directory's lock (one server per data dir)."""
+
+
+class StoreReadOnly(StoreError):
+    """The store was opened read-only (backup and check tools); it takes no writes."""
 
 
 CommitHook: TypeAlias = Callable[[list[tuple[int, bytes]]], None]
@@ -151,6 +165,11 @@ class StateStore(Protocol):
 
     def healthy(self) -> bool:
         """True while the store is open and able to commit."""
+        ...
+
+    @property
+    def failure(self) -> str | None:
+        """Why the last write failed (full, write error, writer dead); None once one succeeds."""
         ...
 
     def stat(self) -> dict[str, Any]:

@@ -14,6 +14,10 @@ Threading model (see ARCHITECTURE.md, "Persistence" and the critical-path rules)
   The writer aborts its txn, then asks the loop thread to resize: as loop reads are
   synchronous, none is open while the loop runs the resize callback. The only read txns
   off the loop (``backup``) hold ``_resize_lock``, which the resize also takes.
+
+One server per data directory, and private data at rest: see ``datadir.py``. ``open()``
+takes the directory lock before LMDB opens and ``close()`` releases it; read-only opens
+(backup, check) skip it.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from nexus_fast.store import datadir
 from nexus_fast.store.base import (
     CommitHook,
     CommitResult,
@@ -44,6 +49,7 @@ from nexus_fast.store.base import (
     StoreClosed,
     StoreError,
     StoreFull,
+    StoreReadOnly,
 )
 from nexus_fast.telemetry import metrics
 
@@ -62,6 +68,7 @@ LAST_EVENT_KEY = b"last_event_index"
 """Key in ``meta`` holding the newest event index (8-byte big-endian)."""
 
 BACKUP_PREFIX = "nexus-backup-"
+LOCK_FILE = datadir.LOCK_FILE
 
 _INDEX = struct.Struct(">Q")
 _NO_EVENTS = CommitResult(0, 0)
@@ -106,6 +113,10 @@ class LmdbStore:
     writer wait for more requests before committing when the queue runs dry; 0 commits as
     soon as the queue is drained. ``max_batch_ops`` bounds one transaction (a single larger
     request still goes alone). ``max_queue`` bounds requests queued or in flight.
+
+    ``read_only=True`` opens an existing store for tools (backup, check) while a server
+    may be running on it: no directory lock, no writer thread, ``commit()`` raises
+    :class:`StoreReadOnly`.
     """
 
     def __init__(
@@ -116,6 +127,8 @@ class LmdbStore:
         sync_window: float = 0.0,
         max_batch_ops: int = 10000,
         max_queue: int = 100000,
+        *,
+        read_only: bool = False,
     ) -> None:
         if map_size <= 0 or max_map_size < map_size:
             raise ValueError("need 0 < map_size <= max_map_size")
@@ -127,9 +140,14 @@ class LmdbStore:
         self._sync_window = sync_window
         self._max_batch_ops = max_batch_ops
         self._max_queue = max_queue
+        self.read_only = read_only
 
         self.on_commit: CommitHook | None = None
         """Called on the loop after each committed batch with its (index, body) pairs."""
+        self.on_failure: Callable[[str | None], None] | None = None
+        """Called on the loop when :attr:`failure` changes (a reason, or None once cleared)."""
+        self._failure: str | None = None
+        self._lock_fd: int | None = None
 
         self._env: lmdb.Environment | None = None
         self._dbh: dict[str, lmdb._Database] = {}
@@ -183,6 +201,8 @@ class LmdbStore:
         self._map_size = env.info()["map_size"]
         self._last_event_index = last
         self._w_last_index = last
+        if self.read_only:
+            return
         self._writer = threading.Thread(
             target=self._writer_main, name=f"lmdb-writer:{self.path.name}", daemon=True
         )
@@ -190,18 +210,72 @@ class LmdbStore:
         self.size_bytes()
 
     def _open_env(self) -> tuple[lmdb.Environment, dict[str, lmdb._Database], int]:
-        self.path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(
-            str(self.path),
-            map_size=self._initial_map_size,
-            subdir=True,
-            sync=True,
-            metasync=True,
-            lock=True,
-            readahead=False,  # random access to a hot working set; readahead wastes RAM
-            max_dbs=MAX_DBS,
-            max_readers=MAX_READERS,
-        )
+        """Executor thread: lock the directory (writable opens), then open LMDB.
+
+        Every failure is a :class:`StoreError` whose message names the directory, so the
+        server can print it as the one line of a failed start.
+        """
+        if self.read_only:
+            return self._open_read_only()
+        datadir.create_private_dir(self.path)
+        self._lock_fd = datadir.lock_dir(self.path)
+        try:
+            return self._open_writable()
+        except BaseException:
+            self._unlock_dir()
+            raise
+
+    def _unlock_dir(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            datadir.unlock_dir(fd)
+
+    def _open_read_only(self) -> tuple[lmdb.Environment, dict[str, lmdb._Database], int]:
+        if not (self.path / "data.mdb").is_file():
+            raise StoreError(f"no database at {self.path}")
+        try:
+            env = lmdb.open(
+                str(self.path),
+                subdir=True,
+                readonly=True,
+                create=False,
+                lock=True,  # shares the reader table with a running server
+                readahead=False,
+                max_dbs=MAX_DBS,
+                max_readers=MAX_READERS,
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open database {self.path} read-only: {exc}") from None
+        try:
+            # No txn argument: py-lmdb then opens each handle in a txn it commits, which
+            # keeps the handle (one opened in our own read txn would die with it).
+            dbh = {name: env.open_db(name.encode(), create=False) for name in DATABASES}
+            with env.begin(db=dbh[META_DB]) as txn:
+                raw = txn.get(LAST_EVENT_KEY)
+        except lmdb.Error as exc:
+            env.close()
+            raise StoreError(f"database {self.path} is incomplete: {exc}") from None
+        except BaseException:
+            env.close()
+            raise
+        return env, dbh, event_index(raw) if raw is not None else 0
+
+    def _open_writable(self) -> tuple[lmdb.Environment, dict[str, lmdb._Database], int]:
+        try:
+            env = lmdb.open(
+                str(self.path),
+                map_size=self._initial_map_size,
+                subdir=True,
+                sync=True,
+                metasync=True,
+                lock=True,
+                readahead=False,  # random access to a hot working set; readahead wastes RAM
+                max_dbs=MAX_DBS,
+                max_readers=MAX_READERS,
+                mode=datadir.FILE_MODE,  # data.mdb and lock.mdb are created 0600
+            )
+        except lmdb.Error as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc}") from None
         try:
             while True:
                 try:
@@ -242,6 +316,7 @@ class LmdbStore:
                 await loop.run_in_executor(None, self._writer.join)
             if self._env is not None:
                 await loop.run_in_executor(None, self._close_env)
+            self._unlock_dir()
         finally:
             self._close_future.set_result(None)
 
@@ -267,6 +342,8 @@ class LmdbStore:
         cannot fail the others), :class:`StoreBusy` when ``max_queue`` requests are
         pending, :class:`StoreClosed` once ``close()`` was called.
         """
+        if self.read_only:
+            raise StoreReadOnly(f"store {self.path} is open read-only")
         if self._closing or self._env is None or self._loop is None:
             raise StoreClosed("store is closed" if self._closing else "store is not open")
         if self._writer_dead:
@@ -340,6 +417,7 @@ class LmdbStore:
     def _writer_main(self) -> None:
         q = self._queue
         carry: _Request | None = None
+        inflight: list[_Request] = []  # the batch being committed, failed too if we crash
         stopping = False
         try:
             while not stopping:
@@ -373,16 +451,21 @@ class LmdbStore:
                         break
                     batch.append(item)
                     n += item.n_ops
+                inflight = batch
                 self._process(batch)
-        except BaseException:
+                inflight = []
+        except BaseException as exc:
             log.exception("LMDB writer thread crashed")
             self._writer_dead = True
-            self._fail_leftovers(carry)
+            self._fail_leftovers(inflight, carry)
+            loop = self._loop
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._set_failure, f"writer thread died: {exc!r}")
             raise
 
-    def _fail_leftovers(self, carry: _Request | None) -> None:
-        """After a writer crash, fail every request still queued so no caller hangs."""
-        left: list[_Request] = [carry] if carry is not None else []
+    def _fail_leftovers(self, inflight: list[_Request], carry: _Request | None) -> None:
+        """After a writer crash, fail the batch it held and every request still queued."""
+        left: list[_Request] = [*inflight, *([carry] if carry is not None else [])]
         while True:
             try:
                 item = self._queue.get_nowait()
@@ -409,12 +492,18 @@ class LmdbStore:
                 try:
                     if self._grow():
                         continue
-                    error = StoreFull(f"database full (max_map_size={self._max_map_size})")
+                    error = StoreFull(
+                        f"store full: the database reached max_map_size ({self._max_map_size} "
+                        "bytes); raise database.max_map_size or free space"
+                    )
                 except Exception as exc:  # becomes this batch's error; the writer lives on
                     error = StoreError(f"map resize failed: {exc!r}")
                 break
             except Exception as exc:  # any txn failure fails this batch only
-                error = StoreError(f"commit failed: {exc!r}")
+                if datadir.is_disk_full(exc):
+                    error = StoreFull(f"store full: no space left on the device ({exc})")
+                else:
+                    error = StoreError(f"commit failed: {exc!r}")
                 break
         if error is None:
             self._w_last_index = last
@@ -514,6 +603,8 @@ class LmdbStore:
                 if not fut.done():  # a cancelled future is still committed; nobody listens
                     fut.set_result(req.result)
             self._last_event_index = max(self._last_event_index, last)
+            if self._failure is not None and not self._writer_dead:
+                self._set_failure(None)  # a write went through: the store works again
             hook = self.on_commit
             if pairs and hook is not None:
                 try:
@@ -521,10 +612,36 @@ class LmdbStore:
                 except Exception:
                     log.exception("on_commit hook failed")
         else:
+            self._set_failure(str(error))
             cls = type(error)
             for req in batch:
                 if not req.future.done():
                     req.future.set_exception(cls(*error.args))  # one instance per awaiter
+
+    def _set_failure(self, reason: str | None) -> None:
+        """Loop thread: record why writes fail (None: they work again) and tell the owner."""
+        if reason == self._failure:
+            return
+        if reason is None:
+            log.warning("LMDB writes work again after: %s", self._failure)
+        self._failure = reason
+        hook = self.on_failure
+        if hook is not None:
+            try:
+                hook(reason)
+            except Exception:
+                log.exception("on_failure hook failed")
+
+    @property
+    def failure(self) -> str | None:
+        """Why writes fail now (store full, a write error, the writer died), else None.
+
+        Set by a failed commit and cleared by the next one that succeeds, so a store that
+        filled up reports healthy again once space returns.
+        """
+        if self._writer_dead:
+            return self._failure or "writer thread died"
+        return self._failure
 
     def _grow(self) -> bool:
         """Writer thread, no txn open: double the map via the loop. False when at the cap."""
@@ -731,12 +848,14 @@ class LmdbStore:
         return self._max_map_size
 
     def healthy(self) -> bool:
-        """True while open, not closing, and the writer thread is alive."""
+        """True while open, not closing, the writer alive and the last write succeeded."""
+        if self.read_only:
+            return self._env is not None
         writer = self._writer
         return (
             self._env is not None
             and not self._closing
-            and not self._writer_dead
+            and self.failure is None
             and writer is not None
             and writer.is_alive()
         )
@@ -749,6 +868,8 @@ class LmdbStore:
             "path": str(self.path),
             "open": env is not None,
             "healthy": self.healthy(),
+            "failure": self.failure,
+            "read_only": self.read_only,
             "map_size": self._map_size,
             "max_map_size": self._max_map_size,
             "pending_requests": self._pending,
@@ -790,17 +911,23 @@ class LmdbStore:
         return target
 
     def _backup_blocking(self, dest: Path, keep: int) -> Path:
-        dest.mkdir(parents=True, exist_ok=True)
+        os.makedirs(dest, mode=datadir.DIR_MODE, exist_ok=True)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         target = dest / f"{BACKUP_PREFIX}{stamp}"
         tmp = dest / f".{BACKUP_PREFIX}{stamp}.tmp"
-        tmp.mkdir()
+        tmp.mkdir(mode=datadir.DIR_MODE)
         try:
-            with self._resize_lock:
-                env = self._env
-                if env is None:
-                    raise StoreClosed("store closed during backup")
-                env.copy(str(tmp), compact=True)
+            # copyfd into a file we create 0600: env.copy() would create it 0644.
+            fd = datadir.create_private_file(tmp / "data.mdb")
+            try:
+                with self._resize_lock:
+                    env = self._env
+                    if env is None:
+                        raise StoreClosed("store closed during backup")
+                    env.copyfd(fd, compact=True)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             # Rename last so a crash mid-copy never leaves something that looks complete.
             tmp.rename(target)
         except BaseException:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ import pytest
 import uvloop
 from prometheus_client import REGISTRY
 
+from nexus_fast import errors
 from nexus_fast.store import (
     CommitResult,
     Delete,
@@ -29,6 +31,7 @@ from nexus_fast.store import (
     StoreClosed,
     StoreError,
     StoreFull,
+    StoreLocked,
     event_key,
     lmdb_store,
 )
@@ -391,13 +394,133 @@ def test_map_grows_from_tiny_and_reads_keep_working(tmp_path: Path) -> None:
 def test_map_full_at_cap_fails_batch_only(tmp_path: Path) -> None:
     async def body(s: LmdbStore) -> None:
         await s.commit([Put("nodes", b"small", b"x")], [b"e1"])
-        with pytest.raises(StoreFull, match="database full"):
+        with pytest.raises(StoreFull, match="store full"):
             await s.commit([Put("nodes", b"huge%d" % i, os.urandom(4000)) for i in range(300)])
         assert s.map_size == 512 * 1024
-        assert s.get("nodes", b"huge0") is None and s.healthy()
+        # Reads keep serving; health says why writes fail until one succeeds again.
+        assert s.get("nodes", b"huge0") is None and s.get("nodes", b"small") == b"x"
+        assert not s.healthy() and "store full" in (s.failure or "")
         assert await s.commit([Put("nodes", b"small2", b"y")], [b"e2"]) == CommitResult(2, 2)
+        assert s.healthy() and s.failure is None
 
     with_store(tmp_path, body, map_size=64 * 1024, max_map_size=512 * 1024)
+
+
+def test_store_full_is_resource_exhausted_and_reports_changes(tmp_path: Path) -> None:
+    seen: list[str | None] = []
+
+    async def body(s: LmdbStore) -> None:
+        s.on_failure = seen.append
+        with pytest.raises(errors.ResourceExhausted) as info:
+            await s.commit([Put("nodes", b"huge%d" % i, os.urandom(4000)) for i in range(300)])
+        assert isinstance(info.value, errors.StoreFull) and isinstance(info.value, StoreError)
+        assert str(info.value).startswith("store full")
+        assert s.stat()["failure"] == str(info.value) and not s.stat()["healthy"]
+        await s.commit([Put("nodes", b"small", b"y")])
+
+    with_store(tmp_path, body, map_size=64 * 1024, max_map_size=512 * 1024)
+    assert len(seen) == 2 and (seen[0] or "").startswith("store full") and seen[1] is None
+
+
+# ---------------------------------------------------------------------------- data dir
+
+
+READ_ONLY_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from nexus_fast.store import LmdbStore, Put, StoreReadOnly
+
+    async def main():
+        store = LmdbStore(sys.argv[1], read_only=True)
+        await store.open()
+        try:
+            print(store.get("nodes", b"n").decode(), store.last_event_index)
+            try:
+                store.commit([Put("nodes", b"m", b"w")])
+            except StoreReadOnly:
+                print("read-only")
+            await store.backup(sys.argv[2])
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_second_open_of_a_data_dir_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        await s.commit([Put("nodes", b"n", b"v")], [b"e"])
+        other = LmdbStore(s.path, map_size=16 * MB)
+        with pytest.raises(StoreLocked) as info:
+            await other.open()
+        assert str(s.path) in str(info.value) and f"pid {os.getpid()}" in str(info.value)
+        assert (s.path / lmdb_store.LOCK_FILE).read_text().strip() == str(os.getpid())
+        # Read-only tools skip the lock: another process reads and backs up the held store
+        # (another process because LMDB allows one open of an environment per process).
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(
+            None,
+            lambda: subprocess.run(
+                [sys.executable, "-c", READ_ONLY_CHILD, str(s.path), str(tmp_path / "bk")],
+                capture_output=True,
+                text=True,
+                env=child_env(),
+                timeout=60,
+            ),
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["v", "1", "read-only"]
+        assert len(list((tmp_path / "bk").iterdir())) == 1
+
+    with_store(tmp_path, body)
+
+    async def reopen() -> None:  # closing released the lock
+        again = LmdbStore(tmp_path / "db", map_size=16 * MB)
+        await again.open()
+        assert again.get("nodes", b"n") == b"v"
+        await again.close()
+
+    run(reopen())
+
+
+def test_read_only_open_of_a_missing_store_fails_cleanly(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no database at"):
+        run(LmdbStore(tmp_path / "absent", read_only=True).open())
+    assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_unusable_db_path_is_one_store_error(tmp_path: Path, kind: str) -> None:
+    if kind == "file":
+        path = tmp_path / "plain"
+        path.write_text("not a directory")
+        pattern = "not a directory"
+    else:
+        path = Path("/proc/nope")
+        pattern = "cannot create database directory /proc/nope"
+    with pytest.raises(StoreError, match=pattern):
+        run(LmdbStore(path).open())
+
+
+def test_data_at_rest_is_created_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # the usual umask: it would leave 0755/0644 behind
+    try:
+
+        async def body(s: LmdbStore) -> None:
+            await s.commit([Put("nodes", b"n", b"v")])
+            backup = await s.backup(tmp_path / "backups")
+            assert stat.S_IMODE((tmp_path / "backups").stat().st_mode) == 0o700
+            assert stat.S_IMODE(backup.stat().st_mode) == 0o700
+            assert stat.S_IMODE((backup / "data.mdb").stat().st_mode) == 0o600
+
+        with_store(tmp_path, body)
+    finally:
+        os.umask(old)
+    path = tmp_path / "db"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    for name in ("data.mdb", "lock.mdb", lmdb_store.LOCK_FILE):
+        assert stat.S_IMODE((path / name).stat().st_mode) == 0o600, name
 
 
 # ---------------------------------------------------------------------------- bounds, close
@@ -609,3 +732,27 @@ def test_writer_thread_is_the_only_writer(tmp_path: Path) -> None:
 
     with_store(tmp_path, body)
     assert len(writer_threads) == 1 and next(iter(writer_threads)).startswith("lmdb-writer")
+
+
+# The writer re-raises what killed it (so it shows in the log): expected here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_dead_writer_is_reported_as_a_failure(tmp_path: Path) -> None:
+    seen: list[str | None] = []
+
+    async def body(s: LmdbStore) -> None:
+        s.on_failure = seen.append
+
+        def crash(batch: Any) -> None:
+            raise SystemExit("simulated writer death")  # not an Exception: the thread ends
+
+        s._process = crash  # type: ignore[method-assign]
+        with pytest.raises(StoreError, match="writer thread died"):
+            await s.commit([Put("nodes", b"n", b"v")])
+        for _ in range(100):  # the failure report is scheduled on the loop after the crash
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert not s.healthy() and "writer thread died" in (s.failure or "")
+        assert seen and "writer thread died" in (seen[0] or "")
+
+    with_store(tmp_path, body)
