@@ -138,6 +138,8 @@ class NexusServer:
         self._grpc: grpc.aio.Server | None = None
         # None when security.auth_required = false: nothing is installed, ports are open.
         self.security = SecurityLayer.from_config(config)
+        if self.security is not None:
+            self.nodes.listeners += self.security.node_listeners()
         self._health = health.aio.HealthServicer()
         self.grpc_port = 0
         self._ws: WebSocketServer | None = None
@@ -207,7 +209,8 @@ class NexusServer:
                         submit_commands=self.commands.submit,
                     )
                 ),
-                admit=self.security.ws.admit if self.security else None,
+                admit=self.security.ws_admit if self.security else None,
+                on_connect=self.security.ws_on_connect if self.security else None,
             )
             await _bind("websocket", cfg.server.host, cfg.server.websocket_port, self._ws.start())
             self._http = HttpServer(
@@ -239,7 +242,7 @@ class NexusServer:
             "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
         )
         self._state = "ready"
-        if self.security is None:
+        if self.security is None or not self.security.authenticating:
             # Once started: a start that fails says only why, in one line.
             log.warning(OPEN_API_WARNING)
         await self._set_grpc_health()
@@ -269,7 +272,8 @@ class NexusServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        add_node_service(NodeService(self.nodes, self.commands, self.agents), server)
+        limits = self.security.limits if self.security else None
+        add_node_service(NodeService(self.nodes, self.commands, self.agents, limits), server)
         add_control_service(
             ControlService(self.nodes, self.commands, self.agents, events=self.events), server
         )
@@ -314,7 +318,7 @@ class NexusServer:
 
     def _guard_ws(self, on_message: Any) -> Any:
         """The WebSocket op handler, behind the per-op permission check when auth is on."""
-        return self.security.ws.guard(on_message) if self.security else on_message
+        return self.security.ws_guard(on_message) if self.security else on_message
 
     def request_stop(self) -> None:
         self._stop_requested.set()

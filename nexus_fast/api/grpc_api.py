@@ -25,7 +25,8 @@ from nexus_fast.core.nodes import NodeRegistry, Session, validate_node_id
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
-from nexus_fast.security.grpc_auth import check_node_id
+from nexus_fast.security.grpc_auth import check_node_id, current_principal
+from nexus_fast.security.limits import ANONYMOUS, PrincipalLimits
 from nexus_fast.telemetry import metrics
 
 log = get_logger("grpc")
@@ -97,11 +98,17 @@ class NodeService(pb_grpc.NodeServiceServicer):
     """What node proxies speak: register, one Connect stream per node, deregister."""
 
     def __init__(
-        self, registry: NodeRegistry, commands: CommandService, agents: AgentService
+        self,
+        registry: NodeRegistry,
+        commands: CommandService,
+        agents: AgentService,
+        limits: PrincipalLimits | None = None,
     ) -> None:
         self._registry = registry
         self._commands = commands
         self._agents = agents
+        # Registered nodes per principal ([security.limits]); released when a node is gone.
+        self._limits = limits
         # Counter children looked up once: this runs for every message of every node.
         kinds = ("heartbeat", "ack", "result", "agent_status")
         self._counted = {kind: metrics.NODE_MESSAGES.labels(kind=kind) for kind in kinds}
@@ -110,7 +117,20 @@ class NodeService(pb_grpc.NodeServiceServicer):
     async def Register(
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterResponse:
-        node, config = await self._registry.register(request)
+        limits = self._limits
+        if limits is None:
+            node, config = await self._registry.register(request)
+        else:
+            principal = current_principal()
+            name = principal.name if principal is not None else ANONYMOUS
+            held = limits.nodes.owner(request.node_id) == name
+            limits.register_node(name, request.node_id)  # LimitExceeded: RESOURCE_EXHAUSTED
+            try:
+                node, config = await self._registry.register(request)
+            except BaseException:
+                if not held:
+                    limits.deregister_node(request.node_id)  # no node, no slot
+                raise
         return pb.RegisterResponse(session_epoch=node.session_epoch, config=config, node=node)
 
     @instrumented("NodeService/Deregister")

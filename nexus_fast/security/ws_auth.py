@@ -67,6 +67,12 @@ class WsAuth:
             return 401, str(exc)
         return {PRINCIPAL_KEY: principal}
 
+    def on_connect(self, conn: Connection) -> None:
+        """Name a certificate principal as soon as the connection is up (so limits count
+        it from the start); a certificate naming none closes the connection with 4001."""
+        if conn.state.get(PRINCIPAL_KEY) == _FROM_CERT:
+            self._certificate_principal(conn)
+
     def guard(self, inner: OnMessage) -> OnMessage:
         """``on_message`` that runs ``inner`` only for ops the principal may use."""
         rbac = self._rbac
