@@ -34,6 +34,7 @@ from nexus_fast.store import (
     StoreLocked,
     event_key,
     lmdb_store,
+    writer,
 )
 
 T = TypeVar("T")
@@ -274,8 +275,8 @@ def test_request_is_atomic_and_failed_txn_leaves_nothing(
         def boom(*_: Any) -> int:
             raise RuntimeError("disk on fire")
 
-        monkeypatch.setattr(lmdb_store, "_delete_range", boom)
-        fa = s.commit([Put("commands", b"c2", b"x"), DeleteRange("audit", b"", None)], [b"e"])
+        monkeypatch.setattr(writer, "_delete_range", boom)
+        fa = s.commit([Put("commands", b"c2", b"x"), DeleteRange("agents", b"", None)], [b"e"])
         fb = s.commit([Put("commands", b"c3", b"x")], [b"e"])  # same batch: fails too
         for fut in (fa, fb):
             with pytest.raises(StoreError, match="disk on fire"):
@@ -543,20 +544,20 @@ def test_close_flushes_pending_and_is_idempotent(tmp_path: Path) -> None:
         path = tmp_path / "db"
         s = LmdbStore(path, map_size=4 * MB)
         await s.open()
-        futs = [s.commit([Put("audit", b"a%04d" % i, b"v")], [b"e"]) for i in range(500)]
+        futs = [s.commit([Put("agents", b"a%04d" % i, b"v")], [b"e"]) for i in range(500)]
         await asyncio.gather(s.close(), s.close())  # concurrent closes share one shutdown
         assert all(f.done() and not f.exception() for f in futs)
         assert futs[-1].result() == CommitResult(500, 500)
         await s.close()
         assert not s.healthy()
         with pytest.raises(StoreClosed):
-            s.commit([Put("audit", b"late", b"")])
+            s.commit([Put("agents", b"late", b"")])
         with pytest.raises(StoreClosed):
-            s.get("audit", b"a0000")
+            s.get("agents", b"a0000")
 
         s2 = LmdbStore(path, map_size=4 * MB)
         await s2.open()
-        assert s2.count("audit") == 500 and s2.last_event_index == 500
+        assert s2.count("agents") == 500 and s2.last_event_index == 500
         await s2.close()
 
     run(main())
