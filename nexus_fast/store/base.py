@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, TypeVar
 from nexus_fast import errors
 
 if TYPE_CHECKING:
-    from nexus_fast.security.audit import AuditRecord
+    from nexus_fast.security.audit import AuditRecord, ChainHead
 
 T = TypeVar("T")
 
@@ -155,6 +155,11 @@ class StateStore(Protocol):
         self, after_seq: int, limit: int, max_bytes: int
     ) -> list[tuple[int, bytes, bytes]]:
         """Audit entries after ``after_seq`` as ``(seq, hash, body)``, bounded by count and bytes."""
+        ...
+
+    @property
+    def audit_head(self) -> ChainHead:
+        """The newest committed audit entry's (seq, hash)."""
         ...
 
     def first_event_index(self) -> int:
