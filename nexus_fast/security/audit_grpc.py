@@ -6,6 +6,7 @@ See :mod:`nexus_fast.security.auditing` for what is recorded and when.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -46,6 +47,14 @@ def request_target(request: Any) -> str:
         keys = [c.idempotency_key for c in commands[:64]]
         return f"{len(commands)} commands: {','.join(k for k in keys if k)}"
     return ""
+
+
+async def _durable(written: asyncio.Future[Any] | None) -> None:
+    """A call that ends normally answers once its own entry (if any) is durable, as a call
+    whose record went out with its change does. (An aborted call's status is already sent.)"""
+    if written is not None:
+        with contextlib.suppress(Exception):  # logged by the Auditor; the call succeeded
+            await asyncio.shield(written)
 
 
 def _outcome(context: grpc.aio.ServicerContext, exc: BaseException | None) -> str:
@@ -112,7 +121,7 @@ def _wrap(handler: grpc.RpcMethodHandler, auditor: Auditor, method: str) -> grpc
                 except BaseException as exc:
                     call.finish(_outcome(context, exc), target(request))
                     raise
-                call.finish(_outcome(context, None), target(request))
+                await _durable(call.finish(_outcome(context, None), target(request)))
 
             return generator
 
@@ -123,7 +132,7 @@ def _wrap(handler: grpc.RpcMethodHandler, auditor: Auditor, method: str) -> grpc
             except BaseException as exc:
                 call.finish(_outcome(context, exc), target(request))
                 raise
-            call.finish(_outcome(context, None), target(request))
+            await _durable(call.finish(_outcome(context, None), target(request)))
             return result
 
         return coroutine

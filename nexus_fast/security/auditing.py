@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from nexus_fast.logs import get_logger
 from nexus_fast.security.audit import OUTCOME_OK, AuditRecord, RefusalSampler
 from nexus_fast.security.permissions import GRPC_METHODS, PUBLIC, WS_OPS
 from nexus_fast.security.principal import Principal
@@ -47,7 +47,7 @@ __all__ = [
     "records",
 ]
 
-log = logging.getLogger(__name__)
+log = get_logger("audit")
 
 ANONYMOUS: Final = "anonymous"
 """Principal named when authentication is off."""
@@ -120,29 +120,31 @@ class AuditCall:
             self.principal, self.role, self.peer, self.method, target, self.request_id, outcome
         )
 
-    def finish(self, outcome: str, target: str | Callable[[], str] = "") -> None:
+    def finish(
+        self, outcome: str, target: str | Callable[[], str] = ""
+    ) -> asyncio.Future[Any] | None:
         """The call ended with ``outcome`` (``"ok"`` or a status name); write what is left.
 
-        ``target`` may be a callable, evaluated only when a record is written. Idempotent.
-        Never raises: the audit of a refusal must not turn it into another error.
+        ``target`` may be a callable, evaluated only when a record is written. Returns the
+        commit of a record written here, else None; nobody needs to wait for it (gRPC has
+        sent an aborted call's status already). Idempotent. Never raises: the audit of a
+        refusal must not turn it into another error.
         """
         if self.finished:
-            return
+            return None
         self.finished = True
         if outcome == OUTCOME_OK and self.recorded:
-            return  # the usual case: the record went out with the change
+            return None  # the usual case: the record went out with the change
         try:
             text = target() if callable(target) else target
         except Exception:  # a malformed request must not hide the refusal
             text = ""
         if outcome == OUTCOME_OK:  # succeeded without a change: nothing to share a txn with
-            self.auditor.write(self.record(text))
-            return
+            return self.auditor.write(self.record(text))
         rec = self.auditor.sampler.record(
             self.principal, self.role, self.peer, self.method, text, self.request_id, outcome
         )
-        if rec is not None:
-            self.auditor.write(rec)
+        return self.auditor.write(rec) if rec is not None else None
 
 
 _call: contextvars.ContextVar[AuditCall | None] = contextvars.ContextVar(
@@ -163,7 +165,7 @@ def identify(principal: Principal) -> None:
 
 
 def finish(outcome: str) -> None:
-    """End the current call with ``outcome`` (a no-op outside one)."""
+    """End the current call with ``outcome`` (a no-op outside one); does not wait."""
     call = _call.get()
     if call is not None:
         call.finish(outcome)
@@ -233,14 +235,15 @@ class Auditor:
 
         return on_message
 
-    def write(self, record: AuditRecord) -> None:
-        """Commit one record alone; failures are logged, never raised."""
+    def write(self, record: AuditRecord) -> asyncio.Future[Any] | None:
+        """Commit one record alone; failures are logged, never raised. Returns the commit."""
         try:
             future = self.store.commit((), (), (record,))
         except Exception as exc:  # busy, closed: the refusal still gets its answer
             log.warning("audit record dropped: %s", exc)
-            return
+            return None
         future.add_done_callback(_log_failure)
+        return future
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:
