@@ -443,8 +443,14 @@ class LmdbStore(WriterThread):
                 if not fut.done():  # a cancelled future is still committed; nobody listens
                     fut.set_result(req.result)
             self._last_event_index = max(self._last_event_index, last)
-            if self._failure is not None and not self._writer_dead:
-                self._set_failure(None)  # a write went through: the store works again
+            if (
+                self._failure is not None
+                and not self._writer_dead
+                and any(req.ops or req.events for req in batch)
+            ):
+                # A write went through: the store works again. Not for an audit record
+                # alone: a full store still takes the small record of a refusal.
+                self._set_failure(None)
             hook = self.on_commit
             if pairs and hook is not None:
                 try:

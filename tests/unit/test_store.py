@@ -422,7 +422,11 @@ def test_store_full_is_resource_exhausted_and_reports_changes(tmp_path: Path) ->
         assert isinstance(info.value, errors.StoreFull) and isinstance(info.value, StoreError)
         assert str(info.value).startswith("store full")
         assert s.stat()["failure"] == str(info.value) and not s.stat()["healthy"]
+        # The refusal's audit record fits, but says nothing about the store's health.
+        await s.commit((), (), [_rec(0, "RESOURCE_EXHAUSTED")])
+        assert s.count("audit") == 1 and not s.healthy()
         await s.commit([Put("nodes", b"small", b"y")])
+        assert s.healthy()
 
     with_store(tmp_path, body, map_size=64 * 1024, max_map_size=512 * 1024)
     assert len(seen) == 2 and (seen[0] or "").startswith("store full") and seen[1] is None
