@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 from nexus_fast.api.status import grpc_trailers
 from nexus_fast.errors import ResourceExhausted
 from nexus_fast.logs import get_logger
+from nexus_fast.security import auditing
 from nexus_fast.security.identity import (
     Authenticator,
     PermissionDenied,
@@ -142,6 +143,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 principal = auth.authenticate(
                     _metadata_value(context, "authorization"), pem=pems[0] if pems else None
                 )
+                auditing.identify(principal)  # a refusal below is audited under this name
                 if not rbac.allows(principal, permission):
                     raise PermissionDenied(
                         f"{principal.role} {principal.name!r} may not call {method}"

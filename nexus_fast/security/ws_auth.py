@@ -17,6 +17,7 @@ import orjson
 
 from nexus_fast.api.ws_server import Connection, OnMessage
 from nexus_fast.logs import get_logger
+from nexus_fast.security import auditing
 from nexus_fast.security.identity import Authenticator, Principal, Unauthenticated, bearer_token
 from nexus_fast.security.origins import OriginPolicy
 from nexus_fast.security.permissions import WS_OPS, Rbac
@@ -86,6 +87,7 @@ class WsAuth:
             op = message["op"]
             permission = WS_OPS.get(op)
             if not rbac.allows(principal, permission):
+                auditing.finish("PERMISSION_DENIED")
                 frame: dict[str, object] = {
                     "type": "error",
                     "code": ERROR_PERMISSION_DENIED,
