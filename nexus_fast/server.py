@@ -29,7 +29,7 @@ from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
-from nexus_fast.codec.json import node_to_dict
+from nexus_fast.codec.json import agent_to_dict, command_to_dict, node_to_dict
 from nexus_fast.config import Config
 from nexus_fast.core.agents import AgentService, AgentSettings
 from nexus_fast.core.commands import CommandService, CommandSettings
@@ -38,9 +38,11 @@ from nexus_fast.core.fleet import SchedulerFeed
 from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, page_budget
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import Scheduler
-from nexus_fast.errors import NexusError
+from nexus_fast.errors import InvalidArgument, NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.security.audit_grpc import AuditInterceptor
+from nexus_fast.security.auditing import Auditor
 from nexus_fast.security.layer import OPEN_API_WARNING, SecurityLayer
 from nexus_fast.security.tls import server_ssl_context
 from nexus_fast.store.base import StoreError
@@ -138,6 +140,9 @@ class NexusServer:
         self._grpc: grpc.aio.Server | None = None
         # None when security.auth_required = false: nothing is installed, ports are open.
         self.security = SecurityLayer.from_config(config)
+        if self.security is not None:
+            self.nodes.listeners += self.security.node_listeners()
+        self.auditor = Auditor(self.store)  # audits mutating calls with auth on or off
         self._health = health.aio.HealthServicer()
         self.grpc_port = 0
         self._ws: WebSocketServer | None = None
@@ -207,7 +212,8 @@ class NexusServer:
                         submit_commands=self.commands.submit,
                     )
                 ),
-                admit=self.security.ws.admit if self.security else None,
+                admit=self.security.ws_admit if self.security else None,
+                on_connect=self.security.ws_on_connect if self.security else None,
             )
             await _bind("websocket", cfg.server.host, cfg.server.websocket_port, self._ws.start())
             self._http = HttpServer(
@@ -218,6 +224,7 @@ class NexusServer:
                 dashboard_enabled=cfg.monitoring.dashboard_enabled,
                 ssl_context=self._server_ssl_context() if cfg.security.http_tls else None,
                 middlewares=self.security.http_middlewares() if self.security else (),
+                events=self.events,
             )
             await _bind("http", cfg.server.host, cfg.server.http_port, self._http.start())
         except BaseException:
@@ -238,7 +245,7 @@ class NexusServer:
             "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
         )
         self._state = "ready"
-        if self.security is None:
+        if self.security is None or not self.security.authenticating:
             # Once started: a start that fails says only why, in one line.
             log.warning(OPEN_API_WARNING)
         await self._set_grpc_health()
@@ -255,7 +262,11 @@ class NexusServer:
         cfg = self.config
         size = cfg.server.max_message_size
         server = grpc.aio.server(
-            interceptors=self.security.grpc_interceptors() if self.security else None,
+            # Audit first (outermost), so it sees the auth interceptor's refusals.
+            interceptors=[
+                AuditInterceptor(self.auditor),
+                *(self.security.grpc_interceptors() if self.security else ()),
+            ],
             options=[
                 # grpc sets SO_REUSEPORT by default, which would let a second server
                 # silently share the port instead of failing.
@@ -268,9 +279,13 @@ class NexusServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        add_node_service(NodeService(self.nodes, self.commands, self.agents), server)
+        limits = self.security.limits if self.security else None
+        add_node_service(NodeService(self.nodes, self.commands, self.agents, limits), server)
         add_control_service(
-            ControlService(self.nodes, self.commands, self.agents, events=self.events), server
+            ControlService(
+                self.nodes, self.commands, self.agents, events=self.events, store=self.store
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for name in ("", *SERVICE_NAMES):
@@ -313,7 +328,8 @@ class NexusServer:
 
     def _guard_ws(self, on_message: Any) -> Any:
         """The WebSocket op handler, behind the per-op permission check when auth is on."""
-        return self.security.ws.guard(on_message) if self.security else on_message
+        guarded = self.security.ws_guard(on_message) if self.security else on_message
+        return self.auditor.ws_guard(guarded)
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -524,6 +540,20 @@ class NexusServer:
             return node_to_dict(self.nodes.get(node_id))
         except NexusError:
             return None
+
+    def get_command(self, command_id: str) -> dict[str, object]:
+        return command_to_dict(self.commands.get(command_id))
+
+    def list_agents(
+        self, name: str, states: list[str], limit: int, page_token: str
+    ) -> tuple[list[dict[str, object]], str]:
+        numbers = []
+        for state in states:
+            if state not in pb.AgentState.DESCRIPTOR.values_by_name:
+                raise InvalidArgument("state", f"unknown agent state {state!r}")
+            numbers.append(pb.AgentState.Value(state))
+        agents, token = self.agents.list_agents(name, numbers, limit, page_token)
+        return [agent_to_dict(a) for a in agents], token
 
 
 async def _maybe(step: Any) -> None:

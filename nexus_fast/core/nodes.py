@@ -44,6 +44,7 @@ from nexus_fast.errors import (
 )
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.security import auditing
 from nexus_fast.store.base import Delete, Put, StateStore
 from nexus_fast.telemetry import metrics
 
@@ -650,13 +651,21 @@ class NodeRegistry:
         node.connected = False
         for listener in self.listeners:
             listener.node_removed(node)
-        await self._store.commit([Delete(NODES_DB, node_id.encode())], [_event(event_type, node)])
+        await self._store.commit(
+            [Delete(NODES_DB, node_id.encode())],
+            [_event(event_type, node)],
+            auditing.records(node_id),
+        )
 
     async def _persist(
         self, nodes: Sequence[pb.Node], events: Sequence[tuple[str, pb.Node]]
     ) -> None:
         ops = [Put(NODES_DB, n.id.encode(), n.SerializeToString(deterministic=True)) for n in nodes]
-        await self._store.commit(ops, [_event(t, n) for t, n in events])
+        await self._store.commit(
+            ops,
+            [_event(t, n) for t, n in events],
+            auditing.records(lambda: ",".join(n.id for n in nodes)),
+        )
 
 
 def _event(event_type: str, node: pb.Node) -> bytes:
