@@ -363,3 +363,19 @@ def test_reused_idempotency_key_with_another_spec_is_already_exists(
     )
     assert refused["type"] == "error" and refused["code"] == "already_exists"
     assert "job-42" in refused["message"]
+
+
+def test_http_json_uses_the_same_enum_style(
+    server: ServerProcess, control: pb_grpc.ControlServiceStub
+) -> None:
+    nowhere = pb.Placement(label_selector={"zone": "nowhere"})
+    spec = pb.CommandSpec(kind="x", placement=nowhere)
+    (result,) = control.SubmitCommands(pb.SubmitCommandsRequest(commands=[spec])).results
+    status, body, _ = http_get(f"{server.http_base}/api/v1/commands/{result.id}")
+    assert status == 200 and json.loads(body)["state"] == "pending"
+    control.DeployAgent(pb.DeployAgentRequest(spec=pb.AgentSpec(name="w", replicas=1)))
+    # The filter takes the name the JSON shows, and the full enum name.
+    for state in ("pending", "AGENT_STATE_PENDING"):
+        status, body, _ = http_get(f"{server.http_base}/api/v1/agents?state={state}")
+        agents = json.loads(body)["agents"]
+        assert status == 200 and [a["state"] for a in agents] == ["pending"], (state, body)
