@@ -3,17 +3,18 @@
 Everything listens on 127.0.0.1 on free ports, keeps its data in a temporary
 directory, and is stopped at teardown even when the test failed.
 
-Auth modes: a module that sets ``pytestmark = AUTH_MODES`` runs each test twice, once
-against an open server and once with ``auth_required = true``: TLS on all three ports,
-client certificates required (mTLS), nodes known by certificate (CN = node id, O =
-nexus-node) or, for ``nexus-node`` fleets, by a token per node, operators by a bearer
-token. The clients a test gets from its server (``server.channel()``, ``server.http()``,
+Auth modes: a test marked ``AUTH_MODES`` (or a module with ``pytestmark = AUTH_MODES``)
+runs twice, against an open server and with ``auth_required = true``: TLS on all three
+ports, client certificates required (mTLS), nodes known by certificate (CN = node id,
+O = nexus-node) or, for ``nexus-node`` fleets, by a token per node, operators by a
+bearer token. The clients a test gets from its server (``server.channel()``, ``server.http()``,
 ``server.ws_url()``, fleets) carry the matching credentials, so the test body is the same.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import signal
@@ -36,7 +37,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from nexus_fast.benchmark.procs import free_ports
-from nexus_fast.node.channel import ClientAuth
+from nexus_fast.node.channel import ClientAuth, channel_credentials
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from nexus_fast.security.tokens import issue_token
@@ -97,7 +98,7 @@ class TestPki:
     @classmethod
     def create(cls, root: Path) -> TestPki:
         argv = ["certs", "--out", str(root), "--node", "fleet", "--viewer", "handshake"]
-        with contextlib.redirect_stdout(None):  # its "wrote ..." line is for humans
+        with contextlib.redirect_stdout(io.StringIO()):  # its "wrote ..." line is for humans
             assert credentials_main(argv) == 0
         pki = cls(root)
         pki.operator_token = issue_token("ops", "operator", 6 * 3600, secret=pki.secret)
@@ -345,8 +346,6 @@ class ServerProcess:
 
     @staticmethod
     def _credentials(auth: ClientAuth) -> grpc.ChannelCredentials:
-        from nexus_fast.node.channel import channel_credentials
-
         return channel_credentials(auth)
 
 
