@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+# The one version source: pyproject.toml reads it (dynamic = ["version"]).
 __version__ = "0.1.0"
 
 __all__ = ("HOT_PATHS", "__version__", "implementation")

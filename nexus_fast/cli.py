@@ -1,17 +1,21 @@
 """``nexus-fast``: run the server.
 
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 when it cannot start
-(e.g. a port in use), 2 for invalid configuration or arguments.
+(a port in use, the data directory locked by another server or unusable, a compiled
+hot path missing under NEXUS_REQUIRE_EXTENSIONS=1), 2 for invalid configuration or
+arguments. A failed start prints one line, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 
+import nexus_fast
 from nexus_fast.about import version_text
-from nexus_fast.config import ConfigError, load_config
+from nexus_fast.config import ENV_OVERRIDES, ConfigError, load_config
 from nexus_fast.logs import configure_logging
 from nexus_fast.security.layer import check_security
 
@@ -28,9 +32,37 @@ _FLAG_KEYS = {
 }
 
 
+# Switches read outside the config (nexus_fast/_compat.py), listed in --help too.
+_SWITCHES = {
+    "NEXUS_NO_EXTENSIONS": "1: run the pure-Python twins of the hot paths",
+    "NEXUS_REQUIRE_EXTENSIONS": "1: refuse to start (exit 1) if a compiled hot path is missing",
+}
+
+EXIT_CODES = {
+    0: "stopped cleanly (SIGTERM/SIGINT), or --version/--help",
+    1: "cannot start: a port in use, the data directory held by another server or "
+    "unusable, a compiled hot path missing under NEXUS_REQUIRE_EXTENSIONS=1",
+    2: "invalid configuration or arguments",
+}
+
+
+def _epilog() -> str:
+    width = max(len(name) for name in (*ENV_OVERRIDES, *_SWITCHES))
+    lines = ["environment variables (flags beat them, they beat the config file):"]
+    lines += [f"  {name:<{width}}  {key}" for name, key in ENV_OVERRIDES.items()]
+    lines += [f"  {name:<{width}}  {what}" for name, what in _SWITCHES.items()]
+    lines += ["", "exit codes:"]
+    for code, what in EXIT_CODES.items():
+        lines += textwrap.wrap(what, 88, initial_indent=f"  {code}  ", subsequent_indent=" " * 5)
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="nexus-fast", description="nexus_fast control plane server."
+        prog="nexus-fast",
+        description="nexus_fast control plane server.",
+        epilog=_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", "-c", help="TOML config file (e.g. configs/development.toml)")
     parser.add_argument("--version", action="store_true", help="print versions and exit")
@@ -50,7 +82,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nexus_fast.security.tools import main as security_tool
 
         return security_tool(sys.argv[1:] if argv is None else list(argv))
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["audit"]:
+        from nexus_fast.security.audit_cli import main as audit_tool
+
+        return audit_tool((sys.argv[1:] if argv is None else list(argv))[1:])
     args = _parser().parse_args(argv)
+    try:
+        nexus_fast.implementation()  # imports every hot path once, before anything starts
+    except ImportError as exc:
+        print(
+            f"nexus-fast: cannot start: NEXUS_REQUIRE_EXTENSIONS=1 but a compiled hot path "
+            f"is missing ({exc}); build it (make install) or unset NEXUS_REQUIRE_EXTENSIONS",
+            file=sys.stderr,
+        )
+        return 1
     if args.version:
         print(version_text())
         return 0

@@ -12,6 +12,7 @@ import asyncio
 import gc
 import os
 import signal
+import socket
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,20 +29,23 @@ from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
-from nexus_fast.codec.json import node_to_dict
+from nexus_fast.codec.json import agent_to_dict, command_to_dict, node_to_dict
 from nexus_fast.config import Config
-from nexus_fast.core.agents import AgentService
+from nexus_fast.core.agents import AgentService, AgentSettings
 from nexus_fast.core.commands import CommandService, CommandSettings
 from nexus_fast.core.events import EventBus
 from nexus_fast.core.fleet import SchedulerFeed
-from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings
+from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, page_budget
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import Scheduler
-from nexus_fast.errors import NexusError
+from nexus_fast.errors import InvalidArgument, NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.security.audit_grpc import AuditInterceptor
+from nexus_fast.security.auditing import Auditor
 from nexus_fast.security.layer import OPEN_API_WARNING, SecurityLayer
 from nexus_fast.security.tls import server_ssl_context
+from nexus_fast.store.base import StoreError
 from nexus_fast.store.lmdb_store import LmdbStore
 from nexus_fast.telemetry import metrics
 
@@ -53,8 +57,27 @@ SERVICE_NAMES = (
 )
 
 
+# While gRPC drains in-flight calls, how often stop() ends node streams that calls
+# accepted just before the stop opened late.
+_SWEEP_INTERVAL_S = 0.05
+
+
 class StartupError(Exception):
     """The server could not start (e.g. a port in use); the message says why."""
+
+
+# Listener name -> (flag, environment variable) that change its port.
+_PORT_KNOBS = {
+    "grpc": ("--grpc-port", "NEXUS_GRPC_PORT"),
+    "websocket": ("--ws-port", "NEXUS_WS_PORT"),
+    "http": ("--http-port", "NEXUS_HTTP_PORT"),
+}
+
+
+def _listen_error(name: str, host: str, port: int, reason: str) -> str:
+    flag, env = _PORT_KNOBS[name]
+    reason = reason[:1].lower() + reason[1:]
+    return f"{name}: cannot listen on {host}:{port}: {reason} (change it with {flag} or {env})"
 
 
 class NexusServer:
@@ -80,6 +103,8 @@ class NexusServer:
                 node_timeout=perf.node_timeout,
                 down_retention=perf.node_down_retention,
                 max_batch_size=perf.max_batch_size,
+                max_capacity=config.nodes.limits(),
+                max_page_bytes=page_budget(config.server.max_message_size),
             ),
         )
         self.scheduler = Scheduler(config.scheduler, perf.node_timeout)
@@ -94,9 +119,20 @@ class NexusServer:
                 final_retention=config.commands.final_retention,
                 max_batch_size=perf.max_batch_size,
                 queue_capacity=perf.command_queue_size,
+                max_output_size=config.commands.max_output_size,
+                max_page_bytes=page_budget(config.server.max_message_size),
             ),
         )
-        self.agents = AgentService(self.store, self.scheduler, self.commands)
+        self.agents = AgentService(
+            self.store,
+            self.scheduler,
+            self.commands,
+            AgentSettings(
+                max_spec_bytes=config.agents.max_spec_bytes,
+                max_replicas=config.agents.max_replicas,
+                max_page_bytes=page_budget(config.server.max_message_size),
+            ),
+        )
         # Order matters: the scheduler must know a node before commands and agents react.
         self.nodes.listeners += [SchedulerFeed(self.scheduler), self.commands, self.agents]
         # Loaded and attached to store.on_commit right after store.open(), before any commit.
@@ -104,12 +140,16 @@ class NexusServer:
         self._grpc: grpc.aio.Server | None = None
         # None when security.auth_required = false: nothing is installed, ports are open.
         self.security = SecurityLayer.from_config(config)
+        if self.security is not None:
+            self.nodes.listeners += self.security.node_listeners()
+        self.auditor = Auditor(self.store)  # audits mutating calls with auth on or off
         self._health = health.aio.HealthServicer()
         self.grpc_port = 0
         self._ws: WebSocketServer | None = None
         self._http: HttpServer | None = None
         self._maintenance = Periodic("maintenance", self._maintain, log)
         self._backups = Periodic("backups", self._backup, log)
+        self._health_tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -125,9 +165,11 @@ class NexusServer:
             extra={"version": nexus_fast.__version__, **nexus_fast.implementation()},
         )
 
-        if self.security is None:
-            log.warning(OPEN_API_WARNING)
-        await self.store.open()
+        try:
+            await self.store.open()
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        self.store.on_failure = self._on_store_failure
         self.events.load()
         self.store.on_commit = self.events.publish_committed
         loaded = self.nodes.load()
@@ -148,6 +190,14 @@ class NexusServer:
         self.events.start_pruner(cfg.performance.pruning_interval)
 
         try:
+            # Probe the ports first with plain sockets: grpc-core would print its own
+            # multi-line complaint ("set GRPC_VERBOSITY=debug") for a port in use.
+            for name, port in (
+                ("grpc", cfg.server.grpc_port),
+                ("websocket", cfg.server.websocket_port),
+                ("http", cfg.server.http_port),
+            ):
+                await _check_port_free(name, cfg.server.host, port)
             await self._start_grpc()
             self._ws = WebSocketServer(
                 cfg.server.host,
@@ -162,9 +212,10 @@ class NexusServer:
                         submit_commands=self.commands.submit,
                     )
                 ),
-                admit=self.security.ws.admit if self.security else None,
+                admit=self.security.ws_admit if self.security else None,
+                on_connect=self.security.ws_on_connect if self.security else None,
             )
-            await _bind("websocket", cfg.server.websocket_port, self._ws.start())
+            await _bind("websocket", cfg.server.host, cfg.server.websocket_port, self._ws.start())
             self._http = HttpServer(
                 cfg.server.host,
                 cfg.server.http_port,
@@ -173,8 +224,9 @@ class NexusServer:
                 dashboard_enabled=cfg.monitoring.dashboard_enabled,
                 ssl_context=self._server_ssl_context() if cfg.security.http_tls else None,
                 middlewares=self.security.http_middlewares() if self.security else (),
+                events=self.events,
             )
-            await _bind("http", cfg.server.http_port, self._http.start())
+            await _bind("http", cfg.server.host, cfg.server.http_port, self._http.start())
         except BaseException:
             await self.stop()
             raise
@@ -192,9 +244,11 @@ class NexusServer:
         await self._system_event(
             "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
         )
-        for name in ("", *SERVICE_NAMES):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._state = "ready"
+        if self.security is None or not self.security.authenticating:
+            # Once started: a start that fails says only why, in one line.
+            log.warning(OPEN_API_WARNING)
+        await self._set_grpc_health()
         log.info(
             "ready",
             extra={
@@ -208,7 +262,11 @@ class NexusServer:
         cfg = self.config
         size = cfg.server.max_message_size
         server = grpc.aio.server(
-            interceptors=self.security.grpc_interceptors() if self.security else None,
+            # Audit first (outermost), so it sees the auth interceptor's refusals.
+            interceptors=[
+                AuditInterceptor(self.auditor),
+                *(self.security.grpc_interceptors() if self.security else ()),
+            ],
             options=[
                 # grpc sets SO_REUSEPORT by default, which would let a second server
                 # silently share the port instead of failing.
@@ -221,9 +279,13 @@ class NexusServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        add_node_service(NodeService(self.nodes, self.commands, self.agents), server)
+        limits = self.security.limits if self.security else None
+        add_node_service(NodeService(self.nodes, self.commands, self.agents, limits), server)
         add_control_service(
-            ControlService(self.nodes, self.commands, self.agents, events=self.events), server
+            ControlService(
+                self.nodes, self.commands, self.agents, events=self.events, store=self.store
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for name in ("", *SERVICE_NAMES):
@@ -238,9 +300,13 @@ class NexusServer:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise StartupError(f"grpc: cannot listen on {address}: {exc}") from None
+            raise StartupError(
+                _listen_error("grpc", cfg.server.host, cfg.server.grpc_port, str(exc))
+            ) from None
         if port == 0:
-            raise StartupError(f"grpc: cannot listen on {address}: address already in use?")
+            raise StartupError(
+                _listen_error("grpc", cfg.server.host, cfg.server.grpc_port, "address in use?")
+            )
         self.grpc_port = port
         await server.start()
         self._grpc = server
@@ -262,7 +328,8 @@ class NexusServer:
 
     def _guard_ws(self, on_message: Any) -> Any:
         """The WebSocket op handler, behind the per-op permission check when auth is on."""
-        return self.security.ws.guard(on_message) if self.security else on_message
+        guarded = self.security.ws_guard(on_message) if self.security else on_message
+        return self.auditor.ws_guard(guarded)
 
     def request_stop(self) -> None:
         self._stop_requested.set()
@@ -283,30 +350,102 @@ class NexusServer:
             return
         was_ready = self._state == "ready"
         self._state = "stopping"
+        if self._http is not None:
+            self._http.set_stopping()  # /ready answers "stopping" for the whole drain
         deadline = self.config.server.shutdown_timeout
         started = time.monotonic()
+        # Seconds per phase, logged with "stopped": a slow stop names its slow step.
+        phases: dict[str, float] = {}
+        mark = started
+
+        def done(phase: str) -> None:
+            nonlocal mark
+            now = time.monotonic()
+            phases[phase] = round(now - mark, 3)
+            mark = now
+
         await self._health.enter_graceful_shutdown()
         if was_ready:
             await self._system_event("system.stopping", {"pid": os.getpid()})
         await self._maintenance.stop()
         await self._backups.stop()
-        # End node streams first (nodes reconnect to the next server), then let
-        # in-flight unary calls finish within what is left of the deadline.
+        done("announce")
+        grpc_stopped: asyncio.Task[None] | None = None
+        if self._grpc is not None:
+            # Refuse new RPCs BEFORE ending node streams. Ended nodes reconnect at once; when
+            # gRPC still accepted calls, a node reconnecting while the phases below ran got
+            # a fresh session nothing ended, and server.stop() waited for it the whole
+            # grace (the full shutdown_timeout). In-flight calls keep the grace.
+            grace = max(0.1, deadline - (time.monotonic() - started))
+            grpc_stopped = asyncio.get_running_loop().create_task(self._grpc.stop(grace))
+            await asyncio.sleep(0)  # the task's first step stops accepting calls
+        # End node streams (nodes reconnect to the next server), then let in-flight unary
+        # calls finish within what is left of the deadline.
         await self.agents.stop()
         await self.commands.stop()
         await self.nodes.stop()
+        done("core")
         # Watchers get a moment to deliver what was published, then end (UNAVAILABLE / 1001).
         await self.events.close(drain_timeout=min(1.0, deadline / 4))
-        if self._ws is not None:
-            await self._ws.stop(max(0.1, deadline / 2))
-        if self._grpc is not None:
-            remaining = max(0.1, deadline - (time.monotonic() - started))
-            await self._grpc.stop(remaining)
+        done("events")
+        ws_stop = self._ws.stop(max(0.1, deadline / 2)) if self._ws is not None else None
+        swept = (await asyncio.gather(_maybe(ws_stop), self._drain_grpc(grpc_stopped)))[1]
+        done("listeners")
         if self._http is not None:
             await self._http.stop()
+        done("http")
         await self.store.close()
+        done("store")
         self._state = "stopped"
-        log.info("stopped", extra={"seconds": round(time.monotonic() - started, 3)})
+        log.info(
+            "stopped",
+            extra={
+                "seconds": round(time.monotonic() - started, 3),
+                "phases": phases,
+                "late_node_streams": swept,
+            },
+        )
+
+    async def _drain_grpc(self, stopped: asyncio.Task[None] | None) -> int:
+        """Wait for gRPC's stop; end node streams opened by calls accepted just before it.
+
+        Returns how many such late streams were ended.
+        """
+        swept = 0
+        while stopped is not None:
+            finished, _ = await asyncio.wait({stopped}, timeout=_SWEEP_INTERVAL_S)
+            if finished:
+                stopped.result()
+                break
+            late = self.nodes.connected_count()
+            if late:
+                swept += late
+                await self.nodes.stop()
+        return swept
+
+    def _on_store_failure(self, reason: str | None) -> None:
+        """Store hook (loop): a failing store makes the server unhealthy until it clears."""
+        metrics.DB_HEALTHY.set(0 if reason is not None else 1)
+        if reason is not None:
+            log.error("store failing: not ready until a write succeeds", extra={"reason": reason})
+        else:
+            log.warning("store works again: ready")
+        task = asyncio.get_running_loop().create_task(self._set_grpc_health())
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
+
+    async def _set_grpc_health(self) -> None:
+        """gRPC health mirrors /ready: SERVING only while ready and the store works."""
+        if self._state == "stopping" or self._state == "stopped":
+            return  # enter_graceful_shutdown already said NOT_SERVING, for good
+        serving = self.is_ready()
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, status)
 
     async def _system_event(self, event_type: str, data: dict[str, object]) -> None:
         try:
@@ -331,7 +470,7 @@ class NexusServer:
     # ------------------------------------------------------------ HttpBackend
 
     def is_ready(self) -> bool:
-        return self._state == "ready"
+        return self._state == "ready" and self.store.healthy()
 
     def is_live(self) -> bool:
         return self._state != "stopped" and self.store.healthy()
@@ -342,7 +481,11 @@ class NexusServer:
     def health_detail(self) -> dict[str, object]:
         store_ok = self.store.healthy()
         components: dict[str, Any] = {
-            "store": {"status": "ok" if store_ok else "failed", **self.store.stat()},
+            "store": {
+                "status": "ok" if store_ok else "failed",
+                "reason": self.store.failure,
+                **self.store.stat(),
+            },
             "grpc": {
                 "status": "ok" if self._grpc is not None else "down",
                 "port": self.grpc_port,
@@ -373,7 +516,9 @@ class NexusServer:
 
     def refresh_metrics(self) -> None:
         metrics.UPTIME_SECONDS.set(self.uptime())
-        if self.store.healthy():
+        healthy = self.store.healthy()
+        metrics.DB_HEALTHY.set(1 if healthy else 0)
+        if healthy:
             self.store.size_bytes()
 
     def list_nodes(
@@ -396,12 +541,57 @@ class NexusServer:
         except NexusError:
             return None
 
+    def get_command(self, command_id: str) -> dict[str, object]:
+        return command_to_dict(self.commands.get(command_id))
 
-async def _bind(name: str, port: int, starting: Any) -> None:
+    def list_agents(
+        self, name: str, states: list[str], limit: int, page_token: str
+    ) -> tuple[list[dict[str, object]], str]:
+        numbers = []
+        for state in states:
+            if state not in pb.AgentState.DESCRIPTOR.values_by_name:
+                raise InvalidArgument("state", f"unknown agent state {state!r}")
+            numbers.append(pb.AgentState.Value(state))
+        agents, token = self.agents.list_agents(name, numbers, limit, page_token)
+        return [agent_to_dict(a) for a in agents], token
+
+
+async def _maybe(step: Any) -> None:
+    if step is not None:
+        await step
+
+
+async def _check_port_free(name: str, host: str, port: int) -> None:
+    """Raise StartupError naming the port and its flag/env var if ``host:port`` is taken."""
+    if port == 0:
+        return
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError as exc:
+        raise StartupError(
+            f"{name}: cannot resolve listen address {host!r}: {exc.strerror or exc} "
+            "(change it with --host or NEXUS_HOST)"
+        ) from None
+    for family, type_, proto, _, address in infos:
+        with socket.socket(family, type_, proto) as probe:
+            # Like every real listener: TIME_WAIT leftovers of a previous run are no conflict.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise StartupError(
+                    _listen_error(name, host, port, exc.strerror or str(exc))
+                ) from None
+
+
+async def _bind(name: str, host: str, port: int, starting: Any) -> None:
     try:
         await starting
     except OSError as exc:
-        raise StartupError(f"{name}: cannot listen on port {port}: {exc.strerror or exc}") from None
+        raise StartupError(_listen_error(name, host, port, exc.strerror or str(exc))) from None
 
 
 async def run(config: Config) -> int:
@@ -411,6 +601,10 @@ async def run(config: Config) -> int:
         await server.start()
     except StartupError as exc:
         log.error(str(exc))
+        return 1
+    except OSError as exc:  # e.g. an unreadable TLS file: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        log.error(f"cannot start: {exc.strerror or exc}{where}")
         return 1
     await server.serve_until_stopped()
     return 0

@@ -55,15 +55,6 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def proc_rss_bytes(pid: int) -> int | None:
-    """Resident set size of ``pid`` in bytes (None when unavailable)."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as fp:
-            return int(fp.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def http_get(
     url: str,
     timeout: float = 5.0,
@@ -140,15 +131,6 @@ class Endpoints:
         m = self.metrics()
         if m and "process_cpu_seconds_total" in m:
             return m["process_cpu_seconds_total"]
-        return None
-
-    def rss_bytes(self) -> int | None:
-        """Server resident memory (bytes), from /proc or /metrics."""
-        if self.pid is not None:
-            return proc_rss_bytes(self.pid)
-        m = self.metrics()
-        if m and "process_resident_memory_bytes" in m:
-            return int(m["process_resident_memory_bytes"])
         return None
 
 

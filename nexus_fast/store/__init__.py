@@ -12,6 +12,8 @@ from nexus_fast.store.base import (
     StoreClosed,
     StoreError,
     StoreFull,
+    StoreLocked,
+    StoreReadOnly,
 )
 from nexus_fast.store.lmdb_store import DATABASES, LmdbStore, event_index, event_key
 
@@ -29,6 +31,8 @@ __all__ = [
     "StoreClosed",
     "StoreError",
     "StoreFull",
+    "StoreLocked",
+    "StoreReadOnly",
     "event_index",
     "event_key",
 ]

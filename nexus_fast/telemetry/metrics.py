@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info
 from prometheus_client.core import (
     CounterMetricFamily,
+    GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
     UnknownMetricFamily,
@@ -45,23 +46,29 @@ UPTIME_SECONDS = Gauge("nexus_uptime_seconds", "Seconds since the server process
 
 
 class CountsCollector(Collector):
-    """A ``name{label}`` family read from a callback at scrape time.
+    """A ``name{label}`` family read from a callback at scrape time, exported twice.
 
-    Exported untyped: names like ``nexus_nodes_total`` are part of our API, and
-    promtool's lint rejects a gauge ending in ``_total`` but accepts an untyped one.
+    ``name`` (e.g. ``nexus_nodes_total``) is exported untyped: it is the spec's name and
+    users' dashboards use it, and promtool's lint rejects a gauge ending in ``_total`` but
+    accepts an untyped one. ``gauge_name`` (``nexus_nodes``) carries the same samples as a
+    typed gauge, for tools that want the type.
     """
 
-    def __init__(self, name: str, documentation: str, label: str) -> None:
+    def __init__(self, name: str, gauge_name: str, documentation: str, label: str) -> None:
         self.name = name
+        self.gauge_name = gauge_name
         self.documentation = documentation
         self.label = label
         self.source: Callable[[], Mapping[str, int]] | None = None
 
-    def collect(self) -> Iterator[UnknownMetricFamily]:
-        family = UnknownMetricFamily(self.name, self.documentation, labels=[self.label])
+    def collect(self) -> Iterator[Metric]:
+        untyped = UnknownMetricFamily(self.name, self.documentation, labels=[self.label])
+        gauge = GaugeMetricFamily(self.gauge_name, self.documentation, labels=[self.label])
         for value, count in (self.source() if self.source else {}).items():
-            family.add_metric([value], count)
-        yield family
+            untyped.add_metric([value], count)
+            gauge.add_metric([value], count)
+        yield untyped
+        yield gauge
 
 
 class _LoopMetric(Collector):
@@ -173,7 +180,7 @@ def _le(bound: float) -> str:
     return "+Inf" if bound == float("inf") else repr(float(bound))
 
 
-NODES = CountsCollector("nexus_nodes_total", "Known nodes by status.", "status")
+NODES = CountsCollector("nexus_nodes_total", "nexus_nodes", "Known nodes by status.", "status")
 REGISTRY.register(NODES)
 
 GRPC_REQUESTS = Counter(
@@ -205,6 +212,11 @@ DB_OPERATION_DURATION = Histogram(
     buckets=_LATENCY_BUCKETS,
 )
 DB_SIZE_BYTES = Gauge("nexus_db_size_bytes", "Bytes used in the LMDB data file.")
+DB_HEALTHY = Gauge(
+    "nexus_db_healthy",
+    "1 while the state store takes writes; 0 while they fail (store full, a write error, "
+    "the writer thread dead): /health/detailed says why.",
+)
 
 WEBSOCKET_CONNECTIONS = Counter(
     "nexus_websocket_connections_total", "WebSocket connections accepted since start."
@@ -252,7 +264,7 @@ COMMAND_SUBMIT_TO_FINAL = LoopHistogram(
 )
 
 
-AGENTS = CountsCollector("nexus_agents_total", "Agents by state.", "status")
+AGENTS = CountsCollector("nexus_agents_total", "nexus_agents", "Agents by state.", "status")
 REGISTRY.register(AGENTS)
 
 # Event bus (nexus_fast/core/events.py) and its streams.

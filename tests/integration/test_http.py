@@ -7,6 +7,7 @@ import subprocess
 
 import orjson
 
+import nexus_fast
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -39,7 +40,7 @@ def test_health_ready_live(server: ServerProcess) -> None:
     status, body, _ = http_get(server.http_base + "/health/detailed")
     detail = orjson.loads(body)
     assert status == 200 and detail["status"] == "healthy"
-    assert detail["version"] == "0.1.0" and detail["uptime_seconds"] > 0
+    assert detail["version"] == nexus_fast.__version__ and detail["uptime_seconds"] > 0
     assert set(detail["implementation"]) >= {"ring", "queue", "scoring"}
     # performance.gc_threshold (default 20000) is applied once the server is up
     assert detail["gc"]["threshold"][0] == 20000 and detail["gc"]["frozen"] > 0
@@ -57,6 +58,11 @@ def test_metrics_pass_promtool_and_carry_the_required_families(server: ServerPro
     for name in REQUIRED_METRICS:
         assert f"# TYPE {name} " in text or f"# TYPE {name.removesuffix('_total')} " in text, name
     assert 'nexus_nodes_total{status="ready"} 1.0' in text
+    # Defect 9: the spec's untyped *_total names stay; typed gauges sit beside them.
+    assert "# TYPE nexus_nodes_total untyped" in text and "# TYPE nexus_nodes gauge" in text
+    assert 'nexus_nodes{status="ready"} 1.0' in text
+    assert "# TYPE nexus_agents_total untyped" in text and "# TYPE nexus_agents gauge" in text
+    assert "nexus_db_healthy 1.0" in text
     assert 'nexus_grpc_requests_total{method="NodeService/Register",status="OK"} 1.0' in text
     promtool = shutil.which("promtool")
     assert promtool, "promtool is installed by `make test` (Debian package prometheus)"
@@ -88,4 +94,4 @@ def test_nodes_json_api_and_errors(server: ServerProcess) -> None:
 def test_dashboard_is_served(server: ServerProcess) -> None:
     status, body, headers = http_get(server.http_base + "/dashboard")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert b"/health/detailed" in body and b"/api/v1/nodes" in body
+    assert b"/dashboard/dashboard.js" in body and b"/dashboard/dashboard.css" in body

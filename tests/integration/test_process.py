@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
+import base64
+import functools
+import json
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import nexus_fast
+from nexus_fast.config import ENV_OVERRIDES
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-from .conftest import HOST, REPO, ServerProcess, http_get
+from .conftest import HOST, REPO, ServerProcess, http_get, wait_for
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -34,7 +41,9 @@ def test_version_names_libraries_and_implementations() -> None:
     result = run_cli("--version")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert out.startswith("nexus-fast 0.1.0")
+    # One version source: the installed metadata is nexus_fast.__version__.
+    assert metadata.version("nexus-fast") == nexus_fast.__version__
+    assert out.startswith(f"nexus-fast {nexus_fast.__version__}\n")
     for library in ("grpcio", "protobuf", "picows", "lmdb"):
         assert f"  {library} " in out
     assert "hot paths: ring=" in out and "queue=" in out
@@ -149,3 +158,84 @@ def test_state_survives_restart_and_sigterm_with_open_streams(server_factory: ty
             break
         time.sleep(0.2)
     assert status == 200 and b'"down"' in body
+
+
+def connected_nodes(server: ServerProcess) -> int:
+    _, body, _ = http_get(server.http_base + "/health/detailed")
+    return int(json.loads(body)["components"]["grpc"]["connected_nodes"])
+
+
+def all_connected(server: ServerProcess) -> bool:
+    return connected_nodes(server) == 50
+
+
+def silent_websocket(server: ServerProcess) -> socket.socket:
+    """A WebSocket client that upgrades and then never reads nor answers a close frame."""
+    sock = socket.create_connection((HOST, server.ws_port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /v1/events HTTP/1.1\r\nHost: {HOST}:{server.ws_port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+    return sock
+
+
+def test_sigterm_with_a_reconnecting_fleet_ends_before_the_drain_deadline(
+    server_factory: type, fleet_factory: type
+) -> None:
+    """Defect 6: nodes that reconnected while stop() ran held gRPC's stop for the whole grace.
+
+    A WebSocket client that never answers the close handshake keeps the WebSocket drain busy
+    for half the deadline, so the 50 nodes the stop ended have time to reconnect; before the
+    fix gRPC still accepted them and stop() waited out the full 30 s shutdown_timeout.
+    """
+    env = {"NEXUS_SHUTDOWN_TIMEOUT": "30s"}
+    server: ServerProcess = server_factory.create(**env).start()
+    fleet_factory.create(server.grpc_target, 50)
+    wait_for(functools.partial(all_connected, server), 60, message="fleet connected")
+    for _ in range(3):  # kill -9 restarts of the same data dir with the fleet attached
+        server.kill()
+        server = server_factory.create(same_ports_as=server, **env).start()
+        wait_for(functools.partial(all_connected, server), 60, message="fleet reconnected")
+    with silent_websocket(server):
+        started = time.monotonic()
+        code = server.stop(signal.SIGTERM, timeout=60)
+        elapsed = time.monotonic() - started
+    assert code == 0, server.log()
+    assert elapsed < 25, f"stop took {elapsed:.1f}s of its 30s deadline:\n{server.log()}"
+    stopped = [json.loads(x) for x in server.log().splitlines() if '"msg":"stopped"' in x]
+    assert stopped and stopped[-1]["phases"]["listeners"] < 25, stopped
+
+
+def test_ready_says_stopping_during_the_drain(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create(NEXUS_SHUTDOWN_TIMEOUT="30s").start()
+    with silent_websocket(server):  # holds the drain open (WebSocket close deadline: 15 s)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGTERM)
+        seen: set[tuple[int, bytes]] = set()
+
+        def stopping() -> bool:
+            try:
+                status, body, _ = http_get(server.http_base + "/ready", timeout=2)
+            except OSError:
+                return False
+            seen.add((status, body))
+            return status == 503 and json.loads(body)["status"] == "stopping"
+
+        wait_for(stopping, 10, interval=0.02, message=f"/ready during the drain: {seen}")
+        assert all(json.loads(body)["status"] != "starting" for _, body in seen), seen
+    assert server.stop(timeout=60) == 0
+
+
+def test_help_lists_environment_variables_and_exit_codes() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for name in (*ENV_OVERRIDES, "NEXUS_NO_EXTENSIONS", "NEXUS_REQUIRE_EXTENSIONS"):
+        assert f"  {name} " in result.stdout, name
+    exit_codes = result.stdout.split("exit codes:", 1)[1]
+    for code in ("0", "1", "2"):
+        assert f"\n  {code}  " in exit_codes, code

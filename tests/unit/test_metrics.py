@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 
 from nexus_fast.telemetry import metrics
 
@@ -57,3 +59,37 @@ def test_unlabelled_counter_and_labelled_histogram() -> None:
     assert 't_loop_lag_bucket{le="10.0",transport="grpc"} 0.0' in text
     assert 't_loop_lag_count{transport="grpc"} 1.0' in text
     assert 't_loop_lag_sum{transport="ws"} 5.0' in text
+
+
+def test_counts_are_exported_untyped_total_and_as_a_typed_gauge() -> None:
+    counts = metrics.CountsCollector("t_things_total", "t_things", "Things by status.", "status")
+    counts.source = lambda: {"ready": 3, "down": 1}
+    registry = CollectorRegistry()
+    registry.register(counts)
+    text = generate_latest(registry).decode()
+    assert "# TYPE t_things_total untyped" in text
+    assert 't_things_total{status="ready"} 3.0' in text
+    assert "# TYPE t_things gauge" in text
+    assert 't_things{status="ready"} 3.0' in text and 't_things{status="down"} 1.0' in text
+
+
+def test_every_metric_family_is_documented_in_the_readme() -> None:
+    import nexus_fast.server  # noqa: F401 - defines every family, wherever it lives
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    names = {
+        metric.name
+        for collector in list(REGISTRY._collector_to_names)
+        for metric in collector.collect()
+        if metric.name.startswith("nexus_")  # python_/process_ are the client's own
+    }
+    # prometheus_client drops _total from counter family names; the README shows the series.
+    missing = [
+        name
+        for name in sorted(names)
+        if f"`{name}`" not in section
+        and f"`{name}_total`" not in section
+        and f"`{name}_info`" not in section
+    ]
+    assert not missing, f'README "Metrics" lacks {missing}'

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -14,10 +15,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
+import orjson
 import pytest
 import uvloop
 from prometheus_client import REGISTRY
 
+from nexus_fast import errors
+from nexus_fast.security.audit import AuditRecord, audit_seq, verify
+from nexus_fast.security.auditing import AUDITED_GRPC_METHODS, AUDITED_WS_OPS, WS_PRINCIPAL_KEY
+from nexus_fast.security.permissions import GRPC_METHODS
+from nexus_fast.security.ws_auth import PRINCIPAL_KEY
 from nexus_fast.store import (
     CommitResult,
     Delete,
@@ -29,8 +36,10 @@ from nexus_fast.store import (
     StoreClosed,
     StoreError,
     StoreFull,
+    StoreLocked,
     event_key,
     lmdb_store,
+    writer,
 )
 
 T = TypeVar("T")
@@ -271,8 +280,8 @@ def test_request_is_atomic_and_failed_txn_leaves_nothing(
         def boom(*_: Any) -> int:
             raise RuntimeError("disk on fire")
 
-        monkeypatch.setattr(lmdb_store, "_delete_range", boom)
-        fa = s.commit([Put("commands", b"c2", b"x"), DeleteRange("audit", b"", None)], [b"e"])
+        monkeypatch.setattr(writer, "_delete_range", boom)
+        fa = s.commit([Put("commands", b"c2", b"x"), DeleteRange("agents", b"", None)], [b"e"])
         fb = s.commit([Put("commands", b"c3", b"x")], [b"e"])  # same batch: fails too
         for fut in (fa, fb):
             with pytest.raises(StoreError, match="disk on fire"):
@@ -391,13 +400,137 @@ def test_map_grows_from_tiny_and_reads_keep_working(tmp_path: Path) -> None:
 def test_map_full_at_cap_fails_batch_only(tmp_path: Path) -> None:
     async def body(s: LmdbStore) -> None:
         await s.commit([Put("nodes", b"small", b"x")], [b"e1"])
-        with pytest.raises(StoreFull, match="database full"):
+        with pytest.raises(StoreFull, match="store full"):
             await s.commit([Put("nodes", b"huge%d" % i, os.urandom(4000)) for i in range(300)])
         assert s.map_size == 512 * 1024
-        assert s.get("nodes", b"huge0") is None and s.healthy()
+        # Reads keep serving; health says why writes fail until one succeeds again.
+        assert s.get("nodes", b"huge0") is None and s.get("nodes", b"small") == b"x"
+        assert not s.healthy() and "store full" in (s.failure or "")
         assert await s.commit([Put("nodes", b"small2", b"y")], [b"e2"]) == CommitResult(2, 2)
+        assert s.healthy() and s.failure is None
 
     with_store(tmp_path, body, map_size=64 * 1024, max_map_size=512 * 1024)
+
+
+def test_store_full_is_resource_exhausted_and_reports_changes(tmp_path: Path) -> None:
+    seen: list[str | None] = []
+
+    async def body(s: LmdbStore) -> None:
+        s.on_failure = seen.append
+        with pytest.raises(errors.ResourceExhausted) as info:
+            await s.commit([Put("nodes", b"huge%d" % i, os.urandom(4000)) for i in range(300)])
+        assert isinstance(info.value, errors.StoreFull) and isinstance(info.value, StoreError)
+        assert str(info.value).startswith("store full")
+        assert s.stat()["failure"] == str(info.value) and not s.stat()["healthy"]
+        # The refusal's audit record fits, but says nothing about the store's health.
+        await s.commit((), (), [_rec(0, "RESOURCE_EXHAUSTED")])
+        assert s.count("audit") == 1 and not s.healthy()
+        await s.commit([Put("nodes", b"small", b"y")])
+        assert s.healthy()
+
+    with_store(tmp_path, body, map_size=64 * 1024, max_map_size=512 * 1024)
+    assert len(seen) == 2 and (seen[0] or "").startswith("store full") and seen[1] is None
+
+
+# ---------------------------------------------------------------------------- data dir
+
+
+READ_ONLY_CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from nexus_fast.store import LmdbStore, Put, StoreReadOnly
+
+    async def main():
+        store = LmdbStore(sys.argv[1], read_only=True)
+        await store.open()
+        try:
+            print(store.get("nodes", b"n").decode(), store.last_event_index)
+            try:
+                store.commit([Put("nodes", b"m", b"w")])
+            except StoreReadOnly:
+                print("read-only")
+            await store.backup(sys.argv[2])
+        finally:
+            await store.close()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_second_open_of_a_data_dir_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        await s.commit([Put("nodes", b"n", b"v")], [b"e"])
+        other = LmdbStore(s.path, map_size=16 * MB)
+        with pytest.raises(StoreLocked) as info:
+            await other.open()
+        assert str(s.path) in str(info.value) and f"pid {os.getpid()}" in str(info.value)
+        assert (s.path / lmdb_store.LOCK_FILE).read_text().strip() == str(os.getpid())
+        # Read-only tools skip the lock: another process reads and backs up the held store
+        # (another process because LMDB allows one open of an environment per process).
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(
+            None,
+            lambda: subprocess.run(
+                [sys.executable, "-c", READ_ONLY_CHILD, str(s.path), str(tmp_path / "bk")],
+                capture_output=True,
+                text=True,
+                env=child_env(),
+                timeout=60,
+            ),
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["v", "1", "read-only"]
+        assert len(list((tmp_path / "bk").iterdir())) == 1
+
+    with_store(tmp_path, body)
+
+    async def reopen() -> None:  # closing released the lock
+        again = LmdbStore(tmp_path / "db", map_size=16 * MB)
+        await again.open()
+        assert again.get("nodes", b"n") == b"v"
+        await again.close()
+
+    run(reopen())
+
+
+def test_read_only_open_of_a_missing_store_fails_cleanly(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no database at"):
+        run(LmdbStore(tmp_path / "absent", read_only=True).open())
+    assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_unusable_db_path_is_one_store_error(tmp_path: Path, kind: str) -> None:
+    if kind == "file":
+        path = tmp_path / "plain"
+        path.write_text("not a directory")
+        pattern = "not a directory"
+    else:
+        path = Path("/proc/nope")
+        pattern = "cannot create database directory /proc/nope"
+    with pytest.raises(StoreError, match=pattern):
+        run(LmdbStore(path).open())
+
+
+def test_data_at_rest_is_created_private(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # the usual umask: it would leave 0755/0644 behind
+    try:
+
+        async def body(s: LmdbStore) -> None:
+            await s.commit([Put("nodes", b"n", b"v")])
+            backup = await s.backup(tmp_path / "backups")
+            assert stat.S_IMODE((tmp_path / "backups").stat().st_mode) == 0o700
+            assert stat.S_IMODE(backup.stat().st_mode) == 0o700
+            assert stat.S_IMODE((backup / "data.mdb").stat().st_mode) == 0o600
+
+        with_store(tmp_path, body)
+    finally:
+        os.umask(old)
+    path = tmp_path / "db"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700
+    for name in ("data.mdb", "lock.mdb", lmdb_store.LOCK_FILE):
+        assert stat.S_IMODE((path / name).stat().st_mode) == 0o600, name
 
 
 # ---------------------------------------------------------------------------- bounds, close
@@ -420,20 +553,20 @@ def test_close_flushes_pending_and_is_idempotent(tmp_path: Path) -> None:
         path = tmp_path / "db"
         s = LmdbStore(path, map_size=4 * MB)
         await s.open()
-        futs = [s.commit([Put("audit", b"a%04d" % i, b"v")], [b"e"]) for i in range(500)]
+        futs = [s.commit([Put("agents", b"a%04d" % i, b"v")], [b"e"]) for i in range(500)]
         await asyncio.gather(s.close(), s.close())  # concurrent closes share one shutdown
         assert all(f.done() and not f.exception() for f in futs)
         assert futs[-1].result() == CommitResult(500, 500)
         await s.close()
         assert not s.healthy()
         with pytest.raises(StoreClosed):
-            s.commit([Put("audit", b"late", b"")])
+            s.commit([Put("agents", b"late", b"")])
         with pytest.raises(StoreClosed):
-            s.get("audit", b"a0000")
+            s.get("agents", b"a0000")
 
         s2 = LmdbStore(path, map_size=4 * MB)
         await s2.open()
-        assert s2.count("audit") == 500 and s2.last_event_index == 500
+        assert s2.count("agents") == 500 and s2.last_event_index == 500
         await s2.close()
 
     run(main())
@@ -609,3 +742,113 @@ def test_writer_thread_is_the_only_writer(tmp_path: Path) -> None:
 
     with_store(tmp_path, body)
     assert len(writer_threads) == 1 and next(iter(writer_threads)).startswith("lmdb-writer")
+
+
+# The writer re-raises what killed it (so it shows in the log): expected here.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_dead_writer_is_reported_as_a_failure(tmp_path: Path) -> None:
+    seen: list[str | None] = []
+
+    async def body(s: LmdbStore) -> None:
+        s.on_failure = seen.append
+
+        def crash(batch: Any) -> None:
+            raise SystemExit("simulated writer death")  # not an Exception: the thread ends
+
+        s._process = crash  # type: ignore[method-assign]
+        with pytest.raises(StoreError, match="writer thread died"):
+            await s.commit([Put("nodes", b"n", b"v")])
+        for _ in range(100):  # the failure report is scheduled on the loop after the crash
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        assert not s.healthy() and "writer thread died" in (s.failure or "")
+        assert seen and "writer thread died" in (seen[0] or "")
+
+    with_store(tmp_path, body)
+
+
+# ---------------------------------------------------------------------------- audit chain
+
+
+def _rec(i: int, outcome: str = "ok") -> AuditRecord:
+    return AuditRecord("op", "operator", "ipv4:127.0.0.1:1", "M", f"t{i}", f"r{i}", outcome, i)
+
+
+def test_audit_records_commit_with_their_change_and_chain_across_reopen(tmp_path: Path) -> None:
+    async def first(s: LmdbStore) -> None:
+        futs = [s.commit([Put("nodes", b"n%d" % i, b"v")], [], [_rec(i)]) for i in range(5)]
+        await asyncio.gather(*futs)
+        await s.commit((), (), [_rec(5), _rec(6)])  # a refusal: records alone
+        assert s.audit_head.seq == 7 and s.count("audit") == 7
+
+    async def second(s: LmdbStore) -> None:
+        assert s.audit_head.seq == 7  # read back from the newest entry at open
+        await s.commit([Put("nodes", b"x", b"v")], [b"e"], [_rec(7)])
+        entries = s.scan("audit")
+        assert verify(entries) is None  # one unbroken chain over both opens
+        assert [audit_seq(k) for k, _ in entries] == list(range(1, 9))
+        assert [t for _, _, body in s.audit_since(0, 100, 1 << 20)
+                for t in [orjson.loads(body)["target"]]] == [f"t{i}" for i in range(8)]  # fmt: skip
+
+    with_store(tmp_path, first)
+    with_store(tmp_path, second)
+
+
+def test_failed_txn_keeps_neither_change_nor_audit_and_leaves_no_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body(s: LmdbStore) -> None:
+        await s.commit([Put("nodes", b"a", b"v")], [], [_rec(0)])
+
+        def boom(*_: Any) -> int:
+            raise RuntimeError("disk on fire")
+
+        monkeypatch.setattr(writer, "_delete_range", boom)
+        fut = s.commit([Put("nodes", b"b", b"v"), DeleteRange("agents", b"", None)], [], [_rec(1)])
+        with pytest.raises(StoreError, match="disk on fire"):
+            await fut
+        monkeypatch.undo()
+        assert s.get("nodes", b"b") is None and s.count("audit") == 1
+        await s.commit([Put("nodes", b"c", b"v")], [], [_rec(2)])
+        entries = s.scan("audit")
+        assert verify(entries) is None and [audit_seq(k) for k, _ in entries] == [1, 2]
+
+    with_store(tmp_path, body)
+
+
+def test_audit_table_is_append_only_through_commit(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        for bad in (
+            Put("audit", b"\0" * 8, b"x"),
+            Delete("audit", b"\0" * 8),
+            DeleteRange("audit", b"", None),
+        ):
+            with pytest.raises(ValueError, match="audit"):
+                s.commit([bad])
+        with pytest.raises(ValueError, match="AuditRecord"):
+            s.commit((), (), ["not a record"])  # type: ignore[list-item]
+        assert s.count("audit") == 0 and s.healthy()
+
+    with_store(tmp_path, body)
+
+
+def test_audit_pages_are_bounded_by_count_and_bytes(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        await s.commit((), (), [_rec(i) for i in range(20)])
+        assert [seq for seq, _, _ in s.audit_since(5, 3, 1 << 20)] == [6, 7, 8]
+        one = len(s.audit_since(0, 1, 1 << 20)[0][2]) + 32
+        assert [seq for seq, _, _ in s.audit_since(0, 100, 3 * one)] == [1, 2, 3]
+        assert len(s.audit_since(0, 100, 1)) == 1  # one entry always, however small the cap
+        assert s.audit_since(20, 10, 1 << 20) == []
+
+    with_store(tmp_path, body)
+
+
+def test_every_mutating_method_is_audited_by_its_permission() -> None:
+    for method, permission in GRPC_METHODS.items():
+        expected = not permission.endswith(".read") and permission != "public"
+        expected = expected and not method.endswith("/Connect")  # the hot node stream
+        assert (method in AUDITED_GRPC_METHODS) == expected, method
+    assert {"submit"} == AUDITED_WS_OPS
+    assert WS_PRINCIPAL_KEY == PRINCIPAL_KEY
