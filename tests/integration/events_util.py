@@ -29,6 +29,11 @@ from .conftest import ServerProcess
 GiB = 1024**3
 
 
+def ws_url(server: ServerProcess, query: str = "") -> str:
+    """The event stream's URL (``wss://`` when the server has auth on)."""
+    return server.ws_url(query)
+
+
 def last_event_index(server: ServerProcess) -> int:
     _, body, _ = server.http("/health/detailed")
     return int(json.loads(body)["components"]["store"]["last_event_index"])
