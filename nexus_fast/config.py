@@ -53,6 +53,7 @@ KB: Final = 1024
 MB: Final = 1024 * KB
 GB: Final = 1024 * MB
 TB: Final = 1024 * GB
+PB: Final = 1024 * TB
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS: Final = ("text", "json")
@@ -113,12 +114,17 @@ _DURATION_RE: Final = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|
 _DURATION_UNITS: Final = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 _SIZE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+# Node specs and ``nexusctl`` also take scientific notation (``1.5e3MB``); config files do not.
+_SIZE_EXP_RE: Final = re.compile(
+    r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE
+)
 _SIZE_UNITS: Final = {
     "": 1, "b": 1,
-    "k": KB, "kb": KB, "kib": KB,
-    "m": MB, "mb": MB, "mib": MB,
-    "g": GB, "gb": GB, "gib": GB,
-    "t": TB, "tb": TB, "tib": TB,
+    "k": KB, "kb": KB, "ki": KB, "kib": KB,
+    "m": MB, "mb": MB, "mi": MB, "mib": MB,
+    "g": GB, "gb": GB, "gi": GB, "gib": GB,
+    "t": TB, "tb": TB, "ti": TB, "tib": TB,
+    "p": PB, "pb": PB, "pi": PB, "pib": PB,
 }  # fmt: skip
 
 
@@ -144,12 +150,14 @@ def parse_duration(value: object) -> float:
     return seconds
 
 
-def parse_size(value: object) -> int:
+def parse_size(value: object, *, exponent: bool = False) -> int:
     """Parse ``"512KB"``, ``"64MB"``, ``"1GB"``, ``"1024"`` (bytes) or an int of bytes.
 
-    Units are binary (KB = KiB = 1024); ``B``, ``KiB``, ``MiB``, ``GiB``, ``TiB`` are accepted,
-    case-insensitively. Returns int bytes. Raises ValueError for malformed or negative input
-    and TypeError for values of the wrong type (including bool).
+    Units are binary (KB = KiB = Ki = 1024) up to ``PB``, case-insensitively; the trailing
+    ``B`` is optional. ``exponent=True`` also accepts scientific notation (``"1.5e3MB"``),
+    which config files refuse. Returns int bytes (fractions truncated). Raises ValueError
+    for malformed, negative or non-finite input and TypeError for values of the wrong type
+    (including bool and float).
     """
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise TypeError(f"expected a size, got {type(value).__name__}")
@@ -157,13 +165,17 @@ def parse_size(value: object) -> int:
         if value < 0:
             raise ValueError(f"size {value!r} is negative")
         return value
-    match = _SIZE_RE.match(value)
+    match = (_SIZE_EXP_RE if exponent else _SIZE_RE).match(value)
     if match is None:
         raise ValueError(f"malformed size {value!r}")
     unit = _SIZE_UNITS.get(match.group(2).lower())
     if unit is None:
         raise ValueError(f"unknown size unit in {value!r}")
-    return int(float(match.group(1)) * unit)
+    size = float(match.group(1)) * unit
+    if not math.isfinite(size):
+        # A 400-digit number is a float infinity; int() of it would raise OverflowError.
+        raise ValueError(f"size {value!r} is not finite")
+    return int(size)
 
 
 def format_duration(seconds: float) -> str:
