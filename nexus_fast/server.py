@@ -38,7 +38,7 @@ from nexus_fast.core.fleet import SchedulerFeed
 from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, page_budget
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import Scheduler
-from nexus_fast.errors import NexusError
+from nexus_fast.errors import InvalidArgument
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.security.layer import OPEN_API_WARNING, SecurityLayer
@@ -511,19 +511,14 @@ class NexusServer:
         wanted = []
         for name in statuses:
             if name not in STATUS_BY_NAME:
-                raise ValueError(f"status: unknown node status {name!r}")
+                raise InvalidArgument("status", f"unknown node status {name!r}")
             wanted.append(STATUS_BY_NAME[name])
-        try:
-            nodes, token, _ = self.nodes.list_nodes(wanted, labels, limit, page_token)
-        except NexusError as exc:
-            raise ValueError(str(exc)) from None
+        # Core errors (a bad page token, a bad label) go through the one error table.
+        nodes, token, _ = self.nodes.list_nodes(wanted, labels, limit, page_token)
         return [node_to_dict(n) for n in nodes], token
 
-    def get_node(self, node_id: str) -> dict[str, object] | None:
-        try:
-            return node_to_dict(self.nodes.get(node_id))
-        except NexusError:
-            return None
+    def get_node(self, node_id: str) -> dict[str, object]:
+        return node_to_dict(self.nodes.get(node_id))  # NodeNotFound answers 404 JSON
 
 
 async def _maybe(step: Any) -> None:
