@@ -20,12 +20,13 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 import nexus_fast
 from nexus_fast.about import versions
 from nexus_fast.api.grpc_api import ControlService, NodeService, add_node_service
 from nexus_fast.api.grpc_events import add_control_service
+from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
@@ -272,11 +273,18 @@ class NexusServer:
         add_control_service(
             ControlService(self.nodes, self.commands, self.agents, events=self.events), server
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        # Health and reflection are grpcio's servicers: registered like ours, so junk bytes
+        # answer INVALID_ARGUMENT instead of UNKNOWN and a traceback.
+        register(health_pb2_grpc.add_HealthServicer_to_server, self._health, server, guard=True)
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        register(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            ),
+            server,
+            guard=True,
         )
         address = f"{cfg.server.host}:{cfg.server.grpc_port}"
         try:
