@@ -137,6 +137,7 @@ class CommandService:
             capacity=settings.queue_capacity,
             priorities=MAX_PRIORITY + 1,
             batch_size=settings.max_batch_size,
+            max_message_bytes=settings.max_page_bytes,
             sent=self._dispatched,
             payload_of=self._node_payload,
         )
