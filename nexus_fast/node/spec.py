@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nexus_fast.config import parse_size as config_parse_size
+from nexus_fast.units import parse_size as units_parse_size
 
 RESOURCE_KEYS = ("cpu", "memory", "gpu", "disk")
 GIB = 1024**3
@@ -25,7 +25,7 @@ DEFAULT_NODES = 10
 def parse_size(text: str | int | float) -> float:
     """Parse a byte size: ``512MB``, ``32GB``, ``1.5GiB``, ``1e3``, ``100`` (bytes).
 
-    The units are :func:`nexus_fast.config.parse_size`'s (binary, ``B`` and ``i`` optional,
+    The units are :func:`nexus_fast.units.parse_size`'s (binary, ``B`` and ``i`` optional,
     case ignored) plus scientific notation and plain floats; the result is a float of whole
     bytes, as the capacity vectors hold floats.
     """
@@ -34,7 +34,7 @@ def parse_size(text: str | int | float) -> float:
             raise ValueError(f"invalid size {text!r}: must be a finite non-negative number")
         return float(round(text))
     try:
-        return float(config_parse_size(text, exponent=True))
+        return float(units_parse_size(text, exponent=True))
     except (TypeError, ValueError):
         raise ValueError(f"invalid size {text!r} (examples: 512MB, 32GB, 1.5TiB, 1024)") from None
 

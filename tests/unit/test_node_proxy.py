@@ -69,7 +69,7 @@ def test_parse_size_rejects(text: str) -> None:
 
 
 def test_parse_size_is_the_config_parser() -> None:
-    # One implementation: the node spec wraps nexus_fast.config.parse_size.
+    # One implementation: the node spec wraps nexus_fast.units.parse_size (config re-exports it).
     from nexus_fast import config
 
     for text in ("32GB", "1.5GiB", "4Ki", "1024", "2T", "1e3", "1.5e2KB"):
