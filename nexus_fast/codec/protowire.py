@@ -101,21 +101,18 @@ class CommandEvents:
         )
 
 
-def add_node_command(message: pb.ControlMessage, record: pb.CommandRecord) -> None:
-    """Append the node's view of ``record`` to ``message`` (built in place: no copy)."""
+def add_node_command(
+    message: pb.ControlMessage, record: pb.CommandRecord, payload: bytes | None = None
+) -> None:
+    """Append the node's view of ``record`` to ``message`` (built in place: no copy).
+
+    ``payload`` replaces the stored one (a payload built at dispatch).
+    """
     spec = record.spec
     message.commands.add(
         id=record.id,
         kind=spec.kind,
-        payload=spec.payload,
+        payload=spec.payload if payload is None else payload,
         attempt=record.attempt,
         deadline_ms=record.dispatched_ms + spec.timeout_ms,
     )
-
-
-def node_commands(records: list[pb.CommandRecord]) -> pb.ControlMessage:
-    """A ``ControlMessage`` carrying the node's view of ``records``."""
-    message = pb.ControlMessage()
-    for record in records:
-        add_node_command(message, record)
-    return message

@@ -26,7 +26,6 @@ submit walks one way: API -> here (validate, place) -> log (commit) -> dispatche
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import heapq
 import itertools
@@ -62,6 +61,7 @@ from nexus_fast.core.nodes import (
 )
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
+from nexus_fast.core.waiters import CommandWaiters
 from nexus_fast.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -137,6 +137,7 @@ class CommandService:
             capacity=settings.queue_capacity,
             priorities=MAX_PRIORITY + 1,
             batch_size=settings.max_batch_size,
+            max_message_bytes=settings.max_page_bytes,
             sent=self._dispatched,
             payload_of=self._node_payload,
         )
@@ -144,7 +145,7 @@ class CommandService:
         self._deadlines: list[tuple[float, int, str, int]] = []
         self._stage: dict[str, int] = {}
         self._seq = 0
-        self._waiters: dict[str, list[asyncio.Queue[pb.CommandRecord]]] = {}
+        self._waiters = CommandWaiters()
         self._pending_dirty = False
         self._submitted_at: dict[str, float] = {}
         self._ticker = Periodic("commands", self._tick, log)
@@ -214,6 +215,7 @@ class CommandService:
         self._pending_dirty = True
 
     async def stop(self) -> None:
+        self._waiters.stop()  # WaitCommands calls end now, not at the drain deadline
         await self._ticker.stop()
         self._dispatch.stop()
         await self.flush()
@@ -601,47 +603,18 @@ class CommandService:
         await self._log.save([record])
         return record
 
-    async def wait(
-        self, ids: Sequence[str], timeout: float | None
-    ) -> AsyncIterator[pb.CommandRecord]:
-        """Yield each command's record once it is final (final ones at once)."""
+    def wait(self, ids: Sequence[str], timeout: float | None) -> AsyncIterator[pb.CommandRecord]:
+        """Yield each command's record once it is final (final ones at once).
+
+        Raises Unavailable ("server stopping") when the server stops first.
+        """
+        self._waiters.check_open()
         if not ids:
             raise InvalidArgument("ids", "must not be empty")
         if len(ids) > MAX_WAIT_IDS:
             raise InvalidArgument("ids", f"at most {MAX_WAIT_IDS} ids")
         records = [self.get(i) for i in dict.fromkeys(ids)]  # NOT_FOUND before streaming
-        inbox: asyncio.Queue[pb.CommandRecord] = asyncio.Queue()
-        remaining = 0
-        final_now: list[pb.CommandRecord] = []
-        for record in records:
-            if record.state in FINAL_STATES:
-                final_now.append(record)
-            else:
-                self._waiters.setdefault(record.id, []).append(inbox)
-                remaining += 1
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            # The final ones at once, whatever the timeout. Decided above, not while
-            # yielding: one that finishes meanwhile comes through the inbox, once.
-            for record in final_now:
-                yield record
-            while remaining:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return
-                try:
-                    record = await asyncio.wait_for(inbox.get(), left)
-                except TimeoutError:
-                    return
-                remaining -= 1
-                yield record
-        finally:
-            for record in records:
-                queues = self._waiters.get(record.id)
-                if queues and inbox in queues:
-                    queues.remove(inbox)
-                    if not queues:
-                        del self._waiters[record.id]
+        return self._waiters.wait(records, timeout)
 
     # ------------------------------------------------------------ node changes
 
@@ -737,8 +710,7 @@ class CommandService:
         if started is not None:
             metrics.COMMAND_SUBMIT_TO_FINAL.observe(time.monotonic() - started)
         self._processed[state].inc()
-        for inbox in self._waiters.pop(record.id, ()):
-            inbox.put_nowait(record)
+        self._waiters.notify(record)
         for hook in self.on_final:
             hook(record)
         if save:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import statistics
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -209,28 +208,22 @@ def test_stalled_subscriber_is_cut_off_and_others_keep_their_pace(server_factory
     # 16 KB events: the stalled client's socket buffers (up to 4 MB on Linux) fill quickly.
     activity = Activity(server, workers=3, nodes_per_worker=4, big=True)
 
-    async def burst(client: PicowsClient, sid: str, calls: int) -> tuple[float, float, float]:
-        """Publish ~3*calls events; return (events/s, p50 and p95 latency in ms) seen by sid."""
-        before = len(client.rec.streams.get(sid).events) if sid in client.rec.streams else 0
-        t0 = time.time()
+    async def burst(client: PicowsClient, sid: str, calls: int) -> None:
+        """Publish ~3*calls events; return once ``sid`` has received all of them."""
         await activity.run_async(20, limit_per_worker=calls)
-        end = await settled_last_index(server, quiet=0.3)
-        stream = await client.rec.until(sid, end)
-        events = stream.events[before:]
-        times = stream.received_at[before:]
-        lat = [(at - e["time_ms"] / 1000) * 1000 for e, at in zip(events, times)]
-        rate = len(events) / max(times[-1] - t0, 1e-3)
-        return rate, statistics.median(lat), statistics.quantiles(lat, n=20)[-1]
+        await client.rec.until(sid, await settled_last_index(server, quiet=0.3))
 
     async def body() -> None:
         fast = await PicowsClient.connect(server)
         sid = await fast.subscribe()
-        base_rate, base_p50, base_p95 = await burst(fast, sid, 200)
+        await burst(fast, sid, 200)
 
         slow = await PicowsClient.connect(server, rcvbuf=4096)
         slow_sid = await slow.subscribe()
         slow.pause_reading()  # stops reading: the server's socket fills, then it pauses
-        rate, p50, p95 = await burst(fast, sid, 200)
+        # The fast subscriber gets the whole burst while its peer is stalled. (Its pace
+        # against a no-stall baseline is a benchmark: bench/test_bench_fanout.py.)
+        await burst(fast, sid, 200)
         wait_for(lambda: metric(server, "nexus_event_slow_consumer_disconnects_total") >= 1, 5)
         slow.resume_reading()
         code, reason = await asyncio.wait_for(slow.rec.closed, 5)
@@ -239,16 +232,12 @@ def test_stalled_subscriber_is_cut_off_and_others_keep_their_pace(server_factory
         assert match, reason
         got = slow.rec.streams[slow_sid].indices
         assert got and int(match.group(1)) == got[-1]  # the last index it was sent
-        # The fast subscriber is unaffected: everything, and at its baseline pace.
+        # The fast subscriber is unaffected: everything, in order, and never cut off.
         end = last_event_index(server)
         fast_got = fast.rec.streams[sid].indices
         assert_exactly_once_in_order(fast_got, fast_got[0] - 1, end, "fast")
-        print(
-            f"baseline {base_rate:.0f}/s p50 {base_p50:.1f}ms p95 {base_p95:.1f}ms; "
-            f"with a stalled peer {rate:.0f}/s p50 {p50:.1f}ms p95 {p95:.1f}ms"
-        )
-        assert rate >= 0.5 * base_rate
-        assert p50 <= 3 * base_p50 + 50
+        assert not fast.rec.closed.done()
+        assert metric(server, "nexus_event_slow_consumer_disconnects_total") == 1
         # The cut-off client resumes where it was told: no gap, no duplicate.
         again = await PicowsClient.connect(server)
         sid2 = await again.subscribe(after_index=int(match.group(1)))
