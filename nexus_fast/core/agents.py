@@ -140,8 +140,11 @@ class AgentService:
 
     # ------------------------------------------------------------ deploy / stop
 
-    async def deploy(self, spec: pb.AgentSpec) -> list[pb.Agent]:
-        """Create the replicas, place them, persist, then send their start commands."""
+    async def deploy(self, spec: pb.AgentSpec, actor: str = "") -> list[pb.Agent]:
+        """Create the replicas, place them, persist, then send their start commands.
+
+        ``actor`` (who deployed) goes on the replicas' events.
+        """
         self._validate(spec)
         live = [a for a in self._agents.values() if a.name == spec.name and a.state not in FINAL]
         if live:
@@ -171,12 +174,15 @@ class AgentService:
             del self._command_agent[command_id]
         for agent in agents:
             self._agents[agent.id] = agent
-        await self._save(agents)
+        await self._save(agents, actor)
         await self._send_starts([a for a in agents if a.node_id])
         return agents
 
-    async def stop_agent(self, name: str) -> list[pb.Agent]:
-        """Stop every replica of ``name``: unplaced ones at once, others via agent.stop."""
+    async def stop_agent(self, name: str, actor: str = "") -> list[pb.Agent]:
+        """Stop every replica of ``name``: unplaced ones at once, others via agent.stop.
+
+        ``actor`` (who asked) goes on the replicas' events.
+        """
         if not name:
             raise InvalidArgument("name", "must not be empty")
         replicas = [a for a in self._agents.values() if a.name == name]
@@ -196,7 +202,7 @@ class AgentService:
             else:
                 self._end(agent, STOPPED, "stopped before it was placed")
         if changed:
-            await self._save(changed)
+            await self._save(changed, actor)
         for agent in to_stop:
             record = await self._commands.submit_internal(
                 pb.CommandSpec(
@@ -393,14 +399,16 @@ class AgentService:
 
     # ------------------------------------------------------------ persistence
 
-    def _save(self, agents: Sequence[pb.Agent]) -> asyncio.Future[CommitResult]:
+    def _save(self, agents: Sequence[pb.Agent], actor: str = "") -> asyncio.Future[CommitResult]:
         ts = now_ms()
         ops = []
         events = []
         for agent in agents:
             body = agent.SerializeToString()
             ops.append(Put(AGENTS_DB, agent.id.encode(), body))
-            events.append(event("agent", f"agent.{STATE_NAMES[agent.state]}", agent.id, body, ts))
+            events.append(
+                event("agent", f"agent.{STATE_NAMES[agent.state]}", agent.id, body, ts, actor)
+            )
         return self._store.commit(ops, events)
 
     def _save_later(self, agents: Sequence[pb.Agent]) -> None:

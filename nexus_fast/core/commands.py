@@ -272,8 +272,13 @@ class CommandService:
 
     # ------------------------------------------------------------ submit
 
-    async def submit(self, specs: Sequence[pb.CommandSpec]) -> pb.SubmitCommandsResponse:
-        """Validate, de-duplicate, place and persist a batch; answers once durable."""
+    async def submit(
+        self, specs: Sequence[pb.CommandSpec], actor: str = ""
+    ) -> pb.SubmitCommandsResponse:
+        """Validate, de-duplicate, place and persist a batch; answers once durable.
+
+        ``actor`` (the submitting principal) goes on the batch's events.
+        """
         self._validate_batch(specs)
         answers: list[tuple[pb.CommandRecord, bool]] = []  # (record, duplicate)
         new: list[pb.CommandRecord] = []
@@ -300,7 +305,7 @@ class CommandService:
             self._active[record.id] = record
             self._submitted_at[record.id] = now
         try:
-            commit = await self._log.save(new) if new else None
+            commit = await self._log.save(new, actor) if new else None
         except BaseException:
             for record in new:
                 self._forget(record)
@@ -559,7 +564,8 @@ class CommandService:
 
     # ------------------------------------------------------------ cancel / wait
 
-    async def cancel(self, command_id: str) -> pb.CommandRecord:
+    async def cancel(self, command_id: str, actor: str = "") -> pb.CommandRecord:
+        """Cancel an active command; ``actor`` (who asked) goes on its event."""
         record = self._active.get(command_id)
         if record is None:
             final = self.get(command_id)  # NOT_FOUND if unknown
@@ -571,7 +577,7 @@ class CommandService:
         self._finish(record, CANCELLED, "cancelled by request", save=False)
         if was_inflight:
             self._dispatch.send_cancel(node_id, [command_id])
-        await self._log.save([record])
+        await self._log.save([record], actor)
         return record
 
     async def wait(
