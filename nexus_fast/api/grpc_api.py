@@ -21,11 +21,11 @@ from nexus_fast.api.status import grpc_status, grpc_trailers
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService
 from nexus_fast.core.events import EventBus
-from nexus_fast.core.nodes import NodeRegistry, Session, validate_node_id
+from nexus_fast.core.nodes import ANONYMOUS, NodeRegistry, Session, validate_node_id
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
-from nexus_fast.security.grpc_auth import check_node_id
+from nexus_fast.security.grpc_auth import check_node_id, current_principal
 from nexus_fast.telemetry import metrics
 
 log = get_logger("grpc")
@@ -87,6 +87,15 @@ def instrumented(method: str) -> Callable[[_Handler], _Handler]:
     return decorate
 
 
+def actor() -> str:
+    """The name of the principal making the current call: what events say it did.
+
+    ``anonymous`` with authentication off (no identity was proven).
+    """
+    principal = current_principal()
+    return principal.name if principal is not None else ANONYMOUS
+
+
 def add_node_service(servicer: pb_grpc.NodeServiceServicer, server: Any) -> None:
     """``add_NodeServiceServicer_to_server`` with strict request decoding (junk bytes get
     ``INVALID_ARGUMENT``, see :mod:`.grpc_handlers`)."""
@@ -110,14 +119,16 @@ class NodeService(pb_grpc.NodeServiceServicer):
     async def Register(
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterResponse:
-        node, config = await self._registry.register(request)
+        node, config = await self._registry.register(request, actor(), context.peer())
         return pb.RegisterResponse(session_epoch=node.session_epoch, config=config, node=node)
 
     @instrumented("NodeService/Deregister")
     async def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeregisterResponse:
-        await self._registry.deregister(request.node_id, request.session_epoch)
+        await self._registry.deregister(
+            request.node_id, request.session_epoch, actor(), context.peer()
+        )
         return pb.DeregisterResponse()
 
     @instrumented("NodeService/Connect")
@@ -131,7 +142,9 @@ class NodeService(pb_grpc.NodeServiceServicer):
         if first is grpc.aio.EOF:
             return
         await check_node_id(context, first.node_id)  # nodes act only as themselves
-        session = await self._registry.open_session(first.node_id, first.session_epoch)
+        session = await self._registry.open_session(
+            first.node_id, first.session_epoch, actor(), context.peer()
+        )
         metrics.GRPC_CONNECTIONS_ACTIVE.inc()
         reader = asyncio.get_running_loop().create_task(
             self._read_loop(context, session, first), name=f"node-reader-{session.node_id}"
@@ -242,19 +255,19 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def DrainNode(
         self, request: pb.DrainNodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.Node:
-        return await self._registry.drain(request.node_id, request.drain, request.reason)
+        return await self._registry.drain(request.node_id, request.drain, request.reason, actor())
 
     @instrumented("ControlService/SetNodeEligibility")
     async def SetNodeEligibility(
         self, request: pb.SetNodeEligibilityRequest, context: grpc.aio.ServicerContext
     ) -> pb.Node:
-        return await self._registry.set_eligibility(request.node_id, request.eligible)
+        return await self._registry.set_eligibility(request.node_id, request.eligible, actor())
 
     @instrumented("ControlService/RemoveNode")
     async def RemoveNode(
         self, request: pb.RemoveNodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveNodeResponse:
-        await self._registry.remove(request.node_id)
+        await self._registry.remove(request.node_id, actor())
         return pb.RemoveNodeResponse()
 
     # ------------------------------------------------------------ commands
@@ -263,7 +276,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def SubmitCommands(
         self, request: pb.SubmitCommandsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitCommandsResponse:
-        return await self._commands.submit(request.commands)
+        return await self._commands.submit(request.commands, actor())
 
     @instrumented("ControlService/GetCommand")
     async def GetCommand(
@@ -287,7 +300,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def CancelCommand(
         self, request: pb.CancelCommandRequest, context: grpc.aio.ServicerContext
     ) -> pb.CommandRecord:
-        return await self._commands.cancel(request.id)
+        return await self._commands.cancel(request.id, actor())
 
     @instrumented("ControlService/WaitCommands")
     async def WaitCommands(
@@ -303,7 +316,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def DeployAgent(
         self, request: pb.DeployAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeployAgentResponse:
-        return pb.DeployAgentResponse(agents=await self._agents.deploy(request.spec))
+        return pb.DeployAgentResponse(agents=await self._agents.deploy(request.spec, actor()))
 
     @instrumented("ControlService/ListAgents")
     async def ListAgents(
@@ -327,4 +340,4 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def StopAgent(
         self, request: pb.StopAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopAgentResponse:
-        return pb.StopAgentResponse(agents=await self._agents.stop_agent(request.name))
+        return pb.StopAgentResponse(agents=await self._agents.stop_agent(request.name, actor()))
