@@ -670,28 +670,27 @@ class NodeRegistry:
     async def _check_takeover(self, entry: NodeEntry, actor: str, peer: str, call: str) -> None:
         """Refuse (PermissionDenied) a call that would replace the node's live stream.
 
-        Allowed when there is no live stream, or it is the same principal and one of:
-        the principal is verified (not :data:`ANONYMOUS`: authentication proved who it
-        is), the call comes on the live stream's own connection (same gRPC peer, so
-        the same client process), or the live stream has been silent for
-        :data:`SILENT_INTERVALS` heartbeat intervals (half-dead: its node moved on).
-        With authentication off everyone is anonymous, so the epoch alone (public)
-        never takes a healthy stream from its node. Returns without awaiting when allowed.
+        A stream silent for :data:`SILENT_INTERVALS` heartbeat intervals is half-dead,
+        not live: anyone the permission check let through may replace it (so a node
+        whose credential changed is never locked out by its own dead stream). A live
+        stream is replaced only by the principal that opened it, and, when that is
+        :data:`ANONYMOUS` (authentication off: nothing proves who it is), only from its
+        own connection (same gRPC peer ``ip:port``, so the same client process). So the
+        public epoch never takes a healthy stream. Returns without awaiting when allowed.
         """
         session = entry.session
         if session is None or session.closed:
             return
-        reason = ""
+        if time.monotonic() - entry.last_seen > SILENT_INTERVALS * self.settings.heartbeat_interval:
+            return
         if actor != session.actor:
             reason = "its live stream belongs to another principal"
         elif actor == ANONYMOUS and peer != session.peer:
-            silent = time.monotonic() - entry.last_seen
-            if silent <= SILENT_INTERVALS * self.settings.heartbeat_interval:
-                reason = (
-                    "its live stream is healthy and no credential proves the caller is the "
-                    "same node (authentication is off); retry once that stream has ended"
-                )
-        if not reason:
+            reason = (
+                "its live stream is healthy and nothing proves the caller is the same node "
+                "(authentication is off); retry once that stream has ended"
+            )
+        else:
             return
         node = entry.record
         now = time.monotonic()

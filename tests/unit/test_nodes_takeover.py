@@ -61,6 +61,12 @@ def test_takeover_rules(tmp_path: Path) -> None:
         assert mine.closed and registry.session_of("n1") is again
         with pytest.raises(PermissionDenied):
             await registry.open_session("n1", epoch2, "mallory", "ipv4:10.0.0.4:1")
+        # A stream silent for two heartbeat intervals is half-dead: replaceable by anyone
+        # admitted for the node (a credential change must not lock a node out).
+        registry.settings = dataclasses.replace(registry.settings, heartbeat_interval=0.01)
+        await asyncio.sleep(0.05)
+        other = await registry.open_session("n1", epoch2, "n1", "ipv4:10.0.0.5:1")
+        assert again.closed and registry.session_of("n1") is other
         await registry.drain("n1", True, "maint", "alice")
         await asyncio.sleep(0)
         events = _events(fab)
@@ -73,7 +79,8 @@ def test_takeover_rules(tmp_path: Path) -> None:
         rereg = [e for e in events if e.type == "node.reregistered"]
         assert rereg[-1].details["changed"] == "address,labels"
         superseded = [e for e in events if e.type == "node.superseded"]
-        assert [e.details["call"] for e in superseded] == ["Register", "Connect"]
+        assert [e.details["call"] for e in superseded] == ["Register", "Connect", "Connect"]
+        assert superseded[2].details["new_principal"] == "n1"
         assert superseded[1].details["old_peer"] == "ipv4:10.0.0.3:1"
         await fab.stop()
 
