@@ -18,7 +18,7 @@ import pytest
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-from .auth_util import SecureServer, bearer, make_pki, token, write_config
+from .auth_util import SecureServer, bearer, client_ssl, make_pki, token, write_config, ws, ws_op
 from .conftest import ServerProcess, list_all_nodes, wait_for
 
 # Fast heartbeats so "silent for two intervals" (a half-dead stream) comes quickly.
@@ -177,7 +177,12 @@ def test_second_principal_refused_auth_on(
         _run_command(control, node.id, alice)
         assert fleet.proc.poll() is None, fleet.log()
 
+        bob = token(pki, "bob", "operator")
+        with ws(secure, client_ssl(pki), headers={"Authorization": f"Bearer {bob}"}) as conn:
+            reply = ws_op(conn, {"op": "submit", "commands": [{"kind": "echo"}]})
+            assert reply["type"] == "submitted", reply
         events = _events(control, alice)
+        assert any(e.topic == "command" and e.actor == "bob" for e in events)
         refused = [e for e in events if e.type == "node.takeover_refused"]
         assert {(e.actor, e.details["owner"]) for e in refused} == {("mallory", "node:sec-00000")}
         submitted = [e for e in events if e.topic == "command" and e.actor == "alice"]
