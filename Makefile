@@ -11,7 +11,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard _ext/*.pyx _ext/*.pxd) \
                 $(shell find proto -name '*.proto' 2>/dev/null)
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: venv install run test lint bench bench-short bench-e2e profile promtool clean
+.PHONY: venv install run test lint docs bench bench-short bench-e2e profile promtool chromium screenshot clean
 
 venv install: $(STAMP)
 
@@ -27,13 +27,21 @@ $(STAMP): $(BUILD_INPUTS)
 run: install
 	$(VENV)/bin/nexus-fast --config configs/development.toml
 
-lint: install
+lint: install promtool
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy --strict nexus_fast
+	$(PY) scripts/gen_api_docs.py --check
+	promtool check rules deploy/prometheus-rules.yml
+	promtool test rules deploy/prometheus-rules.test.yml
+	promtool check config examples/monitoring/prometheus.yml
+
+# docs/api.md from the comments in proto/ (lint fails when it is stale).
+docs: install
+	$(PY) scripts/gen_api_docs.py
 
 # Both twins: once with the compiled hot paths required, once pure Python.
-test: install promtool
+test: install promtool chromium
 	$(MAKE) --no-print-directory lint
 	@rc=0; \
 	echo "== tests, compiled twins (NEXUS_REQUIRE_EXTENSIONS=1)"; \
@@ -44,9 +52,10 @@ test: install promtool
 	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) -m pytest bench -q --benchmark-disable || rc=1; \
 	exit $$rc
 
-# promtool checks the /metrics exposition in tests; best effort, never fails the target.
+# promtool checks the /metrics exposition and the alert rules; the prometheus server (same
+# Debian package) runs in tests/integration/test_prometheus.py. Best effort, never fails here.
 promtool:
-	@if ! command -v promtool >/dev/null 2>&1; then \
+	@if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing promtool (Debian package prometheus)"; \
 	    export DEBIAN_FRONTEND=noninteractive; \
@@ -58,6 +67,29 @@ promtool:
 	    echo "WARNING: promtool not found and cannot apt-get install it; the /metrics test will fail"; \
 	  fi; \
 	fi
+
+# The dashboard's browser test drives Debian's chromium through chromium-driver (selenium);
+# nothing downloads a browser of its own. Best effort here: the test fails, saying what is
+# missing, if they are still absent.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium and chromium-driver (Debian packages)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 \
+	         && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null 2>&1; } \
+	    || echo "WARNING: could not install chromium; the dashboard browser test will fail"; \
+	  else \
+	    echo "WARNING: chromium/chromedriver not found and cannot apt-get install them; the dashboard browser test will fail"; \
+	  fi; \
+	fi
+
+# docs/img/dashboard.png: the browser test's last view of the page (README's picture).
+screenshot: install chromium
+	@mkdir -p docs/img
+	NEXUS_DASHBOARD_SCREENSHOT=$(CURDIR)/docs/img/dashboard.png \
+	  $(PY) -m pytest tests/integration/test_dashboard_browser.py -q
 
 bench: install
 	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) -m pytest bench --benchmark-only -q

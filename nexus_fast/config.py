@@ -27,6 +27,7 @@ from nexus_fast.security.rbac import RbacConfig, RbacError, RoleConfig, parse_rb
 
 __all__ = [
     "ENV_OVERRIDES",
+    "AgentsConfig",
     "CommandsConfig",
     "Config",
     "ConfigError",
@@ -34,6 +35,7 @@ __all__ = [
     "EventsConfig",
     "LoggingConfig",
     "MonitoringConfig",
+    "NodesConfig",
     "PerformanceConfig",
     "RbacConfig",
     "RoleConfig",
@@ -368,6 +370,41 @@ class CommandsConfig:
     default_max_attempts: int = _f(3, "int", min=1, max=100)
     max_payload_size: int = _f(1 * MB, "size", min=0, max=64 * MB)
     final_retention: float = _f(86400.0, "duration")
+    # Node-reported output and error text are cut to this (the record says so): a node must
+    # not be able to fill the store or push a record past the message limit.
+    max_output_size: int = _f(64 * KB, "size", min=0, max=1 * MB)
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    """[agents]: limits of one DeployAgent."""
+
+    # The spec is stored once per agent, so spec x replicas no longer multiplies in the store;
+    # both still bound what one call may ask for.
+    max_spec_bytes: int = _f(256 * KB, "size", min=0, max=1 * MB)
+    max_replicas: int = _f(1000, "int", min=1, max=100_000)
+
+
+@dataclass(frozen=True)
+class NodesConfig:
+    """[nodes]: the largest capacity a node may report at Register, per resource.
+
+    A node claiming more (1e300 cpus) would win every untargeted placement; it is refused.
+    """
+
+    max_cpu: float = _f(4096.0, "float", min=0, max=1e9)
+    max_memory: int = _f(64 * TB, "size", min=0)
+    max_gpu: float = _f(1024.0, "float", min=0, max=1e9)
+    max_disk: int = _f(1024 * TB, "size", min=0)
+
+    def limits(self) -> dict[str, float]:
+        """``{resource: most a node may report}``, as the node registry checks it."""
+        return {
+            "cpu": self.max_cpu,
+            "memory": float(self.max_memory),
+            "gpu": self.max_gpu,
+            "disk": float(self.max_disk),
+        }
 
 
 @dataclass(frozen=True)
@@ -392,6 +429,8 @@ _SECTIONS: Final[Mapping[str, type]] = MappingProxyType(
         "scheduler": SchedulerConfig,
         "commands": CommandsConfig,
         "events": EventsConfig,
+        "agents": AgentsConfig,
+        "nodes": NodesConfig,
     }
 )
 
@@ -409,6 +448,8 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     commands: CommandsConfig = field(default_factory=CommandsConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
+    agents: AgentsConfig = field(default_factory=AgentsConfig)
+    nodes: NodesConfig = field(default_factory=NodesConfig)
     # Where each non-default dotted key came from; excluded from equality.
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False

@@ -29,16 +29,16 @@ from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
-from nexus_fast.codec.json import node_to_dict
+from nexus_fast.codec.json import agent_to_dict, command_to_dict, node_to_dict
 from nexus_fast.config import Config
-from nexus_fast.core.agents import AgentService
+from nexus_fast.core.agents import AgentService, AgentSettings
 from nexus_fast.core.commands import CommandService, CommandSettings
 from nexus_fast.core.events import EventBus
 from nexus_fast.core.fleet import SchedulerFeed
-from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings
+from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, page_budget
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import Scheduler
-from nexus_fast.errors import NexusError
+from nexus_fast.errors import InvalidArgument, NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.security.layer import OPEN_API_WARNING, SecurityLayer
@@ -101,6 +101,8 @@ class NexusServer:
                 node_timeout=perf.node_timeout,
                 down_retention=perf.node_down_retention,
                 max_batch_size=perf.max_batch_size,
+                max_capacity=config.nodes.limits(),
+                max_page_bytes=page_budget(config.server.max_message_size),
             ),
         )
         self.scheduler = Scheduler(config.scheduler, perf.node_timeout)
@@ -115,9 +117,20 @@ class NexusServer:
                 final_retention=config.commands.final_retention,
                 max_batch_size=perf.max_batch_size,
                 queue_capacity=perf.command_queue_size,
+                max_output_size=config.commands.max_output_size,
+                max_page_bytes=page_budget(config.server.max_message_size),
             ),
         )
-        self.agents = AgentService(self.store, self.scheduler, self.commands)
+        self.agents = AgentService(
+            self.store,
+            self.scheduler,
+            self.commands,
+            AgentSettings(
+                max_spec_bytes=config.agents.max_spec_bytes,
+                max_replicas=config.agents.max_replicas,
+                max_page_bytes=page_budget(config.server.max_message_size),
+            ),
+        )
         # Order matters: the scheduler must know a node before commands and agents react.
         self.nodes.listeners += [SchedulerFeed(self.scheduler), self.commands, self.agents]
         # Loaded and attached to store.on_commit right after store.open(), before any commit.
@@ -147,8 +160,6 @@ class NexusServer:
             extra={"version": nexus_fast.__version__, **nexus_fast.implementation()},
         )
 
-        if self.security is None:
-            log.warning(OPEN_API_WARNING)
         try:
             await self.store.open()
         except StoreError as exc:
@@ -207,6 +218,7 @@ class NexusServer:
                 dashboard_enabled=cfg.monitoring.dashboard_enabled,
                 ssl_context=self._server_ssl_context() if cfg.security.http_tls else None,
                 middlewares=self.security.http_middlewares() if self.security else (),
+                events=self.events,
             )
             await _bind("http", cfg.server.host, cfg.server.http_port, self._http.start())
         except BaseException:
@@ -227,6 +239,9 @@ class NexusServer:
             "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
         )
         self._state = "ready"
+        if self.security is None:
+            # Once started: a start that fails says only why, in one line.
+            log.warning(OPEN_API_WARNING)
         await self._set_grpc_health()
         log.info(
             "ready",
@@ -510,6 +525,20 @@ class NexusServer:
             return node_to_dict(self.nodes.get(node_id))
         except NexusError:
             return None
+
+    def get_command(self, command_id: str) -> dict[str, object]:
+        return command_to_dict(self.commands.get(command_id))
+
+    def list_agents(
+        self, name: str, states: list[str], limit: int, page_token: str
+    ) -> tuple[list[dict[str, object]], str]:
+        numbers = []
+        for state in states:
+            if state not in pb.AgentState.DESCRIPTOR.values_by_name:
+                raise InvalidArgument("state", f"unknown agent state {state!r}")
+            numbers.append(pb.AgentState.Value(state))
+        agents, token = self.agents.list_agents(name, numbers, limit, page_token)
+        return [agent_to_dict(a) for a in agents], token
 
 
 async def _maybe(step: Any) -> None:

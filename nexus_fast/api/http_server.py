@@ -21,7 +21,9 @@ from multidict import MultiMapping
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from nexus_fast.api import bad_input
+from nexus_fast.api.http_events import HttpEvents
 from nexus_fast.api.status import error_code, http_headers, http_status
+from nexus_fast.core.events import EventBus
 from nexus_fast.errors import NexusError
 from nexus_fast.telemetry import metrics
 
@@ -45,12 +47,18 @@ _SHUTDOWN_TIMEOUT: Final = 3.0
 _UNMATCHED: Final = "<unmatched>"
 _NODE_QUERY_PARAMS: Final = frozenset({"status", "label", "limit", "page_token"})
 _JSON: Final = "application/json"
-# The dashboard is one inline page that only talks to this origin.
+# The dashboard is a page, an ES module and a stylesheet from this origin; it only fetches
+# JSON and the event stream from this origin too. Nothing inline, no images, no frames.
 _DASHBOARD_CSP: Final = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'"
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
+# Files of the dashboard besides the page (package data next to this module).
+_DASHBOARD_ASSETS: Final = {
+    "dashboard.js": "text/javascript",
+    "dashboard.css": "text/css",
+}
+_AGENT_QUERY_PARAMS: Final = frozenset({"name", "state", "limit", "page_token"})
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _CAMEL: Final = re.compile(r"(?<!^)(?=[A-Z])")
@@ -121,6 +129,23 @@ class HttpBackend(Protocol):
 
     def get_node(self, node_id: str) -> dict[str, object] | None:
         """One node as a JSON-able dict, or None if unknown (or raises NodeNotFound)."""
+        ...
+
+    def get_command(self, command_id: str) -> dict[str, object]:
+        """One command record as a JSON-able dict (``command_to_dict``).
+
+        Raises NotFound (404) or InvalidArgument (400) through the error table.
+        """
+        ...
+
+    def list_agents(
+        self, name: str, states: list[str], limit: int, page_token: str
+    ) -> tuple[list[dict[str, object]], str]:
+        """One page of agent replicas (``agent_to_dict``) in id order and the next token.
+
+        ``states`` are ``AgentState`` names (``AGENT_STATE_RUNNING``); raises
+        InvalidArgument on an unknown one.
+        """
         ...
 
 
@@ -223,9 +248,11 @@ class HttpServer:
         metrics_enabled: bool = True,
         dashboard_enabled: bool = True,
         ssl_context: SSLContext | None = None,
+        events: EventBus | None = None,
         middlewares: Sequence[Any] = (),
     ) -> None:
         self.host = host
+        self.events = HttpEvents(events) if events is not None else None
         self.backend = backend
         self.metrics_enabled = metrics_enabled
         self.dashboard_enabled = dashboard_enabled
@@ -236,6 +263,7 @@ class HttpServer:
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self._dashboard: bytes | None = None
+        self._assets: dict[str, bytes] = {}
         self._stopping = False
 
     @property
@@ -257,6 +285,7 @@ class HttpServer:
             raise RuntimeError("HttpServer already started")
         if self.dashboard_enabled:
             self._dashboard = _load_dashboard()
+            self._assets = _load_assets()
         runner = web.AppRunner(
             self._build_app(),
             # Probes and scrapes every few seconds would drown the log; requests are counted.
@@ -300,6 +329,13 @@ class HttpServer:
         router.add_get("/metrics", self._metrics)
         router.add_get("/api/v1/nodes", self._list_nodes)
         router.add_get("/api/v1/nodes/{node_id}", self._get_node)
+        router.add_get("/api/v1/commands/{command_id}", self._get_command)
+        router.add_get("/api/v1/agents", self._list_agents)
+        if self.events is not None:
+            router.add_get("/api/v1/events", self.events.page)
+            router.add_get("/api/v1/events/stream", self.events.stream)
+            app.on_shutdown.append(self.events.close)
+        router.add_get("/dashboard/{asset}", self._dashboard_asset)
         router.add_get("/", self._dashboard_page)
         router.add_get("/dashboard", self._dashboard_page)
         return app
@@ -387,6 +423,42 @@ class HttpServer:
             return _error(404, "not_found", f"node {node_id!r} not found")
         return _json(node)
 
+    async def _get_command(self, request: web.Request) -> web.Response:
+        return _json(self.backend.get_command(request.match_info["command_id"]))
+
+    async def _list_agents(self, request: web.Request) -> web.Response:
+        query = request.query
+        try:
+            for key in query:
+                if key not in _AGENT_QUERY_PARAMS:
+                    raise _BadParameter(
+                        key,
+                        f"unknown query parameter {key!r} "
+                        f"(expected one of: {', '.join(sorted(_AGENT_QUERY_PARAMS))})",
+                    )
+            name = _single(query, "name") or ""
+            states = [s.strip() for v in query.getall("state", []) for s in v.split(",")]
+            raw_limit = _single(query, "limit")
+            limit = DEFAULT_NODE_LIMIT
+            if raw_limit is not None:
+                if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_NODE_LIMIT:
+                    raise _BadParameter("limit", f"'limit' must be between 1 and {MAX_NODE_LIMIT}")
+                limit = int(raw_limit)
+            page_token = _single(query, "page_token") or ""
+        except _BadParameter as exc:
+            return _error(400, "invalid_argument", str(exc), exc.parameter)
+        agents, next_token = self.backend.list_agents(name, states, limit, page_token)
+        return _json({"agents": agents, "next_page_token": next_token})
+
+    async def _dashboard_asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["asset"]
+        body = self._assets.get(name) if self.dashboard_enabled else None
+        if body is None:
+            return _error(404, "not_found", f"no dashboard file {name!r}")
+        response = web.Response(body=body, content_type=_DASHBOARD_ASSETS[name], charset="utf-8")
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
     async def _dashboard_page(self, request: web.Request) -> web.Response:
         if not self.dashboard_enabled:
             return _error(404, "not_found", "the dashboard is disabled")
@@ -402,6 +474,18 @@ async def _set_common_headers(request: web.Request, response: web.StreamResponse
     """Name the server and forbid MIME sniffing on every response, errors included."""
     response.headers["Server"] = SERVER_HEADER
     response.headers["X-Content-Type-Options"] = "nosniff"
+
+
+def _load_assets() -> dict[str, bytes]:
+    """The dashboard's script and stylesheet (package data); missing ones answer 404."""
+    assets: dict[str, bytes] = {}
+    folder = resources.files(__package__ or "nexus_fast.api")
+    for name in _DASHBOARD_ASSETS:
+        try:
+            assets[name] = folder.joinpath(name).read_bytes()
+        except OSError:
+            logger.error("%s not found in nexus_fast.api; the dashboard will not work", name)
+    return assets
 
 
 def _load_dashboard() -> bytes | None:

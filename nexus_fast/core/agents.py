@@ -8,6 +8,13 @@ heartbeat messages. A node that goes down makes its agents ``lost``; they are
 placed again elsewhere.
 
 ``pending -> running -> stopped | failed``, and ``lost -> pending`` again.
+
+The opaque spec (up to ``agents.max_spec_bytes``) is stored ONCE per deployment, under
+``spec/<name>/<created_ms>`` in the ``agents`` database, and held once in memory. Replica
+records, their events, and the ``agent.start`` command records carry no spec bytes (only
+``spec_size``); the node-bound ``agent.start`` payload is built from the agent at dispatch
+(:attr:`CommandService.node_payloads`). So a deployment costs one spec plus small records,
+not replicas x spec. Only :meth:`AgentService.get` returns the spec bytes.
 """
 
 from __future__ import annotations
@@ -15,19 +22,20 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from nexus_fast.clock import now_ms
 from nexus_fast.codec.json import agent_start_payload, agent_stop_payload
 from nexus_fast.codec.protowire import event
 from nexus_fast.core.commands import FINAL_STATES, SUCCEEDED, CommandService
-from nexus_fast.core.nodes import validate_labels, validate_resources
+from nexus_fast.core.nodes import entry_size, page_budget, validate_labels, validate_resources
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
 from nexus_fast.errors import FailedPrecondition, InvalidArgument, NotFound
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
-from nexus_fast.store.base import CommitResult, Put, StateStore
+from nexus_fast.store.base import CommitResult, Delete, Put, StateStore
 from nexus_fast.telemetry import metrics
 
 log = get_logger("agents")
@@ -49,33 +57,71 @@ STATE_NAMES: Final[dict[int, str]] = {
 # Node-reported states we accept (AgentStatus.state).
 _REPORTED: Final = {"running": RUNNING, "stopped": STOPPED, "failed": FAILED}
 MAX_REPLICAS: Final = 1000
-MAX_SPEC_SIZE: Final = 1024 * 1024
+MAX_SPEC_SIZE: Final = 256 * 1024
+_SPEC_PREFIX: Final = b"spec/"  # agent ids are DNS labels + "-N": never start with this
 # An agent whose start keeps failing is given up after this many placements.
 MAX_PLACEMENTS: Final = 5
 _TICK: Final = 1.0
 _NAME_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
+@dataclass(frozen=True)
+class AgentSettings:
+    """Limits of a deployment (config [agents]) and of a ListAgents page."""
+
+    max_spec_bytes: int = MAX_SPEC_SIZE
+    max_replicas: int = MAX_REPLICAS
+    # Bytes of agents one ListAgents page may carry (page_budget(server.max_message_size)).
+    max_page_bytes: int = page_budget(4 * 1024 * 1024)
+
+
+def _spec_key(name: str, created_ms: int) -> bytes:
+    return _SPEC_PREFIX + f"{name}/{created_ms:016x}".encode()
+
+
 class AgentService:
     """Every agent, in memory and in the ``agents`` database; runs on the loop only."""
 
-    def __init__(self, store: StateStore, scheduler: Scheduler, commands: CommandService) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        scheduler: Scheduler,
+        commands: CommandService,
+        settings: AgentSettings | None = None,
+    ) -> None:
         self._store = store
         self._scheduler = scheduler
         self._commands = commands
+        self.settings = settings or AgentSettings()
+        # Replicas without their spec bytes; those are in _specs, once per deployment.
         self._agents: dict[str, pb.Agent] = {}
+        self._specs: dict[tuple[str, int], bytes] = {}
         # Which agent a start/stop command belongs to, so its outcome can be applied.
         self._command_agent: dict[str, tuple[str, str]] = {}
         self._ticker = Periodic("agents", self._tick, log)
         self._dirty = False
         commands.on_final.append(self._command_finished)
+        commands.node_payloads["agent.start"] = self._start_payload
         metrics.AGENTS.source = self.state_counts
 
     # ------------------------------------------------------------ start / stop
 
     def load(self) -> int:
-        for _, value in self._store.scan(AGENTS_DB):
+        inline: list[Put | Delete] = []
+        for key, value in self._store.scan(AGENTS_DB):
+            if key.startswith(_SPEC_PREFIX):
+                name, _, created = key[len(_SPEC_PREFIX) :].decode().rpartition("/")
+                self._specs[(name, int(created, 16))] = value
+                continue
             agent = pb.Agent.FromString(value)
+            if agent.spec.spec:
+                # Written before specs were stored once: keep the spec under its own key.
+                ref = (agent.name, agent.created_ms)
+                if ref not in self._specs:
+                    self._specs[ref] = agent.spec.spec
+                    inline.append(Put(AGENTS_DB, _spec_key(*ref), agent.spec.spec))
+                agent.spec_size = len(agent.spec.spec)
+                agent.spec.spec = b""
             self._agents[agent.id] = agent
             if agent.state in (PENDING, RUNNING) and agent.node_id:
                 if self._scheduler.slot_of(agent.node_id) is not None:
@@ -92,6 +138,8 @@ class AgentService:
             # Not those of an earlier deployment under the same id (see deploy).
             if owner is not None and record.created_ms >= owner.created_ms:
                 self._command_agent[record.id] = (record.agent_id, record.spec.target_node)
+        if inline:
+            self._store.commit(inline).add_done_callback(_log_failure)
         return len(self._agents)
 
     def start(self) -> None:
@@ -109,12 +157,16 @@ class AgentService:
         return counts
 
     def get(self, agent_id: str) -> pb.Agent:
+        """One replica, with its spec bytes (a copy: the replica itself holds none)."""
         if not agent_id:
             raise InvalidArgument("id", "must not be empty")
         agent = self._agents.get(agent_id)
         if agent is None:
             raise NotFound(f"agent {agent_id!r} not found")
-        return agent
+        full = pb.Agent()
+        full.CopyFrom(agent)
+        full.spec.spec = self._specs.get((agent.name, agent.created_ms), b"")
+        return full
 
     def list_agents(
         self, name: str = "", states: Iterable[int] = (), page_size: int = 0, page_token: str = ""
@@ -126,6 +178,7 @@ class AgentService:
         if page_size > 5000:
             raise InvalidArgument("page_size", "must be 0..5000")
         size = page_size or 500
+        budget = self.settings.max_page_bytes
         page: list[pb.Agent] = []
         for agent_id in sorted(self._agents):
             if page_token and agent_id <= page_token:
@@ -135,6 +188,11 @@ class AgentService:
                 continue
             if len(page) == size:
                 return page, page[-1].id
+            # The page must fit the message limit too (it always takes one agent).
+            cost = entry_size(agent)
+            if page and cost > budget:
+                return page, page[-1].id
+            budget -= cost
             page.append(agent)
         return page, ""
 
@@ -143,6 +201,7 @@ class AgentService:
     async def deploy(self, spec: pb.AgentSpec, actor: str = "") -> list[pb.Agent]:
         """Create the replicas, place them, persist, then send their start commands.
 
+        The replicas returned (and stored) carry no spec bytes: see the module docstring.
         ``actor`` (who deployed) goes on the replicas' events.
         """
         self._validate(spec)
@@ -153,8 +212,12 @@ class AgentService:
                 "stop it first"
             )
         ts = now_ms()
+        shared = pb.AgentSpec()
+        shared.CopyFrom(spec)
+        shared.spec = b""
+        shared.replicas = spec.replicas or 1
         agents = []
-        for replica in range(spec.replicas or 1):
+        for replica in range(shared.replicas):
             agent = pb.Agent(
                 id=f"{spec.name}-{replica}",
                 name=spec.name,
@@ -162,9 +225,9 @@ class AgentService:
                 state=PENDING,
                 created_ms=ts,
                 updated_ms=ts,
+                spec_size=len(spec.spec),
             )
-            agent.spec.CopyFrom(spec)
-            agent.spec.replicas = spec.replicas or 1
+            agent.spec.CopyFrom(shared)
             agents.append(agent)
         self._place(agents)
         # Start/stop commands of an earlier deployment under the same ids must not act on
@@ -174,7 +237,16 @@ class AgentService:
             del self._command_agent[command_id]
         for agent in agents:
             self._agents[agent.id] = agent
-        await self._save(agents, actor)
+        # The spec once, in the same commit as the replicas; specs of earlier deployments
+        # under this name that no replica refers to any more go in that commit too.
+        ref = (spec.name, ts)
+        self._specs[ref] = spec.spec
+        ops: list[Put | Delete] = [Put(AGENTS_DB, _spec_key(*ref), spec.spec)]
+        used = {a.created_ms for a in self._agents.values() if a.name == spec.name}
+        for old in [r for r in self._specs if r[0] == spec.name and r[1] not in used]:
+            del self._specs[old]
+            ops.append(Delete(AGENTS_DB, _spec_key(*old)))
+        await self._save(agents, ops, actor)
         await self._send_starts([a for a in agents if a.node_id])
         return agents
 
@@ -202,7 +274,7 @@ class AgentService:
             else:
                 self._end(agent, STOPPED, "stopped before it was placed")
         if changed:
-            await self._save(changed, actor)
+            await self._save(changed, actor=actor)
         for agent in to_stop:
             record = await self._commands.submit_internal(
                 pb.CommandSpec(
@@ -220,10 +292,18 @@ class AgentService:
             raise InvalidArgument(
                 "spec.name", "must be 1..63 lower-case letters, digits and '-' (DNS label)"
             )
-        if spec.replicas > MAX_REPLICAS:
-            raise InvalidArgument("spec.replicas", f"must be at most {MAX_REPLICAS}")
-        if len(spec.spec) > MAX_SPEC_SIZE:
-            raise InvalidArgument("spec.spec", f"larger than {MAX_SPEC_SIZE} bytes")
+        limits = self.settings
+        if spec.replicas > limits.max_replicas:
+            raise InvalidArgument(
+                "spec.replicas",
+                f"{spec.replicas} exceeds the limit of {limits.max_replicas} (agents.max_replicas)",
+            )
+        if len(spec.spec) > limits.max_spec_bytes:
+            raise InvalidArgument(
+                "spec.spec",
+                f"{len(spec.spec)} bytes exceeds the limit of {limits.max_spec_bytes} "
+                "(agents.max_spec_bytes)",
+            )
         validate_resources(spec.request, "spec.request")
         validate_labels(spec.placement.label_selector, "spec.placement.label_selector")
         if spec.placement.spread_key:
@@ -258,6 +338,8 @@ class AgentService:
 
     async def _send_starts(self, agents: Sequence[pb.Agent]) -> None:
         for agent in agents:
+            # The record keeps the payload without the spec ("spec": ""), a reference by
+            # agent id; the node gets the full one, built at dispatch by _start_payload.
             record = await self._commands.submit_internal(
                 pb.CommandSpec(
                     kind="agent.start",
@@ -267,6 +349,16 @@ class AgentService:
                 agent.id,
             )
             self._command_agent[record.id] = (agent.id, agent.node_id)
+
+    def _start_payload(self, record: pb.CommandRecord) -> bytes | None:
+        """The ``agent.start`` payload the node receives: the agent with its spec."""
+        agent = self._agents.get(record.agent_id)
+        if agent is None or record.created_ms < agent.created_ms:
+            return None  # of an earlier deployment: it keeps what it stored
+        full = pb.Agent()
+        full.CopyFrom(agent)
+        full.spec.spec = self._specs.get((agent.name, agent.created_ms), b"")
+        return agent_start_payload(full)
 
     async def _replace_waiting(self) -> None:
         """Place agents that are pending without a node, or lost."""
@@ -399,9 +491,11 @@ class AgentService:
 
     # ------------------------------------------------------------ persistence
 
-    def _save(self, agents: Sequence[pb.Agent], actor: str = "") -> asyncio.Future[CommitResult]:
+    def _save(
+        self, agents: Sequence[pb.Agent], extra: Sequence[Put | Delete] = (), actor: str = ""
+    ) -> asyncio.Future[CommitResult]:
         ts = now_ms()
-        ops = []
+        ops: list[Put | Delete] = list(extra)
         events = []
         for agent in agents:
             body = agent.SerializeToString()

@@ -1,4 +1,5 @@
-"""What a command submission may ask for: the limits of a ``CommandSpec``, checked up front."""
+"""What a command may carry: the limits of a ``CommandSpec``, checked up front, and the cap
+on what a node reports back (``commands.max_output_size``)."""
 
 from __future__ import annotations
 
@@ -47,3 +48,15 @@ def validate_spec(spec: pb.CommandSpec, at: str, max_payload_size: int) -> None:
     validate_resources(placement.request, f"{at}.placement.request")
     if placement.spread_key:
         validate_labels({placement.spread_key: ""}, f"{at}.placement.spread_key")
+
+
+def cap_result(record: pb.CommandRecord, result: pb.CommandResult, cap: int) -> str:
+    """Put ``result.output`` on ``record``, cut to ``cap`` bytes and flagged if it was longer;
+    return ``result.error`` cut the same way (at a UTF-8 boundary), flagging the record."""
+    output = result.output
+    record.output_truncated = len(output) > cap
+    record.output = output[:cap] if record.output_truncated else output
+    error = result.error
+    raw = error.encode() if len(error) * 4 > cap else b""  # short text: under the cap for sure
+    record.error_truncated = len(raw) > cap
+    return raw[:cap].decode("utf-8", "ignore") if record.error_truncated else error

@@ -39,7 +39,7 @@ from typing import Final
 
 from nexus_fast.clock import now_ms
 from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
-from nexus_fast.core.command_spec import MAX_PRIORITY, validate_spec
+from nexus_fast.core.command_spec import MAX_PRIORITY, cap_result, validate_spec
 from nexus_fast.core.command_states import (
     ACKED,
     CANCELLED,
@@ -56,6 +56,8 @@ from nexus_fast.core.dispatch import Dispatcher
 from nexus_fast.core.nodes import (
     NodeRegistry,
     Session,
+    entry_size,
+    page_budget,
     validate_node_id,
 )
 from nexus_fast.core.periodic import Periodic
@@ -106,6 +108,10 @@ class CommandSettings:
     final_retention: float
     max_batch_size: int
     queue_capacity: int
+    # Node-reported output and error text are cut to this many bytes (and flagged).
+    max_output_size: int = 64 * 1024
+    # Bytes of records one ListCommands page may carry (page_budget(server.max_message_size)).
+    max_page_bytes: int = page_budget(4 * 1024 * 1024)
 
 
 class CommandService:
@@ -132,6 +138,7 @@ class CommandService:
             priorities=MAX_PRIORITY + 1,
             batch_size=settings.max_batch_size,
             sent=self._dispatched,
+            payload_of=self._node_payload,
         )
         # (deadline, seq, id, stage); an entry is live while its stage number is current.
         self._deadlines: list[tuple[float, int, str, int]] = []
@@ -153,6 +160,9 @@ class CommandService:
         self._id_counter = itertools.count(1)
         # Internal callers (agents) hear about final states here.
         self.on_final: list[Callable[[pb.CommandRecord], None]] = []
+        # Node-bound payloads built at dispatch, by kind: the record keeps a reference (agent.start
+        # carries the agent's spec, stored once per agent, not in each replica's command).
+        self.node_payloads: dict[str, Callable[[pb.CommandRecord], bytes | None]] = {}
 
     # ------------------------------------------------------------ start / stop
 
@@ -244,28 +254,39 @@ class CommandService:
         if page_size > MAX_LIST_PAGE:
             raise InvalidArgument("page_size", f"must be 0..{MAX_LIST_PAGE}")
         size = page_size or DEFAULT_LIST_PAGE
+        # The page must also fit the message limit: it ends before the record that would
+        # overflow it (and always holds one, which the payload and output caps keep small).
+        budget = self.settings.max_page_bytes
         after = page_token or None
         page: list[pb.CommandRecord] = []
         scanned = 0
         last = ""
         finishing = self._log.finishing
-        while len(page) < size and scanned < _LIST_SCAN_LIMIT:
+        full = False
+        while not full and scanned < _LIST_SCAN_LIMIT:
             chunk = self._log.scan(after, 1000)
             if not chunk:
                 return page, ""
-            for last, value in chunk:
-                scanned += 1
+            for key, value in chunk:
                 record = (
-                    self._active.get(last)
-                    or finishing.get(last)
+                    self._active.get(key)
+                    or finishing.get(key)
                     or pb.CommandRecord.FromString(value)
                 )
                 if (not wanted or record.state in wanted) and (
                     not node_id or record.node_id == node_id
                 ):
-                    page.append(record)
-                    if len(page) == size:
+                    cost = entry_size(record)
+                    if page and cost > budget:
+                        full = True  # resume at this record: the token is the one before it
                         break
+                    budget -= cost
+                    page.append(record)
+                scanned += 1
+                last = key
+                if len(page) == size:
+                    full = True
+                    break
             after = last
         more = bool(self._log.scan(after, 1))
         return page, last if more else ""
@@ -508,6 +529,11 @@ class CommandService:
 
     # ------------------------------------------------------------ dispatch
 
+    def _node_payload(self, record: pb.CommandRecord) -> bytes | None:
+        """The payload the node receives, when it is not the stored one (see node_payloads)."""
+        build = self.node_payloads.get(record.spec.kind)
+        return None if build is None else build(record)
+
     def _dispatched(self, records: list[pb.CommandRecord]) -> None:
         """The dispatcher sent ``records`` to their nodes: start their clocks, save."""
         now = time.monotonic()
@@ -553,14 +579,15 @@ class CommandService:
             ):
                 metrics.STALE_REPORTS.labels(kind="result").inc()
                 continue
-            record.output = result.output
+            # Capped before it is kept: a node must not fill the store or overflow a list page.
+            error = cap_result(record, result, self.settings.max_output_size)
             if result.success:
                 self._finish(record, SUCCEEDED, "")
             elif record.spec.target_node:
                 # The node de-duplicates by id: retrying on the same node cannot run it again.
-                self._finish(record, FAILED, result.error or "failed on the node")
+                self._finish(record, FAILED, error or "failed on the node")
             else:
-                self._retry_or_finish(record, FAILED, result.error or "failed on the node")
+                self._retry_or_finish(record, FAILED, error or "failed on the node")
 
     # ------------------------------------------------------------ cancel / wait
 

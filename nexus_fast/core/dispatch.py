@@ -44,12 +44,15 @@ class Dispatcher:
         priorities: int,
         batch_size: int,
         sent: Callable[[list[pb.CommandRecord]], None],
+        payload_of: Callable[[pb.CommandRecord], bytes | None] | None = None,
     ) -> None:
         self._nodes = nodes
         self._slots = slots
         self._active = active
         self._batch_size = batch_size
         self._sent = sent
+        # Internal (agent) commands whose node payload is built now, not stored in the record.
+        self._payload_of = payload_of
         self._queue: CommandQueue[str] = CommandQueue(capacity, lanes=priorities)
         # Nodes whose slot this dispatcher holds (acquired on first push, let go on removal).
         self._held: set[str] = set()
@@ -148,10 +151,24 @@ class Dispatcher:
             records = [self._active[i] for i in inflight if i in self._active]
             size = self._batch_size
             for start in range(0, len(records), size):
-                session.send(node_commands(records[start : start + size]))
+                message = node_commands(records[start : start + size])
+                self._fill_payloads(message, records[start : start + size])
+                session.send(message)
         if node.id in self._held:
             self._dirty.add(node.id)
             self._schedule()
+
+    def _fill_payloads(
+        self, message: pb.ControlMessage, records: list[pb.CommandRecord], first: int = 0
+    ) -> None:
+        """Replace stored payloads by the ones built at dispatch (``payload_of``)."""
+        if self._payload_of is None:
+            return
+        for i, record in enumerate(records, first):
+            if record.agent_id:
+                payload = self._payload_of(record)
+                if payload is not None:
+                    message.commands[i].payload = payload
 
     def _schedule(self) -> None:
         if self._handle is None:
@@ -193,6 +210,8 @@ class Dispatcher:
                 record.updated_ms = ts
                 inflight[command_id] = None
                 add_node_command(message, record)
+                if record.agent_id:
+                    self._fill_payloads(message, [record], len(message.commands) - 1)
                 sent.append(record)
             if message.commands and not session.send(message):
                 break  # the stream was closed for falling behind; reconnect re-sends in-flight

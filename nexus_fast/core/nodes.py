@@ -28,6 +28,8 @@ from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from google.protobuf.message import Message
+
 from nexus_fast.clock import now_ms
 from nexus_fast.codec.protowire import event
 from nexus_fast.codec.tokens import decode_page_token, encode_page_token
@@ -57,6 +59,18 @@ MAX_LABEL_VALUE_LEN: Final = 256
 MAX_VERSION_LEN: Final = 64
 DEFAULT_PAGE_SIZE: Final = 500
 MAX_PAGE_SIZE: Final = 5000
+# Room a list response keeps under the message limit for its envelope (page token, totals,
+# per-entry tags and lengths are counted per record; this covers the rest and gRPC framing).
+PAGE_HEADROOM: Final = 64 * 1024
+# Per repeated entry: field tag + length varint, on top of the record's own ByteSize().
+_ENTRY_OVERHEAD: Final = 6
+# The most capacity a node may report, per resource (config [nodes]); see NodeSettings.
+DEFAULT_MAX_CAPACITY: Final = {
+    "cpu": 4096.0,
+    "memory": float(64 << 40),
+    "gpu": 1024.0,
+    "disk": float(1 << 50),
+}
 # Bound per node: a node that stops reading its stream cannot pin unbounded memory.
 SESSION_QUEUE_SIZE: Final = 1024
 
@@ -112,6 +126,27 @@ def validate_resources(res: pb.Resources, field_name: str) -> None:
         value = getattr(res, name)
         if not math.isfinite(value) or value < 0:
             raise InvalidArgument(f"{field_name}.{name}", f"must be finite and >= 0, got {value}")
+
+
+def validate_capacity(res: pb.Resources, limits: Mapping[str, float]) -> None:
+    """A node's reported capacity: finite, >= 0, and within ``limits`` per resource."""
+    validate_resources(res, "capacity")
+    for name, limit in limits.items():
+        value = getattr(res, name)
+        if value > limit:
+            raise InvalidArgument(
+                f"capacity.{name}", f"{value:g} exceeds the limit of {limit:g} (nodes.max_{name})"
+            )
+
+
+def page_budget(max_message_size: int) -> int:
+    """Bytes of records a list page may carry so its response fits ``max_message_size``."""
+    return max(max_message_size - PAGE_HEADROOM, max_message_size // 2)
+
+
+def entry_size(message: Message) -> int:
+    """Bytes ``message`` adds to a response as one repeated entry."""
+    return message.ByteSize() + _ENTRY_OVERHEAD
 
 
 @dataclass(eq=False)
@@ -187,6 +222,10 @@ class NodeSettings:
     node_timeout: float
     down_retention: float
     max_batch_size: int
+    # Register refuses a capacity above these (config [nodes]).
+    max_capacity: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_MAX_CAPACITY))
+    # Bytes of nodes one ListNodes page may carry (page_budget(server.max_message_size)).
+    max_page_bytes: int = page_budget(4 * 1024 * 1024)
 
 
 class NodeRegistry:
@@ -288,7 +327,9 @@ class NodeRegistry:
         start = bisect.bisect_right(ids, after) if after else 0
         selector = list(labels.items()) if labels else []
         page: list[pb.Node] = []
+        budget = self.settings.max_page_bytes
         matched = after_start = 0
+        full = False  # the page is closed (count or bytes); later matches are only counted
         for i, node_id in enumerate(ids):
             node = self._nodes[node_id].record
             if not self._matches(node, wanted, selector):
@@ -296,8 +337,16 @@ class NodeRegistry:
             matched += 1
             if i >= start:
                 after_start += 1
-                if len(page) < size:
-                    page.append(node)
+                if full or len(page) == size:
+                    full = True
+                    continue
+                # The page must fit the message limit; it always takes at least one node.
+                cost = entry_size(node)
+                if page and cost > budget:
+                    full = True
+                    continue
+                budget -= cost
+                page.append(node)
         next_token = encode_page_token(page[-1].id) if after_start > len(page) else ""
         return page, next_token, matched
 
@@ -324,7 +373,7 @@ class NodeRegistry:
         if len(request.version) > MAX_VERSION_LEN:
             raise InvalidArgument("version", f"longer than {MAX_VERSION_LEN} characters")
         validate_labels(request.labels)
-        validate_resources(request.capacity, "capacity")
+        validate_capacity(request.capacity, self.settings.max_capacity)
 
         ts = now_ms()
         entry = self._nodes.get(request.node_id)

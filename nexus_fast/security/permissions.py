@@ -89,9 +89,14 @@ HTTP_ROUTES: Final[Mapping[str, str]] = MappingProxyType(
         "/metrics": "metrics.read",
         "/api/v1/nodes": "node.read",
         "/api/v1/nodes/{node_id}": "node.read",
+        "/api/v1/commands/{command_id}": "command.read",
+        "/api/v1/agents": "agent.read",
+        "/api/v1/events": "event.read",
+        "/api/v1/events/stream": "event.read",
         # A static page with no data in it; the calls it makes are authorised one by one.
         "/": PUBLIC,
         "/dashboard": PUBLIC,
+        "/dashboard/{asset}": PUBLIC,  # the page's script and stylesheet
     }
 )
 """HTTP route template (aiohttp ``resource.canonical``) -> permission."""

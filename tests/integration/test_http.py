@@ -94,4 +94,4 @@ def test_nodes_json_api_and_errors(server: ServerProcess) -> None:
 def test_dashboard_is_served(server: ServerProcess) -> None:
     status, body, headers = http_get(server.http_base + "/dashboard")
     assert status == 200 and headers["Content-Type"].startswith("text/html")
-    assert b"/health/detailed" in body and b"/api/v1/nodes" in body
+    assert b"/dashboard/dashboard.js" in body and b"/dashboard/dashboard.css" in body

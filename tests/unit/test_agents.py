@@ -16,11 +16,13 @@ import orjson
 import pytest
 
 from nexus_fast.core import agents as agents_mod
-from nexus_fast.core.agents import AGENTS_DB
+from nexus_fast.core.agents import AGENTS_DB, AgentSettings
 from nexus_fast.core.commands import COMMANDS_DB
 from nexus_fast.core.nodes import Session
 from nexus_fast.errors import FailedPrecondition, InvalidArgument, NotFound
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.store.base import Put
+from nexus_fast.store.lmdb_store import EVENTS_DB
 
 from .fabric import (
     Fabric,
@@ -184,7 +186,7 @@ def test_deploy_of_a_live_name_is_refused_until_it_stopped(tmp_path: Path) -> No
         with pytest.raises(FailedPrecondition, match="db"):
             await f.agents.deploy(agent_spec("db", replicas=1, cpu=3))
         assert reserved_cpu(f, "n1") == 2
-        assert f.store.count(AGENTS_DB) == 2
+        assert f.store.count(AGENTS_DB) == 3  # two replicas and their one spec
         assert len(f.agents.list_agents()[0]) == 2
         await f.agents.stop_agent("db")
         report_agents(f, "n1", db_0="stopped", db_1="stopped")
@@ -438,5 +440,157 @@ def test_restart_restores_agents_with_their_reservations(tmp_path: Path) -> None
         report_agents(g, "n1", web_0="stopped", web_1="stopped")
         assert reserved_cpu(g, "n1") == 0
         await g.stop()
+
+    run(main())
+
+
+# ------------------------------------------------------------------ size caps
+
+
+def stored_bytes(f: Fabric) -> int:
+    """Bytes of values in the databases a deployment writes (agents, commands, events)."""
+    return sum(len(v) for db in (AGENTS_DB, COMMANDS_DB, EVENTS_DB) for _, v in f.store.scan(db))
+
+
+def spec_keys(f: Fabric) -> list[bytes]:
+    return [k for k, _ in f.store.scan(AGENTS_DB, prefix=b"spec/")]
+
+
+def test_the_spec_is_stored_once_per_agent_and_reaches_every_node(tmp_path: Path) -> None:
+    """A 200KB spec x 40 replicas used to be written 40 times in records, events and the
+    agent.start commands (~3x replicas x spec); now once, and the node still gets it."""
+
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1", cpu=64)
+        assert s1 is not None
+        blob = b"y" * (200 * 1024)
+        before = stored_bytes(f)
+        agents = await f.agents.deploy(
+            pb.AgentSpec(name="big", spec=blob, request=res(cpu=1), replicas=40)
+        )
+        assert all(not a.spec.spec and a.spec_size == len(blob) for a in agents)
+        starts = [await next_command(s1, "agent.start") for _ in agents]
+        await f.flush()
+        grown = stored_bytes(f) - before
+        assert len(blob) <= grown < len(blob) + 40 * 4096, grown
+        # The node gets the spec, built at dispatch; the command record keeps a reference.
+        assert all(orjson.loads(c.payload)["spec"] == blob.decode() for c in starts)
+        assert all(len(f.commands.get(c.id).spec.payload) < 256 for c in starts)
+        # GetAgent returns the spec; lists and the stored replicas do not repeat it.
+        assert f.agents.get("big-7").spec.spec == blob
+        page, _ = f.agents.list_agents()
+        assert len(page) == 40 and all(not a.spec.spec and a.spec_size for a in page)
+        assert len(spec_keys(f)) == 1
+        # A reconnecting node gets its in-flight starts again, with the spec.
+        s2 = await f.node("n1", cpu=64)
+        assert s2 is not None
+        again = await next_command(s2, "agent.start")
+        assert orjson.loads(again.payload)["spec"] == blob.decode()
+        await f.stop()
+
+    run(main())
+
+
+def test_the_spec_survives_a_restart_and_is_sent_after_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        await f.node("n1", connect=False)
+        await f.agents.deploy(pb.AgentSpec(name="web", spec=b"image: big", request=res(cpu=1)))
+        await f.stop()
+
+        g = await fabric(tmp_path)
+        assert g.agents.get("web-0").spec.spec == b"image: big"
+        s1 = await g.node("n1")
+        assert s1 is not None
+        start = await next_command(s1, "agent.start")
+        assert orjson.loads(start.payload)["spec"] == "image: big"
+        await g.stop()
+
+    run(main())
+
+
+def test_a_replica_stored_with_its_spec_inline_is_loaded_and_its_spec_kept(
+    tmp_path: Path,
+) -> None:
+    """Records written before specs were stored once still load, and keep their spec."""
+
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        legacy = pb.Agent(id="old-0", name="old", state=STOPPED, created_ms=5)
+        legacy.spec.CopyFrom(pb.AgentSpec(name="old", spec=b"image: legacy", replicas=1))
+        await f.store.commit([Put(AGENTS_DB, b"old-0", legacy.SerializeToString())])
+        await f.stop()
+
+        g = await fabric(tmp_path)
+        assert g.agents.get("old-0").spec.spec == b"image: legacy"
+        assert g.agents.list_agents()[0][0].spec_size == len(b"image: legacy")
+        await g.flush()
+        assert spec_keys(g) == [b"spec/old/0000000000000005"]
+        await g.stop()
+
+    run(main())
+
+
+def test_redeploying_drops_specs_no_replica_refers_to(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)  # no node: replicas wait, and stop at once
+        await f.agents.deploy(pb.AgentSpec(name="x", spec=b"A", replicas=2))
+        await f.agents.stop_agent("x")
+        await asyncio.sleep(0.005)  # a later deployment (specs are keyed by created_ms)
+        await f.agents.deploy(pb.AgentSpec(name="x", spec=b"B", replicas=1))
+        # x-1 of the first deployment is still listed, with its own spec.
+        assert f.agents.get("x-0").spec.spec == b"B"
+        assert f.agents.get("x-1").spec.spec == b"A"
+        assert len(spec_keys(f)) == 2
+        await f.agents.stop_agent("x")
+        await asyncio.sleep(0.005)
+        await f.agents.deploy(pb.AgentSpec(name="x", spec=b"C", replicas=2))
+        assert [f.agents.get(i).spec.spec for i in ("x-0", "x-1")] == [b"C", b"C"]
+        assert len(spec_keys(f)) == 1
+        await f.stop()
+
+    run(main())
+
+
+def test_spec_size_and_replica_limits_come_from_the_settings(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        f.agents.settings = AgentSettings(max_spec_bytes=100, max_replicas=3)
+        with pytest.raises(InvalidArgument) as err:
+            await f.agents.deploy(pb.AgentSpec(name="a", spec=b"x" * 101))
+        assert err.value.field == "spec.spec" and "agents.max_spec_bytes" in str(err.value)
+        with pytest.raises(InvalidArgument) as err:
+            await f.agents.deploy(pb.AgentSpec(name="a", spec=b"x", replicas=4))
+        assert err.value.field == "spec.replicas" and "agents.max_replicas" in str(err.value)
+        # At the limits it deploys.
+        deployed = await f.agents.deploy(pb.AgentSpec(name="a", spec=b"x" * 100, replicas=3))
+        assert len(deployed) == 3
+        await f.flush()
+        assert len(spec_keys(f)) == 1
+        await f.stop()
+
+    run(main())
+
+
+def test_agent_list_pages_end_before_the_byte_budget(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        labels = {f"k{i}": "v" * 200 for i in range(10)}  # ~2KB per replica
+        await f.agents.deploy(
+            pb.AgentSpec(name="w", replicas=10, placement=pb.Placement(label_selector=labels))
+        )
+        one = f.agents.list_agents(page_size=1)[0][0].ByteSize()
+        f.agents.settings = AgentSettings(max_page_bytes=3 * one + 30)
+        seen: list[str] = []
+        token = ""
+        while True:
+            page, token = f.agents.list_agents(page_token=token)
+            assert 1 <= len(page) <= 3
+            seen += [a.id for a in page]
+            if not token:
+                break
+        assert seen == sorted(f"w-{i}" for i in range(10))
+        await f.stop()
 
     run(main())

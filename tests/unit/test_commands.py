@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -944,3 +945,63 @@ def test_hand_encoded_event_equals_protobuf(
         encoder = protowire.CommandEvents()
         got = encoder.encode(record, body, encoder.time_field(ts))
         assert got == expected
+
+
+# ------------------------------------------------------------------ size caps
+
+
+def test_node_output_and_error_are_capped_and_flagged(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        s1 = await f.node("n1")
+        assert s1 is not None
+        cap = f.commands.settings.max_output_size
+        await f.commands.submit([spec(i, target_node="n1") for i in ("big", "small", "err")])
+        await wait_sent(s1, 3)
+        f.succeed("n1", "big", output=b"o" * (cap * 3))
+        f.succeed("n1", "small", output=b"o" * cap)
+        # A 3-byte character straddles the cap: the cut lands on a character boundary.
+        f.fail("n1", "err", error="x" + "\u20ac" * cap)
+        await f.flush()
+        for record in (f.commands.get("big"), f.stored("big")):
+            assert record is not None
+            assert record.output == b"o" * cap and record.output_truncated
+        small = f.stored("small")
+        assert small is not None and len(small.output) == cap and not small.output_truncated
+        err = f.stored("err")
+        assert err is not None and err.state == FAILED and err.error_truncated
+        assert err.reason == "x" + "\u20ac" * ((cap - 1) // 3)
+        assert not err.output_truncated
+        await f.stop()
+
+    run(main())
+
+
+def test_list_commands_pages_end_before_the_byte_budget(tmp_path: Path) -> None:
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        await f.node("n1", connect=False)
+        ids = [f"c{i:02d}" for i in range(12)]
+        await f.commands.submit(
+            [spec(i, target_node="n1", payload=b"p" * 1000) for i in ids]
+            + [spec("tiny", target_node="n1")]
+        )
+        one = f.commands.get("c00").ByteSize()
+        f.commands.settings = dataclasses.replace(f.commands.settings, max_page_bytes=3 * one + 20)
+        seen: list[str] = []
+        token = ""
+        while True:
+            page, token = f.commands.list_commands(page_token=token)
+            assert 1 <= len(page) <= 3, [r.id for r in page]
+            assert sum(r.ByteSize() for r in page) <= 3 * one + 20
+            seen += [r.id for r in page]
+            if not token:
+                break
+        assert seen == [*ids, "tiny"]
+        # A budget smaller than one record still makes progress, one record a page.
+        f.commands.settings = dataclasses.replace(f.commands.settings, max_page_bytes=10)
+        page, token = f.commands.list_commands(node_id="n1", page_token="c10")
+        assert [r.id for r in page] == ["c11"] and token == "c11"
+        await f.stop()
+
+    run(main())

@@ -159,6 +159,8 @@ def test_to_dict_is_json_and_masks_token() -> None:
         "scheduler",
         "commands",
         "events",
+        "agents",
+        "nodes",
     }
     assert load_config(env={}).to_dict()["security"]["auth_token"] == ""
 

@@ -13,7 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from nexus_fast.api import ws_events, ws_server
 from nexus_fast.api.http_server import HttpServer
-from nexus_fast.config import RbacConfig, RoleConfig
+from nexus_fast.config import EventsConfig, RbacConfig, RoleConfig
+from nexus_fast.core.events import EventBus
 from nexus_fast.pb import fabric_pb2
 from nexus_fast.security.identity import Principal
 from nexus_fast.security.permissions import (
@@ -56,7 +57,8 @@ def test_every_websocket_op_has_a_permission() -> None:
 
 
 def test_every_http_route_has_a_permission() -> None:
-    app = HttpServer("127.0.0.1", 0, backend=None)._build_app()  # type: ignore[arg-type]
+    bus = EventBus(None, EventsConfig(), 16)  # type: ignore[arg-type]  # routes only, never read
+    app = HttpServer("127.0.0.1", 0, backend=None, events=bus)._build_app()  # type: ignore[arg-type]
     routes = {resource.canonical for resource in app.router.resources()}
     assert "/api/v1/nodes/{node_id}" in routes
     missing = routes - set(HTTP_ROUTES)
@@ -76,6 +78,7 @@ def test_only_probes_and_static_pages_are_public() -> None:
         "/health",
         "/",
         "/dashboard",
+        "/dashboard/{asset}",
     }
 
 
