@@ -414,10 +414,12 @@ class NodeRegistry:
                     "node re-registered with changes",
                     extra={"node": node.id, "changed": changed, "principal": actor, "peer": peer},
                 )
-        superseded = old_session is not None and not old_session.closed
-        if superseded:
-            assert old_session is not None
-            events.append(self._superseded_event(node, old_session, actor, peer, "Register"))
+        if old_session is not None:
+            if not old_session.closed:
+                events.append(self._superseded_event(node, old_session, actor, peer, "Register"))
+            # Ended before the write, as before: nothing is dispatched to it meanwhile.
+            old_session.close(Superseded(f"superseded by session epoch {node.session_epoch}"))
+            entry.session = None
         self._set_status(entry, new_status, ts)
         try:
             await self._store.commit(
@@ -427,10 +429,6 @@ class NodeRegistry:
         except BaseException:
             self._rollback(request.node_id, entry, previous, old_status)
             raise
-        # Durable: only now does the old stream end (a failed write leaves it running).
-        if old_session is not None and entry.session is old_session:
-            old_session.close(Superseded(f"superseded by session epoch {node.session_epoch}"))
-            entry.session = None
         self._updated(node)
         return node, self.node_config()
 
