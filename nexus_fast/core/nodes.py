@@ -401,6 +401,7 @@ class NodeRegistry:
         node.last_heartbeat_ms = ts
         node.connected = False
         new_status = pb.NODE_STATUS_DRAINING if node.draining else pb.NODE_STATUS_READY
+        self._set_status(entry, new_status, ts)  # before the events: they carry the node as is
         events: list[bytes] = []
         if event_type == "node.registered":
             events.append(_event(event_type, node, actor))
@@ -420,7 +421,6 @@ class NodeRegistry:
             # Ended before the write, as before: nothing is dispatched to it meanwhile.
             old_session.close(Superseded(f"superseded by session epoch {node.session_epoch}"))
             entry.session = None
-        self._set_status(entry, new_status, ts)
         try:
             await self._store.commit(
                 [Put(NODES_DB, node.id.encode(), node.SerializeToString(deterministic=True))],

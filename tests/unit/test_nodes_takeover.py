@@ -72,6 +72,10 @@ def test_takeover_rules(tmp_path: Path) -> None:
         events = _events(fab)
         by_type = [(e.type, e.actor) for e in events]
         assert ("node.registered", ANONYMOUS) in by_type
+        # The events carry the node after the change (status set before they are encoded).
+        for e in events:
+            if e.type in ("node.registered", "node.reregistered", "node.superseded"):
+                assert pb.Node.FromString(e.payload).status == pb.NODE_STATUS_READY, e.type
         assert ("node.drain", "alice") in by_type
         refused = [e for e in events if e.type == "node.takeover_refused"]
         # Rate-limited: one per node per heartbeat interval.
