@@ -82,6 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nexus_fast.security.tools import main as security_tool
 
         return security_tool(sys.argv[1:] if argv is None else list(argv))
+    if (sys.argv[1:] if argv is None else list(argv))[:1] == ["audit"]:
+        from nexus_fast.security.audit_cli import main as audit_tool
+
+        return audit_tool((sys.argv[1:] if argv is None else list(argv))[1:])
     args = _parser().parse_args(argv)
     try:
         nexus_fast.implementation()  # imports every hot path once, before anything starts

@@ -23,7 +23,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from nexus_fast.security.limits import LimitsConfig
 from nexus_fast.security.rbac import RbacConfig, RbacError, RoleConfig, parse_rbac
+from nexus_fast.units import (
+    GB,
+    KB,
+    MB,
+    TB,
+    format_duration,
+    format_size,
+    parse_duration,
+    parse_size,
+)
 
 __all__ = [
     "ENV_OVERRIDES",
@@ -33,6 +44,7 @@ __all__ = [
     "ConfigError",
     "DatabaseConfig",
     "EventsConfig",
+    "LimitsConfig",
     "LoggingConfig",
     "MonitoringConfig",
     "NodesConfig",
@@ -48,11 +60,6 @@ __all__ = [
     "parse_duration",
     "parse_size",
 ]
-
-KB: Final = 1024
-MB: Final = 1024 * KB
-GB: Final = 1024 * MB
-TB: Final = 1024 * GB
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS: Final = ("text", "json")
@@ -109,81 +116,6 @@ def _show(value: object) -> str:
 
 # --------------------------------------------------------------------------- parsing
 
-_DURATION_RE: Final = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h|d)?\s*$")
-_DURATION_UNITS: Final = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-_SIZE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-_SIZE_UNITS: Final = {
-    "": 1, "b": 1,
-    "k": KB, "kb": KB, "kib": KB,
-    "m": MB, "mb": MB, "mib": MB,
-    "g": GB, "gb": GB, "gib": GB,
-    "t": TB, "tb": TB, "tib": TB,
-}  # fmt: skip
-
-
-def parse_duration(value: object) -> float:
-    """Parse ``"250ms"``, ``"30s"``, ``"5m"``, ``"2h"``, ``"1d"`` or a number of seconds.
-
-    Returns float seconds. Raises ValueError for malformed, negative or non-finite input and
-    TypeError for values of the wrong type (including bool).
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise TypeError(f"expected a duration, got {type(value).__name__}")
-    if isinstance(value, str):
-        match = _DURATION_RE.match(value)
-        if match is None:
-            raise ValueError(f"malformed duration {value!r}")
-        seconds = float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-    else:
-        seconds = float(value)
-    if not math.isfinite(seconds):
-        raise ValueError(f"duration {value!r} is not finite")
-    if seconds < 0:
-        raise ValueError(f"duration {value!r} is negative")
-    return seconds
-
-
-def parse_size(value: object) -> int:
-    """Parse ``"512KB"``, ``"64MB"``, ``"1GB"``, ``"1024"`` (bytes) or an int of bytes.
-
-    Units are binary (KB = KiB = 1024); ``B``, ``KiB``, ``MiB``, ``GiB``, ``TiB`` are accepted,
-    case-insensitively. Returns int bytes. Raises ValueError for malformed or negative input
-    and TypeError for values of the wrong type (including bool).
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"expected a size, got {type(value).__name__}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"size {value!r} is negative")
-        return value
-    match = _SIZE_RE.match(value)
-    if match is None:
-        raise ValueError(f"malformed size {value!r}")
-    unit = _SIZE_UNITS.get(match.group(2).lower())
-    if unit is None:
-        raise ValueError(f"unknown size unit in {value!r}")
-    return int(float(match.group(1)) * unit)
-
-
-def format_duration(seconds: float) -> str:
-    """Render seconds compactly for humans (``30s``, ``250ms``, ``6h``)."""
-    for unit, scale in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
-        if seconds >= scale and seconds % scale == 0:
-            return f"{int(seconds // scale)}{unit}"
-    if seconds == 0:
-        return "0s"
-    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
-
-
-def format_size(size: int) -> str:
-    """Render bytes compactly for humans (``64MB``, ``1GB``, ``1500`` -> ``1500B``)."""
-    for unit, scale in (("TB", TB), ("GB", GB), ("MB", MB), ("KB", KB)):
-        if size >= scale and size % scale == 0:
-            return f"{size // scale}{unit}"
-    return f"{size}B"
-
-
 # --------------------------------------------------------------------------- schema
 
 
@@ -191,7 +123,7 @@ def format_size(size: int) -> str:
 class _Spec:
     """How one field is parsed and range-checked."""
 
-    kind: str  # str | bool | int | float | port | duration | size | enum | strlist | rbac
+    kind: str  # str | bool | int | float | port | duration | size | enum | strlist | rbac | limits
     min: float | None = None
     max: float | None = None
     positive: bool = False  # durations: strictly > 0
@@ -216,6 +148,8 @@ class _Spec:
                 "a [security.rbac] table: enabled (bool), default_role (str), "
                 "[[security.rbac.roles]] with name (str) and permissions (list of str)"
             )
+        if self.kind == "limits":
+            return "a [security.limits] table (see docs/security.md, Limits)"
         if self.kind == "int":
             return "an integer" + _bounds(self.min, self.max, str)
         if self.kind == "float":
@@ -288,6 +222,9 @@ JWT_ALGORITHMS: Final = ("HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "
 
 
 _DEFAULT_RBAC: Final = RbacConfig()  # frozen, so one shared default is safe
+# No [security.limits] table: no limits (development, benchmarks). A table turns them on
+# unless it says ``enabled = false``.
+_DEFAULT_LIMITS: Final = LimitsConfig(enabled=False)
 
 
 @dataclass(frozen=True)
@@ -319,6 +256,7 @@ class SecurityConfig:
     # Empty: any Host header.
     allowed_hosts: tuple[str, ...] = _f((), "strlist")
     rbac: RbacConfig = _f(_DEFAULT_RBAC, "rbac")  # noqa: RUF009 (frozen dataclass)
+    limits: LimitsConfig = _f(_DEFAULT_LIMITS, "limits")  # noqa: RUF009 (frozen dataclass)
 
     @property
     def mtls_enabled(self) -> bool:
@@ -548,6 +486,13 @@ def _convert(key: str, spec: _Spec, value: object, source: str, from_text: bool)
                 guess = exc.guess and f"{key}.{exc.guess}"
                 raise _unknown("key", where, exc.value, source, guess) from None
             raise ConfigError(where, exc.value, exc.expected, source) from None
+    if kind == "limits":
+        if not isinstance(value, Mapping):
+            raise fail()
+        try:
+            return LimitsConfig.from_mapping(value)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(key, _NO_VALUE, spec.expected(), source, problem=str(exc)) from None
     if kind == "enum":
         if not isinstance(value, str) or value.strip().lower() not in spec.choices:
             raise fail()
@@ -759,6 +704,15 @@ def _check(cfg: Config, sources: Mapping[str, str], raw: Mapping[str, object]) -
     known = {"admin", "operator", "viewer", "node", *(r.name for r in sec.rbac.roles)}
     if sec.rbac.default_role and sec.rbac.default_role not in known:
         raise err("security.rbac", f"default_role among {', '.join(sorted(known))}")
+    limits = sec.limits
+    if limits.enabled and limits.max_ws_connections >= srv.max_connections:
+        # Else one principal at its cap holds every connection the server accepts.
+        raise ConfigError(
+            "security.limits.max_ws_connections",
+            limits.max_ws_connections,
+            f"an integer < server.max_connections ({srv.max_connections})",
+            sources.get("security.limits", "default"),
+        )
 
 
 def load_config(

@@ -41,6 +41,8 @@ from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.errors import InvalidArgument, NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.security.audit_grpc import AuditInterceptor
+from nexus_fast.security.auditing import Auditor
 from nexus_fast.security.layer import OPEN_API_WARNING, SecurityLayer
 from nexus_fast.security.tls import server_ssl_context
 from nexus_fast.store.base import StoreError
@@ -138,6 +140,9 @@ class NexusServer:
         self._grpc: grpc.aio.Server | None = None
         # None when security.auth_required = false: nothing is installed, ports are open.
         self.security = SecurityLayer.from_config(config)
+        if self.security is not None:
+            self.nodes.listeners += self.security.node_listeners()
+        self.auditor = Auditor(self.store)  # audits mutating calls with auth on or off
         self._health = health.aio.HealthServicer()
         self.grpc_port = 0
         self._ws: WebSocketServer | None = None
@@ -207,7 +212,8 @@ class NexusServer:
                         submit_commands=self.commands.submit,
                     )
                 ),
-                admit=self.security.ws.admit if self.security else None,
+                admit=self.security.ws_admit if self.security else None,
+                on_connect=self.security.ws_on_connect if self.security else None,
             )
             await _bind("websocket", cfg.server.host, cfg.server.websocket_port, self._ws.start())
             self._http = HttpServer(
@@ -239,7 +245,7 @@ class NexusServer:
             "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
         )
         self._state = "ready"
-        if self.security is None:
+        if self.security is None or not self.security.authenticating:
             # Once started: a start that fails says only why, in one line.
             log.warning(OPEN_API_WARNING)
         await self._set_grpc_health()
@@ -256,7 +262,11 @@ class NexusServer:
         cfg = self.config
         size = cfg.server.max_message_size
         server = grpc.aio.server(
-            interceptors=self.security.grpc_interceptors() if self.security else None,
+            # Audit first (outermost), so it sees the auth interceptor's refusals.
+            interceptors=[
+                AuditInterceptor(self.auditor),
+                *(self.security.grpc_interceptors() if self.security else ()),
+            ],
             options=[
                 # grpc sets SO_REUSEPORT by default, which would let a second server
                 # silently share the port instead of failing.
@@ -269,9 +279,13 @@ class NexusServer:
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
         )
-        add_node_service(NodeService(self.nodes, self.commands, self.agents), server)
+        limits = self.security.limits if self.security else None
+        add_node_service(NodeService(self.nodes, self.commands, self.agents, limits), server)
         add_control_service(
-            ControlService(self.nodes, self.commands, self.agents, events=self.events), server
+            ControlService(
+                self.nodes, self.commands, self.agents, events=self.events, store=self.store
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for name in ("", *SERVICE_NAMES):
@@ -314,7 +328,8 @@ class NexusServer:
 
     def _guard_ws(self, on_message: Any) -> Any:
         """The WebSocket op handler, behind the per-op permission check when auth is on."""
-        return self.security.ws.guard(on_message) if self.security else on_message
+        guarded = self.security.ws_guard(on_message) if self.security else on_message
+        return self.auditor.ws_guard(guarded)
 
     def request_stop(self) -> None:
         self._stop_requested.set()

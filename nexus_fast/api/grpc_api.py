@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+import orjson
 
 from nexus_fast import errors
 from nexus_fast.api import bad_input, grpc_events
@@ -21,14 +22,20 @@ from nexus_fast.api.status import grpc_status, grpc_trailers
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService
 from nexus_fast.core.events import EventBus
-from nexus_fast.core.nodes import ANONYMOUS, NodeRegistry, Session, validate_node_id
+from nexus_fast.core.nodes import NodeRegistry, Session, validate_node_id
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from nexus_fast.security.grpc_auth import check_node_id, current_principal
+from nexus_fast.security.limits import ANONYMOUS, PrincipalLimits
+from nexus_fast.store.base import StateStore
 from nexus_fast.telemetry import metrics
 
 log = get_logger("grpc")
+
+AUDIT_PAGE_DEFAULT = 500
+AUDIT_PAGE_MAX = 5000
+AUDIT_PAGE_BYTES = 1 << 20  # well under the default 4 MB message cap, whatever the entries
 
 # A node that opens a stream but never says who it is is dropped after this.
 FIRST_MESSAGE_TIMEOUT = 30.0
@@ -106,11 +113,17 @@ class NodeService(pb_grpc.NodeServiceServicer):
     """What node proxies speak: register, one Connect stream per node, deregister."""
 
     def __init__(
-        self, registry: NodeRegistry, commands: CommandService, agents: AgentService
+        self,
+        registry: NodeRegistry,
+        commands: CommandService,
+        agents: AgentService,
+        limits: PrincipalLimits | None = None,
     ) -> None:
         self._registry = registry
         self._commands = commands
         self._agents = agents
+        # Registered nodes per principal ([security.limits]); released when a node is gone.
+        self._limits = limits
         # Counter children looked up once: this runs for every message of every node.
         kinds = ("heartbeat", "ack", "result", "agent_status")
         self._counted = {kind: metrics.NODE_MESSAGES.labels(kind=kind) for kind in kinds}
@@ -119,7 +132,20 @@ class NodeService(pb_grpc.NodeServiceServicer):
     async def Register(
         self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.RegisterResponse:
-        node, config = await self._registry.register(request, actor(), context.peer())
+        limits = self._limits
+        if limits is None:
+            node, config = await self._registry.register(request, actor(), context.peer())
+        else:
+            principal = current_principal()
+            name = principal.name if principal is not None else ANONYMOUS
+            held = limits.nodes.owner(request.node_id) == name
+            limits.register_node(name, request.node_id)  # LimitExceeded: RESOURCE_EXHAUSTED
+            try:
+                node, config = await self._registry.register(request, actor(), context.peer())
+            except BaseException:
+                if not held:
+                    limits.deregister_node(request.node_id)  # no node, no slot
+                raise
         return pb.RegisterResponse(session_epoch=node.session_epoch, config=config, node=node)
 
     @instrumented("NodeService/Deregister")
@@ -219,11 +245,13 @@ class ControlService(pb_grpc.ControlServiceServicer):
         agents: AgentService,
         *,
         events: EventBus | None = None,
+        store: StateStore | None = None,
     ) -> None:
         self._registry = registry
         self._commands = commands
         self._agents = agents
         self._events = events
+        self._store = store  # for ListAudit: the audit log is read straight from the store
 
     @instrumented("ControlService/WatchEvents")
     async def WatchEvents(
@@ -341,3 +369,44 @@ class ControlService(pb_grpc.ControlServiceServicer):
         self, request: pb.StopAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopAgentResponse:
         return pb.StopAgentResponse(agents=await self._agents.stop_agent(request.name, actor()))
+
+    @instrumented("ControlService/ListAudit")
+    async def ListAudit(
+        self, request: pb.ListAuditRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListAuditResponse:
+        store = self._store
+        if store is None:
+            raise errors.Unavailable("the audit log is not available on this server")
+        if request.limit > AUDIT_PAGE_MAX:
+            raise errors.InvalidArgument("limit", f"at most {AUDIT_PAGE_MAX}")
+        rows = store.audit_since(
+            request.after_seq, request.limit or AUDIT_PAGE_DEFAULT, AUDIT_PAGE_BYTES
+        )
+        response = pb.ListAuditResponse(
+            next_after_seq=rows[-1][0] if rows else request.after_seq,
+            more=bool(rows) and rows[-1][0] < store.audit_head.seq,
+        )
+        add = response.entries.add
+        for seq, digest, body in rows:
+            try:
+                fields = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                fields = None
+            if not isinstance(fields, dict):  # shown as such; `audit verify` names it
+                fields = {"outcome": "undecodable"}
+            add(
+                seq=seq,
+                hash=digest,
+                time_ms=_int_field(fields, "time_ms", 63),
+                suppressed=_int_field(fields, "suppressed", 32),
+                **{k: v for k, v in fields.items() if k in _AUDIT_TEXT and type(v) is str},
+            )
+        return response
+
+
+_AUDIT_TEXT = frozenset(("principal", "role", "peer", "method", "target", "request_id", "outcome"))
+
+
+def _int_field(fields: dict[str, Any], name: str, bits: int) -> int:
+    value = fields.get(name)
+    return value if type(value) is int and 0 <= value < 1 << bits else 0

@@ -24,8 +24,10 @@ from typing import Final, Literal
 import grpc
 
 from nexus_fast import errors
+from nexus_fast.security.limits import LimitExceeded, RateLimited, retry_after_ms
 
 __all__ = [
+    "CLOSE_LIMIT_EXCEEDED",
     "OLDEST_INDEX_TRAILER",
     "RESUME_AFTER_TRAILER",
     "RETRY_AFTER_TRAILER",
@@ -46,6 +48,9 @@ OLDEST_INDEX_TRAILER: Final = "nexus-oldest-index"
 """gRPC trailer on OUT_OF_RANGE (event index too old): the oldest event index kept."""
 RESUME_AFTER_TRAILER: Final = "nexus-resume-after-index"
 """gRPC trailer for a slow consumer: the index to resume after."""
+
+CLOSE_LIMIT_EXCEEDED: Final = 4029
+"""WebSocket close code when a connection-level limit refuses the connection (429's twin)."""
 
 WsFrame = Literal["error", "reset", "close"]
 
@@ -85,6 +90,10 @@ TABLE: Final[tuple[Row, ...]] = (
     Row(_E.EventIndexTooOld, _G.OUT_OF_RANGE, "out_of_range", 410, "reset"),
     Row(_E.SlowConsumer, _G.RESOURCE_EXHAUSTED, "resource_exhausted", 429, "close", 4008),
     Row(_E.QueueFull, _G.RESOURCE_EXHAUSTED, "resource_exhausted", 429),
+    # Per-principal limits (security/limits.py). An op over its rate gets an error frame
+    # and the connection stays; a connection over its cap is closed with 4029.
+    Row(RateLimited, _G.RESOURCE_EXHAUSTED, "rate_limited", 429),
+    Row(LimitExceeded, _G.RESOURCE_EXHAUSTED, "limit_exceeded", 429, "close", CLOSE_LIMIT_EXCEEDED),
     # 507 Insufficient Storage: the disk or map ceiling, not the client's rate, is the limit.
     Row(_E.StoreFull, _G.RESOURCE_EXHAUSTED, "resource_exhausted", 507),
     Row(_E.ResourceExhausted, _G.RESOURCE_EXHAUSTED, "resource_exhausted", 429),
@@ -113,7 +122,7 @@ def grpc_status(error: errors.NexusError) -> grpc.StatusCode:
 def grpc_trailers(error: errors.NexusError) -> tuple[tuple[str, str], ...]:
     """Trailing metadata that carries the error's numbers to gRPC clients."""
     if isinstance(error, errors.ResourceExhausted):
-        return ((RETRY_AFTER_TRAILER, str(int(error.retry_after * 1000))),)
+        return ((RETRY_AFTER_TRAILER, str(retry_after_ms(error.retry_after))),)
     if isinstance(error, errors.EventIndexTooOld):
         return ((OLDEST_INDEX_TRAILER, str(error.oldest_index)),)
     if isinstance(error, errors.SlowConsumer):
@@ -139,5 +148,6 @@ def http_status(error: errors.NexusError) -> int:
 def http_headers(error: errors.NexusError) -> dict[str, str]:
     """Extra HTTP response headers for the error (``Retry-After`` in whole seconds)."""
     if isinstance(error, errors.ResourceExhausted):
-        return {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+        wait = error.retry_after
+        return {"Retry-After": str(max(1, math.ceil(wait)) if math.isfinite(wait) else 86400)}
     return {}

@@ -39,6 +39,8 @@ from nexus_fast.core.nodes import ANONYMOUS
 from nexus_fast.errors import NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.security import auditing
+from nexus_fast.security.audit import OUTCOME_OK
 from nexus_fast.security.principal import Principal
 from nexus_fast.security.ws_auth import PRINCIPAL_KEY
 from nexus_fast.telemetry import metrics
@@ -101,6 +103,7 @@ def _fail(
     """Report a core error as the one table says: an ``error`` frame, a ``reset`` frame,
     or closing the connection. Returns True if the connection is being closed."""
     found = row(exc)
+    auditing.finish(found.grpc.name)  # ends an audited op (submit); elsewhere a no-op
     if found.ws_frame == "close" and found.ws_close is not None:
         reason = conn.slow_consumer_reason() if isinstance(exc, errors.SlowConsumer) else str(exc)
         conn.close(found.ws_close, reason)
@@ -331,6 +334,7 @@ class EventStreamProtocol:
             log.exception("websocket submit failed", extra={"client": conn.id})
             _fail(conn, message, NexusError("internal error"))
             return
+        auditing.finish(OUTCOME_OK)  # normally recorded with the commit already
         results = [
             json_format.MessageToDict(r, preserving_proto_field_name=True) for r in response.results
         ]

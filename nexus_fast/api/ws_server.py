@@ -60,6 +60,7 @@ __all__ = [
     "Admit",
     "Authenticate",
     "Connection",
+    "OnConnect",
     "OnMessage",
     "WebSocketServer",
 ]
@@ -130,6 +131,10 @@ copied into the new connection's ``state`` (e.g. its principal)."""
 OnMessage = Callable[["Connection", dict[str, Any]], None]
 """``on_message(connection, message)`` for every op other than ``ping``."""
 
+OnConnect = Callable[["Connection"], None]
+"""``on_connect(connection)`` once the upgrade completed (it may close the connection,
+e.g. over a per-principal cap; close callbacks it adds run however the connection ends)."""
+
 
 class _PeerErrorLogAdapter(logging.LoggerAdapter[logging.Logger]):
     """Logger handed to picows, with levels fit for a server facing untrusted peers.
@@ -197,6 +202,8 @@ class Connection(WSListener):
         self.last_activity: float = time.monotonic()
         self.messages_sent = 0
         self.messages_received = 0
+        self.message_size = 0
+        """Bytes of the text message being handled (for byte budgets)."""
         self.remote: str = ""
         self._server = server
         self._transport: WSTransport | None = None
@@ -330,6 +337,9 @@ class Connection(WSListener):
         self.remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         self._server._connection_opened(self)
         logger.debug("websocket client %s connected from %s", self.id, self.remote)
+        on_connect = self._server.on_connect
+        if on_connect is not None:
+            on_connect(self)
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         """Unregister, cancel timers and run close callbacks."""
@@ -453,6 +463,7 @@ class Connection(WSListener):
             return
         self.messages_received += 1
         metrics.WEBSOCKET_MESSAGES_RECEIVED.inc()
+        self.message_size = len(payload)
         try:
             message = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
@@ -518,6 +529,7 @@ class WebSocketServer:
         authenticate: Authenticate | None = None,
         admit: Admit | None = None,
         on_message: OnMessage | None = None,
+        on_connect: OnConnect | None = None,
         max_send_buffer: int = DEFAULT_MAX_SEND_BUFFER,
     ) -> None:
         if max_connections < 1:
@@ -531,6 +543,7 @@ class WebSocketServer:
         self.authenticate = authenticate
         self.admit = admit
         self.on_message = on_message
+        self.on_connect = on_connect
         self._requested_port = port
         self._ssl_context = ssl_context
         self._server: asyncio.AbstractServer | None = None

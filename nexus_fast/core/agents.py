@@ -35,6 +35,7 @@ from nexus_fast.core.scheduler import PlacementRequest, Scheduler
 from nexus_fast.errors import FailedPrecondition, InvalidArgument, NotFound
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.security import auditing
 from nexus_fast.store.base import CommitResult, Delete, Put, StateStore
 from nexus_fast.telemetry import metrics
 
@@ -503,11 +504,15 @@ class AgentService:
             events.append(
                 event("agent", f"agent.{STATE_NAMES[agent.state]}", agent.id, body, ts, actor)
             )
-        return self._store.commit(ops, events)
+        return self._store.commit(ops, events, auditing.records(lambda: _names(agents)))
 
     def _save_later(self, agents: Sequence[pb.Agent]) -> None:
         future = self._save(agents)
         future.add_done_callback(_log_failure)
+
+
+def _names(agents: Sequence[pb.Agent]) -> str:
+    return ",".join(sorted({a.name for a in agents}))
 
 
 def _log_failure(future: asyncio.Future[CommitResult]) -> None:

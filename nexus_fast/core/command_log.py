@@ -23,6 +23,8 @@ from nexus_fast.codec.protowire import CommandEvents, actor_field
 from nexus_fast.core.command_states import FINAL_STATES
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.security import auditing
+from nexus_fast.security.audit import AuditRecord
 from nexus_fast.store.base import CommitResult, Delete, Put, StateStore
 
 __all__ = ["COMMANDS_DB", "CommandLog"]
@@ -110,7 +112,7 @@ class CommandLog:
     ) -> asyncio.Future[CommitResult]:
         """Commit records now (with everything staged before them: order is kept)."""
         self.stage(records, actor)
-        return self._flush()
+        return self._flush(auditing.records(lambda: auditing.ids_target("commands", records)))
 
     def save_later(self, records: Sequence[pb.CommandRecord]) -> None:
         """Commit without waiting, coalesced: one store request per loop iteration."""
@@ -139,13 +141,13 @@ class CommandLog:
             await self._store.commit(ops)
         return len(ops) // 2
 
-    def _flush(self) -> asyncio.Future[CommitResult]:
+    def _flush(self, audit: tuple[AuditRecord, ...] = ()) -> asyncio.Future[CommitResult]:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
         ops, events, final = self._ops, self._events, self._final
         self._ops, self._events, self._final = [], [], []
-        future = self._store.commit(ops, events)
+        future = self._store.commit(ops, events, audit)
         self._writes.add(future)
         future.add_done_callback(self._write_done)
         if final:

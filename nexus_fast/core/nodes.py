@@ -44,6 +44,7 @@ from nexus_fast.errors import (
 )
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.security import auditing
 from nexus_fast.store.base import Delete, Put, StateStore
 from nexus_fast.telemetry import metrics
 
@@ -425,6 +426,7 @@ class NodeRegistry:
             await self._store.commit(
                 [Put(NODES_DB, node.id.encode(), node.SerializeToString(deterministic=True))],
                 events,
+                auditing.records(node.id),
             )
         except BaseException:
             self._rollback(request.node_id, entry, previous, old_status)
@@ -703,14 +705,20 @@ class NodeRegistry:
             listener.node_removed(node)
         self._refused_at.pop(node_id, None)
         await self._store.commit(
-            [Delete(NODES_DB, node_id.encode())], [_event(event_type, node, actor)]
+            [Delete(NODES_DB, node_id.encode())],
+            [_event(event_type, node, actor)],
+            auditing.records(node_id),
         )
 
     async def _persist(
         self, nodes: Sequence[pb.Node], events: Sequence[tuple[str, pb.Node]], actor: str = ""
     ) -> None:
         ops = [Put(NODES_DB, n.id.encode(), n.SerializeToString(deterministic=True)) for n in nodes]
-        await self._store.commit(ops, [_event(t, n, actor) for t, n in events])
+        await self._store.commit(
+            ops,
+            [_event(t, n, actor) for t, n in events],
+            auditing.records(lambda: ",".join(n.id for n in nodes)),
+        )
 
     # ------------------------------------------------------------ session ownership
 

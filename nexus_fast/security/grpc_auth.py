@@ -6,6 +6,13 @@ call's metadata or the verified client certificate from ``context.auth_context()
 the method up in :data:`~nexus_fast.security.permissions.GRPC_METHODS` and either aborts
 (``UNAUTHENTICATED`` / ``PERMISSION_DENIED`` with the reason) or runs the handler with the
 principal in a context variable (:func:`current_principal`).
+
+With ``[security.limits]`` the same wrapper charges the principal's request bucket once
+per unary call and once per stream opened (plus the request's bytes for the methods in
+:data:`BYTE_METHODS`) and holds a stream slot for as long as a streaming call runs,
+released in a ``finally`` however the stream ends. Over a limit the call is aborted with
+``RESOURCE_EXHAUSTED`` and a ``retry-after-ms`` trailer. With authentication off,
+:class:`LimitsInterceptor` does only that, for the one anonymous principal.
 """
 
 from __future__ import annotations
@@ -16,17 +23,28 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Final
 
 import grpc
+from google.protobuf.message import Message
 
+from nexus_fast.api.status import grpc_trailers
+from nexus_fast.errors import ResourceExhausted
 from nexus_fast.logs import get_logger
+from nexus_fast.security import auditing
 from nexus_fast.security.identity import (
     Authenticator,
     PermissionDenied,
     Principal,
     Unauthenticated,
 )
+from nexus_fast.security.limits import ANONYMOUS, PrincipalLimits, Slot
 from nexus_fast.security.permissions import GRPC_METHODS, NODE_SELF, PUBLIC, Rbac
 
-__all__ = ["AuthInterceptor", "check_node_id", "current_principal"]
+__all__ = [
+    "BYTE_METHODS",
+    "AuthInterceptor",
+    "LimitsInterceptor",
+    "check_node_id",
+    "current_principal",
+]
 
 log = get_logger("security")
 
@@ -37,6 +55,18 @@ _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 _NODE_ID_METHODS: Final = frozenset(
     {"/nexus.fabric.v1.NodeService/Register", "/nexus.fabric.v1.NodeService/Deregister"}
 )
+
+
+BYTE_METHODS: Final = frozenset(
+    {
+        "/nexus.fabric.v1.ControlService/SubmitCommands",
+        "/nexus.fabric.v1.ControlService/DeployAgent",
+    }
+)
+"""Methods whose request bytes are charged to the principal's byte bucket: what they send
+is stored (payloads, agent specs)."""
+
+_Authorize = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Principal | None]]
 
 
 def current_principal() -> Principal | None:
@@ -72,9 +102,12 @@ def _metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | None:
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Authenticate once per call, check the method's permission, expose the principal."""
 
-    def __init__(self, authenticator: Authenticator, rbac: Rbac) -> None:
+    def __init__(
+        self, authenticator: Authenticator, rbac: Rbac, limits: PrincipalLimits | None = None
+    ) -> None:
         self._auth = authenticator
         self._rbac = rbac
+        self._limits = limits
         # method -> (handler from the server, the wrapped one): built once per method, so
         # a call costs a dictionary lookup here; bounded by the methods that exist.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
@@ -93,14 +126,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return cached[1]
         permission = GRPC_METHODS.get(method)
         wrapped = (
-            handler if permission == PUBLIC else _wrap(handler, self._authorize(method, permission))
+            handler
+            if permission == PUBLIC
+            else _wrap(handler, self._authorize(method, permission), self._limits, method)
         )
         self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _authorize(
-        self, method: str, permission: str | None
-    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Principal | None]]:
+    def _authorize(self, method: str, permission: str | None) -> _Authorize:
         auth, rbac = self._auth, self._rbac
         check_request = method in _NODE_ID_METHODS
 
@@ -110,6 +143,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 principal = auth.authenticate(
                     _metadata_value(context, "authorization"), pem=pems[0] if pems else None
                 )
+                auditing.identify(principal)  # a refusal below is audited under this name
                 if not rbac.allows(principal, permission):
                     raise PermissionDenied(
                         f"{principal.role} {principal.name!r} may not call {method}"
@@ -138,17 +172,98 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return authorize
 
 
+class LimitsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Per-principal limits without authentication: every caller is :data:`ANONYMOUS`.
+
+    Installed only when ``security.auth_required = false`` and ``[security.limits]`` is
+    enabled; public methods (health, reflection) are not charged.
+    """
+
+    def __init__(self, limits: PrincipalLimits) -> None:
+        self._limits = limits
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method: str = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        public = GRPC_METHODS.get(method) == PUBLIC
+        wrapped = handler if public else _wrap(handler, _anonymous, self._limits, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+
+async def _anonymous(request: Any, context: grpc.aio.ServicerContext) -> Principal | None:
+    return None
+
+
+async def _refuse(context: grpc.aio.ServicerContext, exc: ResourceExhausted) -> None:
+    """Abort with RESOURCE_EXHAUSTED and the ``retry-after-ms`` trailer (raises AbortError)."""
+    log.info("limit reached", extra={"reason": str(exc)})
+    context.set_trailing_metadata(grpc_trailers(exc))
+    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+
+def _charger(
+    limits: PrincipalLimits | None, method: str
+) -> Callable[[Principal | None, Any, grpc.aio.ServicerContext], Awaitable[None]] | None:
+    """Charge one unary call (and its bytes for :data:`BYTE_METHODS`), or None: no limits."""
+    if limits is None:
+        return None
+    charge_bytes = method in BYTE_METHODS
+
+    async def charge(
+        principal: Principal | None, request: Any, context: grpc.aio.ServicerContext
+    ) -> None:
+        name = principal.name if principal is not None else ANONYMOUS
+        try:
+            limits.check_request(name)
+            # An undecodable request arrives as an error object: nothing to charge.
+            if charge_bytes and isinstance(request, Message):
+                limits.check_bytes(name, request.ByteSize())
+        except ResourceExhausted as exc:
+            await _refuse(context, exc)
+
+    return charge
+
+
+async def _open_stream(
+    limits: PrincipalLimits, principal: Principal | None, context: grpc.aio.ServicerContext
+) -> Slot:
+    """Charge one stream opened and take a stream slot, or abort the call."""
+    name = principal.name if principal is not None else ANONYMOUS
+    try:
+        limits.check_request(name)
+        return limits.stream(name)
+    except ResourceExhausted as exc:
+        await _refuse(context, exc)
+        raise  # not reached: abort raises
+
+
 def _wrap(
     handler: grpc.RpcMethodHandler,
-    authorize: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Principal | None]],
+    authorize: _Authorize,
+    limits: PrincipalLimits | None = None,
+    method: str = "",
 ) -> grpc.RpcMethodHandler:
-    """The same handler (serializers untouched) with ``authorize`` run first."""
+    """The same handler (serializers untouched) with ``authorize`` and the limits run first."""
     h: Any = handler
     if h.unary_unary is not None:
         inner = h.unary_unary
+        charge = _charger(limits, method)
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await authorize(request, context)
+            principal = await authorize(request, context)
+            if charge is not None:
+                await charge(principal, request, context)
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
@@ -156,44 +271,56 @@ def _wrap(
         )
     if h.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _stream_behavior(h.unary_stream, authorize, True),
+            _stream_behavior(h.unary_stream, authorize, True, limits),
             h.request_deserializer,
             h.response_serializer,
         )
     if h.stream_unary is not None:
-        inner_su = h.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            await authorize(None, context)
-            return await inner_su(requests, context)
-
         return grpc.stream_unary_rpc_method_handler(
-            stream_unary, h.request_deserializer, h.response_serializer
+            _stream_behavior(h.stream_unary, authorize, False, limits),
+            h.request_deserializer,
+            h.response_serializer,
         )
     return grpc.stream_stream_rpc_method_handler(
-        _stream_behavior(h.stream_stream, authorize, False),
+        _stream_behavior(h.stream_stream, authorize, False, limits),
         h.request_deserializer,
         h.response_serializer,
     )
 
 
 def _stream_behavior(
-    inner: Any,
-    authorize: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Principal | None]],
-    unary_request: bool,
+    inner: Any, authorize: _Authorize, unary_request: bool, limits: PrincipalLimits | None
 ) -> Any:
-    """Wrap a streaming behaviour keeping its kind: async generator or coroutine."""
+    """Wrap a streaming behaviour keeping its kind: async generator or coroutine.
+
+    With limits, the stream holds a slot from its first line to its end, whatever ends it
+    (completion, error, abort, the client cancelling): the ``finally`` releases it.
+    """
     if inspect.isasyncgenfunction(inner):
 
         async def generator(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await authorize(request if unary_request else None, context)
-            async for item in inner(request, context):
-                yield item
+            principal = await authorize(request if unary_request else None, context)
+            if limits is None:
+                async for item in inner(request, context):
+                    yield item
+                return
+            slot = await _open_stream(limits, principal, context)
+            try:
+                async for item in inner(request, context):
+                    yield item
+            finally:
+                slot.release()
 
         return generator
 
     async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await authorize(request if unary_request else None, context)
-        return await inner(request, context)
+        principal = await authorize(request if unary_request else None, context)
+        if limits is None:
+            return await inner(request, context)
+        slot = await _open_stream(limits, principal, context)
+        try:
+            return await inner(request, context)
+        finally:
+            slot.release()
 
     return coroutine

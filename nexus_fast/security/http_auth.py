@@ -4,6 +4,12 @@ Credentials: ``Authorization: Bearer ...`` or the client certificate of an HTTPS
 connection (``security.http_tls``). Never cookies. Answers in the HTTP port's JSON error
 shape: 401 ``unauthenticated`` (with ``WWW-Authenticate``), 403 ``permission_denied`` or
 ``forbidden_origin`` / ``forbidden_host``. Public routes (probes) need no credential.
+
+With ``[security.limits]`` every authorised request spends one unit of its principal's
+request budget; over it the request is answered 429 ``rate_limited`` with ``Retry-After``
+(raised as :class:`~nexus_fast.security.limits.RateLimited` into the HTTP port's error
+middleware, which answers every core error from the one table). :func:`limits_middleware`
+does only that when authentication is off, for the one anonymous principal.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ import orjson
 from aiohttp import web
 
 from nexus_fast.security.identity import Authenticator, Unauthenticated
+from nexus_fast.security.limits import ANONYMOUS, PrincipalLimits
 from nexus_fast.security.origins import OriginPolicy
 from nexus_fast.security.permissions import HTTP_ROUTES, PUBLIC, Rbac
 
-__all__ = ["PRINCIPAL_KEY", "http_middleware"]
+__all__ = ["PRINCIPAL_KEY", "http_middleware", "limits_middleware"]
 
 PRINCIPAL_KEY: Final = "nexus_principal"
 """``request[PRINCIPAL_KEY]`` is the caller's Principal on authorised requests."""
@@ -35,7 +42,12 @@ def _refuse(status: int, code: str, message: str) -> web.Response:
     return response
 
 
-def http_middleware(authenticator: Authenticator, rbac: Rbac, origins: OriginPolicy) -> _Middleware:
+def http_middleware(
+    authenticator: Authenticator,
+    rbac: Rbac,
+    origins: OriginPolicy,
+    limits: PrincipalLimits | None = None,
+) -> _Middleware:
     """The middleware; install it inside the error/metrics middleware."""
 
     @web.middleware
@@ -58,6 +70,8 @@ def http_middleware(authenticator: Authenticator, rbac: Rbac, origins: OriginPol
             )
         except Unauthenticated as exc:
             return _refuse(401, "unauthenticated", str(exc))
+        if limits is not None:
+            limits.check_request(principal.name)  # RateLimited -> 429 in the error middleware
         if template is None:
             return await handler(request)  # no such route: 404/405 once authenticated
         if not rbac.allows(principal, permission):
@@ -70,3 +84,20 @@ def http_middleware(authenticator: Authenticator, rbac: Rbac, origins: OriginPol
         return await handler(request)
 
     return authorize
+
+
+def _route_permission(request: web.Request) -> str | None:
+    resource = request.match_info.route.resource
+    return HTTP_ROUTES.get(resource.canonical) if resource is not None else None
+
+
+def limits_middleware(limits: PrincipalLimits) -> _Middleware:
+    """Charge every non-public request to :data:`ANONYMOUS` (authentication off)."""
+
+    @web.middleware
+    async def charge(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if _route_permission(request) != PUBLIC:
+            limits.check_request(ANONYMOUS)
+        return await handler(request)
+
+    return charge

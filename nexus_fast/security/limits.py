@@ -35,13 +35,16 @@ from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any, Final
 
-from nexus_fast.config import parse_size
 from nexus_fast.errors import ResourceExhausted
+from nexus_fast.units import parse_size
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 """Monotonic seconds; ``time.monotonic`` in production, a fake in tests."""
+
+ANONYMOUS: Final = "anonymous"
+"""The one principal every caller is when ``security.auth_required = false``."""
 
 _MB: Final = 1 << 20
 _EVICT_PER_CHECK: Final = 2  # idle entries dropped per check: amortised O(1), memory still shrinks
@@ -508,3 +511,30 @@ class PrincipalLimits:
     def deregister_node(self, node_id: str) -> None:
         """Stop counting ``node_id`` (idempotent)."""
         self.nodes.release(node_id)
+
+
+class NodeSlotRelease:
+    """Registry listener that stops counting a node once it is gone.
+
+    Appended to ``NodeRegistry.listeners``: a node that is deregistered, removed by an
+    operator or expired after ``node_down_retention`` frees its principal's node slot, so
+    a slot is never held for a node that no longer exists.
+    """
+
+    __slots__ = ("_limits",)
+
+    def __init__(self, limits: PrincipalLimits) -> None:
+        self._limits = limits
+
+    def node_updated(self, node: Any) -> None:
+        """Not needed: slots follow registration, not status."""
+
+    def node_usage(self, node: Any) -> None:
+        """Not needed (hot path: does nothing)."""
+
+    def node_removed(self, node: Any) -> None:
+        """Release the slot of ``node.id`` (idempotent)."""
+        self._limits.deregister_node(node.id)
+
+    def session_opened(self, node: Any, session: Any) -> None:
+        """Not needed: streams hold their own slots."""

@@ -17,6 +17,7 @@ import orjson
 
 from nexus_fast.api.ws_server import Connection, OnMessage
 from nexus_fast.logs import get_logger
+from nexus_fast.security import auditing
 from nexus_fast.security.identity import Authenticator, Principal, Unauthenticated, bearer_token
 from nexus_fast.security.origins import OriginPolicy
 from nexus_fast.security.permissions import WS_OPS, Rbac
@@ -67,6 +68,12 @@ class WsAuth:
             return 401, str(exc)
         return {PRINCIPAL_KEY: principal}
 
+    def on_connect(self, conn: Connection) -> None:
+        """Name a certificate principal as soon as the connection is up (so limits count
+        it from the start); a certificate naming none closes the connection with 4001."""
+        if conn.state.get(PRINCIPAL_KEY) == _FROM_CERT:
+            self._certificate_principal(conn)
+
     def guard(self, inner: OnMessage) -> OnMessage:
         """``on_message`` that runs ``inner`` only for ops the principal may use."""
         rbac = self._rbac
@@ -80,6 +87,7 @@ class WsAuth:
             op = message["op"]
             permission = WS_OPS.get(op)
             if not rbac.allows(principal, permission):
+                auditing.finish("PERMISSION_DENIED")
                 frame: dict[str, object] = {
                     "type": "error",
                     "code": ERROR_PERMISSION_DENIED,

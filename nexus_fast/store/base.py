@@ -6,7 +6,8 @@ them. Keys and values are opaque bytes; each record lives in a named database (a
 
 Writes are requests of ops plus event bodies applied atomically: the store assigns each
 event a strictly increasing index in the same transaction as the ops, so an event exists
-if and only if the state change it describes was committed.
+if and only if the state change it describes was committed. Audit records (who made the
+change) travel the same way: appended to the audit hash chain in the same transaction.
 """
 
 from __future__ import annotations
@@ -14,9 +15,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, TypeVar
 
 from nexus_fast import errors
+
+if TYPE_CHECKING:
+    from nexus_fast.security.audit import AuditRecord, ChainHead
 
 T = TypeVar("T")
 
@@ -99,9 +103,13 @@ class StateStore(Protocol):
         """Stop accepting work, commit everything already queued, release resources."""
 
     def commit(
-        self, ops: Sequence[Op], events: Sequence[bytes] = ()
+        self,
+        ops: Sequence[Op],
+        events: Sequence[bytes] = (),
+        audit: Sequence[AuditRecord] = (),
     ) -> asyncio.Future[CommitResult]:
-        """Queue ops and event bodies as one atomic request; the future resolves once durable.
+        """Queue ops, event bodies and the audit records of the change as one atomic
+        request; the future resolves once durable.
 
         Raises ``ValueError`` at once for a malformed request, :class:`StoreBusy` when the
         queue is full and :class:`StoreClosed` after ``close()``.
@@ -141,6 +149,17 @@ class StateStore(Protocol):
 
     def events_since(self, after_index: int, limit: int) -> list[tuple[int, bytes]]:
         """Up to ``limit`` committed events with index ``> after_index``, in index order."""
+        ...
+
+    def audit_since(
+        self, after_seq: int, limit: int, max_bytes: int
+    ) -> list[tuple[int, bytes, bytes]]:
+        """Audit entries after ``after_seq`` as ``(seq, hash, body)``, bounded by count and bytes."""
+        ...
+
+    @property
+    def audit_head(self) -> ChainHead:
+        """The newest committed audit entry's (seq, hash)."""
         ...
 
     def first_event_index(self) -> int:

@@ -15,6 +15,8 @@ Threading model (see ARCHITECTURE.md, "Persistence" and the critical-path rules)
   synchronous, none is open while the loop runs the resize callback. The only read txns
   off the loop (``backup``) hold ``_resize_lock``, which the resize also takes.
 
+The writer thread (group commit, map growth, the audit chain) lives in ``writer.py``.
+
 One server per data directory, and private data at rest: see ``datadir.py``. ``open()``
 takes the directory lock before LMDB opens and ``close()`` releases it; read-only opens
 (backup, check) skip it.
@@ -27,7 +29,6 @@ import logging
 import os
 import queue
 import shutil
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -37,6 +38,15 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from nexus_fast.security.audit import (
+    AUDIT_DB,
+    EMPTY_HEAD,
+    HASH_SIZE,
+    AuditRecord,
+    ChainHead,
+    audit_key,
+    head_from_last,
+)
 from nexus_fast.store import datadir
 from nexus_fast.store.base import (
     CommitHook,
@@ -51,6 +61,15 @@ from nexus_fast.store.base import (
     StoreFull,
     StoreReadOnly,
 )
+from nexus_fast.store.writer import (
+    _INDEX,
+    _STOP,
+    EVENTS_DB,
+    LAST_EVENT_KEY,
+    META_DB,
+    WriterThread,
+    _Request,
+)
 from nexus_fast.telemetry import metrics
 
 log = logging.getLogger(__name__)
@@ -62,18 +81,11 @@ DATABASES: tuple[str, ...] = ("nodes", "commands", "agents", "events", "audit", 
 
 MAX_DBS = 32  # room for sub-databases added later without a migration
 MAX_READERS = 512  # loop reads + backups + external tools (mdb_stat); slots are cheap
-EVENTS_DB = "events"
-META_DB = "meta"
-LAST_EVENT_KEY = b"last_event_index"
-"""Key in ``meta`` holding the newest event index (8-byte big-endian)."""
 
 BACKUP_PREFIX = "nexus-backup-"
 LOCK_FILE = datadir.LOCK_FILE
 
-_INDEX = struct.Struct(">Q")
-_NO_EVENTS = CommitResult(0, 0)
-_STOP = object()  # queue sentinel put by close(): everything before it is committed
-_RESIZE_RETRY_S = 0.005  # a backup holds the resize lock; retry without blocking the loop
+_Opened = tuple[lmdb.Environment, dict[str, lmdb._Database], int, ChainHead]
 
 
 def event_key(index: int) -> bytes:
@@ -86,26 +98,7 @@ def event_index(key: bytes | memoryview) -> int:
     return int(_INDEX.unpack(key)[0])
 
 
-class _Request:
-    """One commit() call travelling to the writer and back."""
-
-    __slots__ = ("events", "future", "n_ops", "ops", "result")
-
-    def __init__(
-        self,
-        ops: tuple[Op, ...],
-        events: tuple[bytes, ...],
-        future: asyncio.Future[CommitResult],
-        n_ops: int,
-    ) -> None:
-        self.ops = ops
-        self.events = events
-        self.future = future
-        self.n_ops = n_ops
-        self.result = _NO_EVENTS
-
-
-class LmdbStore:
+class LmdbStore(WriterThread):
     """:class:`~nexus_fast.store.base.StateStore` on an embedded LMDB environment.
 
     ``map_size`` is the initial map (LMDB keeps a larger size already recorded in the file);
@@ -165,6 +158,7 @@ class LmdbStore:
         self._last_event_index = 0
         # Writer-side state.
         self._w_last_index = 0
+        self._w_audit_head = EMPTY_HEAD
         self._map_size = map_size
         self._txn_count = 0  # committed write txns, for tests and stat()
         self._batch_requests = 0  # requests committed, for the average batch size
@@ -194,13 +188,14 @@ class LmdbStore:
             raise StoreClosed("store was closed; create a new LmdbStore")
         loop = asyncio.get_running_loop()
         self._loop = loop
-        env, dbh, last = await loop.run_in_executor(None, self._open_env)
+        env, dbh, last, audit_head = await loop.run_in_executor(None, self._open_env)
         self._env = env
         self._dbh = dbh
         self._max_key = env.max_key_size()
         self._map_size = env.info()["map_size"]
         self._last_event_index = last
         self._w_last_index = last
+        self._w_audit_head = audit_head
         if self.read_only:
             return
         self._writer = threading.Thread(
@@ -209,7 +204,7 @@ class LmdbStore:
         self._writer.start()
         self.size_bytes()
 
-    def _open_env(self) -> tuple[lmdb.Environment, dict[str, lmdb._Database], int]:
+    def _open_env(self) -> _Opened:
         """Executor thread: lock the directory (writable opens), then open LMDB.
 
         Every failure is a :class:`StoreError` whose message names the directory, so the
@@ -230,7 +225,7 @@ class LmdbStore:
         if fd is not None:
             datadir.unlock_dir(fd)
 
-    def _open_read_only(self) -> tuple[lmdb.Environment, dict[str, lmdb._Database], int]:
+    def _open_read_only(self) -> _Opened:
         if not (self.path / "data.mdb").is_file():
             raise StoreError(f"no database at {self.path}")
         try:
@@ -258,9 +253,9 @@ class LmdbStore:
         except BaseException:
             env.close()
             raise
-        return env, dbh, event_index(raw) if raw is not None else 0
+        return env, dbh, event_index(raw) if raw is not None else 0, EMPTY_HEAD
 
-    def _open_writable(self) -> tuple[lmdb.Environment, dict[str, lmdb._Database], int]:
+    def _open_writable(self) -> _Opened:
         try:
             env = lmdb.open(
                 str(self.path),
@@ -290,11 +285,17 @@ class LmdbStore:
                     env.set_mapsize(min(size * 2, self._max_map_size))
             with env.begin(db=dbh[META_DB]) as rtxn:
                 raw = rtxn.get(LAST_EVENT_KEY)
+                # The audit chain continues from its newest entry, read once here.
+                cur = rtxn.cursor(db=dbh[AUDIT_DB])
+                audit_head = head_from_last(cur.item() if cur.last() else None)
             last = event_index(raw) if raw is not None else 0
+        except ValueError as exc:
+            env.close()
+            raise StoreError(f"database {self.path}: bad newest audit entry: {exc}") from None
         except BaseException:
             env.close()
             raise
-        return env, dbh, last
+        return env, dbh, last, audit_head
 
     async def close(self) -> None:
         """Refuse new commits, commit everything queued, stop the writer, close the env.
@@ -329,9 +330,15 @@ class LmdbStore:
     # ------------------------------------------------------------------ writes
 
     def commit(
-        self, ops: Sequence[Op], events: Sequence[bytes] = ()
+        self,
+        ops: Sequence[Op],
+        events: Sequence[bytes] = (),
+        audit: Sequence[AuditRecord] = (),
     ) -> asyncio.Future[CommitResult]:
-        """Queue ``ops`` and ``events`` as one atomic request; call from the loop thread.
+        """Queue ``ops``, ``events`` and ``audit`` records as one atomic request; loop thread.
+
+        The audit records are appended to the hash chain in the ``audit`` database in the
+        same write transaction as the ops they record: both are durable, or neither.
 
         The returned future resolves to the indices assigned to ``events`` once the
         transaction holding them is durable (fsynced). It fails with :class:`StoreError`
@@ -353,10 +360,15 @@ class LmdbStore:
         # Snapshot the caller's sequences so what we validate is what the writer applies.
         ops_t = tuple(ops)
         events_t = tuple(events)
+        audit_t = tuple(audit)
         self._validate(ops_t, events_t)
+        for record in audit_t:
+            if type(record) is not AuditRecord:
+                raise ValueError(f"audit records must be AuditRecord, got {type(record).__name__}")
         fut: asyncio.Future[CommitResult] = self._loop.create_future()
         self._pending += 1
-        self._queue.put(_Request(ops_t, events_t, fut, len(ops_t) + len(events_t)))
+        n_ops = len(ops_t) + len(events_t) + len(audit_t)
+        self._queue.put(_Request(ops_t, events_t, fut, n_ops, audit_t))
         return fut
 
     def _validate(self, ops: tuple[Op, ...], events: tuple[bytes, ...]) -> None:
@@ -374,6 +386,8 @@ class LmdbStore:
                 db, start, end = op.db, op.start, op.end
                 if db not in dbh:
                     raise ValueError(f"unknown database {db!r}")
+                if db == AUDIT_DB:
+                    raise ValueError("the audit log is append-only: no DeleteRange on audit")
                 if not isinstance(start, bytes) or not (end is None or isinstance(end, bytes)):
                     raise ValueError("DeleteRange bounds must be bytes")
                 if (
@@ -389,6 +403,8 @@ class LmdbStore:
                 raise ValueError(f"unknown database {db!r}")
             if db == EVENTS_DB:
                 raise ValueError("events are written through commit(events=...)")
+            if db == AUDIT_DB:
+                raise ValueError("the audit log is written through commit(audit=...)")
             if not isinstance(key, bytes) or not 0 < len(key) <= max_key:
                 raise ValueError(f"key must be 1..{max_key} bytes, got {key!r:.80}")
             if db == META_DB and key == LAST_EVENT_KEY:
@@ -412,182 +428,6 @@ class LmdbStore:
         """Requests queued or being committed."""
         return self._pending
 
-    # ------------------------------------------------------------------ writer thread
-
-    def _writer_main(self) -> None:
-        q = self._queue
-        carry: _Request | None = None
-        inflight: list[_Request] = []  # the batch being committed, failed too if we crash
-        stopping = False
-        try:
-            while not stopping:
-                first = carry if carry is not None else q.get()
-                carry = None
-                if first is _STOP:
-                    break
-                batch: list[_Request] = [first]
-                n = first.n_ops
-                deadline = 0.0
-                while n < self._max_batch_ops:
-                    try:
-                        item = q.get_nowait()
-                    except queue.Empty:
-                        if self._sync_window <= 0:
-                            break
-                        now = time.monotonic()
-                        if not deadline:
-                            deadline = now + self._sync_window
-                        if now >= deadline:
-                            break
-                        try:
-                            item = q.get(timeout=deadline - now)
-                        except queue.Empty:
-                            break
-                    if item is _STOP:
-                        stopping = True
-                        break
-                    if n + item.n_ops > self._max_batch_ops:
-                        carry = item  # goes first in the next batch; requests are never split
-                        break
-                    batch.append(item)
-                    n += item.n_ops
-                inflight = batch
-                self._process(batch)
-                inflight = []
-        except BaseException as exc:
-            log.exception("LMDB writer thread crashed")
-            self._writer_dead = True
-            self._fail_leftovers(inflight, carry)
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(self._set_failure, f"writer thread died: {exc!r}")
-            raise
-
-    def _fail_leftovers(self, inflight: list[_Request], carry: _Request | None) -> None:
-        """After a writer crash, fail the batch it held and every request still queued."""
-        left: list[_Request] = [*inflight, *([carry] if carry is not None else [])]
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not _STOP:
-                left.append(item)
-        if left:
-            self._post(left, [], StoreError("writer thread died"), 0)
-
-    def _process(self, batch: list[_Request]) -> None:
-        t0 = time.perf_counter()
-        base = self._w_last_index
-        error: StoreError | None = None
-        pairs: list[tuple[int, bytes]] = []
-        last = base
-        puts = deletes = 0
-        while True:
-            try:
-                pairs, last, puts, deletes = self._apply(batch, base)
-                break
-            except lmdb.MapFullError:
-                # The txn is aborted (context manager); grow and retry the same batch.
-                try:
-                    if self._grow():
-                        continue
-                    error = StoreFull(
-                        f"store full: the database reached max_map_size ({self._max_map_size} "
-                        "bytes); raise database.max_map_size or free space"
-                    )
-                except Exception as exc:  # becomes this batch's error; the writer lives on
-                    error = StoreError(f"map resize failed: {exc!r}")
-                break
-            except Exception as exc:  # any txn failure fails this batch only
-                if datadir.is_disk_full(exc):
-                    error = StoreFull(f"store full: no space left on the device ({exc})")
-                else:
-                    error = StoreError(f"commit failed: {exc!r}")
-                break
-        if error is None:
-            self._w_last_index = last
-            self._txn_count += 1
-            self._batch_requests += len(batch)
-            self._m_commit.inc()
-            self._m_commit_s.observe(time.perf_counter() - t0)
-            if puts:
-                self._m_put.inc(puts)
-            if deletes:
-                self._m_delete.inc(deletes)
-        else:
-            log.error("LMDB commit of %d requests failed: %s", len(batch), error)
-        self._post(batch, pairs, error, last)
-
-    def _apply(
-        self, batch: list[_Request], base: int
-    ) -> tuple[list[tuple[int, bytes]], int, int, int]:
-        env = self._env
-        assert env is not None
-        dbh = self._dbh
-        events_db = dbh[EVENTS_DB]
-        pack = _INDEX.pack
-        idx = base
-        pairs: list[tuple[int, bytes]] = []
-        puts = deletes = 0
-        with env.begin(write=True) as txn:  # commits (fsync) on exit, aborts on exception
-            # Consecutive puts to one database go to LMDB in one putmulti call (a C loop:
-            # ~0.2 us a put instead of ~1 us through Python, all of it holding the GIL the
-            # event loop needs). A delete or another database ends the run: order is kept.
-            run: list[tuple[bytes, bytes]] = []
-            run_db = ""
-            for req in batch:
-                for op in req.ops:
-                    if type(op) is Put:
-                        if op.db != run_db:
-                            puts += _put_run(txn, dbh, run_db, run)
-                            run_db = op.db
-                        run.append((op.key, op.value))
-                        continue
-                    puts += _put_run(txn, dbh, run_db, run)
-                    if type(op) is Delete:
-                        txn.delete(op.key, db=dbh[op.db])
-                        deletes += 1
-                    elif type(op) is DeleteRange:
-                        deletes += _delete_range(txn, dbh[op.db], op.start, op.end)
-                if req.events:
-                    first = idx + 1
-                    for body in req.events:
-                        idx += 1
-                        pairs.append((idx, body))
-                    req.result = CommitResult(first, idx)
-                else:
-                    req.result = _NO_EVENTS
-            puts += _put_run(txn, dbh, run_db, run)
-            if pairs:
-                # append=True: indices only grow, so LMDB skips the tree search; a key not
-                # above the newest stored is refused, which must never happen.
-                cursor = txn.cursor(db=events_db)
-                _, added = cursor.putmulti(
-                    [(pack(i), body) for i, body in pairs], overwrite=False, append=True
-                )
-                if added != len(pairs):
-                    raise StoreError(f"event indices {base + 1}..{idx} not above the newest")
-                puts += added
-            if idx != base:
-                txn.put(LAST_EVENT_KEY, pack(idx), db=dbh[META_DB])
-        return pairs, idx, puts, deletes
-
-    def _post(
-        self,
-        batch: list[_Request],
-        pairs: list[tuple[int, bytes]],
-        error: StoreError | None,
-        last: int,
-    ) -> None:
-        loop = self._loop
-        assert loop is not None
-        try:
-            # ONE wake-up of the loop per batch, however many futures it resolves.
-            loop.call_soon_threadsafe(self._resolve, batch, pairs, error, last)
-        except RuntimeError:
-            log.warning("event loop closed; %d commit results dropped", len(batch))
-
     def _resolve(
         self,
         batch: list[_Request],
@@ -603,8 +443,14 @@ class LmdbStore:
                 if not fut.done():  # a cancelled future is still committed; nobody listens
                     fut.set_result(req.result)
             self._last_event_index = max(self._last_event_index, last)
-            if self._failure is not None and not self._writer_dead:
-                self._set_failure(None)  # a write went through: the store works again
+            if (
+                self._failure is not None
+                and not self._writer_dead
+                and any(req.ops or req.events for req in batch)
+            ):
+                # A write went through: the store works again. Not for an audit record
+                # alone: a full store still takes the small record of a refusal.
+                self._set_failure(None)
             hook = self.on_commit
             if pairs and hook is not None:
                 try:
@@ -642,54 +488,6 @@ class LmdbStore:
         if self._writer_dead:
             return self._failure or "writer thread died"
         return self._failure
-
-    def _grow(self) -> bool:
-        """Writer thread, no txn open: double the map via the loop. False when at the cap."""
-        current = self._map_size
-        if current >= self._max_map_size:
-            return False
-        new = min(current * 2, self._max_map_size)
-        done = threading.Event()
-        box: list[BaseException | None] = []
-        loop = self._loop
-        assert loop is not None
-        try:
-            loop.call_soon_threadsafe(self._resize_on_loop, new, done, box)
-        except RuntimeError:
-            # Loop closed: no loop reads can run any more, so resizing here is safe.
-            self._resize_on_loop(new, done, box, retry=False)
-        while not done.wait(0.5):
-            if loop.is_closed():
-                self._resize_on_loop(new, done, box, retry=False)
-        if box and box[0] is not None:
-            raise box[0]
-        return True
-
-    def _resize_on_loop(
-        self, new: int, done: threading.Event, box: list[BaseException | None], retry: bool = True
-    ) -> None:
-        if done.is_set():
-            return
-        if not self._resize_lock.acquire(blocking=not retry):
-            # A backup copy holds a read txn; try again soon instead of blocking the loop.
-            assert self._loop is not None
-            self._loop.call_later(_RESIZE_RETRY_S, self._resize_on_loop, new, done, box)
-            return
-        t0 = time.perf_counter()
-        try:
-            env = self._env
-            assert env is not None
-            env.set_mapsize(new)
-            self._map_size = env.info()["map_size"]
-            box.append(None)
-            log.info("LMDB map grown to %d bytes", self._map_size)
-        except Exception as exc:  # handed to the writer, which fails the batch
-            box.append(exc)
-        finally:
-            self._resize_lock.release()
-            self._m_grow.inc()
-            self._m_grow_s.observe(time.perf_counter() - t0)
-            done.set()
 
     # ------------------------------------------------------------------ reads (loop thread)
 
@@ -803,6 +601,38 @@ class LmdbStore:
                 return event_index(cur.key())
         return self._last_event_index + 1
 
+    def audit_since(
+        self, after_seq: int, limit: int, max_bytes: int
+    ) -> list[tuple[int, bytes, bytes]]:
+        """Audit entries with seq ``> after_seq`` as ``(seq, hash, body)``, in seq order.
+
+        At most ``limit`` entries and, past the first, at most ``max_bytes`` of bodies, so
+        a page always fits a message limit however large the entries. Loop thread only.
+        """
+        env, h = self._handle(AUDIT_DB)
+        out: list[tuple[int, bytes, bytes]] = []
+        if limit <= 0:
+            return out
+        size = 0
+        unpack = _INDEX.unpack
+        with env.begin(db=h) as txn:
+            cur = txn.cursor()
+            if cur.set_range(audit_key(max(after_seq + 1, 0))):
+                for key, value in cur:
+                    size += len(value)
+                    if out and size > max_bytes:
+                        break
+                    out.append((unpack(key)[0], value[:HASH_SIZE], value[HASH_SIZE:]))
+                    if len(out) >= limit:
+                        break
+        self._m_scan.inc()
+        return out
+
+    @property
+    def audit_head(self) -> ChainHead:
+        """Newest committed audit entry (seq, hash) as seen by the writer."""
+        return self._w_audit_head
+
     async def prune_events(self, keep_after_index: int) -> int:
         """Delete events with index ``<= keep_after_index`` through the writer.
 
@@ -879,6 +709,7 @@ class LmdbStore:
                 self._batch_requests / self._txn_count if self._txn_count else 0.0
             ),
             "last_event_index": self._last_event_index,
+            "audit_seq": self._w_audit_head.seq,
         }
         if env is not None:
             info = env.info()
@@ -937,33 +768,3 @@ class LmdbStore:
         for stale in old[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
         return target
-
-
-def _put_run(
-    txn: lmdb.Transaction, dbh: dict[str, lmdb._Database], db: str, run: list[tuple[bytes, bytes]]
-) -> int:
-    """Write and empty a run of puts to one database; returns how many."""
-    if not run:
-        return 0
-    consumed, _ = txn.cursor(db=dbh[db]).putmulti(run)
-    if consumed != len(run):
-        raise StoreError(f"put of {len(run)} records to {db} stopped after {consumed}")
-    run.clear()
-    return consumed
-
-
-def _delete_range(
-    txn: lmdb.Transaction[bytes], h: lmdb._Database, start: bytes, end: bytes | None
-) -> int:
-    """Delete keys ``start <= k < end`` of ``h`` inside ``txn``; returns how many."""
-    cur = txn.cursor(db=h)
-    found = cur.set_range(start) if start else cur.first()
-    n = 0
-    if not found:
-        return 0
-    key = cur.key()
-    while key and (end is None or key < end):  # key() is b"" once the cursor runs off the end
-        cur.delete()
-        n += 1
-        key = cur.key()
-    return n

@@ -30,7 +30,7 @@ from nexus_fast.security.audit import (
     iter_export,
     verify,
 )
-from nexus_fast.store import DATABASES, LmdbStore, Put
+from nexus_fast.store import DATABASES, LmdbStore
 
 
 def rec(i: int = 0, outcome: str = "ok", principal: str = "alice") -> AuditRecord:
@@ -255,7 +255,7 @@ def test_refusal_sampler_memory_is_bounded() -> None:
 
 
 def test_puts_commit_through_the_store_and_verify(tmp_path: Path) -> None:
-    """The (key, value) pairs are ordinary Puts for LmdbStore: same db name, valid keys."""
+    """The store's writer chains commit(audit=...) exactly as chain_puts does."""
     assert AUDIT_DB in DATABASES
 
     async def run() -> list[tuple[bytes, bytes]]:
@@ -264,11 +264,11 @@ def test_puts_commit_through_the_store_and_verify(tmp_path: Path) -> None:
         try:
             head = head_from_last(None)
             for batch in ([rec(0)], [rec(1), rec(2)], [rec(3, outcome="RESOURCE_EXHAUSTED")]):
-                pairs, new_head = chain_puts(head, batch)
-                await store.commit([Put(AUDIT_DB, k, v) for k, v in pairs])
-                head = new_head  # adopted only once the commit is durable
+                pairs, head = chain_puts(head, batch)
+                await store.commit((), (), batch)
+                assert store.scan(AUDIT_DB)[-len(pairs) :] == pairs
             stored = store.scan(AUDIT_DB)
-            assert head_from_last(stored[-1]) == head
+            assert head_from_last(stored[-1]) == head == store.audit_head
             return stored
         finally:
             await store.close()

@@ -214,8 +214,8 @@ def test_command_reaches_the_node_only_after_the_submission_is_durable(tmp_path:
         real_commit = f.store.commit
         loop = asyncio.get_running_loop()
 
-        def slow_commit(ops: Any, events: Any = ()) -> asyncio.Future[Any]:
-            inner = real_commit(ops, events)
+        def slow_commit(ops: Any, events: Any = (), audit: Any = ()) -> asyncio.Future[Any]:
+            inner = real_commit(ops, events, audit)
             outer: asyncio.Future[Any] = loop.create_future()
 
             async def later() -> None:

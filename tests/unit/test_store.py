@@ -15,11 +15,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import lmdb
+import orjson
 import pytest
 import uvloop
 from prometheus_client import REGISTRY
 
 from nexus_fast import errors
+from nexus_fast.security.audit import AuditRecord, audit_seq, verify
+from nexus_fast.security.auditing import AUDITED_GRPC_METHODS, AUDITED_WS_OPS, WS_PRINCIPAL_KEY
+from nexus_fast.security.permissions import GRPC_METHODS
+from nexus_fast.security.ws_auth import PRINCIPAL_KEY
 from nexus_fast.store import (
     CommitResult,
     Delete,
@@ -34,6 +39,7 @@ from nexus_fast.store import (
     StoreLocked,
     event_key,
     lmdb_store,
+    writer,
 )
 
 T = TypeVar("T")
@@ -274,8 +280,8 @@ def test_request_is_atomic_and_failed_txn_leaves_nothing(
         def boom(*_: Any) -> int:
             raise RuntimeError("disk on fire")
 
-        monkeypatch.setattr(lmdb_store, "_delete_range", boom)
-        fa = s.commit([Put("commands", b"c2", b"x"), DeleteRange("audit", b"", None)], [b"e"])
+        monkeypatch.setattr(writer, "_delete_range", boom)
+        fa = s.commit([Put("commands", b"c2", b"x"), DeleteRange("agents", b"", None)], [b"e"])
         fb = s.commit([Put("commands", b"c3", b"x")], [b"e"])  # same batch: fails too
         for fut in (fa, fb):
             with pytest.raises(StoreError, match="disk on fire"):
@@ -416,7 +422,11 @@ def test_store_full_is_resource_exhausted_and_reports_changes(tmp_path: Path) ->
         assert isinstance(info.value, errors.StoreFull) and isinstance(info.value, StoreError)
         assert str(info.value).startswith("store full")
         assert s.stat()["failure"] == str(info.value) and not s.stat()["healthy"]
+        # The refusal's audit record fits, but says nothing about the store's health.
+        await s.commit((), (), [_rec(0, "RESOURCE_EXHAUSTED")])
+        assert s.count("audit") == 1 and not s.healthy()
         await s.commit([Put("nodes", b"small", b"y")])
+        assert s.healthy()
 
     with_store(tmp_path, body, map_size=64 * 1024, max_map_size=512 * 1024)
     assert len(seen) == 2 and (seen[0] or "").startswith("store full") and seen[1] is None
@@ -543,20 +553,20 @@ def test_close_flushes_pending_and_is_idempotent(tmp_path: Path) -> None:
         path = tmp_path / "db"
         s = LmdbStore(path, map_size=4 * MB)
         await s.open()
-        futs = [s.commit([Put("audit", b"a%04d" % i, b"v")], [b"e"]) for i in range(500)]
+        futs = [s.commit([Put("agents", b"a%04d" % i, b"v")], [b"e"]) for i in range(500)]
         await asyncio.gather(s.close(), s.close())  # concurrent closes share one shutdown
         assert all(f.done() and not f.exception() for f in futs)
         assert futs[-1].result() == CommitResult(500, 500)
         await s.close()
         assert not s.healthy()
         with pytest.raises(StoreClosed):
-            s.commit([Put("audit", b"late", b"")])
+            s.commit([Put("agents", b"late", b"")])
         with pytest.raises(StoreClosed):
-            s.get("audit", b"a0000")
+            s.get("agents", b"a0000")
 
         s2 = LmdbStore(path, map_size=4 * MB)
         await s2.open()
-        assert s2.count("audit") == 500 and s2.last_event_index == 500
+        assert s2.count("agents") == 500 and s2.last_event_index == 500
         await s2.close()
 
     run(main())
@@ -756,3 +766,89 @@ def test_dead_writer_is_reported_as_a_failure(tmp_path: Path) -> None:
         assert seen and "writer thread died" in (seen[0] or "")
 
     with_store(tmp_path, body)
+
+
+# ---------------------------------------------------------------------------- audit chain
+
+
+def _rec(i: int, outcome: str = "ok") -> AuditRecord:
+    return AuditRecord("op", "operator", "ipv4:127.0.0.1:1", "M", f"t{i}", f"r{i}", outcome, i)
+
+
+def test_audit_records_commit_with_their_change_and_chain_across_reopen(tmp_path: Path) -> None:
+    async def first(s: LmdbStore) -> None:
+        futs = [s.commit([Put("nodes", b"n%d" % i, b"v")], [], [_rec(i)]) for i in range(5)]
+        await asyncio.gather(*futs)
+        await s.commit((), (), [_rec(5), _rec(6)])  # a refusal: records alone
+        assert s.audit_head.seq == 7 and s.count("audit") == 7
+
+    async def second(s: LmdbStore) -> None:
+        assert s.audit_head.seq == 7  # read back from the newest entry at open
+        await s.commit([Put("nodes", b"x", b"v")], [b"e"], [_rec(7)])
+        entries = s.scan("audit")
+        assert verify(entries) is None  # one unbroken chain over both opens
+        assert [audit_seq(k) for k, _ in entries] == list(range(1, 9))
+        assert [t for _, _, body in s.audit_since(0, 100, 1 << 20)
+                for t in [orjson.loads(body)["target"]]] == [f"t{i}" for i in range(8)]  # fmt: skip
+
+    with_store(tmp_path, first)
+    with_store(tmp_path, second)
+
+
+def test_failed_txn_keeps_neither_change_nor_audit_and_leaves_no_gap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def body(s: LmdbStore) -> None:
+        await s.commit([Put("nodes", b"a", b"v")], [], [_rec(0)])
+
+        def boom(*_: Any) -> int:
+            raise RuntimeError("disk on fire")
+
+        monkeypatch.setattr(writer, "_delete_range", boom)
+        fut = s.commit([Put("nodes", b"b", b"v"), DeleteRange("agents", b"", None)], [], [_rec(1)])
+        with pytest.raises(StoreError, match="disk on fire"):
+            await fut
+        monkeypatch.undo()
+        assert s.get("nodes", b"b") is None and s.count("audit") == 1
+        await s.commit([Put("nodes", b"c", b"v")], [], [_rec(2)])
+        entries = s.scan("audit")
+        assert verify(entries) is None and [audit_seq(k) for k, _ in entries] == [1, 2]
+
+    with_store(tmp_path, body)
+
+
+def test_audit_table_is_append_only_through_commit(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        for bad in (
+            Put("audit", b"\0" * 8, b"x"),
+            Delete("audit", b"\0" * 8),
+            DeleteRange("audit", b"", None),
+        ):
+            with pytest.raises(ValueError, match="audit"):
+                s.commit([bad])
+        with pytest.raises(ValueError, match="AuditRecord"):
+            s.commit((), (), ["not a record"])  # type: ignore[list-item]
+        assert s.count("audit") == 0 and s.healthy()
+
+    with_store(tmp_path, body)
+
+
+def test_audit_pages_are_bounded_by_count_and_bytes(tmp_path: Path) -> None:
+    async def body(s: LmdbStore) -> None:
+        await s.commit((), (), [_rec(i) for i in range(20)])
+        assert [seq for seq, _, _ in s.audit_since(5, 3, 1 << 20)] == [6, 7, 8]
+        one = len(s.audit_since(0, 1, 1 << 20)[0][2]) + 32
+        assert [seq for seq, _, _ in s.audit_since(0, 100, 3 * one)] == [1, 2, 3]
+        assert len(s.audit_since(0, 100, 1)) == 1  # one entry always, however small the cap
+        assert s.audit_since(20, 10, 1 << 20) == []
+
+    with_store(tmp_path, body)
+
+
+def test_every_mutating_method_is_audited_by_its_permission() -> None:
+    for method, permission in GRPC_METHODS.items():
+        expected = not permission.endswith(".read") and permission != "public"
+        expected = expected and not method.endswith("/Connect")  # the hot node stream
+        assert (method in AUDITED_GRPC_METHODS) == expected, method
+    assert {"submit"} == AUDITED_WS_OPS
+    assert WS_PRINCIPAL_KEY == PRINCIPAL_KEY

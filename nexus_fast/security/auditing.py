@@ -1,0 +1,251 @@
+"""Who acted: the glue between the port adapters, the core's commits and the audit log.
+
+An adapter that starts a mutating call (a gRPC method or WebSocket op whose permission is
+not a read: :func:`is_mutating`) opens an :class:`AuditCall` in a context variable with
+the caller's principal, peer address, method and request id. The core's commit paths then
+call :func:`records` to get the record of the change they are committing and pass it to
+``store.commit(..., audit=...)``: the entry lands in the same LMDB write transaction as
+the change it records. When the call ends, :meth:`AuditCall.finish` writes what is left:
+
+* a refusal or failure (``PERMISSION_DENIED``, ``INVALID_ARGUMENT``, ...) in its own
+  commit, sampled per principal by :class:`~nexus_fast.security.audit.RefusalSampler`;
+* a call that succeeded without changing anything (an idempotent resubmit, draining a
+  node already draining), in its own commit.
+
+The context variable is inherited by tasks the call creates (asyncio copies the context),
+so a change committed by a task the call spawned is recorded too; the first commit of a
+call carries its record, later ones none (one record per call, however many commands).
+With authentication off the principal is :data:`ANONYMOUS`: the log still names the peer.
+
+Not audited: ``NodeService.Connect`` (heartbeats, acks and results on the stream are far
+too frequent; the session itself is opened by ``Register``, which is), and reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+from nexus_fast.logs import get_logger
+from nexus_fast.security.audit import OUTCOME_OK, AuditRecord, RefusalSampler
+from nexus_fast.security.permissions import GRPC_METHODS, PUBLIC, WS_OPS
+from nexus_fast.security.principal import Principal
+
+if TYPE_CHECKING:
+    from nexus_fast.store.base import StateStore
+
+__all__ = [
+    "ANONYMOUS",
+    "AUDITED_GRPC_METHODS",
+    "AUDITED_WS_OPS",
+    "AuditCall",
+    "Auditor",
+    "is_mutating",
+    "records",
+]
+
+log = get_logger("audit")
+
+ANONYMOUS: Final = "anonymous"
+"""Principal named when authentication is off."""
+
+REQUEST_ID_HEADER: Final = "x-request-id"
+WS_PRINCIPAL_KEY: Final = "principal"
+"""``ws_auth.PRINCIPAL_KEY`` (ws_auth imports this module; a unit test keeps them equal)."""
+
+NOT_AUDITED: Final = frozenset({"/nexus.fabric.v1.NodeService/Connect"})
+"""Mutating by permission but not audited: the node stream's heartbeats, acks and results
+arrive thousands of times a second; the session is opened by an audited ``Register``."""
+
+
+def is_mutating(permission: str | None) -> bool:
+    """True for a permission that changes state: anything but ``public`` and ``*.read``.
+
+    Derived from the permission table, so a new method is audited by the permission it
+    is given, without a second list to keep in step.
+    """
+    return permission is not None and permission != PUBLIC and not permission.endswith(".read")
+
+
+def _audited(table: Mapping[str, str]) -> frozenset[str]:
+    return frozenset(m for m, p in table.items() if is_mutating(p) and m not in NOT_AUDITED)
+
+
+AUDITED_GRPC_METHODS: Final = _audited(GRPC_METHODS)
+AUDITED_WS_OPS: Final = _audited(WS_OPS)
+
+
+def _short_method(method: str) -> str:
+    # "/nexus.fabric.v1.ControlService/DrainNode" -> "ControlService/DrainNode"
+    return method.rsplit(".", 1)[-1] if method.startswith("/") else method
+
+
+class AuditCall:
+    """One mutating call in flight: who, from where, what, and whether it is recorded."""
+
+    __slots__ = (
+        "auditor",
+        "finished",
+        "method",
+        "peer",
+        "principal",
+        "recorded",
+        "request_id",
+        "role",
+    )
+
+    def __init__(
+        self, auditor: Auditor, method: str, peer: str, request_id: str | None = None
+    ) -> None:
+        self.auditor = auditor
+        self.method = _short_method(method)
+        self.peer = peer
+        self.request_id = request_id or os.urandom(8).hex()
+        self.principal = ANONYMOUS
+        self.role = ""
+        self.recorded = False
+        self.finished = False
+
+    def identify(self, principal: Principal) -> None:
+        """The adapter authenticated the caller."""
+        self.principal = principal.name
+        self.role = principal.role
+
+    def record(self, target: str, outcome: str = OUTCOME_OK) -> AuditRecord:
+        """The record of this call (does not mark it recorded)."""
+        return AuditRecord.now(
+            self.principal, self.role, self.peer, self.method, target, self.request_id, outcome
+        )
+
+    def finish(
+        self, outcome: str, target: str | Callable[[], str] = ""
+    ) -> asyncio.Future[Any] | None:
+        """The call ended with ``outcome`` (``"ok"`` or a status name); write what is left.
+
+        ``target`` may be a callable, evaluated only when a record is written. Returns the
+        commit of a record written here, else None; nobody needs to wait for it (gRPC has
+        sent an aborted call's status already). Idempotent. Never raises: the audit of a
+        refusal must not turn it into another error.
+        """
+        if self.finished:
+            return None
+        self.finished = True
+        if outcome == OUTCOME_OK and self.recorded:
+            return None  # the usual case: the record went out with the change
+        try:
+            text = target() if callable(target) else target
+        except Exception:  # a malformed request must not hide the refusal
+            text = ""
+        if outcome == OUTCOME_OK:  # succeeded without a change: nothing to share a txn with
+            return self.auditor.write(self.record(text))
+        rec = self.auditor.sampler.record(
+            self.principal, self.role, self.peer, self.method, text, self.request_id, outcome
+        )
+        return self.auditor.write(rec) if rec is not None else None
+
+
+_call: contextvars.ContextVar[AuditCall | None] = contextvars.ContextVar(
+    "nexus_audit_call", default=None
+)
+
+
+def current_call() -> AuditCall | None:
+    """The mutating call being handled in this context, if any."""
+    return _call.get()
+
+
+def identify(principal: Principal) -> None:
+    """Name the authenticated caller of the current call (a no-op outside one)."""
+    call = _call.get()
+    if call is not None:
+        call.identify(principal)
+
+
+def finish(outcome: str) -> None:
+    """End the current call with ``outcome`` (a no-op outside one); does not wait."""
+    call = _call.get()
+    if call is not None:
+        call.finish(outcome)
+
+
+def records(target: str | Callable[[], str] = "") -> tuple[AuditRecord, ...]:
+    """The audit record for the change about to be committed, for ``commit(audit=...)``.
+
+    Empty outside a mutating call (timers, node reports, internal retries) and for every
+    commit of a call after its first. ``target`` (node id, command ids, agent name) may be
+    a callable, evaluated only when a record is made.
+    """
+    call = _call.get()
+    if call is None or call.recorded:
+        return ()
+    call.recorded = True
+    return (call.record(target() if callable(target) else target),)
+
+
+def ids_target(kind: str, items: Sequence[Any]) -> str:
+    """``"3 commands: a,b,c"`` from things with an ``id``; the record truncates long lists."""
+    # Only as many ids as fit in a record (MAX_FIELD_CHARS), however large the batch.
+    return f"{len(items)} {kind}: {','.join(x.id for x in items[:64])}"
+
+
+class Auditor:
+    """Writes the records no change carries (refusals, failures, no-ops) in their own commit."""
+
+    def __init__(self, store: StateStore, sampler: RefusalSampler | None = None) -> None:
+        self.store = store
+        self.sampler = sampler or RefusalSampler()
+
+    def begin(self, method: str, peer: str, request_id: str | None = None) -> AuditCall:
+        """Open a call in the current context (the adapter's task)."""
+        call = AuditCall(self, method, peer, request_id)
+        _call.set(call)
+        return call
+
+    def ws_guard(self, inner: Callable[[Any, dict[str, Any]], None]) -> Callable[..., None]:
+        """WebSocket ``on_message`` that runs audited ops (``submit``) inside an AuditCall.
+
+        Wraps the permission guard, so its refusal (``finish``) is the call's outcome; the
+        op's task inherits the call, and the op handler finishes it when it answers.
+        """
+
+        def on_message(conn: Any, message: dict[str, Any]) -> None:
+            op = message.get("op")
+            if op not in AUDITED_WS_OPS:
+                inner(conn, message)
+                return
+            request_id = message.get("request_id")
+            call = AuditCall(
+                self, f"ws/{op}", conn.remote, request_id if isinstance(request_id, str) else None
+            )
+            principal = conn.state.get(WS_PRINCIPAL_KEY)
+            if isinstance(principal, Principal):
+                call.identify(principal)
+            token = _call.set(call)
+            try:
+                inner(conn, message)
+            finally:
+                _call.reset(token)
+            if call.principal == ANONYMOUS:  # a certificate principal is read on the first op
+                principal = conn.state.get(WS_PRINCIPAL_KEY)
+                if isinstance(principal, Principal):
+                    call.identify(principal)
+
+        return on_message
+
+    def write(self, record: AuditRecord) -> asyncio.Future[Any] | None:
+        """Commit one record alone; failures are logged, never raised. Returns the commit."""
+        try:
+            future = self.store.commit((), (), (record,))
+        except Exception as exc:  # busy, closed: the refusal still gets its answer
+            log.warning("audit record dropped: %s", exc)
+            return None
+        future.add_done_callback(_log_failure)
+        return future
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("audit record write failed: %s", future.exception())
