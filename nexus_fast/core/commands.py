@@ -91,6 +91,7 @@ __all__ = [
 
 log = get_logger("commands")
 
+Specs = Sequence[pb.CommandSpec]
 MAX_WAIT_IDS: Final = 10_000
 MAX_LIST_PAGE: Final = 5000
 DEFAULT_LIST_PAGE: Final = 500
@@ -293,13 +294,8 @@ class CommandService:
 
     # ------------------------------------------------------------ submit
 
-    async def submit(
-        self, specs: Sequence[pb.CommandSpec], actor: str = ""
-    ) -> pb.SubmitCommandsResponse:
-        """Validate, de-duplicate, place and persist a batch; answers once durable.
-
-        ``actor`` (the submitting principal) goes on the batch's events.
-        """
+    async def submit(self, specs: Specs, actor: str = "") -> pb.SubmitCommandsResponse:
+        """Validate, de-duplicate, place and persist ``actor``'s batch; answers once durable."""
         self._validate_batch(specs)
         answers: list[tuple[pb.CommandRecord, bool]] = []  # (record, duplicate)
         new: list[pb.CommandRecord] = []
@@ -592,7 +588,6 @@ class CommandService:
     # ------------------------------------------------------------ cancel / wait
 
     async def cancel(self, command_id: str, actor: str = "") -> pb.CommandRecord:
-        """Cancel an active command; ``actor`` (who asked) goes on its event."""
         record = self._active.get(command_id)
         if record is None:
             final = self.get(command_id)  # NOT_FOUND if unknown

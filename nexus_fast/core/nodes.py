@@ -468,8 +468,9 @@ class NodeRegistry:
         entry.session = session
         if was_live:
             assert old is not None
-            superseded = self._superseded_event(node, old, actor, peer, "Connect")
-            await self._store.commit((), [superseded])
+            await self._store.commit(
+                (), [self._superseded_event(node, old, actor, peer, "Connect")]
+            )
         node.connected = True
         self._touch(entry)
         session.send(pb.ControlMessage(config=self.node_config()))
@@ -753,24 +754,9 @@ class NodeRegistry:
         # One event and log line per node per heartbeat interval: refusals cannot flood either.
         if last is None or now - last >= self.settings.heartbeat_interval:
             self._refused_at[node.id] = now
-            log.warning(
-                "node takeover refused",
-                extra={
-                    "node": node.id,
-                    "call": call,
-                    "principal": actor,
-                    "owner": session.actor,
-                    "peer": peer,
-                    "owner_peer": session.peer,
-                },
-            )
-            details = {
-                "call": call,
-                "principal": actor,
-                "owner": session.actor,
-                "peer": peer,
-                "owner_peer": session.peer,
-            }
+            details = {"call": call, "principal": actor, "owner": session.actor}
+            details.update(peer=peer, owner_peer=session.peer)
+            log.warning("node takeover refused", extra={"node": node.id, **details})
             await self._store.commit((), [_event("node.takeover_refused", node, actor, details)])
         raise PermissionDenied(f"{call} refused for node {node.id!r}: {reason}")
 
