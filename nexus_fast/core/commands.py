@@ -91,6 +91,7 @@ __all__ = [
 
 log = get_logger("commands")
 
+Specs = Sequence[pb.CommandSpec]
 MAX_WAIT_IDS: Final = 10_000
 MAX_LIST_PAGE: Final = 5000
 DEFAULT_LIST_PAGE: Final = 500
@@ -295,8 +296,8 @@ class CommandService:
 
     # ------------------------------------------------------------ submit
 
-    async def submit(self, specs: Sequence[pb.CommandSpec]) -> pb.SubmitCommandsResponse:
-        """Validate, de-duplicate, place and persist a batch; answers once durable."""
+    async def submit(self, specs: Specs, actor: str = "") -> pb.SubmitCommandsResponse:
+        """Validate, de-duplicate, place and persist ``actor``'s batch; answers once durable."""
         self._validate_batch(specs)
         answers: list[tuple[pb.CommandRecord, bool]] = []  # (record, duplicate)
         new: list[pb.CommandRecord] = []
@@ -323,7 +324,7 @@ class CommandService:
             self._active[record.id] = record
             self._submitted_at[record.id] = now
         try:
-            commit = await self._log.save(new) if new else None
+            commit = await self._log.save(new, actor) if new else None
         except BaseException:
             for record in new:
                 self._forget(record)
@@ -588,7 +589,7 @@ class CommandService:
 
     # ------------------------------------------------------------ cancel / wait
 
-    async def cancel(self, command_id: str) -> pb.CommandRecord:
+    async def cancel(self, command_id: str, actor: str = "") -> pb.CommandRecord:
         record = self._active.get(command_id)
         if record is None:
             final = self.get(command_id)  # NOT_FOUND if unknown
@@ -600,7 +601,7 @@ class CommandService:
         self._finish(record, CANCELLED, "cancelled by request", save=False)
         if was_inflight:
             self._dispatch.send_cancel(node_id, [command_id])
-        await self._log.save([record])
+        await self._log.save([record], actor)
         return record
 
     def wait(self, ids: Sequence[str], timeout: float | None) -> AsyncIterator[pb.CommandRecord]:
