@@ -24,7 +24,7 @@ from nexus_fast.core.command_states import FINAL_STATES
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.security import auditing
-from nexus_fast.security.audit import AuditRecord
+from nexus_fast.store.audit_chain import AuditRecord
 from nexus_fast.store.base import CommitResult, Delete, Put, StateStore
 
 __all__ = ["COMMANDS_DB", "CommandLog"]

@@ -30,9 +30,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from nexus_fast.logs import get_logger
-from nexus_fast.security.audit import OUTCOME_OK, AuditRecord, RefusalSampler
+from nexus_fast.security.audit import RefusalSampler
 from nexus_fast.security.permissions import GRPC_METHODS, PUBLIC, WS_OPS
 from nexus_fast.security.principal import Principal
+from nexus_fast.store.audit_chain import OUTCOME_OK, AuditRecord
 
 if TYPE_CHECKING:
     from nexus_fast.store.base import StateStore
