@@ -34,6 +34,7 @@ from nexus_fast.clock import now_ms
 from nexus_fast.codec.protowire import event
 from nexus_fast.codec.tokens import decode_page_token, encode_page_token
 from nexus_fast.core import acting
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.errors import (
     InvalidArgument,
@@ -75,8 +76,6 @@ DEFAULT_MAX_CAPACITY: Final = {
 # Bound per node: a node that stops reading its stream cannot pin unbounded memory.
 SESSION_QUEUE_SIZE: Final = 1024
 
-ANONYMOUS: Final = "anonymous"
-"""The actor of calls made with authentication off: a name, not a verified identity."""
 # A live stream silent for this many heartbeat intervals counts as half-dead: its owner
 # may replace it from another connection even when no credential proves who it is.
 SILENT_INTERVALS: Final = 2.0
