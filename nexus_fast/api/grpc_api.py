@@ -19,6 +19,7 @@ from nexus_fast import errors
 from nexus_fast.api import bad_input, grpc_events
 from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.status import grpc_status, grpc_trailers
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService
 from nexus_fast.core.events import EventBus
@@ -27,7 +28,7 @@ from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from nexus_fast.security.grpc_auth import check_node_id, current_principal
-from nexus_fast.security.limits import ANONYMOUS, PrincipalLimits
+from nexus_fast.security.limits import PrincipalLimits
 from nexus_fast.store.base import StateStore
 from nexus_fast.telemetry import metrics
 

@@ -34,8 +34,8 @@ from nexus_fast.api.ws_server import (
     Connection,
 )
 from nexus_fast.codec.frames import EventEnvelope
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.events import EventBus, Subscription
-from nexus_fast.core.nodes import ANONYMOUS
 from nexus_fast.errors import NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb

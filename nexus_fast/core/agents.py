@@ -28,6 +28,7 @@ from typing import Final
 from nexus_fast.clock import now_ms
 from nexus_fast.codec.json import agent_start_payload, agent_stop_payload
 from nexus_fast.codec.protowire import event
+from nexus_fast.core import acting
 from nexus_fast.core.commands import FINAL_STATES, SUCCEEDED, CommandService
 from nexus_fast.core.nodes import entry_size, page_budget, validate_labels, validate_resources
 from nexus_fast.core.periodic import Periodic
@@ -35,7 +36,6 @@ from nexus_fast.core.scheduler import PlacementRequest, Scheduler
 from nexus_fast.errors import FailedPrecondition, InvalidArgument, NotFound
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
-from nexus_fast.security import auditing
 from nexus_fast.store.base import CommitResult, Delete, Put, StateStore
 from nexus_fast.telemetry import metrics
 
@@ -504,7 +504,7 @@ class AgentService:
             events.append(
                 event("agent", f"agent.{STATE_NAMES[agent.state]}", agent.id, body, ts, actor)
             )
-        return self._store.commit(ops, events, auditing.records(lambda: _names(agents)))
+        return self._store.commit(ops, events, acting.records(lambda: _names(agents)))
 
     def _save_later(self, agents: Sequence[pb.Agent]) -> None:
         future = self._save(agents)

@@ -20,11 +20,11 @@ from typing import Final
 
 from nexus_fast.clock import now_ms
 from nexus_fast.codec.protowire import CommandEvents, actor_field
+from nexus_fast.core import acting
 from nexus_fast.core.command_states import FINAL_STATES
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
-from nexus_fast.security import auditing
-from nexus_fast.security.audit import AuditRecord
+from nexus_fast.store.audit_chain import AuditRecord
 from nexus_fast.store.base import CommitResult, Delete, Put, StateStore
 
 __all__ = ["COMMANDS_DB", "CommandLog"]
@@ -112,7 +112,7 @@ class CommandLog:
     ) -> asyncio.Future[CommitResult]:
         """Commit records now (with everything staged before them: order is kept)."""
         self.stage(records, actor)
-        return self._flush(auditing.records(lambda: auditing.ids_target("commands", records)))
+        return self._flush(acting.records(lambda: acting.ids_target("commands", records)))
 
     def save_later(self, records: Sequence[pb.CommandRecord]) -> None:
         """Commit without waiting, coalesced: one store request per loop iteration."""

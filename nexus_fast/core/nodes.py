@@ -33,6 +33,8 @@ from google.protobuf.message import Message
 from nexus_fast.clock import now_ms
 from nexus_fast.codec.protowire import event
 from nexus_fast.codec.tokens import decode_page_token, encode_page_token
+from nexus_fast.core import acting
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.errors import (
     InvalidArgument,
@@ -44,7 +46,6 @@ from nexus_fast.errors import (
 )
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
-from nexus_fast.security import auditing
 from nexus_fast.store.base import Delete, Put, StateStore
 from nexus_fast.telemetry import metrics
 
@@ -75,8 +76,6 @@ DEFAULT_MAX_CAPACITY: Final = {
 # Bound per node: a node that stops reading its stream cannot pin unbounded memory.
 SESSION_QUEUE_SIZE: Final = 1024
 
-ANONYMOUS: Final = "anonymous"
-"""The actor of calls made with authentication off: a name, not a verified identity."""
 # A live stream silent for this many heartbeat intervals counts as half-dead: its owner
 # may replace it from another connection even when no credential proves who it is.
 SILENT_INTERVALS: Final = 2.0
@@ -426,7 +425,7 @@ class NodeRegistry:
             await self._store.commit(
                 [Put(NODES_DB, node.id.encode(), node.SerializeToString(deterministic=True))],
                 events,
-                auditing.records(node.id),
+                acting.records(node.id),
             )
         except BaseException:
             self._rollback(request.node_id, entry, previous, old_status)
@@ -708,7 +707,7 @@ class NodeRegistry:
         await self._store.commit(
             [Delete(NODES_DB, node_id.encode())],
             [_event(event_type, node, actor)],
-            auditing.records(node_id),
+            acting.records(node_id),
         )
 
     async def _persist(
@@ -718,7 +717,7 @@ class NodeRegistry:
         await self._store.commit(
             ops,
             [_event(t, n, actor) for t, n in events],
-            auditing.records(lambda: ",".join(n.id for n in nodes)),
+            acting.records(lambda: ",".join(n.id for n in nodes)),
         )
 
     # ------------------------------------------------------------ session ownership

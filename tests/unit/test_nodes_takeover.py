@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from nexus_fast.codec.protowire import CommandEvents, actor_field, event
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.assembly import CoreFabric
-from nexus_fast.core.nodes import ANONYMOUS
 from nexus_fast.errors import PermissionDenied
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store import LmdbStore
