@@ -25,7 +25,7 @@ from typing import Any, Final
 
 from nexus_fast.security.limits import LimitsConfig
 from nexus_fast.security.rbac import RbacConfig, RbacError, RoleConfig, parse_rbac
-from nexus_fast.units import (
+from nexus_fast.units import (  # parsing lives there; re-exported here, where callers look
     GB,
     KB,
     MB,
@@ -113,8 +113,6 @@ def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
-
-# --------------------------------------------------------------------------- parsing
 
 # --------------------------------------------------------------------------- schema
 

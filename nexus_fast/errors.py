@@ -48,6 +48,14 @@ class Superseded(NexusError):
     """A newer session or stream took over this node."""
 
 
+class PermissionDenied(NexusError):
+    """The caller may not do this (e.g. take over a node stream another principal holds)."""
+
+
+class Unauthenticated(NexusError):
+    """The call carries no credential, or one that does not verify."""
+
+
 class FailedPrecondition(NexusError):
     """The request is valid but the entity is in the wrong state for it."""
 

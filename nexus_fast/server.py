@@ -20,12 +20,13 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 import nexus_fast
 from nexus_fast.about import versions
 from nexus_fast.api.grpc_api import ControlService, NodeService, add_node_service
 from nexus_fast.api.grpc_events import add_control_service
+from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
@@ -38,7 +39,7 @@ from nexus_fast.core.fleet import SchedulerFeed
 from nexus_fast.core.nodes import STATUS_BY_NAME, NodeRegistry, NodeSettings, page_budget
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import Scheduler
-from nexus_fast.errors import InvalidArgument, NexusError
+from nexus_fast.errors import InvalidArgument
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.security.audit_grpc import AuditInterceptor
@@ -287,11 +288,18 @@ class NexusServer:
             ),
             server,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        # Health and reflection are grpcio's servicers: registered like ours, so junk bytes
+        # answer INVALID_ARGUMENT instead of UNKNOWN and a traceback.
+        register(health_pb2_grpc.add_HealthServicer_to_server, self._health, server, guard=True)
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        register(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server,
+            reflection.aio.ReflectionServicer(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            ),
+            server,
+            guard=True,
         )
         address = f"{cfg.server.host}:{cfg.server.grpc_port}"
         try:
@@ -527,19 +535,14 @@ class NexusServer:
         wanted = []
         for name in statuses:
             if name not in STATUS_BY_NAME:
-                raise ValueError(f"status: unknown node status {name!r}")
+                raise InvalidArgument("status", f"unknown node status {name!r}")
             wanted.append(STATUS_BY_NAME[name])
-        try:
-            nodes, token, _ = self.nodes.list_nodes(wanted, labels, limit, page_token)
-        except NexusError as exc:
-            raise ValueError(str(exc)) from None
+        # Core errors (a bad page token, a bad label) go through the one error table.
+        nodes, token, _ = self.nodes.list_nodes(wanted, labels, limit, page_token)
         return [node_to_dict(n) for n in nodes], token
 
-    def get_node(self, node_id: str) -> dict[str, object] | None:
-        try:
-            return node_to_dict(self.nodes.get(node_id))
-        except NexusError:
-            return None
+    def get_node(self, node_id: str) -> dict[str, object]:
+        return node_to_dict(self.nodes.get(node_id))  # NodeNotFound answers 404 JSON
 
     def get_command(self, command_id: str) -> dict[str, object]:
         return command_to_dict(self.commands.get(command_id))

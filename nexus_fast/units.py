@@ -1,7 +1,6 @@
-"""Sizes and durations in configuration: ``"64MB"`` (binary units), ``"250ms"``, ``"5m"``.
+"""Durations and byte sizes: parsing and rendering, shared by config, node specs and CLIs.
 
-A leaf module, so both ``nexus_fast.config`` and the table parsers it calls (e.g.
-``security.limits``) can use it without importing each other.
+Sizes are binary (KB = KiB = Ki = 1024); durations are float seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ __all__ = [
     "GB",
     "KB",
     "MB",
+    "PB",
     "TB",
     "format_duration",
     "format_size",
@@ -25,41 +25,24 @@ KB: Final = 1024
 MB: Final = 1024 * KB
 GB: Final = 1024 * MB
 TB: Final = 1024 * GB
-
-_SIZE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-_SIZE_UNITS: Final = {
-    "": 1, "b": 1,
-    "k": KB, "kb": KB, "kib": KB,
-    "m": MB, "mb": MB, "mib": MB,
-    "g": GB, "gb": GB, "gib": GB,
-    "t": TB, "tb": TB, "tib": TB,
-}  # fmt: skip
-
-
-def parse_size(value: object) -> int:
-    """Parse ``"512KB"``, ``"64MB"``, ``"1GB"``, ``"1024"`` (bytes) or an int of bytes.
-
-    Units are binary (KB = KiB = 1024); ``B``, ``KiB``, ``MiB``, ``GiB``, ``TiB`` are accepted,
-    case-insensitively. Returns int bytes. Raises ValueError for malformed or negative input
-    and TypeError for values of the wrong type (including bool).
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(f"expected a size, got {type(value).__name__}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"size {value!r} is negative")
-        return value
-    match = _SIZE_RE.match(value)
-    if match is None:
-        raise ValueError(f"malformed size {value!r}")
-    unit = _SIZE_UNITS.get(match.group(2).lower())
-    if unit is None:
-        raise ValueError(f"unknown size unit in {value!r}")
-    return int(float(match.group(1)) * unit)
-
+PB: Final = 1024 * TB
 
 _DURATION_RE: Final = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS: Final = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+_SIZE_RE: Final = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
+# Node specs and ``nexusctl`` also take scientific notation (``1.5e3MB``); config files do not.
+_SIZE_EXP_RE: Final = re.compile(
+    r"^\s*((?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE
+)
+_SIZE_UNITS: Final = {
+    "": 1, "b": 1,
+    "k": KB, "kb": KB, "ki": KB, "kib": KB,
+    "m": MB, "mb": MB, "mi": MB, "mib": MB,
+    "g": GB, "gb": GB, "gi": GB, "gib": GB,
+    "t": TB, "tb": TB, "ti": TB, "tib": TB,
+    "p": PB, "pb": PB, "pi": PB, "pib": PB,
+}  # fmt: skip
 
 
 def parse_duration(value: object) -> float:
@@ -82,6 +65,34 @@ def parse_duration(value: object) -> float:
     if seconds < 0:
         raise ValueError(f"duration {value!r} is negative")
     return seconds
+
+
+def parse_size(value: object, *, exponent: bool = False) -> int:
+    """Parse ``"512KB"``, ``"64MB"``, ``"1GB"``, ``"1024"`` (bytes) or an int of bytes.
+
+    Units are binary (KB = KiB = Ki = 1024) up to ``PB``, case-insensitively; the trailing
+    ``B`` is optional. ``exponent=True`` also accepts scientific notation (``"1.5e3MB"``),
+    which config files refuse. Returns int bytes (fractions truncated). Raises ValueError
+    for malformed, negative or non-finite input and TypeError for values of the wrong type
+    (including bool and float).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"expected a size, got {type(value).__name__}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size {value!r} is negative")
+        return value
+    match = (_SIZE_EXP_RE if exponent else _SIZE_RE).match(value)
+    if match is None:
+        raise ValueError(f"malformed size {value!r}")
+    unit = _SIZE_UNITS.get(match.group(2).lower())
+    if unit is None:
+        raise ValueError(f"unknown size unit in {value!r}")
+    size = float(match.group(1)) * unit
+    if not math.isfinite(size):
+        # A 400-digit number is a float infinity; int() of it would raise OverflowError.
+        raise ValueError(f"size {value!r} is not finite")
+    return int(size)
 
 
 def format_duration(seconds: float) -> str:

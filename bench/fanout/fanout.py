@@ -12,6 +12,10 @@ separate process) count what they receive and the publish -> receive latency. Ev
 server is measured in the same run, on the same machine, by the same clients.
 
     python bench/fanout/fanout.py --subscribers 100 --events 20000
+
+``--stalled N`` adds N subscribers that stop reading (a 4 KB receive buffer, reading
+paused) and measures the nexus server with and without them in the same run: a stalled
+peer must not slow the others (it is cut off at ``FANOUT_SUBSCRIBER_BUFFER`` events).
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ async def serve_nexus(port: int, subscribers: int, events: int, batch: int) -> N
         def events_since(self, after: int, limit: int) -> list[tuple[int, bytes]]:
             return []
 
-    cfg = EventsConfig(subscriber_buffer=1 << 20)
+    # A small buffer (``--stalled`` runs) cuts a stalled subscriber off, as in production.
+    cfg = EventsConfig(subscriber_buffer=int(os.environ.get("FANOUT_SUBSCRIBER_BUFFER", 1 << 20)))
     bus = EventBus(NoStore(), cfg, 1 << 17)  # type: ignore[arg-type]
     ready = asyncio.Event()
     proto = EventStreamProtocol(bus, max_subscriptions=4)
@@ -176,7 +181,10 @@ async def serve_websockets(port: int, subscribers: int, events: int, batch: int)
 # ------------------------------------------------------------------ clients
 
 
-async def run_clients(port: int, subscribers: int, events: int, timeout: float) -> dict[str, Any]:
+async def run_clients(
+    port: int, subscribers: int, events: int, timeout: float, stalled: int = 0
+) -> dict[str, Any]:
+    """``subscribers`` reading clients (measured) and ``stalled`` ones that stop reading."""
     from picows import WSListener, WSMsgType, WSTransport, ws_connect
 
     done = asyncio.get_running_loop().create_future()
@@ -216,6 +224,18 @@ async def run_clients(port: int, subscribers: int, events: int, timeout: float) 
         clients.append((transport, client))
     for transport, _ in clients:
         transport.send(WSMsgType.TEXT, b'{"op":"subscribe","topics":["system"]}')
+
+    def small_socket(parsed: Any) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        sock.connect_ex((parsed.host, parsed.port))
+        return sock
+
+    for _ in range(stalled):
+        transport, _ = await ws_connect(WSListener, url, socket_factory=small_socket)
+        transport.send(WSMsgType.TEXT, b'{"op":"subscribe","topics":["system"]}')
+        transport.underlying_transport.pause_reading()  # never reads again
     try:
         end = await asyncio.wait_for(done, timeout)
         ok = True
@@ -249,15 +269,25 @@ def proc_cpu_seconds(pid: int) -> float:
 
 
 def measure(
-    kind: str, subscribers: int, events: int, batch: int, timeout: float, rate: float = 0
+    kind: str,
+    subscribers: int,
+    events: int,
+    batch: int,
+    timeout: float,
+    rate: float = 0,
+    stalled: int = 0,
 ) -> dict[str, Any]:
     """Start a ``kind`` server process and a client process; return the client's figures."""
     (port,) = free_ports(1)
     env = dict(os.environ, PYTHONUNBUFFERED="1", FANOUT_RATE=str(rate))
+    if stalled:
+        env["FANOUT_SUBSCRIBER_BUFFER"] = "100"
     me = os.path.abspath(__file__)
     common = ["--port", str(port), "--subscribers", str(subscribers), "--events", str(events)]
+    # The server starts publishing once every client, stalled ones too, has subscribed.
+    total = ["--subscribers", str(subscribers + stalled)]
     server = subprocess.Popen(
-        [sys.executable, me, "serve", kind, *common, "--batch", str(batch)], env=env
+        [sys.executable, me, "serve", kind, *common, *total, "--batch", str(batch)], env=env
     )
     try:
         deadline = time.monotonic() + 15
@@ -271,7 +301,16 @@ def measure(
                 time.sleep(0.05)
         cpu0 = proc_cpu_seconds(server.pid)  # serving only: not the server's imports
         out = subprocess.run(
-            [sys.executable, me, "clients", *common, "--timeout", str(timeout)],
+            [
+                sys.executable,
+                me,
+                "clients",
+                *common,
+                "--timeout",
+                str(timeout),
+                "--stalled",
+                str(stalled),
+            ],
             env=env,
             capture_output=True,
             text=True,
@@ -280,7 +319,7 @@ def measure(
         if out.returncode != 0:
             raise RuntimeError(f"clients failed: {out.stderr[-2000:]}")
         result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-        result["kind"] = kind
+        result["kind"] = kind if not stalled else f"{kind}+{stalled} stalled"
         result["server_cpu_s"] = proc_cpu_seconds(server.pid) - cpu0
         # what one delivery costs the server: comparable even when the clients set the rate
         result["server_us_per_delivery"] = (
@@ -299,14 +338,21 @@ def compare(
     return [measure(kind, subscribers, events, batch, timeout, rate) for kind in KINDS]
 
 
+def stalled_peer(
+    subscribers: int, events: int, batch: int, stalled: int = 1, timeout: float = 60
+) -> list[dict[str, Any]]:
+    """The nexus server without, then with ``stalled`` peers that stop reading."""
+    return [measure("nexus", subscribers, events, batch, timeout, stalled=n) for n in (0, stalled)]
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'server':<11} {'delivered/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu s':>9}"
+        f"{'server':<16} {'delivered/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'srv cpu s':>9}"
         f" {'us/delivery':>11} {'client cpu':>10}  complete"
     ]
     for r in results:
         lines.append(
-            f"{r['kind']:<11} {r['events_per_s']:>12,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
+            f"{r['kind']:<16} {r['events_per_s']:>12,.0f} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f}"
             f" {r['server_cpu_s']:>9.2f} {r['server_us_per_delivery']:>11.3f}"
             f" {r['client_cpu_pct']:>9.0f}%"
             f"  {r['delivered']}/{r['expected']}"
@@ -328,6 +374,12 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=float, default=0, help="published events/s (0 = as fast as possible)"
     )
+    parser.add_argument(
+        "--stalled",
+        type=int,
+        default=0,
+        help="also run nexus with this many subscribers that stop reading",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     try:
@@ -342,10 +394,16 @@ def main() -> None:
         ]
         asyncio.run(fn(args.port, args.subscribers, args.events, args.batch))
     elif args.mode == "clients":
-        result = asyncio.run(run_clients(args.port, args.subscribers, args.events, args.timeout))
+        result = asyncio.run(
+            run_clients(args.port, args.subscribers, args.events, args.timeout, args.stalled)
+        )
         print(json.dumps(result))
     else:
         results = compare(args.subscribers, args.events, args.batch, args.timeout, args.rate)
+        if args.stalled:
+            results += stalled_peer(
+                args.subscribers, args.events, args.batch, args.stalled, args.timeout
+            )[1:]
         print(json.dumps(results, indent=1) if args.json else table(results))
 
 

@@ -19,6 +19,7 @@ from nexus_fast import errors
 from nexus_fast.api import bad_input, grpc_events
 from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.status import grpc_status, grpc_trailers
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService
 from nexus_fast.core.events import EventBus
@@ -27,7 +28,7 @@ from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from nexus_fast.security.grpc_auth import check_node_id, current_principal
-from nexus_fast.security.limits import ANONYMOUS, PrincipalLimits
+from nexus_fast.security.limits import PrincipalLimits
 from nexus_fast.store.base import StateStore
 from nexus_fast.telemetry import metrics
 
@@ -94,6 +95,15 @@ def instrumented(method: str) -> Callable[[_Handler], _Handler]:
     return decorate
 
 
+def actor() -> str:
+    """The name of the principal making the current call: what events say it did.
+
+    ``anonymous`` with authentication off (no identity was proven).
+    """
+    principal = current_principal()
+    return principal.name if principal is not None else ANONYMOUS
+
+
 def add_node_service(servicer: pb_grpc.NodeServiceServicer, server: Any) -> None:
     """``add_NodeServiceServicer_to_server`` with strict request decoding (junk bytes get
     ``INVALID_ARGUMENT``, see :mod:`.grpc_handlers`)."""
@@ -125,14 +135,14 @@ class NodeService(pb_grpc.NodeServiceServicer):
     ) -> pb.RegisterResponse:
         limits = self._limits
         if limits is None:
-            node, config = await self._registry.register(request)
+            node, config = await self._registry.register(request, actor(), context.peer())
         else:
             principal = current_principal()
             name = principal.name if principal is not None else ANONYMOUS
             held = limits.nodes.owner(request.node_id) == name
             limits.register_node(name, request.node_id)  # LimitExceeded: RESOURCE_EXHAUSTED
             try:
-                node, config = await self._registry.register(request)
+                node, config = await self._registry.register(request, actor(), context.peer())
             except BaseException:
                 if not held:
                     limits.deregister_node(request.node_id)  # no node, no slot
@@ -143,7 +153,9 @@ class NodeService(pb_grpc.NodeServiceServicer):
     async def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeregisterResponse:
-        await self._registry.deregister(request.node_id, request.session_epoch)
+        await self._registry.deregister(
+            request.node_id, request.session_epoch, actor(), context.peer()
+        )
         return pb.DeregisterResponse()
 
     @instrumented("NodeService/Connect")
@@ -157,7 +169,9 @@ class NodeService(pb_grpc.NodeServiceServicer):
         if first is grpc.aio.EOF:
             return
         await check_node_id(context, first.node_id)  # nodes act only as themselves
-        session = await self._registry.open_session(first.node_id, first.session_epoch)
+        session = await self._registry.open_session(
+            first.node_id, first.session_epoch, actor(), context.peer()
+        )
         metrics.GRPC_CONNECTIONS_ACTIVE.inc()
         reader = asyncio.get_running_loop().create_task(
             self._read_loop(context, session, first), name=f"node-reader-{session.node_id}"
@@ -270,19 +284,19 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def DrainNode(
         self, request: pb.DrainNodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.Node:
-        return await self._registry.drain(request.node_id, request.drain, request.reason)
+        return await self._registry.drain(request.node_id, request.drain, request.reason, actor())
 
     @instrumented("ControlService/SetNodeEligibility")
     async def SetNodeEligibility(
         self, request: pb.SetNodeEligibilityRequest, context: grpc.aio.ServicerContext
     ) -> pb.Node:
-        return await self._registry.set_eligibility(request.node_id, request.eligible)
+        return await self._registry.set_eligibility(request.node_id, request.eligible, actor())
 
     @instrumented("ControlService/RemoveNode")
     async def RemoveNode(
         self, request: pb.RemoveNodeRequest, context: grpc.aio.ServicerContext
     ) -> pb.RemoveNodeResponse:
-        await self._registry.remove(request.node_id)
+        await self._registry.remove(request.node_id, actor())
         return pb.RemoveNodeResponse()
 
     # ------------------------------------------------------------ commands
@@ -291,7 +305,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def SubmitCommands(
         self, request: pb.SubmitCommandsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitCommandsResponse:
-        return await self._commands.submit(request.commands)
+        return await self._commands.submit(request.commands, actor())
 
     @instrumented("ControlService/GetCommand")
     async def GetCommand(
@@ -315,7 +329,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def CancelCommand(
         self, request: pb.CancelCommandRequest, context: grpc.aio.ServicerContext
     ) -> pb.CommandRecord:
-        return await self._commands.cancel(request.id)
+        return await self._commands.cancel(request.id, actor())
 
     @instrumented("ControlService/WaitCommands")
     async def WaitCommands(
@@ -331,7 +345,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def DeployAgent(
         self, request: pb.DeployAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeployAgentResponse:
-        return pb.DeployAgentResponse(agents=await self._agents.deploy(request.spec))
+        return pb.DeployAgentResponse(agents=await self._agents.deploy(request.spec, actor()))
 
     @instrumented("ControlService/ListAgents")
     async def ListAgents(
@@ -355,7 +369,7 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def StopAgent(
         self, request: pb.StopAgentRequest, context: grpc.aio.ServicerContext
     ) -> pb.StopAgentResponse:
-        return pb.StopAgentResponse(agents=await self._agents.stop_agent(request.name))
+        return pb.StopAgentResponse(agents=await self._agents.stop_agent(request.name, actor()))
 
     @instrumented("ControlService/ListAudit")
     async def ListAudit(

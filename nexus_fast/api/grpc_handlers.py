@@ -13,16 +13,23 @@ added per call):
   error table like every other error;
 * for request streams it is *raised* from ``context.read()`` inside the handler, where
   the same wrapper catches it.
+
+Servicers we did not write (gRPC health, server reflection) have no such wrapper:
+``register(..., guard=True)`` wraps each of their methods in one that does the same
+(``INVALID_ARGUMENT``, one rate-limited WARNING through :mod:`.bad_input`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import inspect
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from nexus_fast.api import bad_input
+from nexus_fast.api.status import grpc_status
 from nexus_fast.errors import UndecodableRequest
 
 __all__ = ["register", "strict_deserializer"]
@@ -48,7 +55,45 @@ def strict_deserializer(deserialize: Deserializer, streaming: bool) -> Deseriali
     return parse
 
 
-def _strict(handler: Any, serializers: Mapping[str, Callable[[Any], bytes]], method: str) -> Any:
+def _guarded(behaviour: Any, method: str) -> Any:
+    """``behaviour`` answering UndecodableRequest with INVALID_ARGUMENT, for a servicer
+    without ``grpc_api.instrumented`` (unary requests arrive as the error; streamed ones
+    raise it from the iterator)."""
+
+    async def refuse(error: UndecodableRequest, context: grpc.aio.ServicerContext) -> None:
+        bad_input.report("grpc", "undecodable", context.peer(), f"{method}: {error}")
+        await context.abort(grpc_status(error), str(error))
+
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                if type(request) is UndecodableRequest:
+                    raise request
+                async for response in behaviour(request, context):
+                    yield response
+            except UndecodableRequest as error:
+                await refuse(error, context)
+
+        return stream
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if type(request) is UndecodableRequest:
+                raise request
+            return await behaviour(request, context)
+        except UndecodableRequest as error:
+            await refuse(error, context)
+
+    return call
+
+
+def _strict(
+    handler: Any,
+    serializers: Mapping[str, Callable[[Any], bytes]],
+    method: str,
+    guard: str | None = None,
+) -> Any:
     deserialize = handler.request_deserializer
     if deserialize is None:
         return handler
@@ -62,6 +107,8 @@ def _strict(handler: Any, serializers: Mapping[str, Callable[[Any], bytes]], met
         build, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
     else:
         build, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
+    if guard is not None:
+        behaviour = _guarded(behaviour, guard)
     return build(behaviour, request_deserializer=parse, response_serializer=serialize)
 
 
@@ -69,12 +116,19 @@ class _Registrar:
     """Stands in for the server while generated code registers a service, rewriting each
     method handler (strict decoding, optional response serializers) on the way through."""
 
-    def __init__(self, server: Any, serializers: Mapping[str, Callable[[Any], bytes]]) -> None:
+    def __init__(
+        self, server: Any, serializers: Mapping[str, Callable[[Any], bytes]], guard: bool
+    ) -> None:
         self._server = server
         self._serializers = serializers
+        self._guard = guard
 
-    def _patch(self, handlers: Mapping[str, Any]) -> dict[str, Any]:
-        return {name: _strict(h, self._serializers, name) for name, h in handlers.items()}
+    def _patch(self, service: str, handlers: Mapping[str, Any]) -> dict[str, Any]:
+        short = service.rpartition(".")[2]
+        return {
+            name: _strict(h, self._serializers, name, f"{short}/{name}" if self._guard else None)
+            for name, h in handlers.items()
+        }
 
     def add_generic_rpc_handlers(self, generic_handlers: Sequence[Any]) -> None:
         # The generated code passes one DictionaryGenericHandler for the service.
@@ -85,12 +139,12 @@ class _Registrar:
             if isinstance(table, dict) and name:
                 prefix = f"/{name}/"
                 methods = {k.removeprefix(prefix): v for k, v in table.items()}
-                handler = grpc.method_handlers_generic_handler(name, self._patch(methods))
+                handler = grpc.method_handlers_generic_handler(name, self._patch(name, methods))
             patched.append(handler)
         self._server.add_generic_rpc_handlers(tuple(patched))
 
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        self._server.add_registered_method_handlers(service, self._patch(handlers))
+        self._server.add_registered_method_handlers(service, self._patch(service, handlers))
 
 
 def register(
@@ -98,10 +152,14 @@ def register(
     servicer: Any,
     server: Any,
     response_serializers: Mapping[str, Callable[[Any], bytes]] | None = None,
+    *,
+    guard: bool = False,
 ) -> None:
     """``add_XServicer_to_server(servicer, server)`` with strict request decoding.
 
     ``response_serializers`` replaces the serializer of the named methods (e.g. one that
-    passes pre-encoded bytes through).
+    passes pre-encoded bytes through). ``guard=True`` is for servicers we did not write
+    (health, reflection): their methods get the INVALID_ARGUMENT answer that
+    ``grpc_api.instrumented`` gives ours.
     """
-    add_to_server(servicer, _Registrar(server, response_serializers or {}))
+    add_to_server(servicer, _Registrar(server, response_serializers or {}, guard))

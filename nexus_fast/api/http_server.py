@@ -24,7 +24,7 @@ from nexus_fast.api import bad_input
 from nexus_fast.api.http_events import HttpEvents
 from nexus_fast.api.status import error_code, http_headers, http_status
 from nexus_fast.core.events import EventBus
-from nexus_fast.errors import NexusError
+from nexus_fast.errors import InvalidArgument, NexusError
 from nexus_fast.telemetry import metrics
 
 __all__ = [
@@ -122,13 +122,13 @@ class HttpBackend(Protocol):
     ) -> tuple[list[dict[str, object]], str]:
         """One page of nodes as JSON-able dicts and the next page token ("" at the end).
 
-        Raises ValueError with a client-facing message on a bad filter or token, or a
-        NexusError (answered through the error table, ``nexus_fast.api.status``).
+        Raises InvalidArgument naming the field on a bad filter or token (any NexusError is
+        answered through the error table, ``nexus_fast.api.status``).
         """
         ...
 
-    def get_node(self, node_id: str) -> dict[str, object] | None:
-        """One node as a JSON-able dict, or None if unknown (or raises NodeNotFound)."""
+    def get_node(self, node_id: str) -> dict[str, object]:
+        """One node as a JSON-able dict; raises NodeNotFound if unknown."""
         ...
 
     def get_command(self, command_id: str) -> dict[str, object]:
@@ -359,7 +359,8 @@ class HttpServer:
                 response.headers["Allow"] = allow
         except NexusError as exc:
             # A core error: status and code from the one table, like gRPC and WebSocket.
-            response = _error(http_status(exc), error_code(exc), str(exc))
+            field = exc.field if isinstance(exc, InvalidArgument) else None
+            response = _error(http_status(exc), error_code(exc), str(exc), field)
             response.headers.update(http_headers(exc))
         except Exception:
             logger.exception("http handler failed: %s %s", request.method, request.path)
@@ -410,18 +411,11 @@ class HttpServer:
             statuses, labels, limit, page_token = _parse_node_query(request.query)
         except _BadParameter as exc:
             return _error(400, "invalid_argument", str(exc), exc.parameter)
-        try:
-            nodes, next_token = self.backend.list_nodes(statuses, labels, limit, page_token)
-        except ValueError as exc:
-            return _error(400, "invalid_argument", str(exc))
+        nodes, next_token = self.backend.list_nodes(statuses, labels, limit, page_token)
         return _json({"nodes": nodes, "next_page_token": next_token})
 
     async def _get_node(self, request: web.Request) -> web.Response:
-        node_id = request.match_info["node_id"]
-        node = self.backend.get_node(node_id)
-        if node is None:
-            return _error(404, "not_found", f"node {node_id!r} not found")
-        return _json(node)
+        return _json(self.backend.get_node(request.match_info["node_id"]))
 
     async def _get_command(self, request: web.Request) -> web.Response:
         return _json(self.backend.get_command(request.match_info["command_id"]))

@@ -83,6 +83,8 @@ TABLE: Final[tuple[Row, ...]] = (
     Row(_E.AlreadyExists, _G.ALREADY_EXISTS, "already_exists", 409),
     Row(_E.StaleSession, _G.FAILED_PRECONDITION, "stale_session", 409),
     Row(_E.Superseded, _G.ABORTED, "superseded", 409),
+    Row(_E.PermissionDenied, _G.PERMISSION_DENIED, "permission_denied", 403),
+    Row(_E.Unauthenticated, _G.UNAUTHENTICATED, "unauthenticated", 401),
     Row(_E.FailedPrecondition, _G.FAILED_PRECONDITION, "failed_precondition", 409),
     # Kubernetes answers a watch from a compacted revision with 410 Gone; the WebSocket
     # says so with a ``reset`` frame naming the oldest index kept.

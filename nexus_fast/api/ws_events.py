@@ -35,12 +35,15 @@ from nexus_fast.api.ws_server import (
 )
 from nexus_fast.codec.frames import EventEnvelope
 from nexus_fast.codec.json import submit_result_to_dict
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.events import EventBus, Subscription
 from nexus_fast.errors import NexusError
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.security import auditing
 from nexus_fast.security.audit import OUTCOME_OK
+from nexus_fast.security.principal import Principal
+from nexus_fast.security.ws_auth import PRINCIPAL_KEY
 from nexus_fast.telemetry import metrics
 
 __all__ = [
@@ -52,7 +55,8 @@ __all__ = [
 
 log = get_logger("ws.events")
 
-SubmitCommands = Callable[[list[pb.CommandSpec]], Awaitable[pb.SubmitCommandsResponse]]
+# (specs, actor): actor is the submitting principal's name, put on the commands' events.
+SubmitCommands = Callable[[list[pb.CommandSpec], str], Awaitable[pb.SubmitCommandsResponse]]
 """``submit_commands(specs) -> SubmitCommandsResponse``; raises NexusError subclasses."""
 
 MAX_FRAME_EVENTS: Final = 500
@@ -336,7 +340,9 @@ class EventStreamProtocol:
         submit: SubmitCommands,
     ) -> None:
         try:
-            response = await submit(specs)
+            principal = conn.state.get(PRINCIPAL_KEY)
+            actor = principal.name if isinstance(principal, Principal) else ANONYMOUS
+            response = await submit(specs, actor)
         except NexusError as exc:
             _fail(conn, message, exc)
             return

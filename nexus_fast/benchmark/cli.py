@@ -103,6 +103,8 @@ _DEFAULTS: dict[str, Any] = {
     "tls_key": None,
     "tls_server_name": None,
     "token": None,
+    "node_token_secret": None,
+    "auth": False,
     "allow_remote": False,
     "baseline": False,
     "count": None,
@@ -173,6 +175,13 @@ def _server_options(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--ws", metavar="URL|PORT", help="the target's WebSocket port or base URL")
     client_channel.add_arguments(s)
+    s.add_argument(
+        "--auth",
+        action="store_true",
+        help="with --spawn (heartbeat, dispatch): measure twice in one run, against a "
+        "server with auth off and one with auth on (mTLS + bearer tokens, a throw-away "
+        "PKI), and report both and the ratio",
+    )
     s.add_argument(
         "--allow-remote",
         action="store_true",
@@ -351,6 +360,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     client_channel.check_arguments(parser, args)
     if args.spawn and (args.tls_ca or args.tls_cert):
         parser.error("--spawn starts a plaintext server; TLS options need --target")
+    if args.auth:
+        from nexus_fast.benchmark.authcost import SCENARIOS as AUTH_SCENARIOS
+
+        if not args.spawn or args.scenario not in AUTH_SCENARIOS:
+            parser.error("--auth goes with --spawn, for heartbeat or dispatch")
+        if args.baseline:
+            parser.error("--auth compares the server with itself; run --baseline separately")
+        if args.token or args.node_token_secret:
+            parser.error("--auth makes its own credentials; drop --token/--node-token-secret")
     if args.duration > HARD_MAX_DURATION:
         parser.error(f"--duration is at most {HARD_MAX_DURATION:.0f} s")
     if args.count is not None and args.count > HARD_MAX_OPS:
@@ -401,6 +419,19 @@ async def _run(ctx: Context) -> None:
     await modules[ctx.args.scenario].run(ctx)
 
 
+async def _locate_server(ctx: Context, group: ProcessGroup) -> None:
+    """``--spawn`` a server, or point at ``--target``."""
+    args = ctx.args
+    if args.spawn:
+        print("nexus-bench: starting the server ...", file=sys.stderr)
+        loop = asyncio.get_running_loop()
+        ctx.server = await loop.run_in_executor(None, lambda: spawn_server(group))
+        ctx.report.config["server"] = {"spawned": True, "grpc": ctx.server.grpc}
+    else:
+        ctx.server = Endpoints(grpc=args.target, http=args.http_url, ws=args.ws_url)
+        ctx.report.config["server"] = {"spawned": False, "grpc": args.target}
+
+
 async def amain(args: argparse.Namespace, group: ProcessGroup) -> Report:
     """Run the scenario; Ctrl-C/SIGTERM ends the measurement early (the report still prints)."""
     report = Report(scenario=args.scenario, config=_config(args))
@@ -418,16 +449,15 @@ async def amain(args: argparse.Namespace, group: ProcessGroup) -> Report:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     ctx = Context(args=args, group=group, report=report, stop=stop, auth=ClientAuth.from_args(args))
-    if args.scenario in NETWORK:
-        if args.spawn:
-            print("nexus-bench: starting the server ...", file=sys.stderr)
-            ctx.server = await loop.run_in_executor(None, lambda: spawn_server(group))
-            report.config["server"] = {"spawned": True, "grpc": ctx.server.grpc}
-        else:
-            ctx.server = Endpoints(grpc=args.target, http=args.http_url, ws=args.ws_url)
-            report.config["server"] = {"spawned": False, "grpc": args.target}
     try:
-        await _run(ctx)
+        if args.auth:
+            from nexus_fast.benchmark import authcost
+
+            await authcost.run(ctx, group, _run)
+        else:
+            if args.scenario in NETWORK:
+                await _locate_server(ctx, group)
+            await _run(ctx)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

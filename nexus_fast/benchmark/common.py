@@ -84,9 +84,11 @@ class BenchNode:
         stub: pb_grpc.NodeServiceStub,
         on_commands: Callable[[BenchNode, Any, float], None] | None = None,
         labels: Mapping[str, str] | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.node_id = node_id
         self.stub = stub
+        self.metadata = metadata  # this node's own token (--node-token-secret), else ()
         self.labels = {"bench": "1", **(labels or {})}
         self.on_commands = on_commands
         self.epoch = 0
@@ -110,6 +112,7 @@ class BenchNode:
                 version="nexus-bench",
             ),
             timeout=RPC_TIMEOUT,
+            metadata=self.metadata,
         )
         self.epoch = response.session_epoch
         if response.config.heartbeat_interval_ms:
@@ -122,7 +125,7 @@ class BenchNode:
 
     async def connect(self) -> None:
         """Open the Connect stream and send the first message (identity + heartbeat)."""
-        self.call = self.stub.Connect()
+        self.call = self.stub.Connect(metadata=self.metadata)
         first = pb.NodeMessage()
         first.CopyFrom(self.heartbeat_msg)
         first.node_id = self.node_id
@@ -188,12 +191,16 @@ class NodePool:
         channels: int | None = None,
         labels: Mapping[str, str] | None = None,
     ) -> None:
+        auth = (auth or ClientAuth()).for_nodes()
         self.channels = [open_channel(target, auth) for _ in range(channels or default_channels(n))]
         stubs = [pb_grpc.NodeServiceStub(ch) for ch in self.channels]
         width = max(5, len(str(n - 1)))
+        ids = [f"{prefix}{i:0{width}d}" for i in range(n)]
         self.nodes = [
-            BenchNode(f"{prefix}{i:0{width}d}", stubs[i % len(stubs)], on_commands, labels)
-            for i in range(n)
+            BenchNode(
+                node_id, stubs[i % len(stubs)], on_commands, labels, auth.node_metadata(node_id)
+            )
+            for i, node_id in enumerate(ids)
         ]
 
     async def start(self) -> None:

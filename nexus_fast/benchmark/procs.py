@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -54,10 +55,20 @@ def proc_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
 
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    """GET ``url``; returns ``(status, body)`` (HTTP errors are statuses, not exceptions)."""
+def http_get(
+    url: str,
+    timeout: float = 5.0,
+    context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
+    """GET ``url``; returns ``(status, body)`` (HTTP errors are statuses, not exceptions).
+
+    ``context``/``headers``: TLS (and a client certificate) and ``Authorization`` for a
+    server with auth on.
+    """
+    request = urllib.request.Request(url, headers=headers or {})
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return int(response.status), response.read()
     except urllib.error.HTTPError as err:
         return int(err.code), err.read()
@@ -98,13 +109,17 @@ class Endpoints:
     http: str | None = None  # base URL, e.g. http://127.0.0.1:8082
     ws: str | None = None  # base URL, e.g. ws://127.0.0.1:8081
     pid: int | None = None  # known when we spawned it (CPU from /proc)
+    http_ssl: ssl.SSLContext | None = None  # HTTPS with auth on (spawn_server(secure=...))
+    http_headers: dict[str, str] = field(default_factory=dict)  # its Authorization
 
     def metrics(self, timeout: float = 5.0) -> dict[str, float] | None:
         """Scrape ``/metrics`` (None without an HTTP endpoint or on failure)."""
         if not self.http:
             return None
         try:
-            status, body = http_get(self.http.rstrip("/") + "/metrics", timeout)
+            status, body = http_get(
+                self.http.rstrip("/") + "/metrics", timeout, self.http_ssl, self.http_headers
+            )
         except OSError:
             return None
         return parse_metrics(body.decode(errors="replace")) if status == 200 else None
@@ -167,6 +182,17 @@ class ProcessGroup:
             return self.logs[self.procs.index(proc)].read_text(errors="replace")[-chars:]
         return ""
 
+    def stop(self, pid: int, timeout: float = 15.0) -> None:
+        """SIGTERM the child ``pid`` and wait for it (SIGKILL after ``timeout``)."""
+        for proc in self.procs:
+            if proc.pid == pid and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
     def close(self, timeout: float = 15.0) -> None:
         """SIGTERM every child, wait (then SIGKILL), remove the temporary directories."""
         for proc in self.procs:
@@ -204,12 +230,19 @@ def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], timeout: floa
 
 
 def spawn_server(
-    group: ProcessGroup, *, timeout: float = 60.0, extra_env: dict[str, str] | None = None
+    group: ProcessGroup,
+    *,
+    timeout: float = 60.0,
+    extra_env: dict[str, str] | None = None,
+    config: Path | None = None,
+    http_ssl: ssl.SSLContext | None = None,
 ) -> Endpoints:
     """Start ``python -m nexus_fast.cli`` on free loopback ports with a temporary data dir.
 
     Returns once ``/ready`` answers 200. Logging is reduced to warnings so the server does
-    not spend its CPU on log lines we do not read.
+    not spend its CPU on log lines we do not read. ``config``: a TOML file (auth on, see
+    :mod:`nexus_fast.benchmark.authcost`); ``http_ssl``: the client context its HTTPS
+    port needs.
     """
     data = group.tempdir("nexus-bench-data-")
     grpc_port, ws_port, http_port = free_ports(3)
@@ -236,9 +269,10 @@ def spawn_server(
         str(http_port),
         "--db-path",
         str(data / "db"),
+        *(["--config", str(config)] if config else []),
     ]
-    proc = group.start(argv, log_name="server", env=env)
-    http = f"http://{HOST}:{http_port}"
+    proc = group.start(argv, log_name="server-auth" if config else "server", env=env)
+    http = f"{'https' if http_ssl else 'http'}://{HOST}:{http_port}"
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
@@ -246,14 +280,13 @@ def spawn_server(
                 f"spawned server exited with {proc.returncode}:\n{group.log_tail(proc)}"
             )
         with contextlib.suppress(OSError):
-            if http_get(http + "/ready", 1.0)[0] == 200:
+            if http_get(http + "/ready", 1.0, http_ssl)[0] == 200:
                 break
         if time.monotonic() > deadline:
             raise BenchError(f"spawned server not ready after {timeout:.0f}s")
         time.sleep(0.05)
-    return Endpoints(
-        grpc=f"{HOST}:{grpc_port}", http=http, ws=f"ws://{HOST}:{ws_port}", pid=proc.pid
-    )
+    ws = f"{'wss' if http_ssl else 'ws'}://{HOST}:{ws_port}"
+    return Endpoints(grpc=f"{HOST}:{grpc_port}", http=http, ws=ws, pid=proc.pid, http_ssl=http_ssl)
 
 
 def spawn_baseline(group: ProcessGroup, kind: str, *args: str, timeout: float = 30.0) -> Endpoints:

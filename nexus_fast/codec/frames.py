@@ -18,9 +18,19 @@ from nexus_fast.codec.protowire import varint
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 
-__all__ = ["EventEnvelope", "batch_bytes", "bookmark_bytes", "decode_event", "json_frames"]
+__all__ = [
+    "SYSTEM_ACTOR",
+    "EventEnvelope",
+    "batch_bytes",
+    "bookmark_bytes",
+    "decode_event",
+    "json_frames",
+]
 
 log = get_logger("events")
+
+SYSTEM_ACTOR = "system"
+"""The JSON view's ``actor`` of events the server caused itself (empty in protobuf)."""
 
 _CORRUPT = pb.Event(topic="system", type="system.corrupt").SerializeToString()
 
@@ -70,21 +80,27 @@ class EventEnvelope:
 
     @property
     def json(self) -> bytes:
-        """``{"index","time_ms","topic","type","key","payload"}`` as orjson bytes (cached)."""
+        """``{"index","time_ms","topic","type","key","actor","payload"}`` as orjson bytes
+        (cached), plus ``"details"`` when the event has any.
+
+        ``actor`` is ``"system"`` for the server's own changes (empty in protobuf).
+        """
         data = self._json
         if data is None:
             # Decoded again here rather than kept: the ring holds one copy of each payload.
-            payload = pb.Event.FromString(self._stored).payload
-            data = self._json = orjson.dumps(
-                {
-                    "index": self.index,
-                    "time_ms": self.time_ms,
-                    "topic": self.topic,
-                    "type": self.type,
-                    "key": self.key,
-                    "payload": payload_json(self.topic, payload),
-                }
-            )
+            event = pb.Event.FromString(self._stored)
+            view: dict[str, object] = {
+                "index": self.index,
+                "time_ms": self.time_ms,
+                "topic": self.topic,
+                "type": self.type,
+                "key": self.key,
+                "actor": event.actor or SYSTEM_ACTOR,
+                "payload": payload_json(self.topic, event.payload),
+            }
+            if event.details:
+                view["details"] = dict(event.details)
+            data = self._json = orjson.dumps(view)
         return data
 
     @property

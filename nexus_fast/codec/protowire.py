@@ -8,6 +8,7 @@ writes them) and the unit tests compare them with protobuf's own output.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 from nexus_fast.pb import fabric_pb2 as pb
@@ -37,11 +38,37 @@ def length_delimited(field: int, data: bytes) -> bytes:
     return bytes(((field << 3) | 2,)) + varint(len(data)) + data
 
 
-def event(topic: str, event_type: str, key: str, payload: bytes, time_ms: int) -> bytes:
-    """A serialized ``pb.Event`` without ``index`` (the store assigns it on commit)."""
+def event(
+    topic: str,
+    event_type: str,
+    key: str,
+    payload: bytes,
+    time_ms: int,
+    actor: str = "",
+    details: Mapping[str, str] | None = None,
+) -> bytes:
+    """A serialized ``pb.Event`` without ``index`` (the store assigns it on commit).
+
+    ``actor`` names the principal that caused the change ("" = the server itself);
+    ``details`` are the extra facts some event types carry (docs/events.md).
+    """
     return pb.Event(
-        time_ms=time_ms, topic=topic, type=event_type, key=key, payload=payload
-    ).SerializeToString()
+        time_ms=time_ms,
+        topic=topic,
+        type=event_type,
+        key=key,
+        payload=payload,
+        actor=actor,
+        details=details,
+    ).SerializeToString(deterministic=True)
+
+
+def actor_field(actor: str) -> bytes:
+    """Field 7 (actor) of an event, to append to :meth:`CommandEvents.encode`'s output.
+
+    Empty for the server's own changes (proto3 leaves an empty string out).
+    """
+    return length_delimited(7, actor.encode()) if actor else b""
 
 
 # Fields 3 (topic) and 4 (type) of a command event, per state ("command.timed_out", ...).
@@ -73,12 +100,15 @@ class CommandEvents:
             self._last_ms = ts_ms
         return self._time_field
 
-    def encode(self, record: pb.CommandRecord, body: bytes, time_field: bytes) -> bytes:
-        """``event("command", "command.<state>", record.id, body, ts)`` byte for byte.
+    def encode(
+        self, record: pb.CommandRecord, body: bytes, time_field: bytes, actor: bytes = b""
+    ) -> bytes:
+        """``event("command", "command.<state>", record.id, body, ts, actor)`` byte for byte.
 
         ``body`` is ``record.SerializeToString()`` (the caller stores it too); a payload
         above :data:`EVENT_PAYLOAD_LIMIT` is left out of the event's copy.
-        ``time_field`` is :meth:`time_field` of the event time, shared by a batch.
+        ``time_field`` is :meth:`time_field` of the event time, and ``actor`` is
+        :func:`actor_field` of the acting principal: both encoded once per batch.
         """
         if len(record.spec.payload) > EVENT_PAYLOAD_LIMIT:
             slim = pb.CommandRecord()
@@ -97,25 +127,23 @@ class CommandEvents:
                 b"\x32",  # 6: payload
                 SMALL_VARINTS[n_body] if n_body < 0x80 else varint(n_body),
                 body,
+                actor,  # 7: actor (b"" for the server's own changes)
             )
         )
 
 
-def add_node_command(message: pb.ControlMessage, record: pb.CommandRecord) -> None:
-    """Append the node's view of ``record`` to ``message`` (built in place: no copy)."""
+def add_node_command(
+    message: pb.ControlMessage, record: pb.CommandRecord, payload: bytes | None = None
+) -> None:
+    """Append the node's view of ``record`` to ``message`` (built in place: no copy).
+
+    ``payload`` replaces the stored one (a payload built at dispatch).
+    """
     spec = record.spec
     message.commands.add(
         id=record.id,
         kind=spec.kind,
-        payload=spec.payload,
+        payload=spec.payload if payload is None else payload,
         attempt=record.attempt,
         deadline_ms=record.dispatched_ms + spec.timeout_ms,
     )
-
-
-def node_commands(records: list[pb.CommandRecord]) -> pb.ControlMessage:
-    """A ``ControlMessage`` carrying the node's view of ``records``."""
-    message = pb.ControlMessage()
-    for record in records:
-        add_node_command(message, record)
-    return message

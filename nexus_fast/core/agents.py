@@ -28,6 +28,7 @@ from typing import Final
 from nexus_fast.clock import now_ms
 from nexus_fast.codec.json import agent_start_payload, agent_stop_payload
 from nexus_fast.codec.protowire import event
+from nexus_fast.core import acting
 from nexus_fast.core.commands import FINAL_STATES, SUCCEEDED, CommandService
 from nexus_fast.core.nodes import entry_size, page_budget, validate_labels, validate_resources
 from nexus_fast.core.periodic import Periodic
@@ -35,7 +36,6 @@ from nexus_fast.core.scheduler import PlacementRequest, Scheduler
 from nexus_fast.errors import FailedPrecondition, InvalidArgument, NotFound
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
-from nexus_fast.security import auditing
 from nexus_fast.store.base import CommitResult, Delete, Put, StateStore
 from nexus_fast.telemetry import metrics
 
@@ -199,10 +199,11 @@ class AgentService:
 
     # ------------------------------------------------------------ deploy / stop
 
-    async def deploy(self, spec: pb.AgentSpec) -> list[pb.Agent]:
+    async def deploy(self, spec: pb.AgentSpec, actor: str = "") -> list[pb.Agent]:
         """Create the replicas, place them, persist, then send their start commands.
 
         The replicas returned (and stored) carry no spec bytes: see the module docstring.
+        ``actor`` (who deployed) goes on the replicas' events.
         """
         self._validate(spec)
         live = [a for a in self._agents.values() if a.name == spec.name and a.state not in FINAL]
@@ -246,12 +247,15 @@ class AgentService:
         for old in [r for r in self._specs if r[0] == spec.name and r[1] not in used]:
             del self._specs[old]
             ops.append(Delete(AGENTS_DB, _spec_key(*old)))
-        await self._save(agents, ops)
+        await self._save(agents, ops, actor)
         await self._send_starts([a for a in agents if a.node_id])
         return agents
 
-    async def stop_agent(self, name: str) -> list[pb.Agent]:
-        """Stop every replica of ``name``: unplaced ones at once, others via agent.stop."""
+    async def stop_agent(self, name: str, actor: str = "") -> list[pb.Agent]:
+        """Stop every replica of ``name``: unplaced ones at once, others via agent.stop.
+
+        ``actor`` (who asked) goes on the replicas' events.
+        """
         if not name:
             raise InvalidArgument("name", "must not be empty")
         replicas = [a for a in self._agents.values() if a.name == name]
@@ -271,7 +275,7 @@ class AgentService:
             else:
                 self._end(agent, STOPPED, "stopped before it was placed")
         if changed:
-            await self._save(changed)
+            await self._save(changed, actor=actor)
         for agent in to_stop:
             record = await self._commands.submit_internal(
                 pb.CommandSpec(
@@ -489,7 +493,7 @@ class AgentService:
     # ------------------------------------------------------------ persistence
 
     def _save(
-        self, agents: Sequence[pb.Agent], extra: Sequence[Put | Delete] = ()
+        self, agents: Sequence[pb.Agent], extra: Sequence[Put | Delete] = (), actor: str = ""
     ) -> asyncio.Future[CommitResult]:
         ts = now_ms()
         ops: list[Put | Delete] = list(extra)
@@ -497,8 +501,10 @@ class AgentService:
         for agent in agents:
             body = agent.SerializeToString()
             ops.append(Put(AGENTS_DB, agent.id.encode(), body))
-            events.append(event("agent", f"agent.{STATE_NAMES[agent.state]}", agent.id, body, ts))
-        return self._store.commit(ops, events, auditing.records(lambda: _names(agents)))
+            events.append(
+                event("agent", f"agent.{STATE_NAMES[agent.state]}", agent.id, body, ts, actor)
+            )
+        return self._store.commit(ops, events, acting.records(lambda: _names(agents)))
 
     def _save_later(self, agents: Sequence[pb.Agent]) -> None:
         future = self._save(agents)

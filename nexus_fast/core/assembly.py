@@ -14,7 +14,7 @@ from nexus_fast.config import SchedulerConfig
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService, CommandSettings
 from nexus_fast.core.fleet import SchedulerFeed
-from nexus_fast.core.nodes import NodeRegistry, NodeSettings, Session
+from nexus_fast.core.nodes import NodeRegistry, NodeSettings, Session, page_budget
 from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store.base import StateStore
@@ -31,6 +31,8 @@ class CoreFabric:
         max_batch_size: int = 100,
         default_timeout: float = 10.0,
         default_max_attempts: int = 3,
+        max_payload_size: int = 1024,
+        max_message_size: int = 4 * 1024 * 1024,
         node_timeout: float = 30.0,
         seed: int = 1,
     ) -> None:
@@ -52,10 +54,11 @@ class CoreFabric:
             CommandSettings(
                 default_timeout=default_timeout,
                 default_max_attempts=default_max_attempts,
-                max_payload_size=1024,
+                max_payload_size=max_payload_size,
                 final_retention=3600.0,
                 max_batch_size=max_batch_size,
                 queue_capacity=queue_capacity,
+                max_page_bytes=page_budget(max_message_size),
             ),
         )
         self.agents = AgentService(store, self.scheduler, self.commands)

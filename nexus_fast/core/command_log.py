@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from typing import Final
 
 from nexus_fast.clock import now_ms
-from nexus_fast.codec.protowire import CommandEvents
+from nexus_fast.codec.protowire import CommandEvents, actor_field
+from nexus_fast.core import acting
 from nexus_fast.core.command_states import FINAL_STATES
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
-from nexus_fast.security import auditing
-from nexus_fast.security.audit import AuditRecord
+from nexus_fast.store.audit_chain import AuditRecord
 from nexus_fast.store.base import CommitResult, Delete, Put, StateStore
 
 __all__ = ["COMMANDS_DB", "CommandLog"]
@@ -84,11 +84,15 @@ class CommandLog:
 
     # ------------------------------------------------------------ writes
 
-    def stage(self, records: Sequence[pb.CommandRecord]) -> None:
-        """Snapshot records (and their transition events) into the next commit."""
+    def stage(self, records: Sequence[pb.CommandRecord], actor: str = "") -> None:
+        """Snapshot records (and their transition events) into the next commit.
+
+        ``actor`` names who caused these transitions ("" = the server itself).
+        """
         ops, events, final = self._ops, self._events, self._final
         encoder = self._encoder
         time_field = encoder.time_field(now_ms())
+        actor_bytes = actor_field(actor) if actor else b""
         for record in records:
             body = record.SerializeToString()
             ops.append(Put(COMMANDS_DB, _RECORD + record.id.encode(), body))
@@ -101,12 +105,14 @@ class CommandLog:
                     )
                 )
                 final.append(record)
-            events.append(encoder.encode(record, body, time_field))
+            events.append(encoder.encode(record, body, time_field, actor_bytes))
 
-    def save(self, records: Sequence[pb.CommandRecord]) -> asyncio.Future[CommitResult]:
+    def save(
+        self, records: Sequence[pb.CommandRecord], actor: str = ""
+    ) -> asyncio.Future[CommitResult]:
         """Commit records now (with everything staged before them: order is kept)."""
-        self.stage(records)
-        return self._flush(auditing.records(lambda: auditing.ids_target("commands", records)))
+        self.stage(records, actor)
+        return self._flush(acting.records(lambda: acting.ids_target("commands", records)))
 
     def save_later(self, records: Sequence[pb.CommandRecord]) -> None:
         """Commit without waiting, coalesced: one store request per loop iteration."""

@@ -51,7 +51,6 @@ from nexus_fast.core.command_states import (
     SUCCEEDED,
     TIMED_OUT,
 )
-from nexus_fast.core.command_wait import CommandWaiters
 from nexus_fast.core.dispatch import Dispatcher
 from nexus_fast.core.nodes import (
     NodeRegistry,
@@ -62,6 +61,7 @@ from nexus_fast.core.nodes import (
 )
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
+from nexus_fast.core.waiters import CommandWaiters
 from nexus_fast.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -92,6 +92,7 @@ __all__ = [
 
 log = get_logger("commands")
 
+Specs = Sequence[pb.CommandSpec]
 MAX_WAIT_IDS: Final = 10_000
 MAX_LIST_PAGE: Final = 5000
 DEFAULT_LIST_PAGE: Final = 500
@@ -138,6 +139,7 @@ class CommandService:
             capacity=settings.queue_capacity,
             priorities=MAX_PRIORITY + 1,
             batch_size=settings.max_batch_size,
+            max_message_bytes=settings.max_page_bytes,
             sent=self._dispatched,
             payload_of=self._node_payload,
         )
@@ -215,6 +217,7 @@ class CommandService:
         self._pending_dirty = True
 
     async def stop(self) -> None:
+        self._waiters.stop()  # WaitCommands calls end now, not at the drain deadline
         await self._ticker.stop()
         self._dispatch.stop()
         await self.flush()
@@ -294,8 +297,8 @@ class CommandService:
 
     # ------------------------------------------------------------ submit
 
-    async def submit(self, specs: Sequence[pb.CommandSpec]) -> pb.SubmitCommandsResponse:
-        """Validate, de-duplicate, place and persist a batch; answers once durable."""
+    async def submit(self, specs: Specs, actor: str = "") -> pb.SubmitCommandsResponse:
+        """Validate, de-duplicate, place and persist ``actor``'s batch; answers once durable."""
         self._validate_batch(specs)
         answers: list[tuple[pb.CommandRecord, bool]] = []  # (record, duplicate)
         new: list[pb.CommandRecord] = []
@@ -328,7 +331,7 @@ class CommandService:
             self._active[record.id] = record
             self._submitted_at[record.id] = now
         try:
-            commit = await self._log.save(new) if new else None
+            commit = await self._log.save(new, actor) if new else None
         except BaseException:
             for record in new:
                 self._forget(record)
@@ -595,7 +598,7 @@ class CommandService:
 
     # ------------------------------------------------------------ cancel / wait
 
-    async def cancel(self, command_id: str) -> pb.CommandRecord:
+    async def cancel(self, command_id: str, actor: str = "") -> pb.CommandRecord:
         record = self._active.get(command_id)
         if record is None:
             final = self.get(command_id)  # NOT_FOUND if unknown
@@ -607,20 +610,21 @@ class CommandService:
         self._finish(record, CANCELLED, "cancelled by request", save=False)
         if was_inflight:
             self._dispatch.send_cancel(node_id, [command_id])
-        await self._log.save([record])
+        await self._log.save([record], actor)
         return record
 
     def wait(self, ids: Sequence[str], timeout: float | None) -> AsyncIterator[pb.CommandRecord]:
-        """Each command's record once it is final (see :class:`CommandWaiters`).
+        """Yield each command's record once it is final (final ones at once); a timeout
+        ends with a marker record (see :meth:`CommandWaiters.wait`).
 
-        The ids are checked here, before anything is iterated (NOT_FOUND streams nothing).
+        Raises Unavailable ("server stopping") when the server stops first.
         """
+        self._waiters.check_open()
         if not ids:
             raise InvalidArgument("ids", "must not be empty")
         if len(ids) > MAX_WAIT_IDS:
             raise InvalidArgument("ids", f"at most {MAX_WAIT_IDS} ids")
         records = [self.get(i) for i in dict.fromkeys(ids)]  # NOT_FOUND before streaming
-        # The caller holds the waiting generator itself, so closing it unregisters at once.
         return self._waiters.wait(records, timeout)
 
     # ------------------------------------------------------------ node changes
@@ -717,7 +721,7 @@ class CommandService:
         if started is not None:
             metrics.COMMAND_SUBMIT_TO_FINAL.observe(time.monotonic() - started)
         self._processed[state].inc()
-        self._waiters.finished(record)
+        self._waiters.notify(record)
         for hook in self.on_final:
             hook(record)
         if save:

@@ -4,9 +4,12 @@ Commands reach it only once their placement is durable. Each node has a lane in 
 bounded :class:`~nexus_fast.queue.CommandQueue` (lane = its slot in the shared
 :class:`~nexus_fast.core.slots.NodeSlots` + 1; lane 0 holds commands waiting for a node).
 Pushing marks the node dirty; one loop callback per iteration sends every dirty node its
-queued commands, one batched ``ControlMessage`` per ``batch_size``, while its stream has
-room. A sent command is in flight on its node until its result (or its node is lost),
-and is sent again when the node's stream reconnects: delivery is at-least-once.
+queued commands, while its stream has room, in ``ControlMessage`` batches of at most
+``batch_size`` commands and ``max_message_bytes`` (estimated as payload + a fixed overhead;
+always at least one command). Ids popped for a message the stream had no room for wait in
+the node's carry and go first next time. A sent command is in flight on its node until its
+result (or its node is lost), and is sent again when the node's stream reconnects: delivery
+is at-least-once.
 
 The state machine (``CommandService``) decides what goes where; the dispatcher only moves
 ids between lanes and streams, and tells the service what it sent.
@@ -19,8 +22,9 @@ from collections.abc import Callable, Mapping
 from typing import Final
 
 from nexus_fast.clock import now_ms
-from nexus_fast.codec.protowire import add_node_command, node_commands
-from nexus_fast.core.command_states import DISPATCHED
+from nexus_fast.codec.protowire import add_node_command
+from nexus_fast.core.command_spec import MAX_ID_LEN, MAX_KIND_LEN
+from nexus_fast.core.command_states import DISPATCHED, PLACED
 from nexus_fast.core.nodes import NodeRegistry, Session
 from nexus_fast.core.slots import NodeSlots
 from nexus_fast.pb import fabric_pb2 as pb
@@ -29,6 +33,10 @@ from nexus_fast.queue import CommandQueue
 __all__ = ["Dispatcher"]
 
 _UNPLACED: Final = 0  # lane of commands waiting for a node
+# Bytes of one Command in a ControlMessage besides its payload: id and kind at their
+# longest, attempt, deadline, field tags and lengths. An estimate that never undercounts,
+# so messages are sized without a ByteSize() per command.
+COMMAND_OVERHEAD: Final = MAX_ID_LEN + MAX_KIND_LEN + 32
 
 
 class Dispatcher:
@@ -43,6 +51,7 @@ class Dispatcher:
         capacity: int,
         priorities: int,
         batch_size: int,
+        max_message_bytes: int,
         sent: Callable[[list[pb.CommandRecord]], None],
         payload_of: Callable[[pb.CommandRecord], bytes | None] | None = None,
     ) -> None:
@@ -50,6 +59,8 @@ class Dispatcher:
         self._slots = slots
         self._active = active
         self._batch_size = batch_size
+        # Commands' bytes per ControlMessage, under the gRPC message limit.
+        self._max_bytes = max_message_bytes
         self._sent = sent
         # Internal (agent) commands whose node payload is built now, not stored in the record.
         self._payload_of = payload_of
@@ -58,6 +69,9 @@ class Dispatcher:
         self._held: set[str] = set()
         # Dispatched or acked, per node, in dispatch order: re-sent when the node reconnects.
         self._inflight: dict[str, dict[str, None]] = {}
+        # Popped from a node's lane but not sent (its stream was full): sent first next
+        # time, each only while still PLACED on that node (checked when sent).
+        self._carry: dict[str, list[str]] = {}
         self._dirty: set[str] = set()
         self._handle: asyncio.Handle | None = None
 
@@ -111,7 +125,7 @@ class Dispatcher:
 
     def take_node(self, node_id: str) -> tuple[list[str], list[str]]:
         """Empty a lost node's lane and in-flight set: (queued ids, in-flight ids)."""
-        queued: list[str] = []
+        queued = [i for i in self._carry.pop(node_id, ()) if self._placed_on(i, node_id)]
         slot = self._slots.get(node_id) if node_id in self._held else None
         if slot is not None:
             while ids := self._queue.pop_batch(slot + 1, 10_000):
@@ -121,6 +135,7 @@ class Dispatcher:
     def node_removed(self, node_id: str) -> None:
         """The node is gone (its lane already emptied by :meth:`take_node`): let its slot go."""
         self._inflight.pop(node_id, None)
+        self._carry.pop(node_id, None)
         self._dirty.discard(node_id)
         if node_id in self._held:
             self._held.discard(node_id)
@@ -131,7 +146,7 @@ class Dispatcher:
         queue, slots = self._queue, self._slots
         for node_id in self._held:
             slot = slots.get(node_id)
-            if slot is not None and queue.depth(slot + 1):
+            if slot is not None and (queue.depth(slot + 1) or node_id in self._carry):
                 self._dirty.add(node_id)
         if self._dirty:
             self._schedule()
@@ -148,27 +163,39 @@ class Dispatcher:
         """Re-send what the node may have missed, then whatever is queued for it."""
         inflight = self._inflight.get(node.id)
         if inflight:
-            records = [self._active[i] for i in inflight if i in self._active]
-            size = self._batch_size
-            for start in range(0, len(records), size):
-                message = node_commands(records[start : start + size])
-                self._fill_payloads(message, records[start : start + size])
+            active = self._active
+            message = pb.ControlMessage()
+            size = 0
+            for command_id in inflight:
+                record = active.get(command_id)
+                if record is None:
+                    continue
+                payload = self._payload(record)
+                cost = len(payload) + COMMAND_OVERHEAD
+                if message.commands and (
+                    size + cost > self._max_bytes or len(message.commands) >= self._batch_size
+                ):
+                    session.send(message)
+                    message, size = pb.ControlMessage(), 0
+                add_node_command(message, record, payload)
+                size += cost
+            if message.commands:
                 session.send(message)
         if node.id in self._held:
             self._dirty.add(node.id)
             self._schedule()
 
-    def _fill_payloads(
-        self, message: pb.ControlMessage, records: list[pb.CommandRecord], first: int = 0
-    ) -> None:
-        """Replace stored payloads by the ones built at dispatch (``payload_of``)."""
-        if self._payload_of is None:
-            return
-        for i, record in enumerate(records, first):
-            if record.agent_id:
-                payload = self._payload_of(record)
-                if payload is not None:
-                    message.commands[i].payload = payload
+    def _payload(self, record: pb.CommandRecord) -> bytes:
+        """The payload the node receives: built at dispatch (``payload_of``) or stored."""
+        if record.agent_id and self._payload_of is not None:
+            built = self._payload_of(record)
+            if built is not None:
+                return built
+        return record.spec.payload
+
+    def _placed_on(self, command_id: str, node_id: str) -> bool:
+        record = self._active.get(command_id)
+        return record is not None and record.state == PLACED and record.node_id == node_id
 
     def _schedule(self) -> None:
         if self._handle is None:
@@ -195,23 +222,40 @@ class Dispatcher:
         self, node_id: str, lane: int, session: Session, sent: list[pb.CommandRecord]
     ) -> None:
         batch_size = self._batch_size
+        budget = self._max_bytes
         active = self._active
         queue = self._queue
         inflight = self._inflight.setdefault(node_id, {})
         ts = now_ms()
-        while queue.depth(lane) and session.has_room():
+        while (node_id in self._carry or queue.depth(lane)) and session.has_room():
+            if node_id in self._carry:
+                ids, carried = self._carry.pop(node_id), True
+            else:
+                ids, carried = queue.pop_batch(lane, batch_size), False
             message = pb.ControlMessage()
-            for command_id in queue.pop_batch(lane, batch_size):
+            size = 0
+            for n, command_id in enumerate(ids):
                 record = active.get(command_id)
                 if record is None:
                     continue
+                # A carried id may have left this node meanwhile (timed out, re-placed).
+                if carried and (record.state != PLACED or record.node_id != node_id):
+                    continue
+                payload = record.spec.payload if not record.agent_id else self._payload(record)
+                cost = len(payload) + COMMAND_OVERHEAD
+                if size + cost > budget and message.commands:
+                    # Full by bytes: send it; the rest waits if the stream has no room.
+                    if not session.send(message) or not session.has_room():
+                        self._carry[node_id] = ids[n:]
+                        return
+                    message = pb.ControlMessage()
+                    size = 0
                 record.state = DISPATCHED
                 record.dispatched_ms = ts
                 record.updated_ms = ts
                 inflight[command_id] = None
-                add_node_command(message, record)
-                if record.agent_id:
-                    self._fill_payloads(message, [record], len(message.commands) - 1)
+                add_node_command(message, record, payload)
+                size += cost
                 sent.append(record)
             if message.commands and not session.send(message):
                 break  # the stream was closed for falling behind; reconnect re-sends in-flight

@@ -33,18 +33,20 @@ from google.protobuf.message import Message
 from nexus_fast.clock import now_ms
 from nexus_fast.codec.protowire import event
 from nexus_fast.codec.tokens import decode_page_token, encode_page_token
+from nexus_fast.core import acting
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.staged_events import StagedEvents
 from nexus_fast.errors import (
     InvalidArgument,
     NodeNotFound,
+    PermissionDenied,
     StaleSession,
     Superseded,
     Unavailable,
 )
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
-from nexus_fast.security import auditing
 from nexus_fast.store.base import Delete, Put, StateStore
 from nexus_fast.telemetry import metrics
 
@@ -74,6 +76,10 @@ DEFAULT_MAX_CAPACITY: Final = {
 }
 # Bound per node: a node that stops reading its stream cannot pin unbounded memory.
 SESSION_QUEUE_SIZE: Final = 1024
+
+# A live stream silent for this many heartbeat intervals counts as half-dead: its owner
+# may replace it from another connection even when no credential proves who it is.
+SILENT_INTERVALS: Final = 2.0
 
 _NODE_ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 _LABEL_KEY_RE: Final = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")
@@ -154,6 +160,8 @@ class Session:
 
     node_id: str
     epoch: int
+    actor: str = ""  # the principal that opened it ("" = in-process, e.g. tests, benches)
+    peer: str = ""  # the connection it runs on (gRPC peer string), for the takeover rule
     outbound: asyncio.Queue[pb.ControlMessage | None] = field(
         default_factory=lambda: asyncio.Queue(SESSION_QUEUE_SIZE)
     )
@@ -237,6 +245,8 @@ class NodeRegistry:
         self._pruner = Periodic("node-pruner", self.prune_once, log)
         self.listeners: list[NodeListener] = []
         self._connection_events = StagedEvents(store)  # node.connected / node.disconnected
+        # Node id -> when its last takeover refusal was reported (bounded by the fleet).
+        self._refused_at: dict[str, float] = {}
         metrics.NODES.source = self.status_counts  # read at scrape time, nothing to keep in sync
 
     # ------------------------------------------------------------ start / stop
@@ -350,8 +360,15 @@ class NodeRegistry:
 
     # ------------------------------------------------------------ node calls
 
-    async def register(self, request: pb.RegisterRequest) -> tuple[pb.Node, pb.NodeConfig]:
-        """Create or refresh a node; each call starts a new session epoch."""
+    async def register(
+        self, request: pb.RegisterRequest, actor: str = "", peer: str = ""
+    ) -> tuple[pb.Node, pb.NodeConfig]:
+        """Create or refresh a node; each call starts a new session epoch.
+
+        ``actor`` (the caller's principal name) and ``peer`` (its connection) decide
+        whether a live stream may be replaced (:meth:`_check_takeover`) and go on the
+        events. PermissionDenied when the node's live stream belongs to someone else.
+        """
         validate_node_id(request.node_id)
         if len(request.address) > MAX_ADDRESS_LEN:
             raise InvalidArgument("address", f"longer than {MAX_ADDRESS_LEN} characters")
@@ -371,15 +388,12 @@ class NodeRegistry:
             event_type = "node.registered"
             old_status = pb.NODE_STATUS_UNSPECIFIED
         else:
+            await self._check_takeover(entry, actor, peer, "Register")
             node = entry.record
             previous.CopyFrom(node)
             event_type = "node.reregistered"
             old_status = node.status
-            if entry.session is not None:
-                entry.session.close(
-                    Superseded(f"superseded by session epoch {node.session_epoch + 1}")
-                )
-                entry.session = None
+        old_session = entry.session if entry is not None else None
         node.address = request.address
         node.labels.clear()
         node.labels.update(request.labels)
@@ -389,9 +403,32 @@ class NodeRegistry:
         node.last_heartbeat_ms = ts
         node.connected = False
         new_status = pb.NODE_STATUS_DRAINING if node.draining else pb.NODE_STATUS_READY
-        self._set_status(entry, new_status, ts)
+        self._set_status(entry, new_status, ts)  # before the events: they carry the node as is
+        events: list[bytes] = []
+        if event_type == "node.registered":
+            events.append(_event(event_type, node, actor))
+        else:
+            changed = _changed(previous, node)
+            events.append(
+                _event(event_type, node, actor, {"changed": ",".join(changed)} if changed else None)
+            )
+            if changed:
+                log.warning(
+                    "node re-registered with changes",
+                    extra={"node": node.id, "changed": changed, "principal": actor, "peer": peer},
+                )
+        if old_session is not None:
+            if not old_session.closed:
+                events.append(self._superseded_event(node, old_session, actor, peer, "Register"))
+            # Ended before the write, as before: nothing is dispatched to it meanwhile.
+            old_session.close(Superseded(f"superseded by session epoch {node.session_epoch}"))
+            entry.session = None
         try:
-            await self._persist([node], [(event_type, node)])
+            await self._store.commit(
+                [Put(NODES_DB, node.id.encode(), node.SerializeToString(deterministic=True))],
+                events,
+                acting.records(node.id),
+            )
         except BaseException:
             self._rollback(request.node_id, entry, previous, old_status)
             raise
@@ -405,8 +442,14 @@ class NodeRegistry:
             max_batch_size=self.settings.max_batch_size,
         )
 
-    async def open_session(self, node_id: str, epoch: int) -> Session:
-        """Attach a Connect stream; ends any older stream of the same node."""
+    async def open_session(
+        self, node_id: str, epoch: int, actor: str = "", peer: str = ""
+    ) -> Session:
+        """Attach a Connect stream; ends any older stream of the same node.
+
+        The epoch fences stale streams; it is not a credential: a live stream is replaced
+        only as :meth:`_check_takeover` allows (PermissionDenied otherwise).
+        """
         validate_node_id(node_id, "node_id (first message)")
         entry = self._nodes.get(node_id)
         if entry is None:
@@ -417,10 +460,18 @@ class NodeRegistry:
                 f"session epoch {epoch} of node {node_id!r} is not current "
                 f"(current is {node.session_epoch}); register again"
             )
-        if entry.session is not None:
-            entry.session.close(Superseded("superseded by a newer stream of the same session"))
-        session = Session(node_id=node_id, epoch=epoch)
+        old = entry.session
+        was_live = old is not None and not old.closed
+        if old is not None:
+            await self._check_takeover(entry, actor, peer, "Connect")  # returns without awaiting
+            old.close(Superseded("superseded by a newer stream of the same session"))
+        session = Session(node_id=node_id, epoch=epoch, actor=actor, peer=peer)
         entry.session = session
+        if was_live:
+            assert old is not None
+            await self._store.commit(
+                (), [self._superseded_event(node, old, actor, peer, "Connect")]
+            )
         node.connected = True
         self._touch(entry)
         session.send(pb.ControlMessage(config=self.node_config()))
@@ -434,7 +485,7 @@ class NodeRegistry:
             await self._persist([node], [("node.up", node)])
             self._updated(node)
         if entry.session is session:
-            self._connection_events.add(_event("node.connected", node))  # not awaited: batched
+            self._connection_events.add(_event("node.connected", node, actor))  # not awaited
             for listener in self.listeners:
                 listener.session_opened(node, session)
         return session
@@ -450,7 +501,7 @@ class NodeRegistry:
         if entry is not None and entry.session is session:
             entry.session = None
             entry.record.connected = False
-            self._connection_events.add(_event("node.disconnected", entry.record))
+            self._connection_events.add(_event("node.disconnected", entry.record, session.actor))
 
     def heartbeat(self, session: Session, heartbeat: pb.Heartbeat | None) -> Awaitable[None] | None:
         """Record that the node spoke: memory only, O(1).
@@ -483,7 +534,8 @@ class NodeRegistry:
         if heartbeat.HasField("usage"):
             validate_resources(heartbeat.usage, "heartbeat.usage")
 
-    async def deregister(self, node_id: str, epoch: int) -> None:
+    async def deregister(self, node_id: str, epoch: int, actor: str = "", peer: str = "") -> None:
+        """Remove a node at its own request; the live stream's owner rule applies."""
         validate_node_id(node_id)
         entry = self._nodes.get(node_id)
         if entry is None:
@@ -493,11 +545,12 @@ class NodeRegistry:
                 f"session epoch {epoch} of node {node_id!r} is not current "
                 f"(current is {entry.record.session_epoch})"
             )
-        await self._remove(entry, "node.deregistered", None)
+        await self._check_takeover(entry, actor, peer, "Deregister")
+        await self._remove(entry, "node.deregistered", None, actor)
 
     # ------------------------------------------------------------ operator calls
 
-    async def drain(self, node_id: str, drain: bool, reason: str) -> pb.Node:
+    async def drain(self, node_id: str, drain: bool, reason: str, actor: str = "") -> pb.Node:
         validate_node_id(node_id)
         if len(reason) > 1024:
             raise InvalidArgument("reason", "longer than 1024 characters")
@@ -511,7 +564,7 @@ class NodeRegistry:
         node.drain_reason = reason if drain else ""
         if node.status in _LIVE:
             self._set_status(entry, self._live_status(node), now_ms())
-        await self._persist([node], [("node.drain" if drain else "node.undrain", node)])
+        await self._persist([node], [("node.drain" if drain else "node.undrain", node)], actor)
         self._updated(node)
         if entry.session is not None:
             entry.session.send(
@@ -519,7 +572,7 @@ class NodeRegistry:
             )
         return node
 
-    async def set_eligibility(self, node_id: str, eligible: bool) -> pb.Node:
+    async def set_eligibility(self, node_id: str, eligible: bool, actor: str = "") -> pb.Node:
         validate_node_id(node_id)
         entry = self._nodes.get(node_id)
         if entry is None:
@@ -527,16 +580,16 @@ class NodeRegistry:
         node = entry.record
         if node.eligible != eligible:
             node.eligible = eligible
-            await self._persist([node], [("node.eligibility", node)])
+            await self._persist([node], [("node.eligibility", node)], actor)
             self._updated(node)
         return node
 
-    async def remove(self, node_id: str) -> None:
+    async def remove(self, node_id: str, actor: str = "") -> None:
         validate_node_id(node_id)
         entry = self._nodes.get(node_id)
         if entry is None:
             raise NodeNotFound(node_id)
-        await self._remove(entry, "node.removed", NodeNotFound(node_id))
+        await self._remove(entry, "node.removed", NodeNotFound(node_id), actor)
 
     # ------------------------------------------------------------ pruner
 
@@ -568,6 +621,7 @@ class NodeRegistry:
         for node_id in expired:
             entry = self._nodes.pop(node_id)
             self._down.pop(node_id, None)
+            self._refused_at.pop(node_id, None)
             self._count(entry.record.status, -1)
             entry.record.status = pb.NODE_STATUS_REMOVED
             ops.append(Delete(NODES_DB, node_id.encode()))
@@ -635,7 +689,9 @@ class NodeRegistry:
             self._set_status(entry, old, previous.status_changed_ms)
             entry.record.CopyFrom(previous)
 
-    async def _remove(self, entry: NodeEntry, event_type: str, reason: Exception | None) -> None:
+    async def _remove(
+        self, entry: NodeEntry, event_type: str, reason: Exception | None, actor: str = ""
+    ) -> None:
         node = entry.record
         node_id = node.id
         if entry.session is not None:
@@ -651,22 +707,93 @@ class NodeRegistry:
         node.connected = False
         for listener in self.listeners:
             listener.node_removed(node)
+        self._refused_at.pop(node_id, None)
         await self._store.commit(
             [Delete(NODES_DB, node_id.encode())],
-            [_event(event_type, node)],
-            auditing.records(node_id),
+            [_event(event_type, node, actor)],
+            acting.records(node_id),
         )
 
     async def _persist(
-        self, nodes: Sequence[pb.Node], events: Sequence[tuple[str, pb.Node]]
+        self, nodes: Sequence[pb.Node], events: Sequence[tuple[str, pb.Node]], actor: str = ""
     ) -> None:
         ops = [Put(NODES_DB, n.id.encode(), n.SerializeToString(deterministic=True)) for n in nodes]
         await self._store.commit(
             ops,
-            [_event(t, n) for t, n in events],
-            auditing.records(lambda: ",".join(n.id for n in nodes)),
+            [_event(t, n, actor) for t, n in events],
+            acting.records(lambda: ",".join(n.id for n in nodes)),
         )
 
+    # ------------------------------------------------------------ session ownership
 
-def _event(event_type: str, node: pb.Node) -> bytes:
-    return event("node", event_type, node.id, node.SerializeToString(deterministic=True), now_ms())
+    async def _check_takeover(self, entry: NodeEntry, actor: str, peer: str, call: str) -> None:
+        """Refuse (PermissionDenied) a call that would replace the node's live stream.
+
+        A stream silent for :data:`SILENT_INTERVALS` heartbeat intervals is half-dead,
+        not live: anyone the permission check let through may replace it (so a node
+        whose credential changed is never locked out by its own dead stream). A live
+        stream is replaced only by the principal that opened it, and, when that is
+        :data:`ANONYMOUS` (authentication off: nothing proves who it is), only from its
+        own connection (same gRPC peer ``ip:port``, so the same client process). So the
+        public epoch never takes a healthy stream. Returns without awaiting when allowed.
+        """
+        session = entry.session
+        if session is None or session.closed:
+            return
+        if time.monotonic() - entry.last_seen > SILENT_INTERVALS * self.settings.heartbeat_interval:
+            return
+        if actor != session.actor:
+            reason = "its live stream belongs to another principal"
+        elif actor == ANONYMOUS and peer != session.peer:
+            reason = (
+                "its live stream is healthy and nothing proves the caller is the same node "
+                "(authentication is off); retry once that stream has ended"
+            )
+        else:
+            return
+        node = entry.record
+        now = time.monotonic()
+        last = self._refused_at.get(node.id)
+        # One event and log line per node per heartbeat interval: refusals cannot flood either.
+        if last is None or now - last >= self.settings.heartbeat_interval:
+            self._refused_at[node.id] = now
+            details = {"call": call, "principal": actor, "owner": session.actor}
+            details.update(peer=peer, owner_peer=session.peer)
+            log.warning("node takeover refused", extra={"node": node.id, **details})
+            await self._store.commit((), [_event("node.takeover_refused", node, actor, details)])
+        raise PermissionDenied(f"{call} refused for node {node.id!r}: {reason}")
+
+    def _superseded_event(
+        self, node: pb.Node, old: Session, actor: str, peer: str, call: str
+    ) -> bytes:
+        """The ``node.superseded`` event (and its WARNING line) for a replaced live stream."""
+        details = {
+            "call": call,
+            "old_principal": old.actor,
+            "new_principal": actor,
+            "old_peer": old.peer,
+            "new_peer": peer,
+            "old_epoch": str(old.epoch),
+            "new_epoch": str(node.session_epoch),
+        }
+        log.warning("node stream superseded", extra={"node": node.id, **details})
+        return _event("node.superseded", node, actor, details)
+
+
+def _changed(before: pb.Node, after: pb.Node) -> list[str]:
+    """Which of address, labels and capacity a re-registration changed."""
+    changed = []
+    if before.address != after.address:
+        changed.append("address")
+    if dict(before.labels) != dict(after.labels):
+        changed.append("labels")
+    if before.capacity != after.capacity:
+        changed.append("capacity")
+    return changed
+
+
+def _event(
+    event_type: str, node: pb.Node, actor: str = "", details: Mapping[str, str] | None = None
+) -> bytes:
+    body = node.SerializeToString(deterministic=True)
+    return event("node", event_type, node.id, body, now_ms(), actor, details)

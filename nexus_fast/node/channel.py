@@ -8,6 +8,10 @@ Written once, used by both tools (and their worker processes):
 - ``--token TOKEN`` (or the ``NEXUS_TOKEN`` environment variable, which keeps the token out
   of ``ps``) is sent on every gRPC call as the metadata ``authorization: Bearer <token>``
   and on WebSocket upgrades as the ``Authorization`` header.
+- ``--node-token-secret FILE`` (development and tests only: it hands the client the
+  server's HS256 secret) mints one token per simulated node, ``sub = node:<id>``, sent on
+  that node's NodeService calls: a fleet of many nodes in one process passes the server's
+  node restriction, which one shared certificate or token cannot.
 
 With TLS the token rides on gRPC call credentials (grpc-core adds it to every call, no
 Python per message). Without TLS grpc-core refuses call credentials, so client
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import ssl
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,6 +33,7 @@ import grpc.aio
 
 TOKEN_ENV = "NEXUS_TOKEN"
 AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
+NODE_TOKEN_TTL_S = 3600.0  # minted node tokens; renewed at half their life
 
 ChannelOptions = Sequence[tuple[str, Any]]
 
@@ -41,6 +47,7 @@ class ClientAuth:
     tls_key: str | None = None
     tls_server_name: str | None = None
     token: str | None = None
+    node_token_secret: str | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace | None) -> ClientAuth:
@@ -53,6 +60,7 @@ class ClientAuth:
             tls_key=getattr(args, "tls_key", None) or None,
             tls_server_name=getattr(args, "tls_server_name", None) or None,
             token=token,
+            node_token_secret=getattr(args, "node_token_secret", None) or None,
         )
 
     @classmethod
@@ -90,6 +98,23 @@ class ClientAuth:
         """The same token without TLS (for a baseline server that has no TLS port)."""
         return ClientAuth(token=self.token)
 
+    def for_nodes(self) -> ClientAuth:
+        """The auth of a node channel: with per-node tokens the shared token stays off it
+        (each node call carries its own, :meth:`node_metadata`)."""
+        if self.node_token_secret and self.token:
+            return ClientAuth(
+                self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name, None,
+                self.node_token_secret,
+            )  # fmt: skip
+        return self
+
+    def node_metadata(self, node_id: str) -> tuple[tuple[str, str], ...]:
+        """Call metadata for one node's NodeService calls: its own minted token with
+        ``--node-token-secret``, else nothing (the channel's credentials speak for it)."""
+        if not self.node_token_secret:
+            return ()
+        return ((AUTHORIZATION, f"Bearer {_NODE_TOKENS.get(self.node_token_secret, node_id)}"),)
+
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The gRPC metadata carrying the token; empty without one."""
         return ((AUTHORIZATION, f"Bearer {self.token}"),) if self.token else ()
@@ -97,6 +122,32 @@ class ClientAuth:
     def http_headers(self) -> dict[str, str]:
         """The ``Authorization`` header for a WebSocket upgrade or HTTP request."""
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+
+class _NodeTokens:
+    """Node tokens minted from a secret file, one per node id, renewed at half-life."""
+
+    def __init__(self) -> None:
+        self._secrets: dict[str, bytes] = {}
+        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
+
+    def get(self, secret_file: str, node_id: str) -> str:
+        now = time.time()
+        hit = self._tokens.get((secret_file, node_id))
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        from nexus_fast.security.tokens import issue_token  # only fleets that mint need it
+
+        secret = self._secrets.get(secret_file)
+        if secret is None:
+            with open(secret_file, "rb") as fp:
+                secret = self._secrets[secret_file] = fp.read().strip()
+        token = issue_token(f"node:{node_id}", "node", NODE_TOKEN_TTL_S, secret=secret, now=now)
+        self._tokens[(secret_file, node_id)] = (token, now + NODE_TOKEN_TTL_S / 2)
+        return token
+
+
+_NODE_TOKENS = _NodeTokens()
 
 
 def add_arguments(group: Any, *, server_name: bool = True) -> None:
@@ -112,13 +163,20 @@ def add_arguments(group: Any, *, server_name: bool = True) -> None:
         help=f"bearer token sent on every call (default: ${TOKEN_ENV}; prefer the "
         "variable, a command line is visible to other users)",
     )
+    group.add_argument(
+        "--node-token-secret",
+        metavar="FILE",
+        help="DEVELOPMENT/TESTS ONLY: the server's HS256 secret (security.jwt_secret_file); "
+        "each simulated node sends its own minted token (sub node:<id>, role node), so a "
+        "fleet passes the node restriction; never give a client a production secret",
+    )
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject inconsistent TLS options (argparse exits 2) and unreadable files."""
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    for flag in ("tls_ca", "tls_cert", "tls_key"):
+    for flag in ("tls_ca", "tls_cert", "tls_key", "node_token_secret"):
         path = getattr(args, flag, None)
         if path and not os.access(path, os.R_OK):
             parser.error(f"--{flag.replace('_', '-')} {path}: not a readable file")

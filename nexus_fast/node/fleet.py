@@ -111,12 +111,13 @@ class Fleet:
 
     def __init__(self, args: argparse.Namespace, specs: Sequence[NodeSpec]) -> None:
         self.args = args
-        self.auth = ClientAuth.from_args(args)
+        self.auth = ClientAuth.from_args(args).for_nodes()
         self.channel_count = args.channels or default_channels(len(specs))
         self.channels: list[grpc.aio.Channel] = []
         self._stubs: list[pb_grpc.NodeServiceStub] = []
         self.ctx = NodeContext(
             stub=self._stubs.__getitem__,  # filled when the channels open, in run()
+            metadata=self.auth.node_metadata,
             rng=random.Random(args.seed),
             dedup=DedupCache(args.dedup_size),
             register_slots=asyncio.Semaphore(REGISTER_CONCURRENCY),
@@ -338,6 +339,7 @@ class Fleet:
                     await self.stub(node).Deregister(
                         pb.DeregisterRequest(node_id=node.node_id, session_epoch=node.epoch),
                         timeout=DEREGISTER_TIMEOUT_S,
+                        metadata=self.auth.node_metadata(node.node_id),
                     )
                 except grpc.aio.AioRpcError as exc:
                     self.report(

@@ -91,15 +91,21 @@ def _no_record(node_id: str, command: pb.Command, attempt: int, success: bool, e
     return None
 
 
+def _no_metadata(node_id: str) -> tuple[tuple[str, str], ...]:
+    return ()
+
+
 @dataclass(eq=False)
 class NodeContext:
     """Everything a :class:`NodeSim` needs from the process that runs it, and nothing else.
 
     ``stub(i)`` returns the NodeService stub of channel ``i`` (a node stays on its channel);
+    ``metadata(node_id)`` is the call metadata of that node's own calls (its minted token);
     ``stopping`` is set by the owner at shutdown. Shared by every node of a ctx.
     """
 
     stub: Callable[[int], Any]
+    metadata: Callable[[str], tuple[tuple[str, str], ...]] = _no_metadata
     rng: random.Random = field(default_factory=random.Random)
     stats: Stats = field(default_factory=Stats)
     dedup: DedupCache = field(default_factory=DedupCache)
@@ -243,7 +249,7 @@ class NodeSim:
             try:
                 async with ctx.register_slots:
                     response = await ctx.stub(self.channel_index).Register(
-                        request, timeout=RPC_TIMEOUT_S
+                        request, timeout=RPC_TIMEOUT_S, metadata=ctx.metadata(self.node_id)
                     )
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -277,7 +283,7 @@ class NodeSim:
         """Run one Connect stream until it ends; return what to do next."""
         ctx = self.ctx
         self.state = "connecting"
-        call = ctx.stub(self.channel_index).Connect()
+        call = ctx.stub(self.channel_index).Connect(metadata=ctx.metadata(self.node_id))
         reader = asyncio.create_task(self._reader(call))
         writer = asyncio.create_task(self._writer(call))
         try:

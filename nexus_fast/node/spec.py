@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from nexus_fast.units import parse_size as units_parse_size
 
 RESOURCE_KEYS = ("cpu", "memory", "gpu", "disk")
 GIB = 1024**3
@@ -21,28 +22,21 @@ DEFAULT_CAPACITY: dict[str, float] = {
 DEFAULT_NODES = 10
 
 
-_SIZE_RE = re.compile(r"^([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kmgtpe]?)(i?)(b?)$", re.I)
-_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5, "e": 6}
-
-
 def parse_size(text: str | int | float) -> float:
-    """Parse a byte size: ``512MB``, ``32GB``, ``1.5GiB``, ``100`` (bytes).
+    """Parse a byte size: ``512MB``, ``32GB``, ``1.5GiB``, ``1e3``, ``100`` (bytes).
 
-    Units are binary (1KB = 1KiB = 1024 bytes); the trailing ``B`` and the ``i`` are
-    optional and case is ignored.
+    The units are :func:`nexus_fast.units.parse_size`'s (binary, ``B`` and ``i`` optional,
+    case ignored) plus scientific notation and plain floats; the result is a float of whole
+    bytes, as the capacity vectors hold floats.
     """
-    if isinstance(text, bool):
-        raise ValueError(f"invalid size {text!r}")
-    if isinstance(text, int | float):
-        value = float(text)
-    else:
-        m = _SIZE_RE.match(text.strip())
-        if not m or (m.group(3) and not m.group(2)):
-            raise ValueError(f"invalid size {text!r} (examples: 512MB, 32GB, 1.5TiB, 1024)")
-        value = float(m.group(1)) * 1024 ** _SIZE_POWERS[m.group(2).lower()]
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"invalid size {text!r}: must be a finite non-negative number")
-    return float(round(value))
+    if isinstance(text, float):
+        if not math.isfinite(text) or text < 0:
+            raise ValueError(f"invalid size {text!r}: must be a finite non-negative number")
+        return float(round(text))
+    try:
+        return float(units_parse_size(text, exponent=True))
+    except (TypeError, ValueError):
+        raise ValueError(f"invalid size {text!r} (examples: 512MB, 32GB, 1.5TiB, 1024)") from None
 
 
 def parse_cpu(text: str | int | float) -> float:

@@ -21,7 +21,7 @@ from typing import IO
 import lmdb
 import orjson
 
-from nexus_fast.security.audit import (
+from nexus_fast.store.audit_chain import (
     AUDIT_DB,
     ChainBreak,
     ChainVerifier,

@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 
-from nexus_fast.security.audit import OUTCOME_OK
 from nexus_fast.security.auditing import (
     AUDITED_GRPC_METHODS,
     REQUEST_ID_HEADER,
     AuditCall,
     Auditor,
 )
+from nexus_fast.store.audit_chain import OUTCOME_OK
 
 __all__ = ["AuditInterceptor", "request_target"]
 

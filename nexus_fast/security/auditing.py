@@ -1,21 +1,20 @@
 """Who acted: the glue between the port adapters, the core's commits and the audit log.
 
 An adapter that starts a mutating call (a gRPC method or WebSocket op whose permission is
-not a read: :func:`is_mutating`) opens an :class:`AuditCall` in a context variable with
-the caller's principal, peer address, method and request id. The core's commit paths then
-call :func:`records` to get the record of the change they are committing and pass it to
-``store.commit(..., audit=...)``: the entry lands in the same LMDB write transaction as
-the change it records. When the call ends, :meth:`AuditCall.finish` writes what is left:
+not a read: :func:`is_mutating`) opens an :class:`AuditCall` with the caller's principal,
+peer address, method and request id. The core's side of it (the context variable, the
+record each commit carries: :func:`~nexus_fast.core.acting.records`) is
+:mod:`nexus_fast.core.acting`, which knows nothing of security; :class:`AuditCall` extends
+its :class:`~nexus_fast.core.acting.ActingCall` with what the core never needs. When the
+call ends, :meth:`AuditCall.finish` writes what is left:
 
 * a refusal or failure (``PERMISSION_DENIED``, ``INVALID_ARGUMENT``, ...) in its own
   commit, sampled per principal by :class:`~nexus_fast.security.audit.RefusalSampler`;
 * a call that succeeded without changing anything (an idempotent resubmit, draining a
   node already draining), in its own commit.
 
-The context variable is inherited by tasks the call creates (asyncio copies the context),
-so a change committed by a task the call spawned is recorded too; the first commit of a
-call carries its record, later ones none (one record per call, however many commands).
-With authentication off the principal is :data:`ANONYMOUS`: the log still names the peer.
+With authentication off the principal is :data:`~nexus_fast.core.acting.ANONYMOUS`: the
+log still names the peer.
 
 Not audited: ``NodeService.Connect`` (heartbeats, acks and results on the stream are far
 too frequent; the session itself is opened by ``Register``, which is), and reads.
@@ -24,15 +23,16 @@ too frequent; the session itself is opened by ``Register``, which is), and reads
 from __future__ import annotations
 
 import asyncio
-import contextvars
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from nexus_fast.core import acting
+from nexus_fast.core.acting import ANONYMOUS, current_call, ids_target, records
 from nexus_fast.logs import get_logger
-from nexus_fast.security.audit import OUTCOME_OK, AuditRecord, RefusalSampler
+from nexus_fast.security.audit import RefusalSampler
 from nexus_fast.security.permissions import GRPC_METHODS, PUBLIC, WS_OPS
 from nexus_fast.security.principal import Principal
+from nexus_fast.store.audit_chain import OUTCOME_OK, AuditRecord
 
 if TYPE_CHECKING:
     from nexus_fast.store.base import StateStore
@@ -43,14 +43,13 @@ __all__ = [
     "AUDITED_WS_OPS",
     "AuditCall",
     "Auditor",
+    "current_call",
+    "ids_target",
     "is_mutating",
     "records",
 ]
 
 log = get_logger("audit")
-
-ANONYMOUS: Final = "anonymous"
-"""Principal named when authentication is off."""
 
 REQUEST_ID_HEADER: Final = "x-request-id"
 WS_PRINCIPAL_KEY: Final = "principal"
@@ -78,47 +77,21 @@ AUDITED_GRPC_METHODS: Final = _audited(GRPC_METHODS)
 AUDITED_WS_OPS: Final = _audited(WS_OPS)
 
 
-def _short_method(method: str) -> str:
-    # "/nexus.fabric.v1.ControlService/DrainNode" -> "ControlService/DrainNode"
-    return method.rsplit(".", 1)[-1] if method.startswith("/") else method
+class AuditCall(acting.ActingCall):
+    """One mutating call in flight, with the auditor that records how it ended."""
 
-
-class AuditCall:
-    """One mutating call in flight: who, from where, what, and whether it is recorded."""
-
-    __slots__ = (
-        "auditor",
-        "finished",
-        "method",
-        "peer",
-        "principal",
-        "recorded",
-        "request_id",
-        "role",
-    )
+    __slots__ = ("auditor", "finished")
 
     def __init__(
         self, auditor: Auditor, method: str, peer: str, request_id: str | None = None
     ) -> None:
+        super().__init__(method, peer, request_id)
         self.auditor = auditor
-        self.method = _short_method(method)
-        self.peer = peer
-        self.request_id = request_id or os.urandom(8).hex()
-        self.principal = ANONYMOUS
-        self.role = ""
-        self.recorded = False
         self.finished = False
 
     def identify(self, principal: Principal) -> None:
         """The adapter authenticated the caller."""
-        self.principal = principal.name
-        self.role = principal.role
-
-    def record(self, target: str, outcome: str = OUTCOME_OK) -> AuditRecord:
-        """The record of this call (does not mark it recorded)."""
-        return AuditRecord.now(
-            self.principal, self.role, self.peer, self.method, target, self.request_id, outcome
-        )
+        self.act_as(principal.name, principal.role)
 
     def finish(
         self, outcome: str, target: str | Callable[[], str] = ""
@@ -147,48 +120,18 @@ class AuditCall:
         return self.auditor.write(rec) if rec is not None else None
 
 
-_call: contextvars.ContextVar[AuditCall | None] = contextvars.ContextVar(
-    "nexus_audit_call", default=None
-)
-
-
-def current_call() -> AuditCall | None:
-    """The mutating call being handled in this context, if any."""
-    return _call.get()
-
-
 def identify(principal: Principal) -> None:
     """Name the authenticated caller of the current call (a no-op outside one)."""
-    call = _call.get()
+    call = current_call()
     if call is not None:
-        call.identify(principal)
+        call.act_as(principal.name, principal.role)
 
 
 def finish(outcome: str) -> None:
     """End the current call with ``outcome`` (a no-op outside one); does not wait."""
-    call = _call.get()
-    if call is not None:
+    call = current_call()
+    if isinstance(call, AuditCall):
         call.finish(outcome)
-
-
-def records(target: str | Callable[[], str] = "") -> tuple[AuditRecord, ...]:
-    """The audit record for the change about to be committed, for ``commit(audit=...)``.
-
-    Empty outside a mutating call (timers, node reports, internal retries) and for every
-    commit of a call after its first. ``target`` (node id, command ids, agent name) may be
-    a callable, evaluated only when a record is made.
-    """
-    call = _call.get()
-    if call is None or call.recorded:
-        return ()
-    call.recorded = True
-    return (call.record(target() if callable(target) else target),)
-
-
-def ids_target(kind: str, items: Sequence[Any]) -> str:
-    """``"3 commands: a,b,c"`` from things with an ``id``; the record truncates long lists."""
-    # Only as many ids as fit in a record (MAX_FIELD_CHARS), however large the batch.
-    return f"{len(items)} {kind}: {','.join(x.id for x in items[:64])}"
 
 
 class Auditor:
@@ -201,7 +144,7 @@ class Auditor:
     def begin(self, method: str, peer: str, request_id: str | None = None) -> AuditCall:
         """Open a call in the current context (the adapter's task)."""
         call = AuditCall(self, method, peer, request_id)
-        _call.set(call)
+        acting.enter(call)
         return call
 
     def ws_guard(self, inner: Callable[[Any, dict[str, Any]], None]) -> Callable[..., None]:
@@ -223,11 +166,11 @@ class Auditor:
             principal = conn.state.get(WS_PRINCIPAL_KEY)
             if isinstance(principal, Principal):
                 call.identify(principal)
-            token = _call.set(call)
+            token = acting.enter(call)
             try:
                 inner(conn, message)
             finally:
-                _call.reset(token)
+                acting.leave(token)
             if call.principal == ANONYMOUS:  # a certificate principal is read on the first op
                 principal = conn.state.get(WS_PRINCIPAL_KEY)
                 if isinstance(principal, Principal):

@@ -26,6 +26,7 @@ import grpc
 from google.protobuf.message import Message
 
 from nexus_fast.api.status import grpc_trailers
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.errors import ResourceExhausted
 from nexus_fast.logs import get_logger
 from nexus_fast.security import auditing
@@ -35,7 +36,7 @@ from nexus_fast.security.identity import (
     Principal,
     Unauthenticated,
 )
-from nexus_fast.security.limits import ANONYMOUS, PrincipalLimits, Slot
+from nexus_fast.security.limits import PrincipalLimits, Slot
 from nexus_fast.security.permissions import GRPC_METHODS, NODE_SELF, PUBLIC, Rbac
 
 __all__ = [

@@ -20,8 +20,9 @@ from typing import Final
 import orjson
 from aiohttp import web
 
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.security.identity import Authenticator, Unauthenticated
-from nexus_fast.security.limits import ANONYMOUS, PrincipalLimits
+from nexus_fast.security.limits import PrincipalLimits
 from nexus_fast.security.origins import OriginPolicy
 from nexus_fast.security.permissions import HTTP_ROUTES, PUBLIC, Rbac
 

@@ -43,9 +43,6 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 """Monotonic seconds; ``time.monotonic`` in production, a fake in tests."""
 
-ANONYMOUS: Final = "anonymous"
-"""The one principal every caller is when ``security.auth_required = false``."""
-
 _MB: Final = 1 << 20
 _EVICT_PER_CHECK: Final = 2  # idle entries dropped per check: amortised O(1), memory still shrinks
 

@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from nexus_fast.config import parse_duration
 from nexus_fast.security.tokens import DEFAULT_AUDIENCE, DEFAULT_ISSUER, issue_token
 
-__all__ = ["issue_certificate", "main", "write_private"]
+__all__ = ["cert_pem", "issue_certificate", "key_pem", "main", "write_private"]
 
 _Issuer = tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 
@@ -97,11 +97,13 @@ def issue_certificate(
     return cert, key
 
 
-def _cert_pem(cert: x509.Certificate) -> bytes:
+def cert_pem(cert: x509.Certificate) -> bytes:
+    """``cert`` as PEM."""
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    """``key`` as unencrypted PKCS#8 PEM (write it with :func:`write_private`)."""
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -111,17 +113,17 @@ def _certs(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca = issue_certificate("nexus-fast development CA", None, days=args.days)
-    write_private(out / "ca.pem", _cert_pem(ca[0]))
-    write_private(out / "ca-key.pem", _key_pem(ca[1]))
+    write_private(out / "ca.pem", cert_pem(ca[0]))
+    write_private(out / "ca-key.pem", key_pem(ca[1]))
     server = issue_certificate("nexus-fast", ca, server=True, days=args.days)
-    write_private(out / "server.pem", _cert_pem(server[0]))
-    write_private(out / "server-key.pem", _key_pem(server[1]))
+    write_private(out / "server.pem", cert_pem(server[0]))
+    write_private(out / "server-key.pem", key_pem(server[1]))
     written = ["ca.pem", "server.pem"]
     for role in ("node", "operator", "viewer", "admin"):
         for name in getattr(args, role) or ():
             cert, key = issue_certificate(name, ca, organization=f"nexus-{role}", days=args.days)
-            write_private(out / f"{role}-{name}.pem", _cert_pem(cert))
-            write_private(out / f"{role}-{name}-key.pem", _key_pem(key))
+            write_private(out / f"{role}-{name}.pem", cert_pem(cert))
+            write_private(out / f"{role}-{name}-key.pem", key_pem(key))
             written.append(f"{role}-{name}.pem")
     secret = out / "jwt.secret"
     if not secret.exists():

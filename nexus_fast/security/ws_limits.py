@@ -17,9 +17,10 @@ import orjson
 
 from nexus_fast.api.status import CLOSE_LIMIT_EXCEEDED, error_code
 from nexus_fast.api.ws_server import Connection, OnMessage
+from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.errors import ResourceExhausted
 from nexus_fast.logs import get_logger
-from nexus_fast.security.limits import ANONYMOUS, LimitExceeded, PrincipalLimits, retry_after_ms
+from nexus_fast.security.limits import LimitExceeded, PrincipalLimits, retry_after_ms
 from nexus_fast.security.principal import Principal
 from nexus_fast.security.ws_auth import PRINCIPAL_KEY
 

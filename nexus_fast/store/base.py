@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeAlias, TypeVar
 from nexus_fast import errors
 
 if TYPE_CHECKING:
-    from nexus_fast.security.audit import AuditRecord, ChainHead
+    from nexus_fast.store.audit_chain import AuditRecord, ChainHead
 
 T = TypeVar("T")
 

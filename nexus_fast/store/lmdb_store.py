@@ -38,7 +38,8 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from nexus_fast.security.audit import (
+from nexus_fast.store import datadir
+from nexus_fast.store.audit_chain import (
     AUDIT_DB,
     EMPTY_HEAD,
     HASH_SIZE,
@@ -47,7 +48,6 @@ from nexus_fast.security.audit import (
     audit_key,
     head_from_last,
 )
-from nexus_fast.store import datadir
 from nexus_fast.store.base import (
     CommitHook,
     CommitResult,

@@ -22,8 +22,8 @@ from typing import Any
 
 import lmdb
 
-from nexus_fast.security.audit import AUDIT_DB, AuditRecord, ChainHead, chain_puts
 from nexus_fast.store import datadir
+from nexus_fast.store.audit_chain import AUDIT_DB, AuditRecord, ChainHead, chain_puts
 from nexus_fast.store.base import (
     CommitResult,
     Delete,

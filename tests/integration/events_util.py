@@ -24,28 +24,29 @@ from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-from .conftest import HOST, ServerProcess, http_get
+from .conftest import ServerProcess
 
 GiB = 1024**3
 
 
 def ws_url(server: ServerProcess, query: str = "") -> str:
-    return f"ws://{HOST}:{server.ws_port}/v1/events{query}"
+    """The event stream's URL (``wss://`` when the server has auth on)."""
+    return server.ws_url(query)
 
 
 def last_event_index(server: ServerProcess) -> int:
-    _, body, _ = http_get(server.http_base + "/health/detailed")
+    _, body, _ = server.http("/health/detailed")
     return int(json.loads(body)["components"]["store"]["last_event_index"])
 
 
 def stored_events(server: ServerProcess) -> int:
-    _, body, _ = http_get(server.http_base + "/health/detailed")
+    _, body, _ = server.http("/health/detailed")
     return int(json.loads(body)["components"]["store"]["entries"]["events"])
 
 
 def metric(server: ServerProcess, name: str) -> float:
     """Sum of every sample of ``name`` on /metrics."""
-    _, body, _ = http_get(server.http_base + "/metrics")
+    _, body, _ = server.http("/metrics")
     total = 0.0
     for line in body.decode().splitlines():
         if line.startswith(name) and (line[len(name)] in " {"):
@@ -123,7 +124,13 @@ class PicowsClient(WSListener):
         self.transport: WSTransport | None = None
 
     @classmethod
-    async def connect(cls, url: str, rcvbuf: int | None = None, **kw: Any) -> PicowsClient:
+    async def connect(
+        cls, server: ServerProcess, rcvbuf: int | None = None, query: str = ""
+    ) -> PicowsClient:
+        """Connect to ``server``'s event stream with its credentials (wss + token in auth
+        mode)."""
+        opts = server.ws_options()
+
         def factory(parsed: Any) -> socket.socket:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             if rcvbuf:
@@ -132,7 +139,13 @@ class PicowsClient(WSListener):
             sock.connect_ex((parsed.host, parsed.port))
             return sock
 
-        _, client = await ws_connect(cls, url, socket_factory=factory if rcvbuf else None, **kw)
+        _, client = await ws_connect(
+            cls,
+            server.ws_url(query),
+            socket_factory=factory if rcvbuf else None,
+            ssl_context=opts["ssl"],
+            extra_headers=opts["headers"],
+        )
         assert isinstance(client, PicowsClient)
         return client
 
@@ -191,8 +204,8 @@ class WebsocketsClient:
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
-    async def connect(cls, url: str) -> WebsocketsClient:
-        return cls(await websockets.connect(url, max_size=4 * 1024 * 1024))
+    async def connect(cls, server: ServerProcess) -> WebsocketsClient:
+        return cls(await websockets_connect(server))
 
     async def _read(self) -> None:
         try:
@@ -215,11 +228,22 @@ class WebsocketsClient:
         await self._reader
 
 
+async def websockets_connect(server: ServerProcess) -> Any:
+    """A `websockets` connection to ``server``'s event stream, with its credentials."""
+    opts = server.ws_options()
+    return await websockets.connect(
+        server.ws_url(),
+        max_size=4 * 1024 * 1024,
+        ssl=opts["ssl"],
+        additional_headers=opts["headers"],
+    )
+
+
 class GrpcWatcher:
     """A grpc.aio WatchEvents stream recorded like the WebSocket clients."""
 
-    def __init__(self, target: str, **request: Any) -> None:
-        self.channel = grpc.aio.insecure_channel(target)
+    def __init__(self, server: ServerProcess, **request: Any) -> None:
+        self.channel = server.aio_channel()
         stub = pb_grpc.ControlServiceStub(self.channel)
         self.call = stub.WatchEvents(pb.WatchEventsRequest(**request))
         self.stream = Stream()
@@ -313,11 +337,12 @@ class Activity:
 
     def _worker(self, w: int, stop_at: float, limit: int | None) -> None:
         with self.server.channel() as channel:
-            nodes = pb_grpc.NodeServiceStub(channel)
             control = pb_grpc.ControlServiceStub(channel)
             ids = [f"act-{w}-{i}" for i in range(self.nodes)]
             for node_id in ids:
-                register(nodes, node_id, self.labels)
+                # Each node registers as itself (its own certificate with auth on).
+                with self.server.node_channel(node_id) as node_channel:
+                    register(pb_grpc.NodeServiceStub(node_channel), node_id, self.labels)
             draining = dict.fromkeys(ids, False)
             eligible = dict.fromkeys(ids, True)
             n = 0

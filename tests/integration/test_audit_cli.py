@@ -15,7 +15,7 @@ import lmdb
 import orjson
 import pytest
 
-from nexus_fast.security.audit import (
+from nexus_fast.store.audit_chain import (
     AUDIT_DB,
     AuditRecord,
     audit_key,

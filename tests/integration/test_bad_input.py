@@ -16,6 +16,8 @@ from collections.abc import Iterator
 import grpc
 import orjson
 import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
@@ -114,6 +116,44 @@ def test_undecodable_grpc_requests_get_invalid_argument_and_one_warning(
     assert warnings[0]["level"] == "warning", warnings
     counted = metric(server, "nexus_bad_requests_total")
     assert counted == len(methods), counted
+
+
+def test_health_and_reflection_answer_junk_with_invalid_argument(server: ServerProcess) -> None:
+    # grpcio's own servicers used grpc's default decoding: UNKNOWN plus a traceback each.
+    foreign = [
+        ("/grpc.health.v1.Health/Check", False, False, "grpc.health.v1.HealthCheckRequest"),
+        ("/grpc.health.v1.Health/Watch", False, True, "grpc.health.v1.HealthCheckRequest"),
+        (
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            True,
+            True,
+            "grpc.reflection.v1alpha.ServerReflectionRequest",
+        ),
+    ]
+    with server.channel() as channel:
+        for path, client_streaming, server_streaming, message in foreign:
+            error = _call_with_junk(channel, path, client_streaming, server_streaming)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, error)
+            assert error.details() == f"request is not a valid {message}", (path, error)
+        # Valid calls still work: health answers, reflection lists our services.
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_pb2.HealthCheckResponse.FromString,
+        )
+        assert check(health_pb2.HealthCheckRequest(), timeout=10).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo
+        replies = list(
+            reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        )
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert "nexus.fabric.v1.NodeService" in names and "grpc.health.v1.Health" in names
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "DecodeError" not in log, log[-3000:]
+    assert len(_bad_input_warnings(server, "grpc")) == 1
+    assert metric(server, "nexus_bad_requests_total") == len(foreign)
 
 
 def test_junk_in_the_middle_of_a_connect_stream_ends_it_with_invalid_argument(

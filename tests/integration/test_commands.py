@@ -17,7 +17,7 @@ import pytest
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-from .conftest import REPO, ServerProcess, http_get, list_all_nodes, wait_for
+from .conftest import AUTH_MODES, REPO, ServerProcess, list_all_nodes, wait_for
 
 FINAL = {
     pb.COMMAND_STATE_SUCCEEDED,
@@ -28,7 +28,7 @@ FINAL = {
 
 
 def metric(server: ServerProcess, name: str, labels: str = "") -> float:
-    _, body, _ = http_get(server.http_base + "/metrics")
+    _, body, _ = server.http("/metrics")
     pattern = rf"^{re.escape(name)}{re.escape(labels)} (\S+)$"
     match = re.search(pattern, body.decode(), re.M)
     return float(match.group(1)) if match else 0.0
@@ -54,14 +54,14 @@ def executions(record: Path) -> collections.Counter[str]:
 
 
 def submit_all(
-    target: str, keys: list[str], batch: int, workers: int, **spec: object
+    server: ServerProcess, keys: list[str], batch: int, workers: int, **spec: object
 ) -> dict[str, pb.SubmitResult]:
     """Submit commands with the given idempotency keys in batches from several threads."""
     answered: dict[str, pb.SubmitResult] = {}
     lock = threading.Lock()
 
     def send(chunk: list[str]) -> None:
-        with grpc.insecure_channel(target) as channel:
+        with server.channel() as channel:
             stub = pb_grpc.ControlServiceStub(channel)
             reply = stub.SubmitCommands(
                 pb.SubmitCommandsRequest(
@@ -109,6 +109,9 @@ def count_states(control: pb_grpc.ControlServiceStub, state: int) -> int:
 # ---------------------------------------------------------------- acceptance 1
 
 
+# Open only: the slowest test here (20-40 s); its auth variant added as much
+# again for what test_fleet[auth] (1,000 nodes with their own tokens) and the
+# tests below (commands through authenticated fleets) already show.
 def test_100k_commands_over_1000_nodes_each_run_exactly_once(
     server_factory: type, fleet_factory: type, tmp_path: Path
 ) -> None:
@@ -120,14 +123,14 @@ def test_100k_commands_over_1000_nodes_each_run_exactly_once(
     ).start()
     record = tmp_path / "executed.jsonl"
     fleet = fleet_factory.create(
-        server.grpc_target, 1000, "--exec-duration", "0.001-0.005", "--record", str(record)
+        server, 1000, "--exec-duration", "0.001-0.005", "--record", str(record)
     )
     with server.channel() as channel:
         control = pb_grpc.ControlServiceStub(channel)
         wait_ready_nodes(control, 1000)
         keys = [f"e2e-{i:06d}" for i in range(total)]
         started = time.monotonic()
-        answered = submit_all(server.grpc_target, keys, batch=1000, workers=4, kind="run")
+        answered = submit_all(server, keys, batch=1000, workers=4, kind="run")
         assert len(answered) == total
         assert not any(r.duplicate for r in answered.values())
         wait_for(
@@ -153,13 +156,14 @@ def test_100k_commands_over_1000_nodes_each_run_exactly_once(
 # ---------------------------------------------------------------- acceptance 2
 
 
+@AUTH_MODES
 def test_sigkill_mid_run_loses_no_answered_command(
     server_factory: type, fleet_factory: type, tmp_path: Path
 ) -> None:
     server: ServerProcess = server_factory.create(NEXUS_HEARTBEAT_INTERVAL="1s").start()
     record = tmp_path / "executed.jsonl"
     fleet = fleet_factory.create(
-        server.grpc_target, 200, "--exec-duration", "0.01-0.05", "--record", str(record)
+        server, 200, "--exec-duration", "0.01-0.05", "--record", str(record)
     )
     keys = [f"kill-{i:05d}" for i in range(20_000)]
     answered: dict[str, pb.SubmitResult] = {}
@@ -167,7 +171,7 @@ def test_sigkill_mid_run_loses_no_answered_command(
         wait_ready_nodes(pb_grpc.ControlServiceStub(channel), 200)
 
     def submitter() -> None:
-        with grpc.insecure_channel(server.grpc_target) as channel:
+        with server.channel() as channel:
             stub = pb_grpc.ControlServiceStub(channel)
             for i in range(0, len(keys), 250):
                 chunk = keys[i : i + 250]
@@ -208,7 +212,7 @@ def test_sigkill_mid_run_loses_no_answered_command(
                 pb.COMMAND_STATE_SUCCEEDED
             )
         # Resubmitting every key: answered ones come back as the first command.
-        replies = submit_all(again.grpc_target, keys, batch=1000, workers=2, kind="run")
+        replies = submit_all(again, keys, batch=1000, workers=2, kind="run")
         for key, result in replies.items():
             assert result.id == key
             if key in answered_before_kill:
@@ -229,15 +233,16 @@ def test_sigkill_mid_run_loses_no_answered_command(
 # ---------------------------------------------------------------- acceptance 3
 
 
+@AUTH_MODES
 def test_spread_policy_balances_placements(server_factory: type, fleet_factory: type) -> None:
     server: ServerProcess = server_factory.create().start()
     # Long-running commands: all 10,000 are in flight at once, so the count is the placement.
-    fleet = fleet_factory.create(server.grpc_target, 100, "--exec-duration", "60")
+    fleet = fleet_factory.create(server, 100, "--exec-duration", "60")
     with server.channel() as channel:
         control = pb_grpc.ControlServiceStub(channel)
         wait_ready_nodes(control, 100)
         replies = submit_all(
-            server.grpc_target,
+            server,
             [f"spread-{i}" for i in range(10_000)],
             batch=1000,
             workers=1,
@@ -251,6 +256,7 @@ def test_spread_policy_balances_placements(server_factory: type, fleet_factory: 
     fleet.stop(signal.SIGKILL)
 
 
+@AUTH_MODES
 def test_binpack_policy_fills_nodes_in_order(
     server_factory: type, fleet_factory: type, tmp_path: Path
 ) -> None:
@@ -264,7 +270,7 @@ def test_binpack_policy_fills_nodes_in_order(
     )
     server: ServerProcess = server_factory.create(config=config).start()
     fleet = fleet_factory.create(
-        server.grpc_target, 20, "--capacity", "cpu=4,memory=8GB", "--exec-duration", "60"
+        server, 20, "--capacity", "cpu=4,memory=8GB", "--exec-duration", "60"
     )
     with server.channel() as channel:
         control = pb_grpc.ControlServiceStub(channel)
@@ -297,13 +303,14 @@ def test_binpack_policy_fills_nodes_in_order(
 # ---------------------------------------------------------------- acceptance 4
 
 
+@AUTH_MODES
 def test_killed_node_work_and_agents_move_elsewhere(
     server_factory: type, fleet_factory: type, tmp_path: Path
 ) -> None:
     server: ServerProcess = server_factory.create().start()
     doomed_record = tmp_path / "doomed.jsonl"
     doomed = fleet_factory.create(
-        server.grpc_target,
+        server,
         5,
         "--id-prefix",
         "doomed-",
@@ -317,7 +324,7 @@ def test_killed_node_work_and_agents_move_elsewhere(
         wait_ready_nodes(control, 5)
         # Work and agents land on the doomed nodes (the only ones there are).
         replies = submit_all(
-            server.grpc_target, [f"move-{i}" for i in range(50)], batch=50, workers=1, kind="run"
+            server, [f"move-{i}" for i in range(50)], batch=50, workers=1, kind="run"
         )
         assert all(r.node_id.startswith("doomed-") for r in replies.values())
         deployed = control.DeployAgent(
@@ -338,7 +345,7 @@ def test_killed_node_work_and_agents_move_elsewhere(
 
         survivor_record = tmp_path / "survivor.jsonl"
         fleet_factory.create(
-            server.grpc_target,
+            server,
             5,
             "--id-prefix",
             "survivor-",
@@ -390,6 +397,7 @@ def test_killed_node_work_and_agents_move_elsewhere(
 # ---------------------------------------------------------------- acceptance 5
 
 
+@AUTH_MODES
 def test_bad_command_input_is_refused_and_changes_nothing(
     server: ServerProcess, control: pb_grpc.ControlServiceStub
 ) -> None:

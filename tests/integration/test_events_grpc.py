@@ -12,7 +12,7 @@ import pytest
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-from .conftest import ServerProcess, wait_for
+from .conftest import AUTH_MODES, ServerProcess, wait_for
 from .events_util import (
     Activity,
     GrpcWatcher,
@@ -22,7 +22,7 @@ from .events_util import (
 )
 
 T = TypeVar("T")
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, AUTH_MODES]
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
@@ -35,8 +35,8 @@ def test_watch_batches_bookmarks_and_filters(server_factory: type) -> None:
     end = last_event_index(server)
 
     async def body() -> None:
-        everything = GrpcWatcher(server.grpc_target, after_index=0)
-        systems = GrpcWatcher(server.grpc_target, topics=["system"], after_index=0)
+        everything = GrpcWatcher(server, after_index=0)
+        systems = GrpcWatcher(server, topics=["system"], after_index=0)
         stream = await everything.until(end)
         assert_exactly_once_in_order(stream.indices, 0, end, "grpc")
         assert everything.batches <= end // 100  # many events per message
@@ -94,7 +94,7 @@ def test_shutdown_ends_watches_after_system_stopping(server_factory: type) -> No
     server: ServerProcess = server_factory.create().start()
 
     async def body() -> None:
-        watcher = GrpcWatcher(server.grpc_target, topics=["system"])
+        watcher = GrpcWatcher(server, topics=["system"])
         await asyncio.sleep(0.3)
         # stop() gives up after 20 s, the drain deadline is 30 s: the watch must not hold it.
         assert await asyncio.to_thread(server.stop) == 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import statistics
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -23,7 +22,7 @@ from picows import WSMsgType
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-from .conftest import ServerProcess, http_get, wait_for
+from .conftest import AUTH_MODES, ServerProcess, wait_for
 from .events_util import (
     Activity,
     GrpcWatcher,
@@ -35,11 +34,11 @@ from .events_util import (
     metric,
     stored_events,
     submit_commands,
-    ws_url,
+    websockets_connect,
 )
 
 T = TypeVar("T")
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, AUTH_MODES]
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 25.0) -> T:
@@ -71,16 +70,16 @@ def test_exactly_once_in_order_for_picows_websockets_and_grpc(
 
     async def body() -> None:
         start = await asyncio.to_thread(last_event_index, server)
-        pic = await PicowsClient.connect(ws_url(server))
+        pic = await PicowsClient.connect(server)
         all_p = await pic.subscribe(after_index=0)
         some_p = await pic.subscribe(topics=["node"], keys=keys, after_index=start)
-        wsl = await WebsocketsClient.connect(ws_url(server))
+        wsl = await WebsocketsClient.connect(server)
         all_w = await wsl.subscribe(after_index=start)
         node_w = await wsl.subscribe(topics=["node", "command"])  # live only
-        grpc_all = GrpcWatcher(server.grpc_target, after_index=0)
-        grpc_some = GrpcWatcher(server.grpc_target, topics=["node"], keys=keys, after_index=start)
+        grpc_all = GrpcWatcher(server, after_index=0)
+        grpc_some = GrpcWatcher(server, topics=["node"], keys=keys, after_index=start)
         # Concurrent publishers: a 20-node fleet joining, three churn threads, commands.
-        fleet = fleet_factory.create(server.grpc_target, 20, "--ramp", "0.5")
+        fleet = fleet_factory.create(server, 20, "--ramp", "0.5")
         activity = Activity(server, workers=3, nodes_per_worker=5)
         churn = asyncio.ensure_future(activity.run_async(2.0))
         await asyncio.sleep(0.8)
@@ -133,7 +132,7 @@ def test_resume_with_after_index_across_disconnect_and_restart(server_factory: t
     seen: list[int] = []
 
     async def first() -> int:
-        client = await PicowsClient.connect(ws_url(server))
+        client = await PicowsClient.connect(server)
         sid = await client.subscribe(after_index=0)
         await activity.run_async(0.5)
         end = await settled_last_index(server, quiet=0.3)
@@ -142,7 +141,7 @@ def test_resume_with_after_index_across_disconnect_and_restart(server_factory: t
         # Take only part of what arrived: as if the client crashed mid-stream.
         seen.extend(stream.indices[: len(stream.indices) // 2])
         await activity.run_async(0.3)  # more events while disconnected
-        client = await PicowsClient.connect(ws_url(server))
+        client = await PicowsClient.connect(server)
         sid = await client.subscribe(after_index=seen[-1])
         end = await settled_last_index(server, quiet=0.3)
         stream = await client.rec.until(sid, end)
@@ -156,9 +155,9 @@ def test_resume_with_after_index_across_disconnect_and_restart(server_factory: t
     restarted: ServerProcess = server_factory.create(data_dir=server.data_dir).start()
 
     async def second() -> None:
-        client = await PicowsClient.connect(ws_url(restarted))
+        client = await PicowsClient.connect(restarted)
         sid = await client.subscribe(after_index=seen[-1])
-        watcher = GrpcWatcher(restarted.grpc_target, after_index=end - 5)
+        watcher = GrpcWatcher(restarted, after_index=end - 5)
         await Activity(restarted, workers=1, nodes_per_worker=2).run_async(0.3)
         new_end = await settled_last_index(restarted, quiet=0.3)
         stream = await client.rec.until(sid, new_end)
@@ -179,7 +178,7 @@ def test_after_index_older_than_retention_gets_reset(server_factory: type) -> No
     end = last_event_index(server)
 
     async def body() -> None:
-        client = await PicowsClient.connect(ws_url(server))
+        client = await PicowsClient.connect(server)
         # The pruner runs every pruning_interval (0.2s here).
         await asyncio.to_thread(wait_for, lambda: stored_events(server) == 5, 5)
         client.send({"op": "subscribe", "after_index": 1, "id": "old"})
@@ -209,28 +208,22 @@ def test_stalled_subscriber_is_cut_off_and_others_keep_their_pace(server_factory
     # 16 KB events: the stalled client's socket buffers (up to 4 MB on Linux) fill quickly.
     activity = Activity(server, workers=3, nodes_per_worker=4, big=True)
 
-    async def burst(client: PicowsClient, sid: str, calls: int) -> tuple[float, float, float]:
-        """Publish ~3*calls events; return (events/s, p50 and p95 latency in ms) seen by sid."""
-        before = len(client.rec.streams.get(sid).events) if sid in client.rec.streams else 0
-        t0 = time.time()
+    async def burst(client: PicowsClient, sid: str, calls: int) -> None:
+        """Publish ~3*calls events; return once ``sid`` has received all of them."""
         await activity.run_async(20, limit_per_worker=calls)
-        end = await settled_last_index(server, quiet=0.3)
-        stream = await client.rec.until(sid, end)
-        events = stream.events[before:]
-        times = stream.received_at[before:]
-        lat = [(at - e["time_ms"] / 1000) * 1000 for e, at in zip(events, times)]
-        rate = len(events) / max(times[-1] - t0, 1e-3)
-        return rate, statistics.median(lat), statistics.quantiles(lat, n=20)[-1]
+        await client.rec.until(sid, await settled_last_index(server, quiet=0.3))
 
     async def body() -> None:
-        fast = await PicowsClient.connect(ws_url(server))
+        fast = await PicowsClient.connect(server)
         sid = await fast.subscribe()
-        base_rate, base_p50, base_p95 = await burst(fast, sid, 200)
+        await burst(fast, sid, 200)
 
-        slow = await PicowsClient.connect(ws_url(server), rcvbuf=4096)
+        slow = await PicowsClient.connect(server, rcvbuf=4096)
         slow_sid = await slow.subscribe()
         slow.pause_reading()  # stops reading: the server's socket fills, then it pauses
-        rate, p50, p95 = await burst(fast, sid, 200)
+        # The fast subscriber gets the whole burst while its peer is stalled. (Its pace
+        # against a no-stall baseline is a benchmark: bench/test_bench_fanout.py.)
+        await burst(fast, sid, 200)
         wait_for(lambda: metric(server, "nexus_event_slow_consumer_disconnects_total") >= 1, 5)
         slow.resume_reading()
         code, reason = await asyncio.wait_for(slow.rec.closed, 5)
@@ -239,18 +232,14 @@ def test_stalled_subscriber_is_cut_off_and_others_keep_their_pace(server_factory
         assert match, reason
         got = slow.rec.streams[slow_sid].indices
         assert got and int(match.group(1)) == got[-1]  # the last index it was sent
-        # The fast subscriber is unaffected: everything, and at its baseline pace.
+        # The fast subscriber is unaffected: everything, in order, and never cut off.
         end = last_event_index(server)
         fast_got = fast.rec.streams[sid].indices
         assert_exactly_once_in_order(fast_got, fast_got[0] - 1, end, "fast")
-        print(
-            f"baseline {base_rate:.0f}/s p50 {base_p50:.1f}ms p95 {base_p95:.1f}ms; "
-            f"with a stalled peer {rate:.0f}/s p50 {p50:.1f}ms p95 {p95:.1f}ms"
-        )
-        assert rate >= 0.5 * base_rate
-        assert p50 <= 3 * base_p50 + 50
+        assert not fast.rec.closed.done()
+        assert metric(server, "nexus_event_slow_consumer_disconnects_total") == 1
         # The cut-off client resumes where it was told: no gap, no duplicate.
-        again = await PicowsClient.connect(ws_url(server))
+        again = await PicowsClient.connect(server)
         sid2 = await again.subscribe(after_index=int(match.group(1)))
         rest = await again.rec.until(sid2, end)
         assert_exactly_once_in_order(got + rest.indices, got[0] - 1, end, "slow resumed")
@@ -273,7 +262,7 @@ def test_bad_input_gets_error_frames_or_close_codes(server_factory: type) -> Non
         assert reply["type"] == "error" and reply["code"] == code, reply
 
     async def expect_close(data: bytes, msg_type: WSMsgType, code: int, *more: bytes) -> None:
-        client = await PicowsClient.connect(ws_url(server))
+        client = await PicowsClient.connect(server)
         client.raw(msg_type, data, fin=not more)
         for i, chunk in enumerate(more):
             client.raw(WSMsgType.CONTINUATION, chunk, fin=i == len(more) - 1)
@@ -282,15 +271,17 @@ def test_bad_input_gets_error_frames_or_close_codes(server_factory: type) -> Non
         await client.close()
 
     async def body() -> None:
-        observer = await PicowsClient.connect(ws_url(server))
+        observer = await PicowsClient.connect(server)
         obs = await observer.subscribe(after_index=0)
-        bad = await PicowsClient.connect(ws_url(server))
+        bad = await PicowsClient.connect(server)
         await expect_error(
             bad, lambda: bad.raw(WSMsgType.TEXT, b'{"op": "subscribe",'), "bad_request"
         )
         await expect_error(bad, lambda: bad.raw(WSMsgType.TEXT, b"[1, 2]"), "bad_request")
         await expect_error(bad, lambda: bad.send({"no": "op"}), "bad_request")
-        await expect_error(bad, lambda: bad.send({"op": "launch"}), "unknown_op")
+        # With auth on, the op table is default deny and answers before the op is looked up.
+        unknown = "unknown_op" if server.pki is None else "permission_denied"
+        await expect_error(bad, lambda: bad.send({"op": "launch"}), unknown)
         await expect_error(
             bad, lambda: bad.send({"op": "subscribe", "topics": "node"}), "bad_request"
         )
@@ -329,9 +320,9 @@ def test_bad_input_gets_error_frames_or_close_codes(server_factory: type) -> Non
         await expect_close(b"{}", WSMsgType.CONTINUATION, 1002)
 
         # max_connections: the upgrade is refused with 503 while the others are fine.
-        extra = [await PicowsClient.connect(ws_url(server)) for _ in range(10)]
+        extra = [await PicowsClient.connect(server) for _ in range(10)]
         with pytest.raises(websockets.InvalidStatus) as info:
-            await websockets.connect(ws_url(server))
+            await websockets_connect(server)
         assert info.value.response.status_code == 503
         for client in extra:
             await client.close()
@@ -343,7 +334,7 @@ def test_bad_input_gets_error_frames_or_close_codes(server_factory: type) -> Non
         stream = await observer.rec.until(obs, end)
         assert_exactly_once_in_order(stream.indices, 0, end, "observer")
         assert start <= end
-        assert http_get(server.http_base + "/ready")[0] == 200
+        assert server.http("/ready")[0] == 200
         await observer.close()
         await bad.close()
 
@@ -354,7 +345,7 @@ def test_submit_over_websocket_and_see_its_events(server_factory: type) -> None:
     server: ServerProcess = server_factory.create().start()
 
     async def body() -> None:
-        client = await PicowsClient.connect(ws_url(server))
+        client = await PicowsClient.connect(server)
         sid = await client.subscribe(topics=["command"])
         client.send(
             {
@@ -383,7 +374,7 @@ def test_submit_payload_must_be_strict_base64(server_factory: type) -> None:
     server: ServerProcess = server_factory.create().start()
 
     async def body() -> None:
-        client = await PicowsClient.connect(ws_url(server))
+        client = await PicowsClient.connect(server)
         for payload in ["!!!", "aGk=!", "aGk==", "QR", "a", "ab-/", "aG k="]:
             client.send(
                 {
@@ -433,14 +424,14 @@ def test_frame_with_rsv_bits_closes_with_1002(server_factory: type) -> None:
 
     async def body() -> None:
         for rsv in ({"rsv1": True}, {"rsv2": True}, {"rsv3": True}):
-            client = await PicowsClient.connect(ws_url(server))
+            client = await PicowsClient.connect(server)
             assert client.transport is not None
             client.transport.send(WSMsgType.TEXT, b'{"op": "ping", "id": 1}', True, **rsv)
             code, reason = await asyncio.wait_for(client.rec.closed, 5)
             assert (code, reason) == (1002, "RSV bits set"), rsv
             await client.close()
         # The same frame without RSV bits is fine.
-        client = await PicowsClient.connect(ws_url(server))
+        client = await PicowsClient.connect(server)
         client.send({"op": "ping", "id": 2})
         assert (await client.rec.reply())["type"] == "pong"
         await client.close()

@@ -84,9 +84,19 @@ def test_nodes_json_api_and_errors(server: ServerProcess) -> None:
     assert status == 200 and orjson.loads(body)["status"] == "ready"
 
     status, body, _ = http_get(server.http_base + "/api/v1/nodes/nope")
-    assert status == 404 and orjson.loads(body)["error"]["code"] == "not_found"
+    assert status == 404 and orjson.loads(body)["error"] == {
+        "code": "not_found",
+        "message": "node 'nope' not found",
+    }
+    # Typed core errors reach the middleware and its one table, which names the field.
     status, body, _ = http_get(server.http_base + "/api/v1/nodes?status=sleeping")
-    assert status == 400 and "status" in orjson.loads(body)["error"]["message"]
+    error = orjson.loads(body)["error"]
+    assert status == 400 and error["code"] == "invalid_argument"
+    assert error["parameter"] == "status" and "sleeping" in error["message"]
+    status, body, _ = http_get(server.http_base + "/api/v1/nodes?page_token=!!bogus")
+    error = orjson.loads(body)["error"]
+    assert status == 400 and error["code"] == "invalid_argument"
+    assert error["parameter"] == "page_token"
     status, body, _ = http_get(server.http_base + "/no/such/path")
     assert status == 404 and orjson.loads(body)["error"]["code"] == "not_found"
 

@@ -211,6 +211,36 @@ def test_sigterm_with_a_reconnecting_fleet_ends_before_the_drain_deadline(
     assert stopped and stopped[-1]["phases"]["listeners"] < 25, stopped
 
 
+def test_sigterm_ends_a_pending_wait_commands_with_unavailable(server: ServerProcess) -> None:
+    """A WaitCommands without a timeout held the stop for the whole 30 s shutdown_timeout
+    (conftest): nothing ended the core's waiters. Now it ends with UNAVAILABLE at once."""
+    with server.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+        control.SubmitCommands(
+            pb.SubmitCommandsRequest(
+                commands=[
+                    pb.CommandSpec(idempotency_key="done", kind="run"),
+                    pb.CommandSpec(idempotency_key="stuck", kind="run"),  # no node: never ends
+                ]
+            ),
+            timeout=10,
+        )
+        control.CancelCommand(pb.CancelCommandRequest(id="done"), timeout=10)
+        stream = control.WaitCommands(pb.WaitCommandsRequest(ids=["done", "stuck"]))
+        # The final one streams at once: once it is here, the server is waiting for "stuck".
+        assert next(stream).id == "done"
+        # ServerProcess.stop fails the test if the server takes its 20 s (< the 30 s drain).
+        assert server.stop(signal.SIGTERM) == 0, server.log()
+        try:
+            next(stream)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+            assert exc.details() == "server stopping", exc
+        else:
+            raise AssertionError("WaitCommands yielded a command that never finished")
+    assert "Traceback" not in server.log()
+
+
 def test_ready_says_stopping_during_the_drain(server_factory: type) -> None:
     server: ServerProcess = server_factory.create(NEXUS_SHUTDOWN_TIMEOUT="30s").start()
     with silent_websocket(server):  # holds the drain open (WebSocket close deadline: 15 s)

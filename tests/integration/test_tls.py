@@ -2,76 +2,33 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from nexus_fast.security.tools import cert_pem, issue_certificate, key_pem
 
 from .conftest import ServerProcess
 
 
-def _issue(
-    name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, ca: bool
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer[0].subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
-    return cert, key
-
-
-def _pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, bytes | Path]:
-    ca = _issue("nexus-test-ca", None, ca=True)
-    server = _issue("127.0.0.1", ca, ca=False)
-    client = _issue("operator", ca, ca=False)
+    ca = issue_certificate("nexus-test-ca", None)
+    server = issue_certificate("127.0.0.1", ca, server=True)
+    client = issue_certificate("operator", ca)
     files: dict[str, bytes | Path] = {}
     for name, data in {
-        "ca.pem": _pem(ca[0]),
-        "server.pem": _pem(server[0]),
-        "server.key": _key_pem(server[1]),
+        "ca.pem": cert_pem(ca[0]),
+        "server.pem": cert_pem(server[0]),
+        "server.key": key_pem(server[1]),
     }.items():
         (tmp_path / name).write_bytes(data)
         files[name] = tmp_path / name
-    files["ca"] = _pem(ca[0])
-    files["client_cert"] = _pem(client[0])
-    files["client_key"] = _key_pem(client[1])
+    files["ca"] = cert_pem(ca[0])
+    files["client_cert"] = cert_pem(client[0])
+    files["client_key"] = key_pem(client[1])
     return files
 
 

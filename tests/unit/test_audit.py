@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexus_fast.security.audit import (
+from nexus_fast.security.audit import RefusalSampler
+from nexus_fast.store import DATABASES, LmdbStore
+from nexus_fast.store.audit_chain import (
     AUDIT_DB,
     EMPTY_HEAD,
     GENESIS_HASH,
@@ -20,7 +22,6 @@ from nexus_fast.security.audit import (
     ChainBreak,
     ChainHead,
     ChainVerifier,
-    RefusalSampler,
     audit_key,
     audit_seq,
     canonical_body,
@@ -30,7 +31,6 @@ from nexus_fast.security.audit import (
     iter_export,
     verify,
 )
-from nexus_fast.store import DATABASES, LmdbStore
 
 
 def rec(i: int = 0, outcome: str = "ok", principal: str = "alice") -> AuditRecord:

@@ -22,6 +22,7 @@ from nexus_fast.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store import LmdbStore
@@ -706,6 +707,29 @@ def test_wait_yields_final_at_once_others_as_they_finish_and_stops_at_timeout(
         with pytest.raises(InvalidArgument):
             async for _ in f.commands.wait([], 1.0):
                 pass
+        await f.stop()
+
+    run(main())
+
+
+def test_stop_ends_waits_without_a_timeout(tmp_path: Path) -> None:
+    """A wait() with no timeout used to outlive stop(): it held the server's drain."""
+
+    async def main() -> None:
+        f = await fabric(tmp_path)
+        await f.commands.submit([spec("stuck")])  # no node: never final
+
+        async def waiting() -> list[str]:
+            return [r.id async for r in f.commands.wait(["stuck"], None)]
+
+        task = asyncio.get_running_loop().create_task(waiting())
+        await until(lambda: len(f.commands._waiters) == 1)
+        await f.commands.stop()
+        with pytest.raises(Unavailable, match="server stopping"):
+            await asyncio.wait_for(task, 10)
+        assert not f.commands._waiters
+        with pytest.raises(Unavailable):  # and no new wait starts
+            f.commands.wait(["stuck"], None)
         await f.stop()
 
     run(main())

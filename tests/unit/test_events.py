@@ -662,7 +662,8 @@ async def settle(n: int = 20) -> None:
 
 def protocol(
     bus: EventBus,
-    submit: Callable[[list[pb.CommandSpec]], Awaitable[pb.SubmitCommandsResponse]] | None = None,
+    submit: Callable[[list[pb.CommandSpec], str], Awaitable[pb.SubmitCommandsResponse]]
+    | None = None,
 ) -> ws_events.EventStreamProtocol:
     return ws_events.EventStreamProtocol(bus, max_subscriptions=2, submit_commands=submit)
 
@@ -759,7 +760,7 @@ def test_ws_submit_calls_the_hook_and_maps_errors() -> None:
         bus = make_bus(log)
         seen: list[list[pb.CommandSpec]] = []
 
-        async def submit(specs: list[pb.CommandSpec]) -> pb.SubmitCommandsResponse:
+        async def submit(specs: list[pb.CommandSpec], actor: str) -> pb.SubmitCommandsResponse:
             seen.append(specs)
             if specs[0].kind == "full":
                 raise ResourceExhausted("queue full")

@@ -1,4 +1,5 @@
-"""The layout keeps its shape: no import cycles, no oversized files, integration tests marked.
+"""The layout keeps its shape: no import cycles, lower layers importing nothing above them,
+no oversized files, integration tests marked.
 
 These read the source tree (``ast``, line counts, pytest's own collection); none imports the
 modules it checks, so a cycle is reported as a cycle, not as an ImportError.
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Final
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "nexus_fast"
@@ -60,6 +62,15 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
+def _from_base(stmt: ast.ImportFrom, package: str) -> str:
+    """The absolute module a ``from ... import`` statement in ``package`` imports from."""
+    if not stmt.level:
+        return stmt.module or ""
+    base_parts = package.split(".")
+    base_parts = base_parts[: len(base_parts) - (stmt.level - 1)]
+    return ".".join([*base_parts, stmt.module] if stmt.module else base_parts)
+
+
 def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     """module -> the modules of ours it imports (parent packages are not counted as edges)."""
     graph: dict[str, set[str]] = {}
@@ -71,12 +82,7 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
             if isinstance(stmt, ast.Import):
                 targets = [alias.name for alias in stmt.names]
             else:
-                if stmt.level:
-                    base_parts = package.split(".")
-                    base_parts = base_parts[: len(base_parts) - (stmt.level - 1)]
-                    base = ".".join([*base_parts, stmt.module] if stmt.module else base_parts)
-                else:
-                    base = stmt.module or ""
+                base = _from_base(stmt, package)
                 # `from pkg import sub` imports the submodule when there is one, else a name of pkg.
                 targets = [
                     f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
@@ -178,6 +184,84 @@ def test_relative_and_from_imports_are_edges() -> None:
     assert "nexus_fast._compat" in graph["nexus_fast.ring"]  # `from ._compat import ...`
     assert "nexus_fast._scoring_py" in graph["nexus_fast.scoring"]
     assert all(not target.startswith("nexus_fast.pb.") for target in graph["nexus_fast._compat"])
+
+
+# The README's layout: arrows point down (security -> api -> core -> store/codec). The lower
+# layers hold no wire formats, sockets or security policy, so they import nothing above them.
+LOWER_LAYERS: Final = ("nexus_fast.core", "nexus_fast.store", "nexus_fast.codec")
+UPPER_LAYERS: Final = ("nexus_fast.security", "nexus_fast.api", "nexus_fast.server")
+
+
+def _in_packages(name: str, packages: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def imported_names(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every absolute name ``module`` imports, ``TYPE_CHECKING`` and function-level ones too.
+
+    ``from a import b`` gives both ``a`` and ``a.b`` (``b`` may be a submodule). Type-only
+    imports count: a lower layer naming an upper layer's types depends on it all the same.
+    """
+    package = module if is_package else module.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = _from_base(node, package)
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def layering_violations(modules: dict[str, Path]) -> list[str]:
+    """``"lower -> upper"`` for every import of an upper layer by a lower one."""
+    found = []
+    for name, path in modules.items():
+        if not _in_packages(name, LOWER_LAYERS):
+            continue
+        imported = imported_names(path.read_text(), name, path.name == "__init__.py")
+        found.extend(
+            f"{name} -> {target}"
+            for target in sorted(imported)
+            if _in_packages(target, UPPER_LAYERS)
+        )
+    return found
+
+
+def test_lower_layers_import_nothing_above_them() -> None:
+    violations = layering_violations(package_modules())
+    assert not violations, (
+        "core/store/codec import security/api/server (arrows must point down):\n  "
+        + "\n  ".join(violations)
+    )
+
+
+def test_the_layering_check_sees_every_import_form() -> None:
+    # Guards the guard: relative, from-, plain, type-only and function-level imports.
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "from ..security import auditing\n"
+        "from nexus_fast import server\n"
+        "import nexus_fast.api.grpc_api\n"
+        "if TYPE_CHECKING:\n"
+        "    from nexus_fast.security.principal import Principal\n"
+        "def f() -> None:\n"
+        "    from nexus_fast.api import ws_events\n"
+        "from nexus_fast.serverless import x\n"  # a name that only starts like one
+    )
+    names = imported_names(source, "nexus_fast.core.example")
+    upper = sorted(n for n in names if _in_packages(n, UPPER_LAYERS))
+    assert upper == [
+        "nexus_fast.api",
+        "nexus_fast.api.grpc_api",
+        "nexus_fast.api.ws_events",
+        "nexus_fast.security",
+        "nexus_fast.security.auditing",
+        "nexus_fast.security.principal",
+        "nexus_fast.security.principal.Principal",
+        "nexus_fast.server",
+    ]
 
 
 def test_no_file_over_800_lines() -> None:

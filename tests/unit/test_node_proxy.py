@@ -68,6 +68,17 @@ def test_parse_size_rejects(text: str) -> None:
         parse_size(text)
 
 
+def test_parse_size_is_the_config_parser() -> None:
+    # One implementation: the node spec wraps nexus_fast.units.parse_size (config re-exports it).
+    from nexus_fast import config
+
+    for text in ("32GB", "1.5GiB", "4Ki", "1024", "2T", "1e3", "1.5e2KB"):
+        assert parse_size(text) == float(config.parse_size(text, exponent=True))
+    assert parse_size(1.4) == 1.0
+    with pytest.raises(ValueError):
+        parse_size("9" * 400)
+
+
 def test_parse_size_rejects_bool() -> None:
     with pytest.raises(ValueError):
         parse_size(True)

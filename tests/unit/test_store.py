@@ -21,7 +21,6 @@ import uvloop
 from prometheus_client import REGISTRY
 
 from nexus_fast import errors
-from nexus_fast.security.audit import AuditRecord, audit_seq, verify
 from nexus_fast.security.auditing import AUDITED_GRPC_METHODS, AUDITED_WS_OPS, WS_PRINCIPAL_KEY
 from nexus_fast.security.permissions import GRPC_METHODS
 from nexus_fast.security.ws_auth import PRINCIPAL_KEY
@@ -41,6 +40,7 @@ from nexus_fast.store import (
     lmdb_store,
     writer,
 )
+from nexus_fast.store.audit_chain import AuditRecord, audit_seq, verify
 
 T = TypeVar("T")
 REPO = Path(__file__).resolve().parents[2]

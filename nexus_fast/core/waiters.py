@@ -1,4 +1,4 @@
-"""``WaitCommands``: stream each command's record once it is final, within a timeout."""
+"""Who waits for which command to reach a final state (``WaitCommands``)."""
 
 from __future__ import annotations
 
@@ -7,43 +7,66 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from nexus_fast.core.command_states import FINAL_STATES
+from nexus_fast.errors import Unavailable
 from nexus_fast.pb import fabric_pb2 as pb
 
 __all__ = ["CommandWaiters"]
 
+# What an inbox receives: a final record, or None when the server stops.
+_Inbox = asyncio.Queue[pb.CommandRecord | None]
+
 
 class CommandWaiters:
-    """The waits in progress, by command id; the state machine calls :meth:`finished`."""
-
-    __slots__ = ("_inboxes",)
+    """Inboxes by command id; :meth:`notify` feeds them, :meth:`stop` ends them all."""
 
     def __init__(self) -> None:
-        self._inboxes: dict[str, list[asyncio.Queue[pb.CommandRecord]]] = {}
+        self._by_id: dict[str, list[_Inbox]] = {}
+        self._stopping = False
 
     def __len__(self) -> int:
-        return len(self._inboxes)
+        """How many command ids someone waits for."""
+        return len(self._by_id)
 
-    def finished(self, record: pb.CommandRecord) -> None:
-        """``record`` reached a final state: hand it to everyone waiting for it."""
-        for inbox in self._inboxes.pop(record.id, ()):
+    def notify(self, record: pb.CommandRecord) -> None:
+        """``record`` is final: hand it to everyone waiting for it."""
+        for inbox in self._by_id.pop(record.id, ()):
             inbox.put_nowait(record)
+
+    def stop(self) -> None:
+        """End every wait with Unavailable, and refuse new ones.
+
+        A WaitCommands without a timeout would otherwise hold the gRPC stop for the whole
+        drain deadline: nothing it waits for finishes any more.
+        """
+        self._stopping = True
+        ended: set[int] = set()
+        for inboxes in self._by_id.values():
+            for inbox in inboxes:
+                if id(inbox) not in ended:
+                    ended.add(id(inbox))
+                    inbox.put_nowait(None)
+
+    def check_open(self) -> None:
+        """Raise Unavailable if the server is stopping."""
+        if self._stopping:
+            raise Unavailable("server stopping")
 
     async def wait(
         self, records: Sequence[pb.CommandRecord], timeout: float | None
     ) -> AsyncIterator[pb.CommandRecord]:
-        """Yield each record once it is final (final ones at once).
+        """Yield each of ``records`` once final (final ones at once), until ``timeout``.
 
         If ``timeout`` expires first, the last record yielded is a marker: empty id,
         ``wait_timed_out_ids`` listing the ids (in request order) that were not final.
         """
-        inbox: asyncio.Queue[pb.CommandRecord] = asyncio.Queue()
+        inbox: _Inbox = asyncio.Queue()
         final_now: list[pb.CommandRecord] = []
         waiting: list[pb.CommandRecord] = []
         for record in records:
             if record.state in FINAL_STATES:
                 final_now.append(record)
             else:
-                self._inboxes.setdefault(record.id, []).append(inbox)
+                self._by_id.setdefault(record.id, []).append(inbox)
                 waiting.append(record)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -57,19 +80,21 @@ class CommandWaiters:
                 if left is not None and left <= 0:
                     break
                 try:
-                    record = await asyncio.wait_for(inbox.get(), left)
+                    finished = await asyncio.wait_for(inbox.get(), left)
                 except TimeoutError:
                     break
-                done.add(record.id)
-                yield record
+                if finished is None:
+                    raise Unavailable("server stopping")
+                done.add(finished.id)
+                yield finished
             if len(done) < len(waiting):
                 # Not yielded yet, even if final by now: the client never saw them final.
                 late = [r.id for r in waiting if r.id not in done]
                 yield pb.CommandRecord(wait_timed_out_ids=late)
         finally:
-            for record in waiting:
-                queues = self._inboxes.get(record.id)
+            for record in records:
+                queues = self._by_id.get(record.id)
                 if queues and inbox in queues:
                     queues.remove(inbox)
                     if not queues:
-                        del self._inboxes[record.id]
+                        del self._by_id[record.id]
