@@ -8,7 +8,9 @@ Copy it as the start of a proxy in any language; every rule it follows is in doc
 2. Send something at least every ``heartbeat_interval_ms`` or the node goes down.
 3. Delivery is at-least-once: the same command id comes again after a reconnect or a server
    restart. Ack every command at once, run each id only once, and answer a repeat of a
-   finished one with its stored result (the first answer may have been lost).
+   finished one with its stored result (the first answer may have been lost). One exception:
+   a command that failed here and comes back with a higher ``attempt`` is a retry on this
+   node (``target_node`` commands retry on their node): run it again.
 4. The stream ends (``ABORTED`` superseded, ``UNAVAILABLE`` server gone or restarting,
    ``FAILED_PRECONDITION``/``NOT_FOUND`` after a restore or removal, or OK): register again
    with exponential backoff and jitter. Only ``INVALID_ARGUMENT`` is a bug to fix, not retry.
@@ -124,9 +126,13 @@ class Proxy:
         repeats = []
         for command in message.commands:
             acks.append(pb.CommandAck(command_id=command.id, attempt=command.attempt))
-            if command.id in self.finished:  # a repeat of a finished one: answer again
+            done = self.finished.get(command.id)
+            if done is not None and not done.success and command.attempt > done.attempt:
+                del self.finished[command.id]  # a retry of a failed one: run it again
+                done = None
+            if done is not None:  # a repeat of a finished one: answer again
                 log.info("repeat of finished %s: sending its result again", command.id)
-                repeats.append(self.finished[command.id])
+                repeats.append(done)
             elif command.id in self.running:  # a repeat of a running one: nothing to do
                 log.info("repeat of running %s: ignored", command.id)
             else:

@@ -29,6 +29,17 @@ class NodeNotFound(NotFound):
         self.node_id = node_id
 
 
+class AlreadyExists(NexusError):
+    """The entity exists with different content (an idempotency key reused with another spec).
+
+    ``existing_id`` names the entity that holds the key.
+    """
+
+    def __init__(self, message: str, existing_id: str = "") -> None:
+        super().__init__(message)
+        self.existing_id = existing_id
+
+
 class StaleSession(NexusError):
     """A node spoke with a session epoch that is no longer current."""
 

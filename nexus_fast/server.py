@@ -552,6 +552,9 @@ class NexusServer:
     ) -> tuple[list[dict[str, object]], str]:
         numbers = []
         for state in states:
+            # The short name the JSON shows ("running") or the full one (AGENT_STATE_RUNNING).
+            if not state.startswith("AGENT_STATE_"):
+                state = "AGENT_STATE_" + state.upper()
             if state not in pb.AgentState.DESCRIPTOR.values_by_name:
                 raise InvalidArgument("state", f"unknown agent state {state!r}")
             numbers.append(pb.AgentState.Value(state))

@@ -90,6 +90,8 @@ def main() -> int:
             for record in control.WaitCommands(
                 pb.WaitCommandsRequest(ids=[result.id], timeout_ms=30_000), timeout=40
             ):
+                if not record.id:  # the marker ending a timed-out wait: nothing finished
+                    break
                 print(
                     f"{record.id}: {pb.CommandState.Name(record.state)} on {record.node_id} "
                     f"after {record.attempt} attempt(s), output={record.output!r}"

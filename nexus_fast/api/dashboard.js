@@ -43,7 +43,7 @@ window.nexusDashboard = stats;
 const ESC = { "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" };
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => ESC[c]);
 const short = (name, prefix) => (name || "").startsWith(prefix) ? name.slice(prefix.length) : (name || "");
-const cmdState = (s) => short(s, "COMMAND_STATE_");
+const cmdState = (s) => short(s, "COMMAND_STATE_").toUpperCase();  // events say "succeeded"
 const agentState = (s) => short(s, "AGENT_STATE_").toLowerCase();
 
 function ago(ms) {

@@ -143,7 +143,7 @@ class HttpBackend(Protocol):
     ) -> tuple[list[dict[str, object]], str]:
         """One page of agent replicas (``agent_to_dict``) in id order and the next token.
 
-        ``states`` are ``AgentState`` names (``AGENT_STATE_RUNNING``); raises
+        ``states`` are ``AgentState`` names, short (``running``) or full; raises
         InvalidArgument on an unknown one.
         """
         ...

@@ -80,6 +80,7 @@ TABLE: Final[tuple[Row, ...]] = (
     Row(_E.InvalidArgument, _G.INVALID_ARGUMENT, "invalid_argument", 400),
     Row(_E.NodeNotFound, _G.NOT_FOUND, "not_found", 404),
     Row(_E.NotFound, _G.NOT_FOUND, "not_found", 404),
+    Row(_E.AlreadyExists, _G.ALREADY_EXISTS, "already_exists", 409),
     Row(_E.StaleSession, _G.FAILED_PRECONDITION, "stale_session", 409),
     Row(_E.Superseded, _G.ABORTED, "superseded", 409),
     Row(_E.PermissionDenied, _G.PERMISSION_DENIED, "permission_denied", 403),

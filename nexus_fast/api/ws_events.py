@@ -34,6 +34,7 @@ from nexus_fast.api.ws_server import (
     Connection,
 )
 from nexus_fast.codec.frames import EventEnvelope
+from nexus_fast.codec.json import submit_result_to_dict
 from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.events import EventBus, Subscription
 from nexus_fast.errors import NexusError
@@ -181,6 +182,23 @@ def _check_bytes_fields(item: object, message: Any, path: str) -> None:
                 _check_bytes_fields(one, field.message_type, at)
 
 
+_DECIMAL: Final = re.compile(r"[0-9]{1,20}")
+
+
+def json_uint(value: object, name: str) -> int | None:
+    """A uint64 from JSON: a number, or a decimal string as canonical proto3 JSON writes
+    64-bit integers (``"42"``); ``None`` stays ``None``. Raises TypeError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, str) and _DECIMAL.fullmatch(value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise TypeError(
+            f"'{name}' must be a non-negative integer (a JSON number or a decimal string) or null"
+        )
+    return value
+
+
 def _string_list(value: object, name: str) -> list[str]:
     if value is None:
         return []
@@ -236,9 +254,7 @@ class EventStreamProtocol:
         try:
             topics = _string_list(message.get("topics"), "topics")
             keys = _string_list(message.get("keys"), "keys")
-            after = message.get("after_index")
-            if after is not None and (isinstance(after, bool) or not isinstance(after, int)):
-                raise TypeError("'after_index' must be an integer or null")
+            after = json_uint(message.get("after_index"), "after_index")
         except TypeError as exc:
             _error(conn, message, ERROR_BAD_REQUEST, str(exc))
             return
@@ -335,9 +351,8 @@ class EventStreamProtocol:
             _fail(conn, message, NexusError("internal error"))
             return
         auditing.finish(OUTCOME_OK)  # normally recorded with the commit already
-        results = [
-            json_format.MessageToDict(r, preserving_proto_field_name=True) for r in response.results
-        ]
+        # The builder of the events' payloads: same enum names, every field present.
+        results = [submit_result_to_dict(r) for r in response.results]
         _reply(conn, message, {"type": "submitted", "results": results, "index": response.index})
 
     # ------------------------------------------------------------ delivery

@@ -1,7 +1,10 @@
 """JSON views of records and events (HTTP API, dashboard, WebSocket event payloads).
 
-Proto field names, enum values by name, bytes as base64, every field present. Written
-by hand: ``json_format.MessageToDict`` costs ~50 us per record, these ~5 us.
+Proto field names, every field present (also false, zero and empty ones), bytes as
+base64, integers as JSON numbers, and enums by one style everywhere: the lower-case name
+without its prefix (node ``"ready"``, command ``"succeeded"``, agent ``"running"``), see
+docs/events.md. Written by hand: ``json_format.MessageToDict`` costs ~50 us per record,
+these ~5 us.
 """
 
 from __future__ import annotations
@@ -18,8 +21,14 @@ from nexus_fast.pb import fabric_pb2 as pb
 
 log = get_logger("codec")
 
-_COMMAND_STATES: Final = {v.number: v.name for v in pb.CommandState.DESCRIPTOR.values}
-_AGENT_STATES: Final = {v.number: v.name for v in pb.AgentState.DESCRIPTOR.values}
+# "succeeded", "running", ...: one enum style with the node statuses below.
+COMMAND_STATE_NAMES: Final = {
+    v.number: v.name.removeprefix("COMMAND_STATE_").lower()
+    for v in pb.CommandState.DESCRIPTOR.values
+}
+AGENT_STATE_NAMES: Final = {
+    v.number: v.name.removeprefix("AGENT_STATE_").lower() for v in pb.AgentState.DESCRIPTOR.values
+}
 # "ready", "draining", ...: the names the API takes and shows (core.nodes.STATUS_NAMES).
 NODE_STATUS_NAMES: Final = {
     v.number: v.name.removeprefix("NODE_STATUS_").lower()
@@ -80,7 +89,7 @@ def command_to_dict(rec: pb.CommandRecord) -> dict[str, Any]:
             "timeout_ms": spec.timeout_ms,
             "max_attempts": spec.max_attempts,
         },
-        "state": _COMMAND_STATES.get(rec.state, str(rec.state)),
+        "state": COMMAND_STATE_NAMES.get(rec.state, str(rec.state)),
         "node_id": rec.node_id,
         "attempt": rec.attempt,
         "reason": rec.reason,
@@ -91,6 +100,17 @@ def command_to_dict(rec: pb.CommandRecord) -> dict[str, Any]:
         "finished_ms": rec.finished_ms,
         "tried_nodes": list(rec.tried_nodes),
         "agent_id": rec.agent_id,
+    }
+
+
+def submit_result_to_dict(result: pb.SubmitResult) -> dict[str, Any]:
+    """JSON-able SubmitResult (the WebSocket ``submitted`` reply), every field present."""
+    return {
+        "id": result.id,
+        "state": COMMAND_STATE_NAMES.get(result.state, str(result.state)),
+        "node_id": result.node_id,
+        "reason": result.reason,
+        "duplicate": result.duplicate,
     }
 
 
@@ -108,7 +128,7 @@ def agent_to_dict(agent: pb.Agent) -> dict[str, Any]:
             "placement": _placement(spec.placement),
             "replicas": spec.replicas,
         },
-        "state": _AGENT_STATES.get(agent.state, str(agent.state)),
+        "state": AGENT_STATE_NAMES.get(agent.state, str(agent.state)),
         "node_id": agent.node_id,
         "message": agent.message,
         "created_ms": agent.created_ms,

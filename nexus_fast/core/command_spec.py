@@ -60,3 +60,15 @@ def cap_result(record: pb.CommandRecord, result: pb.CommandResult, cap: int) -> 
     raw = error.encode() if len(error) * 4 > cap else b""  # short text: under the cap for sure
     record.error_truncated = len(raw) > cap
     return raw[:cap].decode("utf-8", "ignore") if record.error_truncated else error
+
+
+def same_spec(stored: pb.CommandSpec, spec: pb.CommandSpec) -> bool:
+    """Whether ``spec`` resubmits ``stored``: equal, with 0 (server default) matching the
+    timeout_ms and max_attempts the server filled in."""
+    if spec.timeout_ms and spec.max_attempts:
+        return stored == spec
+    probe = pb.CommandSpec()
+    probe.CopyFrom(spec)
+    probe.timeout_ms = spec.timeout_ms or stored.timeout_ms
+    probe.max_attempts = spec.max_attempts or stored.max_attempts
+    return stored == probe

@@ -38,7 +38,7 @@ from typing import Final
 
 from nexus_fast.clock import now_ms
 from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
-from nexus_fast.core.command_spec import MAX_PRIORITY, cap_result, validate_spec
+from nexus_fast.core.command_spec import MAX_PRIORITY, cap_result, same_spec, validate_spec
 from nexus_fast.core.command_states import (
     ACKED,
     CANCELLED,
@@ -63,6 +63,7 @@ from nexus_fast.core.periodic import Periodic
 from nexus_fast.core.scheduler import PlacementRequest, Scheduler
 from nexus_fast.core.waiters import CommandWaiters
 from nexus_fast.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -302,10 +303,16 @@ class CommandService:
         answers: list[tuple[pb.CommandRecord, bool]] = []  # (record, duplicate)
         new: list[pb.CommandRecord] = []
         seen = self._known_keys(specs)
-        for spec in specs:
+        for i, spec in enumerate(specs):
             key = spec.idempotency_key
             existing = seen.get(key) if key else None
             if existing is not None:
+                if not same_spec(existing.spec, spec):
+                    raise AlreadyExists(
+                        f"commands[{i}].idempotency_key: {key!r} is already used by "
+                        f"command {existing.id!r} with a different spec",
+                        existing.id,
+                    )
                 answers.append((existing, True))
                 continue
             record = self._new_record(spec)
@@ -581,10 +588,12 @@ class CommandService:
             error = cap_result(record, result, self.settings.max_output_size)
             if result.success:
                 self._finish(record, SUCCEEDED, "")
-            elif record.spec.target_node:
-                # The node de-duplicates by id: retrying on the same node cannot run it again.
+            elif record.agent_id:
+                # The agent service re-places a replica whose start failed, on any node.
                 self._finish(record, FAILED, error or "failed on the node")
             else:
+                # A target_node command retries on its node (with a higher attempt number,
+                # which nodes run again); the others move to another node while they can.
                 self._retry_or_finish(record, FAILED, error or "failed on the node")
 
     # ------------------------------------------------------------ cancel / wait
@@ -605,7 +614,8 @@ class CommandService:
         return record
 
     def wait(self, ids: Sequence[str], timeout: float | None) -> AsyncIterator[pb.CommandRecord]:
-        """Yield each command's record once it is final (final ones at once).
+        """Yield each command's record once it is final (final ones at once); a timeout
+        ends with a marker record (see :meth:`CommandWaiters.wait`).
 
         Raises Unavailable ("server stopping") when the server stops first.
         """

@@ -36,6 +36,7 @@ from nexus_fast.codec.tokens import decode_page_token, encode_page_token
 from nexus_fast.core import acting
 from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.periodic import Periodic
+from nexus_fast.core.staged_events import StagedEvents
 from nexus_fast.errors import (
     InvalidArgument,
     NodeNotFound,
@@ -243,6 +244,7 @@ class NodeRegistry:
         self._status_counts: dict[int, int] = dict.fromkeys(STATUS_NAMES, 0)
         self._pruner = Periodic("node-pruner", self.prune_once, log)
         self.listeners: list[NodeListener] = []
+        self._connection_events = StagedEvents(store)  # node.connected / node.disconnected
         # Node id -> when its last takeover refusal was reported (bounded by the fleet).
         self._refused_at: dict[str, float] = {}
         metrics.NODES.source = self.status_counts  # read at scrape time, nothing to keep in sync
@@ -483,6 +485,7 @@ class NodeRegistry:
             await self._persist([node], [("node.up", node)])
             self._updated(node)
         if entry.session is session:
+            self._connection_events.add(_event("node.connected", node, actor))  # not awaited
             for listener in self.listeners:
                 listener.session_opened(node, session)
         return session
@@ -498,6 +501,7 @@ class NodeRegistry:
         if entry is not None and entry.session is session:
             entry.session = None
             entry.record.connected = False
+            self._connection_events.add(_event("node.disconnected", entry.record, session.actor))
 
     def heartbeat(self, session: Session, heartbeat: pb.Heartbeat | None) -> Awaitable[None] | None:
         """Record that the node spoke: memory only, O(1).

@@ -54,34 +54,43 @@ class CommandWaiters:
     async def wait(
         self, records: Sequence[pb.CommandRecord], timeout: float | None
     ) -> AsyncIterator[pb.CommandRecord]:
-        """Yield each of ``records`` once final (final ones at once), until ``timeout``."""
+        """Yield each of ``records`` once final (final ones at once), until ``timeout``.
+
+        If ``timeout`` expires first, the last record yielded is a marker: empty id,
+        ``wait_timed_out_ids`` listing the ids (in request order) that were not final.
+        """
         inbox: _Inbox = asyncio.Queue()
-        remaining = 0
         final_now: list[pb.CommandRecord] = []
+        waiting: list[pb.CommandRecord] = []
         for record in records:
             if record.state in FINAL_STATES:
                 final_now.append(record)
             else:
                 self._by_id.setdefault(record.id, []).append(inbox)
-                remaining += 1
+                waiting.append(record)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             # The final ones at once, whatever the timeout. Decided above, not while
             # yielding: one that finishes meanwhile comes through the inbox, once.
             for record in final_now:
                 yield record
-            while remaining:
+            done: set[str] = set()
+            while len(done) < len(waiting):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    return
+                    break
                 try:
                     finished = await asyncio.wait_for(inbox.get(), left)
                 except TimeoutError:
-                    return
+                    break
                 if finished is None:
                     raise Unavailable("server stopping")
-                remaining -= 1
+                done.add(finished.id)
                 yield finished
+            if len(done) < len(waiting):
+                # Not yielded yet, even if final by now: the client never saw them final.
+                late = [r.id for r in waiting if r.id not in done]
+                yield pb.CommandRecord(wait_timed_out_ids=late)
         finally:
             for record in records:
                 queues = self._by_id.get(record.id)

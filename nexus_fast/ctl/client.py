@@ -115,7 +115,11 @@ class Client:
         request = pb.WaitCommandsRequest(ids=ids, timeout_ms=int(timeout * 1000))
         # The server ends the stream at timeout_ms; the call deadline only backs that up.
         deadline = timeout + self.timeout if timeout else None
-        final = {r.id: r async for r in self.control.WaitCommands(request, timeout=deadline)}
+        # A timeout ends the stream with a marker (empty id, wait_timed_out_ids): skipped,
+        # the ids it lists are read below like any other that did not finish.
+        final = {
+            r.id: r async for r in self.control.WaitCommands(request, timeout=deadline) if r.id
+        }
         out = []
         for cid in ids:
             record = final.get(cid)

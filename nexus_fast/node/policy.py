@@ -40,6 +40,8 @@ class DedupCache:
     """Bounded LRU of finished command results, keyed per node and command id.
 
     A redelivered command finds its stored result here and is answered without running again.
+    The value is ``(success, output, error, attempt)``: a failed attempt is run again when
+    the core retries it on this node with a higher attempt number.
     """
 
     __slots__ = ("_data", "capacity", "evictions")
@@ -49,21 +51,21 @@ class DedupCache:
             raise ValueError("dedup capacity must be >= 1")
         self.capacity = capacity
         self.evictions = 0
-        self._data: OrderedDict[str, tuple[bool, bytes, str]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[bool, bytes, str, int]] = OrderedDict()
 
     @staticmethod
     def key(node_id: str, command_id: str) -> str:
         """One flat string key: cheaper than a tuple at 100k entries."""
         return f"{node_id}\x00{command_id}"
 
-    def get(self, key: str) -> tuple[bool, bytes, str] | None:
-        """Return the stored ``(success, output, error)`` and mark it recently used."""
+    def get(self, key: str) -> tuple[bool, bytes, str, int] | None:
+        """Return the stored ``(success, output, error, attempt)`` and mark it recently used."""
         value = self._data.get(key)
         if value is not None:
             self._data.move_to_end(key)
         return value
 
-    def put(self, key: str, value: tuple[bool, bytes, str]) -> None:
+    def put(self, key: str, value: tuple[bool, bytes, str, int]) -> None:
         """Store a result, evicting the least recently used entry beyond capacity."""
         self._data[key] = value
         self._data.move_to_end(key)

@@ -380,9 +380,11 @@ class NodeSim:
             ctx.stats.duplicates += 1
             return
         stored = ctx.dedup.get(DedupCache.key(self.node_id, command.id))
-        if stored is not None:  # already executed: answer from the record, never run twice
+        # Already executed: answer from the record, never run twice. Except a failed
+        # attempt that the core retries here (a higher attempt number): run that again.
+        if stored is not None and (stored[0] or command.attempt <= stored[3]):
             ctx.stats.duplicates += 1
-            success, output, error = stored
+            success, output, error, _ = stored
             self._results.append(
                 pb.CommandResult(
                     command_id=command.id,
@@ -426,7 +428,9 @@ class NodeSim:
         ctx = self.ctx
         command = exe.command
         self._running.pop(command.id, None)
-        ctx.dedup.put(DedupCache.key(self.node_id, command.id), (success, output, error))
+        ctx.dedup.put(
+            DedupCache.key(self.node_id, command.id), (success, output, error, exe.attempt)
+        )
         self._results.append(
             pb.CommandResult(
                 command_id=command.id,

@@ -130,7 +130,8 @@ def test_node_reported_output_and_error_are_capped(server: ServerProcess) -> Non
         control.SubmitCommands(
             pb.SubmitCommandsRequest(
                 commands=[
-                    pb.CommandSpec(idempotency_key=i, kind="run", target_node="n1")
+                    # One attempt: a failed target_node command would otherwise be retried.
+                    pb.CommandSpec(idempotency_key=i, kind="run", target_node="n1", max_attempts=1)
                     for i in ("loud", "angry", "quiet")
                 ]
             ),

@@ -286,7 +286,7 @@ def test_bad_input_gets_error_frames_or_close_codes(server_factory: type) -> Non
             bad, lambda: bad.send({"op": "subscribe", "topics": "node"}), "bad_request"
         )
         await expect_error(
-            bad, lambda: bad.send({"op": "subscribe", "after_index": "7"}), "bad_request"
+            bad, lambda: bad.send({"op": "subscribe", "after_index": "7x"}), "bad_request"
         )
         await expect_error(bad, lambda: bad.send({"op": "subscribe", "keys": [1]}), "bad_request")
         await expect_error(

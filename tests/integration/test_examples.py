@@ -172,6 +172,8 @@ def test_node_proxy_skeleton_executes_once_across_a_server_restart(
         record = _run(control, pb.CommandSpec(kind="nope", target_node="skel-1"))
         assert record.state == pb.COMMAND_STATE_FAILED
         assert record.reason == "unknown kind 'nope'"
+        # Retried on its node (the skeleton runs a higher attempt of a failed id again).
+        assert record.attempt == 3 and proxy.log().count(f"executing {record.id} ") == 3
     assert "stream ended: UNAVAILABLE" in proxy.log()
     proxy.proc.send_signal(signal.SIGTERM)
     assert proxy.proc.wait(20) == 0, proxy.log()

@@ -119,6 +119,7 @@ QUOTED = (
     "node stream fell behind; reconnect",
     "is not current",
     "request is not a valid",
+    "with a different spec",
 )
 
 
@@ -131,6 +132,7 @@ def test_troubleshooting_covers_each_error_with_the_real_message() -> None:
         "## Slow consumer cut off",
         "## Node superseded",
         "## Certificate refused",
+        "## Idempotency key already used",
         "## UNAUTHENTICATED / PERMISSION_DENIED",
     ):
         assert heading in guide

@@ -17,6 +17,7 @@ from nexus_fast.codec import protowire
 from nexus_fast.core.commands import STATE_NAMES
 from nexus_fast.core.nodes import NODES_DB
 from nexus_fast.errors import (
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -133,7 +134,7 @@ def test_idempotency_within_batch_across_batches_and_restart(tmp_path: Path) -> 
         session = await f.node("n1")
         assert session is not None
         reply = await f.commands.submit(
-            [spec("k1", payload=b"first"), spec("k1", payload=b"second"), spec("k2"), spec()]
+            [spec("k1", payload=b"first"), spec("k1", payload=b"first"), spec("k2"), spec()]
         )
         r = reply.results
         assert [x.duplicate for x in r] == [False, True, False, False]
@@ -148,7 +149,11 @@ def test_idempotency_within_batch_across_batches_and_restart(tmp_path: Path) -> 
 
         # Across batches: the live command's current state, no second command.
         f.report("n1", acks=[pb.CommandAck(command_id="k1")])
-        again = await f.commands.submit([spec("k1", payload=b"third"), spec("k3")])
+        # The same key with another spec: refused as a whole, naming the existing command.
+        with pytest.raises(AlreadyExists, match=r"commands\[1\].idempotency_key: 'k1'") as exc:
+            await f.commands.submit([spec("k9"), spec("k1", payload=b"third")])
+        assert exc.value.existing_id == "k1"
+        again = await f.commands.submit([spec("k1", payload=b"first"), spec("k3")])
         assert again.results[0].duplicate and again.results[0].state == ACKED
         assert not again.results[1].duplicate
         f.succeed("n1", "k2")
@@ -164,7 +169,9 @@ def test_idempotency_within_batch_across_batches_and_restart(tmp_path: Path) -> 
         # Restart: a fresh set of services on the same LMDB directory.
         g = await fabric(tmp_path)
         assert g.stored_count() == 4
-        reply = await g.commands.submit([spec("k1"), spec("k2"), spec("k3"), spec("k4")])
+        reply = await g.commands.submit(
+            [spec("k1", payload=b"first"), spec("k2"), spec("k3"), spec("k4")]
+        )
         assert [x.duplicate for x in reply.results] == [True, True, True, False]
         assert [x.id for x in reply.results] == ["k1", "k2", "k3", "k4"]
         assert reply.results[0].state == ACKED
@@ -417,17 +424,23 @@ def test_report_from_the_wrong_node_is_ignored(tmp_path: Path) -> None:
     run(main())
 
 
-def test_failed_target_node_command_is_not_retried(tmp_path: Path) -> None:
+def test_failed_target_node_command_is_retried_on_its_node_only(tmp_path: Path) -> None:
     async def main() -> None:
         f = await fabric(tmp_path)
         session = await f.node("n1")
         await f.node("n2")
         assert session is not None
-        await f.commands.submit([spec("a", target_node="n1", max_attempts=5)])
+        await f.commands.submit([spec("a", target_node="n1", max_attempts=2)])
         await wait_sent(session, 1)
         f.fail("n1", "a", "nope")
         record = f.commands.get("a")
-        assert record.state == FAILED and record.attempt == 1 and "nope" in record.reason
+        assert record.state != FAILED and "nope" in record.reason
+        await wait_sent(session, 1)  # the same node again, the next attempt
+        record = f.commands.get("a")
+        assert record.node_id == "n1" and record.attempt == 2 and not record.tried_nodes
+        f.fail("n1", "a", "nope again")
+        record = f.commands.get("a")
+        assert record.state == FAILED and record.attempt == 2 and "nope again" in record.reason
         assert record.node_id == "n1"
         await asyncio.sleep(0.05)
         assert commands_in(drain(session)) == []
@@ -669,8 +682,10 @@ def test_wait_yields_final_at_once_others_as_they_finish_and_stops_at_timeout(
         f.succeed("n1", "done")
 
         # A tiny timeout still yields the final ones.
-        got = [r.id async for r in f.commands.wait(["a", "done", "never"], 0.001)]
-        assert got == ["done"]
+        got = [r async for r in f.commands.wait(["a", "done", "never"], 0.001)]
+        assert [r.id for r in got] == ["done", ""]
+        # The timeout ends with a marker naming the ones not final, in request order.
+        assert got[-1] == pb.CommandRecord(wait_timed_out_ids=["a", "never"])
 
         async def finish_later() -> None:
             await asyncio.sleep(0.03)
@@ -683,7 +698,7 @@ def test_wait_yields_final_at_once_others_as_they_finish_and_stops_at_timeout(
         # It waited past a's failure (a retry, not final) for its timeout, not just for b.
         assert task.done()
         await task
-        assert got2 == [("done", SUCCEEDED), ("b", SUCCEEDED)]
+        assert got2 == [("done", SUCCEEDED), ("b", SUCCEEDED), ("", 0)]
         assert not f.commands._waiters  # nothing left registered
 
         with pytest.raises(NotFound):
@@ -980,7 +995,9 @@ def test_node_output_and_error_are_capped_and_flagged(tmp_path: Path) -> None:
         s1 = await f.node("n1")
         assert s1 is not None
         cap = f.commands.settings.max_output_size
-        await f.commands.submit([spec(i, target_node="n1") for i in ("big", "small", "err")])
+        await f.commands.submit(
+            [spec(i, target_node="n1", max_attempts=1) for i in ("big", "small", "err")]
+        )
         await wait_sent(s1, 3)
         f.succeed("n1", "big", output=b"o" * (cap * 3))
         f.succeed("n1", "small", output=b"o" * cap)

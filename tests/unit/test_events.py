@@ -152,7 +152,7 @@ def test_envelope_sets_index_and_encodes_once() -> None:
         (
             "command",
             pb.CommandRecord(id="c1", state=pb.COMMAND_STATE_PLACED).SerializeToString(),
-            lambda p: p["id"] == "c1" and p["state"] == "COMMAND_STATE_PLACED",
+            lambda p: p["id"] == "c1" and p["state"] == "placed",
         ),
         ("agent", pb.Agent(id="a-0", name="a").SerializeToString(), lambda p: p["id"] == "a-0"),
         ("node", b"\xff\xff\xff", lambda p: p == base64.b64encode(b"\xff\xff\xff").decode()),
@@ -713,7 +713,9 @@ def test_ws_bad_requests_get_error_frames() -> None:
         cases: list[tuple[dict[str, Any], str]] = [
             ({"op": "subscribe", "topics": "node"}, "bad_request"),
             ({"op": "subscribe", "topics": ["nodes"]}, "invalid_argument"),
-            ({"op": "subscribe", "after_index": "1"}, "bad_request"),
+            ({"op": "subscribe", "after_index": "1.5"}, "bad_request"),
+            ({"op": "subscribe", "after_index": -1}, "bad_request"),
+            ({"op": "subscribe", "after_index": "99"}, "invalid_argument"),  # a uint64 string
             ({"op": "subscribe", "after_index": True}, "bad_request"),
             ({"op": "subscribe", "after_index": 99}, "invalid_argument"),
             ({"op": "unsubscribe", "subscription": 1}, "bad_request"),
@@ -787,7 +789,9 @@ def test_ws_submit_calls_the_hook_and_maps_errors() -> None:
         assert seen[0][0].payload == b"hi" and seen[0][0].priority == 2
         assert conn.frames[-1] == {
             "type": "submitted",
-            "results": [{"id": "k1", "state": "COMMAND_STATE_PLACED"}],
+            "results": [
+                {"id": "k1", "state": "placed", "node_id": "", "reason": "", "duplicate": False}
+            ],
             "index": 77,
             "id": 1,
         }

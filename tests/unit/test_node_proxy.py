@@ -353,16 +353,16 @@ def test_jitter_bounds() -> None:
 def test_dedup_lru_eviction_and_recency() -> None:
     cache = DedupCache(3)
     for i in range(3):
-        cache.put(f"k{i}", (True, b"ok", ""))
-    assert cache.get("k0") == (True, b"ok", "")  # k0 becomes most recent
-    cache.put("k3", (False, b"", "boom"))
+        cache.put(f"k{i}", (True, b"ok", "", 1))
+    assert cache.get("k0") == (True, b"ok", "", 1)  # k0 becomes most recent
+    cache.put("k3", (False, b"", "boom", 1))
     assert "k1" not in cache  # least recently used went first
     assert "k0" in cache and "k2" in cache and "k3" in cache
     assert len(cache) == 3
     assert cache.evictions == 1
     assert cache.get("k1") is None
     for i in range(100):
-        cache.put(f"x{i}", (True, b"", ""))
+        cache.put(f"x{i}", (True, b"", "", 1))
     assert len(cache) == 3
 
 

@@ -55,6 +55,7 @@ def test_rows_are_ordered_subclasses_first() -> None:
         (errors.InvalidArgument("f", "m"), grpc.StatusCode.INVALID_ARGUMENT, "error", 400),
         (errors.UndecodableRequest("X"), grpc.StatusCode.INVALID_ARGUMENT, "error", 400),
         (errors.NodeNotFound("n"), grpc.StatusCode.NOT_FOUND, "error", 404),
+        (errors.AlreadyExists("k", "k"), grpc.StatusCode.ALREADY_EXISTS, "error", 409),
         (errors.EventIndexTooOld(1, 9), grpc.StatusCode.OUT_OF_RANGE, "reset", 410),
         (errors.SlowConsumer(7, 1), grpc.StatusCode.RESOURCE_EXHAUSTED, "close", 429),
         (errors.QueueFull("q"), grpc.StatusCode.RESOURCE_EXHAUSTED, "error", 429),
