@@ -184,10 +184,11 @@ def test_matches_a_plain_token_bucket(
         if cost > burst:
             assert got == math.inf
             continue
-        # Only compare away from the boundary, where float rounding may decide either way.
+        # Only compare away from the boundary: within the documented slack (1/1000 of a
+        # unit) the limiter may allow what the exact model refuses.
         if tokens >= cost + 1e-6:
             assert got == 0.0
-        elif tokens <= cost - 1e-6:
+        elif tokens <= cost - 2e-3:
             assert got == pytest.approx((cost - tokens) / rate, rel=1e-6, abs=1e-9)
         if got == 0.0:
             tokens -= cost
