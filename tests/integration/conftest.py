@@ -369,6 +369,22 @@ def auth_mode(request: pytest.FixtureRequest) -> str:
     return str(getattr(request, "param", "open"))
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A development PKI written by ``nexus-fast certs`` (one per module; the auth tests')."""
+    from .auth_util import make_pki  # auth_util imports this module
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def tls(pki: Path) -> ssl.SSLContext:
+    """A client context trusting :func:`pki`'s CA, presenting no certificate."""
+    from .auth_util import client_ssl
+
+    return client_ssl(pki)
+
+
 @pytest.fixture(scope="session")
 def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
     return TestPki.create(tmp_path_factory.mktemp("pki"))
