@@ -6,7 +6,6 @@ import contextlib
 import json
 import ssl
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -17,7 +16,7 @@ import grpc
 from websockets.exceptions import InvalidMessage, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from .conftest import HOST, REPO, ServerProcess, http_get
+from .conftest import HOST, ServerProcess, http_get, run_module
 
 SECRET_NAME = "jwt.secret"
 
@@ -26,13 +25,7 @@ S = TypeVar("S", bound=ServerProcess)
 
 def nexus_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run ``python -m nexus_fast.cli ARGS`` (the real entry point)."""
-    return subprocess.run(
-        [sys.executable, "-m", "nexus_fast.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    return run_module("nexus_fast.cli", *args)
 
 
 def make_pki(out: Path, *extra: str) -> Path:

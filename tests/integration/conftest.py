@@ -349,6 +349,17 @@ class ServerProcess:
         return channel_credentials(auth)
 
 
+def run_module(module: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m MODULE ARGS`` from the repository (a real entry point), output kept."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
 def http_get(
     url: str,
     timeout: float = 5.0,

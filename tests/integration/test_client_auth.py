@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from tests.pki import Pki, write_pki
 
-from .conftest import REPO, ServerProcess, list_all_nodes, wait_for
+from .conftest import ServerProcess, list_all_nodes, run_module, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -202,28 +200,20 @@ def test_nexus_node_and_bench_over_mtls(
     assert fleet.stop() == 0
 
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nexus_fast.benchmark.cli",
-            "dispatch",
-            "--target",
-            server.grpc_target,
-            "--http",
-            str(server.http_port),
-            *_tls_flags(pki),
-            "--duration",
-            "1",
-            "--nodes",
-            "5",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
+    proc = run_module(
+        "nexus_fast.benchmark.cli",
+        "dispatch",
+        "--target",
+        server.grpc_target,
+        "--http",
+        str(server.http_port),
+        *_tls_flags(pki),
+        "--duration",
+        "1",
+        "--nodes",
+        "5",
+        "--json",
+        str(out),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     ours = json.loads(out.read_text())["results"][0]
