@@ -75,6 +75,20 @@ async def _peer(pki: Pki | None) -> tuple[grpc.aio.Server, _Recorder, str]:
     return server, recorder, target
 
 
+def _fleet_against_peer(pki: Pki | None, argv: list[str]) -> _Recorder:
+    """Run the nexus-node fleet with ARGV against a recording peer (until it exits, 0)."""
+
+    async def scenario() -> _Recorder:
+        server, recorder, target = await _peer(pki)
+        try:
+            assert await run_fleet(parse_args(["--target", target, *argv])) == 0
+        finally:
+            await server.stop(None)
+        return recorder
+
+    return asyncio.run(scenario())
+
+
 def _methods(recorder: _Recorder) -> set[str]:
     return {method.rsplit("/", 1)[-1] for method, _ in recorder.calls}
 
@@ -86,19 +100,11 @@ def test_nexus_node_sends_the_token_on_every_call(
     pki = write_pki(tmp_path / "pki") if tls else None
     monkeypatch.setenv("NEXUS_TOKEN", TOKEN)  # the variable, not the flag
 
-    async def scenario() -> _Recorder:
-        server, recorder, target = await _peer(pki)
-        argv = ["--target", target, "--nodes", "3", "--duration", "1", "--status-interval", "0"]
-        if pki is not None:
-            argv += ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert)]
-            argv += ["--tls-key", str(pki.client_key), "--deregister-on-exit"]
-        try:
-            assert await run_fleet(parse_args(argv)) == 0
-        finally:
-            await server.stop(None)
-        return recorder
-
-    recorder = asyncio.run(scenario())
+    argv = ["--nodes", "3", "--duration", "1", "--status-interval", "0"]
+    if pki is not None:
+        argv += ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert)]
+        argv += ["--tls-key", str(pki.client_key), "--deregister-on-exit"]
+    recorder = _fleet_against_peer(pki, argv)
     assert {"Register", "Connect"} <= _methods(recorder)
     assert recorder.calls and all(auth == f"Bearer {TOKEN}" for _, auth in recorder.calls)
 
@@ -108,16 +114,9 @@ def test_without_a_token_no_authorization_is_sent(
 ) -> None:
     monkeypatch.delenv("NEXUS_TOKEN", raising=False)
 
-    async def scenario() -> _Recorder:
-        server, recorder, target = await _peer(None)
-        argv = ["--target", target, "--nodes", "1", "--duration", "0.5", "--status-interval", "0"]
-        try:
-            assert await run_fleet(parse_args(argv)) == 0
-        finally:
-            await server.stop(None)
-        return recorder
-
-    recorder = asyncio.run(scenario())
+    recorder = _fleet_against_peer(
+        None, ["--nodes", "1", "--duration", "0.5", "--status-interval", "0"]
+    )
     assert recorder.calls and all(auth is None for _, auth in recorder.calls)
 
 
