@@ -109,6 +109,16 @@ def _check_params(query: MultiMapping[str], allowed: frozenset[str]) -> None:
             raise errors.InvalidArgument(name, "may be given only once")
 
 
+def _filter_params(
+    query: MultiMapping[str], allowed: frozenset[str]
+) -> tuple[list[str], list[str], int | None]:
+    """The checked ``topics``, ``keys`` and ``after_index`` (None: not given) of a request."""
+    _check_params(query, allowed)
+    topics = _list_param(query, "topics")
+    keys = _list_param(query, "keys")
+    return topics, keys, _int_param(query.get("after_index"), "after_index", 0)
+
+
 def _sse(event: str, index: int | None, data: object) -> bytes:
     """One server-sent event; ``index`` (the resume point) goes in its ``id`` field."""
     head = b"event: %s\n" % event.encode()
@@ -140,10 +150,7 @@ class HttpEvents:
     async def page(self, request: web.Request) -> web.Response:
         """``GET /api/v1/events``: one bounded read of the log after ``after_index``."""
         query = request.query
-        _check_params(query, _PAGE_PARAMS)
-        topics = _list_param(query, "topics")
-        keys = _list_param(query, "keys")
-        after = _int_param(query.get("after_index"), "after_index", 0)
+        topics, keys, after = _filter_params(query, _PAGE_PARAMS)
         limit = _int_param(query.get("limit"), "limit", 1, MAX_PAGE_EVENTS) or DEFAULT_PAGE_EVENTS
         bus = self.bus
         sub = bus.subscribe(topics, keys, 0 if after is None else after, transport=_TRANSPORT)
@@ -165,10 +172,7 @@ class HttpEvents:
     async def stream(self, request: web.Request) -> web.StreamResponse:
         """``GET /api/v1/events/stream``: server-sent events until the client leaves."""
         query = request.query
-        _check_params(query, _STREAM_PARAMS)
-        topics = _list_param(query, "topics")
-        keys = _list_param(query, "keys")
-        after = _int_param(query.get("after_index"), "after_index", 0)
+        topics, keys, after = _filter_params(query, _STREAM_PARAMS)
         last_event_id = request.headers.get("Last-Event-ID")
         if last_event_id:  # EventSource's own resume point wins over the URL it was opened with
             after = _int_param(last_event_id, "Last-Event-ID", 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -19,16 +19,10 @@ from nexus_fast.security.auditing import (
     AuditCall,
     Auditor,
 )
+from nexus_fast.security.grpc_wrap import WrappingInterceptor, metadata_value, wrap_handler
 from nexus_fast.store.audit_chain import OUTCOME_OK
 
 __all__ = ["AuditInterceptor", "request_target"]
-
-
-def _metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == name:
-            return value if isinstance(value, str) else None
-    return None
 
 
 def request_target(request: Any) -> str:
@@ -68,7 +62,7 @@ def _outcome(context: grpc.aio.ServicerContext, exc: BaseException | None) -> st
     return "UNKNOWN"
 
 
-class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuditInterceptor(WrappingInterceptor):
     """Outermost interceptor: opens an :class:`AuditCall` for every audited method.
 
     Installed whether or not authentication is on; placed before the auth interceptor so
@@ -76,35 +70,21 @@ class AuditInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """
 
     def __init__(self, auditor: Auditor) -> None:
+        super().__init__()
         self._auditor = auditor
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method not in AUDITED_GRPC_METHODS:
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if method not in AUDITED_GRPC_METHODS:
             return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = _wrap(handler, self._auditor, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return _wrap(handler, self._auditor, method)
 
 
 def _wrap(handler: grpc.RpcMethodHandler, auditor: Auditor, method: str) -> grpc.RpcMethodHandler:
     """The same handler (serializers untouched) run inside an :class:`AuditCall`."""
-    h: Any = handler
 
-    def behavior(inner: Any, unary_request: bool) -> Any:
+    def behavior(inner: Any, unary_request: bool, unary_response: bool) -> Any:
         def begin(request: Any, context: grpc.aio.ServicerContext) -> AuditCall:
-            return auditor.begin(
-                method, context.peer(), _metadata_value(context, REQUEST_ID_HEADER)
-            )
+            return auditor.begin(method, context.peer(), metadata_value(context, REQUEST_ID_HEADER))
 
         def target(request: Any) -> Callable[[], str]:
             return lambda: request_target(request if unary_request else None)
@@ -137,18 +117,4 @@ def _wrap(handler: grpc.RpcMethodHandler, auditor: Auditor, method: str) -> grpc
 
         return coroutine
 
-    if h.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(
-            behavior(h.unary_unary, True), h.request_deserializer, h.response_serializer
-        )
-    if h.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            behavior(h.unary_stream, True), h.request_deserializer, h.response_serializer
-        )
-    if h.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            behavior(h.stream_unary, False), h.request_deserializer, h.response_serializer
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        behavior(h.stream_stream, False), h.request_deserializer, h.response_serializer
-    )
+    return wrap_handler(handler, behavior)

@@ -30,6 +30,7 @@ from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.errors import ResourceExhausted
 from nexus_fast.logs import get_logger
 from nexus_fast.security import auditing
+from nexus_fast.security.grpc_wrap import WrappingInterceptor, metadata_value, wrap_handler
 from nexus_fast.security.identity import (
     Authenticator,
     PermissionDenied,
@@ -93,46 +94,22 @@ async def check_node_id(context: grpc.aio.ServicerContext, node_id: str) -> None
         )
 
 
-def _metadata_value(context: grpc.aio.ServicerContext, name: str) -> str | None:
-    for key, value in context.invocation_metadata() or ():
-        if key == name:
-            return value if isinstance(value, str) else None
-    return None
-
-
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class AuthInterceptor(WrappingInterceptor):
     """Authenticate once per call, check the method's permission, expose the principal."""
 
     def __init__(
         self, authenticator: Authenticator, rbac: Rbac, limits: PrincipalLimits | None = None
     ) -> None:
+        super().__init__()
         self._auth = authenticator
         self._rbac = rbac
         self._limits = limits
-        # method -> (handler from the server, the wrapped one): built once per method, so
-        # a call costs a dictionary lookup here; bounded by the methods that exist.
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler  # unknown method: UNIMPLEMENTED, as without auth
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         permission = GRPC_METHODS.get(method)
-        wrapped = (
-            handler
-            if permission == PUBLIC
-            else _wrap(handler, self._authorize(method, permission), self._limits, method)
-        )
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        if permission == PUBLIC:
+            return handler
+        return _wrap(handler, self._authorize(method, permission), self._limits, method)
 
     def _authorize(self, method: str, permission: str | None) -> _Authorize:
         auth, rbac = self._auth, self._rbac
@@ -142,7 +119,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             try:
                 pems = context.auth_context().get("x509_pem_cert") or ()
                 principal = auth.authenticate(
-                    _metadata_value(context, "authorization"), pem=pems[0] if pems else None
+                    metadata_value(context, "authorization"), pem=pems[0] if pems else None
                 )
                 auditing.identify(principal)  # a refusal below is audited under this name
                 if not rbac.allows(principal, permission):
@@ -173,7 +150,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return authorize
 
 
-class LimitsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class LimitsInterceptor(WrappingInterceptor):
     """Per-principal limits without authentication: every caller is :data:`ANONYMOUS`.
 
     Installed only when ``security.auth_required = false`` and ``[security.limits]`` is
@@ -181,25 +158,13 @@ class LimitsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """
 
     def __init__(self, limits: PrincipalLimits) -> None:
+        super().__init__()
         self._limits = limits
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if GRPC_METHODS.get(method) == PUBLIC:
             return handler
-        method: str = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        public = GRPC_METHODS.get(method) == PUBLIC
-        wrapped = handler if public else _wrap(handler, _anonymous, self._limits, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+        return _wrap(handler, _anonymous, self._limits, method)
 
 
 async def _anonymous(request: Any, context: grpc.aio.ServicerContext) -> Principal | None:
@@ -256,9 +221,10 @@ def _wrap(
     method: str = "",
 ) -> grpc.RpcMethodHandler:
     """The same handler (serializers untouched) with ``authorize`` and the limits run first."""
-    h: Any = handler
-    if h.unary_unary is not None:
-        inner = h.unary_unary
+
+    def behavior(inner: Any, unary_request: bool, unary_response: bool) -> Any:
+        if not (unary_request and unary_response):
+            return _stream_behavior(inner, authorize, unary_request, limits)
         charge = _charger(limits, method)
 
         async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -267,26 +233,9 @@ def _wrap(
                 await charge(principal, request, context)
             return await inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, h.request_deserializer, h.response_serializer
-        )
-    if h.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            _stream_behavior(h.unary_stream, authorize, True, limits),
-            h.request_deserializer,
-            h.response_serializer,
-        )
-    if h.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(
-            _stream_behavior(h.stream_unary, authorize, False, limits),
-            h.request_deserializer,
-            h.response_serializer,
-        )
-    return grpc.stream_stream_rpc_method_handler(
-        _stream_behavior(h.stream_stream, authorize, False, limits),
-        h.request_deserializer,
-        h.response_serializer,
-    )
+        return unary_unary
+
+    return wrap_handler(handler, behavior)
 
 
 def _stream_behavior(

@@ -332,10 +332,10 @@ class Slot:
             self.release()
 
 
-class SlotLimiter:
-    """At most ``per_principal`` slots per principal and ``total`` overall (``total > per``)."""
+class _Caps:
+    """What both slot limiters are configured with: a name, a per-principal and a total cap."""
 
-    __slots__ = ("_counts", "_held", "per_principal", "total", "what")
+    __slots__ = ("per_principal", "total", "what")
 
     def __init__(self, what: str, per_principal: int, total: int) -> None:
         if per_principal < 1 or total <= per_principal:
@@ -343,6 +343,15 @@ class SlotLimiter:
         self.what = what
         self.per_principal = per_principal
         self.total = total
+
+
+class SlotLimiter(_Caps):
+    """At most ``per_principal`` slots per principal and ``total`` overall (``total > per``)."""
+
+    __slots__ = ("_counts", "_held")
+
+    def __init__(self, what: str, per_principal: int, total: int) -> None:
+        super().__init__(what, per_principal, total)
         self._counts: dict[str, int] = {}  # only principals holding >= 1 slot
         self._held = 0
 
@@ -374,7 +383,7 @@ class SlotLimiter:
         self._held -= 1
 
 
-class KeyedSlotLimiter:
+class KeyedSlotLimiter(_Caps):
     """Caps named, long-lived things (registered nodes) per principal and in total.
 
     ``acquire(principal, key)`` is idempotent for a key the principal already holds; a key
@@ -382,14 +391,10 @@ class KeyedSlotLimiter:
     a different identity). ``release(key)`` is idempotent.
     """
 
-    __slots__ = ("_counts", "_owner", "per_principal", "total", "what")
+    __slots__ = ("_counts", "_owner")
 
     def __init__(self, what: str, per_principal: int, total: int) -> None:
-        if per_principal < 1 or total <= per_principal:
-            raise ValueError("need 1 <= per_principal < total")
-        self.what = what
-        self.per_principal = per_principal
-        self.total = total
+        super().__init__(what, per_principal, total)
         self._owner: dict[str, str] = {}  # key -> principal
         self._counts: dict[str, int] = {}  # principal -> keys held (>= 1)
 

@@ -22,7 +22,13 @@ from nexus_fast.security.identity import Authenticator, Principal, Unauthenticat
 from nexus_fast.security.origins import OriginPolicy
 from nexus_fast.security.permissions import WS_OPS, Rbac
 
-__all__ = ["CLOSE_UNAUTHENTICATED", "ERROR_PERMISSION_DENIED", "PRINCIPAL_KEY", "WsAuth"]
+__all__ = [
+    "CLOSE_UNAUTHENTICATED",
+    "ERROR_PERMISSION_DENIED",
+    "PRINCIPAL_KEY",
+    "WsAuth",
+    "send_error",
+]
 
 log = get_logger("security")
 
@@ -32,6 +38,16 @@ ERROR_PERMISSION_DENIED: Final = "permission_denied"
 CLOSE_UNAUTHENTICATED: Final = 4001
 """Close code when a WSS client certificate names no usable principal."""
 _FROM_CERT: Final = "from-certificate"
+
+
+def send_error(
+    conn: Connection, request: dict[str, Any], code: str, message: str, **extra: object
+) -> None:
+    """Answer ``request`` with an ``error`` frame (its ``id`` echoed); the connection stays."""
+    frame: dict[str, object] = {"type": "error", "code": code, "message": message, **extra}
+    if "id" in request:
+        frame["id"] = request["id"]
+    conn.send_bytes_text(orjson.dumps(frame))
 
 
 class WsAuth:
@@ -88,14 +104,12 @@ class WsAuth:
             permission = WS_OPS.get(op)
             if not rbac.allows(principal, permission):
                 auditing.finish("PERMISSION_DENIED")
-                frame: dict[str, object] = {
-                    "type": "error",
-                    "code": ERROR_PERMISSION_DENIED,
-                    "message": f"{principal.role} {principal.name!r} may not use op {op!r}",
-                }
-                if "id" in message:
-                    frame["id"] = message["id"]
-                conn.send_bytes_text(orjson.dumps(frame))
+                send_error(
+                    conn,
+                    message,
+                    ERROR_PERMISSION_DENIED,
+                    f"{principal.role} {principal.name!r} may not use op {op!r}",
+                )
                 return
             inner(conn, message)
 

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 from nexus_fast.api.status import CLOSE_LIMIT_EXCEEDED, error_code
 from nexus_fast.api.ws_server import Connection, OnMessage
 from nexus_fast.core.acting import ANONYMOUS
@@ -22,7 +20,7 @@ from nexus_fast.errors import ResourceExhausted
 from nexus_fast.logs import get_logger
 from nexus_fast.security.limits import LimitExceeded, PrincipalLimits, retry_after_ms
 from nexus_fast.security.principal import Principal
-from nexus_fast.security.ws_auth import PRINCIPAL_KEY
+from nexus_fast.security.ws_auth import PRINCIPAL_KEY, send_error
 
 __all__ = ["WsLimits"]
 
@@ -66,15 +64,13 @@ class WsLimits:
                 if message["op"] == "submit":
                     limits.check_bytes(name, conn.message_size)
             except ResourceExhausted as exc:
-                frame: dict[str, object] = {
-                    "type": "error",
-                    "code": error_code(exc),
-                    "message": str(exc),
-                    "retry_after_ms": retry_after_ms(exc.retry_after),
-                }
-                if "id" in message:
-                    frame["id"] = message["id"]
-                conn.send_bytes_text(orjson.dumps(frame))
+                send_error(
+                    conn,
+                    message,
+                    error_code(exc),
+                    str(exc),
+                    retry_after_ms=retry_after_ms(exc.retry_after),
+                )
                 return
             inner(conn, message)
 

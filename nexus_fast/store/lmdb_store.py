@@ -69,6 +69,7 @@ from nexus_fast.store.writer import (
     META_DB,
     WriterThread,
     _Request,
+    _Settled,
 )
 from nexus_fast.telemetry import metrics
 
@@ -428,14 +429,9 @@ class LmdbStore(WriterThread):
         """Requests queued or being committed."""
         return self._pending
 
-    def _resolve(
-        self,
-        batch: list[_Request],
-        pairs: list[tuple[int, bytes]],
-        error: StoreError | None,
-        last: int,
-    ) -> None:
+    def _resolve(self, settled: _Settled) -> None:
         """Runs on the loop: settle every future of one batch, then run the commit hook."""
+        batch, pairs, error, last = settled
         self._pending -= len(batch)
         if error is None:
             for req in batch:

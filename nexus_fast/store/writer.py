@@ -18,7 +18,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import lmdb
 
@@ -68,6 +68,15 @@ class _Request:
         self.result = _NO_EVENTS
 
 
+class _Settled(NamedTuple):
+    """How one batch ended, handed from the writer thread to the loop in one call."""
+
+    batch: list[_Request]
+    pairs: list[tuple[int, bytes]]  # (event index, event) committed, for the commit hook
+    error: StoreError | None  # None: committed
+    last: int  # newest event index committed
+
+
 class WriterThread:
     """The writer-thread methods of ``LmdbStore`` (a mixin: the store owns the state).
 
@@ -96,7 +105,7 @@ class WriterThread:
     _m_grow: Any
     _m_grow_s: Any
     _set_failure: Callable[[str | None], None]
-    _resolve: Callable[[list[_Request], list[tuple[int, bytes]], StoreError | None, int], None]
+    _resolve: Callable[[_Settled], None]
 
     def _writer_main(self) -> None:
         q = self._queue
@@ -158,7 +167,7 @@ class WriterThread:
             if item is not _STOP:
                 left.append(item)
         if left:
-            self._post(left, [], StoreError("writer thread died"), 0)
+            self._post(_Settled(left, [], StoreError("writer thread died"), 0))
 
     def _process(self, batch: list[_Request]) -> None:
         t0 = time.perf_counter()
@@ -203,7 +212,7 @@ class WriterThread:
                 self._m_delete.inc(deletes)
         else:
             log.error("LMDB commit of %d requests failed: %s", len(batch), error)
-        self._post(batch, pairs, error, last)
+        self._post(_Settled(batch, pairs, error, last))
 
     def _apply(
         self, batch: list[_Request], base: int
@@ -275,20 +284,14 @@ class WriterThread:
                 puts += added
         return pairs, idx, puts, deletes, head
 
-    def _post(
-        self,
-        batch: list[_Request],
-        pairs: list[tuple[int, bytes]],
-        error: StoreError | None,
-        last: int,
-    ) -> None:
+    def _post(self, settled: _Settled) -> None:
         loop = self._loop
         assert loop is not None
         try:
             # ONE wake-up of the loop per batch, however many futures it resolves.
-            loop.call_soon_threadsafe(self._resolve, batch, pairs, error, last)
+            loop.call_soon_threadsafe(self._resolve, settled)
         except RuntimeError:
-            log.warning("event loop closed; %d commit results dropped", len(batch))
+            log.warning("event loop closed; %d commit results dropped", len(settled.batch))
 
     def _grow(self) -> bool:
         """Writer thread, no txn open: double the map via the loop. False when at the cap."""

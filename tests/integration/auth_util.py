@@ -6,32 +6,26 @@ import contextlib
 import json
 import ssl
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from websockets.exceptions import InvalidMessage, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from .conftest import HOST, REPO, ServerProcess
+from .conftest import HOST, ServerProcess, http_get, run_module
 
 SECRET_NAME = "jwt.secret"
+
+S = TypeVar("S", bound=ServerProcess)
 
 
 def nexus_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run ``python -m nexus_fast.cli ARGS`` (the real entry point)."""
-    return subprocess.run(
-        [sys.executable, "-m", "nexus_fast.cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    return run_module("nexus_fast.cli", *args)
 
 
 def make_pki(out: Path, *extra: str) -> Path:
@@ -52,6 +46,35 @@ def write_config(path: Path, security: str) -> Path:
     return path
 
 
+def token_security(pki: Path, extra: str = "") -> str:
+    """``[security]`` settings: auth required over TLS, tokens signed with the PKI's secret."""
+    return (
+        f"""auth_required = true
+tls_enabled = true
+tls_cert_file = "{pki / "server.pem"}"
+tls_key_file = "{pki / "server-key.pem"}"
+jwt_secret_file = "{pki / SECRET_NAME}"
+"""
+        + extra
+    )
+
+
+def secure_server(tmp: Path, pki: Path, extra: str = "", **kw: Any) -> SecureServer:
+    """A (not yet started) :class:`SecureServer` with :func:`token_security` plus ``extra``."""
+    config = write_config(tmp / "auth.toml", token_security(pki, extra))
+    return SecureServer(tmp / "data", tmp / "server.log", config, **kw)
+
+
+@contextlib.contextmanager
+def running(process: S) -> Iterator[S]:
+    """The process started, and killed on the way out (module fixtures yield from it)."""
+    try:
+        process.start()
+        yield process
+    finally:
+        process.kill()
+
+
 class SecureServer(ServerProcess):
     """A ServerProcess whose readiness probe may need HTTPS and a client certificate."""
 
@@ -63,17 +86,9 @@ class SecureServer(ServerProcess):
     def http_base(self) -> str:
         return f"{'https' if self.http_ssl else 'http'}://{HOST}:{self.http_port}"
 
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError):
-                if http(self, "/ready")[0] == 200:
-                    return
-            time.sleep(0.05)
-        raise AssertionError(f"server not ready within {timeout}s:\n{self.log()}")
+    def http(self, path: str, timeout: float = 5.0) -> tuple[int, bytes, dict[str, str]]:
+        """GET ``path`` with :attr:`http_ssl` (no token); the readiness probe uses it."""
+        return http_get(self.http_base + path, timeout, self.http_ssl)
 
 
 def client_ssl(pki: Path, cert: str | None = None, ca: Path | None = None) -> ssl.SSLContext:

@@ -349,6 +349,17 @@ class ServerProcess:
         return channel_credentials(auth)
 
 
+def run_module(module: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m MODULE ARGS`` from the repository (a real entry point), output kept."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+
+
 def http_get(
     url: str,
     timeout: float = 5.0,
@@ -367,6 +378,22 @@ def http_get(
 def auth_mode(request: pytest.FixtureRequest) -> str:
     """``open`` unless a module parametrises it (``pytestmark = AUTH_MODES``)."""
     return str(getattr(request, "param", "open"))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A development PKI written by ``nexus-fast certs`` (one per module; the auth tests')."""
+    from .auth_util import make_pki  # auth_util imports this module
+
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def tls(pki: Path) -> ssl.SSLContext:
+    """A client context trusting :func:`pki`'s CA, presenting no certificate."""
+    from .auth_util import client_ssl
+
+    return client_ssl(pki)
 
 
 @pytest.fixture(scope="session")

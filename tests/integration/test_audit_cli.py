@@ -8,7 +8,6 @@ change they record, exactly as the store's writer does it.
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import lmdb
@@ -24,19 +23,13 @@ from nexus_fast.store.audit_chain import (
 )
 from nexus_fast.store.lmdb_store import DATABASES, MAX_DBS, MAX_READERS
 
-from .conftest import REPO, ServerProcess
+from .conftest import ServerProcess, run_module
 
 N_ENTRIES = 30
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "nexus_fast.security.audit_cli", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=60,
-    )
+    return run_module("nexus_fast.security.audit_cli", *args)
 
 
 def open_like_the_store(path: Path) -> tuple[lmdb.Environment, dict[str, lmdb._Database]]:

@@ -19,10 +19,10 @@ from .auth_util import (
     SecureServer,
     bearer,
     grpc_channel,
-    make_pki,
     nexus_cli,
+    running,
+    secure_server,
     token,
-    write_config,
     ws_op,
 )
 from .conftest import ServerProcess, wait_for
@@ -32,27 +32,9 @@ CONTROL = "ControlService/"
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[SecureServer]:
-    tmp = tmp_path_factory.mktemp("audit")
-    config = write_config(
-        tmp / "auth.toml",
-        f"""auth_required = true
-tls_enabled = true
-tls_cert_file = "{pki / "server.pem"}"
-tls_key_file = "{pki / "server-key.pem"}"
-jwt_secret_file = "{pki / "jwt.secret"}"
-""",
-    )
-    process = SecureServer(tmp / "data", tmp / "server.log", config)
-    try:
-        yield process.start()
-    finally:
-        process.kill()
+    with running(secure_server(tmp_path_factory.mktemp("audit"), pki)) as process:
+        yield process
 
 
 def _all_entries(control: pb_grpc.ControlServiceStub, metadata: object) -> list[pb.AuditEntry]:

@@ -32,10 +32,10 @@ from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from .auth_util import (
     SecureServer,
     bearer,
-    client_ssl,
     grpc_channel,
     http,
-    make_pki,
+    running,
+    secure_server,
     token,
     write_config,
     ws_url,
@@ -57,21 +57,8 @@ T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[SecureServer]:
-    tmp = tmp_path_factory.mktemp("auth-limits")
-    config = write_config(
-        tmp / "limits.toml",
-        f"""auth_required = true
-tls_enabled = true
-tls_cert_file = "{pki / "server.pem"}"
-tls_key_file = "{pki / "server-key.pem"}"
-jwt_secret_file = "{pki / "jwt.secret"}"
-
+    limits = f"""
 [security.limits]
 enabled = true
 requests_per_second = {RATE}
@@ -84,18 +71,9 @@ max_nodes = {MAX_NODES}
 total_nodes = 100
 bytes_per_second = {BYTE_RATE}
 byte_burst = {BYTE_BURST}
-""",
-    )
-    process = SecureServer(tmp / "data", tmp / "server.log", config)
-    try:
-        yield process.start()
-    finally:
-        process.kill()
-
-
-@pytest.fixture(scope="module")
-def tls(pki: Path) -> ssl.SSLContext:
-    return client_ssl(pki)
+"""
+    with running(secure_server(tmp_path_factory.mktemp("auth-limits"), pki, limits)) as process:
+        yield process
 
 
 def _until(attempt: Callable[[], T | None], what: str, timeout: float = 10.0) -> T:

@@ -25,6 +25,7 @@ from .auth_util import (
     grpc_channel,
     http,
     make_pki,
+    running,
     token,
     write_config,
     ws,
@@ -73,10 +74,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[Secu
     process = SecureServer(
         tmp / "data", tmp / "server.log", config, http_ssl=client_ssl(pki, "admin-root")
     )
-    try:
-        yield process.start()
-    finally:
-        process.kill()
+    with running(process):
+        yield process
 
 
 def _grpc_fails_handshake(

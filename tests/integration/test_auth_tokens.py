@@ -29,20 +29,15 @@ from .auth_util import (
     client_ssl,
     grpc_channel,
     http,
-    make_pki,
     nexus_cli,
+    running,
+    secure_server,
     token,
-    write_config,
     ws,
     ws_op,
     ws_refused,
 )
 from .conftest import REPO
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")
@@ -59,28 +54,9 @@ def rsa_key(pki: Path) -> rsa.RSAPrivateKey:
 def server(
     tmp_path_factory: pytest.TempPathFactory, pki: Path, rsa_key: rsa.RSAPrivateKey
 ) -> Iterator[SecureServer]:
-    tmp = tmp_path_factory.mktemp("auth-tokens")
-    config = write_config(
-        tmp / "auth.toml",
-        f"""auth_required = true
-tls_enabled = true
-tls_cert_file = "{pki / "server.pem"}"
-tls_key_file = "{pki / "server-key.pem"}"
-jwt_secret_file = "{pki / "jwt.secret"}"
-jwt_public_key_file = "{pki / "jwt-rsa.pub"}"
-jwt_leeway = "0s"
-""",
-    )
-    process = SecureServer(tmp / "data", tmp / "server.log", config)
-    try:
-        yield process.start()
-    finally:
-        process.kill()
-
-
-@pytest.fixture(scope="module")
-def tls(pki: Path) -> ssl.SSLContext:
-    return client_ssl(pki)
+    extra = f'jwt_public_key_file = "{pki / "jwt-rsa.pub"}"\njwt_leeway = "0s"\n'
+    with running(secure_server(tmp_path_factory.mktemp("auth-tokens"), pki, extra)) as process:
+        yield process
 
 
 def _b64(data: bytes) -> str:

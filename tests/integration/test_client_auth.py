@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from tests.pki import Pki, write_pki
 
-from .conftest import REPO, ServerProcess, list_all_nodes, wait_for
+from .conftest import ServerProcess, list_all_nodes, run_module, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -77,6 +75,20 @@ async def _peer(pki: Pki | None) -> tuple[grpc.aio.Server, _Recorder, str]:
     return server, recorder, target
 
 
+def _fleet_against_peer(pki: Pki | None, argv: list[str]) -> _Recorder:
+    """Run the nexus-node fleet with ARGV against a recording peer (until it exits, 0)."""
+
+    async def scenario() -> _Recorder:
+        server, recorder, target = await _peer(pki)
+        try:
+            assert await run_fleet(parse_args(["--target", target, *argv])) == 0
+        finally:
+            await server.stop(None)
+        return recorder
+
+    return asyncio.run(scenario())
+
+
 def _methods(recorder: _Recorder) -> set[str]:
     return {method.rsplit("/", 1)[-1] for method, _ in recorder.calls}
 
@@ -88,19 +100,11 @@ def test_nexus_node_sends_the_token_on_every_call(
     pki = write_pki(tmp_path / "pki") if tls else None
     monkeypatch.setenv("NEXUS_TOKEN", TOKEN)  # the variable, not the flag
 
-    async def scenario() -> _Recorder:
-        server, recorder, target = await _peer(pki)
-        argv = ["--target", target, "--nodes", "3", "--duration", "1", "--status-interval", "0"]
-        if pki is not None:
-            argv += ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert)]
-            argv += ["--tls-key", str(pki.client_key), "--deregister-on-exit"]
-        try:
-            assert await run_fleet(parse_args(argv)) == 0
-        finally:
-            await server.stop(None)
-        return recorder
-
-    recorder = asyncio.run(scenario())
+    argv = ["--nodes", "3", "--duration", "1", "--status-interval", "0"]
+    if pki is not None:
+        argv += ["--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert)]
+        argv += ["--tls-key", str(pki.client_key), "--deregister-on-exit"]
+    recorder = _fleet_against_peer(pki, argv)
     assert {"Register", "Connect"} <= _methods(recorder)
     assert recorder.calls and all(auth == f"Bearer {TOKEN}" for _, auth in recorder.calls)
 
@@ -110,16 +114,9 @@ def test_without_a_token_no_authorization_is_sent(
 ) -> None:
     monkeypatch.delenv("NEXUS_TOKEN", raising=False)
 
-    async def scenario() -> _Recorder:
-        server, recorder, target = await _peer(None)
-        argv = ["--target", target, "--nodes", "1", "--duration", "0.5", "--status-interval", "0"]
-        try:
-            assert await run_fleet(parse_args(argv)) == 0
-        finally:
-            await server.stop(None)
-        return recorder
-
-    recorder = asyncio.run(scenario())
+    recorder = _fleet_against_peer(
+        None, ["--nodes", "1", "--duration", "0.5", "--status-interval", "0"]
+    )
     assert recorder.calls and all(auth is None for _, auth in recorder.calls)
 
 
@@ -202,28 +199,20 @@ def test_nexus_node_and_bench_over_mtls(
     assert fleet.stop() == 0
 
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nexus_fast.benchmark.cli",
-            "dispatch",
-            "--target",
-            server.grpc_target,
-            "--http",
-            str(server.http_port),
-            *_tls_flags(pki),
-            "--duration",
-            "1",
-            "--nodes",
-            "5",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
+    proc = run_module(
+        "nexus_fast.benchmark.cli",
+        "dispatch",
+        "--target",
+        server.grpc_target,
+        "--http",
+        str(server.http_port),
+        *_tls_flags(pki),
+        "--duration",
+        "1",
+        "--nodes",
+        "5",
+        "--json",
+        str(out),
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     ours = json.loads(out.read_text())["results"][0]

@@ -23,16 +23,6 @@ from .events_util import ws_url
 from .test_nodes_api import NodeStream, register
 
 SUBMIT_RESULT_FIELDS = {"id", "state", "node_id", "reason", "duplicate"}
-COMMAND_STATES = {
-    "pending",
-    "placed",
-    "dispatched",
-    "acked",
-    "succeeded",
-    "failed",
-    "timed_out",
-    "cancelled",
-}
 
 
 class WsClient:

@@ -7,8 +7,6 @@ they exist and are positive, so a slow CI machine cannot fail these tests.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +15,14 @@ import pytest
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-from .conftest import ServerProcess, list_all_nodes, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
+from .conftest import ServerProcess, list_all_nodes, run_module, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def bench(tmp_path: Path, *argv: str, timeout: float = 45.0) -> tuple[str, dict[str, Any]]:
     out = tmp_path / "out.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "nexus_fast.benchmark.cli", *argv, "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
+    proc = run_module("nexus_fast.benchmark.cli", *argv, "--json", str(out), timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
     assert "throughput" in proc.stdout and "p99.9" in proc.stdout  # the table
     doc = json.loads(out.read_text())
@@ -153,21 +143,8 @@ def test_state_and_micro(tmp_path: Path) -> None:
 
 def test_errors_exit_nonzero_and_cleanup(tmp_path: Path) -> None:
     """A target with nothing listening: the run fails with exit 1, no traceback."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nexus_fast.benchmark.cli",
-            "dispatch",
-            "--target",
-            "127.0.0.1:9",
-            "--duration",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=REPO,
+    proc = run_module(
+        "nexus_fast.benchmark.cli", "dispatch", "--target", "127.0.0.1:9", "--duration", "1"
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr

@@ -18,7 +18,7 @@ import pytest
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
-from .auth_util import SecureServer, bearer, client_ssl, make_pki, token, write_config, ws, ws_op
+from .auth_util import SecureServer, bearer, client_ssl, running, secure_server, token, ws, ws_op
 from .conftest import ServerProcess, list_all_nodes, wait_for
 
 # Fast heartbeats so "silent for two intervals" (a half-dead stream) comes quickly.
@@ -127,27 +127,9 @@ def test_intruder_refused_auth_off_and_restart_takes_over(
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory, pki: Path) -> Iterator[SecureServer]:
-    tmp = tmp_path_factory.mktemp("takeover-auth")
-    config = write_config(
-        tmp / "auth.toml",
-        f"""auth_required = true
-tls_enabled = true
-tls_cert_file = "{pki / "server.pem"}"
-tls_key_file = "{pki / "server-key.pem"}"
-jwt_secret_file = "{pki / "jwt.secret"}"
-""",
-    )
-    process = SecureServer(tmp / "data", tmp / "server.log", config, **FAST)
-    try:
-        yield process.start()
-    finally:
-        process.kill()
+    with running(secure_server(tmp_path_factory.mktemp("takeover-auth"), pki, **FAST)) as process:
+        yield process
 
 
 def test_second_principal_refused_auth_on(
