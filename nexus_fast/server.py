@@ -97,6 +97,7 @@ class NexusServer:
             sync_window=db.sync_interval,
         )
         perf = config.performance
+        page_bytes = page_budget(config.server.max_message_size)  # a list page fits a message
         self.nodes = NodeRegistry(
             self.store,
             NodeSettings(
@@ -105,7 +106,7 @@ class NexusServer:
                 down_retention=perf.node_down_retention,
                 max_batch_size=perf.max_batch_size,
                 max_capacity=config.nodes.limits(),
-                max_page_bytes=page_budget(config.server.max_message_size),
+                max_page_bytes=page_bytes,
             ),
         )
         self.scheduler = Scheduler(config.scheduler, perf.node_timeout)
@@ -121,7 +122,7 @@ class NexusServer:
                 max_batch_size=perf.max_batch_size,
                 queue_capacity=perf.command_queue_size,
                 max_output_size=config.commands.max_output_size,
-                max_page_bytes=page_budget(config.server.max_message_size),
+                max_page_bytes=page_bytes,
             ),
         )
         self.agents = AgentService(
@@ -131,7 +132,7 @@ class NexusServer:
             AgentSettings(
                 max_spec_bytes=config.agents.max_spec_bytes,
                 max_replicas=config.agents.max_replicas,
-                max_page_bytes=page_budget(config.server.max_message_size),
+                max_page_bytes=page_bytes,
             ),
         )
         # Order matters: the scheduler must know a node before commands and agents react.
@@ -139,7 +140,7 @@ class NexusServer:
         # Loaded and attached to store.on_commit right after store.open(), before any commit.
         self.events = EventBus(self.store, config.events, perf.event_buffer_size)
         self._grpc: grpc.aio.Server | None = None
-        # None when security.auth_required = false: nothing is installed, ports are open.
+        # None when auth is off and no [security.limits] table enables limits: ports are open.
         self.security = SecurityLayer.from_config(config)
         if self.security is not None:
             self.nodes.listeners += self.security.node_listeners()
