@@ -32,6 +32,9 @@ _FLAG_KEYS = {
 }
 
 
+# Subcommands of nexus_fast.data_cli (kept here as names: importing it costs start-up time).
+DATA_COMMANDS = ("backup", "restore", "check", "replay")
+
 # Switches read outside the config (nexus_fast/_compat.py), listed in --help too.
 _SWITCHES = {
     "NEXUS_NO_EXTENSIONS": "1: run the pure-Python twins of the hot paths",
@@ -86,6 +89,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nexus_fast.security.audit_cli import main as audit_tool
 
         return audit_tool((sys.argv[1:] if argv is None else list(argv))[1:])
+    if (sys.argv[1:] if argv is None else list(argv))[:1] in [[c] for c in DATA_COMMANDS]:
+        from nexus_fast.data_cli import main as data_tool
+
+        return data_tool(sys.argv[1:] if argv is None else list(argv))
     args = _parser().parse_args(argv)
     try:
         nexus_fast.implementation()  # imports every hot path once, before anything starts
