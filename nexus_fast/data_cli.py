@@ -38,7 +38,7 @@ from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store.backup import backup_to_file, restore
 from nexus_fast.store.base import StoreError
 from nexus_fast.store.check import COMMAND_RECORD, LAST_EVENT_KEY, StoreCheck
-from nexus_fast.store.datafile import iter_records, open_db, open_read_only
+from nexus_fast.store.datafile import crash_guard, data_file, iter_records, open_db, open_read_only
 
 COMMANDS: Final = ("backup", "restore", "check", "replay")
 """The ``nexus-fast`` subcommands this module runs."""
@@ -276,8 +276,14 @@ def main(argv: Sequence[str]) -> int:
         print(f"{PROG} replay: --until-index must be >= 0", file=sys.stderr)
         return 2
     run = {"backup": _backup, "restore": _restore, "check": _check, "replay": _replay}
+    read = args.backup if args.command == "restore" else args.db_path
+    crashed = (
+        f"{data_file(read)}: reading it crashed: the file is damaged beyond what LMDB can "
+        "walk; restore a backup (nexus-fast restore)"
+    )
     try:
-        return run[args.command](args)
+        with crash_guard(crashed):
+            return run[args.command](args)
     except StoreError as exc:
         return _fail(f"{args.command}: {exc}")
     except lmdb.Error as exc:

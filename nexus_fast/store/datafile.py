@@ -14,11 +14,14 @@ damage inside other pages is what ``nexus-fast check`` finds by reading every re
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import signal
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Final, NamedTuple
 
 import lmdb
 from google.protobuf.message import DecodeError
@@ -188,3 +191,40 @@ def damaged_hint(problem: str, db_path: str | Path) -> str:
         f"{problem}; the database is damaged: run `nexus-fast check --db-path {db_path}` "
         f"to list the problems, then `nexus-fast restore BACKUP --db-path {db_path} --force`"
     )
+
+
+_FATAL_SIGNALS: Final = (signal.SIGBUS, signal.SIGSEGV)
+_guard_callbacks: list[Any] = []  # ctypes callbacks must outlive their installation
+
+
+@contextlib.contextmanager
+def crash_guard(message: str) -> Iterator[None]:
+    """While inside, a SIGBUS or SIGSEGV prints ``message`` (one line) and exits 1.
+
+    LMDB trusts the data file: a damaged page can make it read past the end of the map
+    (a node claiming a huge overflow run, say), which is a SIGBUS no ``except`` can catch,
+    and a process dying of a signal is restarted by its supervisor: a crash loop. Python's
+    own handlers cannot help (they run between bytecodes, after the faulting instruction
+    re-faulted forever), so this installs a C-level handler through ctypes for the span
+    of the reads of a start-up or a check, and restores the previous one afterwards.
+    """
+    line = (message.rstrip("\n") + "\n").encode(errors="replace")
+
+    def on_fatal(signum: int) -> None:
+        os.write(2, line)
+        os._exit(1)
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_int)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal.argtypes = [ctypes.c_int, handler_type]
+    callback = handler_type(on_fatal)
+    _guard_callbacks.append(callback)
+    previous = [libc.signal(sig, callback) for sig in _FATAL_SIGNALS]
+    try:
+        yield
+    finally:
+        libc.signal.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        for sig, old in zip(_FATAL_SIGNALS, previous, strict=True):
+            libc.signal(sig, old)
+        _guard_callbacks.remove(callback)

@@ -34,6 +34,7 @@ import lmdb
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store.backup import write_copy
 from nexus_fast.store.base import StoreError
+from nexus_fast.store.datafile import DATA_FILE, DataFileError
 
 log = logging.getLogger("nexus_fast.store.migrations")
 
@@ -139,7 +140,9 @@ def upgrade(env: lmdb.Environment, dbh: Mapping[str, lmdb._Database], path: Path
     backup = path / f"{BACKUP_PREFIX}{found}-{stamp}.mdb"
     try:
         write_copy(env, backup)
-    except (OSError, lmdb.Error) as exc:
+    except lmdb.Error as exc:  # the copy reads every page: damage shows here first
+        raise DataFileError(f"{path / DATA_FILE}: damaged: {exc}") from None
+    except OSError as exc:
         raise StoreError(f"database {path}: cannot back up before migrating: {exc}") from None
     log.warning(
         "migrating database %s from schema version %d to %d (backup: %s)",
