@@ -76,12 +76,15 @@ def _report(check: StoreCheck, what: Path) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    return _report(StoreCheck(args.db_path), args.db_path)
+    check = StoreCheck(args.db_path)
+    with crash_guard(check.crash_report, fd=1):  # a crash is named as a problem too
+        return _report(check, args.db_path)
 
 
 def _restore(args: argparse.Namespace) -> int:
     check = StoreCheck(args.backup)
-    problems = check.run()
+    with crash_guard(check.crash_report, fd=1):
+        problems = check.run()
     if problems:
         for problem in problems:
             print(problem)

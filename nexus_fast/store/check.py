@@ -101,6 +101,13 @@ class StoreCheck:
         self.last_events: dict[tuple[str, str], _LastEvent] = {}
         self.audit_head = ""
         self.schema_version = SCHEMA_VERSION
+        self.reading: tuple[str, bytes] = ("data.mdb", b"")  # where the walk is
+
+    def crash_report(self) -> str:
+        """The problem line for a read that crashed (see :func:`crash_guard`)."""
+        table, key = self.reading
+        where = f"after key {_show(key)}" if key else "at its first record"
+        return str(Problem(table, "", f"reading {where} crashed (SIGBUS/SIGSEGV): damaged pages"))
 
     def add(self, table: str, key: str, what: str) -> None:
         if len(self.problems) < MAX_PROBLEMS:
@@ -162,10 +169,12 @@ class StoreCheck:
         count = 0
         last = b""
         records: Iterator[tuple[bytes, bytes]] = iter_records(env, h)
+        self.reading = (name, b"")
         try:
             for key, value in records:
                 count += 1
                 last = key
+                self.reading = (name, key)
                 check(key, value)
         except lmdb.Error as exc:
             after = f"after key {_show(last)}" if count else "at its first record"

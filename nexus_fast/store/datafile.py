@@ -19,7 +19,8 @@ import ctypes
 import os
 import signal
 import struct
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final, NamedTuple
 
@@ -198,8 +199,10 @@ _guard_callbacks: list[Any] = []  # ctypes callbacks must outlive their installa
 
 
 @contextlib.contextmanager
-def crash_guard(message: str) -> Iterator[None]:
-    """While inside, a SIGBUS or SIGSEGV prints ``message`` (one line) and exits 1.
+def crash_guard(message: str | Callable[[], str], fd: int = 2) -> Iterator[None]:
+    """While inside, a SIGBUS or SIGSEGV writes ``message`` (one line) to ``fd``, exits 1.
+
+    ``message`` may be a function, called then (e.g. to name the record being read).
 
     LMDB trusts the data file: a damaged page can make it read past the end of the map
     (a node claiming a huge overflow run, say), which is a SIGBUS no ``except`` can catch,
@@ -208,10 +211,13 @@ def crash_guard(message: str) -> Iterator[None]:
     re-faulted forever), so this installs a C-level handler through ctypes for the span
     of the reads of a start-up or a check, and restores the previous one afterwards.
     """
-    line = (message.rstrip("\n") + "\n").encode(errors="replace")
 
     def on_fatal(signum: int) -> None:
-        os.write(2, line)
+        text = message() if callable(message) else message
+        for stream in (sys.stdout, sys.stderr):  # what was printed before goes out first
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.write(fd, (text.rstrip("\n") + "\n").encode(errors="replace"))
         os._exit(1)
 
     libc = ctypes.CDLL(None, use_errno=True)
