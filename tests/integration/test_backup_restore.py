@@ -13,10 +13,13 @@ from __future__ import annotations
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lmdb
+import pytest
 
+from nexus_fast.cli import main as cli_main
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -26,15 +29,27 @@ NODES = 20
 
 
 def nexus(*args: str) -> tuple[int, str, str]:
+    """``nexus-fast ARGS`` as its own process (the backup runs beside the server)."""
     result = run_module("nexus_fast.cli", *args)
     return result.returncode, result.stdout, result.stderr
 
 
+@pytest.fixture
+def tool(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """``nexus-fast ARGS`` run in this process (the same code, without a start-up each)."""
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli_main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
 def read_store(path: Path) -> dict[str, dict[bytes, bytes]]:
     """Every record of the nodes, commands, events and meta tables, read-only."""
-    env = lmdb.open(
-        str(path), subdir=path.is_dir(), readonly=True, lock=path.is_dir(), max_dbs=32
-    )
+    env = lmdb.open(str(path), subdir=path.is_dir(), readonly=True, lock=path.is_dir(), max_dbs=32)
     try:
         out = {}
         for name in ("nodes", "commands", "events", "meta"):
@@ -80,7 +95,10 @@ class Submitter(threading.Thread):
 
 
 def test_backup_under_load_restores_the_same_state(
-    server_factory: type, fleet_factory: type, tmp_path: Path
+    server_factory: type,
+    fleet_factory: type,
+    tmp_path: Path,
+    tool: Callable[..., tuple[int, str, str]],
 ) -> None:
     server: ServerProcess = server_factory.create().start()
     fleet = fleet_factory.create(server, NODES)
@@ -121,17 +139,17 @@ def test_backup_under_load_restores_the_same_state(
     assert held["events"] == {k: v for k, v in original.items() if int.from_bytes(k, "big") <= last}
     fleet.stop()
 
-    code, out, err = nexus("check", "--db-path", str(backup))
+    code, out, err = tool("check", "--db-path", str(backup))
     assert code == 0 and out.startswith("check ok"), out + err
 
     # Restore: refused while a server holds the directory, and into a non-empty one.
-    code, out, err = nexus("restore", str(backup), "--db-path", str(server.data_dir), "--force")
+    code, out, err = tool("restore", str(backup), "--db-path", str(server.data_dir), "--force")
     assert code == 1 and "is in use by pid" in err, out + err
     fresh = tmp_path / "restored"
-    code, out, err = nexus("restore", str(backup), "--db-path", str(fresh))
+    code, out, err = tool("restore", str(backup), "--db-path", str(fresh))
     assert code == 0, out + err
     assert stat.S_IMODE((fresh / "data.mdb").stat().st_mode) == 0o600
-    code, out, err = nexus("restore", str(backup), "--db-path", str(fresh))
+    code, out, err = tool("restore", str(backup), "--db-path", str(fresh))
     assert code == 1 and "is not empty" in err and "--force" in err, out + err
 
     # A server on the restored dir (nodes get a long grace: nothing moves while we look).
@@ -146,7 +164,7 @@ def test_backup_under_load_restores_the_same_state(
     assert {k: v for k, v in events.items() if int.from_bytes(k, "big") <= last} == held["events"]
     assert max(int.from_bytes(k, "big") for k in events) == last + 1  # + system.started
 
-    code, out, err = nexus("check", "--db-path", str(fresh))  # next to the running server
+    code, out, err = tool("check", "--db-path", str(fresh))  # next to the running server
     assert code == 0, out + err
     assert restored.stop() == 0
 
@@ -158,9 +176,9 @@ def test_backup_under_load_restores_the_same_state(
     with env.begin(write=True, db=env.open_db(b"commands")) as txn:
         txn.put(victim, bytes(b ^ 0xFF for b in held["commands"][victim]))
     env.close()
-    code, out, err = nexus("check", "--db-path", str(damaged))
+    code, out, err = tool("check", "--db-path", str(damaged))
     assert code == 1, out + err
     assert out.splitlines()[0].startswith(f"commands {victim.decode()}: "), out
-    code, out, err = nexus("restore", str(damaged), "--db-path", str(tmp_path / "never"))
+    code, out, err = tool("restore", str(damaged), "--db-path", str(tmp_path / "never"))
     assert code == 1 and "restore refused" in err, out + err
     assert not (tmp_path / "never").exists()
