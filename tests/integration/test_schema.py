@@ -108,25 +108,17 @@ def test_a_v1_data_dir_is_migrated_after_a_backup_and_keeps_its_data(
     ]
     # The old events are all there, and the new ones follow them without a gap.
     assert last > expected["last_event_index"]
-    status, body, _ = server_factory.create(data_dir=data).start().http("/api/v1/events?limit=5")
+    server.start()
+    status, body, _ = server.http("/api/v1/events?limit=5")
     assert status == 200 and json.loads(body)["events"][0]["index"] == 1
+    assert server.stop() == 0
 
     backups = list(data.glob("pre-migration-v1-*.mdb"))
     assert len(backups) == 1 and stat.S_IMODE(backups[0].stat().st_mode) == 0o600
     code, out, _ = nexus("check", "--db-path", str(backups[0]))
     assert code == 0 and "schema version 1" in out, out
-
-
-def test_the_migrated_dir_passes_check_and_migrates_only_once(
-    server_factory: type, tmp_path: Path
-) -> None:
-    data = v1_data_dir(tmp_path / "data")
-    server: ServerProcess = server_factory.create(data_dir=data).start()
-    assert server.stop() == 0
-    server.start()
-    assert server.stop() == 0
+    # The second start (above) did not migrate again; the result passes check.
     assert server.log().count("migrating database") == 1
-    assert len(list(data.glob("pre-migration-*"))) == 1
     code, out, err = nexus("check", "--db-path", str(data))
     assert code == 0 and "schema version 2" in out, out + err
 
