@@ -54,6 +54,7 @@ def _epilog() -> str:
     lines = ["environment variables (flags beat them, they beat the config file):"]
     lines += [f"  {name:<{width}}  {key}" for name, key in ENV_OVERRIDES.items()]
     lines += [f"  {name:<{width}}  {what}" for name, what in _SWITCHES.items()]
+    lines += ["", "data tools (nexus-fast NAME --help): " + ", ".join(DATA_COMMANDS)]
     lines += ["", "exit codes:"]
     for code, what in EXIT_CODES.items():
         lines += textwrap.wrap(what, 88, initial_indent=f"  {code}  ", subsequent_indent=" " * 5)
