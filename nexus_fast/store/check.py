@@ -373,7 +373,8 @@ class StoreCheck:
         except lmdb.Error as exc:
             self.add("audit", "", f"unreadable: {exc}")
             return
-        self.audit_head = f"{verifier.head.seq}:{verifier.head.hash.hex()}"
+        if verifier.count:
+            self.audit_head = f"{verifier.head.seq}:{verifier.head.hash.hex()}"
 
 
 def check_store(path: Path) -> list[Problem]:
