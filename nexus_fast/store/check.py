@@ -314,22 +314,18 @@ class StoreCheck:
     def _check_continuity(
         self, env: lmdb.Environment, events: lmdb._Database, meta: lmdb._Database | None
     ) -> None:
-        gaps = 0
         previous = 0
-        first = 0
         try:
             for key, _ in iter_records(env, events):
                 if len(key) != 8:
                     continue
                 index = _U64.unpack(key)[0]
                 if previous and index != previous + 1:
-                    gaps += 1
                     self.add(
                         "events",
                         str(previous + 1),
                         f"missing: the log jumps from {previous} to {index}",
                     )
-                first = first or index
                 previous = index
         except lmdb.Error:
             return  # the walk already named it

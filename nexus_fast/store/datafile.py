@@ -60,13 +60,14 @@ def data_file(path: Path) -> Path:
     return path / DATA_FILE if path.is_dir() else path
 
 
-def _meta(raw: bytes) -> tuple[int, int, int, int] | None:
+def _meta(raw: bytes) -> tuple[int, int, int] | None:
+    """``(page size, last page, txn id)`` of a meta page, None when it is not one."""
     if len(raw) < _META_OFFSET + _META.size:
         return None
     magic, version, _mapsize, psize, last_pg, txnid = _META.unpack_from(raw, _META_OFFSET)
     if magic != _MAGIC or version != _DATA_VERSION:
         return None
-    return psize, last_pg, txnid, 0
+    return psize, last_pg, txnid
 
 
 def inspect(path: Path) -> FileHeader:
@@ -95,7 +96,7 @@ def inspect(path: Path) -> FileHeader:
             f"{file}: not an LMDB data file (both meta pages are damaged or it is "
             f"{size} bytes of something else)"
         )
-    psize, last_pg, txnid, _ = max(good, key=lambda m: m[2])
+    psize, last_pg, txnid = max(good, key=lambda m: m[2])
     if psize < 512 or psize & (psize - 1) or psize > 65536:
         raise DataFileError(f"{file}: damaged meta page (page size {psize})")
     needed = (last_pg + 1) * psize
