@@ -32,6 +32,9 @@ _FLAG_KEYS = {
 }
 
 
+# Subcommands of nexus_fast.data_cli (kept here as names: importing it costs start-up time).
+DATA_COMMANDS = ("backup", "restore", "check", "replay")
+
 # Switches read outside the config (nexus_fast/_compat.py), listed in --help too.
 _SWITCHES = {
     "NEXUS_NO_EXTENSIONS": "1: run the pure-Python twins of the hot paths",
@@ -51,6 +54,7 @@ def _epilog() -> str:
     lines = ["environment variables (flags beat them, they beat the config file):"]
     lines += [f"  {name:<{width}}  {key}" for name, key in ENV_OVERRIDES.items()]
     lines += [f"  {name:<{width}}  {what}" for name, what in _SWITCHES.items()]
+    lines += ["", "data tools (nexus-fast NAME --help): " + ", ".join(DATA_COMMANDS)]
     lines += ["", "exit codes:"]
     for code, what in EXIT_CODES.items():
         lines += textwrap.wrap(what, 88, initial_indent=f"  {code}  ", subsequent_indent=" " * 5)
@@ -86,6 +90,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nexus_fast.security.audit_cli import main as audit_tool
 
         return audit_tool((sys.argv[1:] if argv is None else list(argv))[1:])
+    if (sys.argv[1:] if argv is None else list(argv))[:1] in [[c] for c in DATA_COMMANDS]:
+        from nexus_fast.data_cli import main as data_tool
+
+        return data_tool(sys.argv[1:] if argv is None else list(argv))
     args = _parser().parse_args(argv)
     try:
         nexus_fast.implementation()  # imports every hot path once, before anything starts

@@ -47,6 +47,7 @@ from nexus_fast.security.auditing import Auditor
 from nexus_fast.security.layer import OPEN_API_WARNING, SecurityLayer
 from nexus_fast.security.tls import server_ssl_context
 from nexus_fast.store.base import StoreError
+from nexus_fast.store.datafile import LOAD_ERRORS, DataFileError, crash_guard, damaged_hint
 from nexus_fast.store.lmdb_store import LmdbStore
 from nexus_fast.telemetry import metrics
 
@@ -167,16 +168,26 @@ class NexusServer:
             extra={"version": nexus_fast.__version__, **nexus_fast.implementation()},
         )
 
-        try:
-            await self.store.open()
-        except StoreError as exc:
-            raise StartupError(str(exc)) from None
-        self.store.on_failure = self._on_store_failure
-        self.events.load()
-        self.store.on_commit = self.events.publish_committed
-        loaded = self.nodes.load()
-        commands = self.commands.load()
-        agents = self.agents.load()
+        data_file = f"{cfg.database.path}/data.mdb"
+        # A damaged page can make LMDB read past the file (SIGBUS): one line and exit 1.
+        with crash_guard(damaged_hint(f"{data_file}: reading it crashed", cfg.database.path)):
+            try:
+                await self.store.open()
+            except DataFileError as exc:
+                raise StartupError(damaged_hint(str(exc), cfg.database.path)) from None
+            except StoreError as exc:
+                raise StartupError(str(exc)) from None
+            self.store.on_failure = self._on_store_failure
+            try:
+                self.events.load()
+                self.store.on_commit = self.events.publish_committed
+                loaded = self.nodes.load()
+                commands = self.commands.load()
+                agents = self.agents.load()
+            except LOAD_ERRORS as exc:  # a damaged record: one line naming the file, exit 1
+                await self.store.close()
+                where = f"{data_file}: cannot load its records: {exc!r}"
+                raise StartupError(damaged_hint(where, cfg.database.path)) from None
         log.info(
             "state loaded",
             extra={

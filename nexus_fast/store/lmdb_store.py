@@ -48,6 +48,7 @@ from nexus_fast.store.audit_chain import (
     audit_key,
     head_from_last,
 )
+from nexus_fast.store.backup import write_copy
 from nexus_fast.store.base import (
     CommitHook,
     CommitResult,
@@ -61,6 +62,9 @@ from nexus_fast.store.base import (
     StoreFull,
     StoreReadOnly,
 )
+from nexus_fast.store.datafile import DATA_FILE, DataFileError
+from nexus_fast.store.datafile import inspect as inspect_data_file
+from nexus_fast.store.migrations import upgrade as upgrade_schema
 from nexus_fast.store.writer import (
     _INDEX,
     _STOP,
@@ -257,6 +261,8 @@ class LmdbStore(WriterThread):
         return env, dbh, event_index(raw) if raw is not None else 0, EMPTY_HEAD
 
     def _open_writable(self) -> _Opened:
+        if (self.path / DATA_FILE).exists():
+            inspect_data_file(self.path)  # a truncated file would be a SIGBUS once mapped
         try:
             env = lmdb.open(
                 str(self.path),
@@ -284,6 +290,7 @@ class LmdbStore(WriterThread):
                     if size >= self._max_map_size:
                         raise StoreFull("database full: cannot create sub-databases") from None
                     env.set_mapsize(min(size * 2, self._max_map_size))
+            upgrade_schema(env, dbh, self.path)  # SchemaTooNew: an older server stops here
             with env.begin(db=dbh[META_DB]) as rtxn:
                 raw = rtxn.get(LAST_EVENT_KEY)
                 # The audit chain continues from its newest entry, read once here.
@@ -293,6 +300,9 @@ class LmdbStore(WriterThread):
         except ValueError as exc:
             env.close()
             raise StoreError(f"database {self.path}: bad newest audit entry: {exc}") from None
+        except lmdb.Error as exc:  # a damaged page met while opening: one line, no traceback
+            env.close()
+            raise DataFileError(f"{self.path / DATA_FILE}: damaged: {exc}") from None
         except BaseException:
             env.close()
             raise
@@ -744,17 +754,11 @@ class LmdbStore(WriterThread):
         tmp = dest / f".{BACKUP_PREFIX}{stamp}.tmp"
         tmp.mkdir(mode=datadir.DIR_MODE)
         try:
-            # copyfd into a file we create 0600: env.copy() would create it 0644.
-            fd = datadir.create_private_file(tmp / "data.mdb")
-            try:
-                with self._resize_lock:
-                    env = self._env
-                    if env is None:
-                        raise StoreClosed("store closed during backup")
-                    env.copyfd(fd, compact=True)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            with self._resize_lock:
+                env = self._env
+                if env is None:
+                    raise StoreClosed("store closed during backup")
+                write_copy(env, tmp / "data.mdb")  # the one copy: compacted, 0600, atomic
             # Rename last so a crash mid-copy never leaves something that looks complete.
             tmp.rename(target)
         except BaseException:
