@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from nexus_fast.clock import now_ms
@@ -51,6 +51,9 @@ class CommandLog:
         self._final: list[pb.CommandRecord] = []
         self._flush_handle: asyncio.Handle | None = None
         self._encoder = CommandEvents()
+        # Told each final record once its final state is durable (or its write failed):
+        # waiters answer only then, so no client sees a final state the store could forget.
+        self.on_durable: Callable[[pb.CommandRecord], None] | None = None
 
     # ------------------------------------------------------------ reads
 
@@ -160,6 +163,9 @@ class CommandLog:
         for record in records:
             if finishing.get(record.id) is record:
                 del finishing[record.id]
+        if self.on_durable is not None:
+            for record in records:
+                self.on_durable(record)
 
     def _write_done(self, future: asyncio.Future[CommitResult]) -> None:
         self._writes.discard(future)
