@@ -208,6 +208,61 @@ async def measure_ours(ctx: Context, *, name: str, hold_s: float, one_rpc: bool)
     return m
 
 
+def _synced_commits(path: str, count: int) -> LatencyHistogram:
+    """``count`` LMDB write txns of one put each, ``sync=True`` (one fsync each): the cost
+    of one durable commit on this filesystem right now, which a round trip pays twice."""
+    import lmdb
+
+    env = lmdb.open(path, map_size=1 << 26, sync=True, metasync=True)
+    hist = LatencyHistogram()
+    try:
+        for i in range(count):
+            t0 = time.perf_counter()
+            with env.begin(write=True) as txn:
+                txn.put(b"k%08d" % i, b"v" * 256)
+            hist.record(time.perf_counter() - t0)
+    finally:
+        env.close()
+    return hist
+
+
+async def measure_commit(ctx: Context) -> Measurement:
+    """One synced LMDB commit, same filesystem as the spawned server's data, this run."""
+    count = min(ctx.args.count or 500, 2000)
+    path = str(ctx.group.tempdir("nexus-bench-fsync-"))
+    loop = asyncio.get_running_loop()
+    t0 = time.perf_counter()
+    hist = await loop.run_in_executor(None, _synced_commits, path, count)
+    elapsed = time.perf_counter() - t0
+    m = Measurement(
+        name="LMDB synced commit (1 put, 1 fsync)",
+        throughput=count / max(elapsed, 1e-9),
+        unit="commits/s",
+        count=count,
+        duration_s=round(elapsed, 3),
+    )
+    m.add_latency("round trip", hist)
+    return m
+
+
+def where_the_time_goes(m: Measurement) -> str | None:
+    """A one-line split of our mean round trip into hops, from the server's histograms."""
+    means = m.extra.get("server_mean_ms") or {}
+    total = m.latency.get("round trip", {}).get("mean_ms")
+    keys = ("submit->dispatch (server)", "submit->final in memory (server)")
+    call = means.get("SubmitCommands call (server)")
+    if total is None or call is None or not all(k in means for k in keys):
+        return None
+    dispatch, final = (float(means[k]) for k in keys)
+    return (
+        f"where the time goes ({m.name}, means): submit (validate, place, commit) -> sent "
+        f"to the node {dispatch:.2f} ms; node hop (stream, nexus-node, ack+result back) "
+        f"{final - dispatch:.2f} ms; final state durable (commit) -> reply "
+        f"{float(call) - final:.2f} ms; gRPC and client {float(total) - float(call):.2f} ms "
+        f"(round trip {float(total):.2f} ms)"
+    )
+
+
 async def measure_echo(ctx: Context) -> Measurement:
     """The same request bytes through a bare grpc.aio unary echo, same concurrency."""
     args = ctx.args
@@ -268,6 +323,9 @@ async def run(ctx: Context) -> None:
         ctx, name="nexus_fast: SubmitCommands(wait_ms)", hold_s=0.0, one_rpc=True
     )
     report.results.append(ours)
+    split = where_the_time_goes(ours)
+    if split:
+        report.notes.append(split)
     if args.before and not ctx.stopping():
         two = await measure_ours(
             ctx, name="nexus_fast: Submit then WaitCommands", hold_s=0.0, one_rpc=False
@@ -289,6 +347,11 @@ async def run(ctx: Context) -> None:
         report.baseline.append(echo)
         report.ratios.append(_latency_ratio("p50 round trip / p50 echo", ours, echo, "p50_ms", ""))
         report.ratios.append(_latency_ratio("p99 round trip / p99 echo", ours, echo, "p99_ms", ""))
+        commit = await measure_commit(ctx)
+        report.baseline.append(commit)
+        report.ratios.append(
+            _latency_ratio("p50 round trip / p50 synced commit", ours, commit, "p50_ms", "")
+        )
     for peer in args.peers or ():
         if ctx.stopping():
             break
