@@ -71,7 +71,7 @@ child process (--exec-duration 0, this run's label) -> SUCCEEDED in the reply; p
 
 --before: also the path before issue 11 (node holding each send 2 ms, Submit then
 WaitCommands) and Submit then WaitCommands with today's node. --baseline: bare grpc.aio
-unary echo of the same request. --peers ray,celery: the same no-op round trip on Ray
+unary echo of the same request, and one synced LMDB commit on the same filesystem. --peers ray,celery: the same no-op round trip on Ray
 (ray.init(num_cpus=2): a task and an actor method) and Celery + Redis (redis-server on a
 free loopback port and a solo worker, started and stopped here); needs pip install
 '.[peers]'. The server's means (submit->dispatch, submit->final, SubmitCommands call)

@@ -11,7 +11,8 @@ proxy holding every send 2 ms (``--coalesce-hold 0.002``) and the round trip as 
 separates the two levers.
 
 Baselines: ``--baseline`` a bare grpc.aio unary echo of the same request bytes at the same
-concurrency; ``--peers ray,celery`` the same no-op round trip on Ray (task and actor) and
+concurrency, and one synced LMDB commit on the same filesystem (a round trip waits for two:
+the submission's and the final state's); ``--peers ray,celery`` the same no-op round trip on Ray (task and actor) and
 Celery + Redis (see :mod:`nexus_fast.benchmark.peers`). Ratios are ours over theirs.
 
 Where the time goes: the server's own histograms (``/metrics``) give, per command, the mean
