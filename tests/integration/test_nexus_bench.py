@@ -250,3 +250,22 @@ def test_roundtrip_peers_or_a_clear_install_message(tmp_path: Path) -> None:
     ratios = {r["name"]: r for r in doc["ratios"]}
     assert ratios["p50 / Ray task p50"]["target"] == "<= 0.8"
     assert ratios["p50 / Celery p50"]["value"] > 0
+    # dispatch --peers: the peer's throughput in the same run, and ours over it.
+    _, doc = bench(
+        tmp_path,
+        "dispatch",
+        "--spawn",
+        "--nodes",
+        "5",
+        "--duration",
+        "1",
+        "--peers",
+        "celery",
+        "--peer-count",
+        "20",
+        timeout=120,
+    )
+    [celery] = doc["baseline"]
+    assert celery["unit"] == "tasks/s" and celery["count"] == 20 and celery["throughput"] > 0
+    [ratio] = [r for r in doc["ratios"] if "Celery" in r["name"]]
+    assert ratio["target"] == ">= 10" and ratio["value"] > 0
