@@ -342,6 +342,7 @@ def test_waiting_submit_holds_a_stream_slot_taken_before_submitting(
                 stub.GetCommand(pb.GetCommandRequest(id="sw-limit"), metadata=bearer(admin))
             assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was committed
             held.pop(0).cancel()  # a free slot: the waiting submit goes through
+            # Each try costs a request of a small budget (RATE, BURST): try a few times a second.
             reply = _until(
                 lambda: _submit_or_none(stub, request, op), "a stream slot for the submit"
             )
@@ -354,6 +355,7 @@ def test_waiting_submit_holds_a_stream_slot_taken_before_submitting(
 def _submit_or_none(
     stub: pb_grpc.ControlServiceStub, request: pb.SubmitCommandsRequest, tok: str
 ) -> pb.SubmitCommandsResponse | None:
+    time.sleep(0.25)
     try:
         reply: pb.SubmitCommandsResponse = stub.SubmitCommands(
             request, metadata=bearer(tok), timeout=5
