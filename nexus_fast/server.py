@@ -296,7 +296,12 @@ class NexusServer:
         add_node_service(NodeService(self.nodes, self.commands, self.agents, limits), server)
         add_control_service(
             ControlService(
-                self.nodes, self.commands, self.agents, events=self.events, store=self.store
+                self.nodes,
+                self.commands,
+                self.agents,
+                events=self.events,
+                store=self.store,
+                limits=limits,
             ),
             server,
         )

@@ -24,6 +24,7 @@ from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService
 from nexus_fast.core.events import EventBus
 from nexus_fast.core.nodes import NodeRegistry, Session, validate_node_id
+from nexus_fast.core.submit_wait import submit_and_wait
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
@@ -247,12 +248,15 @@ class ControlService(pb_grpc.ControlServiceServicer):
         *,
         events: EventBus | None = None,
         store: StateStore | None = None,
+        limits: PrincipalLimits | None = None,
     ) -> None:
         self._registry = registry
         self._commands = commands
         self._agents = agents
         self._events = events
         self._store = store  # for ListAudit: the audit log is read straight from the store
+        # A SubmitCommands that waits (wait_ms) holds a stream slot of its principal.
+        self._limits = limits
 
     @instrumented("ControlService/WatchEvents")
     async def WatchEvents(
@@ -305,7 +309,18 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def SubmitCommands(
         self, request: pb.SubmitCommandsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitCommandsResponse:
-        return await self._commands.submit(request.commands, actor())
+        if not request.wait_ms:
+            return await self._commands.submit(request.commands, actor())
+        slot = None
+        if self._limits is not None:  # taken before submitting: a refusal commits nothing
+            slot = self._limits.stream(actor())
+        try:
+            return await submit_and_wait(
+                self._commands, list(request.commands), actor(), request.wait_ms
+            )
+        finally:
+            if slot is not None:
+                slot.release()
 
     @instrumented("ControlService/GetCommand")
     async def GetCommand(

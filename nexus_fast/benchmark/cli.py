@@ -6,6 +6,7 @@
     nexus-bench heartbeat --spawn --baseline --nodes 10000 --client-procs 2
     nexus-bench state --baseline
     nexus-bench micro
+    nexus-bench roundtrip --spawn --baseline --before --peers ray,celery
 
 Exit codes: 0 done and the error rate within ``--max-error-rate``; 1 error rate exceeded
 or the run failed; 2 invalid arguments; 130 interrupted (Ctrl-C) — children are stopped
@@ -28,14 +29,17 @@ from typing import Any
 
 import nexus_fast.node.channel as client_channel
 from nexus_fast.benchmark.common import Context
+from nexus_fast.benchmark.peers import missing as missing_peers
+from nexus_fast.benchmark.peers import parse_peers
 from nexus_fast.benchmark.procs import BenchError, Endpoints, ProcessGroup, spawn_server
 from nexus_fast.benchmark.report import Report
 from nexus_fast.benchmark.runner import HARD_MAX_DURATION, HARD_MAX_OPS
 from nexus_fast.benchmark.workers import MAX_CLIENT_PROCS
 from nexus_fast.node.channel import ClientAuth
 
-SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro")
+SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro", "roundtrip")
 NETWORK = frozenset({"heartbeat", "dispatch", "events"})
+SERVED = NETWORK | {"roundtrip"}  # scenarios that need --target or --spawn
 DEFAULT_NODES = {"heartbeat": 100, "dispatch": 100, "events": 10}
 
 _SCENARIO_DOC = {
@@ -61,6 +65,17 @@ Baseline: bare picows broadcast of one of our frames to M subscribers.""",
 LmdbStore in this process: durable commits/s per --levels, get/s.
 Baseline: bare py-lmdb, one synced txn per put.""",
     "micro": "ring, queue, scoring: compiled twin vs pure twin (ratio c/py).",
+    "roundtrip": """\
+One command (or --concurrency) in flight: SubmitCommands with wait_ms -> a nexus-node
+child process (--exec-duration 0, this run's label) -> SUCCEEDED in the reply; p50/p99/p99.9.
+
+--before: also the path before issue 11 (node holding each send 2 ms, Submit then
+WaitCommands) and Submit then WaitCommands with today's node. --baseline: bare grpc.aio
+unary echo of the same request, and one synced LMDB commit on the same filesystem. --peers ray,celery: the same no-op round trip on Ray
+(ray.init(num_cpus=2): a task and an actor method) and Celery + Redis (redis-server on a
+free loopback port and a solo worker, started and stopped here); needs pip install
+'.[peers]'. The server's means (submit->dispatch, submit->final, SubmitCommands call)
+show where the time goes.""",
 }
 
 _SUMMARY = {
@@ -69,6 +84,7 @@ _SUMMARY = {
     "events": "WebSocket and gRPC event fan-out under a command load",
     "state": "LMDB store in this process: durable commits/s, get/s",
     "micro": "hot paths: compiled twin vs pure twin",
+    "roundtrip": "one command in flight, submit -> node -> final; vs echo, Ray, Celery",
 }
 
 _RATE_NOTE = """\
@@ -118,6 +134,10 @@ _DEFAULTS: dict[str, Any] = {
     "levels": [1, 16, 256],
     "final_every": 20,
     "client_procs": 1,
+    "peers": None,
+    "peer_count": None,
+    "warmup": 0,
+    "before": False,
 }
 
 
@@ -223,6 +243,34 @@ def _load_options(p: argparse.ArgumentParser, scenario: str) -> None:
             help="split the client load (node streams, WebSocket subscribers) over K "
             "worker processes, ours and baseline alike (1)",
         )
+    if scenario == "roundtrip":
+        w.add_argument(
+            "--count", type=_pos_int, default=None, help="stop after this many round trips"
+        )
+        w.add_argument("--concurrency", type=_pos_int, default=1, help="round trips in flight (1)")
+        w.add_argument(
+            "--warmup", type=int, default=50, help="untimed round trips first, each system (50)"
+        )
+        w.add_argument(
+            "--before",
+            action="store_true",
+            help="also measure the path before issue 11 (2 ms node hold, Submit then Wait)",
+        )
+    if scenario in ("roundtrip", "dispatch"):
+        w.add_argument(
+            "--peers",
+            type=parse_peers,
+            default=None,
+            metavar="ray,celery",
+            help="also run the same no-op workload on Ray and/or Celery + Redis "
+            "(needs pip install '.[peers]' and, for Celery, Debian's redis-server)",
+        )
+        w.add_argument(
+            "--peer-count",
+            type=_pos_int,
+            default=None,
+            help="tasks per peer measurement (roundtrip: --count or 2000; dispatch: 20000)",
+        )
     if scenario in ("dispatch", "events"):
         w.add_argument(
             "--concurrency", type=_pos_int, default=4, help="requests in flight, closed loop (4)"
@@ -293,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
             description=_scenario_description(scenario),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        if scenario in NETWORK:
+        if scenario in SERVED:
             _server_options(sp)
         _load_options(sp, scenario)
         _output_options(sp)
@@ -339,7 +387,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and cross-check the arguments (argparse exits 2 on errors)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.scenario in NETWORK:
+    if args.scenario in SERVED:
         if not args.target and not args.spawn:
             parser.error(f"{args.scenario} needs --target HOST:PORT or --spawn")
         if args.target:
@@ -384,6 +432,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(
                 "--plot needs matplotlib: pip install 'nexus-fast[plot]' (or pip install matplotlib)"
             )
+    if args.peers:
+        why = missing_peers(args.peers)
+        if why:
+            parser.error(why)
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
     if args.nodes is None:
         args.nodes = DEFAULT_NODES.get(args.scenario, 1)
     if args.client_procs > 1:
@@ -407,7 +461,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _run(ctx: Context) -> None:
-    from nexus_fast.benchmark.scenarios import dispatch, events, heartbeat, micro, state
+    from nexus_fast.benchmark.scenarios import dispatch, events, heartbeat, micro, roundtrip, state
 
     modules = {
         "heartbeat": heartbeat,
@@ -415,6 +469,7 @@ async def _run(ctx: Context) -> None:
         "events": events,
         "state": state,
         "micro": micro,
+        "roundtrip": roundtrip,
     }
     await modules[ctx.args.scenario].run(ctx)
 
@@ -455,7 +510,7 @@ async def amain(args: argparse.Namespace, group: ProcessGroup) -> Report:
 
             await authcost.run(ctx, group, _run)
         else:
-            if args.scenario in NETWORK:
+            if args.scenario in SERVED:
                 await _locate_server(ctx, group)
             await _run(ctx)
     finally:

@@ -3,8 +3,9 @@
 :class:`BenchNode` is a lean node: Register, one Connect stream, heartbeats on demand, and
 commands answered at once with one NodeMessage carrying the ack and the result. It reuses
 the reference proxy's defaults (:mod:`nexus_fast.node`) but not its ``NodeSim``:
-that one coalesces replies for 2 ms, simulates execution time and de-duplicates, which is
-right for a fleet simulator and wrong for a harness that times the server.
+that one simulates execution time, de-duplicates and keeps per-node state, which is
+right for a fleet simulator and more than a harness that times the server needs
+(``roundtrip`` runs the real ``nexus-node`` on purpose: users run it).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from nexus_fast.clock import now_ms
@@ -51,6 +51,9 @@ class CommandLog:
         self._final: list[pb.CommandRecord] = []
         self._flush_handle: asyncio.Handle | None = None
         self._encoder = CommandEvents()
+        # Told each final record once its final state is durable (not when the write failed):
+        # waiters answer only then, so no client sees a final state the store could forget.
+        self.on_durable: Callable[[pb.CommandRecord], None] | None = None
 
     # ------------------------------------------------------------ reads
 
@@ -151,17 +154,24 @@ class CommandLog:
         self._writes.add(future)
         future.add_done_callback(self._write_done)
         if final:
-            future.add_done_callback(lambda _: self._durable(final))
+            future.add_done_callback(lambda done: self._durable(final, _committed(done)))
         return future
 
-    def _durable(self, records: Sequence[pb.CommandRecord]) -> None:
+    def _durable(self, records: Sequence[pb.CommandRecord], committed: bool = True) -> None:
         """The final state of ``records`` is in the store (or its write failed)."""
         finishing = self.finishing
         for record in records:
             if finishing.get(record.id) is record:
                 del finishing[record.id]
+        if committed and self.on_durable is not None:
+            for record in records:
+                self.on_durable(record)
 
     def _write_done(self, future: asyncio.Future[CommitResult]) -> None:
         self._writes.discard(future)
         if not future.cancelled() and future.exception() is not None:
             log.error("command state write failed", extra={"err": str(future.exception())})
+
+
+def _committed(future: asyncio.Future[CommitResult]) -> bool:
+    return not future.cancelled() and future.exception() is None

@@ -148,6 +148,7 @@ class CommandService:
         self._stage: dict[str, int] = {}
         self._seq = 0
         self._waiters = CommandWaiters()
+        self._log.on_durable = self._waiters.notify  # a final state is told once durable
         self._pending_dirty = False
         self._submitted_at: dict[str, float] = {}
         self._ticker = Periodic("commands", self._tick, log)
@@ -625,7 +626,7 @@ class CommandService:
         if len(ids) > MAX_WAIT_IDS:
             raise InvalidArgument("ids", f"at most {MAX_WAIT_IDS} ids")
         records = [self.get(i) for i in dict.fromkeys(ids)]  # NOT_FOUND before streaming
-        return self._waiters.wait(records, timeout)
+        return self._waiters.wait(records, timeout, not_durable=self._log.finishing)
 
     # ------------------------------------------------------------ node changes
 
@@ -721,7 +722,6 @@ class CommandService:
         if started is not None:
             metrics.COMMAND_SUBMIT_TO_FINAL.observe(time.monotonic() - started)
         self._processed[state].inc()
-        self._waiters.notify(record)
         for hook in self.on_final:
             hook(record)
         if save:

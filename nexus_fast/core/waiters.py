@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Container, Sequence
 
 from nexus_fast.core.command_states import FINAL_STATES
 from nexus_fast.errors import Unavailable
@@ -28,7 +28,7 @@ class CommandWaiters:
         return len(self._by_id)
 
     def notify(self, record: pb.CommandRecord) -> None:
-        """``record`` is final: hand it to everyone waiting for it."""
+        """``record`` is final and durable: hand it to everyone waiting for it."""
         for inbox in self._by_id.pop(record.id, ()):
             inbox.put_nowait(record)
 
@@ -52,10 +52,15 @@ class CommandWaiters:
             raise Unavailable("server stopping")
 
     async def wait(
-        self, records: Sequence[pb.CommandRecord], timeout: float | None
+        self,
+        records: Sequence[pb.CommandRecord],
+        timeout: float | None,
+        not_durable: Container[str] = (),
     ) -> AsyncIterator[pb.CommandRecord]:
         """Yield each of ``records`` once final (final ones at once), until ``timeout``.
 
+        A record whose id is in ``not_durable`` is final in memory but its final state is
+        not committed yet: it is yielded when :meth:`notify` says it is durable.
         If ``timeout`` expires first, the last record yielded is a marker: empty id,
         ``wait_timed_out_ids`` listing the ids (in request order) that were not final.
         """
@@ -63,7 +68,7 @@ class CommandWaiters:
         final_now: list[pb.CommandRecord] = []
         waiting: list[pb.CommandRecord] = []
         for record in records:
-            if record.state in FINAL_STATES:
+            if record.state in FINAL_STATES and record.id not in not_durable:
                 final_now.append(record)
             else:
                 self._by_id.setdefault(record.id, []).append(inbox)

@@ -413,11 +413,10 @@ def commands_submit(
     request = pb.SubmitCommandsRequest(commands=[spec])
 
     async def action(c: Client) -> tuple[pb.SubmitResult, list[pb.CommandRecord]]:
-        response = await c.unary("SubmitCommands", request)
-        result = response.results[0]
         if not wait:
-            return result, []
-        return result, await c.wait([result.id], wait_timeout or 0)
+            response = await c.unary("SubmitCommands", request)
+            return response.results[0], []
+        return await c.submit_and_wait(request, wait_timeout)
 
     result, records = run(connection(), action)
     if not wait:

@@ -10,6 +10,7 @@ import asyncio
 import json
 import random
 import ssl
+import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +27,10 @@ from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
+
+# `submit --wait` asks the submit reply to wait this long at most (the server's cap on
+# SubmitCommandsRequest.wait_ms); a longer wait goes on with WaitCommands.
+SUBMIT_WAIT_S = 30.0
 
 EXIT_OK = 0
 EXIT_NOT_SUCCEEDED = 1  # the command failed, timed out, was cancelled, or the wait ended
@@ -127,6 +132,27 @@ class Client:
                 record = await self.unary("GetCommand", pb.GetCommandRequest(id=cid))
             out.append(record)
         return out
+
+    async def submit_and_wait(
+        self, request: pb.SubmitCommandsRequest, timeout: float | None
+    ) -> tuple[pb.SubmitResult, list[pb.CommandRecord]]:
+        """Submit one command and wait for its final record (``timeout`` None: no limit).
+
+        One RPC (``wait_ms``) when it finishes within the server's cap; a command still
+        running when the reply comes (or a server that ignores ``wait_ms``) is then waited
+        for with WaitCommands, within what is left of ``timeout``.
+        """
+        started = time.monotonic()
+        budget = SUBMIT_WAIT_S if timeout is None else min(timeout, SUBMIT_WAIT_S)
+        request.wait_ms = max(1, int(budget * 1000))
+        response = await self.control.SubmitCommands(request, timeout=self.timeout + budget)
+        result = response.results[0]
+        if response.final:
+            return result, list(response.final)
+        if timeout is None:
+            return result, await self.wait([result.id], 0)
+        left = max(timeout - (time.monotonic() - started), 0.001)
+        return result, await self.wait([result.id], left)
 
     async def serving(self) -> str:
         """The gRPC health status of the server as a whole (``SERVING``, ...)."""

@@ -21,7 +21,7 @@ from typing import Any
 from nexus_fast.node.channel import add_arguments, check_arguments
 from nexus_fast.node.fleet import NODES_PER_CHANNEL, Fleet
 from nexus_fast.node.policy import DEFAULT_DEDUP_SIZE
-from nexus_fast.node.sim import log
+from nexus_fast.node.sim import DEFAULT_COALESCE_HOLD_S, log
 from nexus_fast.node.spec import (
     DEFAULT_CAPACITY,
     DEFAULT_NODES,
@@ -180,6 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=(0.01, 0.01),
         metavar="SECONDS",
         help='simulated run time, e.g. 0.01 or a range "0.01-0.05" (default 0.01)',
+    )
+    x.add_argument(
+        "--coalesce-hold",
+        type=nonneg,
+        default=DEFAULT_COALESCE_HOLD_S,
+        metavar="SECONDS",
+        help="hold acks/results this long before each send so a burst shares a message "
+        "(default 0: an idle stream sends at once, a busy one batches what arrives while "
+        "a write is in flight)",
     )
     x.add_argument(
         "--failure-rate",

@@ -25,7 +25,13 @@ import grpc.aio
 
 from nexus_fast.node.channel import ClientAuth, open_channel
 from nexus_fast.node.policy import DedupCache
-from nexus_fast.node.sim import VERSION, NodeContext, NodeSim, Stats, log
+from nexus_fast.node.sim import (
+    VERSION,
+    NodeContext,
+    NodeSim,
+    Stats,
+    log,
+)
 from nexus_fast.node.spec import NodeSpec
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
@@ -127,6 +133,7 @@ class Fleet:
             ramp_s=args.ramp,
             failure_rate=args.failure_rate,
             exec_range=args.exec_duration,
+            coalesce_hold_s=args.coalesce_hold,
         )
         self.nodes = [
             NodeSim(self.ctx, spec, i % self.channel_count) for i, spec in enumerate(specs)

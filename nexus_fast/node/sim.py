@@ -38,7 +38,10 @@ log = logging.getLogger("nexus_fast.node")
 VERSION = nexus_fast.__version__
 DEFAULT_HEARTBEAT_S = 5.0  # used until the server advises an interval
 MIN_HEARTBEAT_S = 0.05  # guards against a zero/absurd server value turning into a busy loop
-COALESCE_S = 0.002  # acks/results produced within this window share one NodeMessage
+# Acks and results are sent at once when the stream is idle; those produced while a write
+# is in flight share the next NodeMessage (Nagle-style). ``--coalesce-hold`` (the old fixed
+# 2 ms hold before every send) trades latency for fewer messages; 0 by default.
+DEFAULT_COALESCE_HOLD_S = 0.0
 OUTBOX_LIMIT = 4096  # per node: pending acks+results before we stop reading commands
 MAX_RUNNING = 4096  # per node: concurrent simulated executions before we stop reading
 DEFAULT_MAX_BATCH = 1000  # items of one kind per NodeMessage unless the server says otherwise
@@ -116,6 +119,7 @@ class NodeContext:
     ramp_s: float | None = None  # None: spread start-up over one heartbeat interval
     failure_rate: float = 0.0
     exec_range: tuple[float, float] = (0.01, 0.01)
+    coalesce_hold_s: float = DEFAULT_COALESCE_HOLD_S  # > 0: hold each send this long
     stopping: bool = False
 
     def exec_duration(self) -> float:
@@ -400,10 +404,14 @@ class NodeSim:
         if command.deadline_ms and command.deadline_ms < time.time() * 1000.0:
             self._complete(exe, False, b"", "deadline exceeded")
             return
-        loop = asyncio.get_running_loop()
         # Launching or stopping an agent returns at once; the agent then runs on its own.
         delay = 0.0 if command.kind in AGENT_KINDS else ctx.exec_duration()
-        exe.handle = loop.call_later(delay, self._finish_execution, exe)
+        if delay <= 0.0:
+            # Done now: the result joins the ack in the same NodeMessage (one write, and
+            # one state write on the server instead of two).
+            self._finish_execution(exe)
+            return
+        exe.handle = asyncio.get_running_loop().call_later(delay, self._finish_execution, exe)
 
     def _on_cancel(self, command_id: str) -> None:
         exe = self._running.get(command_id)
@@ -516,7 +524,12 @@ class NodeSim:
         self._dirty_agents.update(a.agent_id for a in msg.agents)
 
     async def _writer(self, call: grpc.aio.StreamStreamCall) -> None:
-        """The only writer of this stream: first message, then heartbeats and batches."""
+        """The only writer of this stream: first message, then heartbeats and batches.
+
+        Nagle-style: an idle stream sends what is pending at once; whatever is produced
+        while a write is in flight waits for it and leaves in the next message, so a lone
+        result is never held and a burst still shares messages.
+        """
         assert self.epoch is not None
         self._wake.clear()  # anything still pending goes out in the first message
         first = self.build_message(heartbeat=True, all_agents=True)
@@ -527,8 +540,9 @@ class NodeSim:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            if not self._hb_due and 0 < self.pending() < self.max_batch:
-                await asyncio.sleep(COALESCE_S)  # let a burst of results join this message
+            hold = self.ctx.coalesce_hold_s
+            if hold > 0 and not self._hb_due and 0 < self.pending() < self.max_batch:
+                await asyncio.sleep(hold)  # --coalesce-hold: let a burst join this message
             msg = self.build_message(heartbeat=self._hb_due, all_agents=False)
             if msg is not None:
                 await self._write(call, msg)

@@ -314,6 +314,59 @@ def test_grpc_stream_cap_is_per_principal_and_released(server: SecureServer, pki
                 call.cancel()
 
 
+def test_waiting_submit_holds_a_stream_slot_taken_before_submitting(
+    server: SecureServer, pki: Path
+) -> None:
+    """SubmitCommands with wait_ms counts against max_streams; refused, it commits nothing."""
+    op = token(pki, "submit-wait", "operator")
+    admin = token(pki, "submit-wait-admin", "admin")
+    spec = pb.CommandSpec(
+        idempotency_key="sw-limit",
+        kind="run",
+        placement=pb.Placement(label_selector={"no-such": "node"}),  # stays PENDING
+    )
+    with grpc_channel(server, pki) as channel:
+        stub = pb_grpc.ControlServiceStub(channel)
+        held = []
+        try:
+            for _ in range(MAX_STREAMS):
+                call, error = _watch(stub, op)
+                assert error is None, error
+                held.append(call)
+            request = pb.SubmitCommandsRequest(commands=[spec], wait_ms=100)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.SubmitCommands(request, metadata=bearer(op), timeout=5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "streams" in (refused.value.details() or "")
+            with pytest.raises(grpc.RpcError) as missing:
+                stub.GetCommand(pb.GetCommandRequest(id="sw-limit"), metadata=bearer(admin))
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # nothing was committed
+            held.pop(0).cancel()  # a free slot: the waiting submit goes through
+            # Each try costs a request of a small budget (RATE, BURST): try a few times a second.
+            reply = _until(
+                lambda: _submit_or_none(stub, request, op), "a stream slot for the submit"
+            )
+            assert reply.results[0].state == pb.COMMAND_STATE_PENDING and not reply.final
+        finally:
+            for call in held:
+                call.cancel()
+
+
+def _submit_or_none(
+    stub: pb_grpc.ControlServiceStub, request: pb.SubmitCommandsRequest, tok: str
+) -> pb.SubmitCommandsResponse | None:
+    time.sleep(0.25)
+    try:
+        reply: pb.SubmitCommandsResponse = stub.SubmitCommands(
+            request, metadata=bearer(tok), timeout=5
+        )
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # type: ignore[attr-defined]
+            raise
+        return None
+    return reply
+
+
 # --------------------------------------------------------------------------- nodes
 
 

@@ -192,3 +192,80 @@ def test_dispatch_target_ignores_other_nodes_of_the_server(
     assert foreign.stop() == 0
     final = [line for line in foreign.log().splitlines() if line.startswith("final ")]
     assert final and " cmds=0 " in final[-1], foreign.log()
+
+
+def test_roundtrip_spawn_baseline_before(tmp_path: Path) -> None:
+    """One command in flight through a nexus-node child: submit-and-wait, the path before
+    issue 11, the echo and the synced-commit baselines, and their ratios."""
+    stdout, doc = bench(
+        tmp_path,
+        "roundtrip",
+        "--spawn",
+        "--baseline",
+        "--before",
+        "--count",
+        "25",
+        "--warmup",
+        "3",
+        timeout=60,
+    )
+    ours = doc["results"][0]
+    assert ours["unit"] == "round trips/s" and ours["errors"] == 0 and ours["count"] == 25
+    assert ours["latency"]["round trip"]["count"] == 25
+    assert ours["extra"]["rpcs_per_round_trip"] == 1 and ours["extra"]["node_hold_ms"] == 0
+    assert ours["extra"]["server_mean_ms"]["submit->dispatch (server)"] > 0
+    names = [m["name"] for m in doc["baseline"]]
+    assert names == [
+        "nexus_fast: Submit then WaitCommands",
+        "before: 2 ms node hold, Submit then Wait",
+        "grpc.aio unary echo",
+        "LMDB synced commit (1 put, 1 fsync)",
+    ]
+    assert all(m["errors"] == 0 and m["count"] > 0 for m in doc["baseline"])
+    assert doc["baseline"][1]["extra"]["node_hold_ms"] == 2.0
+    ratios = {r["name"]: r["value"] for r in doc["ratios"]}
+    assert {"p50 now / before", "p50 round trip / p50 echo"} <= set(ratios)
+    assert all(v and v > 0 for v in ratios.values())
+    assert "where the time goes" in stdout
+
+
+@pytest.mark.once
+def test_roundtrip_peers_or_a_clear_install_message(tmp_path: Path) -> None:
+    """With the peers extra: Ray and Celery run the same round trip, tiny counts, and the
+    ratios print. Without it: exit 2 and one line saying what to install."""
+    from nexus_fast.benchmark.peers import missing
+
+    why = missing(["ray", "celery"])
+    argv = ["roundtrip", "--spawn", "--count", "10", "--warmup", "2", "--peers", "ray,celery"]
+    if why is not None:
+        proc = run_module("nexus_fast.benchmark.cli", *argv, timeout=30)
+        assert proc.returncode == 2
+        assert why in proc.stderr and ("install '.[peers]'" in why or "redis-server" in why)
+        return
+    _, doc = bench(tmp_path, *argv, "--peer-count", "10", timeout=240)
+    peers = {m["extra"]["peer"]: m for m in doc["baseline"]}
+    assert set(peers) == {"ray", "celery"}
+    for m in doc["baseline"]:
+        assert m["count"] == 10 and m["errors"] == 0 and m["latency"]["round trip"]["count"] == 10
+    ratios = {r["name"]: r for r in doc["ratios"]}
+    assert ratios["p50 / Ray task p50"]["target"] == "<= 0.8"
+    assert ratios["p50 / Celery p50"]["value"] > 0
+    # dispatch --peers: the peer's throughput in the same run, and ours over it.
+    _, doc = bench(
+        tmp_path,
+        "dispatch",
+        "--spawn",
+        "--nodes",
+        "5",
+        "--duration",
+        "1",
+        "--peers",
+        "celery",
+        "--peer-count",
+        "20",
+        timeout=120,
+    )
+    [celery] = doc["baseline"]
+    assert celery["unit"] == "tasks/s" and celery["count"] == 20 and celery["throughput"] > 0
+    [ratio] = [r for r in doc["ratios"] if "Celery" in r["name"]]
+    assert ratio["target"] == ">= 10" and ratio["value"] > 0

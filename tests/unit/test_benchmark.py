@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nexus_fast.benchmark import cli
+from nexus_fast.benchmark import cli, peers
 from nexus_fast.benchmark.common import keep_alive
 from nexus_fast.benchmark.histogram import (
     MAX_NS,
@@ -331,6 +331,11 @@ def test_arrival_clock_times_this_runs_first_attempts() -> None:
         (["heartbeat", "--spawn", "--nodes", "3", "--client-procs", "4"], "more than --nodes"),
         (["events", "--spawn", "--subscribers", "1", "--client-procs", "2"], "--subscribers"),
         (["heartbeat", "--spawn", "--client-procs", "0"], "positive integer"),
+        (["roundtrip"], "needs --target"),
+        (["roundtrip", "--spawn", "--peers", "ray,dask"], "subset of ray,celery"),
+        (["roundtrip", "--spawn", "--rate", "5"], "unrecognized arguments: --rate"),
+        (["heartbeat", "--spawn", "--peers", "ray"], "unrecognized arguments: --peers"),
+        (["roundtrip", "--spawn", "--warmup", "-1"], "--warmup must be >= 0"),
     ],
 )
 def test_cli_rejects(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -487,3 +492,34 @@ def test_cpu_ratio_compares_throughput_per_server_cpu_second() -> None:
     assert "1,800 / 1,500 messages per server CPU-second" in r.definition
     base.server_cpu = None
     assert cpu_ratio("x / y", ours, base, "t").value is None
+
+
+def test_roundtrip_defaults_and_peer_parsing() -> None:
+    args = cli.parse_args(["roundtrip", "--spawn"])
+    assert (args.concurrency, args.warmup, args.before, args.peers) == (1, 50, False, None)
+    assert peers.parse_peers("celery, ray,celery") == ["celery", "ray"]
+
+
+def test_missing_peers_name_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever this machine has installed: a missing module names `pip install '.[peers]'`,
+    a missing redis-server names the Debian package."""
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
+    why = peers.missing(["ray", "celery"])
+    assert why is not None and "pip install '.[peers]'" in why
+    assert "missing: ray, celery, redis" in why
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(peers.shutil, "which", lambda name: None)
+    why = peers.missing(["celery"])
+    assert why is not None and "apt-get install redis-server" in why
+    assert peers.missing(["ray"]) is None
+
+
+def test_peers_without_the_extra_exit_2_with_the_install_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
+    for scenario in ("roundtrip", "dispatch"):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_args([scenario, "--spawn", "--peers", "ray"])
+        assert exc.value.code == 2
+        assert "pip install '.[peers]'" in capsys.readouterr().err

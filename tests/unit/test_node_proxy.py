@@ -647,3 +647,77 @@ def test_node_runs_on_a_context_without_a_fleet() -> None:
         assert recorded == [(spec.node_id, "x1", True)]
 
     asyncio.run(scenario())
+
+
+def test_zero_duration_command_sends_ack_and_result_in_one_message(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        _fleet, node = _node(tmp_path, "--exec-duration", "0")
+        node.handle_control(pb.ControlMessage(commands=[_cmd("z1"), _cmd("z2")]))
+        # No loop turn in between: the results are ready with the acks.
+        msg = node.build_message(heartbeat=False, all_agents=False)
+        assert msg is not None
+        assert [a.command_id for a in msg.acks] == ["z1", "z2"]
+        assert [(r.command_id, r.success) for r in msg.results] == [("z1", True), ("z2", True)]
+        assert node.build_message(heartbeat=False, all_agents=False) is None
+
+    asyncio.run(scenario())
+
+
+class _WriteRecorder:
+    """A Connect call that records writes; ``gate`` (when set) holds each write open."""
+
+    def __init__(self) -> None:
+        self.written: list[pb.NodeMessage] = []
+        self.gate: asyncio.Event | None = None
+
+    async def write(self, msg: pb.NodeMessage) -> None:
+        self.written.append(msg)
+        if self.gate is not None:
+            await self.gate.wait()
+
+
+async def _turns(n: int) -> None:
+    for _ in range(n):
+        await asyncio.sleep(0)
+
+
+def test_writer_sends_at_once_when_idle_and_batches_while_a_write_is_in_flight(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        _fleet, node = _node(tmp_path, "--exec-duration", "0")
+        node.epoch = 1
+        call = _WriteRecorder()
+        writer = asyncio.get_running_loop().create_task(node._writer(call))  # type: ignore[arg-type]
+        await _turns(3)
+        assert len(call.written) == 1  # the first message (identity + heartbeat)
+        # Idle stream: a lone result leaves within a couple of loop turns, not after a hold.
+        node.handle_control(pb.ControlMessage(commands=[_cmd("a")]))
+        await _turns(3)
+        assert len(call.written) == 2
+        assert [r.command_id for r in call.written[1].results] == ["a"]
+        # A write in flight: what arrives meanwhile waits for it and shares the next message.
+        call.gate = asyncio.Event()
+        node.handle_control(pb.ControlMessage(commands=[_cmd("b")]))
+        await _turns(3)
+        assert len(call.written) == 3  # "b" is being written (held open)
+        node.handle_control(pb.ControlMessage(commands=[_cmd("c")]))
+        node.handle_control(pb.ControlMessage(commands=[_cmd("d")]))
+        await _turns(3)
+        assert len(call.written) == 3  # nothing overtakes the write in flight
+        call.gate.set()
+        call.gate = None
+        await _turns(3)
+        assert len(call.written) == 4
+        assert [r.command_id for r in call.written[3].results] == ["c", "d"]
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_coalesce_hold_option_holds_before_sending(tmp_path: Path) -> None:
+    _fleet, node = _node(tmp_path, "--coalesce-hold", "0.002")
+    assert node.ctx.coalesce_hold_s == 0.002
+    _fleet, node = _node(tmp_path)
+    assert node.ctx.coalesce_hold_s == 0.0

@@ -31,6 +31,7 @@ from typing import Any
 
 import grpc
 
+from nexus_fast.benchmark import peers
 from nexus_fast.benchmark.baselines import UNARY_METHOD
 from nexus_fast.benchmark.common import (
     RPC_TIMEOUT,
@@ -576,12 +577,20 @@ async def measure_floor(ctx: Context) -> Measurement:
 
 
 async def run(ctx: Context) -> None:
-    """Measure ours, then (``--baseline``) the unary echo and the floor, and the ratios."""
+    """Measure ours, then (``--baseline``) the unary echo and the floor, (``--peers``) Ray
+    and Celery throughput, and the ratios."""
     args = ctx.args
     ours = await measure_ours(ctx)
     ctx.report.results.append(ours)
-    if not args.baseline or ctx.stopping():
-        return
+    if args.baseline and not ctx.stopping():
+        await _baselines(ctx, ours)
+    if args.peers:
+        await peers.throughput_ratios(ctx, ours)
+
+
+async def _baselines(ctx: Context, ours: Measurement) -> None:
+    """The unary echo and the dispatch floor, and our ratios to them."""
+    args = ctx.args
     base = await measure_baseline(ctx)
     ctx.report.baseline.append(base)
     limit = base.throughput * args.batch_size
