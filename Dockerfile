@@ -23,11 +23,12 @@ COPY _ext _ext
 COPY nexus_fast nexus_fast
 RUN --mount=type=cache,target=/root/.cache/pip sh deploy/install.sh build /wheels
 
-# ---- runtime stage: no compiler, no build tools; the locked wheels only.
+# ---- runtime stage: no compiler, no build tools; the locked wheels (hash-checked) only.
 FROM ${BASE}
 COPY --from=build /wheels /wheels
 COPY deploy/install.sh /tmp/install.sh
-RUN PIP_NO_CACHE_DIR=1 sh /tmp/install.sh runtime /wheels && rm -rf /wheels /tmp/install.sh
+RUN --mount=type=cache,target=/root/.cache/pip \
+    sh /tmp/install.sh runtime /wheels && rm -rf /wheels /tmp/install.sh
 RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/nexus-fast --no-create-home \
         --shell /usr/sbin/nologin nexus \
  && install -d -o nexus -g nexus -m 0700 /var/lib/nexus-fast

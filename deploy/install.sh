@@ -4,11 +4,11 @@
 # there). PYTHON picks the interpreter (default python3).
 #
 #   deploy/install.sh build WHEELS     build stage, from the source tree: the pinned build
-#                                      tools, the nexus-fast wheel (Cython hot paths compiled;
-#                                      no compiler fails here) and the locked dependencies'
-#                                      wheels, hash-checked, into WHEELS
-#   deploy/install.sh runtime WHEELS   runtime stage: exactly the locked set from WHEELS, no
-#                                      index, hashes checked again, then nexus-fast; fails
+#                                      tools (requirements-build.lock), then the nexus-fast
+#                                      wheel with its Cython hot paths compiled (no compiler
+#                                      fails here), into WHEELS with requirements.lock
+#   deploy/install.sh runtime WHEELS   runtime stage: exactly the locked wheels, each checked
+#                                      against its sha256, then nexus-fast from WHEELS; fails
 #                                      unless every compiled hot path imports
 set -eu
 PYTHON=${PYTHON:-python3}
@@ -24,12 +24,11 @@ build)
     mkdir -p "$wheels"
     # No build isolation: the build uses the pinned tools just installed, nothing unpinned.
     pip wheel --no-deps --no-build-isolation --wheel-dir "$wheels" "$src"
-    # Wheels only, so the runtime stage can check the same hashes PyPI published.
-    pip download --require-hashes --only-binary=:all: --dest "$wheels" -r "$src/requirements.lock"
     cp "$src/requirements.lock" "$wheels/"
     ;;
 runtime)
-    pip install --no-index --find-links "$wheels" --require-hashes -r "$wheels/requirements.lock"
+    # Wheels only: what PyPI published for this platform, the hashes the lock records.
+    pip install --require-hashes --only-binary=:all: -r "$wheels/requirements.lock"
     pip install --no-index --no-deps "$wheels"/nexus_fast-*.whl
     pip check
     NEXUS_REQUIRE_EXTENSIONS=1 "$PYTHON" -c 'import nexus_fast; print("hot paths:", nexus_fast.implementation())'
