@@ -29,6 +29,7 @@ import pytest
 from nexus_fast.benchmark.procs import free_ports
 from tests.deploy_files import (
     REPO,
+    Instruction,
     dockerfile_stages,
     exec_form,
     install_steps,
@@ -51,11 +52,16 @@ def _clean_env() -> dict[str, str]:
 
 
 def _ignored(rel: str, patterns: list[str]) -> bool:
-    return any(
-        fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(rel, p.removeprefix("**/"))
-        or fnmatch.fnmatch(Path(rel).name, p.removeprefix("**/"))
-        for p in patterns
-    )  # fmt: skip
+    """Docker's rule, for the patterns .dockerignore uses: a matched directory takes its files."""
+    parts = rel.split("/")
+    for i in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:i])
+        for pattern in patterns:
+            if fnmatch.fnmatch(prefix, pattern):
+                return True
+            if pattern.startswith("**/") and fnmatch.fnmatch(parts[i - 1], pattern[3:]):
+                return True
+    return False
 
 
 def build_context(dest: Path) -> None:
@@ -79,6 +85,16 @@ def build_context(dest: Path) -> None:
                     continue
                 (dest / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, dest / rel)
+
+
+def copied_in(stage: list[Instruction], dest: str) -> Path:
+    """The context file a stage's ``COPY SOURCE DEST`` put at ``dest``."""
+    (source,) = [
+        i.args.split()[0]
+        for i in stage
+        if i.keyword == "COPY" and not i.args.startswith("--") and i.args.split()[-1] == dest
+    ]
+    return REPO / source
 
 
 def run_step(python: Path, script: Path, args: list[str], env: dict[str, str], cwd: Path) -> str:
@@ -130,9 +146,9 @@ def test_image_install_steps_then_probes(tmp_path: Path) -> None:
         run_step(build_python, context / build_step.script, wheels_dir(build_step.args),
                  build_step.env, context)  # fmt: skip
         python = runtime_venv.result()
-    # The runtime stage runs the same script, copied in from the context.
-    out = run_step(python, context / "deploy" / "install.sh", wheels_dir(runtime_step.args),
-                   runtime_step.env, tmp_path)  # fmt: skip
+    # The runtime stage runs the script it COPYs in from the context.
+    out = run_step(python, copied_in(runtime_stage, runtime_step.script),
+                   wheels_dir(runtime_step.args), runtime_step.env, tmp_path)  # fmt: skip
     assert "hot paths: {'ring': 'c', 'queue': 'c', 'scoring': 'c'}" in out
     bin_dir = python.parent
     # Build tools stayed in the build stage.
@@ -221,7 +237,7 @@ def test_image_install_steps_then_probes(tmp_path: Path) -> None:
         # the file, and follows NEXUS_HTTP_PORT like the server would.
         (health,) = [i.args for i in runtime_stage if i.keyword == "HEALTHCHECK"]
         check = exec_form(health.partition(" CMD ")[2])
-        check_argv = [str(python), str(context / "deploy" / "healthcheck.py"), *check[2:]]
+        check_argv = [str(python), str(copied_in(runtime_stage, check[1])), *check[2:]]
         check_argv[check_argv.index("--config") + 1] = str(config)
         assert subprocess.run(check_argv, env=_clean_env(), timeout=30).returncode == 0
         (elsewhere,) = free_ports(1)
