@@ -29,7 +29,8 @@ COPY --from=build /wheels /wheels
 COPY deploy/install.sh /tmp/install.sh
 RUN --mount=type=cache,target=/root/.cache/pip \
     sh /tmp/install.sh runtime /wheels && rm -rf /wheels /tmp/install.sh
-RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/nexus-fast --no-create-home \
+RUN groupadd --system --gid 10001 nexus \
+ && useradd --system --uid 10001 --gid nexus --home-dir /var/lib/nexus-fast --no-create-home \
         --shell /usr/sbin/nologin nexus \
  && install -d -o nexus -g nexus -m 0700 /var/lib/nexus-fast
 COPY configs/production.toml /etc/nexus-fast/nexus.toml
