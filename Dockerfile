@@ -16,7 +16,7 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY requirements.lock requirements-build.lock pyproject.toml setup.py README.md LICENSE ./
+COPY requirements-build.lock pyproject.toml setup.py README.md LICENSE ./
 COPY deploy/install.sh deploy/install.sh
 COPY proto proto
 COPY _ext _ext
@@ -25,10 +25,12 @@ RUN --mount=type=cache,target=/root/.cache/pip sh deploy/install.sh build /wheel
 
 # ---- runtime stage: no compiler, no build tools; the locked wheels (hash-checked) only.
 FROM ${BASE}
+# The dependencies first: their layer is rebuilt only when the lock changes, and BuildKit
+# installs them while the build stage compiles.
+COPY requirements.lock deploy/install.sh /tmp/
+RUN --mount=type=cache,target=/root/.cache/pip sh /tmp/install.sh deps /tmp/requirements.lock
 COPY --from=build /wheels /wheels
-COPY deploy/install.sh /tmp/install.sh
-RUN --mount=type=cache,target=/root/.cache/pip \
-    sh /tmp/install.sh runtime /wheels && rm -rf /wheels /tmp/install.sh
+RUN sh /tmp/install.sh app /wheels && rm -rf /wheels /tmp/install.sh /tmp/requirements.lock
 RUN groupadd --system --gid 10001 nexus \
  && useradd --system --uid 10001 --gid nexus --home-dir /var/lib/nexus-fast --no-create-home \
         --shell /usr/sbin/nologin nexus \

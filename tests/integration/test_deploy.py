@@ -87,14 +87,17 @@ def build_context(dest: Path) -> None:
                 shutil.copy2(path, dest / rel)
 
 
-def copied_in(stage: list[Instruction], dest: str) -> Path:
-    """The context file a stage's ``COPY SOURCE DEST`` put at ``dest``."""
-    (source,) = [
-        i.args.split()[0]
-        for i in stage
-        if i.keyword == "COPY" and not i.args.startswith("--") and i.args.split()[-1] == dest
-    ]
-    return REPO / source
+def copied_in(stage: list[Instruction], dest: str) -> Path | None:
+    """The context file a stage's ``COPY SOURCE... DEST`` put at ``dest`` (None: not copied)."""
+    for ins in stage:
+        if ins.keyword != "COPY" or ins.args.startswith("--"):
+            continue
+        *sources, target = ins.args.split()
+        for source in sources:
+            placed = target + Path(source).name if target.endswith("/") else target
+            if placed == dest:
+                return REPO / source
+    return None
 
 
 def run_step(python: Path, script: Path, args: list[str], env: dict[str, str], cwd: Path) -> str:
@@ -133,22 +136,37 @@ def test_image_install_steps_then_probes(tmp_path: Path) -> None:
     build_context(context)
     build_stage, runtime_stage = dockerfile_stages()
     (build_step,) = install_steps(build_stage)
-    (runtime_step,) = install_steps(runtime_stage)
+    deps_step, app_step = install_steps(runtime_stage)
 
-    def wheels_dir(args: list[str]) -> list[str]:
-        return [str(wheels) if a == "/wheels" else a for a in args]
+    def local_args(stage: list[Instruction], args: list[str]) -> list[str]:
+        """/wheels is a temporary directory; a file the stage COPYs in is its context file."""
+        return [str(wheels) if a == "/wheels" else str(copied_in(stage, a) or a) for a in args]
 
-    # Each stage starts from a bare Python; the runtime venv is made while the build runs.
-    with ThreadPoolExecutor(2) as pool:
-        runtime_venv = pool.submit(make_venv, tmp_path / "runtime")
-        build_python = make_venv(tmp_path / "build")
+    def build() -> None:
+        python = make_venv(tmp_path / "build")
         # WORKDIR /src: the build stage's script path is relative to the context.
-        run_step(build_python, context / build_step.script, wheels_dir(build_step.args),
+        run_step(python, context / build_step.script, local_args(build_stage, build_step.args),
                  build_step.env, context)  # fmt: skip
-        python = runtime_venv.result()
-    # The runtime stage runs the script it COPYs in from the context.
-    out = run_step(python, copied_in(runtime_stage, runtime_step.script),
-                   wheels_dir(runtime_step.args), runtime_step.env, tmp_path)  # fmt: skip
+
+    def runtime_deps() -> Path:
+        python = make_venv(tmp_path / "runtime")
+        script = copied_in(runtime_stage, deps_step.script)
+        assert script is not None, deps_step.script
+        run_step(python, script, local_args(runtime_stage, deps_step.args), deps_step.env,
+                 tmp_path)  # fmt: skip
+        return python
+
+    # Each stage starts from a bare Python. The runtime stage's dependency step needs nothing
+    # from the build stage (it comes before COPY --from=build), so, as under BuildKit, the
+    # two run at once.
+    with ThreadPoolExecutor(2) as pool:
+        runtime = pool.submit(runtime_deps)
+        build()
+        python = runtime.result()
+    script = copied_in(runtime_stage, app_step.script)
+    assert script is not None, app_step.script
+    out = run_step(python, script, local_args(runtime_stage, app_step.args), app_step.env,
+                   tmp_path)  # fmt: skip
     assert "hot paths: {'ring': 'c', 'queue': 'c', 'scoring': 'c'}" in out
     bin_dir = python.parent
     # Build tools stayed in the build stage.
@@ -238,6 +256,7 @@ def test_image_install_steps_then_probes(tmp_path: Path) -> None:
         (health,) = [i.args for i in runtime_stage if i.keyword == "HEALTHCHECK"]
         check = exec_form(health.partition(" CMD ")[2])
         check_argv = [str(python), str(copied_in(runtime_stage, check[1])), *check[2:]]
+        assert check_argv[1] != "None", check[1]
         check_argv[check_argv.index("--config") + 1] = str(config)
         assert subprocess.run(check_argv, env=_clean_env(), timeout=30).returncode == 0
         (elsewhere,) = free_ports(1)

@@ -60,17 +60,24 @@ def test_build_stage_compiles_runtime_stage_installs_wheels() -> None:
     build, runtime = dockerfile_stages()
     assert build[0].args.endswith(" AS build")
     (build_step,) = install_steps(build)
-    (runtime_step,) = install_steps(runtime)
+    deps_step, app_step = install_steps(runtime)
     assert build_step.args == ["build", "/wheels"]
-    assert runtime_step.args == ["runtime", "/wheels"]
-    assert any(i.keyword == "COPY" and i.args == "--from=build /wheels /wheels" for i in runtime)
+    assert deps_step.args == ["deps", "/tmp/requirements.lock"]
+    assert app_step.args == ["app", "/wheels"]
+    # The dependencies install before (and so without) anything from the build stage.
+    runs = [i.args for i in runtime]
+    from_build = runs.index("--from=build /wheels /wheels")
+    assert runs.index(next(a for a in runs if "install.sh deps" in a)) < from_build
+    assert runs.index(next(a for a in runs if "install.sh app" in a)) > from_build
     # The compiler and the build tools stay in the build stage.
     assert any("gcc" in i.args for i in build if i.keyword == "RUN")
     assert not any("gcc" in i.args or "apt-get" in i.args for i in runtime if i.keyword == "RUN")
-    # The build stage copies the lock files its install step reads.
-    copied = " ".join(i.args for i in build if i.keyword == "COPY")
-    for name in ("requirements.lock", "requirements-build.lock", "deploy/install.sh"):
-        assert name in copied, name
+    # Each stage copies the lock file its install step reads.
+    build_copies = " ".join(i.args for i in build if i.keyword == "COPY")
+    runtime_copies = " ".join(i.args for i in runtime if i.keyword == "COPY")
+    for name in ("requirements-build.lock", "deploy/install.sh"):
+        assert name in build_copies, name
+    assert "requirements.lock" in runtime_copies.split()
 
 
 def _runtime(keyword: str) -> list[str]:
