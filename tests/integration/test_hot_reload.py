@@ -1,0 +1,306 @@
+"""Hot reload against the real server: the config file changed (watched) or SIGHUP.
+
+Live keys apply without a restart and the behaviour shows it (a DEBUG line appears, a
+command gets the new default timeout); a restart-only key is named and kept; a broken file
+is refused with the start-up's one-line error while the server keeps serving; a rotated TLS
+certificate is what a new connection gets on every port; the log file rotates into
+``max_files`` files.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+from nexus_fast.security.tools import cert_pem, issue_certificate, key_pem
+
+from .conftest import HOST, REPO, ServerProcess, http_get
+
+BASE = """\
+[logging]
+level = "{level}"
+
+[commands]
+default_timeout = "{timeout}"
+
+[server]
+max_connections = {max_connections}
+"""
+
+
+def write_config(path: Path, level: str = "info", timeout: str = "30s", conns: int = 10000) -> None:
+    # Write then rename, as editors and config management do: never a half-written file.
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(BASE.format(level=level, timeout=timeout, max_connections=conns))
+    tmp.replace(path)
+
+
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def effective(server: ServerProcess) -> dict[str, Any]:
+    status, body, _ = server.http("/api/v1/config")
+    assert status == 200, body
+    config: dict[str, Any] = json.loads(body)["config"]
+    return config
+
+
+def log_lines(server: ServerProcess) -> list[dict[str, Any]]:
+    text = server.log_path.read_text(errors="replace")
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def lines_matching(server: ServerProcess, msg: str) -> list[dict[str, Any]]:
+    return [line for line in log_lines(server) if msg in line["msg"]]
+
+
+def ws_connect_once(server: ServerProcess) -> None:
+    """Open and close one WebSocket connection (logged at DEBUG by the server)."""
+    from websockets.sync.client import connect
+
+    with connect(server.ws_url(), open_timeout=5):
+        pass
+
+
+def submitted_timeout_ms(server: ServerProcess) -> int:
+    """Submit a command naming no timeout; the server fills in its default."""
+    with server.channel() as channel:
+        reply = pb_grpc.ControlServiceStub(channel).SubmitCommands(
+            pb.SubmitCommandsRequest(commands=[pb.CommandSpec(kind="echo")]), timeout=10
+        )
+    status, body, _ = server.http(f"/api/v1/commands/{reply.results[0].id}")
+    assert status == 200, body
+    return int(json.loads(body)["spec"]["timeout_ms"])
+
+
+def reload_events(server: ServerProcess) -> list[dict[str, Any]]:
+    status, body, _ = server.http("/api/v1/events?topics=system&limit=100")
+    assert status == 200, body
+    events = json.loads(body)["events"]
+    return [e for e in events if e["type"] == "config.reloaded"]
+
+
+def test_config_file_change_applies_live_keys_and_names_restart_keys(
+    server_factory: type, tmp_path: Path
+) -> None:
+    config = tmp_path / "nexus.toml"
+    write_config(config)
+    server: ServerProcess = server_factory.create(config=config).start()
+    before = effective(server)
+    assert before["commands"]["default_timeout"] == {
+        "value": 30.0,
+        "source": "file",
+        "from": str(config),
+    }
+    assert before["server"]["grpc_port"]["source"] == "command line"
+    assert before["logging"]["format"] == {
+        "value": "json",
+        "source": "env",
+        "from": "NEXUS_LOG_FORMAT",
+    }
+    assert submitted_timeout_ms(server) == 30_000
+    ws_connect_once(server)
+    assert not lines_matching(server, "websocket client"), "DEBUG line at level info"
+
+    # Live keys: the log level and a timeout; and one key that needs a restart.
+    write_config(config, level="debug", timeout="7s", conns=500)
+    wait_for("the reload", lambda: effective(server)["commands"]["default_timeout"]["value"] == 7)
+    assert submitted_timeout_ms(server) == 7_000
+    ws_connect_once(server)
+    wait_for("a DEBUG line", lambda: lines_matching(server, "websocket client"))
+    restart = lines_matching(server, "need a restart")
+    assert len(restart) == 1 and restart[0]["keys"] == ["server.max_connections"]
+    assert effective(server)["server"]["max_connections"]["value"] == 10000  # kept
+    events = reload_events(server)
+    assert events, "no config.reloaded event"
+    payload = events[-1]["payload"]
+    assert set(payload["changed"]) == {"logging.level", "commands.default_timeout"}
+    assert payload["restart_required"] == ["server.max_connections"]
+    assert payload["trigger"] == "file change"
+
+    # A broken file: the start-up's one-line error, and the running config stays.
+    config.write_text(BASE.format(level="debug", timeout="-5s", max_connections=500))
+    start_up = subprocess.run(
+        [sys.executable, "-m", "nexus_fast.cli", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert start_up.returncode == 2
+    expected = start_up.stderr.strip().removeprefix("nexus-fast: ")
+    rejected = wait_for("the rejection", lambda: lines_matching(server, expected))
+    assert rejected[0]["level"] == "error" and rejected[0]["kept"] == "running configuration"
+    assert "\n" not in expected and "default_timeout" in expected
+    assert effective(server)["commands"]["default_timeout"]["value"] == 7
+    assert server.http("/ready")[0] == 200
+    assert submitted_timeout_ms(server) == 7_000
+    assert server.stop() == 0
+
+
+def test_sighup_reloads_a_file_the_watcher_does_not_see(
+    server_factory: type, tmp_path: Path
+) -> None:
+    # The server watches the directory of the path it was given; the file behind this
+    # symlink lives elsewhere, so only SIGHUP can make the server read the change.
+    real = tmp_path / "real" / "nexus.toml"
+    real.parent.mkdir()
+    write_config(real)
+    link = tmp_path / "conf" / "nexus.toml"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    server: ServerProcess = server_factory.create(config=link).start()
+    write_config(real, level="debug", timeout="9s")
+    time.sleep(0.5)
+    assert effective(server)["commands"]["default_timeout"]["value"] == 30  # not seen
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for("the reload", lambda: effective(server)["commands"]["default_timeout"]["value"] == 9)
+    assert effective(server)["logging"]["level"]["value"] == "debug"
+    assert submitted_timeout_ms(server) == 9_000
+    assert reload_events(server)[-1]["payload"]["trigger"] == "SIGHUP"
+    assert server.stop() == 0
+
+
+def _issue(tmp: Path, ca: Any, name: str) -> None:
+    cert, key = issue_certificate("127.0.0.1", ca, server=True)
+    (tmp / f"{name}.pem").write_bytes(cert_pem(cert))
+    (tmp / f"{name}.key").write_bytes(key_pem(key))
+
+
+def served_serial(port: int, ca: Path, alpn: str | None = None) -> int:
+    """Serial number of the certificate a new TLS connection to ``port`` is handshaken with."""
+    context = ssl.create_default_context(cafile=str(ca))
+    if alpn:
+        context.set_alpn_protocols([alpn])
+    with (
+        socket.create_connection((HOST, port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=HOST) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_tls_certificate_rotation_reaches_new_connections(
+    server_factory: type, tmp_path: Path
+) -> None:
+    ca = issue_certificate("reload-test-ca", None)
+    (tmp_path / "ca.pem").write_bytes(cert_pem(ca[0]))
+    _issue(tmp_path, ca, "old")
+    _issue(tmp_path, ca, "new")
+    serial = {
+        name: x509.load_pem_x509_certificate((tmp_path / f"{name}.pem").read_bytes()).serial_number
+        for name in ("old", "new")
+    }
+    live_cert, live_key = tmp_path / "server.pem", tmp_path / "server.key"
+    live_cert.write_bytes((tmp_path / "old.pem").read_bytes())
+    live_key.write_bytes((tmp_path / "old.key").read_bytes())
+    config = tmp_path / "nexus.toml"
+    config.write_text(
+        "[security]\ntls_enabled = true\nhttp_tls = true\n"
+        f'tls_cert_file = "{live_cert}"\ntls_key_file = "{live_key}"\n'
+    )
+    ca_file = tmp_path / "ca.pem"
+    server = start_tls(server_factory.create(config=config), ca_file)
+    ports = {"grpc": server.grpc_port, "websocket": server.ws_port, "http": server.http_port}
+    alpn = {"grpc": "h2", "websocket": None, "http": None}
+    for name, port in ports.items():
+        assert served_serial(port, ca_file, alpn[name]) == serial["old"], name
+    # An open gRPC connection made before the rotation keeps working after it.
+    channel = grpc.secure_channel(
+        server.grpc_target, grpc.ssl_channel_credentials(ca_file.read_bytes())
+    )
+    pb_grpc.ControlServiceStub(channel).ListNodes(pb.ListNodesRequest(), timeout=5)
+
+    # Rotate: new key first, then the certificate (the watcher sees the files change; a
+    # half-rotated pair is refused and the old one stays until the pair matches).
+    live_key.write_bytes((tmp_path / "new.key").read_bytes())
+    live_cert.write_bytes((tmp_path / "new.pem").read_bytes())
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGHUP)  # in case the watcher saw only the first write
+    for name, port in ports.items():
+        wait_for(
+            f"the new certificate on {name}",
+            lambda port=port, name=name: served_serial(port, ca_file, alpn[name]) == serial["new"],
+        )
+    pb_grpc.ControlServiceStub(channel).ListNodes(pb.ListNodesRequest(), timeout=5)
+    channel.close()
+    events = reload_events_tls(server, ca_file)
+    assert any("security.tls_cert_file" in e["payload"]["changed"] for e in events)
+    assert server.stop() == 0
+
+
+def start_tls(server: ServerProcess, ca: Path, timeout: float = 30.0) -> ServerProcess:
+    """Start a TLS server made without the test PKI: readiness asked over HTTPS with ``ca``."""
+    with server.log_path.open("ab") as log:
+        server.proc = subprocess.Popen(
+            server.command(), stdout=log, stderr=subprocess.STDOUT, env=server.env(), cwd=REPO
+        )
+    context = ssl.create_default_context(cafile=str(ca))
+    url = f"https://{HOST}:{server.http_port}/ready"
+    wait_for("readiness", lambda: _ready(url, context, server), timeout)
+    return server
+
+
+def _ready(url: str, context: ssl.SSLContext, server: ServerProcess) -> bool:
+    assert server.proc is not None
+    if server.proc.poll() is not None:
+        raise AssertionError(f"server exited:\n{server.log()}")
+    try:
+        return http_get(url, 2, context)[0] == 200
+    except OSError:
+        return False
+
+
+def reload_events_tls(server: ServerProcess, ca: Path) -> list[dict[str, Any]]:
+    context = ssl.create_default_context(cafile=str(ca))
+    url = f"https://{HOST}:{server.http_port}/api/v1/events?topics=system&limit=100"
+    status, body, _ = http_get(url, 5, context)
+    assert status == 200, body
+    return [e for e in json.loads(body)["events"] if e["type"] == "config.reloaded"]
+
+
+def test_log_file_rotates_into_max_files(server_factory: type, tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "nexus.log"
+    log_file.parent.mkdir()
+    config = tmp_path / "nexus.toml"
+    config.write_text(
+        f'[logging]\nlevel = "debug"\nfile = "{log_file}"\n'
+        'file_rotation = "size"\nmax_file_size = "1KB"\nmax_files = 3\n'
+    )
+    server: ServerProcess = server_factory.create(config=config).start()
+    for _ in range(20):  # two DEBUG lines each, ~120 bytes a line
+        ws_connect_once(server)
+    assert server.stop() == 0
+    files = sorted(p.name for p in log_file.parent.iterdir())
+    assert files == ["nexus.log", "nexus.log.1", "nexus.log.2"]
+    for path in log_file.parent.iterdir():
+        lines = path.read_text().splitlines()
+        assert lines, path
+        for line in lines:
+            assert json.loads(line)["component"]  # one whole event per line
+        # A file rolls over before the line that would take it past max_file_size.
+        assert path.stat().st_size <= 1024 or len(lines) == 1, path
+    # The lines went to the file, not to stderr.
+    assert not [line for line in server.log().splitlines() if line.startswith("{")]
