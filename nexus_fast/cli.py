@@ -115,9 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nexus-fast: {exc}", file=sys.stderr)
         return 2
 
+    import signal
+
     import uvloop
 
     from nexus_fast.server import run
+
+    # A SIGHUP before the server is ready reloads nothing and must not kill it (the default).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     return uvloop.run(run(config, args.config, overrides))
 

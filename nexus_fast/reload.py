@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from nexus_fast.core.nodes import Session
     from nexus_fast.server import NexusServer
 
-__all__ = ["LIVE_KEYS", "ConfigReloader", "apply_logging", "changed_keys"]
+__all__ = ["LIVE_KEYS", "ConfigReloader", "apply_logging", "changed_keys", "classify", "merge"]
 
 log = get_logger("config")
 
@@ -101,6 +101,27 @@ def changed_keys(old: Config, new: Config) -> list[str]:
     return keys
 
 
+def classify(old: Config, new: Config, limits_live: bool) -> tuple[list[str], list[str]]:
+    """The keys changed from ``old`` to ``new``: ``(applied now, need a restart)``.
+
+    ``limits_live``: the server charges limits (they were on at start), so new ones apply.
+    TLS files apply when TLS was on at start and mTLS is neither turned on nor off.
+    """
+    tls_live = old.security.tls_enabled and (
+        bool(old.security.tls_ca_file) == bool(new.security.tls_ca_file)
+    )
+    live: list[str] = []
+    restart: list[str] = []
+    for key in changed_keys(old, new):
+        ok = key in LIVE_KEYS
+        if key == "security.limits":
+            ok = limits_live
+        elif key in _TLS_FILES:
+            ok = tls_live
+        (live if ok else restart).append(key)
+    return live, restart
+
+
 def apply_logging(config: Config) -> None:
     """Configure logging from ``[logging]``; a log file that cannot be opened is a ConfigError."""
     cfg = config.logging
@@ -121,7 +142,7 @@ def apply_logging(config: Config) -> None:
         ) from None
 
 
-def _merge(old: Config, new: Config, live: list[str]) -> Config:
+def merge(old: Config, new: Config, live: list[str]) -> Config:
     """``old`` with the ``live`` keys taken from ``new`` (and their sources)."""
     per_section: dict[str, dict[str, Any]] = {}
     for key in live:
@@ -186,13 +207,13 @@ class ConfigReloader:
         """Handle SIGHUP and watch the config file (and the TLS files) from now on."""
         self._tls = tls
         loop = asyncio.get_running_loop()
+        # Kept until the process exits: a SIGHUP while stopping is ignored, not fatal.
         loop.add_signal_handler(signal.SIGHUP, self._spawn, "SIGHUP")
         self._watcher = loop.create_task(self._watch(), name="config-watch")
 
     async def stop(self) -> None:
         """Stop watching; a reload under way finishes first."""
         self._stop.set()
-        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self._watcher is not None:
             self._watcher.cancel()
             await asyncio.gather(self._watcher, return_exceptions=True)
@@ -200,6 +221,8 @@ class ConfigReloader:
             pass
 
     def _spawn(self, trigger: str) -> None:
+        if self._stop.is_set():
+            return
         task = asyncio.get_running_loop().create_task(self.reload(trigger))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -254,8 +277,9 @@ class ConfigReloader:
                 log.error(str(exc), extra={"trigger": trigger, "kept": "running configuration"})
                 return False
             old = self._server.config
-            live, restart = self._classify(old, new, changed_keys(old, new))
-            merged = _merge(old, new, live)
+            security = self._server.security
+            live, restart = classify(old, new, security is not None and security.limits is not None)
+            merged = merge(old, new, live)
             material = None
             if merged.security.tls_enabled:
                 try:
@@ -294,26 +318,6 @@ class ConfigReloader:
                 except Exception:
                     log.exception("could not record config.reloaded")
             return True
-
-    def _classify(
-        self, old: Config, new: Config, changed: list[str]
-    ) -> tuple[list[str], list[str]]:
-        """Split changed keys into those applied now and those that need a restart."""
-        security = self._server.security
-        limits_live = security is not None and security.limits is not None
-        tls_live = old.security.tls_enabled and (
-            bool(old.security.tls_ca_file) == bool(new.security.tls_ca_file)
-        )
-        live: list[str] = []
-        restart: list[str] = []
-        for key in changed:
-            ok = key in LIVE_KEYS
-            if key == "security.limits":
-                ok = limits_live
-            elif key in _TLS_FILES:
-                ok = tls_live
-            (live if ok else restart).append(key)
-        return live, restart
 
     def _apply_tls(self, config: Config, material: TlsMaterial) -> None:
         """New handshakes on every port get ``material`` (open connections keep theirs)."""

@@ -212,13 +212,25 @@ class RateLimiter:
         self.reconfigure(rate, burst, max_keys)
 
     def reconfigure(self, rate: float, burst: float, max_keys: int) -> None:
-        """New rate, burst and key bound; each principal keeps the debt it has (hot reload)."""
+        """New rate, burst and key bound (hot reload).
+
+        Each principal keeps the units it owes, now repaid at the new rate.
+        """
         if rate < 0 or not math.isfinite(rate):
             raise ValueError("rate must be a finite number >= 0")
         if rate > 0 and burst <= 0:
             raise ValueError("burst must be > 0")
         if max_keys < 1:
             raise ValueError("max_keys must be >= 1")
+        old_rate = getattr(self, "rate", 0.0)
+        if not rate:
+            self._tat.clear()
+        elif old_rate and rate != old_rate:
+            now = self._clock()
+            scale = old_rate / rate
+            for principal, tat in self._tat.items():
+                if tat > now:
+                    self._tat[principal] = now + (tat - now) * scale
         self.rate = float(rate)
         self.burst = float(burst)
         self._max_keys = max_keys
