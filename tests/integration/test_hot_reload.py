@@ -21,13 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from cryptography import x509
 
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+from nexus_fast.security.tokens import issue_token
 from nexus_fast.security.tools import cert_pem, issue_certificate, key_pem
 
-from .conftest import HOST, REPO, ServerProcess, http_get
+from .conftest import HOST, REPO, ServerProcess, TestPki, http_get
 
 BASE = """\
 [logging]
@@ -304,3 +306,44 @@ def test_log_file_rotates_into_max_files(server_factory: type, tmp_path: Path) -
         assert path.stat().st_size <= 1024 or len(lines) == 1, path
     # The lines went to the file, not to stderr.
     assert not [line for line in server.log().splitlines() if line.startswith("{")]
+
+
+def test_rate_limits_reload_live(server_factory: type, tmp_path: Path) -> None:
+    config = tmp_path / "nexus.toml"
+    limits = "[security.limits]\nrequests_per_second = {rate}\nburst = {burst}\n"
+    config.write_text(limits.format(rate=1000, burst=2000))
+    server: ServerProcess = server_factory.create(config=config).start()
+    assert all(server.http("/api/v1/nodes")[0] == 200 for _ in range(5))
+    tmp = config.with_suffix(".tmp")
+    tmp.write_text(limits.format(rate=0.1, burst=3))
+    tmp.replace(config)
+    wait_for(
+        "the new limits",
+        lambda: effective(server)["security"]["limits"]["value"]["burst"] == 3,
+    )
+    statuses = [server.http("/api/v1/nodes")[0] for _ in range(6)]
+    assert 429 in statuses, statuses
+    assert server.http("/ready")[0] == 200  # probes are never limited
+    assert server.stop() == 0
+
+
+@pytest.mark.parametrize("auth_mode", ["auth"], indirect=True)
+def test_config_view_is_for_operators_and_shows_no_secret(
+    server_factory: type, tmp_path: Path, test_pki: TestPki
+) -> None:
+    config = tmp_path / "nexus.toml"
+    config.write_text("[security]\nauth_token = 'a-static-secret-token'\n")
+    server: ServerProcess = server_factory.create(config=config).start()
+    status, body, _ = server.http("/api/v1/config")  # as the operator
+    assert status == 200, body
+    sections = json.loads(body)["config"]["security"]
+    assert sections["auth_token"]["value"] == "redacted"
+    assert sections["auth_token"]["source"] == "file"
+    assert sections["jwt_secret_file"]["value"].endswith("jwt.secret")  # the path, not the key
+    assert b"a-static-secret-token" not in body
+    assert test_pki.secret not in body
+    viewer = issue_token("watcher", "viewer", 600, secret=test_pki.secret)
+    url = server.http_base + "/api/v1/config"
+    headers = {"Authorization": f"Bearer {viewer}"}
+    assert http_get(url, 5, test_pki.client_ssl(), headers)[0] == 403
+    assert server.stop() == 0
