@@ -5,8 +5,8 @@ command line's flags); an invalid one is refused with the start-up's one-line er
 running configuration stays. Of a valid one, the keys in :data:`LIVE_KEYS` take effect at
 once (log level and format, limits and timeouts, scheduler weights, retention, RBAC, TLS
 certificates); every other changed key needs a restart: they are named in one WARNING line
-and keep their running values. Each reload that changed something appends a
-``config.reloaded`` system event naming the changed keys (never values).
+and keep their running values. Each accepted reload appends a ``config.reloaded`` system
+event naming the changed keys (never values).
 
 TLS certificates are re-read on every reload (SIGHUP after a rotation is enough, and the
 certificate files are watched too): WSS and HTTPS load the new chain into their contexts,
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final
 from watchfiles import Change, awatch
 
 from nexus_fast.config import Config, ConfigError, load_config
+from nexus_fast.config_view import effective_config
 from nexus_fast.logs import configure_logging, get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.security.layer import check_security
@@ -200,6 +201,15 @@ class ConfigReloader:
         self._sessions = _Sessions()
         server.nodes.listeners.append(self._sessions)
         self.reloads = 0
+        # Changed in the file, still running with the old value until a restart.
+        self.restart_pending: list[str] = []
+
+    def view(self) -> dict[str, object]:
+        """``GET /api/v1/config``: the running configuration and what awaits a restart."""
+        return {
+            **effective_config(self._server.config, self.config_file),
+            "restart_pending": self.restart_pending,
+        }
 
     # ------------------------------------------------------------ lifecycle
 
@@ -303,20 +313,20 @@ class ConfigReloader:
                 return False
             self._apply(merged, live)
             self.reloads += 1
+            self.restart_pending = restart
             if restart:
                 log.warning(
                     "config keys need a restart; left as they were",
                     extra={"keys": restart, "trigger": trigger},
                 )
             log.info("config reloaded", extra={"trigger": trigger, "changed": live})
-            if live or restart:
-                data = {"trigger": trigger, "changed": live, "restart_required": restart}
-                try:
-                    await asyncio.wait_for(
-                        self._server.events.emit_system("config.reloaded", data), 5.0
-                    )
-                except Exception:
-                    log.exception("could not record config.reloaded")
+            data = {"trigger": trigger, "changed": live, "restart_required": restart}
+            try:
+                await asyncio.wait_for(
+                    self._server.events.emit_system("config.reloaded", data), 5.0
+                )
+            except Exception:
+                log.exception("could not record config.reloaded")
             return True
 
     def _apply_tls(self, config: Config, material: TlsMaterial) -> None:

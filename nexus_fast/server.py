@@ -33,7 +33,6 @@ from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
 from nexus_fast.codec.json import agent_to_dict, command_to_dict, node_to_dict
 from nexus_fast.config import Config
-from nexus_fast.config_view import effective_config
 from nexus_fast.core.agents import AgentService, AgentSettings
 from nexus_fast.core.commands import CommandService, CommandSettings
 from nexus_fast.core.events import EventBus
@@ -502,7 +501,7 @@ class NexusServer:
         return time.time() - self.started_at
 
     def effective_config(self) -> dict[str, object]:
-        return effective_config(self.config, self.reloader.config_file)
+        return self.reloader.view()
 
     def health_detail(self) -> dict[str, object]:
         store_ok = self.store.healthy()

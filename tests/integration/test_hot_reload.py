@@ -133,6 +133,9 @@ def test_config_file_change_applies_live_keys_and_names_restart_keys(
     restart = lines_matching(server, "need a restart")
     assert len(restart) == 1 and restart[0]["keys"] == ["server.max_connections"]
     assert effective(server)["server"]["max_connections"]["value"] == 10000  # kept
+    assert json.loads(server.http("/api/v1/config")[1])["restart_pending"] == [
+        "server.max_connections"
+    ]
     events = reload_events(server)
     assert events, "no config.reloaded event"
     payload = events[-1]["payload"]
