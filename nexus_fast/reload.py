@@ -280,54 +280,64 @@ class ConfigReloader:
     async def reload(self, trigger: str) -> bool:
         """Re-read and apply the configuration; False when it was refused."""
         async with self._lock:
-            loop = asyncio.get_running_loop()
             try:
-                new = await loop.run_in_executor(None, self._load)
-            except ConfigError as exc:
-                log.error(str(exc), extra={"trigger": trigger, "kept": "running configuration"})
+                return await self._reload(trigger)
+            except Exception:  # a bug, not a bad file: say so, keep serving
+                log.exception("config reload failed", extra={"trigger": trigger})
                 return False
-            old = self._server.config
-            security = self._server.security
-            live, restart = classify(old, new, security is not None and security.limits is not None)
-            merged = merge(old, new, live)
-            material = None
-            if merged.security.tls_enabled:
-                try:
-                    material = await loop.run_in_executor(None, TlsMaterial.read, merged.security)
-                except (OSError, ValueError) as exc:
-                    detail = f"{exc.strerror} ({exc.filename})" if isinstance(exc, OSError) else exc
-                    log.error(
-                        f"invalid TLS material: {detail}",
-                        extra={"trigger": trigger, "kept": "running configuration"},
-                    )
-                    return False
-                if material != self._tls and not any(k in live for k in _TLS_FILES):
-                    live.append("security.tls_cert_file")  # same paths, new contents
+
+    async def _reload(self, trigger: str) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            new = await loop.run_in_executor(None, self._load)
+        except ConfigError as exc:
+            log.error(str(exc), extra={"trigger": trigger, "kept": "running configuration"})
+            return False
+        old = self._server.config
+        security = self._server.security
+        live, restart = classify(old, new, security is not None and security.limits is not None)
+        merged = merge(old, new, live)
+        material = None
+        if merged.security.tls_enabled:
             try:
-                if material is not None and material != self._tls:
-                    self._apply_tls(merged, material)
-                if any(k.startswith("logging.") for k in live):
-                    apply_logging(merged)
-            except (ConfigError, OSError, ValueError) as exc:
-                log.error(str(exc), extra={"trigger": trigger, "kept": "running configuration"})
+                material = await loop.run_in_executor(None, TlsMaterial.read, merged.security)
+            except (OSError, ValueError) as exc:
+                detail = (
+                    f"{exc.strerror or exc} ({exc.filename})" if isinstance(exc, OSError) else exc
+                )
+                log.error(
+                    f"invalid TLS material: {detail}",
+                    extra={"trigger": trigger, "kept": "running configuration"},
+                )
                 return False
-            self._apply(merged, live)
-            self.reloads += 1
-            self.restart_pending = restart
-            if restart:
-                log.warning(
-                    "config keys need a restart; left as they were",
-                    extra={"keys": restart, "trigger": trigger},
-                )
-            log.info("config reloaded", extra={"trigger": trigger, "changed": live})
-            data = {"trigger": trigger, "changed": live, "restart_required": restart}
-            try:
-                await asyncio.wait_for(
-                    self._server.events.emit_system("config.reloaded", data), 5.0
-                )
-            except Exception:
-                log.exception("could not record config.reloaded")
-            return True
+            if material != self._tls and not any(k in live for k in _TLS_FILES):
+                live.append("security.tls_cert_file")  # same paths, new contents
+        logging_changed = any(k.startswith("logging.") for k in live)
+        try:
+            if logging_changed:
+                apply_logging(merged)  # first: a log file that cannot be opened is common
+            if material is not None and material != self._tls:
+                self._apply_tls(merged, material)
+        except (ConfigError, OSError, ValueError) as exc:
+            if logging_changed and not isinstance(exc, ConfigError):
+                apply_logging(old)  # the TLS files changed under us: undo the new logging
+            log.error(str(exc), extra={"trigger": trigger, "kept": "running configuration"})
+            return False
+        self._apply(merged, live)
+        self.reloads += 1
+        self.restart_pending = restart
+        if restart:
+            log.warning(
+                "config keys need a restart; left as they were",
+                extra={"keys": restart, "trigger": trigger},
+            )
+        log.info("config reloaded", extra={"trigger": trigger, "changed": live})
+        data = {"trigger": trigger, "changed": live, "restart_required": restart}
+        try:
+            await asyncio.wait_for(self._server.events.emit_system("config.reloaded", data), 5.0)
+        except Exception:
+            log.exception("could not record config.reloaded")
+        return True
 
     def _apply_tls(self, config: Config, material: TlsMaterial) -> None:
         """New handshakes on every port get ``material`` (open connections keep theirs)."""
