@@ -10,13 +10,14 @@ certificate is what a new connection gets on every port; the log file rotates in
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -256,19 +257,23 @@ def test_tls_certificate_rotation_reaches_new_connections(
     assert server.stop() == 0
 
 
-def start_tls(server: ServerProcess, ca: Path, timeout: float = 30.0) -> ServerProcess:
-    """Start a TLS server made without the test PKI: readiness asked over HTTPS with ``ca``."""
+def start_tls(
+    server: ServerProcess, ca: Path | None, without_env: tuple[str, ...] = (), timeout: float = 30.0
+) -> ServerProcess:
+    """Start ``server`` without the fixture's ``without_env`` variables (they beat the file);
+    with ``ca``, a TLS server made without the test PKI: readiness asked over HTTPS."""
+    env = {k: v for k, v in server.env().items() if k not in without_env}
     with server.log_path.open("ab") as log:
         server.proc = subprocess.Popen(
-            server.command(), stdout=log, stderr=subprocess.STDOUT, env=server.env(), cwd=REPO
+            server.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
         )
-    context = ssl.create_default_context(cafile=str(ca))
-    url = f"https://{HOST}:{server.http_port}/ready"
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    url = f"{'https' if ca else 'http'}://{HOST}:{server.http_port}/ready"
     wait_for("readiness", lambda: _ready(url, context, server), timeout)
     return server
 
 
-def _ready(url: str, context: ssl.SSLContext, server: ServerProcess) -> bool:
+def _ready(url: str, context: ssl.SSLContext | None, server: ServerProcess) -> bool:
     assert server.proc is not None
     if server.proc.poll() is not None:
         raise AssertionError(f"server exited:\n{server.log()}")
@@ -349,4 +354,37 @@ def test_config_view_is_for_operators_and_shows_no_secret(
     url = server.http_base + "/api/v1/config"
     headers = {"Authorization": f"Bearer {viewer}"}
     assert http_get(url, 5, test_pki.client_ssl(), headers)[0] == 403
+    assert server.stop() == 0
+
+
+def test_connected_nodes_are_told_the_new_heartbeat_interval(
+    server_factory: type, tmp_path: Path
+) -> None:
+    config = tmp_path / "nexus.toml"
+    timing = '[performance]\nheartbeat_interval = "{hb}"\nnode_timeout = "{timeout}"\n'
+    config.write_text(timing.format(hb="5s", timeout="30s"))
+    liveness = ("NEXUS_HEARTBEAT_INTERVAL", "NEXUS_NODE_TIMEOUT")  # the fixture's beat the file
+    server = start_tls(server_factory.create(config=config), None, without_env=liveness)
+    outbound: queue.SimpleQueue[pb.NodeMessage | None] = queue.SimpleQueue()
+
+    def messages() -> Iterator[pb.NodeMessage]:
+        while (message := outbound.get()) is not None:
+            yield message
+
+    with server.channel() as channel:
+        stub = pb_grpc.NodeServiceStub(channel)
+        registered = stub.Register(pb.RegisterRequest(node_id="n1"), timeout=10)
+        assert registered.config.heartbeat_interval_ms == 5000
+        outbound.put(pb.NodeMessage(node_id="n1", session_epoch=registered.session_epoch))
+        stream = stub.Connect(messages(), timeout=30)
+        first = next(stream)
+        assert first.config.heartbeat_interval_ms == 5000
+        tmp = config.with_suffix(".tmp")
+        tmp.write_text(timing.format(hb="1s", timeout="4s"))
+        tmp.replace(config)
+        pushed = next(stream)  # the next thing the server says on the open stream
+        assert pushed.config.heartbeat_interval_ms == 1000
+        assert pushed.config.node_timeout_ms == 4000
+        outbound.put(None)
+        stream.cancel()
     assert server.stop() == 0
