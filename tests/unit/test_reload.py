@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from nexus_fast.cli import main as cli_main
 from nexus_fast.config import Config, ConfigError, load_config
 from nexus_fast.config_view import REDACTED, effective_config, is_secret_key
 from nexus_fast.logs import ROOT_NAME, THIRD_PARTY_LOGGERS, configure_logging, get_logger
@@ -237,3 +238,16 @@ def test_tls_material_refuses_a_mismatched_pair(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="not a usable certificate and key"):
         TlsMaterial.read(config.security)
+
+
+def test_start_up_prints_the_line_a_reload_logs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for var in ("NEXUS_LOG_FORMAT", "NEXUS_LOG_LEVEL", "NEXUS_LOG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    path = tmp_path / "nexus.toml"
+    path.write_text("[commands]\ndefault_timeout = '-5s'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert cli_main(["--config", str(path)]) == 2
+    assert capsys.readouterr().err == f"nexus-fast: {info.value}\n"
