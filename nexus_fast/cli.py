@@ -9,6 +9,7 @@ arguments. A failed start prints one line, never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -114,8 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"nexus-fast: {exc}", file=sys.stderr)
         return 2
-
-    import signal
 
     import uvloop
 

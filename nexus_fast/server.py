@@ -330,7 +330,11 @@ class NexusServer:
 
     def _grpc_credentials(self) -> grpc.ServerCredentials:
         # Dynamic: a reload hands the next handshake a new certificate.
-        self.grpc_certificates = GrpcCertificates(TlsMaterial.read(self.config.security))
+        try:
+            material = TlsMaterial.read(self.config.security)
+        except ValueError as exc:  # a key that does not match its certificate: one line
+            raise StartupError(f"cannot start: {exc}") from None
+        self.grpc_certificates = GrpcCertificates(material)
         return self.grpc_certificates.credentials
 
     def _server_ssl_context(self) -> ssl.SSLContext | None:
