@@ -79,7 +79,9 @@ def reload_cert_chain(context: ssl.SSLContext, sec: SecurityConfig) -> None:
 
     New handshakes use the new certificate; open connections keep theirs. A CA bundle is
     added to the trusted ones (OpenSSL cannot drop a CA from a context): removing a client
-    CA from WSS/HTTPS takes a restart (gRPC replaces it).
+    CA from WSS/HTTPS takes a restart (gRPC replaces it). Switching each handshake to a new
+    context from ``sni_callback`` would drop it, but picows' native TLS engine (aiofastnet)
+    crashes the process when that callback is set (picows 2.3, aiofastnet 1.2): do not.
     """
     context.load_cert_chain(sec.tls_cert_file, sec.tls_key_file)
     if sec.tls_ca_file:

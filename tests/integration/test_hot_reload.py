@@ -182,89 +182,126 @@ def test_sighup_reloads_a_file_the_watcher_does_not_see(
     assert server.stop() == 0
 
 
-def _issue(tmp: Path, ca: Any, name: str) -> None:
-    cert, key = issue_certificate("127.0.0.1", ca, server=True)
-    (tmp / f"{name}.pem").write_bytes(cert_pem(cert))
-    (tmp / f"{name}.key").write_bytes(key_pem(key))
+def _pem_files(tmp: Path, name: str, pair: Any) -> tuple[Path, Path]:
+    cert, key = tmp / f"{name}.pem", tmp / f"{name}.key"
+    cert.write_bytes(cert_pem(pair[0]))
+    key.write_bytes(key_pem(pair[1]))
+    return cert, key
 
 
-def served_serial(port: int, ca: Path, alpn: str | None = None) -> int:
-    """Serial number of the certificate a new TLS connection to ``port`` is handshaken with."""
+# What each port hears first after the handshake: gRPC the HTTP/2 preface (it answers with
+# SETTINGS), the WebSocket and HTTP ports an upgrade request (101 or 404: some bytes).
+_HELLO = {
+    "h2": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    None: b"GET /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Version: 13\r\n\r\n",
+}
+
+
+def handshake(port: int, ca: Path, client: tuple[Path, Path], alpn: str | None) -> int | None:
+    """A new TLS connection to ``port`` presenting ``client``: the serial number of the
+    server's certificate, or None when the server refused the client certificate."""
     context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(*client)
     if alpn:
         context.set_alpn_protocols([alpn])
-    with (
-        socket.create_connection((HOST, port), timeout=5) as raw,
-        context.wrap_socket(raw, server_hostname=HOST) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
+    with socket.create_connection((HOST, port), timeout=5) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname=HOST) as tls:
+                der = tls.getpeercert(binary_form=True)
+                # TLS 1.3 servers refuse a client certificate after the client's handshake
+                # ends: only a round trip tells.
+                tls.sendall(_HELLO[alpn])
+                if not tls.recv(64):
+                    return None
+        except (ssl.SSLError, ConnectionError):
+            return None
     assert der is not None
     return x509.load_der_x509_certificate(der).serial_number
 
 
-def test_tls_certificate_rotation_reaches_new_connections(
+def test_tls_certificate_and_client_ca_rotate_for_new_connections(
     server_factory: type, tmp_path: Path
 ) -> None:
-    ca = issue_certificate("reload-test-ca", None)
-    (tmp_path / "ca.pem").write_bytes(cert_pem(ca[0]))
-    _issue(tmp_path, ca, "old")
-    _issue(tmp_path, ca, "new")
-    serial = {
-        name: x509.load_pem_x509_certificate((tmp_path / f"{name}.pem").read_bytes()).serial_number
-        for name in ("old", "new")
-    }
-    live_cert, live_key = tmp_path / "server.pem", tmp_path / "server.key"
-    live_cert.write_bytes((tmp_path / "old.pem").read_bytes())
-    live_key.write_bytes((tmp_path / "old.key").read_bytes())
+    old_ca, new_ca = issue_certificate("old-ca", None), issue_certificate("new-ca", None)
+    ca_file = tmp_path / "ca.pem"  # the server's certificates all come from old_ca
+    ca_file.write_bytes(cert_pem(old_ca[0]))
+    first, second = (issue_certificate("127.0.0.1", old_ca, server=True) for _ in range(2))
+    old_client = _pem_files(tmp_path, "old-client", issue_certificate("operator", old_ca))
+    new_client = _pem_files(tmp_path, "new-client", issue_certificate("operator", new_ca))
+    live_cert, live_key = _pem_files(tmp_path, "server", first)
+    client_ca = tmp_path / "client-ca.pem"
+    client_ca.write_bytes(cert_pem(old_ca[0]))
     config = tmp_path / "nexus.toml"
     config.write_text(
         "[security]\ntls_enabled = true\nhttp_tls = true\n"
         f'tls_cert_file = "{live_cert}"\ntls_key_file = "{live_key}"\n'
+        f'tls_ca_file = "{client_ca}"\n'
     )
-    ca_file = tmp_path / "ca.pem"
-    server = start_tls(server_factory.create(config=config), ca_file)
-    ports = {"grpc": server.grpc_port, "websocket": server.ws_port, "http": server.http_port}
-    alpn = {"grpc": "h2", "websocket": None, "http": None}
-    for name, port in ports.items():
-        assert served_serial(port, ca_file, alpn[name]) == serial["old"], name
+    server = start_tls(server_factory.create(config=config), ca_file, old_client)
+    ports = {"h2": server.grpc_port, None: server.ws_port, "http/1.1": server.http_port}
+
+    def serials(client: tuple[Path, Path]) -> list[int | None]:
+        return [handshake(port, ca_file, client, alpn if alpn != "http/1.1" else None)
+                for alpn, port in ports.items()]  # fmt: skip
+
+    assert serials(old_client) == [first[0].serial_number] * 3
+    assert serials(new_client) == [None] * 3  # not signed by a trusted CA
     # An open gRPC connection made before the rotation keeps working after it.
-    channel = grpc.secure_channel(
-        server.grpc_target, grpc.ssl_channel_credentials(ca_file.read_bytes())
+    creds = grpc.ssl_channel_credentials(
+        ca_file.read_bytes(), old_client[1].read_bytes(), old_client[0].read_bytes()
     )
+    channel = grpc.secure_channel(server.grpc_target, creds)
     pb_grpc.ControlServiceStub(channel).ListNodes(pb.ListNodesRequest(), timeout=5)
 
-    # Rotate: new key first, then the certificate (the watcher sees the files change; a
-    # half-rotated pair is refused and the old one stays until the pair matches).
-    live_key.write_bytes((tmp_path / "new.key").read_bytes())
-    live_cert.write_bytes((tmp_path / "new.pem").read_bytes())
+    # Rotate the server's pair (the watcher sees the files; SIGHUP in case it saw only the
+    # first write, when the new key did not match the old certificate and was refused).
+    live_key.write_bytes(key_pem(second[1]))
+    live_cert.write_bytes(cert_pem(second[0]))
     assert server.proc is not None
-    server.proc.send_signal(signal.SIGHUP)  # in case the watcher saw only the first write
-    for name, port in ports.items():
-        wait_for(
-            f"the new certificate on {name}",
-            lambda port=port, name=name: served_serial(port, ca_file, alpn[name]) == serial["new"],
-        )
+    server.proc.send_signal(signal.SIGHUP)
+    wait_for("the new certificate", lambda: serials(old_client) == [second[0].serial_number] * 3)
     pb_grpc.ControlServiceStub(channel).ListNodes(pb.ListNodesRequest(), timeout=5)
     channel.close()
-    events = reload_events_tls(server, ca_file)
-    assert any("security.tls_cert_file" in e["payload"]["changed"] for e in events)
+
+    # Replace the client CA: clients of the new one are trusted on every port. gRPC drops
+    # the old CA; WSS/HTTPS add CAs to their context and drop none until a restart
+    # (docs/security.md).
+    client_ca.write_bytes(cert_pem(new_ca[0]))
+    wait_for("the new client CA", lambda: serials(new_client) == [second[0].serial_number] * 3)
+    assert serials(old_client)[0] is None
+    changed = [e["payload"]["changed"] for e in reload_events_tls(server, ca_file, new_client)]
+    assert ["security.tls_cert_file"] in changed
     assert server.stop() == 0
 
 
 def start_tls(
-    server: ServerProcess, ca: Path | None, without_env: tuple[str, ...] = (), timeout: float = 30.0
+    server: ServerProcess,
+    ca: Path | None,
+    client: tuple[Path, Path] | None = None,
+    without_env: tuple[str, ...] = (),
+    timeout: float = 30.0,
 ) -> ServerProcess:
     """Start ``server`` without the fixture's ``without_env`` variables (they beat the file);
-    with ``ca``, a TLS server made without the test PKI: readiness asked over HTTPS."""
+    with ``ca`` (and a ``client`` certificate), a TLS server made without the test PKI:
+    readiness is asked over HTTPS."""
     env = {k: v for k, v in server.env().items() if k not in without_env}
     with server.log_path.open("ab") as log:
         server.proc = subprocess.Popen(
             server.command(), stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO
         )
-    context = ssl.create_default_context(cafile=str(ca)) if ca else None
+    context = _client_context(ca, client) if ca else None
     url = f"{'https' if ca else 'http'}://{HOST}:{server.http_port}/ready"
     wait_for("readiness", lambda: _ready(url, context, server), timeout)
     return server
+
+
+def _client_context(ca: Path, client: tuple[Path, Path] | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(ca))
+    if client:
+        context.load_cert_chain(*client)
+    return context
 
 
 def _ready(url: str, context: ssl.SSLContext | None, server: ServerProcess) -> bool:
@@ -277,10 +314,11 @@ def _ready(url: str, context: ssl.SSLContext | None, server: ServerProcess) -> b
         return False
 
 
-def reload_events_tls(server: ServerProcess, ca: Path) -> list[dict[str, Any]]:
-    context = ssl.create_default_context(cafile=str(ca))
+def reload_events_tls(
+    server: ServerProcess, ca: Path, client: tuple[Path, Path]
+) -> list[dict[str, Any]]:
     url = f"https://{HOST}:{server.http_port}/api/v1/events?topics=system&limit=100"
-    status, body, _ = http_get(url, 5, context)
+    status, body, _ = http_get(url, 5, _client_context(ca, client))
     assert status == 200, body
     return [e for e in json.loads(body)["events"] if e["type"] == "config.reloaded"]
 
