@@ -35,7 +35,7 @@ from .conftest import HOST, REPO, ServerProcess, TestPki, http_get
 BASE = """\
 [logging]
 level = "{level}"
-
+{logging}
 [commands]
 default_timeout = "{timeout}"
 
@@ -44,10 +44,13 @@ max_connections = {max_connections}
 """
 
 
-def write_config(path: Path, level: str = "info", timeout: str = "30s", conns: int = 10000) -> None:
+def write_config(
+    path: Path, level: str = "info", timeout: str = "30s", conns: int = 10000, logging: str = ""
+) -> None:
     # Write then rename, as editors and config management do: never a half-written file.
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(BASE.format(level=level, timeout=timeout, max_connections=conns))
+    text = BASE.format(level=level, timeout=timeout, max_connections=conns, logging=logging)
+    tmp.write_text(text)
     tmp.replace(path)
 
 
@@ -145,7 +148,7 @@ def test_config_file_change_applies_live_keys_and_names_restart_keys(
     assert payload["trigger"] == "file change"
 
     # A broken file: the start-up's one-line error, and the running config stays.
-    config.write_text(BASE.format(level="debug", timeout="-5s", max_connections=500))
+    config.write_text(BASE.format(level="debug", timeout="-5s", max_connections=500, logging=""))
     with pytest.raises(ConfigError) as refused_at_start:  # what `nexus-fast` prints, after
         load_config(config, env={})  # "nexus-fast: ", and exits 2 (tests/unit/test_reload.py)
     expected = str(refused_at_start.value)
@@ -158,19 +161,22 @@ def test_config_file_change_applies_live_keys_and_names_restart_keys(
     assert server.stop() == 0
 
 
-def test_sighup_reloads_a_file_the_watcher_does_not_see(
+def test_sighup_reloads_and_the_log_file_rotates_into_max_files(
     server_factory: type, tmp_path: Path
 ) -> None:
     # The server watches the directory of the path it was given; the file behind this
     # symlink lives elsewhere, so only SIGHUP can make the server read the change.
     real = tmp_path / "real" / "nexus.toml"
     real.parent.mkdir()
-    write_config(real)
+    log_file = tmp_path / "logs" / "nexus.log"
+    log_file.parent.mkdir()
+    to_file = f'file = "{log_file}"\nfile_rotation = "size"\nmax_file_size = "1KB"\nmax_files = 3\n'
+    write_config(real, logging=to_file)
     link = tmp_path / "conf" / "nexus.toml"
     link.parent.mkdir()
     link.symlink_to(real)
     server: ServerProcess = server_factory.create(config=link).start()
-    write_config(real, level="debug", timeout="9s")
+    write_config(real, level="debug", timeout="9s", logging=to_file)
     time.sleep(0.5)
     assert effective(server)["commands"]["default_timeout"]["value"] == 30  # not seen
     assert server.proc is not None
@@ -179,7 +185,22 @@ def test_sighup_reloads_a_file_the_watcher_does_not_see(
     assert effective(server)["logging"]["level"]["value"] == "debug"
     assert submitted_timeout_ms(server) == 9_000
     assert reload_events(server)[-1]["payload"]["trigger"] == "SIGHUP"
+    for _ in range(20):  # two DEBUG lines each (now that the level is debug), ~120 bytes each
+        ws_connect_once(server)
     assert server.stop() == 0
+
+    files = sorted(p.name for p in log_file.parent.iterdir())
+    assert files == ["nexus.log", "nexus.log.1", "nexus.log.2"]
+    debug = 0
+    for path in log_file.parent.iterdir():
+        lines = [json.loads(line) for line in path.read_text().splitlines()]  # whole events
+        assert lines, path
+        debug += sum(1 for line in lines if line["level"] == "debug")
+        # A file rolls over before the line that would take it past max_file_size.
+        assert path.stat().st_size <= 1024 or len(lines) == 1, path
+    assert debug > 10
+    # The lines went to the file, not to stderr.
+    assert not [line for line in server.log().splitlines() if line.startswith("{")]
 
 
 def _pem_files(tmp: Path, name: str, pair: Any) -> tuple[Path, Path]:
@@ -323,50 +344,6 @@ def reload_events_tls(
     return [e for e in json.loads(body)["events"] if e["type"] == "config.reloaded"]
 
 
-def test_log_file_rotates_into_max_files(server_factory: type, tmp_path: Path) -> None:
-    log_file = tmp_path / "logs" / "nexus.log"
-    log_file.parent.mkdir()
-    config = tmp_path / "nexus.toml"
-    config.write_text(
-        f'[logging]\nlevel = "debug"\nfile = "{log_file}"\n'
-        'file_rotation = "size"\nmax_file_size = "1KB"\nmax_files = 3\n'
-    )
-    server: ServerProcess = server_factory.create(config=config).start()
-    for _ in range(20):  # two DEBUG lines each, ~120 bytes a line
-        ws_connect_once(server)
-    assert server.stop() == 0
-    files = sorted(p.name for p in log_file.parent.iterdir())
-    assert files == ["nexus.log", "nexus.log.1", "nexus.log.2"]
-    for path in log_file.parent.iterdir():
-        lines = path.read_text().splitlines()
-        assert lines, path
-        for line in lines:
-            assert json.loads(line)["component"]  # one whole event per line
-        # A file rolls over before the line that would take it past max_file_size.
-        assert path.stat().st_size <= 1024 or len(lines) == 1, path
-    # The lines went to the file, not to stderr.
-    assert not [line for line in server.log().splitlines() if line.startswith("{")]
-
-
-def test_rate_limits_reload_live(server_factory: type, tmp_path: Path) -> None:
-    config = tmp_path / "nexus.toml"
-    limits = "[security.limits]\nrequests_per_second = {rate}\nburst = {burst}\n"
-    config.write_text(limits.format(rate=1000, burst=2000))
-    server: ServerProcess = server_factory.create(config=config).start()
-    assert all(server.http("/api/v1/nodes")[0] == 200 for _ in range(5))
-    tmp = config.with_suffix(".tmp")
-    tmp.write_text(limits.format(rate=0.1, burst=3))
-    tmp.replace(config)
-    wait_for(
-        "the new limits",
-        lambda: effective(server)["security"]["limits"]["value"]["burst"] == 3,
-    )
-    statuses = [server.http("/api/v1/nodes")[0] for _ in range(6)]
-    assert 429 in statuses, statuses
-    assert server.http("/ready")[0] == 200  # probes are never limited
-    assert server.stop() == 0
-
-
 @pytest.mark.parametrize("auth_mode", ["auth"], indirect=True)
 def test_config_view_is_for_operators_and_shows_no_secret(
     server_factory: type, tmp_path: Path, test_pki: TestPki
@@ -389,14 +366,16 @@ def test_config_view_is_for_operators_and_shows_no_secret(
     assert server.stop() == 0
 
 
-def test_connected_nodes_are_told_the_new_heartbeat_interval(
-    server_factory: type, tmp_path: Path
-) -> None:
+def test_limits_and_node_timing_reload_live(server_factory: type, tmp_path: Path) -> None:
     config = tmp_path / "nexus.toml"
-    timing = '[performance]\nheartbeat_interval = "{hb}"\nnode_timeout = "{timeout}"\n'
-    config.write_text(timing.format(hb="5s", timeout="30s"))
+    settings = (
+        '[performance]\nheartbeat_interval = "{hb}"\nnode_timeout = "{timeout}"\n'
+        "[security.limits]\nrequests_per_second = {rate}\nburst = {burst}\n"
+    )
+    config.write_text(settings.format(hb="5s", timeout="30s", rate=1000, burst=2000))
     liveness = ("NEXUS_HEARTBEAT_INTERVAL", "NEXUS_NODE_TIMEOUT")  # the fixture's beat the file
     server = start_tls(server_factory.create(config=config), None, without_env=liveness)
+    assert all(server.http("/api/v1/nodes")[0] == 200 for _ in range(5))
     outbound: queue.SimpleQueue[pb.NodeMessage | None] = queue.SimpleQueue()
 
     def messages() -> Iterator[pb.NodeMessage]:
@@ -412,11 +391,16 @@ def test_connected_nodes_are_told_the_new_heartbeat_interval(
         first = next(stream)
         assert first.config.heartbeat_interval_ms == 5000
         tmp = config.with_suffix(".tmp")
-        tmp.write_text(timing.format(hb="1s", timeout="4s"))
+        tmp.write_text(settings.format(hb="1s", timeout="4s", rate=0.1, burst=3))
         tmp.replace(config)
-        pushed = next(stream)  # the next thing the server says on the open stream
+        # The connected node is told the new timing on its open stream.
+        pushed = next(stream)
         assert pushed.config.heartbeat_interval_ms == 1000
         assert pushed.config.node_timeout_ms == 4000
         outbound.put(None)
         stream.cancel()
+    # The same reload cut the request budget to a burst of 3.
+    statuses = [server.http("/api/v1/nodes")[0] for _ in range(6)]
+    assert 429 in statuses, statuses
+    assert server.http("/ready")[0] == 200  # probes are never limited
     assert server.stop() == 0
