@@ -9,6 +9,7 @@ arguments. A failed start prints one line, never a traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -16,7 +17,6 @@ from collections.abc import Sequence
 import nexus_fast
 from nexus_fast.about import version_text
 from nexus_fast.config import ENV_OVERRIDES, ConfigError, load_config
-from nexus_fast.logs import configure_logging
 from nexus_fast.security.layer import check_security
 
 # Flag -> dotted config key; flags beat environment, which beats the file.
@@ -116,13 +116,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"nexus-fast: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.logging.level, config.logging.format)
+    from nexus_fast.reload import apply_logging
+
+    try:
+        apply_logging(config)  # [logging]: level, format, and the log file if any
+    except ConfigError as exc:
+        print(f"nexus-fast: {exc}", file=sys.stderr)
+        return 2
 
     import uvloop
 
     from nexus_fast.server import run
 
-    return uvloop.run(run(config))
+    # A SIGHUP before the server is ready reloads nothing and must not kill it (the default).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    return uvloop.run(run(config, args.config, overrides))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ __all__ = [
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS: Final = ("text", "json")
+LOG_ROTATIONS: Final = ("size", "daily", "none")
 
 # Sentinel for errors that have no single offending value (missing file, unknown section).
 _NO_VALUE: Final = object()
@@ -281,10 +282,14 @@ class PerformanceConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    """[logging]: level and line format."""
+    """[logging]: level, line format, and an optional rotated file instead of stderr."""
 
     level: str = _f("info", "enum", choices=LOG_LEVELS)
     format: str = _f("text", "enum", choices=LOG_FORMATS)
+    file: str = _f("", "str")  # empty: stderr
+    file_rotation: str = _f("size", "enum", choices=LOG_ROTATIONS)
+    max_file_size: int = _f(100 * MB, "size", min=KB)
+    max_files: int = _f(5, "int", min=2, max=1000)  # the live file and its rotated copies
 
 
 @dataclass(frozen=True)
@@ -433,6 +438,7 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = MappingProxyType(
         "NEXUS_GC_THRESHOLD": "performance.gc_threshold",
         "NEXUS_LOG_LEVEL": "logging.level",
         "NEXUS_LOG_FORMAT": "logging.format",
+        "NEXUS_LOG_FILE": "logging.file",
         "NEXUS_MAX_MESSAGE_SIZE": "server.max_message_size",
         "NEXUS_EVENT_BUFFER_SIZE": "performance.event_buffer_size",
         "NEXUS_EVENTS_RETENTION_COUNT": "events.retention_count",

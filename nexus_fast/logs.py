@@ -10,11 +10,20 @@ JSON lines carry ``ts`` (RFC 3339 UTC, ms), ``level``, ``component``, ``msg``, e
 ``extra=`` field, and ``exc`` (formatted traceback) when ``exc_info`` is set. Records at
 WARNING and above from the third-party ``grpc``, ``aiohttp`` and ``asyncio`` loggers go
 through the same handler with ``component`` set to their logger name.
+
+With a ``file`` the lines go to that file instead of stderr, rotated by size (the stdlib
+``RotatingFileHandler``), daily, or not at all (an outside logrotate). The file is written
+by a thread behind a queue, so a slow disk or a rotation never stalls the event loop.
+Calling :func:`configure_logging` again swaps level, format and destination at once (hot
+reload).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import logging.handlers
+import queue
 import sys
 import time
 from typing import IO, Any, Final
@@ -45,6 +54,7 @@ _CORE_KEYS: Final = frozenset({"ts", "level", "component", "msg", "exc", "stack"
 _HANDLER_MARK: Final = "_nexus_fast_handler"
 
 _handler: logging.Handler | None = None
+_listener: logging.handlers.QueueListener | None = None
 
 
 def get_logger(component: str) -> logging.Logger:
@@ -146,7 +156,43 @@ class _ThirdPartyFilter(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
-def configure_logging(level: str, fmt: str, stream: IO[str] | None = None) -> None:
+def _file_handler(path: str, rotation: str, max_bytes: int, max_files: int) -> logging.Handler:
+    """The handler writing ``path``; ``max_files`` counts the live file and rotated copies."""
+    if rotation == "size":
+        return logging.handlers.RotatingFileHandler(
+            path, maxBytes=max_bytes, backupCount=max_files - 1, encoding="utf-8"
+        )
+    if rotation == "daily":
+        return logging.handlers.TimedRotatingFileHandler(
+            path, when="midnight", backupCount=max_files - 1, encoding="utf-8", utc=True
+        )
+    # Rotated by someone else (logrotate): reopen when the file is moved away.
+    return logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+
+
+def _stop_listener() -> None:
+    """Flush and stop the file writer thread (at exit, or when the destination changes)."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        for handler in _listener.handlers:
+            handler.close()
+        _listener = None
+
+
+atexit.register(_stop_listener)
+
+
+def configure_logging(
+    level: str,
+    fmt: str,
+    stream: IO[str] | None = None,
+    *,
+    file: str = "",
+    rotation: str = "size",
+    max_bytes: int = 100 * 1024 * 1024,
+    max_files: int = 5,
+) -> None:
     """Install (or replace) the nexus handler on the ``nexus`` logger hierarchy.
 
     Idempotent: a previous handler installed by this function is removed first. The root
@@ -156,20 +202,36 @@ def configure_logging(level: str, fmt: str, stream: IO[str] | None = None) -> No
     Args:
         level: debug | info | warning | error | critical (case-insensitive).
         fmt: ``"text"`` or ``"json"``.
-        stream: destination; defaults to ``sys.stderr``.
+        stream: destination when there is no ``file``; defaults to ``sys.stderr``.
+        file: a log file instead of the stream (empty: the stream).
+        rotation: ``size`` (at ``max_bytes``), ``daily`` (at UTC midnight) or ``none``.
+        max_files: the live file plus rotated copies kept (>= 2).
 
     Raises:
-        ValueError: unknown level or format.
+        ValueError: unknown level, format or rotation.
+        OSError: the file cannot be opened (the previous handler then stays).
     """
     levelno = _LEVELS.get(level.lower())
     if levelno is None:
         raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(_LEVELS)}")
     if fmt.lower() not in _FORMATS:
         raise ValueError(f"unknown log format {fmt!r}; expected one of {', '.join(_FORMATS)}")
+    if rotation not in ("size", "daily", "none"):
+        raise ValueError(f"unknown log rotation {rotation!r}; expected size, daily or none")
 
-    global _handler
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    handler.setFormatter(JsonFormatter() if fmt.lower() == "json" else TextFormatter())
+    global _handler, _listener
+    formatter = JsonFormatter() if fmt.lower() == "json" else TextFormatter()
+    handler: logging.Handler
+    file_handler = None
+    if file:
+        file_handler = _file_handler(file, rotation, max_bytes, max(2, max_files))
+        # The queue handler formats on the caller's thread (one line, extras intact); the
+        # writer thread only writes that line and rotates.
+        file_handler.setFormatter(logging.Formatter("%(message)s"))
+        handler = logging.handlers.QueueHandler(queue.SimpleQueue())
+    else:
+        handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler.setFormatter(formatter)
     handler.addFilter(_ThirdPartyFilter())
     setattr(handler, _HANDLER_MARK, True)
 
@@ -186,4 +248,9 @@ def configure_logging(level: str, fmt: str, stream: IO[str] | None = None) -> No
     logging.getLogger(ROOT_NAME).setLevel(levelno)
     if _handler is not None:
         _handler.close()  # StreamHandler.close does not close the underlying stream.
+    _stop_listener()  # after the swap: lines logged before it are written, then the file closes
     _handler = handler
+    if file_handler is not None:
+        assert isinstance(handler, logging.handlers.QueueHandler)
+        _listener = logging.handlers.QueueListener(handler.queue, file_handler)
+        _listener.start()

@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -42,10 +43,11 @@ from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.errors import InvalidArgument
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.reload import ConfigReloader
 from nexus_fast.security.audit_grpc import AuditInterceptor
 from nexus_fast.security.auditing import Auditor
 from nexus_fast.security.layer import OPEN_API_WARNING, SecurityLayer
-from nexus_fast.security.tls import server_ssl_context
+from nexus_fast.security.tls import GrpcCertificates, TlsMaterial, server_ssl_context
 from nexus_fast.store.base import StoreError
 from nexus_fast.store.datafile import LOAD_ERRORS, DataFileError, crash_guard, damaged_hint
 from nexus_fast.store.lmdb_store import LmdbStore
@@ -85,8 +87,13 @@ def _listen_error(name: str, host: str, port: int, reason: str) -> str:
 class NexusServer:
     """One nexus-fast process."""
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
+    def __init__(
+        self,
+        config: Config,
+        config_file: str | None = None,
+        overrides: Mapping[str, object] | None = None,
+    ) -> None:
+        self.config = config  # replaced as a whole by a hot reload (nexus_fast/reload.py)
         self.started_at = time.time()
         self._state = "starting"
         self._stop_requested = asyncio.Event()
@@ -153,6 +160,11 @@ class NexusServer:
         self._maintenance = Periodic("maintenance", self._maintain, log)
         self._backups = Periodic("backups", self._backup, log)
         self._health_tasks: set[asyncio.Task[None]] = set()
+        # What a hot reload reconfigures besides the core's settings.
+        self.tls_contexts: list[ssl.SSLContext] = []
+        self.grpc_certificates: GrpcCertificates | None = None
+        self.ws_protocol: EventStreamProtocol | None = None
+        self.reloader = ConfigReloader(self, config_file, overrides)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -218,13 +230,7 @@ class NexusServer:
                 max_connections=cfg.server.max_connections,
                 max_message_size=cfg.server.max_message_size,
                 ssl_context=self._server_ssl_context(),
-                on_message=self._guard_ws(
-                    EventStreamProtocol(
-                        self.events,
-                        max_subscriptions=cfg.events.max_subscriptions,
-                        submit_commands=self.commands.submit,
-                    )
-                ),
+                on_message=self._guard_ws(self._ws_protocol()),
                 admit=self.security.ws_admit if self.security else None,
                 on_connect=self.security.ws_on_connect if self.security else None,
             )
@@ -257,6 +263,8 @@ class NexusServer:
         await self._system_event(
             "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
         )
+        tls = self.grpc_certificates.material if self.grpc_certificates else None
+        self.reloader.start(tls)  # SIGHUP and config file changes reload from now on
         self._state = "ready"
         if self.security is None or not self.security.authenticating:
             # Once started: a start that fails says only why, in one line.
@@ -337,19 +345,27 @@ class NexusServer:
         self._grpc = server
 
     def _grpc_credentials(self) -> grpc.ServerCredentials:
-        sec = self.config.security
-        with open(sec.tls_key_file, "rb") as key, open(sec.tls_cert_file, "rb") as cert:
-            pair = (key.read(), cert.read())
-        root = None
-        if sec.tls_ca_file:
-            with open(sec.tls_ca_file, "rb") as ca:
-                root = ca.read()
-        return grpc.ssl_server_credentials(
-            [pair], root_certificates=root, require_client_auth=root is not None
-        )
+        # Dynamic: a reload hands the next handshake a new certificate.
+        try:
+            material = TlsMaterial.read(self.config.security)
+        except ValueError as exc:  # a key that does not match its certificate: one line
+            raise StartupError(f"cannot start: {exc}") from None
+        self.grpc_certificates = GrpcCertificates(material)
+        return self.grpc_certificates.credentials
 
     def _server_ssl_context(self) -> ssl.SSLContext | None:
-        return server_ssl_context(self.config.security)
+        context = server_ssl_context(self.config.security)
+        if context is not None:
+            self.tls_contexts.append(context)  # a reload loads new certificates into it
+        return context
+
+    def _ws_protocol(self) -> EventStreamProtocol:
+        self.ws_protocol = EventStreamProtocol(
+            self.events,
+            max_subscriptions=self.config.events.max_subscriptions,
+            submit_commands=self.commands.submit,
+        )
+        return self.ws_protocol
 
     def _guard_ws(self, on_message: Any) -> Any:
         """The WebSocket op handler, behind the per-op permission check when auth is on."""
@@ -389,6 +405,7 @@ class NexusServer:
             phases[phase] = round(now - mark, 3)
             mark = now
 
+        await self.reloader.stop()
         await self._health.enter_graceful_shutdown()
         if was_ready:
             await self._system_event("system.stopping", {"pid": os.getpid()})
@@ -502,6 +519,9 @@ class NexusServer:
 
     def uptime(self) -> float:
         return time.time() - self.started_at
+
+    def effective_config(self) -> dict[str, object]:
+        return self.reloader.view()
 
     def health_detail(self) -> dict[str, object]:
         store_ok = self.store.healthy()
@@ -617,9 +637,11 @@ async def _bind(name: str, host: str, port: int, starting: Any) -> None:
         raise StartupError(_listen_error(name, host, port, exc.strerror or str(exc))) from None
 
 
-async def run(config: Config) -> int:
-    """Run a server until SIGTERM/SIGINT; returns the process exit code."""
-    server = NexusServer(config)
+async def run(
+    config: Config, config_file: str | None = None, overrides: Mapping[str, object] | None = None
+) -> int:
+    """Run a server until SIGTERM/SIGINT (SIGHUP reloads); returns the process exit code."""
+    server = NexusServer(config, config_file, overrides)
     try:
         await server.start()
     except StartupError as exc:

@@ -148,6 +148,10 @@ class HttpBackend(Protocol):
         """
         ...
 
+    def effective_config(self) -> dict[str, object]:
+        """The running configuration, secrets redacted, each value with its source."""
+        ...
+
 
 class _BadParameter(Exception):
     """A query parameter is invalid; ``parameter`` names it."""
@@ -331,6 +335,7 @@ class HttpServer:
         router.add_get("/api/v1/nodes/{node_id}", self._get_node)
         router.add_get("/api/v1/commands/{command_id}", self._get_command)
         router.add_get("/api/v1/agents", self._list_agents)
+        router.add_get("/api/v1/config", self._config)
         if self.events is not None:
             router.add_get("/api/v1/events", self.events.page)
             router.add_get("/api/v1/events/stream", self.events.stream)
@@ -419,6 +424,9 @@ class HttpServer:
 
     async def _get_command(self, request: web.Request) -> web.Response:
         return _json(self.backend.get_command(request.match_info["command_id"]))
+
+    async def _config(self, request: web.Request) -> web.Response:
+        return _json(self.backend.effective_config())
 
     async def _list_agents(self, request: web.Request) -> web.Response:
         query = request.query

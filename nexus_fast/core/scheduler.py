@@ -197,16 +197,7 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         slots: NodeSlots | None = None,
     ) -> None:
-        if not node_timeout > 0:
-            raise ValueError("node_timeout must be > 0")
-        self._weights = (
-            float(weights.weight_least_allocated),
-            float(weights.weight_most_allocated),
-            float(weights.weight_balanced),
-            float(weights.weight_spread),
-            float(weights.weight_freshness),
-        )
-        self._timeout = float(node_timeout)
+        self.reconfigure(weights, node_timeout)
         self._rng = rng if rng is not None else random.Random()
         self._clock = clock
         size = INITIAL_SLOTS
@@ -235,6 +226,19 @@ class Scheduler:
         self._t_max = 0
 
     # ------------------------------------------------------------------ node data
+
+    def reconfigure(self, weights: SchedulerConfig, node_timeout: float) -> None:
+        """Score with these weights and this freshness horizon from the next placement on."""
+        if not node_timeout > 0:
+            raise ValueError("node_timeout must be > 0")
+        self._weights = (
+            float(weights.weight_least_allocated),
+            float(weights.weight_most_allocated),
+            float(weights.weight_balanced),
+            float(weights.weight_spread),
+            float(weights.weight_freshness),
+        )
+        self._timeout = float(node_timeout)
 
     def __len__(self) -> int:
         return self._count

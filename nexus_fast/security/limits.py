@@ -206,23 +206,39 @@ class RateLimiter:
         clock: Clock = time.monotonic,
         max_keys: int = 100000,
     ) -> None:
+        self._clock = clock
+        # principal -> TAT; order = least recently checked first.
+        self._tat: OrderedDict[str, float] = OrderedDict()
+        self.reconfigure(rate, burst, max_keys)
+
+    def reconfigure(self, rate: float, burst: float, max_keys: int) -> None:
+        """New rate, burst and key bound (hot reload).
+
+        Each principal keeps the units it owes, now repaid at the new rate.
+        """
         if rate < 0 or not math.isfinite(rate):
             raise ValueError("rate must be a finite number >= 0")
         if rate > 0 and burst <= 0:
             raise ValueError("burst must be > 0")
         if max_keys < 1:
             raise ValueError("max_keys must be >= 1")
+        old_rate = getattr(self, "rate", 0.0)
+        if not rate:
+            self._tat.clear()
+        elif old_rate and rate != old_rate:
+            now = self._clock()
+            scale = old_rate / rate
+            for principal, tat in self._tat.items():
+                if tat > now:
+                    self._tat[principal] = now + (tat - now) * scale
         self.rate = float(rate)
         self.burst = float(burst)
-        self._clock = clock
         self._max_keys = max_keys
         self._emission = 1.0 / rate if rate else 0.0  # seconds one unit occupies
         self._tolerance = burst / rate if rate else 0.0  # seconds of credit = the burst
         # Float sums of 1/rate drift by ulps (~1e-10 s at monotonic ~1e6 s); without slack an
         # exact burst could be refused by 1e-13 s. A thousandth of a unit is the price.
         self._slack = self._emission * 1e-3 + 1e-9 if rate else 0.0
-        # principal -> TAT; order = least recently checked first.
-        self._tat: OrderedDict[str, float] = OrderedDict()
 
     def check(self, principal: str, cost: float = 1.0) -> float:
         """Spend ``cost`` units of ``principal``'s budget: ``0.0`` if allowed, else seconds to wait.
@@ -338,9 +354,13 @@ class _Caps:
     __slots__ = ("per_principal", "total", "what")
 
     def __init__(self, what: str, per_principal: int, total: int) -> None:
+        self.what = what
+        self.reconfigure(per_principal, total)
+
+    def reconfigure(self, per_principal: int, total: int) -> None:
+        """New caps; whoever holds more than them keeps it, but acquires nothing more."""
         if per_principal < 1 or total <= per_principal:
             raise ValueError("need 1 <= per_principal < total")
-        self.what = what
         self.per_principal = per_principal
         self.total = total
 
@@ -451,28 +471,33 @@ class PrincipalLimits:
 
     def __init__(self, config: LimitsConfig, clock: Clock = time.monotonic) -> None:
         self.config = config
+        self.requests = RateLimiter(0.0, 1, clock, config.max_principals)
+        self.bytes = RateLimiter(0.0, 1, clock, config.max_principals)
+        self.streams = SlotLimiter("streams", 1, 2)
+        self.ws_connections = SlotLimiter("WebSocket connections", 1, 2)
+        self.nodes = KeyedSlotLimiter("registered nodes", 1, 2)
+        self.reconfigure(config)
+
+    def reconfigure(self, config: LimitsConfig) -> None:
+        """Apply ``config`` to every limiter, keeping what principals hold (hot reload)."""
+        self.config = config
         on = config.enabled
-        self.requests = RateLimiter(
-            config.requests_per_second if on else 0.0, config.burst, clock, config.max_principals
-        )
-        self.bytes = RateLimiter(
-            config.bytes_per_second if on else 0.0, config.byte_burst, clock, config.max_principals
-        )
+        rps = config.requests_per_second if on else 0.0
+        self.requests.reconfigure(rps, config.burst, config.max_principals)
+        bps = config.bytes_per_second if on else 0.0
+        self.bytes.reconfigure(bps, config.byte_burst, config.max_principals)
 
         def per(cap: int, total: int) -> int:
             return cap if on else total - 1
 
-        self.streams = SlotLimiter(
-            "streams", per(config.max_streams, config.total_streams), config.total_streams
+        self.streams.reconfigure(
+            per(config.max_streams, config.total_streams), config.total_streams
         )
-        self.ws_connections = SlotLimiter(
-            "WebSocket connections",
+        self.ws_connections.reconfigure(
             per(config.max_ws_connections, config.total_ws_connections),
             config.total_ws_connections,
         )
-        self.nodes = KeyedSlotLimiter(
-            "registered nodes", per(config.max_nodes, config.total_nodes), config.total_nodes
-        )
+        self.nodes.reconfigure(per(config.max_nodes, config.total_nodes), config.total_nodes)
 
     def check_request(self, principal: str, cost: float = 1.0) -> None:
         """Spend request budget or raise :class:`RateLimited`."""

@@ -9,7 +9,8 @@ node id with the principal's (Kubernetes' NodeRestriction, here).
 Roles grant permission patterns: ``*``, ``node.*`` (every verb of a resource) and
 ``*.read`` (one verb of every resource). Built in: ``admin`` (``*``), ``operator``
 (commands, agents, node drain and eligibility, every read but the audit log), ``viewer``
-(those reads), ``node`` (``node.self`` only, whatever the configuration says).
+(those reads but the configuration), ``node`` (``node.self`` only, whatever the
+configuration says).
 """
 
 from __future__ import annotations
@@ -93,6 +94,8 @@ HTTP_ROUTES: Final[Mapping[str, str]] = MappingProxyType(
         "/api/v1/agents": "agent.read",
         "/api/v1/events": "event.read",
         "/api/v1/events/stream": "event.read",
+        # The effective configuration, secrets redacted: no viewer needs ports and paths.
+        "/api/v1/config": "config.read",
         # A static page with no data in it; the calls it makes are authorised one by one.
         "/": PUBLIC,
         "/dashboard": PUBLIC,
@@ -117,7 +120,14 @@ _READS: Final = (
 BUILTIN_ROLES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {
         ROLE_ADMIN: ("*",),
-        "operator": ("command.*", "agent.*", "node.drain", "node.eligibility", *_READS),
+        "operator": (
+            "command.*",
+            "agent.*",
+            "node.drain",
+            "node.eligibility",
+            "config.read",
+            *_READS,
+        ),
         "viewer": _READS,
         ROLE_NODE: (NODE_SELF,),
     }
@@ -137,6 +147,10 @@ class Rbac:
     """Role -> granted permissions, expanded once so a check is one set lookup."""
 
     def __init__(self, config: RbacConfig) -> None:
+        self.reconfigure(config)
+
+    def reconfigure(self, config: RbacConfig) -> None:
+        """Expand ``config``'s roles; checks made after this use them (hot reload)."""
         self.enabled = config.enabled
         patterns = dict(BUILTIN_ROLES)
         for role in config.roles:
@@ -144,13 +158,14 @@ class Rbac:
         # The fixed roles cannot be configured away (config.py refuses to redefine them).
         patterns[ROLE_ADMIN] = BUILTIN_ROLES[ROLE_ADMIN]
         patterns[ROLE_NODE] = BUILTIN_ROLES[ROLE_NODE]
-        self.roles: dict[str, frozenset[str]] = {}
+        roles: dict[str, frozenset[str]] = {}
         for name, granted in patterns.items():
             perms = {p for p in ALL_PERMISSIONS if any(matches(g, p) for g in granted)}
             if name not in (ROLE_ADMIN, ROLE_NODE):
                 # node.self is the node role's alone: an operator is no node.
                 perms.discard(NODE_SELF)
-            self.roles[name] = frozenset(perms)
+            roles[name] = frozenset(perms)
+        self.roles = roles  # one assignment: a check never sees half a table
         self._unchecked = frozenset(ALL_PERMISSIONS - {NODE_SELF})
 
     def allows(self, principal: Principal, permission: str | None) -> bool:

@@ -342,7 +342,7 @@ def test_unknown_override_key() -> None:
 
 
 def test_unknown_key_without_close_match(tmp_path: Path) -> None:
-    err = load_error(write(tmp_path, "[logging]\nzzzzzz = 1\n"), env={})
+    err = load_error(write(tmp_path, "[logging]\nzzzzzzzzzzzz = 1\n"), env={})
     assert "unknown key" in str(err)
     assert "did you mean" not in str(err)
 
