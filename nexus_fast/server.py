@@ -24,6 +24,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 import nexus_fast
 from nexus_fast.about import versions
+from nexus_fast.api import grpc_stuck
 from nexus_fast.api.grpc_api import ControlService, NodeService, add_node_service
 from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.grpc_handlers import register
@@ -317,6 +318,7 @@ class NexusServer:
                 _listen_error("grpc", cfg.server.host, cfg.server.grpc_port, "address in use?")
             )
         self.grpc_port = port
+        grpc_stuck.watch.set_local_ports({port})
         await server.start()
         self._grpc = server
 

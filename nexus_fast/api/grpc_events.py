@@ -17,11 +17,13 @@ index; trailer ``nexus-oldest-index``), ``RESOURCE_EXHAUSTED`` for a slow consum
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Final
 
 import grpc
 
 from nexus_fast.api.grpc_handlers import register
+from nexus_fast.api.grpc_stuck import watch as stuck_writes
 from nexus_fast.api.status import OLDEST_INDEX_TRAILER, RESUME_AFTER_TRAILER
 from nexus_fast.codec.frames import batch_bytes, bookmark_bytes
 from nexus_fast.core.events import EventBus, Subscription
@@ -105,5 +107,14 @@ async def watch_events(
 async def _write(sub: Subscription, context: grpc.aio.ServicerContext, data: bytes) -> None:
     # The lag bound is checked between writes, never by cancelling one: a cancelled write
     # leaves its op pending in gRPC core, and the status could then not be sent at all.
+    # A write that waits on a client that stopped reading is cut off by grpc_stuck.
     sub.check_lag()
-    await context.write(data)
+    stuck_writes.begin(sub, context)
+    try:
+        await context.write(data)
+    except Exception:
+        if stuck_writes.end(sub):  # its connection was closed under it: the call is cancelled
+            raise asyncio.CancelledError("cut off: the client stopped reading") from None
+        raise
+    finally:
+        stuck_writes.end(sub)
