@@ -228,6 +228,8 @@ class NexusServer:
                 ssl_context=self._server_ssl_context() if cfg.security.http_tls else None,
                 middlewares=self.security.http_middlewares() if self.security else (),
                 events=self.events,
+                header_timeout=cfg.server.http_header_timeout,
+                max_connections_per_ip=cfg.server.http_max_connections_per_ip,
             )
             await _bind("http", cfg.server.host, cfg.server.http_port, self._http.start())
         except BaseException:

@@ -27,7 +27,6 @@ from .events_util import (
     PicowsClient,
     assert_exactly_once_in_order,
     last_event_index,
-    metric,
 )
 
 T = TypeVar("T")
@@ -61,12 +60,15 @@ def test_grpc_watcher_that_never_reads_is_cut_off(server_factory: type) -> None:
         )
         stuck = pb_grpc.ControlServiceStub(stuck_channel).WatchEvents(pb.WatchEventsRequest())
         await stuck.initial_metadata()
-        wait_for(lambda: sample(server, "nexus_event_subscriptions_active", transport="grpc") == 2, 5)
+        wait_for(
+            lambda: sample(server, "nexus_event_subscriptions_active", transport="grpc") == 2, 5
+        )
         started = time.monotonic()
         await activity.run_async(20, limit_per_worker=150)  # ~300 events, 6x the bound
         wait_for(
-            lambda: sample(server, "nexus_event_slow_consumer_disconnects_total", transport="grpc")
-            >= 1,
+            lambda: (
+                sample(server, "nexus_event_slow_consumer_disconnects_total", transport="grpc") >= 1
+            ),
             10,
             message="stuck grpc watcher cut off",
         )
@@ -82,7 +84,9 @@ def test_grpc_watcher_that_never_reads_is_cut_off(server_factory: type) -> None:
             raise AssertionError("the stuck call ended without an error")
         assert received < 300
         # Its subscription (and the call's buffers) are gone; the healthy watcher stays.
-        wait_for(lambda: sample(server, "nexus_event_subscriptions_active", transport="grpc") == 1, 5)
+        wait_for(
+            lambda: sample(server, "nexus_event_subscriptions_active", transport="grpc") == 1, 5
+        )
         end = last_event_index(server)
         stream = await healthy.until(end)
         assert_exactly_once_in_order(stream.indices, 0, end, "healthy watcher")
@@ -109,8 +113,10 @@ def test_websocket_subscriber_that_never_reads_is_cut_off(server_factory: type) 
         # ~600 events of ~16 KB: more than the socket buffers hold, then 50 more.
         await activity.run_async(20, limit_per_worker=300)
         wait_for(
-            lambda: sample(server, "nexus_event_slow_consumer_disconnects_total", transport="websocket")
-            >= 1,
+            lambda: (
+                sample(server, "nexus_event_slow_consumer_disconnects_total", transport="websocket")
+                >= 1
+            ),
             10,
             message="stuck websocket subscriber cut off",
         )
@@ -124,3 +130,63 @@ def test_websocket_subscriber_that_never_reads_is_cut_off(server_factory: type) 
         await stuck.close()
 
     run(body())
+
+
+def _partial_request(port: int) -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=5)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never finished
+    return sock
+
+
+def _closed_by_server(sock: socket.socket, timeout: float) -> bytes | None:
+    """What the server sent before closing, or None if it is still open after ``timeout``."""
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while chunk := sock.recv(4096):
+            got += chunk
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return got
+
+
+def test_http_partial_headers_are_closed_and_one_address_is_capped(server_factory: type) -> None:
+    server: ServerProcess = server_factory.create(
+        NEXUS_HTTP_HEADER_TIMEOUT="1s", NEXUS_HTTP_MAX_CONNECTIONS_PER_IP="40"
+    ).start()
+    # 40 connections that never finish their headers: the cap's worth from this address.
+    started = time.monotonic()
+    held = [_partial_request(server.http_port) for _ in range(40)]
+    time.sleep(0.2)
+    # One more is refused at once, with a typed answer.
+    refused = socket.create_connection((HOST, server.http_port), timeout=5)
+    answer = _closed_by_server(refused, 5)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 429 "), answer
+    assert b'"code":"RESOURCE_EXHAUSTED"' in answer
+    # Every held one is closed after the header timeout (1 s; 4 s allowed), none answered.
+    for sock in held:
+        left = max(0.1, started + 4 - time.monotonic())
+        assert _closed_by_server(sock, left) is not None, "partial-header connection left open"
+        sock.close()
+    elapsed = time.monotonic() - started
+    assert 0.9 < elapsed < 4.5, elapsed
+    # The address is free again, and a complete request is served.
+    status, _, _ = server.http("/health")
+    assert status == 200
+    assert sample(server, "nexus_http_connections_refused_total", reason="per_ip") == 1
+    # A connection that trickles a byte at a time still meets the deadline.
+    sock = socket.create_connection((HOST, server.http_port), timeout=5)
+    trickle_start = time.monotonic()
+    closed = False
+    for byte in b"GET /health HTTP/1.1\r\nHost: x\r\n":
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:
+            closed = True
+            break
+        time.sleep(0.1)
+    closed = closed or _closed_by_server(sock, 3) is not None
+    assert closed and time.monotonic() - trickle_start < 5
+    sock.close()
