@@ -8,8 +8,10 @@ acks them, and HTTP connections that never finish their headers.
 from __future__ import annotations
 
 import asyncio
+import queue
 import re
 import socket
+import threading
 import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -190,3 +192,92 @@ def test_http_partial_headers_are_closed_and_one_address_is_capped(server_factor
     closed = closed or _closed_by_server(sock, 3) is not None
     assert closed and time.monotonic() - trickle_start < 5
     sock.close()
+
+
+class MuteNode:
+    """A real node stream that registers, heartbeats and receives commands, but never acks
+    or reports one (a proxy whose executor hung)."""
+
+    def __init__(self, server: ServerProcess, node_id: str) -> None:
+        self.node_id = node_id
+        self.received: list[pb.Command] = []
+        self.channel = server.node_channel(node_id)
+        stub = pb_grpc.NodeServiceStub(self.channel)
+        reply = stub.Register(
+            pb.RegisterRequest(
+                node_id=node_id,
+                address="10.0.0.9:7000",
+                capacity=pb.Resources(cpu=64, memory=256 << 30),
+                version="mute/1",
+            ),
+            timeout=5,
+        )
+        self._outbox: queue.Queue[pb.NodeMessage | None] = queue.Queue()
+        self._outbox.put(pb.NodeMessage(node_id=node_id, session_epoch=reply.session_epoch))
+        self._stop = threading.Event()
+        self.call = stub.Connect(iter(self._outbox.get, None))
+        self._threads = [
+            threading.Thread(target=self._read, daemon=True),
+            threading.Thread(target=self._beat, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _read(self) -> None:
+        try:
+            for msg in self.call:
+                self.received.extend(msg.commands)  # and never a word about them
+        except grpc.RpcError:
+            pass
+
+    def _beat(self) -> None:
+        while not self._stop.wait(0.3):
+            self._outbox.put(pb.NodeMessage(heartbeat=pb.Heartbeat()))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._outbox.put(None)
+        self.call.cancel()
+        self.channel.close()
+
+
+def test_node_that_never_acks_has_its_commands_retried_elsewhere(
+    server: ServerProcess, fleet_factory: type
+) -> None:
+    mute = MuteNode(server, "mute-0")
+    fleet = fleet_factory.create(server, 1, "--id-prefix", "well-")
+    with server.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+        wait_for(
+            lambda: (
+                len(
+                    control.ListNodes(
+                        pb.ListNodesRequest(statuses=[pb.NODE_STATUS_READY]), timeout=5
+                    ).nodes
+                )
+                == 2
+            ),
+            20,
+            message="both nodes ready",
+        )
+        specs = [pb.CommandSpec(kind="echo", timeout_ms=1500, max_attempts=3) for _ in range(40)]
+        reply = control.SubmitCommands(pb.SubmitCommandsRequest(commands=specs), timeout=10)
+        ids = [r.id for r in reply.results]
+        started = time.monotonic()
+        done = list(
+            control.WaitCommands(pb.WaitCommandsRequest(ids=ids, timeout_ms=20_000), timeout=30)
+        )
+        elapsed = time.monotonic() - started
+    assert len(done) == 40
+    assert {r.state for r in done} == {pb.COMMAND_STATE_SUCCEEDED}
+    muted = {c.id for c in mute.received}
+    assert muted, "placement never chose the mute node: the test proves nothing"
+    for record in done:
+        assert record.node_id == "well-00000"
+        if record.id in muted:
+            # Its attempt on the mute node timed out, and the retry avoided that node.
+            assert record.attempt >= 2 and "mute-0" in record.tried_nodes, record
+    # One timeout (1.5 s) and a retry, not the whole 20 s wait.
+    assert elapsed < 10, elapsed
+    mute.close()
+    fleet.stop()
