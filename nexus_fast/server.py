@@ -28,6 +28,7 @@ from nexus_fast.api import grpc_stuck
 from nexus_fast.api.grpc_api import ControlService, NodeService, add_node_service
 from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.grpc_handlers import register
+from nexus_fast.api.grpc_health import HealthServicer
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
@@ -146,7 +147,7 @@ class NexusServer:
         if self.security is not None:
             self.nodes.listeners += self.security.node_listeners()
         self.auditor = Auditor(self.store)  # audits mutating calls with auth on or off
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self.grpc_port = 0
         self._ws: WebSocketServer | None = None
         self._http: HttpServer | None = None
