@@ -82,12 +82,13 @@ async def watch_events(
     sub = bus.subscribe(request.topics, request.keys, after, transport="grpc")
     metrics.GRPC_CONNECTIONS_ACTIVE.inc()
     delivered = metrics.EVENTS_DELIVERED.labels(transport="grpc")
+    peer = context.peer()  # for grpc_stuck, taken while the call is surely alive
     interval = bus.config.bookmark_interval
     try:
         while True:
             events = await sub.next_batch(MAX_BATCH_EVENTS, interval)
             if isinstance(events, int):
-                await _write(sub, context, bookmark_bytes(events))
+                await _write(sub, context, peer, bookmark_bytes(events))
                 continue
             # Split on bytes too: a batch of huge payloads stays under client limits.
             start = 0
@@ -95,21 +96,23 @@ async def watch_events(
             for i, event in enumerate(events):
                 size += len(event.pb_field)
                 if size > MAX_BATCH_BYTES and i > start:
-                    await _write(sub, context, batch_bytes(events[start:i]))
+                    await _write(sub, context, peer, batch_bytes(events[start:i]))
                     start, size = i, len(event.pb_field)
-            await _write(sub, context, batch_bytes(events[start:]))
+            await _write(sub, context, peer, batch_bytes(events[start:]))
             delivered.inc(len(events))
     finally:
         sub.close()
         metrics.GRPC_CONNECTIONS_ACTIVE.dec()
 
 
-async def _write(sub: Subscription, context: grpc.aio.ServicerContext, data: bytes) -> None:
+async def _write(
+    sub: Subscription, context: grpc.aio.ServicerContext, peer: str, data: bytes
+) -> None:
     # The lag bound is checked between writes, never by cancelling one: a cancelled write
     # leaves its op pending in gRPC core, and the status could then not be sent at all.
     # A write that waits on a client that stopped reading is cut off by grpc_stuck.
     sub.check_lag()
-    stuck_writes.begin(sub, context)
+    stuck_writes.begin(sub, peer)
     try:
         await context.write(data)
     except Exception:

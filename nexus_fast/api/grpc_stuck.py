@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import Any, Final
+from typing import Final
 
 from nexus_fast.core.events import Subscription
 from nexus_fast.logs import get_logger
@@ -84,7 +84,9 @@ class StuckWriteWatch:
     """The WatchEvents streams whose write is pending, and the timer that cuts off stuck ones."""
 
     def __init__(self) -> None:
-        self._writing: dict[Subscription, Any] = {}
+        # Subscription -> its peer, taken once while the call is surely alive: a finished
+        # call's context must not be asked (grpc.aio's peer() dereferences the freed call).
+        self._writing: dict[Subscription, str] = {}
         self._local_ports: frozenset[int] = frozenset()
         self._timer: asyncio.Task[None] | None = None
         self._cutting: set[Subscription] = set()
@@ -93,9 +95,9 @@ class StuckWriteWatch:
         """The gRPC listening ports (a peer's socket is looked for on these only)."""
         self._local_ports = frozenset(ports)
 
-    def begin(self, sub: Subscription, context: Any) -> None:
-        """A write for ``sub`` is about to be awaited."""
-        self._writing[sub] = context
+    def begin(self, sub: Subscription, peer: str) -> None:
+        """A write for ``sub`` (a stream from ``peer``, gRPC's form) is about to be awaited."""
+        self._writing[sub] = peer
         if self._timer is None or self._timer.done():
             self._timer = asyncio.get_running_loop().create_task(self._run())
 
@@ -107,25 +109,24 @@ class StuckWriteWatch:
             return True
         return False
 
-    def stuck(self) -> list[tuple[Subscription, Any]]:
+    def stuck(self) -> list[tuple[Subscription, str]]:
         """Writers past the lag bound (the bound a reader meets in ``check_lag``)."""
         out = []
-        for sub, context in self._writing.items():
+        for sub, peer in self._writing.items():
             bus = sub._bus
             if sub.live and bus.last_index - sub.cursor > bus.subscriber_buffer:
-                out.append((sub, context))
+                out.append((sub, peer))
         return out
 
     async def _run(self) -> None:
         while self._writing:
             await asyncio.sleep(CHECK_INTERVAL)
-            for sub, context in self.stuck():
+            for sub, peer in self.stuck():
                 if sub not in self._cutting:
                     self._cutting.add(sub)
-                    asyncio.get_running_loop().create_task(self._cut(sub, context))
+                    asyncio.get_running_loop().create_task(self._cut(sub, peer))
 
-    async def _cut(self, sub: Subscription, context: Any) -> None:
-        peer_text = context.peer()
+    async def _cut(self, sub: Subscription, peer_text: str) -> None:
         peer = parse_peer(peer_text)
         lag = sub._bus.last_index - sub.cursor
         found = False
