@@ -98,8 +98,11 @@ class StuckWriteWatch:
     def begin(self, sub: Subscription, peer: str) -> None:
         """A write for ``sub`` (a stream from ``peer``, gRPC's form) is about to be awaited."""
         self._writing[sub] = peer
-        if self._timer is None or self._timer.done():
-            self._timer = asyncio.get_running_loop().create_task(self._run())
+        timer = self._timer
+        loop = asyncio.get_running_loop()
+        # (Another loop's timer, left by an earlier asyncio.run in this process, is dead.)
+        if timer is None or timer.done() or timer.get_loop() is not loop:
+            self._timer = loop.create_task(self._run())
 
     def end(self, sub: Subscription) -> bool:
         """The write for ``sub`` finished (or failed); True if it was being cut off."""
