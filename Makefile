@@ -11,7 +11,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard _ext/*.pyx _ext/*.pxd) \
                 $(shell find proto -name '*.proto' 2>/dev/null)
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: venv install run test lint docs bench bench-short bench-e2e profile promtool chromium screenshot clean
+.PHONY: venv install run test lint docs bench bench-short bench-e2e profile promtool chromium screenshot clean soak fuzz
 
 venv install: $(STAMP)
 
@@ -114,6 +114,16 @@ bench-e2e: install
 # The server under scalene while nexus-bench drives it; prints where the profile went.
 profile: install
 	DURATION=$(DURATION) profiling/run.sh $(SCENARIO)
+
+# Soak: 10 minutes at half the measured maximum rate; figures in soak.json (docs/reliability.md).
+SOAK_MINUTES ?= 10
+soak: install
+	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) scripts/soak.py --minutes $(SOAK_MINUTES) --json soak.json --check
+
+# Fuzz: the gRPC and WebSocket fuzzers with many more examples than CI runs.
+FUZZ_EXAMPLES ?= 2000
+fuzz: install
+	NEXUS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) NEXUS_REQUIRE_EXTENSIONS=1 $(PY) -m pytest tests/integration/test_fuzz.py -q
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis .benchmarks

@@ -10,7 +10,11 @@ Copy it as the start of a proxy in any language; every rule it follows is in doc
    restart. Ack every command at once, run each id only once, and answer a repeat of a
    finished one with its stored result (the first answer may have been lost). One exception:
    a command that failed here and comes back with a higher ``attempt`` is a retry on this
-   node (``target_node`` commands retry on their node): run it again.
+   node (``target_node`` commands retry on their node): run it again. This skeleton keeps
+   its record in memory, so "once" holds only while it lives; a proxy that must not run a
+   command twice across its own restarts keeps the record durably (fsync "started" before
+   running, the outcome before reporting it, answer an interrupted one "failed"): see
+   docs/reliability.md and ``nexus-node --state-dir`` (nexus_fast/node/dedup.py).
 4. The stream ends (``ABORTED`` superseded, ``UNAVAILABLE`` server gone or restarting,
    ``FAILED_PRECONDITION``/``NOT_FOUND`` after a restore or removal, or OK): register again
    with exponential backoff and jitter. Only ``INVALID_ARGUMENT`` is a bug to fix, not retry.

@@ -188,6 +188,10 @@ class ServerConfig:
     # gRPC message length options are C ints, so the ceiling is 2GB - 1.
     max_message_size: int = _f(4 * MB, "size", min=KB, max=2 * GB - 1)
     shutdown_timeout: float = _f(10.0, "duration")
+    # HTTP port: a connection must complete a request's headers this soon after connecting
+    # or after its last response, and one address may hold this many connections at once.
+    http_header_timeout: float = _f(10.0, "duration", positive=True)
+    http_max_connections_per_ip: int = _f(256, "int", min=1)
 
 
 @dataclass(frozen=True)
@@ -425,6 +429,8 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = MappingProxyType(
         "NEXUS_MAX_CONNECTIONS": "server.max_connections",
         "NEXUS_WORKER_THREADS": "server.worker_threads",
         "NEXUS_SHUTDOWN_TIMEOUT": "server.shutdown_timeout",
+        "NEXUS_HTTP_HEADER_TIMEOUT": "server.http_header_timeout",
+        "NEXUS_HTTP_MAX_CONNECTIONS_PER_IP": "server.http_max_connections_per_ip",
         "NEXUS_DB_PATH": "database.path",
         "NEXUS_DB_CACHE_SIZE": "database.cache_size",
         "NEXUS_DB_MAX_MAP_SIZE": "database.max_map_size",

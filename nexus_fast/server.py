@@ -25,9 +25,11 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 import nexus_fast
 from nexus_fast.about import versions
+from nexus_fast.api import grpc_stuck
 from nexus_fast.api.grpc_api import ControlService, NodeService, add_node_service
 from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.grpc_handlers import register
+from nexus_fast.api.grpc_health import HealthServicer
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
@@ -153,7 +155,7 @@ class NexusServer:
         if self.security is not None:
             self.nodes.listeners += self.security.node_listeners()
         self.auditor = Auditor(self.store)  # audits mutating calls with auth on or off
-        self._health = health.aio.HealthServicer()
+        self._health = HealthServicer()
         self.grpc_port = 0
         self._ws: WebSocketServer | None = None
         self._http: HttpServer | None = None
@@ -244,6 +246,8 @@ class NexusServer:
                 ssl_context=self._server_ssl_context() if cfg.security.http_tls else None,
                 middlewares=self.security.http_middlewares() if self.security else (),
                 events=self.events,
+                header_timeout=cfg.server.http_header_timeout,
+                max_connections_per_ip=cfg.server.http_max_connections_per_ip,
             )
             await _bind("http", cfg.server.host, cfg.server.http_port, self._http.start())
         except BaseException:
@@ -341,6 +345,7 @@ class NexusServer:
                 _listen_error("grpc", cfg.server.host, cfg.server.grpc_port, "address in use?")
             )
         self.grpc_port = port
+        grpc_stuck.watch.set_local_ports({port})
         await server.start()
         self._grpc = server
 

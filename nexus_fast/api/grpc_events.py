@@ -17,11 +17,13 @@ index; trailer ``nexus-oldest-index``), ``RESOURCE_EXHAUSTED`` for a slow consum
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Final
 
 import grpc
 
 from nexus_fast.api.grpc_handlers import register
+from nexus_fast.api.grpc_stuck import watch as stuck_writes
 from nexus_fast.api.status import OLDEST_INDEX_TRAILER, RESUME_AFTER_TRAILER
 from nexus_fast.codec.frames import batch_bytes, bookmark_bytes
 from nexus_fast.core.events import EventBus, Subscription
@@ -80,12 +82,13 @@ async def watch_events(
     sub = bus.subscribe(request.topics, request.keys, after, transport="grpc")
     metrics.GRPC_CONNECTIONS_ACTIVE.inc()
     delivered = metrics.EVENTS_DELIVERED.labels(transport="grpc")
+    peer = context.peer()  # for grpc_stuck, taken while the call is surely alive
     interval = bus.config.bookmark_interval
     try:
         while True:
             events = await sub.next_batch(MAX_BATCH_EVENTS, interval)
             if isinstance(events, int):
-                await _write(sub, context, bookmark_bytes(events))
+                await _write(sub, context, peer, bookmark_bytes(events))
                 continue
             # Split on bytes too: a batch of huge payloads stays under client limits.
             start = 0
@@ -93,17 +96,28 @@ async def watch_events(
             for i, event in enumerate(events):
                 size += len(event.pb_field)
                 if size > MAX_BATCH_BYTES and i > start:
-                    await _write(sub, context, batch_bytes(events[start:i]))
+                    await _write(sub, context, peer, batch_bytes(events[start:i]))
                     start, size = i, len(event.pb_field)
-            await _write(sub, context, batch_bytes(events[start:]))
+            await _write(sub, context, peer, batch_bytes(events[start:]))
             delivered.inc(len(events))
     finally:
         sub.close()
         metrics.GRPC_CONNECTIONS_ACTIVE.dec()
 
 
-async def _write(sub: Subscription, context: grpc.aio.ServicerContext, data: bytes) -> None:
+async def _write(
+    sub: Subscription, context: grpc.aio.ServicerContext, peer: str, data: bytes
+) -> None:
     # The lag bound is checked between writes, never by cancelling one: a cancelled write
     # leaves its op pending in gRPC core, and the status could then not be sent at all.
+    # A write that waits on a client that stopped reading is cut off by grpc_stuck.
     sub.check_lag()
-    await context.write(data)
+    stuck_writes.begin(sub, peer)
+    try:
+        await context.write(data)
+    except Exception:
+        if stuck_writes.end(sub):  # its connection was closed under it: the call is cancelled
+            raise asyncio.CancelledError("cut off: the client stopped reading") from None
+        raise
+    finally:
+        stuck_writes.end(sub)

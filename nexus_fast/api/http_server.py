@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from nexus_fast.api import bad_input
 from nexus_fast.api.http_events import HttpEvents
+from nexus_fast.api.http_guard import ConnectionCap, handler_options
 from nexus_fast.api.status import error_code, http_headers, http_status
 from nexus_fast.core.events import EventBus
 from nexus_fast.errors import InvalidArgument, NexusError
@@ -254,6 +255,8 @@ class HttpServer:
         ssl_context: SSLContext | None = None,
         events: EventBus | None = None,
         middlewares: Sequence[Any] = (),
+        header_timeout: float = 10.0,
+        max_connections_per_ip: int = 256,
     ) -> None:
         self.host = host
         self.events = HttpEvents(events) if events is not None else None
@@ -269,6 +272,8 @@ class HttpServer:
         self._dashboard: bytes | None = None
         self._assets: dict[str, bytes] = {}
         self._stopping = False
+        self._header_timeout = header_timeout
+        self._connection_cap = ConnectionCap(max_connections_per_ip)
 
     @property
     def port(self) -> int:
@@ -296,8 +301,11 @@ class HttpServer:
             access_log=None,
             shutdown_timeout=_SHUTDOWN_TIMEOUT,
             logger=_PeerErrorLogger(logging.getLogger("nexus.http.aiohttp"), {}),
+            **handler_options(self._header_timeout),
         )
         await runner.setup()
+        assert runner.server is not None
+        self._connection_cap.install(runner.server)
         site = web.TCPSite(runner, self.host, self._requested_port, ssl_context=self._ssl_context)
         try:
             await site.start()

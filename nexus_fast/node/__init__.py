@@ -1,7 +1,8 @@
 """nexus-node, the reference node proxy: a fleet of simulated nodes for a nexus_fast server.
 
 Layout, from the bottom up: ``spec`` (parsing, node specs, spec files), ``policy`` (a
-node's pure decisions: backoff, stream-end actions, de-dup, usage), ``channel`` (TLS and
+node's pure decisions: backoff, stream-end actions, de-dup, usage), ``dedup`` (the durable
+de-dup record of ``--state-dir``: exactly once per node across restarts), ``channel`` (TLS and
 token client connections, shared with nexus-bench), ``sim`` (one node and its narrow
 ``NodeContext``), ``fleet`` (channels, counters, status, shutdown), ``cli`` (``nexus-node``).
 """

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nexus_fast.node.channel import add_arguments, check_arguments
+from nexus_fast.node.dedup import StateDirLocked
 from nexus_fast.node.fleet import NODES_PER_CHANNEL, Fleet
 from nexus_fast.node.policy import DEFAULT_DEDUP_SIZE
 from nexus_fast.node.sim import DEFAULT_COALESCE_HOLD_S, log
@@ -203,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="append a JSON line per executed command (node_id, command_id, attempt, success)",
     )
     x.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="keep the de-duplication record in DIR (fsync'd before a command runs and "
+        "before its result is sent), so no command runs twice on a node across restarts",
+    )
+    x.add_argument(
         "--dedup-size",
         type=posint,
         default=DEFAULT_DEDUP_SIZE,
@@ -246,7 +253,11 @@ async def run_fleet(
         raise ValueError("args must come from parse_args()")
     loop = asyncio.get_running_loop()
     stop = stop_event or asyncio.Event()
-    fleet = Fleet(args, specs)
+    try:
+        fleet = Fleet(args, specs)
+    except (StateDirLocked, OSError) as exc:
+        log.error("cannot open --state-dir %s: %s", args.state_dir, exc)
+        return 2
     signals_seen = 0
 
     def on_signal(sig: signal.Signals) -> None:

@@ -24,6 +24,7 @@ import grpc
 import grpc.aio
 
 from nexus_fast.node.channel import ClientAuth, open_channel
+from nexus_fast.node.dedup import DurableDedup
 from nexus_fast.node.policy import DedupCache
 from nexus_fast.node.sim import (
     VERSION,
@@ -135,6 +136,14 @@ class Fleet:
             exec_range=args.exec_duration,
             coalesce_hold_s=args.coalesce_hold,
         )
+        if getattr(args, "state_dir", None):
+            self.ctx.journal = DurableDedup(args.state_dir, self.ctx.dedup)
+            log.info(
+                "state dir %s: %d commands remembered, %d interrupted by the last exit",
+                args.state_dir,
+                len(self.ctx.dedup),
+                self.ctx.journal.interrupted,
+            )
         self.nodes = [
             NodeSim(self.ctx, spec, i % self.channel_count) for i, spec in enumerate(specs)
         ]
@@ -204,6 +213,8 @@ class Fleet:
     def flush_record(self) -> None:
         """Flush the record file (timer callback and at exit)."""
         self._record_flush = None
+        if self.ctx.journal is not None:
+            self.ctx.journal.sync()
         if self._record_fp is not None:
             self._record_fp.flush()
 
@@ -332,6 +343,8 @@ class Fleet:
         if self._record_fp is not None:
             self._record_fp.close()
             self._record_fp = None
+        if self.ctx.journal is not None:
+            self.ctx.journal.close()
         await asyncio.gather(*(ch.close(None) for ch in self.channels), return_exceptions=True)
 
     async def _deregister_all(self) -> None:

@@ -76,6 +76,10 @@ class DedupCache:
     def __contains__(self, key: object) -> bool:
         return key in self._data
 
+    def items(self) -> list[tuple[str, tuple[bool, bytes, str, int]]]:
+        """Every ``(key, value)``, least recently used first (for a durable copy)."""
+        return list(self._data.items())
+
     def __len__(self) -> int:
         return len(self._data)
 

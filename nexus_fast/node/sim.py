@@ -20,6 +20,7 @@ import grpc
 import grpc.aio
 
 import nexus_fast
+from nexus_fast.node.dedup import DurableDedup
 from nexus_fast.node.policy import (
     Action,
     DedupCache,
@@ -115,6 +116,8 @@ class NodeContext:
     register_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(64))
     report: Reporter = _no_report
     record: Recorder = _no_record
+    # --state-dir: the durable de-dup record (node/dedup.py); None keeps it in memory only.
+    journal: DurableDedup | None = None
     hostname: str = "localhost"
     ramp_s: float | None = None  # None: spread start-up over one heartbeat interval
     failure_rate: float = 0.0
@@ -360,6 +363,8 @@ class NodeSim:
             )
         for command in msg.commands:
             self._on_command(command)
+        if self.ctx.journal is not None:
+            self.ctx.journal.sync()  # "started" is durable before anything runs
         for command_id in msg.cancel_command_ids:
             self._on_cancel(command_id)
         if msg.commands or msg.cancel_command_ids:
@@ -401,6 +406,8 @@ class NodeSim:
             return
         exe = _Execution(command)
         self._running[command.id] = exe
+        if ctx.journal is not None:
+            ctx.journal.started(self.node_id, command.id, exe.attempt)
         if command.deadline_ms and command.deadline_ms < time.time() * 1000.0:
             self._complete(exe, False, b"", "deadline exceeded")
             return
@@ -439,6 +446,8 @@ class NodeSim:
         ctx.dedup.put(
             DedupCache.key(self.node_id, command.id), (success, output, error, exe.attempt)
         )
+        if ctx.journal is not None:
+            ctx.journal.finished(self.node_id, command.id, exe.attempt, success, output, error)
         self._results.append(
             pb.CommandResult(
                 command_id=command.id,
@@ -548,6 +557,8 @@ class NodeSim:
                 await self._write(call, msg)
 
     async def _write(self, call: grpc.aio.StreamStreamCall, msg: pb.NodeMessage) -> None:
+        if msg.results and self.ctx.journal is not None:
+            self.ctx.journal.sync()  # a result is durable before it is reported
         try:
             await call.write(msg)
         except BaseException:

@@ -234,6 +234,11 @@ WEBSOCKET_MESSAGES_SENT = LoopCounter(
     "nexus_websocket_messages_sent_total", "WebSocket data frames sent."
 )
 
+HTTP_CONNECTIONS_REFUSED = Counter(
+    "nexus_http_connections_refused_total",
+    "HTTP connections refused on connect, by reason (per_ip: server.http_max_connections_per_ip).",
+    ["reason"],
+)
 HTTP_REQUESTS = Counter(
     "nexus_http_requests_total", "HTTP requests on the health/metrics port.", ["path", "status"]
 )
