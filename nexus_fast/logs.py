@@ -21,6 +21,8 @@ from typing import IO, Any, Final
 
 import orjson
 
+from nexus_fast.telemetry.trace_context import TraceIdFilter
+
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "get_logger"]
 
 ROOT_NAME: Final = "nexus"
@@ -171,6 +173,7 @@ def configure_logging(level: str, fmt: str, stream: IO[str] | None = None) -> No
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if fmt.lower() == "json" else TextFormatter())
     handler.addFilter(_ThirdPartyFilter())
+    handler.addFilter(TraceIdFilter())  # trace_id=... on lines of a traced request
     setattr(handler, _HANDLER_MARK, True)
 
     for name in (ROOT_NAME, *THIRD_PARTY_LOGGERS):

@@ -49,6 +49,7 @@ from nexus_fast.security.tls import server_ssl_context
 from nexus_fast.store.base import StoreError
 from nexus_fast.store.lmdb_store import LmdbStore
 from nexus_fast.telemetry import metrics
+from nexus_fast.telemetry import process as process_metrics
 
 log = get_logger("server")
 
@@ -152,6 +153,12 @@ class NexusServer:
         self._maintenance = Periodic("maintenance", self._maintain, log)
         self._backups = Periodic("backups", self._backup, log)
         self._health_tasks: set[asyncio.Task[None]] = set()
+        self._tracer: Any = None  # nexus_fast.telemetry.tracing.SpanTracer when [tracing] is on
+        # nexus_db_cache_hit_rate reads the page-cache residency of this file's used part.
+        process_metrics.PROCESS.data_file = lambda: (
+            self.store.path / "data.mdb",
+            self.store.size_bytes(),
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -186,6 +193,10 @@ class NexusServer:
                 "path": cfg.database.path,
             },
         )
+        if cfg.tracing.enabled:  # the OpenTelemetry SDK is imported only when tracing is on
+            from nexus_fast.telemetry import tracing
+
+            self._tracer = tracing.start(cfg.tracing, self.commands.on_final)
         self.nodes.start(cfg.performance.pruning_interval)
         self.commands.start()
         self.agents.start()
@@ -405,6 +416,12 @@ class NexusServer:
         done("http")
         await self.store.close()
         done("store")
+        if self._tracer is not None:  # flush the last spans (the exporter blocks: a thread)
+            from nexus_fast.telemetry import tracing
+
+            await asyncio.get_running_loop().run_in_executor(None, tracing.stop, self._tracer)
+            self._tracer = None
+            done("tracing")
         self._state = "stopped"
         log.info(
             "stopped",

@@ -31,6 +31,7 @@ from nexus_fast.security.grpc_auth import check_node_id, current_principal
 from nexus_fast.security.limits import PrincipalLimits
 from nexus_fast.store.base import StateStore
 from nexus_fast.telemetry import metrics
+from nexus_fast.telemetry.trace_context import from_grpc_metadata
 
 log = get_logger("grpc")
 
@@ -305,7 +306,8 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def SubmitCommands(
         self, request: pb.SubmitCommandsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitCommandsResponse:
-        return await self._commands.submit(request.commands, actor())
+        trace = from_grpc_metadata(context.invocation_metadata())  # W3C traceparent, if any
+        return await self._commands.submit(request.commands, actor(), trace)
 
     @instrumented("ControlService/GetCommand")
     async def GetCommand(
