@@ -453,6 +453,9 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = MappingProxyType(
         "NEXUS_EVENTS_BOOKMARK_INTERVAL": "events.bookmark_interval",
         "NEXUS_EVENTS_SUBSCRIBER_BUFFER": "events.subscriber_buffer",
         "NEXUS_EVENTS_MAX_SUBSCRIPTIONS": "events.max_subscriptions",
+        "NEXUS_TRACING_ENABLED": "tracing.enabled",
+        "NEXUS_TRACING_ENDPOINT": "tracing.endpoint",
+        "NEXUS_TRACING_SAMPLE_RATIO": "tracing.sample_ratio",
     }
 )
 

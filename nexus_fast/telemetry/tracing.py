@@ -187,6 +187,8 @@ def _batch_attributes(records: Sequence[pb.CommandRecord]) -> dict[str, Any]:
     if len(records) == 1:
         attributes["nexus.command.id"] = ids[0]
         attributes["nexus.command.kind"] = records[0].spec.kind
+        if not records[0].node_id:  # not placed yet: why it waits
+            attributes["nexus.command.reason"] = records[0].reason[:256]
     elif ids:
         attributes["nexus.command.ids"] = ids
     if len(nodes) == 1:
