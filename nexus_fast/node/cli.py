@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="append a JSON line per executed command (node_id, command_id, attempt, success)",
     )
     x.add_argument(
+        "--tracing-endpoint",
+        metavar="URL",
+        help="OTLP/gRPC collector (http://host:4317): a span around each run of a command "
+        "whose traceparent is sampled, continuing the core's trace (default: off)",
+    )
+    x.add_argument(
         "--dedup-size",
         type=posint,
         default=DEFAULT_DEDUP_SIZE,

@@ -127,6 +127,7 @@ class Fleet:
             ramp_s=args.ramp,
             failure_rate=args.failure_rate,
             exec_range=args.exec_duration,
+            spans=_execution_spans(getattr(args, "tracing_endpoint", None)),
         )
         self.nodes = [
             NodeSim(self.ctx, spec, i % self.channel_count) for i, spec in enumerate(specs)
@@ -351,3 +352,12 @@ class Fleet:
 
         results = await asyncio.gather(*(one(node) for node in todo))
         log.info("deregistered %d/%d nodes", sum(results), len(todo))
+
+
+def _execution_spans(endpoint: str | None) -> Any:
+    """``--tracing-endpoint``: the span recorder (the SDK is imported only then)."""
+    if not endpoint:
+        return None
+    from nexus_fast.telemetry.tracing import node_spans
+
+    return node_spans(endpoint)

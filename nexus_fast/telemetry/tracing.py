@@ -42,7 +42,7 @@ from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.telemetry import trace_context
 from nexus_fast.telemetry.trace_context import TraceContext, parse
 
-__all__ = ["SpanTracer", "build_provider", "start", "stop"]
+__all__ = ["ExecutionSpans", "SpanTracer", "build_provider", "node_spans", "start", "stop"]
 
 log = get_logger("tracing")
 
@@ -160,6 +160,50 @@ class SpanTracer:
             span.set_status(Status(StatusCode.ERROR, record.reason[:256]))
         span.end(end_time=now)
         entry.last_ns = now
+
+
+class ExecutionSpans:
+    """``nexus-node --tracing-endpoint``: a span around running each traced command.
+
+    Only commands whose ``Command.traceparent`` is sampled get one (the node follows the
+    core's decision, it never starts a trace); the span's parent is that context, i.e. the
+    core's ``nexus.submit`` span.
+    """
+
+    def __init__(self, provider: TracerProvider) -> None:
+        self.provider = provider
+        self._tracer = provider.get_tracer("nexus_fast.node")
+
+    def executed(
+        self, node_id: str, command: pb.Command, started_ns: int, success: bool, error: str
+    ) -> None:
+        """Record the span of ``command``'s run on ``node_id`` (from ``started_ns`` to now)."""
+        client = parse(command.traceparent, command.tracestate)
+        if client is None or not int(client.traceparent[-2:], 16) & 1:
+            return
+        span = self._tracer.start_span(
+            "nexus.node.execute",
+            context=otel.set_span_in_context(otel.NonRecordingSpan(_span_context(client))),
+            kind=SpanKind.CONSUMER,
+            start_time=started_ns,
+            attributes={
+                "nexus.command.id": command.id,
+                "nexus.command.kind": command.kind,
+                "nexus.command.attempt": command.attempt,
+                "nexus.node.id": node_id,
+            },
+        )
+        if not success:
+            span.set_status(Status(StatusCode.ERROR, error[:256]))
+        span.end()
+
+
+def node_spans(endpoint: str) -> ExecutionSpans:
+    """The node's span recorder, exporting to the OTLP/gRPC collector at ``endpoint``."""
+    settings = TracingConfig(
+        enabled=True, endpoint=endpoint, sample_ratio=0.0, service_name="nexus-node"
+    )
+    return ExecutionSpans(build_provider(settings))
 
 
 def _span_context(client: TraceContext | None) -> SpanContext:

@@ -7,7 +7,8 @@ Tracing: the server exports over OTLP/gRPC to a real trace receiver (opentelemet
 ``TraceService``) running in this process on a free loopback port; a node played by this
 test over a raw ``Connect`` stream runs one command submitted with a client
 ``traceparent``, and the receiver gets one trace: submit, place, commit, dispatch and
-result spans, naming the node, continuing the client's span.
+result spans, naming the node, continuing the client's span. A ``nexus-node`` with
+``--tracing-endpoint`` then adds its own span around running a command to such a trace.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"
 WS_TRACE_ID = "1" * 32
 OP_TRACE_ID = "2" * 32
+NODE_TRACE_ID = "3" * 32
+NODE_SPAN = "nexus.node.execute"
 SPAN_NAMES = {"nexus.submit", "nexus.place", "nexus.commit", "nexus.dispatch", "nexus.result"}
 
 
@@ -209,9 +212,14 @@ def run_one_node(server: ServerProcess, node_id: str, got: queue.Queue[pb.Comman
 
 
 def test_a_command_is_one_trace_from_the_clients_span_to_its_result(
-    server_factory: type, receiver: tuple[TraceReceiver, int]
+    server_factory: type,
+    fleet_factory: type,
+    receiver: tuple[TraceReceiver, int],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     collector, port = receiver
+    endpoint = f"http://{HOST}:{port}"
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")  # nexus-node exports at once too
     server = server_factory.create(
         NEXUS_TRACING_ENABLED="true",
         NEXUS_TRACING_ENDPOINT=f"http://{HOST}:{port}",
@@ -275,5 +283,33 @@ def test_a_command_is_one_trace_from_the_clients_span_to_its_result(
     starts = [spans[n].start_time_unix_nano for n in order]
     assert starts == sorted(starts)
     assert {s.trace_id.hex() for s in collector.spans} == {TRACE_ID}  # nothing else sampled
+
+    # nexus-node continues the trace: its span around the run is a child of nexus.submit.
+    fleet = fleet_factory.create(server, 1, "--exec-duration", "0", "--tracing-endpoint", endpoint)
+    with server.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+        wait_for(lambda: len(control.ListNodes(pb.ListNodesRequest(), timeout=5).nodes) == 2, 15)
+        (sim,) = [
+            n.id
+            for n in control.ListNodes(pb.ListNodesRequest(), timeout=5).nodes
+            if n.id != "trace-node"
+        ]
+        command_spec = pb.CommandSpec(idempotency_key="t2", kind="echo", target_node=sim)
+        control.SubmitCommands(
+            pb.SubmitCommandsRequest(commands=[command_spec]),
+            metadata=(("traceparent", f"00-{NODE_TRACE_ID}-{CLIENT_SPAN}-01"),),
+            timeout=10,
+        )
+    wait_for(
+        lambda: {s.name for s in collector.of_trace(NODE_TRACE_ID)} >= {*SPAN_NAMES, NODE_SPAN},
+        15,
+        message=fleet.log(),
+    )
+    spans = {s.name: s for s in collector.of_trace(NODE_TRACE_ID)}
+    executed = spans[NODE_SPAN]
+    assert executed.parent_span_id == spans["nexus.submit"].span_id
+    attributes = {a.key: a.value.string_value for a in executed.attributes}
+    assert (attributes["nexus.node.id"], attributes["nexus.command.id"]) == (sim, "t2")
+    assert fleet.stop() == 0
     assert server.stop() == 0
     node.join(10)
