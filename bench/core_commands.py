@@ -3,7 +3,7 @@
 Drives the core in process (``nexus_fast.core.assembly.CoreFabric`` on a real LmdbStore): 1,000 nodes, batches of 1,000, every command acked and succeeded, until all its
 writes are durable. ``PROF=1`` prints a cProfile of the run; ``TOTAL=N`` sets the count
 (e.g. a small one under ``valgrind --tool=callgrind``, whose instruction counts do not
-depend on what else the machine is doing); ``BATCH=N`` the batch size.
+depend on what else the machine is doing); ``BATCH=N`` the batch size, ``NODES=N`` the nodes.
 
 ``TRACE`` measures tracing (docs/performance.md, "Cost of tracing"): ``off`` (default, the
 submit call as before), ``carry`` (tracing off, every batch with a client traceparent:
@@ -106,4 +106,4 @@ async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> N
 
 if __name__ == "__main__":
     total, batch = int(os.environ.get("TOTAL", "20000")), int(os.environ.get("BATCH", "1000"))
-    uvloop.run(main(total=total, batch=batch))
+    uvloop.run(main(total=total, batch=batch, nodes=int(os.environ.get("NODES", "1000"))))

@@ -76,11 +76,13 @@ class SpanTracer:
     def incoming(self, traceparent: str, tracestate: str) -> TraceContext | None:
         """Sample a submission: its submit span's context, or the client's (carried only)."""
         client = parse(traceparent, tracestate) if traceparent else None
-        parent = otel.set_span_in_context(otel.NonRecordingSpan(_span_context(client)))
+        parent = None  # no client context: a new trace, sampled at sample_ratio
+        if client is not None:
+            parent = otel.set_span_in_context(otel.NonRecordingSpan(_span_context(client)))
         now = time.time_ns()
         span = self._tracer.start_span(
             "nexus.submit",
-            context=parent if client is not None else None,
+            context=parent,
             kind=SpanKind.SERVER,
             start_time=now,
         )
