@@ -8,8 +8,9 @@ Usage::
 
 JSON lines carry ``ts`` (RFC 3339 UTC, ms), ``level``, ``component``, ``msg``, every
 ``extra=`` field, and ``exc`` (formatted traceback) when ``exc_info`` is set. Records at
-WARNING and above from the third-party ``grpc``, ``aiohttp`` and ``asyncio`` loggers go
-through the same handler with ``component`` set to their logger name.
+WARNING and above from the third-party ``grpc``, ``aiohttp``, ``asyncio`` and
+``opentelemetry`` (span export) loggers go through the same handler with ``component`` set
+to their logger name.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from nexus_fast.telemetry.trace_context import TraceIdFilter
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "get_logger"]
 
 ROOT_NAME: Final = "nexus"
-THIRD_PARTY_LOGGERS: Final = ("grpc", "aiohttp", "asyncio")
+THIRD_PARTY_LOGGERS: Final = ("grpc", "aiohttp", "asyncio", "opentelemetry")
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,

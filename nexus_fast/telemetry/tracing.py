@@ -24,6 +24,7 @@ thread; ``OTEL_BSP_*`` variables tune it) to an OTLP/gRPC collector.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Final
@@ -66,8 +67,9 @@ class _Traced:
 class SpanTracer:
     """Turns the command path's hooks into OpenTelemetry spans (loop thread only)."""
 
-    def __init__(self, provider: TracerProvider) -> None:
+    def __init__(self, provider: TracerProvider, exporter: SpanExporter) -> None:
         self.provider = provider
+        self.exporter = exporter
         self._tracer = provider.get_tracer("nexus_fast")
         self._traced: dict[str, _Traced] = {}
 
@@ -205,7 +207,8 @@ def node_spans(endpoint: str) -> ExecutionSpans:
     settings = TracingConfig(
         enabled=True, endpoint=endpoint, sample_ratio=0.0, service_name="nexus-node"
     )
-    return ExecutionSpans(build_provider(settings))
+    provider, _ = build_provider(settings)
+    return ExecutionSpans(provider)
 
 
 def _span_context(client: TraceContext | None) -> SpanContext:
@@ -244,7 +247,9 @@ def _batch_attributes(records: Sequence[pb.CommandRecord]) -> dict[str, Any]:
     return attributes
 
 
-def build_provider(settings: TracingConfig, exporter: SpanExporter | None = None) -> Any:
+def build_provider(
+    settings: TracingConfig, exporter: SpanExporter | None = None
+) -> tuple[TracerProvider, SpanExporter]:
     """A TracerProvider with the ratio sampler, exporting to OTLP/gRPC (or ``exporter``)."""
     from nexus_fast import __version__
 
@@ -259,7 +264,7 @@ def build_provider(settings: TracingConfig, exporter: SpanExporter | None = None
 
         exporter = OTLPSpanExporter(endpoint=settings.endpoint)
     provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
+    return provider, exporter
 
 
 def start(
@@ -271,7 +276,7 @@ def start(
     """
     if not settings.enabled:
         return None
-    tracer = SpanTracer(build_provider(settings, exporter))
+    tracer = SpanTracer(*build_provider(settings, exporter))
     on_final.append(tracer.finished)
     trace_context.install(tracer)
     log.info(
@@ -282,9 +287,18 @@ def start(
 
 
 def stop(tracer: SpanTracer | None, timeout_s: float = 2.0) -> None:
-    """Uninstall ``tracer`` and flush its spans (blocking: call it off the loop)."""
+    """Uninstall ``tracer`` and flush its spans for at most ``timeout_s`` (blocking: call
+    it off the loop). A collector that is down costs the timeout, not the exporter's retries.
+    """
     if tracer is None:
         return
     trace_context.install(None)
-    tracer.provider.force_flush(int(timeout_s * 1000))
+    # force_flush waits for the export in progress, retries included: past the timeout,
+    # shutting the exporter down ends them (it closes its channel and stops retrying).
+    deadline = threading.Timer(timeout_s, tracer.exporter.shutdown)
+    deadline.start()
+    try:
+        tracer.provider.force_flush(int(timeout_s * 1000))
+    finally:
+        deadline.cancel()
     tracer.provider.shutdown()
