@@ -3,7 +3,7 @@
 # do not depend on what else the machine runs: (I(TOTAL=3000) - I(TOTAL=1000)) / 2000, so
 # start-up cancels out. Modes: before (BEFORE=<dir> holding the tree to compare against, run
 # with the same script), TRACE=off, carry, on at 1% and on at 100% (spans to an OTLP sink).
-#   BEFORE=/tmp/base bash bench/tracing_instructions.sh
+#   BEFORE=/tmp/base bash bench/tracing_instructions.sh     # MODES="off on1" for some only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$PWD/.venv/bin/python
@@ -23,8 +23,12 @@ run() {  # $1 label, $2 dir; rest: env
   small=$(irefs "$dir" 1000 "$@"); big=$(irefs "$dir" 3000 "$@")
   echo "$label: $(( (big - small) / 2000 )) instructions per command"
 }
-[ -n "${BEFORE:-}" ] && run before "$BEFORE" TRACE=off
-run "off" "$PWD" TRACE=off
-run "carry" "$PWD" TRACE=carry
-run "on 1%" "$PWD" TRACE=on TRACE_RATIO=0.01
-run "on 100%" "$PWD" TRACE=on TRACE_RATIO=1
+for mode in ${MODES:-before off carry on1 on100}; do
+  case $mode in
+    before) [ -n "${BEFORE:-}" ] && run before "$BEFORE" TRACE=off ;;
+    off) run "off" "$PWD" TRACE=off ;;
+    carry) run "carry" "$PWD" TRACE=carry ;;
+    on1) run "on 1%" "$PWD" TRACE=on TRACE_RATIO=0.01 ;;
+    on100) run "on 100%" "$PWD" TRACE=on TRACE_RATIO=1 ;;
+  esac
+done

@@ -16,24 +16,28 @@ so its own work continues the same trace.
 The core knows nothing of this module: it calls the hooks in
 :mod:`nexus_fast.telemetry.trace_context`, which forward here once :func:`start` installed
 a :class:`SpanTracer`. Spans are recorded after the fact (explicit start and end times
-taken at the hook sites), and only for sampled submissions: ``ParentBased(TraceIdRatio)``,
-so a client's sampled trace is always followed and a submission without one is sampled
-with probability ``sample_ratio``. Export is the SDK's ``BatchSpanProcessor`` (its own
+taken at the hook sites), and only for sampled submissions. Sampling is decided here, once
+per submission and before the SDK is called (its sampler path costs tens of microseconds):
+a client's ``traceparent`` is followed as its flags say (sampled: traced; not: carried
+only), and a submission without one is traced with probability ``sample_ratio`` (the
+provider's sampler is then ``ParentBased(ALWAYS_ON)``). Export is the SDK's ``BatchSpanProcessor`` (its own
 thread; ``OTEL_BSP_*`` variables tune it) to an OTLP/gRPC collector.
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Final
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace as otel
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from nexus_fast.config import TracingConfig
@@ -52,6 +56,8 @@ log = get_logger("tracing")
 MAX_TRACED_COMMANDS: Final = 65536
 # Command ids named on a batch's submit span (a batch may hold thousands).
 _MAX_IDS_ON_SPAN: Final = 16
+# The parent of a new trace's submit span: an empty context (never an ambient span).
+_ROOT: Final = otel_context.Context()
 
 
 class _Traced:
@@ -67,20 +73,29 @@ class _Traced:
 class SpanTracer:
     """Turns the command path's hooks into OpenTelemetry spans (loop thread only)."""
 
-    def __init__(self, provider: TracerProvider, exporter: SpanExporter) -> None:
+    def __init__(
+        self, provider: TracerProvider, exporter: SpanExporter, sample_ratio: float
+    ) -> None:
         self.provider = provider
         self.exporter = exporter
+        self.sample_ratio = sample_ratio
         self._tracer = provider.get_tracer("nexus_fast")
         self._traced: dict[str, _Traced] = {}
+        self._random = random.random
 
     # ------------------------------------------------------------ hooks
 
     def incoming(self, traceparent: str, tracestate: str) -> TraceContext | None:
         """Sample a submission: its submit span's context, or the client's (carried only)."""
         client = parse(traceparent, tracestate) if traceparent else None
-        parent = None  # no client context: a new trace, sampled at sample_ratio
         if client is not None:
+            if not int(client.traceparent[-2:], 16) & 1:
+                return client  # the client decided not to sample: carried only
             parent = otel.set_span_in_context(otel.NonRecordingSpan(_span_context(client)))
+        elif self._random() < self.sample_ratio:
+            parent = _ROOT  # a new trace
+        else:
+            return None
         now = time.time_ns()
         span = self._tracer.start_span(
             "nexus.submit",
@@ -88,8 +103,6 @@ class SpanTracer:
             kind=SpanKind.SERVER,
             start_time=now,
         )
-        if not span.is_recording():
-            return client
         own = span.get_span_context()
         state = own.trace_state.to_header()
         carried = f"00-{own.trace_id:032x}-{own.span_id:016x}-{int(own.trace_flags):02x}"
@@ -204,9 +217,7 @@ class ExecutionSpans:
 
 def node_spans(endpoint: str) -> ExecutionSpans:
     """The node's span recorder, exporting to the OTLP/gRPC collector at ``endpoint``."""
-    settings = TracingConfig(
-        enabled=True, endpoint=endpoint, sample_ratio=0.0, service_name="nexus-node"
-    )
+    settings = TracingConfig(enabled=True, endpoint=endpoint, service_name="nexus-node")
     provider, _ = build_provider(settings)
     return ExecutionSpans(provider)
 
@@ -250,15 +261,15 @@ def _batch_attributes(records: Sequence[pb.CommandRecord]) -> dict[str, Any]:
 def build_provider(
     settings: TracingConfig, exporter: SpanExporter | None = None
 ) -> tuple[TracerProvider, SpanExporter]:
-    """A TracerProvider with the ratio sampler, exporting to OTLP/gRPC (or ``exporter``)."""
+    """A TracerProvider recording every span it is asked for (the callers sample),
+    exporting in batches to OTLP/gRPC (or to ``exporter``).
+    """
     from nexus_fast import __version__
 
     resource = Resource.create(
         {"service.name": settings.service_name, "service.version": __version__}
     )
-    provider = TracerProvider(
-        resource=resource, sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio))
-    )
+    provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_ON))
     if exporter is None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -276,7 +287,7 @@ def start(
     """
     if not settings.enabled:
         return None
-    tracer = SpanTracer(*build_provider(settings, exporter))
+    tracer = SpanTracer(*build_provider(settings, exporter), settings.sample_ratio)
     on_final.append(tracer.finished)
     trace_context.install(tracer)
     log.info(

@@ -146,3 +146,22 @@ def test_log_lines_carry_the_trace_id_of_the_request_being_handled() -> None:
 
     assert '"trace_id"' not in line()
     assert f'"trace_id":"{TRACE_ID}"' in contextvars.copy_context().run(traced)
+
+
+def test_sample_ratio_decides_new_traces_and_a_clients_flags_decide_its_own() -> None:
+    for ratio, expect_traced in ((1.0, True), (0.0, False)):
+        tracer = tracing.start(
+            TracingConfig(enabled=True, sample_ratio=ratio), [], InMemorySpanExporter()
+        )
+        assert tracer is not None
+        fresh = tracer.incoming("", "")
+        assert (fresh is not None and fresh.span is not None) == expect_traced
+        if fresh is not None:
+            assert fresh.trace_id != TRACE_ID
+            assert int(fresh.traceparent[-2:], 16) & 1  # sampled (the SDK may add "random")
+        followed = tracer.incoming(SAMPLED, "")
+        assert followed is not None and followed.span is not None  # whatever the ratio
+        assert followed.trace_id == TRACE_ID
+        carried = tracer.incoming(UNSAMPLED, "")
+        assert carried is not None and carried.span is None and carried.traceparent == UNSAMPLED
+        tracing.stop(tracer)
