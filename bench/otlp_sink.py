@@ -34,9 +34,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=4317)
     args = parser.parse_args()
     sink = Sink()
-    server = grpc.server(futures.ThreadPoolExecutor(2))
+    server = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.so_reuseport", 0)])
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(sink, server)
-    server.add_insecure_port(f"127.0.0.1:{args.port}")
+    try:
+        server.add_insecure_port(f"127.0.0.1:{args.port}")
+    except RuntimeError:
+        raise SystemExit(f"otlp_sink: 127.0.0.1:{args.port} is in use") from None
     server.start()
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

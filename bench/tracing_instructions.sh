@@ -11,6 +11,8 @@ SINK_PORT=${SINK_PORT:-43171}
 export NEXUS_REQUIRE_EXTENSIONS=1 BATCH=100 NODES=100 TRACE_ENDPOINT=http://127.0.0.1:$SINK_PORT
 $PY bench/otlp_sink.py --port "$SINK_PORT" & sink=$!
 trap 'kill $sink' EXIT
+sleep 1
+kill -0 $sink  # the sink is listening (else its port is taken: set SINK_PORT)
 irefs() {  # $1 dir, $2 TOTAL; rest: env
   local dir=$1 total=$2; shift 2
   (cd "$dir" && env PYTHONPATH="$dir" TOTAL="$total" "$@" valgrind --tool=cachegrind \
