@@ -3,7 +3,13 @@
 Drives the core in process (``nexus_fast.core.assembly.CoreFabric`` on a real LmdbStore): 1,000 nodes, batches of 1,000, every command acked and succeeded, until all its
 writes are durable. ``PROF=1`` prints a cProfile of the run; ``TOTAL=N`` sets the count
 (e.g. a small one under ``valgrind --tool=callgrind``, whose instruction counts do not
-depend on what else the machine is doing).
+depend on what else the machine is doing); ``BATCH=N`` the batch size, ``NODES=N`` the nodes.
+
+``TRACE`` measures tracing (docs/performance.md, "Cost of tracing"): ``off`` (default, the
+submit call as before), ``carry`` (tracing off, every batch with a client traceparent:
+carried to records and nodes), ``on`` (tracing on at ``TRACE_RATIO``, default 0.01, batches
+without a traceparent, spans exported over OTLP/gRPC to ``TRACE_ENDPOINT``, e.g. a
+``bench/otlp_sink.py`` in another process).
 
     NEXUS_REQUIRE_EXTENSIONS=1 .venv/bin/python bench/core_commands.py
 """
@@ -24,6 +30,9 @@ from nexus_fast.core.assembly import CoreFabric
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store import LmdbStore
 
+TRACE = os.environ.get("TRACE", "off")
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
 
 async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> None:
     fab = await CoreFabric(
@@ -32,6 +41,17 @@ async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> N
         max_batch_size=batch,
         default_timeout=300,
     ).start()
+    tracer = None
+    if TRACE != "off":
+        from nexus_fast.config import TracingConfig
+        from nexus_fast.telemetry import trace_context, tracing
+
+        settings = TracingConfig(
+            enabled=TRACE == "on",
+            endpoint=os.environ.get("TRACE_ENDPOINT", "http://127.0.0.1:4317"),
+            sample_ratio=float(os.environ.get("TRACE_RATIO", "0.01")),
+        )
+        tracer = tracing.start(settings, fab.commands.on_final)
     sessions = [await fab.node(f"n{i:04d}") for i in range(nodes)]
     for session in sessions:
         assert session is not None
@@ -44,7 +64,12 @@ async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> N
     cpu_started = time.process_time()  # loop thread + LMDB writer thread
     done = 0
     for _ in range(total // batch):
-        await fab.commands.submit([pb.CommandSpec(kind="run") for _ in range(batch)])
+        specs = [pb.CommandSpec(kind="run") for _ in range(batch)]
+        if TRACE == "off":
+            await fab.commands.submit(specs)
+        else:
+            header = TRACEPARENT if TRACE == "carry" else None
+            await fab.commands.submit(specs, "", trace_context.incoming(header))
         await asyncio.sleep(0)  # let the dispatch callback run
         for session in sessions:
             assert session is not None
@@ -64,13 +89,15 @@ async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> N
                 fab.commands.handle_reports(session.node_id, pb.NodeMessage(results=results))
                 done += len(results)
     await fab.flush()
+    if tracer is not None:
+        tracing.stop(tracer)  # the export thread's CPU of the run is counted
     elapsed = time.perf_counter() - started
     cpu = time.process_time() - cpu_started
     if profile is not None:
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
     print(
-        f"{done} commands in {elapsed:.2f}s: {done / elapsed:,.0f}/s, "
+        f"[TRACE={TRACE}] {done} commands in {elapsed:.2f}s: {done / elapsed:,.0f}/s, "
         f"{1e6 * elapsed / done:.1f} us of loop time and {1e6 * cpu / done:.1f} us of CPU "
         "(both threads) per command"
     )
@@ -78,4 +105,5 @@ async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> N
 
 
 if __name__ == "__main__":
-    uvloop.run(main(total=int(os.environ.get("TOTAL", "20000"))))
+    total, batch = int(os.environ.get("TOTAL", "20000")), int(os.environ.get("BATCH", "1000"))
+    uvloop.run(main(total=total, batch=batch, nodes=int(os.environ.get("NODES", "1000"))))

@@ -54,6 +54,7 @@ __all__ = [
     "SchedulerConfig",
     "SecurityConfig",
     "ServerConfig",
+    "TracingConfig",
     "format_duration",
     "format_size",
     "load_config",
@@ -363,6 +364,16 @@ class EventsConfig:
     max_subscriptions: int = _f(16, "int", min=1, max=1024)
 
 
+@dataclass(frozen=True)
+class TracingConfig:
+    """[tracing]: OpenTelemetry spans of the command path over OTLP/gRPC (docs/tracing.md)."""
+
+    enabled: bool = _f(False, "bool")
+    endpoint: str = _f("http://127.0.0.1:4317", "str")  # http:// plaintext, https:// TLS
+    sample_ratio: float = _f(0.01, "float", min=0, max=1)  # submissions without a traceparent
+    service_name: str = _f("nexus-fast", "str")
+
+
 _SECTIONS: Final[Mapping[str, type]] = MappingProxyType(
     {
         "server": ServerConfig,
@@ -376,6 +387,7 @@ _SECTIONS: Final[Mapping[str, type]] = MappingProxyType(
         "events": EventsConfig,
         "agents": AgentsConfig,
         "nodes": NodesConfig,
+        "tracing": TracingConfig,
     }
 )
 
@@ -395,6 +407,7 @@ class Config:
     events: EventsConfig = field(default_factory=EventsConfig)
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     nodes: NodesConfig = field(default_factory=NodesConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     # Where each non-default dotted key came from; excluded from equality.
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
@@ -452,6 +465,9 @@ ENV_OVERRIDES: Final[Mapping[str, str]] = MappingProxyType(
         "NEXUS_EVENTS_BOOKMARK_INTERVAL": "events.bookmark_interval",
         "NEXUS_EVENTS_SUBSCRIBER_BUFFER": "events.subscriber_buffer",
         "NEXUS_EVENTS_MAX_SUBSCRIPTIONS": "events.max_subscriptions",
+        "NEXUS_TRACING_ENABLED": "tracing.enabled",
+        "NEXUS_TRACING_ENDPOINT": "tracing.endpoint",
+        "NEXUS_TRACING_SAMPLE_RATIO": "tracing.sample_ratio",
     }
 )
 
@@ -714,6 +730,8 @@ def _check(cfg: Config, sources: Mapping[str, str], raw: Mapping[str, object]) -
     known = {"admin", "operator", "viewer", "node", *(r.name for r in sec.rbac.roles)}
     if sec.rbac.default_role and sec.rbac.default_role not in known:
         raise err("security.rbac", f"default_role among {', '.join(sorted(known))}")
+    if not re.fullmatch(r"https?://[^/\s]+/?", cfg.tracing.endpoint):
+        raise err("tracing.endpoint", "an OTLP/gRPC URL like http://127.0.0.1:4317")
     limits = sec.limits
     if limits.enabled and limits.max_ws_connections >= srv.max_connections:
         # Else one principal at its cap holds every connection the server accepts.

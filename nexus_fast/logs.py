@@ -8,9 +8,9 @@ Usage::
 
 JSON lines carry ``ts`` (RFC 3339 UTC, ms), ``level``, ``component``, ``msg``, every
 ``extra=`` field, and ``exc`` (formatted traceback) when ``exc_info`` is set. Records at
-WARNING and above from the third-party ``grpc``, ``aiohttp`` and ``asyncio`` loggers go
-through the same handler with ``component`` set to their logger name.
-
+WARNING and above from the third-party ``grpc``, ``aiohttp``, ``asyncio`` and
+``opentelemetry`` (span export) loggers go through the same handler with ``component`` set
+to their logger name.
 With a ``file`` the lines go to that file instead of stderr, rotated by size (the stdlib
 ``RotatingFileHandler``), daily, or not at all (an outside logrotate). The file is written
 by a thread behind a queue, so a slow disk or a rotation never stalls the event loop.
@@ -30,10 +30,12 @@ from typing import IO, Any, Final
 
 import orjson
 
+from nexus_fast.telemetry.trace_context import TraceIdFilter
+
 __all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "get_logger"]
 
 ROOT_NAME: Final = "nexus"
-THIRD_PARTY_LOGGERS: Final = ("grpc", "aiohttp", "asyncio")
+THIRD_PARTY_LOGGERS: Final = ("grpc", "aiohttp", "asyncio", "opentelemetry")
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -233,6 +235,7 @@ def configure_logging(
         handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(formatter)
     handler.addFilter(_ThirdPartyFilter())
+    handler.addFilter(TraceIdFilter())  # trace_id=... on lines of a traced request
     setattr(handler, _HANDLER_MARK, True)
 
     for name in (ROOT_NAME, *THIRD_PARTY_LOGGERS):

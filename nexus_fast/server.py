@@ -54,6 +54,7 @@ from nexus_fast.store.base import StoreError
 from nexus_fast.store.datafile import LOAD_ERRORS, DataFileError, crash_guard, damaged_hint
 from nexus_fast.store.lmdb_store import LmdbStore
 from nexus_fast.telemetry import metrics
+from nexus_fast.telemetry import process as process_metrics
 
 log = get_logger("server")
 
@@ -167,6 +168,12 @@ class NexusServer:
         self.grpc_certificates: GrpcCertificates | None = None
         self.ws_protocol: EventStreamProtocol | None = None
         self.reloader = ConfigReloader(self, config_file, overrides)
+        self._tracer: Any = None  # nexus_fast.telemetry.tracing.SpanTracer when [tracing] is on
+        # nexus_db_cache_hit_rate reads the page-cache residency of this file's used part.
+        process_metrics.PROCESS.data_file = lambda: (
+            self.store.path / "data.mdb",
+            self.store.size_bytes(),
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -211,6 +218,10 @@ class NexusServer:
                 "path": cfg.database.path,
             },
         )
+        if cfg.tracing.enabled:  # the OpenTelemetry SDK is imported only when tracing is on
+            from nexus_fast.telemetry import tracing
+
+            self._tracer = tracing.start(cfg.tracing, self.commands.on_final)
         self.nodes.start(cfg.performance.pruning_interval)
         self.commands.start()
         self.agents.start()
@@ -443,6 +454,12 @@ class NexusServer:
         done("http")
         await self.store.close()
         done("store")
+        if self._tracer is not None:  # flush the last spans (the exporter blocks: a thread)
+            from nexus_fast.telemetry import tracing
+
+            await asyncio.get_running_loop().run_in_executor(None, tracing.stop, self._tracer)
+            self._tracer = None
+            done("tracing")
         self._state = "stopped"
         log.info(
             "stopped",

@@ -32,6 +32,7 @@ from nexus_fast.security.grpc_auth import check_node_id, current_principal
 from nexus_fast.security.limits import PrincipalLimits
 from nexus_fast.store.base import StateStore
 from nexus_fast.telemetry import metrics
+from nexus_fast.telemetry.trace_context import from_grpc_metadata
 
 log = get_logger("grpc")
 
@@ -309,14 +310,15 @@ class ControlService(pb_grpc.ControlServiceServicer):
     async def SubmitCommands(
         self, request: pb.SubmitCommandsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SubmitCommandsResponse:
+        trace = from_grpc_metadata(context.invocation_metadata())  # W3C traceparent, if any
         if not request.wait_ms:
-            return await self._commands.submit(request.commands, actor())
+            return await self._commands.submit(request.commands, actor(), trace)
         slot = None
         if self._limits is not None:  # taken before submitting: a refusal commits nothing
             slot = self._limits.stream(actor())
         try:
             return await submit_and_wait(
-                self._commands, list(request.commands), actor(), request.wait_ms
+                self._commands, list(request.commands), actor(), request.wait_ms, trace
             )
         finally:
             if slot is not None:

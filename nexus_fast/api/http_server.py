@@ -23,10 +23,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from nexus_fast.api import bad_input
 from nexus_fast.api.http_events import HttpEvents
 from nexus_fast.api.http_guard import ConnectionCap, handler_options
+from nexus_fast.api.http_metrics import HttpMetrics
 from nexus_fast.api.status import error_code, http_headers, http_status
 from nexus_fast.core.events import EventBus
 from nexus_fast.errors import InvalidArgument, NexusError
 from nexus_fast.telemetry import metrics
+from nexus_fast.telemetry.trace_context import note_trace_id
 
 __all__ = [
     "DEFAULT_NODE_LIMIT",
@@ -339,6 +341,8 @@ class HttpServer:
         router.add_get("/ready", self._ready)
         router.add_get("/live", self._live)
         router.add_get("/metrics", self._metrics)
+        if self.metrics_enabled:  # /api/v1/metrics[/database|/performance] and their sampler
+            HttpMetrics(self.backend).attach(app)
         router.add_get("/api/v1/nodes", self._list_nodes)
         router.add_get("/api/v1/nodes/{node_id}", self._get_node)
         router.add_get("/api/v1/commands/{command_id}", self._get_command)
@@ -356,6 +360,7 @@ class HttpServer:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
         """JSON for every error, one count per request by route template and status."""
+        note_trace_id(request.headers.get("traceparent"))  # log lines carry the trace id
         try:
             response = await handler(request)
         except web.HTTPException as exc:

@@ -45,6 +45,7 @@ from nexus_fast.security.audit import OUTCOME_OK
 from nexus_fast.security.principal import Principal
 from nexus_fast.security.ws_auth import PRINCIPAL_KEY
 from nexus_fast.telemetry import metrics
+from nexus_fast.telemetry.trace_context import TraceContext, from_headers, incoming
 
 __all__ = [
     "MAX_FRAME_BYTES",
@@ -55,8 +56,11 @@ __all__ = [
 
 log = get_logger("ws.events")
 
-# (specs, actor): actor is the submitting principal's name, put on the commands' events.
-SubmitCommands = Callable[[list[pb.CommandSpec], str], Awaitable[pb.SubmitCommandsResponse]]
+# (specs, actor, trace): actor is the submitting principal's name, put on the commands'
+# events; trace the submission's W3C trace context (None: none).
+SubmitCommands = Callable[
+    [list[pb.CommandSpec], str, TraceContext | None], Awaitable[pb.SubmitCommandsResponse]
+]
 """``submit_commands(specs) -> SubmitCommandsResponse``; raises NexusError subclasses."""
 
 MAX_FRAME_EVENTS: Final = 500
@@ -342,7 +346,14 @@ class EventStreamProtocol:
         try:
             principal = conn.state.get(PRINCIPAL_KEY)
             actor = principal.name if isinstance(principal, Principal) else ANONYMOUS
-            response = await submit(specs, actor)
+            # W3C trace context: the submit op's own, else the upgrade request's headers.
+            traceparent = message.get("traceparent")
+            trace = (
+                incoming(traceparent, message.get("tracestate"))
+                if isinstance(traceparent, str)
+                else from_headers(conn.headers)
+            )
+            response = await submit(specs, actor, trace)
         except NexusError as exc:
             _fail(conn, message, exc)
             return

@@ -140,10 +140,13 @@ def add_node_command(
     ``payload`` replaces the stored one (a payload built at dispatch).
     """
     spec = record.spec
-    message.commands.add(
+    command = message.commands.add(
         id=record.id,
         kind=spec.kind,
         payload=spec.payload if payload is None else payload,
         attempt=record.attempt,
         deadline_ms=record.dispatched_ms + spec.timeout_ms,
     )
+    if record.traceparent:  # the node continues the submission's trace
+        command.traceparent = record.traceparent
+        command.tracestate = record.tracestate

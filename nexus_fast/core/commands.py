@@ -73,6 +73,7 @@ from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store.base import StateStore
 from nexus_fast.telemetry import metrics
+from nexus_fast.telemetry import trace_context as traces
 
 __all__ = [
     "ACKED",
@@ -298,8 +299,10 @@ class CommandService:
 
     # ------------------------------------------------------------ submit
 
-    async def submit(self, specs: Specs, actor: str = "") -> pb.SubmitCommandsResponse:
-        """Validate, de-duplicate, place and persist ``actor``'s batch; answers once durable."""
+    async def submit(
+        self, specs: Specs, actor: str = "", trace: traces.TraceContext | None = None
+    ) -> pb.SubmitCommandsResponse:
+        """Validate, de-duplicate, place, persist ``actor``'s batch (with its ``trace``)."""
         self._validate_batch(specs)
         answers: list[tuple[pb.CommandRecord, bool]] = []  # (record, duplicate)
         new: list[pb.CommandRecord] = []
@@ -331,12 +334,16 @@ class CommandService:
         for record in new:
             self._active[record.id] = record
             self._submitted_at[record.id] = now
+        if trace is not None:
+            traces.stamp(trace, new)
         try:
             commit = await self._log.save(new, actor) if new else None
         except BaseException:
             for record in new:
                 self._forget(record)
             raise
+        if trace is not None:
+            traces.committed(trace, new)
         # Durable: only now may the commands flow to nodes.
         live: dict[str, bool] = {}  # one registry look-up per node, not per command
         for record, placement in zip(new, placed, strict=True):
@@ -553,6 +560,8 @@ class CommandService:
                     observe(now - started)
         self._log.save_later(records)
         metrics.COMMAND_QUEUE_DEPTH.set(len(self._dispatch))
+        if traces.tracer is not None:
+            traces.tracer.dispatched(records)
 
     def session_opened(self, node: pb.Node, session: Session) -> None:
         """Re-send what the node may have missed, then whatever is queued for it."""

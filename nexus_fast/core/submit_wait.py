@@ -16,6 +16,7 @@ from typing import Final
 from nexus_fast.core.commands import CommandService
 from nexus_fast.errors import Unavailable
 from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.telemetry.trace_context import TraceContext
 
 __all__ = ["MAX_SUBMIT_WAIT_MS", "submit_and_wait"]
 
@@ -25,10 +26,14 @@ MAX_SUBMIT_WAIT_MS: Final = 30_000
 
 
 async def submit_and_wait(
-    commands: CommandService, specs: list[pb.CommandSpec], actor: str, wait_ms: int
+    commands: CommandService,
+    specs: list[pb.CommandSpec],
+    actor: str,
+    wait_ms: int,
+    trace: TraceContext | None = None,
 ) -> pb.SubmitCommandsResponse:
     """``commands.submit`` (durable first), then up to ``wait_ms`` for final records."""
-    response = await commands.submit(specs, actor)
+    response = await commands.submit(specs, actor, trace)
     if wait_ms <= 0:
         return response
     ids = list(dict.fromkeys(result.id for result in response.results))

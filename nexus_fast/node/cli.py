@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
         "before its result is sent), so no command runs twice on a node across restarts",
     )
     x.add_argument(
+        "--tracing-endpoint",
+        metavar="URL",
+        help="OTLP/gRPC collector (http://host:4317): a span around each run of a command "
+        "whose traceparent is sampled, continuing the core's trace (default: off)",
+    )
+    x.add_argument(
         "--dedup-size",
         type=posint,
         default=DEFAULT_DEDUP_SIZE,

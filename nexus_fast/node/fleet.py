@@ -135,6 +135,7 @@ class Fleet:
             failure_rate=args.failure_rate,
             exec_range=args.exec_duration,
             coalesce_hold_s=args.coalesce_hold,
+            spans=_execution_spans(getattr(args, "tracing_endpoint", None)),
         )
         if getattr(args, "state_dir", None):
             self.ctx.journal = DurableDedup(args.state_dir, self.ctx.dedup)
@@ -371,3 +372,12 @@ class Fleet:
 
         results = await asyncio.gather(*(one(node) for node in todo))
         log.info("deregistered %d/%d nodes", sum(results), len(todo))
+
+
+def _execution_spans(endpoint: str | None) -> Any:
+    """``--tracing-endpoint``: the span recorder (the SDK is imported only then)."""
+    if not endpoint:
+        return None
+    from nexus_fast.telemetry.tracing import node_spans
+
+    return node_spans(endpoint)

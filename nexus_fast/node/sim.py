@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 import grpc.aio
@@ -33,6 +33,9 @@ from nexus_fast.node.policy import (
 )
 from nexus_fast.node.spec import RESOURCE_KEYS, NodeSpec
 from nexus_fast.pb import fabric_pb2 as pb
+
+if TYPE_CHECKING:
+    from nexus_fast.telemetry.tracing import ExecutionSpans
 
 log = logging.getLogger("nexus_fast.node")
 
@@ -124,6 +127,8 @@ class NodeContext:
     exec_range: tuple[float, float] = (0.01, 0.01)
     coalesce_hold_s: float = DEFAULT_COALESCE_HOLD_S  # > 0: hold each send this long
     stopping: bool = False
+    # --tracing-endpoint: a span around each run of a command with a sampled traceparent.
+    spans: ExecutionSpans | None = None
 
     def exec_duration(self) -> float:
         """One simulated execution time, uniform within ``exec_range``."""
@@ -134,12 +139,13 @@ class NodeContext:
 class _Execution:
     """One running simulated command."""
 
-    __slots__ = ("attempt", "command", "handle")
+    __slots__ = ("attempt", "command", "handle", "started_ns")
 
     def __init__(self, command: pb.Command) -> None:
         self.command = command
         self.attempt = command.attempt
         self.handle: asyncio.TimerHandle | None = None
+        self.started_ns = time.time_ns()  # the start of its span, when it is traced
 
 
 _GRPC_ENDED = (grpc.aio.AioRpcError, asyncio.InvalidStateError, grpc.aio.UsageError)
@@ -464,6 +470,8 @@ class NodeSim:
             if error == "cancelled":
                 stats.cancelled += 1
         ctx.record(self.node_id, command, exe.attempt, success, error)
+        if ctx.spans is not None and command.traceparent:
+            ctx.spans.executed(self.node_id, command, exe.started_ns, success, error)
         self._wake.set()
         if not self._over_capacity():
             self._space.set()

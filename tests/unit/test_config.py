@@ -180,6 +180,7 @@ def test_to_dict_is_json_and_masks_token() -> None:
         "events",
         "agents",
         "nodes",
+        "tracing",
     }
     assert load_config(env={}).to_dict()["security"]["auth_token"] == ""
 
@@ -576,3 +577,13 @@ def test_readme_documents_every_environment_override() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     missing = [var for var in ENV_OVERRIDES if f"`{var}`" not in readme]
     assert not missing, f"README configuration table lacks {missing}"
+
+
+def test_tracing_endpoint_must_be_an_otlp_grpc_url(tmp_path: Path) -> None:
+    assert load_config(env={}).tracing.enabled is False  # off by default
+    cfg = load_config(env={"NEXUS_TRACING_ENDPOINT": "https://otel.example.com:4317"})
+    assert cfg.tracing.endpoint == "https://otel.example.com:4317"
+    err = load_error(write(tmp_path, '[tracing]\nendpoint = "otel:4317"\n'), env={})
+    assert err.key == "tracing.endpoint" and "http://127.0.0.1:4317" in str(err)
+    err = load_error(None, env={"NEXUS_TRACING_SAMPLE_RATIO": "1.5"})
+    assert err.key == "tracing.sample_ratio" and err.source == "NEXUS_TRACING_SAMPLE_RATIO"
