@@ -622,6 +622,7 @@ class FakeConnection:
         self.is_open = True
         self.closed: tuple[int, str] | None = None
         self.resume_hint: Callable[[], int | None] | None = None
+        self.headers: dict[str, str] = {}  # the upgrade request's (traceparent, if any)
         self._callbacks: list[Callable[[Any], None]] = []
         self._resume: asyncio.Future[None] | None = None
 
@@ -760,7 +761,9 @@ def test_ws_submit_calls_the_hook_and_maps_errors() -> None:
         bus = make_bus(log)
         seen: list[list[pb.CommandSpec]] = []
 
-        async def submit(specs: list[pb.CommandSpec], actor: str) -> pb.SubmitCommandsResponse:
+        async def submit(
+            specs: list[pb.CommandSpec], actor: str, trace: object = None
+        ) -> pb.SubmitCommandsResponse:
             seen.append(specs)
             if specs[0].kind == "full":
                 raise ResourceExhausted("queue full")
