@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from nexus_fast.eventlog import collect_batch
 from nexus_fast.store import datadir
 from nexus_fast.store.audit_chain import (
     AUDIT_DB,
@@ -50,6 +51,7 @@ from nexus_fast.store.audit_chain import (
 )
 from nexus_fast.store.base import (
     CommitHook,
+    EventFallback,
     CommitResult,
     Delete,
     DeleteRange,
@@ -587,6 +589,44 @@ class LmdbStore(WriterThread):
         self._m_scan.inc()
         self._m_scan_s.observe(time.perf_counter() - t0)
         return out
+
+    def event_batch(
+        self,
+        after_index: int,
+        upto: int,
+        max_events: int,
+        max_bytes: int,
+        scan_limit: int,
+        topics: frozenset[str] | None,
+        keys: frozenset[str] | None,
+        fallback: EventFallback,
+    ) -> tuple[bytes, int, int]:
+        """A serialized ``EventBatch`` of the matching events after ``after_index``, read
+        zero-copy: ``(batch, events in it, last index examined)``. Loop thread only.
+
+        One ``buffers=True`` read txn: the cursor's views into the map are walked by
+        :func:`nexus_fast.eventlog.collect_batch` (compiled) and each stored body is copied
+        once, into the batch, which is built before the txn ends (no view outlives it).
+        Bounds and the filter: see ``collect_batch``. The last index examined equals
+        ``after_index`` when ``after_index + 1`` is no longer in the log.
+        """
+        env, h = self._handle(EVENTS_DB)
+        t0 = time.perf_counter()
+        with env.begin(db=h, buffers=True) as txn:
+            batch = collect_batch(
+                txn.cursor(),
+                max(after_index, 0),
+                upto,
+                max_events,
+                max_bytes,
+                scan_limit,
+                topics,
+                keys,
+                fallback,
+            )
+        self._m_scan.inc()
+        self._m_scan_s.observe(time.perf_counter() - t0)
+        return batch
 
     def first_event_index(self) -> int:
         """Oldest event kept; ``last_event_index + 1`` when the log is empty (all pruned)."""

@@ -1,0 +1,365 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Stored events read from their bytes, compiled twin of ``nexus_fast/_eventlog_py.py``.
+
+Same functions, same results (the pure twin is the typed source of truth, and
+tests/unit/test_eventlog.py feeds both the same bytes). Here the protobuf wire walk runs in
+C over the buffer of each value, and :func:`collect_batch` copies each stored body from
+the LMDB map (the ``buffers=True`` view the cursor yields) straight into one growing C
+buffer behind its field header: per event, one C walk of the body and one ``memcpy``, and
+no Python object of ours. Every read of the buffers is bounded by their length (checked
+in the walk), so boundscheck/wraparound are off.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+
+# One exception type for both twins, so callers catch it whichever one runs.
+from nexus_fast._eventlog_py import MalformedEvent
+
+__all__ = ("MalformedEvent", "collect_batch", "event_head")
+
+
+cdef struct Head:
+    bint has_index
+    int64_t time_ms
+    Py_ssize_t topic_at
+    Py_ssize_t topic_len
+    Py_ssize_t type_at
+    Py_ssize_t type_len
+    Py_ssize_t key_at
+    Py_ssize_t key_len
+
+
+cdef inline Py_ssize_t _varint(
+    const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, uint64_t* out
+) noexcept nogil:
+    """The varint at ``pos`` into ``out``; the position after it, or -1 when malformed."""
+    cdef uint64_t value = 0
+    cdef int shift = 0
+    cdef uint8_t byte
+    while True:
+        if pos >= end or shift >= 70:
+            return -1
+        byte = p[pos]
+        pos += 1
+        if shift < 64:
+            value |= (<uint64_t>(byte & 0x7F)) << shift
+        if byte < 0x80:
+            out[0] = value
+            return pos
+        shift += 7
+
+
+cdef inline int _parse(const uint8_t* p, Py_ssize_t end, Head* h) noexcept nogil:
+    """Walk a serialized pb.Event (see _eventlog_py.event_head); 0, or -1 when malformed."""
+    cdef Py_ssize_t pos = 0
+    cdef uint64_t tag, value
+    cdef uint64_t field
+    cdef int wire
+    h.has_index = False
+    h.time_ms = 0
+    h.topic_at = h.topic_len = 0
+    h.type_at = h.type_len = 0
+    h.key_at = h.key_len = 0
+    while pos < end:
+        pos = _varint(p, pos, end, &tag)
+        if pos < 0:
+            return -1
+        field = tag >> 3
+        wire = <int>(tag & 7)
+        if field == 0:
+            return -1
+        if field <= 2:
+            if wire != 0:
+                return -1
+        elif field <= 8:
+            if wire != 2:
+                return -1
+        if wire == 0:
+            pos = _varint(p, pos, end, &value)
+            if pos < 0:
+                return -1
+            if field == 1:
+                h.has_index = True
+            elif field == 2:
+                h.time_ms = <int64_t>value
+        elif wire == 2:
+            pos = _varint(p, pos, end, &value)
+            if pos < 0 or value > <uint64_t>(end - pos):
+                return -1
+            if field == 3:
+                h.topic_at = pos
+                h.topic_len = <Py_ssize_t>value
+            elif field == 4:
+                h.type_at = pos
+                h.type_len = <Py_ssize_t>value
+            elif field == 5:
+                h.key_at = pos
+                h.key_len = <Py_ssize_t>value
+            pos += <Py_ssize_t>value
+        elif wire == 1 or wire == 5:
+            pos += 8 if wire == 1 else 4
+            if pos > end:
+                return -1
+        else:
+            return -1
+    return 0
+
+
+cdef inline bint _ascii(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if p[i] >= 0x80:
+            return False
+    return True
+
+
+cdef inline bint _utf8_ok(const uint8_t* p, Py_ssize_t n) except -1:
+    """UTF-8 check of a string field: ASCII in C, the rest by the codec (rare)."""
+    if _ascii(p, n):
+        return True
+    try:
+        PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+cdef inline str _str(const uint8_t* p, Py_ssize_t at, Py_ssize_t n):
+    return PyUnicode_DecodeUTF8(<const char*>(p + at), n, NULL)
+
+
+def event_head(body):
+    """``(has_index, time_ms, topic, type, key)`` of a serialized ``pb.Event``."""
+    cdef Py_buffer view
+    cdef Head h
+    cdef const uint8_t* p
+    PyObject_GetBuffer(body, &view, PyBUF_SIMPLE)
+    try:
+        p = <const uint8_t*>view.buf
+        if _parse(p, view.len, &h) < 0:
+            raise MalformedEvent("not a well-formed serialized Event")
+        try:
+            return (
+                bool(h.has_index),
+                h.time_ms,
+                _str(p, h.topic_at, h.topic_len),
+                _str(p, h.type_at, h.type_len),
+                _str(p, h.key_at, h.key_len),
+            )
+        except UnicodeDecodeError:
+            raise MalformedEvent("a string field is not UTF-8") from None
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef struct Out:
+    char* buf
+    Py_ssize_t len
+    Py_ssize_t cap
+
+
+cdef int _reserve(Out* out, Py_ssize_t more) except -1:
+    cdef Py_ssize_t cap = out.cap
+    cdef char* grown
+    if out.len + more <= cap:
+        return 0
+    while cap < out.len + more:
+        cap = cap * 2 if cap else 65536
+    grown = <char*>realloc(out.buf, cap)
+    if grown == NULL:
+        raise MemoryError()
+    out.buf = grown
+    out.cap = cap
+    return 0
+
+
+cdef inline Py_ssize_t _put_varint(char* dst, uint64_t value) noexcept nogil:
+    cdef Py_ssize_t n = 0
+    while value > 0x7F:
+        dst[n] = <char>((value & 0x7F) | 0x80)
+        value >>= 7
+        n += 1
+    dst[n] = <char>value
+    return n + 1
+
+
+cdef inline Py_ssize_t _varint_len(uint64_t value) noexcept nogil:
+    cdef Py_ssize_t n = 1
+    while value > 0x7F:
+        value >>= 7
+        n += 1
+    return n
+
+
+cdef inline uint64_t _index_of(const uint8_t* k, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t v = 0
+    cdef Py_ssize_t i
+    for i in range(n):
+        v = (v << 8) | k[i]
+    return v
+
+
+cdef bytes _pack_index(uint64_t index):
+    cdef char k[8]
+    cdef int i
+    for i in range(8):
+        k[7 - i] = <char>((index >> (8 * i)) & 0xFF)
+    return PyBytes_FromStringAndSize(k, 8)
+
+
+cdef uint64_t _key_index(object key) except? 0:
+    """The index of an 8-byte big-endian key (0 for any other length: never an event)."""
+    cdef Py_buffer kv
+    cdef uint64_t index = 0
+    PyObject_GetBuffer(key, &kv, PyBUF_SIMPLE)
+    if kv.len == 8:
+        index = _index_of(<const uint8_t*>kv.buf, kv.len)
+    PyBuffer_Release(&kv)
+    return index
+
+
+# The batch under construction: one C buffer, reused by every call (loop thread only).
+cdef Out _out
+
+
+def collect_batch(
+    cursor,
+    uint64_t after,
+    uint64_t upto,
+    Py_ssize_t max_events,
+    Py_ssize_t max_bytes,
+    Py_ssize_t scan_limit,
+    topics,
+    keys,
+    fallback,
+):
+    """One serialized ``EventBatch`` of the matching events after ``after`` (see the twin).
+
+    The fast walk reads values only (``iternext(keys=False)``: one view per event instead
+    of a tuple and two) and numbers them from the first key, which it checks; afterwards it
+    checks that the key where it stopped is the one that numbering predicts. Keys are
+    strictly increasing, so that proves no index was skipped. Were one skipped (the log is
+    gap-free by construction: indices are assigned one by one and pruning removes a prefix),
+    the step is walked again reading every key, as the twin does.
+    """
+    cdef uint64_t first
+    cdef tuple done
+    if not cursor.set_range(_pack_index(after + 1)):
+        return b"", 0, after
+    first = _key_index(cursor.key())
+    if first != after + 1:
+        return b"", 0, after
+    done = _walk(cursor.iternext(False, True), False, after, upto, max_events, max_bytes,
+                 scan_limit, topics, keys, fallback)
+    scanned = done[3]
+    if scanned:
+        if done[4]:  # stopped at an item: the cursor is on it
+            stop_index = _key_index(cursor.key())
+            predicted = after + 1 + scanned
+        else:  # ran off the end of the log
+            cursor.last()
+            stop_index = _key_index(cursor.key())
+            predicted = after + scanned
+        if stop_index != predicted:
+            cursor.set_range(_pack_index(after + 1))
+            done = _walk(cursor.iternext(True, True), True, after, upto, max_events,
+                         max_bytes, scan_limit, topics, keys, fallback)
+    return done[:3]
+
+
+cdef tuple _walk(
+    object items,
+    bint keyed,
+    uint64_t after,
+    uint64_t upto,
+    Py_ssize_t max_events,
+    Py_ssize_t max_bytes,
+    Py_ssize_t scan_limit,
+    object topics,
+    object keys,
+    object fallback,
+):
+    """(batch, count, last examined, examined, stopped at an item) of one walk."""
+    cdef Py_buffer vv
+    cdef Head h
+    cdef const uint8_t* p
+    cdef Py_ssize_t n, count = 0, size = 0, scanned = 0, cost = 0, inner
+    cdef uint64_t index = after, examined = after
+    cdef bint take, framed, stopped = False
+    cdef object value, item, topic, env, field
+    cdef Out* out = &_out
+    out.len = 0
+    for item in items:
+        if keyed:
+            index = _key_index((<tuple>item)[0])
+            value = (<tuple>item)[1]
+        else:
+            index = examined + 1
+            value = item
+        if index != examined + 1 or index > upto or scanned >= scan_limit or count >= max_events:
+            stopped = True
+            break
+        PyObject_GetBuffer(value, &vv, PyBUF_SIMPLE)
+        try:
+            p = <const uint8_t*>vv.buf
+            n = vv.len
+            framed = (
+                _parse(p, n, &h) < 0
+                or h.has_index
+                or not _utf8_ok(p + h.topic_at, h.topic_len)
+                or not _utf8_ok(p + h.type_at, h.type_len)
+                or not _utf8_ok(p + h.key_at, h.key_len)
+            )
+            if framed:
+                env = fallback(index, PyBytes_FromStringAndSize(<const char*>p, n))
+                topic = env.topic
+                take = (topics is None or topic in topics) and (keys is None or env.key in keys)
+                if take:
+                    field = env.pb_field
+                    cost = len(field)
+                    if count and size + cost > max_bytes:
+                        stopped = True
+                        break
+                    _reserve(out, cost)
+                    memcpy(out.buf + out.len, PyBytes_AS_STRING(field), cost)
+                    out.len += cost
+            else:
+                take = True
+                if topics is not None:
+                    take = _str(p, h.topic_at, h.topic_len) in topics
+                if take and keys is not None:
+                    take = _str(p, h.key_at, h.key_len) in keys
+                if take:
+                    inner = 1 + _varint_len(index) + n
+                    cost = 1 + _varint_len(<uint64_t>inner) + inner
+                    if count and size + cost > max_bytes:
+                        stopped = True
+                        break
+                    _reserve(out, cost)
+                    out.buf[out.len] = 0x0A  # EventBatch.events, length-delimited
+                    out.len += 1
+                    out.len += _put_varint(out.buf + out.len, <uint64_t>inner)
+                    out.buf[out.len] = 0x08  # Event.index, varint
+                    out.len += 1
+                    out.len += _put_varint(out.buf + out.len, index)
+                    memcpy(out.buf + out.len, p, n)
+                    out.len += n
+        finally:
+            PyBuffer_Release(&vv)
+        if take:
+            size += cost
+            count += 1
+        examined = index
+        scanned += 1
+    data = PyBytes_FromStringAndSize(out.buf, out.len) if out.len else b""
+    if out.cap > (1 << 24):  # do not keep a huge buffer after a batch of huge events
+        free(out.buf)
+        out.buf = NULL
+        out.cap = 0
+    out.len = 0
+    return (data, count, examined, scanned, stopped)
