@@ -204,11 +204,11 @@ cdef inline uint64_t _index_of(const uint8_t* k, Py_ssize_t n) noexcept nogil:
     return v
 
 
-cdef bytes _pack_index(uint64_t index):
+cdef bytes _pack_index(int64_t index):
     cdef char k[8]
     cdef int i
     for i in range(8):
-        k[7 - i] = <char>((index >> (8 * i)) & 0xFF)
+        k[7 - i] = <char>((<uint64_t>index >> (8 * i)) & 0xFF)
     return PyBytes_FromStringAndSize(k, 8)
 
 
@@ -229,8 +229,8 @@ cdef Out _out
 
 def collect_batch(
     cursor,
-    uint64_t after,
-    uint64_t upto,
+    int64_t after,
+    int64_t upto,
     Py_ssize_t max_events,
     Py_ssize_t max_bytes,
     Py_ssize_t scan_limit,
@@ -247,11 +247,13 @@ def collect_batch(
     gap-free by construction: indices are assigned one by one and pruning removes a prefix),
     the step is walked again reading every key, as the twin does.
     """
-    cdef uint64_t first
+    cdef int64_t first, scanned, stop_index, predicted
     cdef tuple done
+    if after < 0:
+        raise ValueError("after must be >= 0")
     if not cursor.set_range(_pack_index(after + 1)):
         return b"", 0, after
-    first = _key_index(cursor.key())
+    first = <int64_t>_key_index(cursor.key())
     if first != after + 1:
         return b"", 0, after
     done = _walk(cursor.iternext(False, True), False, after, upto, max_events, max_bytes,
@@ -259,11 +261,11 @@ def collect_batch(
     scanned = done[3]
     if scanned:
         if done[4]:  # stopped at an item: the cursor is on it
-            stop_index = _key_index(cursor.key())
+            stop_index = <int64_t>_key_index(cursor.key())
             predicted = after + 1 + scanned
         else:  # ran off the end of the log
             cursor.last()
-            stop_index = _key_index(cursor.key())
+            stop_index = <int64_t>_key_index(cursor.key())
             predicted = after + scanned
         if stop_index != predicted:
             cursor.set_range(_pack_index(after + 1))
@@ -275,8 +277,8 @@ def collect_batch(
 cdef tuple _walk(
     object items,
     bint keyed,
-    uint64_t after,
-    uint64_t upto,
+    int64_t after,
+    int64_t upto,
     Py_ssize_t max_events,
     Py_ssize_t max_bytes,
     Py_ssize_t scan_limit,
@@ -289,14 +291,14 @@ cdef tuple _walk(
     cdef Head h
     cdef const uint8_t* p
     cdef Py_ssize_t n, count = 0, size = 0, scanned = 0, cost = 0, inner
-    cdef uint64_t index = after, examined = after
+    cdef int64_t index = after, examined = after
     cdef bint take, framed, stopped = False
     cdef object value, item, topic, env, field
     cdef Out* out = &_out
     out.len = 0
     for item in items:
         if keyed:
-            index = _key_index((<tuple>item)[0])
+            index = <int64_t>_key_index((<tuple>item)[0])
             value = (<tuple>item)[1]
         else:
             index = examined + 1
@@ -335,7 +337,7 @@ cdef tuple _walk(
                 if take and keys is not None:
                     take = _str(p, h.key_at, h.key_len) in keys
                 if take:
-                    inner = 1 + _varint_len(index) + n
+                    inner = 1 + _varint_len(<uint64_t>index) + n
                     cost = 1 + _varint_len(<uint64_t>inner) + inner
                     if count and size + cost > max_bytes:
                         stopped = True
@@ -346,7 +348,7 @@ cdef tuple _walk(
                     out.len += _put_varint(out.buf + out.len, <uint64_t>inner)
                     out.buf[out.len] = 0x08  # Event.index, varint
                     out.len += 1
-                    out.len += _put_varint(out.buf + out.len, index)
+                    out.len += _put_varint(out.buf + out.len, <uint64_t>index)
                     memcpy(out.buf + out.len, p, n)
                     out.len += n
         finally:

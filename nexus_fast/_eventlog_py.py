@@ -173,6 +173,8 @@ def collect_batch(
     index examined)``; the last index is ``after`` when nothing was examined. An event
     matches when ``topics`` (None: any) holds its topic and ``keys`` (None: any) its key.
     """
+    if after < 0:
+        raise ValueError("after must be >= 0")
     if not cursor.set_range((after + 1).to_bytes(8, "big")):
         return b"", 0, after
     return _walk(
