@@ -25,8 +25,11 @@ before the txn ends and never keeps a view.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol, TypeAlias
+
+if TYPE_CHECKING:
+    import lmdb
 
 __all__ = ("EventCursor", "Framed", "MalformedEvent", "collect_batch", "event_head")
 
@@ -55,18 +58,8 @@ class Framed(Protocol):
     def pb_field(self) -> bytes: ...
 
 
-class EventCursor(Protocol):
-    """The part of a py-lmdb ``Cursor`` (over the ``events`` database) the walk uses."""
-
-    def set_range(self, key: bytes) -> bool: ...
-
-    def key(self) -> bytes | memoryview: ...
-
-    def last(self) -> bool: ...
-
-    def iternext(
-        self, keys: bool = True, values: bool = True
-    ) -> Iterator[tuple[bytes | memoryview, bytes | memoryview]]: ...
+# A py-lmdb cursor over the ``events`` database, in a ``buffers=True`` read txn.
+EventCursor: TypeAlias = "lmdb.Cursor[memoryview]"
 
 
 Head = tuple[bool, int, str, str, str]
@@ -206,8 +199,7 @@ def _walk(
     size = 0
     examined = after
     expected = after + 1
-    scanned = 0
-    for key_bytes, value in items:
+    for scanned, (key_bytes, value) in enumerate(items):
         index = int.from_bytes(key_bytes, "big") if len(key_bytes) == 8 else 0
         if index != expected or index > upto or scanned >= scan_limit or count >= max_events:
             break
@@ -235,5 +227,4 @@ def _walk(
             count += 1
         examined = index
         expected = index + 1
-        scanned += 1
     return b"".join(parts), count, examined

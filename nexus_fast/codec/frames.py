@@ -14,8 +14,8 @@ import orjson
 from google.protobuf.message import DecodeError
 
 from nexus_fast.codec.json import payload_json
-from nexus_fast.eventlog import MalformedEvent, event_head
 from nexus_fast.codec.protowire import varint
+from nexus_fast.eventlog import MalformedEvent, event_head
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 

@@ -51,10 +51,10 @@ from nexus_fast.store.audit_chain import (
 )
 from nexus_fast.store.base import (
     CommitHook,
-    EventFallback,
     CommitResult,
     Delete,
     DeleteRange,
+    EventFallback,
     Op,
     Put,
     StoreBusy,
