@@ -11,10 +11,11 @@ in the walk), so boundscheck/wraparound are off.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, _PyBytes_Resize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport int64_t, uint8_t, uint64_t
-from libc.stdlib cimport free, realloc
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from libc.string cimport memcpy
 
 # One exception type for both twins, so callers catch it whichever one runs.
@@ -41,6 +42,9 @@ cdef inline Py_ssize_t _varint(
     cdef uint64_t value = 0
     cdef int shift = 0
     cdef uint8_t byte
+    if pos < end and p[pos] < 0x80:  # the common case: one byte
+        out[0] = p[pos]
+        return pos + 1
     while True:
         if pos >= end or shift >= 70:
             return -1
@@ -111,10 +115,18 @@ cdef inline int _parse(const uint8_t* p, Py_ssize_t end, Head* h) noexcept nogil
 
 
 cdef inline bint _ascii(const uint8_t* p, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(n):
+    cdef Py_ssize_t i = 0
+    cdef uint64_t word, high = 0
+    while i + 8 <= n:  # eight bytes at a time: any high bit set is not ASCII
+        memcpy(&word, p + i, 8)
+        high |= word
+        i += 8
+    if high & 0x8080808080808080ULL:
+        return False
+    while i < n:
         if p[i] >= 0x80:
             return False
+        i += 1
     return True
 
 
@@ -158,22 +170,28 @@ def event_head(body):
 
 
 cdef struct Out:
+    PyObject* data  # the batch: a bytes object written in place, shrunk to ``len`` at the end
     char* buf
     Py_ssize_t len
     Py_ssize_t cap
 
 
-cdef int _reserve(Out* out, Py_ssize_t more) except -1:
+cdef int _reserve(Out* out, Py_ssize_t more, Py_ssize_t hint) except -1:
+    """Room for ``more`` bytes; the first call allocates ``hint`` (the batch's byte bound)."""
     cdef Py_ssize_t cap = out.cap
-    cdef char* grown
     if out.len + more <= cap:
         return 0
-    while cap < out.len + more:
-        cap = cap * 2 if cap else 65536
-    grown = <char*>realloc(out.buf, cap)
-    if grown == NULL:
-        raise MemoryError()
-    out.buf = grown
+    cdef object fresh
+    if out.data == NULL:
+        cap = hint if hint > more else more
+        fresh = PyBytes_FromStringAndSize(NULL, cap)
+        Py_INCREF(fresh)  # the struct's reference: the only one once this returns
+        out.data = <PyObject*>fresh
+    else:
+        while cap < out.len + more:
+            cap *= 2
+        _PyBytes_Resize(&out.data, cap)
+    out.buf = PyBytes_AS_STRING(<object>out.data)
     out.cap = cap
     return 0
 
@@ -221,10 +239,6 @@ cdef uint64_t _key_index(object key) except? 0:
         index = _index_of(<const uint8_t*>kv.buf, kv.len)
     PyBuffer_Release(&kv)
     return index
-
-
-# The batch under construction: one C buffer, reused by every call (loop thread only).
-cdef Out _out
 
 
 def collect_batch(
@@ -287,6 +301,51 @@ cdef tuple _walk(
     object fallback,
 ):
     """(batch, count, last examined, examined, stopped at an item) of one walk."""
+    cdef Py_ssize_t count = 0, scanned = 0
+    cdef int64_t examined = after
+    cdef bint stopped = False
+    cdef Out batch
+    cdef Out* out = &batch
+    # The batch's bytes object is allocated at its bound (one event more than max_bytes
+    # rarely goes beyond) and shrunk once at the end: no copy of the batch.
+    cdef Py_ssize_t hint = max_bytes + 64 if max_bytes < (1 << 22) else (1 << 22)
+    out.data = NULL
+    out.buf = NULL
+    out.len = 0
+    out.cap = 0
+    try:
+        _fill(out, hint, items, keyed, after, upto, max_events, max_bytes, scan_limit,
+              topics, keys, fallback, &count, &examined, &scanned, &stopped)
+    except BaseException:
+        Py_XDECREF(out.data)
+        raise
+    if out.data == NULL:
+        return (b"", count, examined, scanned, stopped)
+    _PyBytes_Resize(&out.data, out.len)
+    data = <object>out.data
+    Py_DECREF(data)  # the struct's reference; ``data`` holds its own
+    return (data, count, examined, scanned, stopped)
+
+
+cdef int _fill(
+    Out* out,
+    Py_ssize_t hint,
+    object items,
+    bint keyed,
+    int64_t after,
+    int64_t upto,
+    Py_ssize_t max_events,
+    Py_ssize_t max_bytes,
+    Py_ssize_t scan_limit,
+    object topics,
+    object keys,
+    object fallback,
+    Py_ssize_t* count_out,
+    int64_t* examined_out,
+    Py_ssize_t* scanned_out,
+    bint* stopped_out,
+) except -1:
+    """The walk itself: events into ``out`` until a bound (see collect_batch)."""
     cdef Py_buffer vv
     cdef Head h
     cdef const uint8_t* p
@@ -294,8 +353,6 @@ cdef tuple _walk(
     cdef int64_t index = after, examined = after
     cdef bint take, framed, stopped = False
     cdef object value, item, topic, env, field
-    cdef Out* out = &_out
-    out.len = 0
     for item in items:
         if keyed:
             index = <int64_t>_key_index((<tuple>item)[0])
@@ -327,7 +384,7 @@ cdef tuple _walk(
                     if count and size + cost > max_bytes:
                         stopped = True
                         break
-                    _reserve(out, cost)
+                    _reserve(out, cost, hint)
                     memcpy(out.buf + out.len, PyBytes_AS_STRING(field), cost)
                     out.len += cost
             else:
@@ -342,7 +399,7 @@ cdef tuple _walk(
                     if count and size + cost > max_bytes:
                         stopped = True
                         break
-                    _reserve(out, cost)
+                    _reserve(out, cost, hint)
                     out.buf[out.len] = 0x0A  # EventBatch.events, length-delimited
                     out.len += 1
                     out.len += _put_varint(out.buf + out.len, <uint64_t>inner)
@@ -358,10 +415,8 @@ cdef tuple _walk(
             count += 1
         examined = index
         scanned += 1
-    data = PyBytes_FromStringAndSize(out.buf, out.len) if out.len else b""
-    if out.cap > (1 << 24):  # do not keep a huge buffer after a batch of huge events
-        free(out.buf)
-        out.buf = NULL
-        out.cap = 0
-    out.len = 0
-    return (data, count, examined, scanned, stopped)
+    count_out[0] = count
+    examined_out[0] = examined
+    scanned_out[0] = scanned
+    stopped_out[0] = stopped
+    return 0

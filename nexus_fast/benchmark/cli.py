@@ -34,7 +34,7 @@ from nexus_fast.benchmark.runner import HARD_MAX_DURATION, HARD_MAX_OPS
 from nexus_fast.benchmark.workers import MAX_CLIENT_PROCS
 from nexus_fast.node.channel import ClientAuth
 
-SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro")
+SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro", "catchup")
 NETWORK = frozenset({"heartbeat", "dispatch", "events"})
 DEFAULT_NODES = {"heartbeat": 100, "dispatch": 100, "events": 10}
 
@@ -61,6 +61,11 @@ Baseline: bare picows broadcast of one of our frames to M subscribers.""",
 LmdbStore in this process: durable commits/s per --levels, get/s.
 Baseline: bare py-lmdb, one synced txn per put.""",
     "micro": "ring, queue, scoring: compiled twin vs pure twin (ratio c/py).",
+    "catchup": """\
+A subscriber catching up --events events from the durable log (zero-copy batches read in
+this process), vs a bare py-lmdb cursor scan of the same records (always measured); the
+pure twin and the envelope-per-event path on the first --pure-events. Rounds are
+interleaved for --duration seconds; the best of each counts.""",
 }
 
 _SUMMARY = {
@@ -69,6 +74,7 @@ _SUMMARY = {
     "events": "WebSocket and gRPC event fan-out under a command load",
     "state": "LMDB store in this process: durable commits/s, get/s",
     "micro": "hot paths: compiled twin vs pure twin",
+    "catchup": "catch-up from the durable event log vs a bare py-lmdb scan",
 }
 
 _RATE_NOTE = """\
@@ -191,7 +197,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
 
 def _load_options(p: argparse.ArgumentParser, scenario: str) -> None:
     w = p.add_argument_group("load")
-    if scenario != "micro":
+    if scenario not in ("micro", "catchup"):
         w.add_argument("--baseline", action="store_true", help="also measure the baseline")
     w.add_argument(
         "--duration",
@@ -246,6 +252,16 @@ def _load_options(p: argparse.ArgumentParser, scenario: str) -> None:
         w.add_argument("--subscribers", type=_pos_int, default=100, help="WebSocket subscribers")
         w.add_argument(
             "--watchers", type=int, default=1, help="gRPC WatchEvents streams (default 1)"
+        )
+    if scenario == "catchup":
+        w.add_argument(
+            "--events", type=_pos_int, default=1_000_000, help="events in the log (1000000)"
+        )
+        w.add_argument(
+            "--pure-events",
+            type=_pos_int,
+            default=100_000,
+            help="events the pure twin and the envelope path catch up (100000)",
         )
     if scenario == "state":
         w.add_argument(
@@ -407,7 +423,7 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _run(ctx: Context) -> None:
-    from nexus_fast.benchmark.scenarios import dispatch, events, heartbeat, micro, state
+    from nexus_fast.benchmark.scenarios import catchup, dispatch, events, heartbeat, micro, state
 
     modules = {
         "heartbeat": heartbeat,
@@ -415,6 +431,7 @@ async def _run(ctx: Context) -> None:
         "events": events,
         "state": state,
         "micro": micro,
+        "catchup": catchup,
     }
     await modules[ctx.args.scenario].run(ctx)
 
