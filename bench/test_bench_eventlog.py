@@ -60,7 +60,7 @@ def test_catch_up(benchmark: Any, load_twin: Any, log: tuple[Any, Any], impl: st
         after = events = 0
         while after < EVENTS:
             with env.begin(db=db, buffers=True) as txn:
-                batch, count, after = twin.collect_batch(
+                _batch, count, after = twin.collect_batch(
                     txn.cursor(), after, EVENTS, BATCH, 1 << 20, BATCH, None, None, decode_event
                 )
             events += count
