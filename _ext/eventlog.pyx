@@ -58,11 +58,121 @@ cdef inline Py_ssize_t _varint(
         shift += 7
 
 
+cdef inline bint _cont(uint8_t c) noexcept nogil:
+    return 0x80 <= c <= 0xBF
+
+
+cdef bint _utf8(const uint8_t* s, Py_ssize_t n) noexcept nogil:
+    """Strict UTF-8 (no overlongs, surrogates or code points past U+10FFFF), as Python's."""
+    cdef Py_ssize_t i = 0
+    cdef uint64_t word
+    cdef uint8_t c, c1
+    while i < n:
+        if i + 8 <= n:  # ASCII runs eight bytes at a time
+            memcpy(&word, s + i, 8)
+            if not (word & 0x8080808080808080ULL):
+                i += 8
+                continue
+        c = s[i]
+        if c < 0x80:
+            i += 1
+        elif c < 0xC2:
+            return False
+        elif c < 0xE0:
+            if i + 1 >= n or not _cont(s[i + 1]):
+                return False
+            i += 2
+        elif c < 0xF0:
+            if i + 2 >= n:
+                return False
+            c1 = s[i + 1]
+            if c == 0xE0:
+                if not (0xA0 <= c1 <= 0xBF):
+                    return False
+            elif c == 0xED:
+                if not (0x80 <= c1 <= 0x9F):
+                    return False
+            elif not _cont(c1):
+                return False
+            if not _cont(s[i + 2]):
+                return False
+            i += 3
+        elif c < 0xF5:
+            if i + 3 >= n:
+                return False
+            c1 = s[i + 1]
+            if c == 0xF0:
+                if not (0x90 <= c1 <= 0xBF):
+                    return False
+            elif c == 0xF4:
+                if not (0x80 <= c1 <= 0x8F):
+                    return False
+            elif not _cont(c1):
+                return False
+            if not (_cont(s[i + 2]) and _cont(s[i + 3])):
+                return False
+            i += 4
+        else:
+            return False
+    return True
+
+
+cdef inline Py_ssize_t _tag(
+    const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, uint64_t* field, int* wire
+) noexcept nogil:
+    """The tag at ``pos``: field number and wire type; the position after it, or -1."""
+    cdef uint64_t tag
+    pos = _varint(p, pos, end, &tag)
+    if pos < 0:
+        return -1
+    field[0] = tag >> 3
+    wire[0] = <int>(tag & 7)
+    if field[0] == 0 or field[0] > 536870911:  # protobuf's field numbers: 1 .. 2**29 - 1
+        return -1
+    return pos
+
+
+cdef inline Py_ssize_t _skip(
+    const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, int wire, uint64_t* value,
+    Py_ssize_t* start
+) noexcept nogil:
+    """Past the value of wire type ``wire`` (``value``: a varint's value or a length,
+    ``start``: where a length-delimited value begins); the next position, or -1."""
+    if wire == 0:
+        return _varint(p, pos, end, value)
+    if wire == 2:
+        pos = _varint(p, pos, end, value)
+        if pos < 0 or value[0] > <uint64_t>(end - pos):
+            return -1
+        start[0] = pos
+        return pos + <Py_ssize_t>value[0]
+    if wire == 1 or wire == 5:
+        pos += 8 if wire == 1 else 4
+        return pos if pos <= end else -1
+    return -1
+
+
+cdef int _check_entry(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end) noexcept nogil:
+    """A details map entry: its key (1) and value (2) are UTF-8 strings. 0, or -1."""
+    cdef uint64_t field, value
+    cdef int wire
+    cdef Py_ssize_t start = 0
+    while pos < end:
+        pos = _tag(p, pos, end, &field, &wire)
+        if pos < 0 or (field <= 2 and wire != 2):
+            return -1
+        pos = _skip(p, pos, end, wire, &value, &start)
+        if pos < 0:
+            return -1
+        if field <= 2 and not _utf8(p + start, pos - start):
+            return -1
+    return 0
+
+
 cdef inline int _parse(const uint8_t* p, Py_ssize_t end, Head* h) noexcept nogil:
     """Walk a serialized pb.Event (see _eventlog_py.event_head); 0, or -1 when malformed."""
-    cdef Py_ssize_t pos = 0
-    cdef uint64_t tag, value
-    cdef uint64_t field
+    cdef Py_ssize_t pos = 0, start = 0, n
+    cdef uint64_t field, value
     cdef int wire
     h.has_index = False
     h.time_ms = 0
@@ -70,12 +180,8 @@ cdef inline int _parse(const uint8_t* p, Py_ssize_t end, Head* h) noexcept nogil
     h.type_at = h.type_len = 0
     h.key_at = h.key_len = 0
     while pos < end:
-        pos = _varint(p, pos, end, &tag)
+        pos = _tag(p, pos, end, &field, &wire)
         if pos < 0:
-            return -1
-        field = tag >> 3
-        wire = <int>(tag & 7)
-        if field == 0:
             return -1
         if field <= 2:
             if wire != 0:
@@ -83,62 +189,30 @@ cdef inline int _parse(const uint8_t* p, Py_ssize_t end, Head* h) noexcept nogil
         elif field <= 8:
             if wire != 2:
                 return -1
-        if wire == 0:
-            pos = _varint(p, pos, end, &value)
-            if pos < 0:
-                return -1
-            if field == 1:
-                h.has_index = True
-            elif field == 2:
-                h.time_ms = <int64_t>value
-        elif wire == 2:
-            pos = _varint(p, pos, end, &value)
-            if pos < 0 or value > <uint64_t>(end - pos):
+        pos = _skip(p, pos, end, wire, &value, &start)
+        if pos < 0:
+            return -1
+        if field == 1:
+            h.has_index = True
+        elif field == 2:
+            h.time_ms = <int64_t>value
+        elif field <= 5 or field == 7:
+            n = pos - start
+            if not _utf8(p + start, n):
                 return -1
             if field == 3:
-                h.topic_at = pos
-                h.topic_len = <Py_ssize_t>value
+                h.topic_at = start
+                h.topic_len = n
             elif field == 4:
-                h.type_at = pos
-                h.type_len = <Py_ssize_t>value
+                h.type_at = start
+                h.type_len = n
             elif field == 5:
-                h.key_at = pos
-                h.key_len = <Py_ssize_t>value
-            pos += <Py_ssize_t>value
-        elif wire == 1 or wire == 5:
-            pos += 8 if wire == 1 else 4
-            if pos > end:
+                h.key_at = start
+                h.key_len = n
+        elif field == 8:
+            if _check_entry(p, start, pos) < 0:
                 return -1
-        else:
-            return -1
     return 0
-
-
-cdef inline bint _ascii(const uint8_t* p, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i = 0
-    cdef uint64_t word, high = 0
-    while i + 8 <= n:  # eight bytes at a time: any high bit set is not ASCII
-        memcpy(&word, p + i, 8)
-        high |= word
-        i += 8
-    if high & 0x8080808080808080ULL:
-        return False
-    while i < n:
-        if p[i] >= 0x80:
-            return False
-        i += 1
-    return True
-
-
-cdef inline bint _utf8_ok(const uint8_t* p, Py_ssize_t n) except -1:
-    """UTF-8 check of a string field: ASCII in C, the rest by the codec (rare)."""
-    if _ascii(p, n):
-        return True
-    try:
-        PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 cdef inline str _str(const uint8_t* p, Py_ssize_t at, Py_ssize_t n):
@@ -155,16 +229,13 @@ def event_head(body):
         p = <const uint8_t*>view.buf
         if _parse(p, view.len, &h) < 0:
             raise MalformedEvent("not a well-formed serialized Event")
-        try:
-            return (
-                bool(h.has_index),
-                h.time_ms,
-                _str(p, h.topic_at, h.topic_len),
-                _str(p, h.type_at, h.type_len),
-                _str(p, h.key_at, h.key_len),
-            )
-        except UnicodeDecodeError:
-            raise MalformedEvent("a string field is not UTF-8") from None
+        return (  # the walk checked the strings: decoding them cannot fail
+            bool(h.has_index),
+            h.time_ms,
+            _str(p, h.topic_at, h.topic_len),
+            _str(p, h.type_at, h.type_len),
+            _str(p, h.key_at, h.key_len),
+        )
     finally:
         PyBuffer_Release(&view)
 
@@ -367,13 +438,7 @@ cdef int _fill(
         try:
             p = <const uint8_t*>vv.buf
             n = vv.len
-            framed = (
-                _parse(p, n, &h) < 0
-                or h.has_index
-                or not _utf8_ok(p + h.topic_at, h.topic_len)
-                or not _utf8_ok(p + h.type_at, h.type_len)
-                or not _utf8_ok(p + h.key_at, h.key_len)
-            )
+            framed = _parse(p, n, &h) < 0 or h.has_index
             if framed:
                 env = fallback(index, PyBytes_FromStringAndSize(<const char*>p, n))
                 topic = env.topic

@@ -5,10 +5,11 @@ The typed source of truth for the compiled twin (``nexus_fast._eventlog_c``). Tw
 * :func:`event_head`: the fields the event bus needs of a serialized ``pb.Event`` (whether
   it carries an index, ``time_ms``, ``topic``, ``type``, ``key``), read by walking the
   protobuf wire format instead of building a message. The walk checks the whole body's
-  structure (tags, varints, lengths within the body, the wire type of every ``Event``
-  field) and that ``topic``, ``type`` and ``key`` are UTF-8; anything else is a
-  :class:`MalformedEvent` (the bus logs it and publishes ``system.corrupt`` instead).
-  Nested content (the map entries of ``details``) is not looked into.
+  structure (tags, field numbers, varints, lengths within the body, the wire type of
+  every ``Event`` field, the ``details`` map entries) and that every string is UTF-8, as
+  protobuf's parser does; anything else is a :class:`MalformedEvent` (the bus logs it and
+  publishes ``system.corrupt`` instead). What it accepts, protobuf parses: a catch-up
+  batch never carries an event a client could not decode.
 * :func:`collect_batch`: one catch-up step of a subscriber reading the durable event log.
   It walks an LMDB cursor of ``(key, value)`` pairs (``Cursor.iternext()`` of a
   ``buffers=True`` read txn: zero-copy views into the map) and joins the matching events
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ("EventCursor", "Framed", "MalformedEvent", "collect_batch", "event_head")
 
 _INT64_SIGN = 1 << 63
+_MAX_FIELD = (1 << 29) - 1  # protobuf's largest field number
 _UINT64 = 1 << 64
 _ASCII = frozenset(range(0x80))
 
@@ -87,47 +89,72 @@ def _text(buf: bytes | memoryview, start: int, end: int) -> str:
         raise MalformedEvent("a string field is not UTF-8") from None
 
 
+def _field(body: bytes | memoryview, pos: int, end: int) -> tuple[int, int, int]:
+    """(field number, wire type, position after the tag) of the tag at ``pos``."""
+    tag, pos = _varint(body, pos, end)
+    field = tag >> 3
+    if field == 0 or field > _MAX_FIELD:
+        raise MalformedEvent(f"field number {field}")
+    return field, tag & 7, pos
+
+
+def _skip(body: bytes | memoryview, pos: int, end: int, wire: int) -> tuple[int, int]:
+    """Past the value of wire type ``wire`` at ``pos``: (its start or varint value, next)."""
+    if wire == 0:
+        return _varint(body, pos, end)
+    if wire == 2:
+        size, pos = _varint(body, pos, end)
+        if size > end - pos:
+            raise MalformedEvent("length beyond the body")
+        return pos, pos + size
+    if wire == 1 or wire == 5:
+        after = pos + (8 if wire == 1 else 4)
+        if after > end:
+            raise MalformedEvent("truncated fixed-width field")
+        return pos, after
+    raise MalformedEvent(f"wire type {wire}")
+
+
+def _check_entry(body: bytes | memoryview, pos: int, end: int) -> None:
+    """A ``details`` map entry: its key (1) and value (2) are UTF-8 strings."""
+    while pos < end:
+        field, wire, pos = _field(body, pos, end)
+        if field <= 2 and wire != 2:
+            raise MalformedEvent(f"details entry field {field} has wire type {wire}")
+        start, pos = _skip(body, pos, end, wire)
+        if field <= 2:
+            _text(body, start, pos)
+
+
 def event_head(body: bytes | memoryview) -> Head:
     """``(has_index, time_ms, topic, type, key)`` of a serialized ``pb.Event``.
 
-    As protobuf reads it: a repeated field's last value wins, unknown fields are skipped.
+    As protobuf reads it: a repeated field's last value wins, unknown fields are skipped,
+    and every occurrence of a string field must be UTF-8 (the ``details`` entries too).
     ``has_index`` is True when field 1 is present at all. Raises :class:`MalformedEvent`.
     """
     end = len(body)
     pos = 0
     has_index = False
     time_ms = 0
-    spans = [(0, 0), (0, 0), (0, 0)]  # topic, type, key as (start, end)
+    texts = ["", "", ""]  # topic, type, key
     while pos < end:
-        tag, pos = _varint(body, pos, end)
-        field = tag >> 3
-        wire = tag & 7
-        if field == 0:
-            raise MalformedEvent("field number 0")
+        field, wire, pos = _field(body, pos, end)
         want = _FIELD_WIRE_TYPES.get(field)
         if want is not None and wire != want:
             raise MalformedEvent(f"field {field} has wire type {wire}")
-        if wire == 0:
-            value, pos = _varint(body, pos, end)
-            if field == 1:
-                has_index = True
-            elif field == 2:
-                time_ms = value - _UINT64 if value >= _INT64_SIGN else value
-        elif wire == 2:
-            size, pos = _varint(body, pos, end)
-            if size > end - pos:
-                raise MalformedEvent("length beyond the body")
-            if 3 <= field <= 5:
-                spans[field - 3] = (pos, pos + size)
-            pos += size
-        elif wire == 1 or wire == 5:
-            pos += 8 if wire == 1 else 4
-            if pos > end:
-                raise MalformedEvent("truncated fixed-width field")
-        else:
-            raise MalformedEvent(f"wire type {wire}")
-    topic, event_type, key = (_text(body, s, e) for s, e in spans)
-    return has_index, time_ms, topic, event_type, key
+        value, pos = _skip(body, pos, end, wire)
+        if field == 1:
+            has_index = True
+        elif field == 2:
+            time_ms = value - _UINT64 if value >= _INT64_SIGN else value
+        elif 3 <= field <= 5:
+            texts[field - 3] = _text(body, value, pos)
+        elif field == 7:
+            _text(body, value, pos)
+        elif field == 8:
+            _check_entry(body, value, pos)
+    return has_index, time_ms, texts[0], texts[1], texts[2]
 
 
 def _head_field(index: int, body_len: int) -> bytes:

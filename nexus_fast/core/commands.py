@@ -37,6 +37,7 @@ from types import MappingProxyType
 from typing import Final
 
 from nexus_fast.clock import now_ms
+from nexus_fast.commands import apply_acks
 from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
 from nexus_fast.core.command_spec import MAX_PRIORITY, cap_result, same_spec, validate_spec
 from nexus_fast.core.command_states import (
@@ -464,16 +465,28 @@ class CommandService:
         if not items:
             return []
         requests = []
+        # Like requests (no target, labels, spread or exclusion; the same resources) share
+        # ONE PlacementRequest: the scheduler places a run of it with its batch path.
+        plain: dict[tuple[float, float, float, float], PlacementRequest] = {}
         for r, exclude in items:
-            placement = r.spec.placement
+            spec = r.spec
+            placement = spec.placement
             selector = placement.label_selector
+            if not (exclude or spec.target_node or placement.spread_key or len(selector)):
+                res = placement.request
+                like = (res.cpu, res.memory, res.gpu, res.disk)
+                request = plain.get(like)
+                if request is None:
+                    request = plain[like] = PlacementRequest(request=res)
+                requests.append(request)
+                continue
             requests.append(
                 PlacementRequest(
                     request=placement.request,
                     # dict() of a protobuf map costs ~3 us even when it is empty
                     label_selector=dict(selector) if len(selector) else _NO_LABELS,
                     spread_key=placement.spread_key,
-                    target_node=r.spec.target_node,
+                    target_node=spec.target_node,
                     exclude=exclude,
                 )
             )
@@ -562,19 +575,14 @@ class CommandService:
     def handle_reports(self, node_id: str, message: pb.NodeMessage) -> None:
         """Acks and results from a node's stream (already authenticated to node_id)."""
         changed: list[pb.CommandRecord] = []
-        ts = now_ms()
         # Reports are matched by command and node, not attempt: a node runs a command at
         # most once, so a late report of an earlier attempt on the same node is the answer.
-        for ack in message.acks:
-            record = self._active.get(ack.command_id)
-            if record is None or record.node_id != node_id or record.state != DISPATCHED:
-                metrics.STALE_REPORTS.labels(kind="ack").inc()
-                continue
-            record.state = ACKED
-            record.updated_ms = ts
-            changed.append(record)
-        if changed:
-            self._log.save_later(changed)
+        if message.acks:
+            stale = apply_acks(self._active, message.acks, node_id, now_ms(), changed)
+            if stale:
+                metrics.STALE_REPORTS.labels(kind="ack").inc(stale)
+            if changed:
+                self._log.save_later(changed)
         for result in message.results:
             record = self._active.get(result.command_id)
             if (
