@@ -24,7 +24,7 @@ LIMIT = protowire.EVENT_PAYLOAD_LIMIT
 def test_transition_table_is_the_same_in_both_twins() -> None:
     reference = TWINS[-1].TRANSITIONS
     for twin in TWINS:
-        assert twin.TRANSITIONS == reference
+        assert reference == twin.TRANSITIONS
         for old in range(-1, 12):
             for new in range(-1, 12):
                 assert twin.can_move(old, new) == ((old, new) in reference)
