@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from nexus_fast.clock import now_ms
@@ -56,6 +56,8 @@ class CommandLog:
         self._events: list[bytes] = []
         self._final: list[pb.CommandRecord] = []
         self._flush_handle: asyncio.Handle | None = None
+        # Told of each final record once its write is durable (WaitCommands answers then).
+        self.on_durable: Callable[[pb.CommandRecord], None] | None = None
         self._encoder = CommandEvents()
         self._writer = TransitionWriter(
             COMMANDS_DB,
@@ -157,15 +159,22 @@ class CommandLog:
         self._writes.add(future)
         future.add_done_callback(self._write_done)
         if final:
-            future.add_done_callback(lambda _: self._durable(final))
+            future.add_done_callback(lambda done: self._durable(final, done))
         return future
 
-    def _durable(self, records: Sequence[pb.CommandRecord]) -> None:
-        """The final state of ``records`` is in the store (or its write failed)."""
+    def _durable(
+        self, records: Sequence[pb.CommandRecord], done: asyncio.Future[CommitResult]
+    ) -> None:
+        """The final state of ``records`` is in the store (or its write failed): reads go
+        to the store again, and (written) ``on_durable`` hears of each."""
         finishing = self.finishing
         for record in records:
             if finishing.get(record.id) is record:
                 del finishing[record.id]
+        hook = self.on_durable
+        if hook is not None and not done.cancelled() and done.exception() is None:
+            for record in records:
+                hook(record)
 
     def _write_done(self, future: asyncio.Future[CommitResult]) -> None:
         self._writes.discard(future)

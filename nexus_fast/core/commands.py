@@ -149,6 +149,9 @@ class CommandService:
         self._stage: dict[str, int] = {}
         self._seq = 0
         self._waiters = CommandWaiters()
+        # A final state reaches WaitCommands only once durable: what a client was told
+        # survives a crash (see docs/reliability.md, "Crash analysis of the command path").
+        self._log.on_durable = self._waiters.notify
         self._pending_dirty = False
         self._submitted_at: dict[str, float] = {}
         self._ticker = Periodic("commands", self._tick, log)
@@ -633,7 +636,10 @@ class CommandService:
         if len(ids) > MAX_WAIT_IDS:
             raise InvalidArgument("ids", f"at most {MAX_WAIT_IDS} ids")
         records = [self.get(i) for i in dict.fromkeys(ids)]  # NOT_FOUND before streaming
-        return self._waiters.wait(records, timeout)
+        # Final in memory but not yet on disk: waited for like the others (on_durable).
+        finishing = self._log.finishing
+        in_flight = frozenset(r.id for r in records if finishing.get(r.id) is r)
+        return self._waiters.wait(records, timeout, in_flight)
 
     # ------------------------------------------------------------ node changes
 
@@ -729,7 +735,6 @@ class CommandService:
         if started is not None:
             metrics.COMMAND_SUBMIT_TO_FINAL.observe(time.monotonic() - started)
         self._processed[state].inc()
-        self._waiters.notify(record)
         for hook in self.on_final:
             hook(record)
         if save:

@@ -52,10 +52,15 @@ class CommandWaiters:
             raise Unavailable("server stopping")
 
     async def wait(
-        self, records: Sequence[pb.CommandRecord], timeout: float | None
+        self,
+        records: Sequence[pb.CommandRecord],
+        timeout: float | None,
+        not_durable: frozenset[str] = frozenset(),
     ) -> AsyncIterator[pb.CommandRecord]:
         """Yield each of ``records`` once final (final ones at once), until ``timeout``.
 
+        ``not_durable``: ids whose final state is not on disk yet; they are waited for
+        (``notify`` comes when their write is durable).
         If ``timeout`` expires first, the last record yielded is a marker: empty id,
         ``wait_timed_out_ids`` listing the ids (in request order) that were not final.
         """
@@ -63,7 +68,7 @@ class CommandWaiters:
         final_now: list[pb.CommandRecord] = []
         waiting: list[pb.CommandRecord] = []
         for record in records:
-            if record.state in FINAL_STATES:
+            if record.state in FINAL_STATES and record.id not in not_durable:
                 final_now.append(record)
             else:
                 self._by_id.setdefault(record.id, []).append(inbox)
