@@ -149,8 +149,7 @@ class CommandService:
         self._stage: dict[str, int] = {}
         self._seq = 0
         self._waiters = CommandWaiters()
-        # A final state reaches WaitCommands only once durable: what a client was told
-        # survives a crash (see docs/reliability.md, "Crash analysis of the command path").
+        # A final state reaches WaitCommands only once durable (docs/reliability.md).
         self._log.on_durable = self._waiters.notify
         self._pending_dirty = False
         self._submitted_at: dict[str, float] = {}
@@ -468,8 +467,7 @@ class CommandService:
         if not items:
             return []
         requests = []
-        # Like requests (no target, labels, spread or exclusion; the same resources) share
-        # ONE PlacementRequest: the scheduler places a run of it with its batch path.
+        # Like requests (only resources, the same) share ONE PlacementRequest: batch path.
         plain: dict[tuple[float, float, float, float], PlacementRequest] = {}
         for r, exclude in items:
             spec = r.spec
@@ -636,8 +634,7 @@ class CommandService:
         if len(ids) > MAX_WAIT_IDS:
             raise InvalidArgument("ids", f"at most {MAX_WAIT_IDS} ids")
         records = [self.get(i) for i in dict.fromkeys(ids)]  # NOT_FOUND before streaming
-        # Final in memory but not yet on disk: waited for like the others (on_durable).
-        finishing = self._log.finishing
+        finishing = self._log.finishing  # final in memory, not yet on disk: wait for it
         in_flight = frozenset(r.id for r in records if finishing.get(r.id) is r)
         return self._waiters.wait(records, timeout, in_flight)
 

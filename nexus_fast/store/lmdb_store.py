@@ -601,29 +601,17 @@ class LmdbStore(WriterThread):
         keys: frozenset[str] | None,
         fallback: EventFallback,
     ) -> tuple[bytes, int, int]:
-        """A serialized ``EventBatch`` of the matching events after ``after_index``, read
-        zero-copy: ``(batch, events in it, last index examined)``. Loop thread only.
+        """``(batch, events in it, last index examined)`` read zero-copy (see the protocol).
 
-        One ``buffers=True`` read txn: the cursor's views into the map are walked by
-        :func:`nexus_fast.eventlog.collect_batch` (compiled) and each stored body is copied
-        once, into the batch, which is built before the txn ends (no view outlives it).
-        Bounds and the filter: see ``collect_batch``. The last index examined equals
-        ``after_index`` when ``after_index + 1`` is no longer in the log.
+        One ``buffers=True`` read txn: :func:`nexus_fast.eventlog.collect_batch` walks the
+        cursor's views into the map and copies each stored body once, into the batch, built
+        before the txn ends (no view outlives it). Loop thread only.
         """
         env, h = self._handle(EVENTS_DB)
         t0 = time.perf_counter()
         with env.begin(db=h, buffers=True) as txn:
-            batch = collect_batch(
-                txn.cursor(),
-                max(after_index, 0),
-                upto,
-                max_events,
-                max_bytes,
-                scan_limit,
-                topics,
-                keys,
-                fallback,
-            )
+            args = (max(after_index, 0), upto, max_events, max_bytes, scan_limit)
+            batch = collect_batch(txn.cursor(), *args, topics, keys, fallback)
         self._m_scan.inc()
         self._m_scan_s.observe(time.perf_counter() - t0)
         return batch
