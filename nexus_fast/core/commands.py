@@ -31,15 +31,20 @@ import heapq
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Final
 
 from nexus_fast.clock import now_ms
 from nexus_fast.commands import apply_acks
 from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
-from nexus_fast.core.command_spec import MAX_PRIORITY, cap_result, same_spec, validate_spec
+from nexus_fast.core.command_spec import (
+    MAX_PRIORITY,
+    cap_result,
+    placement_requests,
+    same_spec,
+    validate_spec,
+)
 from nexus_fast.core.command_states import (
     ACKED,
     CANCELLED,
@@ -61,7 +66,7 @@ from nexus_fast.core.nodes import (
     validate_node_id,
 )
 from nexus_fast.core.periodic import Periodic
-from nexus_fast.core.scheduler import PlacementRequest, Scheduler
+from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.core.waiters import CommandWaiters
 from nexus_fast.errors import (
     AlreadyExists,
@@ -100,7 +105,6 @@ DEFAULT_LIST_PAGE: Final = 500
 # A list call reads at most this many records before returning a partial page.
 _LIST_SCAN_LIMIT: Final = 50_000
 _TICK: Final = 0.1
-_NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -466,31 +470,7 @@ class CommandService:
         """Place records (reserving capacity); returns (node, slot) per record, ("", -1) if none."""
         if not items:
             return []
-        requests = []
-        # Like requests (only resources, the same) share ONE PlacementRequest: batch path.
-        plain: dict[tuple[float, float, float, float], PlacementRequest] = {}
-        for r, exclude in items:
-            spec = r.spec
-            placement = spec.placement
-            selector = placement.label_selector
-            if not (exclude or spec.target_node or placement.spread_key or len(selector)):
-                res = placement.request
-                like = (res.cpu, res.memory, res.gpu, res.disk)
-                request = plain.get(like)
-                if request is None:
-                    request = plain[like] = PlacementRequest(request=res)
-                requests.append(request)
-                continue
-            requests.append(
-                PlacementRequest(
-                    request=placement.request,
-                    # dict() of a protobuf map costs ~3 us even when it is empty
-                    label_selector=dict(selector) if len(selector) else _NO_LABELS,
-                    spread_key=placement.spread_key,
-                    target_node=spec.target_node,
-                    exclude=exclude,
-                )
-            )
+        requests = placement_requests(items)
         decisions = self._scheduler.place_batch(requests)
         # Nodes of failed attempts are avoided, unless nothing else fits.
         second = [i for i, d in enumerate(decisions) if not d.node_id and requests[i].exclude]
