@@ -5,7 +5,8 @@
    wheel builds (``build_py``) and for editable installs (``build_py`` in editable mode, and
    the legacy ``develop`` command). Generated files are gitignored, never edited.
 2. Cython hot paths: ``_ext/ring.pyx`` -> ``nexus_fast._ring_c``, ``_ext/queue.pyx`` ->
-   ``nexus_fast._queue_c``, ``_ext/scoring.pyx`` -> ``nexus_fast._scoring_c``. A failing
+   ``nexus_fast._queue_c``, ``_ext/scoring.pyx`` -> ``nexus_fast._scoring_c``, ``_ext/eventlog.pyx`` ->
+   ``nexus_fast._eventlog_c``, ``_ext/commands.pyx`` -> ``nexus_fast._commands_c``. A failing
    compile fails the build. ``NEXUS_NO_EXTENSIONS=1`` at build time asks for the
    pure-Python build by name (no extensions at all).
 """
@@ -35,6 +36,8 @@ HOT_PATHS = {
     "nexus_fast._ring_c": "_ext/ring.pyx",
     "nexus_fast._queue_c": "_ext/queue.pyx",
     "nexus_fast._scoring_c": "_ext/scoring.pyx",
+    "nexus_fast._eventlog_c": "_ext/eventlog.pyx",
+    "nexus_fast._commands_c": "_ext/commands.pyx",
 }
 
 

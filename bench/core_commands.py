@@ -1,9 +1,12 @@
 """Loop time per command in the core, without gRPC: submit, dispatch, ack, result.
 
 Drives the core in process (``nexus_fast.core.assembly.CoreFabric`` on a real LmdbStore): 1,000 nodes, batches of 1,000, every command acked and succeeded, until all its
-writes are durable. ``PROF=1`` prints a cProfile of the run; ``TOTAL=N`` sets the count
-(e.g. a small one under ``valgrind --tool=callgrind``, whose instruction counts do not
-depend on what else the machine is doing); ``BATCH=N`` the batch size, ``NODES=N`` the nodes.
+writes are durable. With the server's GC setting (``performance.gc_threshold`` 20000 and
+``gc.freeze()`` after start-up). ``EVENTS=1`` also publishes every committed event to an
+``EventBus`` (ring of 65,536) as the server does. ``PROF=1`` prints a cProfile of the run;
+``TOTAL=N`` sets the count (e.g. a small one under ``valgrind --tool=callgrind``, whose
+instruction counts do not depend on what else the machine is doing: per command =
+(count at TOTAL=N - count at TOTAL=0) / N).
 
 ``TRACE`` measures tracing (docs/performance.md, "Cost of tracing"): ``off`` (default, the
 submit call as before), ``carry`` (tracing off, every batch with a client traceparent:
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
+import gc
 import os
 import pstats
 import tempfile
@@ -26,7 +30,9 @@ from pathlib import Path
 
 import uvloop
 
+from nexus_fast.config import EventsConfig
 from nexus_fast.core.assembly import CoreFabric
+from nexus_fast.core.events import EventBus
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store import LmdbStore
 
@@ -52,11 +58,17 @@ async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> N
             sample_ratio=float(os.environ.get("TRACE_RATIO", "0.01")),
         )
         tracer = tracing.start(settings, fab.commands.on_final)
+    if os.environ.get("EVENTS"):
+        bus = EventBus(fab.store, EventsConfig(), 65536)
+        fab.store.on_commit = bus.publish_committed
     sessions = [await fab.node(f"n{i:04d}") for i in range(nodes)]
     for session in sessions:
         assert session is not None
         while not session.outbound.empty():
             session.outbound.get_nowait()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, *gc.get_threshold()[1:])
     profile = cProfile.Profile() if os.environ.get("PROF") else None
     if profile is not None:
         profile.enable()

@@ -11,7 +11,7 @@ __all__ = ("HOT_PATHS", "__version__", "implementation")
 
 # Selector modules (``nexus_fast.<name>``) of the hot paths that have a compiled twin.
 # Each exposes ``IMPLEMENTATION = "c" | "py"``; add a name here when a new trio lands.
-HOT_PATHS: tuple[str, ...] = ("ring", "queue", "scoring")
+HOT_PATHS: tuple[str, ...] = ("ring", "queue", "scoring", "eventlog", "commands")
 
 
 def implementation() -> dict[str, str]:

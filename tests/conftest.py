@@ -52,3 +52,9 @@ def queue_impl(request: pytest.FixtureRequest) -> ModuleType:
 def scoring_impl(request: pytest.FixtureRequest) -> ModuleType:
     """The node-scoring twin module under test (``_scoring_c`` or ``_scoring_py``)."""
     return _load_twin("scoring", request.param)
+
+
+@pytest.fixture(scope="session", params=IMPLEMENTATIONS)
+def eventlog_impl(request: pytest.FixtureRequest) -> ModuleType:
+    """The stored-event reader twin under test (``_eventlog_c`` or ``_eventlog_py``)."""
+    return _load_twin("eventlog", request.param)

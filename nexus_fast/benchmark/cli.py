@@ -37,7 +37,7 @@ from nexus_fast.benchmark.runner import HARD_MAX_DURATION, HARD_MAX_OPS
 from nexus_fast.benchmark.workers import MAX_CLIENT_PROCS
 from nexus_fast.node.channel import ClientAuth
 
-SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro", "roundtrip")
+SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro", "roundtrip", "catchup")
 NETWORK = frozenset({"heartbeat", "dispatch", "events"})
 SERVED = NETWORK | {"roundtrip"}  # scenarios that need --target or --spawn
 DEFAULT_NODES = {"heartbeat": 100, "dispatch": 100, "events": 10}
@@ -76,6 +76,11 @@ unary echo of the same request, and one synced LMDB commit on the same filesyste
 free loopback port and a solo worker, started and stopped here); needs pip install
 '.[peers]'. The server's means (submit->dispatch, submit->final, SubmitCommands call)
 show where the time goes.""",
+    "catchup": """\
+A subscriber catching up --events events from the durable log (zero-copy batches read in
+this process), vs a bare py-lmdb cursor scan of the same records (always measured); the
+pure twin and the envelope-per-event path on the first --pure-events. Rounds are
+interleaved for --duration seconds; the best of each counts.""",
 }
 
 _SUMMARY = {
@@ -85,6 +90,7 @@ _SUMMARY = {
     "state": "LMDB store in this process: durable commits/s, get/s",
     "micro": "hot paths: compiled twin vs pure twin",
     "roundtrip": "one command in flight, submit -> node -> final; vs echo, Ray, Celery",
+    "catchup": "catch-up from the durable event log vs a bare py-lmdb scan",
 }
 
 _RATE_NOTE = """\
@@ -211,7 +217,7 @@ def _server_options(p: argparse.ArgumentParser) -> None:
 
 def _load_options(p: argparse.ArgumentParser, scenario: str) -> None:
     w = p.add_argument_group("load")
-    if scenario != "micro":
+    if scenario not in ("micro", "catchup"):
         w.add_argument("--baseline", action="store_true", help="also measure the baseline")
     w.add_argument(
         "--duration",
@@ -294,6 +300,16 @@ def _load_options(p: argparse.ArgumentParser, scenario: str) -> None:
         w.add_argument("--subscribers", type=_pos_int, default=100, help="WebSocket subscribers")
         w.add_argument(
             "--watchers", type=int, default=1, help="gRPC WatchEvents streams (default 1)"
+        )
+    if scenario == "catchup":
+        w.add_argument(
+            "--events", type=_pos_int, default=1_000_000, help="events in the log (1000000)"
+        )
+        w.add_argument(
+            "--pure-events",
+            type=_pos_int,
+            default=100_000,
+            help="events the pure twin and the envelope path catch up (100000)",
         )
     if scenario == "state":
         w.add_argument(
@@ -461,7 +477,15 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _run(ctx: Context) -> None:
-    from nexus_fast.benchmark.scenarios import dispatch, events, heartbeat, micro, roundtrip, state
+    from nexus_fast.benchmark.scenarios import (
+        catchup,
+        dispatch,
+        events,
+        heartbeat,
+        micro,
+        roundtrip,
+        state,
+    )
 
     modules = {
         "heartbeat": heartbeat,
@@ -470,6 +494,7 @@ async def _run(ctx: Context) -> None:
         "state": state,
         "micro": micro,
         "roundtrip": roundtrip,
+        "catchup": catchup,
     }
     await modules[ctx.args.scenario].run(ctx)
 

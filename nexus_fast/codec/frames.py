@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from nexus_fast.codec.json import payload_json
 from nexus_fast.codec.protowire import varint
+from nexus_fast.eventlog import MalformedEvent, event_head
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 
@@ -56,14 +57,16 @@ class EventEnvelope:
     )
 
     def __init__(self, index: int, stored_body: bytes) -> None:
-        event = pb.Event.FromString(stored_body)
+        # The few fields the bus needs, read from the wire bytes (nexus_fast.eventlog,
+        # compiled): ~10 times cheaper than building a pb.Event, once per published event.
+        try:
+            has_index, self.time_ms, self.topic, self.type, self.key = event_head(stored_body)
+        except MalformedEvent as exc:
+            raise DecodeError(str(exc)) from None
         self.index = index
-        self.time_ms = event.time_ms
-        self.topic = event.topic
-        self.type = event.type
-        self.key = event.key
-        self._has_index = event.index != 0
-        if self._has_index:  # not how the store writes them, but be exact anyway
+        self._has_index = has_index
+        if has_index:  # not how the store writes them, but be exact anyway
+            event = pb.Event.FromString(stored_body)
             event.index = index
             stored_body = event.SerializeToString()
         self._stored = stored_body
@@ -88,7 +91,11 @@ class EventEnvelope:
         data = self._json
         if data is None:
             # Decoded again here rather than kept: the ring holds one copy of each payload.
-            event = pb.Event.FromString(self._stored)
+            try:
+                event = pb.Event.FromString(self._stored)
+            except DecodeError:  # the head was readable, a later field is not
+                log.error("undecodable event body in the log", extra={"index": self.index})
+                event = pb.Event()
             view: dict[str, object] = {
                 "index": self.index,
                 "time_ms": self.time_ms,

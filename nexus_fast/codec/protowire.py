@@ -80,6 +80,10 @@ _COMMAND_HEADS: Final[dict[int, bytes]] = {
 }
 
 
+COMMAND_EVENT_HEADS: Final = _COMMAND_HEADS
+"""The topic and type fields of a command event, by state (for ``nexus_fast.commands``)."""
+
+
 class CommandEvents:
     """Encodes command transition events; keeps the time field of the last millisecond.
 

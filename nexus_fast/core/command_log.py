@@ -19,7 +19,13 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from nexus_fast.clock import now_ms
-from nexus_fast.codec.protowire import CommandEvents, actor_field
+from nexus_fast.codec.protowire import (
+    COMMAND_EVENT_HEADS,
+    EVENT_PAYLOAD_LIMIT,
+    CommandEvents,
+    actor_field,
+)
+from nexus_fast.commands import TransitionWriter
 from nexus_fast.core import acting
 from nexus_fast.core.command_states import FINAL_STATES
 from nexus_fast.logs import get_logger
@@ -50,10 +56,17 @@ class CommandLog:
         self._events: list[bytes] = []
         self._final: list[pb.CommandRecord] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._encoder = CommandEvents()
-        # Told each final record once its final state is durable (not when the write failed):
-        # waiters answer only then, so no client sees a final state the store could forget.
+        # Told of each final record once its write is durable (WaitCommands answers then).
         self.on_durable: Callable[[pb.CommandRecord], None] | None = None
+        self._encoder = CommandEvents()
+        self._writer = TransitionWriter(
+            COMMANDS_DB,
+            Put,
+            COMMAND_EVENT_HEADS,
+            FINAL_STATES,
+            EVENT_PAYLOAD_LIMIT,
+            self._encoder.encode,  # events of records with a large payload (left out)
+        )
 
     # ------------------------------------------------------------ reads
 
@@ -90,25 +103,17 @@ class CommandLog:
     def stage(self, records: Sequence[pb.CommandRecord], actor: str = "") -> None:
         """Snapshot records (and their transition events) into the next commit.
 
-        ``actor`` names who caused these transitions ("" = the server itself).
+        ``actor`` names who caused these transitions ("" = the server itself). The
+        writes themselves are the compiled bookkeeping's (``nexus_fast.commands``).
         """
-        ops, events, final = self._ops, self._events, self._final
-        encoder = self._encoder
-        time_field = encoder.time_field(now_ms())
-        actor_bytes = actor_field(actor) if actor else b""
-        for record in records:
-            body = record.SerializeToString()
-            ops.append(Put(COMMANDS_DB, _RECORD + record.id.encode(), body))
-            if record.state in FINAL_STATES:
-                ops.append(
-                    Put(
-                        COMMANDS_DB,
-                        _EXPIRY + struct.pack(">Q", record.finished_ms) + b"/" + record.id.encode(),
-                        b"",
-                    )
-                )
-                final.append(record)
-            events.append(encoder.encode(record, body, time_field, actor_bytes))
+        self._writer.stage(
+            records,
+            self._ops,
+            self._events,
+            self._final,
+            self._encoder.time_field(now_ms()),
+            actor_field(actor) if actor else b"",
+        )
 
     def save(
         self, records: Sequence[pb.CommandRecord], actor: str = ""
@@ -154,18 +159,22 @@ class CommandLog:
         self._writes.add(future)
         future.add_done_callback(self._write_done)
         if final:
-            future.add_done_callback(lambda done: self._durable(final, _committed(done)))
+            future.add_done_callback(lambda done: self._durable(final, done))
         return future
 
-    def _durable(self, records: Sequence[pb.CommandRecord], committed: bool = True) -> None:
-        """The final state of ``records`` is in the store (or its write failed)."""
+    def _durable(
+        self, records: Sequence[pb.CommandRecord], done: asyncio.Future[CommitResult]
+    ) -> None:
+        """The final state of ``records`` is in the store (or its write failed): reads go
+        to the store again, and (written) ``on_durable`` hears of each."""
         finishing = self.finishing
         for record in records:
             if finishing.get(record.id) is record:
                 del finishing[record.id]
-        if committed and self.on_durable is not None:
+        hook = self.on_durable
+        if hook is not None and not done.cancelled() and done.exception() is None:
             for record in records:
-                self.on_durable(record)
+                hook(record)
 
     def _write_done(self, future: asyncio.Future[CommitResult]) -> None:
         self._writes.discard(future)

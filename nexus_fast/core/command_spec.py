@@ -1,12 +1,16 @@
-"""What a command may carry: the limits of a ``CommandSpec``, checked up front, and the cap
-on what a node reports back (``commands.max_output_size``)."""
+"""What a command may carry: the limits of a ``CommandSpec``, checked up front, the cap
+on what a node reports back (``commands.max_output_size``), and the placement request of
+each command of a batch."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Final
 
 from nexus_fast.core.nodes import validate_labels, validate_resources
+from nexus_fast.core.scheduler import PlacementRequest
 from nexus_fast.errors import InvalidArgument
 from nexus_fast.pb import fabric_pb2 as pb
 
@@ -17,6 +21,7 @@ MAX_KIND_LEN: Final = 128
 MAX_ID_LEN: Final = 128
 
 _ID_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]*$")
+_NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
 
 
 def validate_spec(spec: pb.CommandSpec, at: str, max_payload_size: int) -> None:
@@ -72,3 +77,38 @@ def same_spec(stored: pb.CommandSpec, spec: pb.CommandSpec) -> bool:
     probe.timeout_ms = spec.timeout_ms or stored.timeout_ms
     probe.max_attempts = spec.max_attempts or stored.max_attempts
     return stored == probe
+
+
+def placement_requests(
+    items: Sequence[tuple[pb.CommandRecord, frozenset[str]]],
+) -> list[PlacementRequest]:
+    """The scheduler's request for each (record, nodes to avoid) of a batch.
+
+    Like requests (resources only, the same ones) share ONE ``PlacementRequest`` object:
+    the scheduler places a run of it through its batch path (``Scheduler.place_batch``).
+    """
+    requests = []
+    plain: dict[tuple[float, float, float, float], PlacementRequest] = {}
+    for r, exclude in items:
+        spec = r.spec
+        placement = spec.placement
+        selector = placement.label_selector
+        if not (exclude or spec.target_node or placement.spread_key or len(selector)):
+            res = placement.request
+            like = (res.cpu, res.memory, res.gpu, res.disk)
+            request = plain.get(like)
+            if request is None:
+                request = plain[like] = PlacementRequest(request=res)
+            requests.append(request)
+            continue
+        requests.append(
+            PlacementRequest(
+                request=placement.request,
+                # dict() of a protobuf map costs ~3 us even when it is empty
+                label_selector=dict(selector) if len(selector) else _NO_LABELS,
+                spread_key=placement.spread_key,
+                target_node=spec.target_node,
+                exclude=exclude,
+            )
+        )
+    return requests

@@ -31,14 +31,20 @@ import heapq
 import itertools
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Final
 
 from nexus_fast.clock import now_ms
+from nexus_fast.commands import apply_acks
 from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
-from nexus_fast.core.command_spec import MAX_PRIORITY, cap_result, same_spec, validate_spec
+from nexus_fast.core.command_spec import (
+    MAX_PRIORITY,
+    cap_result,
+    placement_requests,
+    same_spec,
+    validate_spec,
+)
 from nexus_fast.core.command_states import (
     ACKED,
     CANCELLED,
@@ -60,7 +66,7 @@ from nexus_fast.core.nodes import (
     validate_node_id,
 )
 from nexus_fast.core.periodic import Periodic
-from nexus_fast.core.scheduler import PlacementRequest, Scheduler
+from nexus_fast.core.scheduler import Scheduler
 from nexus_fast.core.waiters import CommandWaiters
 from nexus_fast.errors import (
     AlreadyExists,
@@ -100,7 +106,6 @@ DEFAULT_LIST_PAGE: Final = 500
 # A list call reads at most this many records before returning a partial page.
 _LIST_SCAN_LIMIT: Final = 50_000
 _TICK: Final = 0.1
-_NO_LABELS: Final[Mapping[str, str]] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -149,7 +154,8 @@ class CommandService:
         self._stage: dict[str, int] = {}
         self._seq = 0
         self._waiters = CommandWaiters()
-        self._log.on_durable = self._waiters.notify  # a final state is told once durable
+        # A final state reaches WaitCommands only once durable (docs/reliability.md).
+        self._log.on_durable = self._waiters.notify
         self._pending_dirty = False
         self._submitted_at: dict[str, float] = {}
         self._ticker = Periodic("commands", self._tick, log)
@@ -471,20 +477,7 @@ class CommandService:
         """Place records (reserving capacity); returns (node, slot) per record, ("", -1) if none."""
         if not items:
             return []
-        requests = []
-        for r, exclude in items:
-            placement = r.spec.placement
-            selector = placement.label_selector
-            requests.append(
-                PlacementRequest(
-                    request=placement.request,
-                    # dict() of a protobuf map costs ~3 us even when it is empty
-                    label_selector=dict(selector) if len(selector) else _NO_LABELS,
-                    spread_key=placement.spread_key,
-                    target_node=r.spec.target_node,
-                    exclude=exclude,
-                )
-            )
+        requests = placement_requests(items)
         decisions = self._scheduler.place_batch(requests)
         # Nodes of failed attempts are avoided, unless nothing else fits.
         second = [i for i, d in enumerate(decisions) if not d.node_id and requests[i].exclude]
@@ -572,19 +565,14 @@ class CommandService:
     def handle_reports(self, node_id: str, message: pb.NodeMessage) -> None:
         """Acks and results from a node's stream (already authenticated to node_id)."""
         changed: list[pb.CommandRecord] = []
-        ts = now_ms()
         # Reports are matched by command and node, not attempt: a node runs a command at
         # most once, so a late report of an earlier attempt on the same node is the answer.
-        for ack in message.acks:
-            record = self._active.get(ack.command_id)
-            if record is None or record.node_id != node_id or record.state != DISPATCHED:
-                metrics.STALE_REPORTS.labels(kind="ack").inc()
-                continue
-            record.state = ACKED
-            record.updated_ms = ts
-            changed.append(record)
-        if changed:
-            self._log.save_later(changed)
+        if message.acks:
+            stale = apply_acks(self._active, message.acks, node_id, now_ms(), changed)
+            if stale:
+                metrics.STALE_REPORTS.labels(kind="ack").inc(stale)
+            if changed:
+                self._log.save_later(changed)
         for result in message.results:
             record = self._active.get(result.command_id)
             if (
@@ -635,7 +623,9 @@ class CommandService:
         if len(ids) > MAX_WAIT_IDS:
             raise InvalidArgument("ids", f"at most {MAX_WAIT_IDS} ids")
         records = [self.get(i) for i in dict.fromkeys(ids)]  # NOT_FOUND before streaming
-        return self._waiters.wait(records, timeout, not_durable=self._log.finishing)
+        finishing = self._log.finishing  # final in memory, not yet on disk: wait for it
+        in_flight = frozenset(r.id for r in records if finishing.get(r.id) is r)
+        return self._waiters.wait(records, timeout, in_flight)
 
     # ------------------------------------------------------------ node changes
 

@@ -242,6 +242,45 @@ class Subscription:
             self.live = True
         return out
 
+    def read_stored(self, max_events: int, max_bytes: int) -> tuple[bytes, int] | None:
+        """Catch up from the durable log: the next matching events as ONE serialized
+        ``EventBatch`` (``(batch, events in it)``), or None when the ring holds what comes
+        next (then use :meth:`read`, whose envelopes are shared with the live subscribers).
+
+        The batch is read zero-copy in one short read txn (``StateStore.event_batch``): each
+        stored body goes into it as it lies in the map, with no envelope or decode per
+        event. At most ``max_events`` events and, past the first, ``max_bytes``; it may be
+        empty while ``lag > 0`` (nothing matched in the stretch examined). Raises
+        :class:`EventIndexTooOld` when retention dropped the next event, ``Unavailable``
+        once closed.
+        """
+        bus = self._bus
+        last = bus.last_index
+        lag = last - self.cursor
+        if self.closed or (bus.closed and lag <= 0):
+            raise Unavailable("event stream closed: server shutting down")
+        ring = bus.ring
+        if lag <= 0 or (len(ring) and self.cursor >= ring.first_index - 1):
+            return None
+        self._lag_metric.observe(lag)
+        store = bus._store
+        batch, count, examined = store.event_batch(
+            self.cursor,
+            last,
+            max_events,
+            max_bytes,
+            max(max_events, STORE_CHUNK),
+            self.topics,
+            self.keys,
+            decode_event,
+        )
+        if examined == self.cursor:
+            raise EventIndexTooOld(self.cursor, store.first_event_index())
+        self.cursor = examined
+        if examined >= last:
+            self.live = True
+        return batch, count
+
     def json_frames(
         self, events: Sequence[EventEnvelope], max_bytes: int
     ) -> list[tuple[int, int, bytes]]:

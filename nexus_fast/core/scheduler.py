@@ -391,8 +391,60 @@ class Scheduler:
         return placement
 
     def place_batch(self, requests: Sequence[PlacementRequest]) -> list[Placement]:
-        """Place each request in order, reserving as it goes: a batch never over-commits."""
-        return [self.place(request) for request in requests]
+        """Place each request in order, reserving as it goes: a batch never over-commits.
+
+        A run of the SAME request object (the caller shares one among like requests) with
+        no target, selector, exclusion or spread goes through :meth:`_place_like`: the
+        request check and the candidate mask are made once for the run. Every pick is the
+        one sequential placement would make (same scan, same clock reads, same random draws).
+        """
+        out: list[Placement] = []
+        i, n = 0, len(requests)
+        while i < n:
+            request = requests[i]
+            j = i + 1
+            if not (
+                request.target_node
+                or request.label_selector
+                or request.exclude
+                or request.spread_key
+            ):
+                while j < n and requests[j] is request:
+                    j += 1
+            if j - i > 1:
+                out.extend(self._place_like(request, j - i))
+            else:
+                out.append(self.place(request))
+            i = j
+        return out
+
+    def _place_like(self, request: PlacementRequest, count: int) -> list[Placement]:
+        """``count`` placements of one plain request (see :meth:`place_batch`)."""
+        req = _request_vec(request.request)
+        n = self._n
+        mask = self._candidates(request, n)
+        if isinstance(mask, str):
+            return [Placement(None, mask) for _ in range(count)]
+        flags = mask.view(np.uint8)
+        w = self._weights
+        feat, heartbeat, ids = self._feat, self._heartbeat, self._ids
+        out: list[Placement] = []
+        for _ in range(count):
+            query = Query(
+                req, w, self._clock(), self._timeout, self._t_max, 0.0, self._rng.getrandbits(62)
+            )
+            slot = pick_best(feat, n, flags, heartbeat, query, None)
+            if slot < 0:
+                reason = (
+                    _no_match(request.label_selector)
+                    if not mask.any()
+                    else self._no_fit_reason(mask, n, req)
+                )
+                out.append(Placement(None, reason))
+                continue
+            self._reserve_slot(slot, req, "")
+            out.append(Placement(ids[slot], "", slot))
+        return out
 
     def _pick(self, request: PlacementRequest, req: Vec) -> Placement:
         n = self._n

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Container, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from nexus_fast.core.command_states import FINAL_STATES
 from nexus_fast.errors import Unavailable
@@ -55,12 +55,12 @@ class CommandWaiters:
         self,
         records: Sequence[pb.CommandRecord],
         timeout: float | None,
-        not_durable: Container[str] = (),
+        not_durable: frozenset[str] = frozenset(),
     ) -> AsyncIterator[pb.CommandRecord]:
         """Yield each of ``records`` once final (final ones at once), until ``timeout``.
 
-        A record whose id is in ``not_durable`` is final in memory but its final state is
-        not committed yet: it is yielded when :meth:`notify` says it is durable.
+        ``not_durable``: ids whose final state is not on disk yet; they are waited for
+        (``notify`` comes when their write is durable).
         If ``timeout`` expires first, the last record yielded is a marker: empty id,
         ``wait_timed_out_ids`` listing the ids (in request order) that were not final.
         """

@@ -91,6 +91,23 @@ class StoreReadOnly(StoreError):
 CommitHook: TypeAlias = Callable[[list[tuple[int, bytes]]], None]
 
 
+class FramedEvent(Protocol):
+    """An event as the bus frames it (its envelope): what a catch-up batch needs of it."""
+
+    @property
+    def topic(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def pb_field(self) -> bytes: ...
+
+
+EventFallback: TypeAlias = Callable[[int, bytes], FramedEvent]
+"""Frames an event the zero-copy walk cannot (malformed, or carrying its own index)."""
+
+
 class StateStore(Protocol):
     """What the services need from durable state, whatever the backend."""
 
@@ -160,6 +177,22 @@ class StateStore(Protocol):
     @property
     def audit_head(self) -> ChainHead:
         """The newest committed audit entry's (seq, hash)."""
+        ...
+
+    def event_batch(
+        self,
+        after_index: int,
+        upto: int,
+        max_events: int,
+        max_bytes: int,
+        scan_limit: int,
+        topics: frozenset[str] | None,
+        keys: frozenset[str] | None,
+        fallback: EventFallback,
+    ) -> tuple[bytes, int, int]:
+        """A serialized ``EventBatch`` of the events after ``after_index`` (up to ``upto``)
+        that match ``topics`` and ``keys`` (None: any), read without a copy per event:
+        ``(batch, events in it, last index examined)``; see ``nexus_fast.eventlog``."""
         ...
 
     def first_event_index(self) -> int:

@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
+from nexus_fast.eventlog import collect_batch
 from nexus_fast.store import datadir
 from nexus_fast.store.audit_chain import (
     AUDIT_DB,
@@ -54,6 +55,7 @@ from nexus_fast.store.base import (
     CommitResult,
     Delete,
     DeleteRange,
+    EventFallback,
     Op,
     Put,
     StoreBusy,
@@ -597,6 +599,32 @@ class LmdbStore(WriterThread):
         self._m_scan.inc()
         self._m_scan_s.observe(time.perf_counter() - t0)
         return out
+
+    def event_batch(
+        self,
+        after_index: int,
+        upto: int,
+        max_events: int,
+        max_bytes: int,
+        scan_limit: int,
+        topics: frozenset[str] | None,
+        keys: frozenset[str] | None,
+        fallback: EventFallback,
+    ) -> tuple[bytes, int, int]:
+        """``(batch, events in it, last index examined)`` read zero-copy (see the protocol).
+
+        One ``buffers=True`` read txn: :func:`nexus_fast.eventlog.collect_batch` walks the
+        cursor's views into the map and copies each stored body once, into the batch, built
+        before the txn ends (no view outlives it). Loop thread only.
+        """
+        env, h = self._handle(EVENTS_DB)
+        t0 = time.perf_counter()
+        with env.begin(db=h, buffers=True) as txn:
+            args = (max(after_index, 0), upto, max_events, max_bytes, scan_limit)
+            batch = collect_batch(txn.cursor(), *args, topics, keys, fallback)
+        self._m_scan.inc()
+        self._m_scan_s.observe(time.perf_counter() - t0)
+        return batch
 
     def first_event_index(self) -> int:
         """Oldest event kept; ``last_event_index + 1`` when the log is empty (all pruned)."""

@@ -141,6 +141,21 @@ def test_state_and_micro(tmp_path: Path) -> None:
     }
 
 
+def test_catchup(tmp_path: Path) -> None:
+    """A small log: our catch-up, the bare scan, both twins and the envelope path, all
+    delivering every event (the figures themselves are the scenario's business)."""
+    _, doc = bench(
+        tmp_path, "catchup", "--events", "6000", "--pure-events", "1000", "--duration", "0.2"
+    )
+    ours = doc["results"][0]
+    assert ours["count"] >= 6000 - 4096  # from the log, up to where the ring starts
+    assert [m["count"] for m in doc["results"][1:]] == [1000] * len(doc["results"][1:])
+    assert doc["baseline"][0]["count"] == 6000
+    names = {r["name"]: r["value"] for r in doc["ratios"]}
+    assert set(names) >= {"catch-up / bare scan", "compiled / pure twin"}
+    assert names["catch-up / bare scan"] > 0
+
+
 def test_errors_exit_nonzero_and_cleanup(tmp_path: Path) -> None:
     """A target with nothing listening: the run fails with exit 1, no traceback."""
     proc = run_module(

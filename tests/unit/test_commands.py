@@ -680,11 +680,12 @@ def test_wait_yields_final_at_once_others_as_they_finish_and_stops_at_timeout(
         await f.commands.submit([spec("done"), spec("a"), spec("b"), spec("never")])
         await wait_sent(session, 4)
         f.succeed("n1", "done")
-        # Final in memory, its write not durable yet: a waiter hears of it only once it is
-        # (no client sees a final state the store could still forget).
-        assert "done" in f.commands._log.finishing
-        got = [r async for r in f.commands.wait(["done"], 5.0)]
-        assert [r.id for r in got] == ["done"] and "done" not in f.commands._log.finishing
+        # A final state reaches a waiter only once it is on disk: what a client is told
+        # survives a crash.
+        async for record in f.commands.wait(["done"], 5):
+            stored = f.store.get("commands", b"c/done")
+            assert stored is not None and pb.CommandRecord.FromString(stored).state == SUCCEEDED
+            assert record.state == SUCCEEDED
 
         # A tiny timeout still yields the final ones.
         got = [r async for r in f.commands.wait(["a", "done", "never"], 0.001)]

@@ -381,3 +381,31 @@ def test_removed_node_drops_its_tasks_from_t_max() -> None:
     s.reserve("a", res())
     s.remove_node("busy")
     assert s.place(req()).node_id == "b"
+
+
+@pytest.mark.parametrize("weights", [SPREAD, BINPACK])
+@pytest.mark.parametrize("cpu", [0.0, 1.5, 3.0])
+def test_place_batch_of_one_shared_request_places_as_one_by_one(
+    weights: SchedulerConfig, cpu: float
+) -> None:
+    """The batch path for like requests (one PlacementRequest object, repeated) makes the
+    same choices, reservations and failures as placing them one at a time."""
+    one_by_one, batched = make(weights, seed=3), make(weights, seed=3)
+    for s in (one_by_one, batched):
+        for i in range(12):
+            add(s, f"n{i}", cpu=4.0 + (i % 3), memory=16.0, schedulable=i != 5)
+    shared = req(cpu=cpu, memory=1.0)
+    first = [one_by_one.place(req(cpu=cpu, memory=1.0)) for _ in range(40)]
+    second = batched.place_batch([shared] * 40)
+    assert [(p.node_id, p.reason, p.slot) for p in first] == [
+        (p.node_id, p.reason, p.slot) for p in second
+    ]
+    for i in range(12):
+        assert one_by_one.tasks_of(f"n{i}") == batched.tasks_of(f"n{i}")
+        assert one_by_one.reserved_of(f"n{i}") == batched.reserved_of(f"n{i}")
+    if cpu == 3.0:
+        assert any(p.node_id is None for p in second)  # the fleet filled up: same failures
+    mixed = [shared, req(cpu=1.0, target_node="n1"), shared, shared]
+    assert [p.node_id for p in one_by_one.place_batch(mixed)] == [
+        p.node_id for p in batched.place_batch(mixed)
+    ]
