@@ -9,11 +9,13 @@ arguments. A failed start prints one line, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
 
 import nexus_fast
+from nexus_fast import failpoints
 from nexus_fast.about import version_text
 from nexus_fast.config import ENV_OVERRIDES, ConfigError, load_config
 from nexus_fast.logs import configure_logging
@@ -36,6 +38,8 @@ _FLAG_KEYS = {
 _SWITCHES = {
     "NEXUS_NO_EXTENSIONS": "1: run the pure-Python twins of the hot paths",
     "NEXUS_REQUIRE_EXTENSIONS": "1: refuse to start (exit 1) if a compiled hot path is missing",
+    "NEXUS_FAILPOINTS": "fault injection, e.g. store.after_commit=crash@5%;stream.send=delay(50ms)"
+    " (docs/reliability.md)",
 }
 
 EXIT_CODES = {
@@ -109,6 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nexus-fast: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.logging.level, config.logging.format)
+    try:
+        failpoints.configure(os.environ.get("NEXUS_FAILPOINTS", ""))  # WARNING when set
+    except ValueError as exc:
+        print(f"nexus-fast: invalid NEXUS_FAILPOINTS: {exc}", file=sys.stderr)
+        return 2
 
     import uvloop
 

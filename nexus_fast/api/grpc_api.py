@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import grpc
 import orjson
 
-from nexus_fast import errors
+from nexus_fast import errors, failpoints
 from nexus_fast.api import bad_input, grpc_events
 from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.status import grpc_status, grpc_trailers
@@ -191,6 +191,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
             message = await outbound.get()
             if message is None:
                 return
+            if failpoints.ACTIVE:
+                await failpoints.hit_async("stream.send")
             await context.write(message)
 
     async def _read_loop(
@@ -403,6 +405,31 @@ class ControlService(pb_grpc.ControlServiceServicer):
                 **{k: v for k, v in fields.items() if k in _AUDIT_TEXT and type(v) is str},
             )
         return response
+
+    # ------------------------------------------------------------ failpoints
+
+    @instrumented("ControlService/SetFailpoints")
+    async def SetFailpoints(
+        self, request: pb.SetFailpointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFailpointsResponse:
+        try:
+            failpoints.configure(request.spec)
+        except ValueError as exc:
+            raise errors.InvalidArgument("spec", str(exc)) from None
+        return _failpoint_list()
+
+    @instrumented("ControlService/ListFailpoints")
+    async def ListFailpoints(
+        self, request: pb.ListFailpointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFailpointsResponse:
+        return _failpoint_list()
+
+
+def _failpoint_list() -> pb.ListFailpointsResponse:
+    return pb.ListFailpointsResponse(
+        failpoints=[pb.Failpoint(**fp) for fp in failpoints.snapshot()],  # type: ignore[arg-type]
+        available=[f"{name}: {site.description}" for name, site in failpoints.SITES.items()],
+    )
 
 
 _AUDIT_TEXT = frozenset(("principal", "role", "peer", "method", "target", "request_id", "outcome"))

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
+from nexus_fast import failpoints
 from nexus_fast.clock import now_ms
 from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
 from nexus_fast.core.command_spec import MAX_PRIORITY, cap_result, same_spec, validate_spec
@@ -336,6 +337,8 @@ class CommandService:
             for record in new:
                 self._forget(record)
             raise
+        if failpoints.ACTIVE:
+            await failpoints.hit_async("commands.before_dispatch")
         # Durable: only now may the commands flow to nodes.
         live: dict[str, bool] = {}  # one registry look-up per node, not per command
         for record, placement in zip(new, placed, strict=True):
@@ -353,6 +356,8 @@ class CommandService:
                 reason=record.reason,
                 duplicate=duplicate,
             )
+        if failpoints.ACTIVE:
+            await failpoints.hit_async("commands.before_reply")
         return response
 
     def _known_keys(self, specs: Sequence[pb.CommandSpec]) -> dict[str, pb.CommandRecord]:
