@@ -42,6 +42,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc loads: no fork() notices
+
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -72,7 +74,9 @@ FINAL = {
 }
 BATCH = 4  # commands per SubmitCommands
 FAILPOINT_WAIT_S = 3.0  # a crash failpoint that has not fired by then: SIGKILL
-KILL_AFTER_S = (0.05, 0.6)  # a kill round's SIGKILL comes this long after ready
+# stream.send fires only once nodes are back on their streams (reconnect backoff).
+FAILPOINT_WAIT_STREAM_S = 10.0
+KILL_AFTER_S = (0.05, 1.0)  # a kill round's SIGKILL comes this long after ready
 MARKER_BEGIN = "<!-- chaos:figures:begin -->"
 MARKER_END = "<!-- chaos:figures:end -->"
 
@@ -100,8 +104,10 @@ class Figures:
     subscriber_errors: int = 0
     unexpected_errors: int = 0
     server_tracebacks: int = 0
+    start_failures: int = 0  # the server exited at start (not a failpoint): log tail in errors
     implementation: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    command: str = ""
     wall_time_s: float = 0.0
     finished_utc: str = ""
     errors: list[str] = field(default_factory=list)  # the first few problems, in words
@@ -117,6 +123,7 @@ class Figures:
             or self.events_seen_twice
             or self.unexpected_errors
             or self.server_tracebacks
+            or self.start_failures
         )
 
     def problem(self, text: str) -> None:
@@ -163,7 +170,7 @@ class Chaos:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.rng = random.Random(args.seed)
-        self.fig = Figures(nodes=args.nodes, seed=args.seed)
+        self.fig = Figures(nodes=args.nodes, seed=args.seed, command=args.command)
         self.state = ClientState()
         self.data = workdir / "data"
         self.record = workdir / "record.jsonl"
@@ -247,7 +254,8 @@ class Chaos:
             if code == CRASH_EXIT_CODE:
                 return False
             if code is not None:
-                raise RuntimeError(f"server exited with {code} at start; see {self.server_log}")
+                tail = self.server_log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"server exited with {code} at start:\n{tail}")
             with contextlib.suppress(grpc.aio.AioRpcError):
                 answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if answer.status == health_pb2.HealthCheckResponse.SERVING:
@@ -393,7 +401,16 @@ class Chaos:
         self.start_server(spec)
         async with grpc.aio.insecure_channel(self.target) as channel:
             control = pb_grpc.ControlServiceStub(channel)
-            if not await self.wait_ready(channel):  # crashed while starting (its commits)
+            try:
+                ready = await self.wait_ready(channel)
+            except RuntimeError as exc:  # counted, and the next round tries again
+                fig.start_failures += 1
+                fig.problem(f"round {number}: {exc}")
+                if fig.start_failures >= 3:
+                    raise
+                fig.rounds += 1
+                return
+            if not ready:  # crashed while starting (its own commits)
                 fig.failpoint_crashes[site] = fig.failpoint_crashes.get(site, 0) + 1
                 fig.rounds += 1
                 return
@@ -406,7 +423,8 @@ class Chaos:
                 asyncio.create_task(self.subscriber(control)),
             ]
             if site:
-                code = await self.wait_exit(FAILPOINT_WAIT_S)
+                wait = FAILPOINT_WAIT_STREAM_S if site == "stream.send" else FAILPOINT_WAIT_S
+                code = await self.wait_exit(wait)
                 if code == CRASH_EXIT_CODE:
                     fig.failpoint_crashes[site] = fig.failpoint_crashes.get(site, 0) + 1
             else:
@@ -487,6 +505,8 @@ class Chaos:
         started = time.monotonic()
         try:
             for number in range(self.args.rounds):
+                if self.args.max_time and time.monotonic() - started > self.args.max_time:
+                    break  # out of time: finish with the rounds run (fig.rounds says how many)
                 await self.one_round(number)
                 if self.args.progress and (number + 1) % self.args.progress == 0:
                     print(
@@ -529,13 +549,14 @@ def figures_markdown(fig: Figures) -> str:
         ("events seen by the resuming subscriber", f"{fig.events:,}"),
         ("event gaps / events seen twice", f"{fig.event_gaps} / {fig.events_seen_twice}"),
         (
-            "unexpected errors / server tracebacks",
-            f"{fig.unexpected_errors} / {fig.server_tracebacks}",
+            "unexpected errors / tracebacks / failed starts",
+            f"{fig.unexpected_errors} / {fig.server_tracebacks} / {fig.start_failures}",
         ),
         ("wall time", f"{fig.wall_time_s:,.0f} s ({impl} twins, seed {fig.seed})"),
     ]
     lines = [
-        f"Last long run: `make chaos`, {fig.finished_utc}.",
+        f"Last long run: `{fig.command}`, {fig.finished_utc}, on a 2-core machine shared "
+        "with other work.",
         "",
         "| figure | value |",
         "|---|---|",
@@ -561,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
         "--kill-share", type=float, default=0.5, help="share of SIGKILL rounds (default 0.5)"
     )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument(
+        "--max-time", type=float, default=0, metavar="SECONDS",
+        help="start no round after this long; 0 = run every round (default)",
+    )  # fmt: skip
     parser.add_argument("--final-timeout", type=float, default=60.0, metavar="SECONDS")
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--docs", type=Path, help="fill the figures block of this Markdown file")
@@ -569,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seed is None:
         args.seed = random.randrange(1 << 31)
+    args.command = " ".join(["scripts/chaos.py", *(argv if argv is not None else sys.argv[1:])])
     with tempfile.TemporaryDirectory(prefix="nexus-chaos-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,7 @@ from nexus_fast import errors, failpoints
 from nexus_fast.api import bad_input, grpc_events
 from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.status import grpc_status, grpc_trailers
+from nexus_fast.core import acting
 from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService
@@ -416,6 +417,14 @@ class ControlService(pb_grpc.ControlServiceServicer):
             failpoints.configure(request.spec)
         except ValueError as exc:
             raise errors.InvalidArgument("spec", str(exc)) from None
+        # Audited without waiting for it: a pause just set may hold the writer, and the
+        # call that clears it must answer whatever the store does.
+        audit = acting.records(request.spec[:256] or "cleared")
+        if audit and self._store is not None:
+            try:
+                self._store.commit((), (), audit).add_done_callback(_audit_written)
+            except Exception as exc:  # closed, busy: the change stands, the log says so
+                log.warning("failpoints audit record dropped: %s", exc)
         return _failpoint_list()
 
     @instrumented("ControlService/ListFailpoints")
@@ -423,6 +432,11 @@ class ControlService(pb_grpc.ControlServiceServicer):
         self, request: pb.ListFailpointsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListFailpointsResponse:
         return _failpoint_list()
+
+
+def _audit_written(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("failpoints audit record write failed: %s", future.exception())
 
 
 def _failpoint_list() -> pb.ListFailpointsResponse:

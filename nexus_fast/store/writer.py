@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import lmdb
@@ -85,6 +86,7 @@ class WriterThread:
     here so each half type-checks on its own.
     """
 
+    path: Path
     _env: lmdb.Environment | None
     _dbh: dict[str, lmdb._Database]
     _loop: asyncio.AbstractEventLoop | None
@@ -199,7 +201,7 @@ class WriterThread:
                     error = StoreError(f"map resize failed: {exc!r}")
                 break
             except Exception as exc:  # any txn failure fails this batch only
-                if datadir.is_disk_full(exc):
+                if datadir.is_disk_full(exc, self.path):
                     error = StoreFull(f"store full: no space left on the device ({exc})")
                 else:
                     error = StoreError(f"commit failed: {exc!r}")
