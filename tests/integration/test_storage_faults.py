@@ -168,3 +168,5 @@ def test_a_full_disk_refuses_writes_clearly_and_recovers(
         with pytest.raises(grpc.RpcError) as missing:
             control.GetCommand(pb.GetCommandRequest(id=refused), timeout=5)
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
