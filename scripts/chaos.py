@@ -143,13 +143,6 @@ class ClientState:
     last_index: int = 0  # the subscriber's newest event index
 
 
-def _die_with_parent() -> None:
-    """In a child before exec: SIGKILL it when this script dies (Linux prctl)."""
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     try:
@@ -219,7 +212,6 @@ class Chaos:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=REPO,
-                preexec_fn=_die_with_parent,
             )
 
     def start_fleet(self) -> None:
@@ -241,7 +233,6 @@ class Chaos:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
-                preexec_fn=_die_with_parent,
             )
 
     async def wait_ready(self, channel: grpc.aio.Channel, timeout: float = 60.0) -> bool:
@@ -416,6 +407,9 @@ class Chaos:
                 return
             if self.fleet is None:
                 self.start_fleet()
+            elif self.fleet.poll() is not None:  # without nodes nothing would run: stop
+                log = (self.workdir / "fleet.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"nexus-node exited with {self.fleet.returncode}:\n{log}")
             await self.check_acked_exist(control)
             await self.collect_final(control, 0.05)
             tasks = [
@@ -595,6 +589,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is None:
         args.seed = random.randrange(1 << 31)
     args.command = " ".join(["scripts/chaos.py", *(argv if argv is not None else sys.argv[1:])])
+    # SIGTERM ends the run like Ctrl-C: `finally` kills the server and the fleet.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="nexus-chaos-") as tmp:
         workdir = args.workdir or Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,10 @@ key on two commands, nothing run twice on a node, every event seen once, no gap.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +25,8 @@ from .conftest import REPO
 
 def crash_loop(tmp_path: Path, rounds: int, seed: int, timeout: float) -> dict[str, object]:
     out = tmp_path / "chaos.json"
-    proc = subprocess.run(
+    # Its own process group: a timeout kills chaos.py with its server and fleet.
+    proc = subprocess.Popen(
         [
             sys.executable,
             str(REPO / "scripts" / "chaos.py"),
@@ -35,15 +39,21 @@ def crash_loop(tmp_path: Path, rounds: int, seed: int, timeout: float) -> dict[s
             "--workdir",
             str(tmp_path / "work"),
         ],
-        capture_output=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
         cwd=REPO,
-        check=False,
+        start_new_session=True,
     )
-    assert out.exists(), f"chaos.py wrote no figures (exit {proc.returncode}):\n{proc.stderr}"
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert out.exists(), f"chaos.py wrote no figures (exit {proc.returncode}):\n{stderr}"
     figures: dict[str, object] = json.loads(out.read_text())
-    detail = f"{json.dumps(figures, indent=1)}\n{proc.stderr[-3000:]}"
+    detail = f"{json.dumps(figures, indent=1)}\n{stderr[-3000:]}"
     assert figures["rounds"] == rounds, detail
     for zero in (
         "lost",
