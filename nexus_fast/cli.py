@@ -38,15 +38,15 @@ _FLAG_KEYS = {
 _SWITCHES = {
     "NEXUS_NO_EXTENSIONS": "1: run the pure-Python twins of the hot paths",
     "NEXUS_REQUIRE_EXTENSIONS": "1: refuse to start (exit 1) if a compiled hot path is missing",
-    "NEXUS_FAILPOINTS": "fault injection, e.g. store.after_commit=crash@5%;stream.send=delay(50ms)"
-    " (docs/reliability.md)",
+    "NEXUS_FAILPOINTS": "failpoints, e.g. stream.send=delay(50ms) (docs/reliability.md)",
 }
 
 EXIT_CODES = {
     0: "stopped cleanly (SIGTERM/SIGINT), or --version/--help",
     1: "cannot start: a port in use, the data directory held by another server or "
     "unusable, a compiled hot path missing under NEXUS_REQUIRE_EXTENSIONS=1",
-    2: "invalid configuration or arguments",
+    2: "invalid configuration or arguments (a bad NEXUS_FAILPOINTS too)",
+    failpoints.CRASH_EXIT_CODE: "a crash failpoint fired (NEXUS_FAILPOINTS or SetFailpoints)",
 }
 
 
