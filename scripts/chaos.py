@@ -353,7 +353,8 @@ class Chaos:
     async def check_acked_exist(self, control: pb_grpc.ControlServiceStub) -> None:
         """After a restart: every command answered before it is there, under its id."""
         st = self.state
-        for command_id in st.unchecked:
+        while st.unchecked:  # one by one: a crash mid-way leaves the rest for next time
+            command_id = st.unchecked[-1]
             try:
                 await control.GetCommand(pb.GetCommandRequest(id=command_id), timeout=10)
             except grpc.aio.AioRpcError as exc:
@@ -362,7 +363,7 @@ class Chaos:
                 self.fig.lost += 1
                 self.fig.problem(f"acknowledged command {command_id} lost")
                 st.not_final.discard(command_id)
-        st.unchecked.clear()
+            st.unchecked.pop()
 
     async def collect_final(self, control: pb_grpc.ControlServiceStub, timeout: float) -> None:
         """Drop from ``not_final`` the commands that reach a final state within ``timeout``."""
@@ -410,8 +411,18 @@ class Chaos:
             elif self.fleet.poll() is not None:  # without nodes nothing would run: stop
                 log = (self.workdir / "fleet.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"nexus-node exited with {self.fleet.returncode}:\n{log}")
-            await self.check_acked_exist(control)
-            await self.collect_final(control, 0.05)
+            try:
+                await self.check_acked_exist(control)
+                await self.collect_final(control, 0.05)
+            except grpc.aio.AioRpcError as exc:
+                # A crash failpoint fires on any commit, the server's own ones too.
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                if await self.wait_exit(5) == CRASH_EXIT_CODE:
+                    fig.failpoint_crashes[site] = fig.failpoint_crashes.get(site, 0) + 1
+                self.kill()
+                fig.rounds += 1
+                return
             tasks = [
                 asyncio.create_task(self.submitter(control)),
                 asyncio.create_task(self.subscriber(control)),
