@@ -104,6 +104,7 @@ class Figures:
     subscriber_errors: int = 0
     unexpected_errors: int = 0
     server_tracebacks: int = 0
+    unexpected_exits: int = 0  # exited mid-round with neither 86 nor our SIGKILL
     start_failures: int = 0  # the server exited at start (not a failpoint): log tail in errors
     implementation: dict[str, str] = field(default_factory=dict)
     seed: int = 0
@@ -124,6 +125,7 @@ class Figures:
             or self.unexpected_errors
             or self.server_tracebacks
             or self.start_failures
+            or self.unexpected_exits
         )
 
     def problem(self, text: str) -> None:
@@ -434,6 +436,12 @@ class Chaos:
                     fig.failpoint_crashes[site] = fig.failpoint_crashes.get(site, 0) + 1
             else:
                 await asyncio.sleep(self.rng.uniform(*KILL_AFTER_S))
+            assert self.proc is not None
+            code = self.proc.poll()
+            if code is not None and code != CRASH_EXIT_CODE:  # died by itself, not by us
+                fig.unexpected_exits += 1
+                tail = self.server_log.read_text(errors="replace")[-2000:]
+                fig.problem(f"round {number}: the server exited with {code}:\n{tail}")
             self.kill()
             for task in tasks:
                 task.cancel()
@@ -554,8 +562,9 @@ def figures_markdown(fig: Figures) -> str:
         ("events seen by the resuming subscriber", f"{fig.events:,}"),
         ("event gaps / events seen twice", f"{fig.event_gaps} / {fig.events_seen_twice}"),
         (
-            "unexpected errors / tracebacks / failed starts",
-            f"{fig.unexpected_errors} / {fig.server_tracebacks} / {fig.start_failures}",
+            "unexpected errors / tracebacks / failed starts / other exits",
+            f"{fig.unexpected_errors} / {fig.server_tracebacks} / {fig.start_failures}"
+            f" / {fig.unexpected_exits}",
         ),
         ("wall time", f"{fig.wall_time_s:,.0f} s ({impl} twins, seed {fig.seed})"),
     ]
