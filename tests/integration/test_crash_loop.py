@@ -83,9 +83,9 @@ def test_crash_loop_a_few_rounds(tmp_path: Path) -> None:
 
 
 @pytest.mark.once
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_crash_loop_fifty_rounds(tmp_path: Path) -> None:
-    figures = crash_loop(tmp_path, rounds=50, seed=2026, timeout=600)
+    figures = crash_loop(tmp_path, rounds=50, seed=2026, timeout=840)
     rounds = figures["failpoint_rounds"]
     crashes = figures["failpoint_crashes"]
     assert isinstance(rounds, dict) and isinstance(crashes, dict)
