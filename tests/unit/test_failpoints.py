@@ -267,3 +267,23 @@ def test_paused_writer_blocks_the_writer_not_the_loop(tmp_path: Path) -> None:
             await store.close()
 
     run(main())
+
+
+def test_backup_error_fails_that_backup_only(tmp_path: Path) -> None:
+    async def main() -> None:
+        store = LmdbStore(tmp_path / "db", map_size=4 * MB)
+        await store.open()
+        try:
+            await store.commit([Put("nodes", b"a", b"1")])
+            failpoints.configure("store.backup=error@1")
+            with pytest.raises(OSError, match=r"failpoint store\.backup"):
+                await store.backup(tmp_path / "backups")
+            assert not list((tmp_path / "backups").iterdir())  # no half-written copy left
+            copy = await store.backup(tmp_path / "backups")  # @1: the next one works
+            assert (copy / "data.mdb").stat().st_size > 0
+            await store.commit([Put("nodes", b"b", b"2")])  # writes never noticed
+            assert store.healthy()
+        finally:
+            await store.close()
+
+    run(main())
