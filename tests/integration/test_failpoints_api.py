@@ -62,6 +62,14 @@ def test_env_sets_them_health_lists_them_and_the_rpc_replaces_them(server_factor
         store = health["components"]["store"]  # type: ignore[index]
         assert store["reason"].startswith("store full"), store
         assert control.GetCommand(pb.GetCommandRequest(id="before"), timeout=5).id == "before"
+        # Any other write error: UNAVAILABLE with the reason, never INTERNAL.
+        control.SetFailpoints(pb.SetFailpointsRequest(spec="store.commit=error"), timeout=5)
+        with pytest.raises(grpc.RpcError) as failing:
+            submit(control, "refused")
+        assert failing.value.code() == grpc.StatusCode.UNAVAILABLE, failing.value.details()
+        assert failing.value.details().startswith("commit failed:"), failing.value.details()
+        assert "failpoint store.commit: injected write error" in failing.value.details()
+
         # Space is back: the next write heals the store.
         control.SetFailpoints(pb.SetFailpointsRequest(spec="stream.send=delay(1ms)"), timeout=5)
         submit(control, "after")
@@ -81,6 +89,8 @@ def test_env_sets_them_health_lists_them_and_the_rpc_replaces_them(server_factor
         assert list(cleared.failpoints) == []
     _, health = detailed(server)
     assert health["failpoints"] == []
+    log = server.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]
 
 
 def test_a_paused_writer_holds_writes_while_reads_and_health_serve(server_factory: type) -> None:
