@@ -86,6 +86,7 @@ class Figures:
     """What a run measured; written as JSON and into docs/reliability.md."""
 
     rounds: int = 0
+    rounds_requested: int = 0  # more than rounds when --max-time ended the run
     kill_rounds: int = 0
     failpoint_rounds: dict[str, int] = field(default_factory=dict)
     failpoint_crashes: dict[str, int] = field(default_factory=dict)  # exited 86 there
@@ -165,7 +166,9 @@ class Chaos:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
         self.rng = random.Random(args.seed)
-        self.fig = Figures(nodes=args.nodes, seed=args.seed, command=args.command)
+        self.fig = Figures(
+            nodes=args.nodes, seed=args.seed, command=args.command, rounds_requested=args.rounds
+        )
         self.state = ClientState()
         self.data = workdir / "data"
         self.record = workdir / "record.jsonl"
@@ -545,9 +548,12 @@ def figures_markdown(fig: Figures) -> str:
         f"`{site}` {fig.failpoint_crashes.get(site, 0)}/{rounds}"
         for site, rounds in sorted(fig.failpoint_rounds.items())
     )
+    rounds = f"{fig.rounds:,}"
+    if fig.rounds_requested > fig.rounds:
+        rounds += f" (of {fig.rounds_requested:,} requested: `--max-time` ended the run)"
     impl = "compiled" if all(v == "c" for v in fig.implementation.values()) else "pure"
     rows = [
-        ("rounds (server killed and restarted)", f"{fig.rounds:,}"),
+        ("rounds (server killed and restarted)", rounds),
         ("of them SIGKILL at a random moment", f"{fig.kill_rounds:,}"),
         ("crash failpoint rounds (fired/rounds)", crashes or "none"),
         ("nodes (nexus-node, kept up)", f"{fig.nodes}"),
