@@ -392,7 +392,8 @@ class Chaos:
             site, spec = "", ""
             fig.kill_rounds += 1
         else:
-            site = list(CRASH_SITES)[number % len(CRASH_SITES)]
+            # Each site in turn: every site has its rounds once there are six of them.
+            site = list(CRASH_SITES)[sum(fig.failpoint_rounds.values()) % len(CRASH_SITES)]
             spec = f"{site}=crash@{self.rng.randint(1, CRASH_SITES[site])}"
             fig.failpoint_rounds[site] = fig.failpoint_rounds.get(site, 0) + 1
         self.start_server(spec)
