@@ -11,7 +11,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard _ext/*.pyx _ext/*.pxd) \
                 $(shell find proto -name '*.proto' 2>/dev/null)
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: venv install run test lint docs bench bench-short bench-e2e profile promtool chromium screenshot clean soak fuzz
+.PHONY: venv install run test lint docs bench bench-short bench-e2e chaos profile promtool chromium screenshot clean soak fuzz
 
 venv install: $(STAMP)
 
@@ -110,6 +110,14 @@ bench-e2e: install
 	done
 	NEXUS_REQUIRE_EXTENSIONS=1 $(VENV)/bin/nexus-bench state --baseline --duration $(DURATION)
 	NEXUS_REQUIRE_EXTENSIONS=1 $(VENV)/bin/nexus-bench micro --duration $(DURATION)
+
+# The long crash loop (docs/reliability.md): ROUNDS server kills, SIGKILL and every crash
+# failpoint; writes its figures to docs/chaos-figures.json and docs/reliability.md.
+# CI runs 50 rounds (tests/integration/test_crash_loop.py). CHAOS_ARGS e.g. "--seed 7".
+ROUNDS ?= 1000
+chaos: install
+	NEXUS_REQUIRE_EXTENSIONS=1 $(PY) scripts/chaos.py --rounds $(ROUNDS) --progress 50 \
+	  --json docs/chaos-figures.json --docs docs/reliability.md $(CHAOS_ARGS)
 
 # The server under scalene while nexus-bench drives it; prints where the profile went.
 profile: install

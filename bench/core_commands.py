@@ -40,7 +40,10 @@ TRACE = os.environ.get("TRACE", "off")
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> None:
+async def main(
+    total: int = 20_000, batch: int = 1_000, nodes: int = 1_000, quiet: bool = False
+) -> float:
+    """Run the loop; returns seconds of loop time per command."""
     fab = await CoreFabric(
         LmdbStore(Path(tempfile.mkdtemp()), map_size=1 << 24),
         queue_capacity=200_000,
@@ -108,12 +111,14 @@ async def main(total: int = 20_000, batch: int = 1_000, nodes: int = 1_000) -> N
     if profile is not None:
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
-    print(
-        f"[TRACE={TRACE}] {done} commands in {elapsed:.2f}s: {done / elapsed:,.0f}/s, "
-        f"{1e6 * elapsed / done:.1f} us of loop time and {1e6 * cpu / done:.1f} us of CPU "
-        "(both threads) per command"
-    )
+    if not quiet:
+        print(
+            f"[TRACE={TRACE}] {done} commands in {elapsed:.2f}s: {done / elapsed:,.0f}/s, "
+            f"{1e6 * elapsed / done:.1f} us of loop time and {1e6 * cpu / done:.1f} us of CPU "
+            "(both threads) per command"
+        )
     await fab.stop()
+    return elapsed / done
 
 
 if __name__ == "__main__":

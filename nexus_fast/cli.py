@@ -9,12 +9,14 @@ arguments. A failed start prints one line, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import textwrap
 from collections.abc import Sequence
 
 import nexus_fast
+from nexus_fast import failpoints
 from nexus_fast.about import version_text
 from nexus_fast.config import ENV_OVERRIDES, ConfigError, load_config
 from nexus_fast.security.layer import check_security
@@ -39,13 +41,15 @@ DATA_COMMANDS = ("backup", "restore", "check", "replay")
 _SWITCHES = {
     "NEXUS_NO_EXTENSIONS": "1: run the pure-Python twins of the hot paths",
     "NEXUS_REQUIRE_EXTENSIONS": "1: refuse to start (exit 1) if a compiled hot path is missing",
+    "NEXUS_FAILPOINTS": "failpoints, e.g. stream.send=delay(50ms) (docs/reliability.md)",
 }
 
 EXIT_CODES = {
     0: "stopped cleanly (SIGTERM/SIGINT), or --version/--help",
     1: "cannot start: a port in use, the data directory held by another server or "
     "unusable, a compiled hot path missing under NEXUS_REQUIRE_EXTENSIONS=1",
-    2: "invalid configuration or arguments",
+    2: "invalid configuration or arguments (a bad NEXUS_FAILPOINTS too)",
+    failpoints.CRASH_EXIT_CODE: "a crash failpoint fired (NEXUS_FAILPOINTS or SetFailpoints)",
 }
 
 
@@ -122,6 +126,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         apply_logging(config)  # [logging]: level, format, and the log file if any
     except ConfigError as exc:
         print(f"nexus-fast: {exc}", file=sys.stderr)
+        return 2
+    try:
+        failpoints.configure(os.environ.get("NEXUS_FAILPOINTS", ""))  # WARNING when set
+    except ValueError as exc:
+        print(f"nexus-fast: invalid NEXUS_FAILPOINTS: {exc}", file=sys.stderr)
         return 2
 
     import uvloop

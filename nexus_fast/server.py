@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 import nexus_fast
+from nexus_fast import failpoints
 from nexus_fast.about import versions
 from nexus_fast.api import grpc_stuck
 from nexus_fast.api.grpc_api import ControlService, NodeService, add_node_service
@@ -407,6 +408,8 @@ class NexusServer:
             return
         was_ready = self._state == "ready"
         self._state = "stopping"
+        if failpoints.ACTIVE:
+            failpoints.configure("")  # a paused writer or stream would hold the stop forever
         if self._http is not None:
             self._http.set_stopping()  # /ready answers "stopping" for the whole drain
         deadline = self.config.server.shutdown_timeout
@@ -578,6 +581,7 @@ class NexusServer:
             "uptime_seconds": round(self.uptime(), 3),
             "implementation": nexus_fast.implementation(),
             "gc": {"threshold": list(gc.get_threshold()), "frozen": gc.get_freeze_count()},
+            "failpoints": failpoints.snapshot(),  # [] unless fault injection is on
             "components": components,
         }
 

@@ -15,10 +15,11 @@ from typing import Any, TypeVar
 import grpc
 import orjson
 
-from nexus_fast import errors
+from nexus_fast import errors, failpoints
 from nexus_fast.api import bad_input, grpc_events
 from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.status import grpc_status, grpc_trailers
+from nexus_fast.core import acting
 from nexus_fast.core.acting import ANONYMOUS
 from nexus_fast.core.agents import AgentService
 from nexus_fast.core.commands import CommandService
@@ -193,6 +194,8 @@ class NodeService(pb_grpc.NodeServiceServicer):
             message = await outbound.get()
             if message is None:
                 return
+            if failpoints.ACTIVE:
+                await failpoints.hit_async("stream.send")
             await context.write(message)
 
     async def _read_loop(
@@ -420,6 +423,44 @@ class ControlService(pb_grpc.ControlServiceServicer):
                 **{k: v for k, v in fields.items() if k in _AUDIT_TEXT and type(v) is str},
             )
         return response
+
+    # ------------------------------------------------------------ failpoints
+
+    @instrumented("ControlService/SetFailpoints")
+    async def SetFailpoints(
+        self, request: pb.SetFailpointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFailpointsResponse:
+        try:
+            failpoints.configure(request.spec)
+        except ValueError as exc:
+            raise errors.InvalidArgument("spec", str(exc)) from None
+        # Audited without waiting for it: a pause just set may hold the writer, and the
+        # call that clears it must answer whatever the store does.
+        audit = acting.records(request.spec[:256] or "cleared")
+        if audit and self._store is not None:
+            try:
+                self._store.commit((), (), audit).add_done_callback(_audit_written)
+            except Exception as exc:  # closed, busy: the change stands, the log says so
+                log.warning("failpoints audit record dropped: %s", exc)
+        return _failpoint_list()
+
+    @instrumented("ControlService/ListFailpoints")
+    async def ListFailpoints(
+        self, request: pb.ListFailpointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFailpointsResponse:
+        return _failpoint_list()
+
+
+def _audit_written(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("failpoints audit record write failed: %s", future.exception())
+
+
+def _failpoint_list() -> pb.ListFailpointsResponse:
+    return pb.ListFailpointsResponse(
+        failpoints=[pb.Failpoint(**fp) for fp in failpoints.snapshot()],  # type: ignore[arg-type]
+        available=[f"{name}: {site.description}" for name, site in failpoints.SITES.items()],
+    )
 
 
 _AUDIT_TEXT = frozenset(("principal", "role", "peer", "method", "target", "request_id", "outcome"))

@@ -35,6 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from nexus_fast import failpoints
 from nexus_fast.clock import now_ms
 from nexus_fast.commands import apply_acks
 from nexus_fast.core.command_log import COMMANDS_DB, CommandLog
@@ -350,6 +351,8 @@ class CommandService:
             raise
         if trace is not None:
             traces.committed(trace, new)
+        if failpoints.ACTIVE:
+            await failpoints.hit_async("commands.before_dispatch")
         # Durable: only now may the commands flow to nodes.
         live: dict[str, bool] = {}  # one registry look-up per node, not per command
         for record, placement in zip(new, placed, strict=True):
@@ -367,6 +370,8 @@ class CommandService:
                 reason=record.reason,
                 duplicate=duplicate,
             )
+        if failpoints.ACTIVE:
+            await failpoints.hit_async("commands.before_reply")
         return response
 
     def _known_keys(self, specs: Sequence[pb.CommandSpec]) -> dict[str, pb.CommandRecord]:

@@ -61,6 +61,8 @@ GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
         _CONTROL + "GetAgent": "agent.read",
         _CONTROL + "StopAgent": "agent.write",
         _CONTROL + "ListAudit": "audit.read",
+        _CONTROL + "SetFailpoints": "failpoint.write",  # fault injection: admin only
+        _CONTROL + "ListFailpoints": "failpoint.read",
         # Load balancers and orchestrators probe without credentials (TLS still applies).
         "/grpc.health.v1.Health/Check": PUBLIC,
         "/grpc.health.v1.Health/Watch": PUBLIC,

@@ -60,15 +60,19 @@ class CommitResult(NamedTuple):
     last_event_index: int
 
 
-class StoreError(Exception):
-    """A state-store operation failed; the request was not committed."""
+class StoreError(errors.Unavailable):
+    """A state-store operation failed; the request was not committed.
+
+    An :class:`~nexus_fast.errors.Unavailable`: a write that fails (an I/O error, the
+    writer gone) answers ``UNAVAILABLE`` with the reason, not INTERNAL.
+    """
 
 
 class StoreClosed(StoreError):
     """The store is closed or closing and accepts no new work."""
 
 
-class StoreBusy(StoreError):
+class StoreBusy(StoreError, errors.ResourceExhausted):
     """The write queue is full; retry later (maps to RESOURCE_EXHAUSTED)."""
 
 

@@ -78,8 +78,26 @@ def create_private_file(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
 
 
-def is_disk_full(exc: BaseException) -> bool:
-    """True for ENOSPC/EDQUOT from the filesystem, whichever exception carries it."""
+LOW_SPACE_BYTES = 16 << 20
+"""Free space under which an EIO from a write is taken for a full disk (see below)."""
+
+
+def is_disk_full(exc: BaseException, path: Path | None = None) -> bool:
+    """True for ENOSPC/EDQUOT from the filesystem, whichever exception carries it.
+
+    With ``path`` (the data directory) also for EIO while its filesystem has less than
+    ``LOW_SPACE_BYTES`` free: LMDB reports a short write as EIO ("mdb_txn_commit:
+    Input/output error"), and a disk that fills mid-commit gives exactly that.
+    """
     if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return "No space left" in str(exc)
+    text = str(exc)
+    if "No space left" in text:
+        return True
+    if path is None or not (getattr(exc, "errno", None) == errno.EIO or "Input/output" in text):
+        return False
+    try:
+        fs = os.statvfs(path)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < LOW_SPACE_BYTES

@@ -18,10 +18,12 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import lmdb
 
+from nexus_fast import failpoints
 from nexus_fast.store import datadir
 from nexus_fast.store.audit_chain import AUDIT_DB, AuditRecord, ChainHead, chain_puts
 from nexus_fast.store.base import (
@@ -84,6 +86,7 @@ class WriterThread:
     here so each half type-checks on its own.
     """
 
+    path: Path
     _env: lmdb.Environment | None
     _dbh: dict[str, lmdb._Database]
     _loop: asyncio.AbstractEventLoop | None
@@ -114,6 +117,8 @@ class WriterThread:
         stopping = False
         try:
             while not stopping:
+                if failpoints.ACTIVE:
+                    failpoints.hit("store.writer_stall")
                 first = carry if carry is not None else q.get()
                 carry = None
                 if first is _STOP:
@@ -179,6 +184,8 @@ class WriterThread:
         audit_head = self._w_audit_head
         while True:
             try:
+                if failpoints.ACTIVE:
+                    failpoints.hit("store.before_commit")
                 pairs, last, puts, deletes, audit_head = self._apply(batch, base)
                 break
             except lmdb.MapFullError:
@@ -194,12 +201,15 @@ class WriterThread:
                     error = StoreError(f"map resize failed: {exc!r}")
                 break
             except Exception as exc:  # any txn failure fails this batch only
-                if datadir.is_disk_full(exc):
+                if datadir.is_disk_full(exc, self.path):
                     error = StoreFull(f"store full: no space left on the device ({exc})")
                 else:
                     error = StoreError(f"commit failed: {exc!r}")
                 break
         if error is None:
+            if failpoints.ACTIVE:
+                # Durable, not yet answered. An error here kills the writer, as a bug would.
+                failpoints.hit("store.after_commit")
             self._w_last_index = last
             self._w_audit_head = audit_head  # only once committed: a retry reuses the seqs
             self._txn_count += 1
@@ -282,6 +292,8 @@ class WriterThread:
                         f"audit seqs after {self._w_audit_head.seq} not above the newest"
                     )
                 puts += added
+            if failpoints.ACTIVE:
+                failpoints.hit("store.commit")  # delay: a slow fsync; error: the txn aborts
         return pairs, idx, puts, deletes, head
 
     def _post(self, settled: _Settled) -> None:
@@ -298,6 +310,8 @@ class WriterThread:
         current = self._map_size
         if current >= self._max_map_size:
             return False
+        if failpoints.ACTIVE:
+            failpoints.hit("store.map_grow")
         new = min(current * 2, self._max_map_size)
         done = threading.Event()
         box: list[BaseException | None] = []
