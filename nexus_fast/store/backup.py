@@ -20,6 +20,7 @@ from pathlib import Path
 
 import lmdb
 
+from nexus_fast import failpoints
 from nexus_fast.store import datadir
 from nexus_fast.store.base import StoreError
 from nexus_fast.store.datafile import DATA_FILE, data_file, fsync_dir, open_read_only
@@ -38,6 +39,8 @@ def write_copy(env: lmdb.Environment, target: Path) -> int:
     fd = datadir.create_private_file(tmp)  # env.copy() would create it 0644
     try:
         try:
+            if failpoints.ACTIVE:  # the periodic backup holds the resize lock: growth waits too
+                failpoints.hit("store.backup")
             env.copyfd(fd, compact=True)
             os.fsync(fd)
             size = os.fstat(fd).st_size

@@ -38,7 +38,6 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from nexus_fast import failpoints
 from nexus_fast.eventlog import collect_batch
 from nexus_fast.store import datadir
 from nexus_fast.store.audit_chain import (
@@ -784,8 +783,6 @@ class LmdbStore(WriterThread):
         tmp.mkdir(mode=datadir.DIR_MODE)
         try:
             with self._resize_lock:
-                if failpoints.ACTIVE:
-                    failpoints.hit("store.backup")  # pause: map growth waits too
                 env = self._env
                 if env is None:
                     raise StoreClosed("store closed during backup")
