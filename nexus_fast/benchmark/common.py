@@ -30,6 +30,7 @@ from nexus_fast.node.channel import ClientAuth
 from nexus_fast.node.fleet import default_channels
 from nexus_fast.node.policy import simulate_usage
 from nexus_fast.node.spec import DEFAULT_CAPACITY
+from nexus_fast.node.targets import parse_targets
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -179,6 +180,8 @@ class NodePool:
     """``n`` :class:`BenchNode` over ``default_channels(n)`` channels (as ``nexus-node`` does).
 
     ``labels`` go on every node (a run's :func:`run_labels`, which its commands select).
+    ``target`` may name several replicas (``h1:p1,h2:p2``): channel ``j`` goes to target
+    ``j mod n`` (at least one channel each), node ``i`` uses channel ``i mod channels``.
     """
 
     def __init__(
@@ -193,7 +196,9 @@ class NodePool:
         labels: Mapping[str, str] | None = None,
     ) -> None:
         auth = (auth or ClientAuth()).for_nodes()
-        self.channels = [open_channel(target, auth) for _ in range(channels or default_channels(n))]
+        targets = parse_targets(target)
+        count = max(channels or default_channels(n), len(targets))
+        self.channels = [open_channel(targets[j % len(targets)], auth) for j in range(count)]
         stubs = [pb_grpc.NodeServiceStub(ch) for ch in self.channels]
         width = max(5, len(str(n - 1)))
         ids = [f"{prefix}{i:0{width}d}" for i in range(n)]
