@@ -391,6 +391,8 @@ async def measure_ours(ctx: Context) -> Measurement:
     if load.targets is not None:
         extra["targets"] = load.targets.targets
         extra["submit_retries"] = load.retries  # UNAVAILABLE -> same keys, next target
+        if pool is not None:
+            extra["node_register_retries"] = pool.register_retries
         if load.retries:
             ctx.report.notes.append(
                 f"dispatch: {load.retries} submits retried on another target after "
