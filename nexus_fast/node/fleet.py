@@ -5,7 +5,9 @@ shares, opens the gRPC channels (one per 250 nodes), prints status lines and shu
 cleanly (optionally deregistering every node).
 
 With several ``--target`` values node ``i`` starts on target ``i mod n`` and fails over on
-its own (:class:`~nexus_fast.node.targets.TargetList`); channels are opened per (target,
+its own (:class:`~nexus_fast.node.targets.TargetList`, in the order of
+:func:`~nexus_fast.node.targets.spread_order`, so the nodes of a dead target spread over
+the others); channels are opened per (target,
 channel index) when a node first needs one, so one target costs what it did before.
 """
 
@@ -38,7 +40,7 @@ from nexus_fast.node.sim import (
     log,
 )
 from nexus_fast.node.spec import NodeSpec
-from nexus_fast.node.targets import TargetList, parse_targets
+from nexus_fast.node.targets import TargetList, parse_targets, spread_order
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -157,7 +159,7 @@ class Fleet:
                 self.ctx,
                 spec,
                 i % self.channel_count,
-                TargetList(self.targets, start=i, rng=self.ctx.rng),
+                TargetList(spread_order(self.targets, i), rng=self.ctx.rng),
             )
             for i, spec in enumerate(specs)
         ]

@@ -32,6 +32,7 @@ __all__ = [
     "fails_over",
     "leader_hint",
     "parse_targets",
+    "spread_order",
 ]
 
 LEADER_METADATA: Final = "nexus-leader"  # trailing metadata: the leader's host:port
@@ -71,6 +72,20 @@ def parse_targets(values: str | Iterable[str]) -> list[str]:
     if len(out) > MAX_TARGETS:
         raise ValueError(f"at most {MAX_TARGETS} targets, got {len(out)}")
     return out
+
+
+def spread_order(targets: Sequence[str], i: int) -> list[str]:
+    """The order in which client ``i`` of many tries ``targets``: it starts on target
+    ``i mod n``, and the clients that start on the same target go on to different ones
+    (the others rotated by ``i div n``), so those of a dead target spread over the rest
+    instead of all landing on its neighbour."""
+    n = len(targets)
+    if n < 2:
+        return list(targets)
+    first = i % n
+    others = [targets[(first + 1 + k) % n] for k in range(n - 1)]
+    shift = (i // n) % (n - 1)
+    return [targets[first], *others[shift:], *others[:shift]]
 
 
 def fails_over(code: grpc.StatusCode | None) -> bool:

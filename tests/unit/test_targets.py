@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
+import click
 import grpc
 import pytest
 
@@ -14,6 +16,7 @@ from nexus_fast.node.targets import (
     fails_over,
     leader_hint,
     parse_targets,
+    spread_order,
 )
 
 
@@ -103,3 +106,52 @@ def test_learned_targets_are_bounded() -> None:
 def test_empty_list_is_an_error() -> None:
     with pytest.raises(ValueError):
         TargetList([])
+
+
+def test_spread_order_starts_on_i_mod_n_and_spreads_the_next_hop() -> None:
+    targets = ["a:1", "b:2", "c:3"]
+    orders = [spread_order(targets, i) for i in range(12)]
+    assert [o[0] for o in orders] == ["a:1", "b:2", "c:3"] * 4
+    assert all(sorted(o) == sorted(targets) for o in orders)
+    # The nodes that start on a:1 (i = 0, 3, 6, 9) go on to b:2 and c:3 in turn.
+    assert [orders[i][1] for i in (0, 3, 6, 9)] == ["b:2", "c:3", "b:2", "c:3"]
+    assert spread_order(["a:1"], 5) == ["a:1"]
+
+
+def test_fleet_parses_several_targets_and_spreads_nodes() -> None:
+    from nexus_fast.node.cli import parse_args
+    from nexus_fast.node.fleet import Fleet
+
+    args = parse_args(["--target", "a:1,b:2", "--target", "c:3", "--nodes", "6"])
+    assert args.target == "a:1,b:2,c:3"
+    fleet = Fleet(args, args.node_specs)
+    assert [node.targets.current for node in fleet.nodes] == ["a:1", "b:2", "c:3"] * 2
+    with pytest.raises(SystemExit):
+        parse_args(["--target", "a:1,nope"])
+
+
+def test_ctl_connection_takes_several_targets_from_flag_env_and_context(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nexus_fast.ctl.config import CtlConfig, Settings, resolve
+
+    monkeypatch.delenv("NEXUS_TARGET", raising=False)
+    path = tmp_path / "c.toml"
+    path.write_text('current_context = "x"\n[contexts.x]\ntarget = ["h1:1", "h2:2"]\n')
+    assert resolve(Settings(), CtlConfig.load(path)).targets == ("h1:1", "h2:2")
+    monkeypatch.setenv("NEXUS_TARGET", "e1:1,e2:2")
+    assert resolve(Settings(), CtlConfig.load(path)).targets == ("e1:1", "e2:2")
+    conn = resolve(Settings(target="f:1,g:2", http="8082"), CtlConfig.load(path))
+    assert conn.targets == ("f:1", "g:2") and conn.http == "http://f:8082"
+    with pytest.raises(click.UsageError, match="--target"):
+        resolve(Settings(target="f:1,bad"), CtlConfig.load(path))
+
+
+def test_bench_takes_several_targets() -> None:
+    from nexus_fast.benchmark.cli import parse_args
+
+    args = parse_args(["dispatch", "--target", "127.0.0.1:1,127.0.0.1:2", "--http", "8082"])
+    assert args.targets == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert args.http_url == "http://127.0.0.1:8082"
+    with pytest.raises(SystemExit):
+        parse_args(["dispatch", "--target", "127.0.0.1:1,10.1.2.3:2"])  # not loopback
