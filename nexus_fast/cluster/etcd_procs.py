@@ -3,7 +3,7 @@
 :class:`EtcdCluster` starts ``members`` etcd processes (Debian's etcd-server package) on
 free ports of ``host``, each with its data dir and log file under ``workdir``, tuned for
 loopback (50 ms heartbeats, 500 ms election timeout), and stops them by pid. A member can
-be killed (SIGKILL) and started again on the same ports and data dir.
+be killed (SIGKILL) and started again on the same ports and data dir, or paused (SIGSTOP).
 
     python -m nexus_fast.cluster.etcd_procs --members 3 --workdir /tmp/etcd
 
@@ -140,6 +140,18 @@ class EtcdCluster:
             proc.kill()
             proc.wait(timeout=10)
 
+    def pause(self, i: int) -> None:
+        """SIGSTOP member ``i``: it keeps its connections but answers nothing (a hung host)."""
+        proc = self._procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        """SIGCONT member ``i`` after :meth:`pause`."""
+        proc = self._procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+
     def start_member(self, i: int, *, wait: float = 20.0) -> None:
         """Start member ``i`` again (same ports and data dir); with ``wait`` > 0, return
         when it answers with a leader. Blocking: from a coroutine, run it in a thread."""
@@ -159,6 +171,7 @@ class EtcdCluster:
             if proc is None or proc.poll() is not None:
                 continue
             with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)  # a paused member cannot handle SIGTERM
                 proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_GRACE)

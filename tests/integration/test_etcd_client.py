@@ -200,6 +200,38 @@ def test_watch_from_revision_sees_puts_in_order(etcd1: EtcdCluster) -> None:
     run(body())
 
 
+def test_watch_joins_fragments_without_splitting_a_revision(etcd1: EtcdCluster) -> None:
+    """Two txns of 2 x 3 MiB: read back as one batch they exceed etcd's 8 MiB max request
+    size, so etcd fragments the response, possibly inside a revision."""
+
+    async def body() -> None:
+        client = await _client(etcd1, timeout=10.0)
+        prefix = b"/fragments/"
+        try:
+            big = [bytes([i]) * (3 << 20) for i in range(4)]
+            first = await client.put(prefix + b"start", b"")
+            for t in range(2):
+                ops = [op_put(prefix + b"%d" % (2 * t + j), big[2 * t + j]) for j in range(2)]
+                assert (await client.txn([], ops)).succeeded
+            watch = client.watch(prefix, prefix_end(prefix), start_revision=first + 1)
+            batches: list[list[WatchEvent]] = []
+            async with contextlib.aclosing(watch):
+                async for _, events in watch:
+                    batches.append(events)
+                    if sum(len(b) for b in batches) >= 4:
+                        break
+            seen = [e for b in batches for e in b]
+            assert [e.kv.value for e in seen] == big
+            assert [e.kv.mod_revision for e in seen] == [first + 1] * 2 + [first + 2] * 2
+            for batch in batches[:-1]:  # a revision never straddles two batches
+                assert batch[-1].kv.mod_revision < seen[seen.index(batch[-1]) + 1].kv.mod_revision
+        finally:
+            await client.delete(prefix, prefix_end(prefix))
+            await client.close()
+
+    run(body())
+
+
 def test_compacted_revisions_raise_etcd_compacted(etcd1: EtcdCluster) -> None:
     async def body() -> None:
         client = await _client(etcd1)
@@ -280,6 +312,42 @@ def test_watch_and_calls_survive_their_member_being_killed(etcd3: EtcdCluster) -
             await watcher.close()
             await writer.close()
             await asyncio.to_thread(etcd3.start_member, 0)
+
+    run(body(), timeout=60.0)
+
+
+def test_a_hung_member_is_left_behind(etcd3: EtcdCluster) -> None:
+    """SIGSTOP: the member keeps its TCP connections but answers nothing."""
+
+    async def body() -> None:
+        client = await _client(etcd3, [0, 1, 2], timeout=1.5)
+        writer = await _client(etcd3, [1, 2, 0], timeout=3.0)
+        prefix = b"/hung/"
+        try:
+            lease = await client.lease_grant(5)
+            start = await writer.put(prefix + b"0", b"0")
+            watch = client.watch(
+                prefix, prefix_end(prefix), start_revision=start, probe_interval=0.5
+            )
+            async with contextlib.aclosing(watch):
+                seen = await _collect(watch, 1)
+                assert client.endpoints[client._current] == etcd3.endpoints[0]
+                etcd3.pause(0)
+                t0 = time.monotonic()
+                with pytest.raises(EtcdError) as info:
+                    await client.txn([], [op_put(b"/hung-txn", b"?")])
+                assert info.value.maybe_committed  # sent, no answer: the caller must look
+                assert time.monotonic() - t0 < 1.5 + 1.0
+                assert (await client.txn([], [op_put(b"/hung-txn", b"!")])).succeeded
+                assert await client.lease_keepalive(lease) > 0
+                for i in range(1, 6):
+                    await writer.put(prefix + b"%d" % i, b"x")
+                seen += await _collect(watch, 5)  # the probe finds the stream dead
+                assert [e.kv.key for e in seen] == [prefix + b"%d" % i for i in range(6)]
+        finally:
+            etcd3.resume(0)
+            await client.close()
+            await writer.close()
 
     run(body(), timeout=60.0)
 
