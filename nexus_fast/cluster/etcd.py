@@ -247,6 +247,8 @@ class EtcdClient:
             tried += 1
             try:
                 return await method(member)(request, timeout=budget, metadata=REQUIRE_LEADER)
+            except grpc.aio.UsageError as exc:  # the channel was closed under the call
+                raise self.error(f"{what}: {exc}") from exc
             except grpc.aio.AioRpcError as exc:
                 seen.append(_describe(member.target, exc))
                 code = exc.code().name

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
@@ -31,8 +32,9 @@ from nexus_fast.cluster.etcd import (
     op_range,
     prefix_end,
 )
-from nexus_fast.cluster.etcd_procs import EtcdCluster
+from nexus_fast.cluster.etcd_procs import EtcdCluster, EtcdTls
 from tests.integration.etcd_fixtures import etcd1, etcd3  # noqa: F401
+from tests.pki import write_pki
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -257,6 +259,37 @@ def test_compacted_revisions_raise_etcd_compacted(etcd1: EtcdCluster) -> None:
             await client.close()
 
     run(body())
+
+
+def test_tls_with_client_certificates(tmp_path: Path) -> None:
+    pki = write_pki(tmp_path / "pki")
+    tls = EtcdTls(pki.ca, pki.server_cert, pki.server_key, pki.client_cert, pki.client_key)
+    with EtcdCluster(tmp_path / "etcd", 1, tls=tls) as cluster:
+
+        async def body() -> None:
+            client = EtcdClient(
+                cluster.endpoints,
+                timeout=2.0,
+                ca_file=str(pki.ca),
+                cert_file=str(pki.client_cert),
+                key_file=str(pki.client_key),
+            )
+            try:
+                await client.connect()
+                await client.put(b"/tls", b"ok")
+                kv = await client.get(b"/tls")
+                assert kv is not None and kv.value == b"ok"
+            finally:
+                await client.close()
+            # Without a client certificate etcd refuses the handshake: a typed error.
+            anonymous = EtcdClient(cluster.endpoints, timeout=1.0, ca_file=str(pki.ca))
+            try:
+                with pytest.raises(EtcdError):
+                    await anonymous.connect()
+            finally:
+                await anonymous.close()
+
+        run(body())
 
 
 def test_no_etcd_fails_fast_with_a_typed_error() -> None:
