@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from nexus_fast import errors
 from nexus_fast.benchmark.procs import free_ports
+from nexus_fast.cluster import etcd_procs
 from nexus_fast.cluster.etcd import (
     EtcdClient,
     EtcdCompacted,
@@ -290,6 +292,27 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
                 await anonymous.close()
 
         run(body())
+
+
+def test_harness_stops_by_pid_and_names_the_missing_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = EtcdCluster(tmp_path / "etcd", 1)
+    try:
+        cluster.start()
+        pid = cluster.pid(0)
+        assert pid is not None and cluster.member_status(0) is not None
+        assert cluster.log_path(0).stat().st_size > 0
+    finally:
+        cluster.stop()
+    assert cluster.pid(0) is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    cluster.stop()  # idempotent
+    monkeypatch.setattr(etcd_procs, "ETCD_PATHS", ("/nonexistent/etcd",))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(etcd_procs.EtcdProcessError, match="apt-get install etcd-server"):
+        EtcdCluster(tmp_path / "none", 1).start()
 
 
 def test_no_etcd_fails_fast_with_a_typed_error() -> None:
