@@ -412,7 +412,15 @@ def test_quorum_loss_fails_fast_then_recovers(etcd3: EtcdCluster) -> None:
     async def body() -> None:
         client = await _client(etcd3, timeout=1.5)
         try:
-            await client.put(b"/quorum/k", b"before")
+            before = await client.put(b"/quorum/k", b"before")
+            seen: list[WatchEvent] = []
+            watch = client.watch(b"/quorum/", prefix_end(b"/quorum/"), start_revision=before + 1)
+
+            async def follow() -> None:
+                async for _, events in watch:
+                    seen.extend(events)
+
+            follower = asyncio.create_task(follow())
             await asyncio.to_thread(etcd3.kill, 1)
             await asyncio.to_thread(etcd3.kill, 2)
             for attempt in ("put", "txn"):
@@ -440,6 +448,13 @@ def test_quorum_loss_fails_fast_then_recovers(etcd3: EtcdCluster) -> None:
                     assert time.monotonic() < end, "no recovery after the members returned"
             kv = await client.get(b"/quorum/k")
             assert kv is not None and kv.value == b"after"
+            # The watch went on through the outage: it sees the write made after it.
+            while not seen or seen[-1].kv.value != b"after":
+                assert time.monotonic() < end, f"the watch saw {seen}"
+                await asyncio.sleep(0.1)
+            revisions = [e.kv.mod_revision for e in seen]
+            assert revisions == sorted(set(revisions)) and revisions[-1] == kv.mod_revision
+            follower.cancel()
             # The channels of the returned members leave their reconnect backoff (<= 1 s).
             while not all(s.ok for s in await client.status()):
                 assert time.monotonic() < end, await client.status()
