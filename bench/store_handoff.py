@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -95,6 +96,7 @@ async def main(rounds: int, repeats: int) -> None:
             await busy
         await store.close()
         env.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"commit() awaited : {_pcts(ours)}")
     print(f"bare synced txn  : {_pcts(bare)}")
     d50 = statistics.median(ours) - statistics.median(bare)
