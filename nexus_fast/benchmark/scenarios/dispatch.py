@@ -676,7 +676,17 @@ async def _baselines(ctx: Context, ours: Measurement) -> None:
         Ratio(
             "p99 submit->recv / p99 echo",
             ratio(float(p99_ours) if p99_ours else None, float(p99_base) if p99_base else None),
-            f"{p99_ours} ms / {p99_base} ms"
+            f"{p99_ours} ms / {p99_base} ms",
+        )
+    )
+    # Issue 11's target 3: the floor carries the same batches to the same fleet at the same
+    # rate, so what the client and its simulated nodes add is in both p99s.
+    p99_floor = floor.latency["submit->node recv"].get("p99_ms")
+    ctx.report.ratios.append(
+        Ratio(
+            "p99 submit->recv / floor p99",
+            ratio(float(p99_ours) if p99_ours else None, float(p99_floor) if p99_floor else None),
+            f"{p99_ours} ms / {p99_floor} ms"
             + ("" if args.rate else " (closed loop: use --rate at 10% of max for the target)"),
             "<= 2 at 10% of max rate",
         )
