@@ -22,7 +22,14 @@ from nexus_fast.cluster.etcd import EtcdClient, EtcdError, prefix_end
 from nexus_fast.cluster.etcd_procs import EtcdCluster
 from nexus_fast.store import Delete, LmdbStore, Put
 from nexus_fast.store.audit_chain import AuditRecord, verify
-from nexus_fast.store.log_entry import EntryTooLarge, decode_entry, log_prefix
+from nexus_fast.store.log_entry import (
+    EntryTooLarge,
+    decode_entry,
+    encode_entry,
+    encode_request,
+    log_key,
+    log_prefix,
+)
 from nexus_fast.store.replicated import ReplicatedStore
 from tests.integration.etcd_fixtures import etcd1  # noqa: F401
 
@@ -240,6 +247,30 @@ def test_deposed_leader_is_fenced(etcd: EtcdCluster, tmp_path: Path) -> None:
         assert a.local.get("nodes", b"deposed") is None
         assert a.local.get("nodes", b"from-b") == b"1"
         assert a.store.stat()["cluster"]["state"] == "follower"
+
+    run(cluster(etcd.endpoints, tmp_path, body))
+
+
+def test_a_landed_unknown_outcome_write_is_applied_not_overwritten(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    async def body(a: Replica, b: Replica) -> None:
+        await a.store.commit(*req(1))
+        seq = a.store.applied_seq + 1
+        # What a txn of this term whose answer was lost leaves behind: an entry at the
+        # next seq that the leader never applied (its callers were told it failed).
+        body_ = encode_request([Put("nodes", b"ghost", b"1")], [b"ghost-event"], [])
+        await a.client.put(log_key(a.prefix, seq), encode_entry(seq, a.election.term, [body_]))
+        res = await a.store.commit([Put("nodes", b"after", b"1")], [b"after-event"])
+        assert a.store.applied_seq == seq + 1
+        assert a.local.get("nodes", b"ghost") == b"1"
+        assert a.local.events_since(res[0] - 2, 10)[-2:] == [
+            (res[0] - 1, b"ghost-event"),
+            (res[0], b"after-event"),
+        ]
+        assert [e.seq for e in await log_entries(a.client, a.prefix)] == [1, seq, seq + 1]
+        await until(lambda: b.store.applied_seq == a.store.applied_seq, what="b caught up")
+        same_state(a, b)
 
     run(cluster(etcd.endpoints, tmp_path, body))
 
