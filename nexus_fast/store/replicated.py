@@ -556,6 +556,16 @@ class ReplicatedStore(LocalReads):
         kvs, rev = await self.client.range(
             log_key(self.prefix, self.applied_seq + 1), self._log_end, limit=self._page
         )
+        if not kvs and self.applied_seq:
+            # Compaction always keeps the newest entry: an empty log after this replica
+            # applied some means etcd lost or was given another cluster's data.
+            anything, _ = await self.client.range(self._log_prefix, self._log_end, limit=1)
+            if not anything:
+                raise LogBroken(
+                    f"the log in etcd is empty but this replica applied up to entry "
+                    f"{self.applied_seq}: etcd was reset or the prefix is wrong; this "
+                    "replica needs a snapshot (or an empty data dir) to rejoin"
+                )
         while kvs:
             await self._apply_log_kvs(kvs)
             if len(kvs) < self._page:

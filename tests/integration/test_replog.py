@@ -366,6 +366,16 @@ def test_compaction_and_a_replica_that_needs_a_snapshot(etcd: EtcdCluster, tmp_p
             assert c.local.last_event_index == 0
         finally:
             await c.stop()
+        # etcd reset under a replica that applied entries: an explicit state, not a wait.
+        await b.stop()
+        await a.client.delete(log_prefix(a.prefix), prefix_end(log_prefix(a.prefix)))
+        b2 = await Replica(a.endpoints, a.data, a.prefix, "b").start(campaign=False)
+        try:
+            await until(lambda: b2.store.state == "needs_snapshot", what="b2 sees the reset")
+            assert "log in etcd is empty" in (b2.store.failure or "")
+            assert b2.store.get("nodes", b"n00001") == b"v1"  # reads go on
+        finally:
+            await b2.stop()
 
     run(cluster(etcd.endpoints, tmp_path, body))
 
