@@ -31,7 +31,7 @@ from nexus_fast.store.log_entry import (
     log_prefix,
 )
 from nexus_fast.store.replicated import ReplicatedStore
-from tests.integration.etcd_fixtures import etcd1  # noqa: F401
+from tests.integration.etcd_fixtures import etcd1, etcd3  # noqa: F401
 
 T = TypeVar("T")
 MB = 1 << 20
@@ -395,6 +395,43 @@ def test_etcd_down_fails_commits_fast_reads_go_on(tmp_path: Path) -> None:
             assert a.store.get("nodes", b"k2") is None
 
         run(cluster(etcd.endpoints, tmp_path, body, names="a"))
+
+
+def test_one_etcd_member_of_three_killed_under_load(etcd3: EtcdCluster, tmp_path: Path) -> None:
+    async def body(a: Replica, b: Replica) -> None:
+        stop = asyncio.Event()
+        acked: list[int] = []
+        failed: list[BaseException] = []
+
+        async def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    await a.store.commit(*req(i))
+                    acked.append(i)
+                except EtcdError as exc:  # the txn in flight on the killed member
+                    failed.append(exc)
+                    await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(writer())
+        await until(lambda: len(acked) >= 20, what="20 commits")
+        etcd3.kill(0)
+        try:
+            n = len(acked)
+            await until(lambda: len(acked) >= n + 50, 15, "50 commits with a member down")
+            assert a.election.role == "leader"
+        finally:
+            stop.set()
+            await task
+            etcd3.start_member(0)
+        assert len(failed) <= 3, failed
+        await until(lambda: b.store.applied_seq == a.store.applied_seq, 15, "b caught up")
+        same_state(a, b)
+        for i in acked:  # every acknowledged commit is on the follower
+            assert b.local.get("nodes", b"n%05d" % i) is not None or i % 7 == 2
+
+    run(cluster(etcd3.endpoints, tmp_path, body))
 
 
 # ---------------------------------------------------------------------- the election
