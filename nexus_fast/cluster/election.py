@@ -328,6 +328,8 @@ class Election:
                     remaining = await self.client.lease_keepalive(lease)
                 except EtcdError as exc:
                     log.debug("lease keepalive failed: %s", exc)
+                except Exception:  # the clock steps a leader down if this persists
+                    log.exception("lease keepalive failed")
                 else:
                     if lease == self.lease_id:
                         if remaining > 0:
@@ -388,6 +390,9 @@ class Election:
                 log.warning("election: %s", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.lease_ttl / 2)
+            except Exception:  # a bug must not end the campaign silently
+                log.exception("election loop failed; retrying")
+                await asyncio.sleep(self.lease_ttl / 2)
 
     async def _watch_until_free(self, rev: int) -> None:
         """Follower: follow the leader key from ``rev + 1`` until it is deleted."""

@@ -550,6 +550,10 @@ class ReplicatedStore(LocalReads):
                 self._failure = f"cannot apply log entry {self.applied_seq + 1}: {exc}"
                 log.error("%s", self._failure)
                 await asyncio.sleep(_BACKOFF_MAX)
+            except Exception as exc:  # a bug must not end the tailer silently
+                self._failure = f"following the log failed at entry {self.applied_seq + 1}: {exc!r}"
+                log.exception("following the log failed")
+                await asyncio.sleep(_BACKOFF_MAX)
 
     async def _catch_up(self) -> int:
         """Apply every entry after ``applied_seq`` in the log now; the revision read at."""
