@@ -185,6 +185,7 @@ class ReplicatedStore(LocalReads):
         self._lost_watch: asyncio.Task[None] | None = None
         self._tailer: asyncio.Task[None] | None = None
         self._closing = False
+        election.can_lead = self._can_lead
         self.entries_written = 0
         """Log entries this replica wrote as leader (group-commit efficiency, tests)."""
         self.requests_written = 0
@@ -192,6 +193,10 @@ class ReplicatedStore(LocalReads):
         """Entries applied from the log as a follower (catch-up and watch)."""
 
     # ------------------------------------------------------------------ health, figures
+
+    def _can_lead(self) -> bool:
+        """Only a replica that follows the log may campaign (not one needing a snapshot)."""
+        return self.state in ("follower", "leader")
 
     def healthy(self) -> bool:
         """Local store healthy and the log followable (not needing a snapshot, not broken)."""

@@ -373,6 +373,13 @@ def test_compaction_and_a_replica_that_needs_a_snapshot(etcd: EtcdCluster, tmp_p
         try:
             await until(lambda: b2.store.state == "needs_snapshot", what="b2 sees the reset")
             assert "log in etcd is empty" in (b2.store.failure or "")
+            # It never campaigns: a leader that leaves is replaced by nobody.
+            await b2.election.start()
+            await a.store.close()
+            await a.election.stop()
+            await asyncio.sleep(TTL / 2)
+            assert b2.election.role == "candidate"
+            assert b2.election.transitions == 0
             assert b2.store.get("nodes", b"n00001") == b"v1"  # reads go on
         finally:
             await b2.stop()
