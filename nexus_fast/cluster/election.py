@@ -216,7 +216,8 @@ class Election:
                 raise NotLeader()
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+                async with asyncio.timeout(left):  # not wait_for: it can swallow a cancel()
+                    await self._changed.wait()
         return self.leader_advertise
 
     def stat(self) -> dict[str, Any]:
