@@ -1,0 +1,1 @@
+"""Cluster mode: replicas of one control plane on etcd (docs/cluster.md)."""
