@@ -13,6 +13,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -43,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=REPO / "data" / "cluster")
     args = parser.parse_args(argv)
     args.data.mkdir(parents=True, exist_ok=True)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # for sigwait
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.set()
+
+    # Handlers, not a blocked mask: children inherit a signal mask and would ignore SIGTERM.
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     etcd = EtcdCluster(args.data / "etcd", args.etcd_members)
     replicas: list[tuple[str, subprocess.Popen[bytes]]] = []
     targets: list[str] = []
@@ -75,7 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"try: nexusctl --target {targets[0]} cluster status   (Ctrl-C stops all)", flush=True
         )
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        while not stop.wait(0.5):
+            for name, proc in replicas:
+                if proc.poll() is not None:  # a crashed replica says so once
+                    print(f"{name} exited with {proc.returncode}", file=sys.stderr, flush=True)
+                    replicas.remove((name, proc))
+                    break
     except EtcdProcessError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
