@@ -325,6 +325,18 @@ def test_auth_forwarding_speaks_for_the_caller_and_only_replicas_may(
     with follower.channel() as channel:
         control = pb_grpc.ControlServiceStub(channel)
         assert control.ListNodes(pb.ListNodesRequest(), timeout=10.0).total_matched == 0
+    reply = asyncio.run(_ws_submit(follower))  # a WebSocket submit: forwarded as the operator
+    assert reply["type"] == "submitted", reply
+    admin = ClientAuth(
+        tls_ca=str(pki.ca),
+        tls_cert=str(pki.root / "viewer-handshake.pem"),
+        tls_key=str(pki.root / "viewer-handshake-key.pem"),
+        token=issue_token("root", "admin", 3600, secret=pki.secret),
+    )
+    with grpc.secure_channel(leader.grpc_target, channel_credentials(admin)) as channel:
+        page = pb_grpc.ControlServiceStub(channel).ListAudit(pb.ListAuditRequest(), timeout=5.0)
+    submits = [e for e in page.entries if e.method.endswith("SubmitCommands")]
+    assert submits and submits[-1].principal == "ops" and submits[-1].role == "operator"
     viewer = ClientAuth(
         tls_ca=str(pki.ca),
         tls_cert=str(pki.root / "viewer-handshake.pem"),
