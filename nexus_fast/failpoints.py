@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import itertools
-import logging
 import os
 import random
 import re
@@ -42,6 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from nexus_fast.logs import get_logger
 from nexus_fast.units import format_duration, parse_duration
 
 __all__ = [
@@ -57,7 +57,7 @@ __all__ = [
     "snapshot",
 ]
 
-log = logging.getLogger("nexus_fast.failpoints")
+log = get_logger("failpoints")
 
 CRASH_EXIT_CODE: Final = 86
 """Exit status of a ``crash`` failpoint (distinct from 0/1/2 and from signals)."""

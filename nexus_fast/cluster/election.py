@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,8 +37,9 @@ from nexus_fast.cluster.etcd import (
     op_put,
     op_range,
 )
+from nexus_fast.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger("cluster.election")
 
 Role = Literal["leader", "follower", "candidate"]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
@@ -53,10 +52,11 @@ from nexus_fast.cluster.etcd_types import (
     to_kv,
 )
 from nexus_fast.cluster.etcd_watch import watch as _watch
+from nexus_fast.logs import get_logger
 from nexus_fast.pb import etcd_rpc_pb2 as pb
 from nexus_fast.pb import etcd_rpc_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
+log = get_logger("cluster.etcd")
 __all__ = [
     "REQUIRE_LEADER",
     "Compare",

@@ -280,9 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args(argv)
     cluster = EtcdCluster(args.workdir, args.members)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # for sigwait
     try:
         cluster.start()
+        # Blocked only now (for sigwait): members started earlier would inherit the mask
+        # and ignore the SIGTERM that stops them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         print(",".join(cluster.endpoints), flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     except EtcdProcessError as exc:

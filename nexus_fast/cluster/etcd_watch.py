@@ -20,7 +20,6 @@ has been compacted; otherwise it retries (backing off up to 1 s) until closed. C
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -33,12 +32,13 @@ from nexus_fast.cluster.etcd_types import (
     WatchEvent,
     to_kv,
 )
+from nexus_fast.logs import get_logger
 from nexus_fast.pb import etcd_rpc_pb2 as pb
 
 if TYPE_CHECKING:
     from nexus_fast.cluster.etcd import EtcdClient
 
-log = logging.getLogger(__name__)
+log = get_logger("cluster.etcd")
 
 _QUEUE = 4  # responses (up to 8 MiB each) read ahead of the consumer; grpc flow control after
 _PROGRESS_REQUEST = pb.WatchRequest(progress_request=pb.WatchProgressRequest())

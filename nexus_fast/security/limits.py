@@ -26,7 +26,6 @@ event loop thread: no locks.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections import OrderedDict
@@ -36,9 +35,10 @@ from types import TracebackType
 from typing import Any, Final
 
 from nexus_fast.errors import ResourceExhausted
+from nexus_fast.logs import get_logger
 from nexus_fast.units import parse_size
 
-log = logging.getLogger(__name__)
+log = get_logger("security.limits")
 
 Clock = Callable[[], float]
 """Monotonic seconds; ``time.monotonic`` in production, a fake in tests."""

@@ -25,7 +25,6 @@ takes the directory lock before LMDB opens and ``close()`` releases it; read-onl
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import queue
 import shutil
@@ -39,6 +38,7 @@ from typing import Any, TypeVar
 import lmdb
 
 from nexus_fast.eventlog import collect_batch
+from nexus_fast.logs import get_logger
 from nexus_fast.store import datadir
 from nexus_fast.store.audit_chain import (
     AUDIT_DB,
@@ -79,7 +79,7 @@ from nexus_fast.store.writer import (
 )
 from nexus_fast.telemetry import metrics
 
-log = logging.getLogger(__name__)
+log = get_logger("store")
 
 T = TypeVar("T")
 

@@ -22,7 +22,6 @@ previous layout (tests/integration/test_schema.py).
 
 from __future__ import annotations
 
-import logging
 import struct
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -31,12 +30,13 @@ from typing import Final
 
 import lmdb
 
+from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.store.backup import write_copy
 from nexus_fast.store.base import StoreError
 from nexus_fast.store.datafile import DATA_FILE, DataFileError
 
-log = logging.getLogger("nexus_fast.store.migrations")
+log = get_logger("store.migrations")
 
 SCHEMA_VERSION: Final = 2
 """The record layout this code reads and writes."""

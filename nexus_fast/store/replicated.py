@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import logging
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -46,6 +45,7 @@ from nexus_fast.cluster.etcd import (
     op_range,
     prefix_end,
 )
+from nexus_fast.logs import get_logger
 from nexus_fast.store.audit_chain import AuditRecord
 from nexus_fast.store.base import (
     CommitResult,
@@ -80,7 +80,7 @@ if TYPE_CHECKING:
 
 __all__ = ["EntryTooLarge", "LogBroken", "NotLeader", "ReplicatedStore"]
 
-log = logging.getLogger(__name__)
+log = get_logger("store.replicated")
 
 T = TypeVar("T")
 State = Literal["closed", "follower", "leader", "needs_snapshot", "broken"]

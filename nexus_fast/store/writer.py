@@ -12,7 +12,6 @@ read txn is open). Only the writer thread touches the ``_w_*`` state.
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import struct
 import threading
@@ -24,6 +23,7 @@ from typing import Any, NamedTuple
 import lmdb
 
 from nexus_fast import failpoints
+from nexus_fast.logs import get_logger
 from nexus_fast.store import datadir
 from nexus_fast.store.audit_chain import AUDIT_DB, AuditRecord, ChainHead, chain_puts
 from nexus_fast.store.base import (
@@ -36,7 +36,7 @@ from nexus_fast.store.base import (
     StoreFull,
 )
 
-log = logging.getLogger("nexus_fast.store.lmdb_store")
+log = get_logger("store")
 
 EVENTS_DB = "events"
 META_DB = "meta"

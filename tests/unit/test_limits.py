@@ -260,7 +260,7 @@ def test_context_manager_releases_on_exception() -> None:
 
 def test_dropped_slot_is_reclaimed(caplog: pytest.LogCaptureFixture) -> None:
     sl = SlotLimiter("streams", per_principal=1, total=2)
-    with caplog.at_level(logging.WARNING, logger="nexus_fast.security.limits"):
+    with caplog.at_level(logging.WARNING, logger="nexus.security.limits"):
         sl.acquire("a")  # result dropped: a handler forgot to release
         gc.collect()
     assert sl.held() == 0
