@@ -32,8 +32,10 @@ from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.grpc_health import HealthServicer
 from nexus_fast.api.http_server import HttpServer
+from nexus_fast.api.node_stream import NodeStreams
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
+from nexus_fast.cluster.relay import RelayServicer, add_replica_service
 from nexus_fast.codec.json import agent_to_dict, command_to_dict, node_to_dict
 from nexus_fast.config import Config
 from nexus_fast.core.agents import AgentService, AgentSettings
@@ -149,6 +151,8 @@ class NexusServer:
         )
         # Order matters: the scheduler must know a node before commands and agents react.
         self.nodes.listeners += [SchedulerFeed(self.scheduler), self.commands, self.agents]
+        # Leader side of ReplicaService.Relay (nexus_fast/cluster/relay.py).
+        self._relay_servicer = RelayServicer(NodeStreams(self.nodes, self.commands, self.agents))
         # Loaded and attached to store.on_commit right after store.open(), before any commit.
         self.events = EventBus(self.store, config.events, perf.event_buffer_size)
         self._grpc: grpc.aio.Server | None = None
@@ -318,6 +322,8 @@ class NexusServer:
         )
         limits = self.security.limits if self.security else None
         add_node_service(NodeService(self.nodes, self.commands, self.agents, limits), server)
+        # Always served: followers relay their node streams to the leader (embedded: itself).
+        add_replica_service(self._relay_servicer, server)
         add_control_service(
             ControlService(
                 self.nodes,
@@ -440,6 +446,9 @@ class NexusServer:
             grace = max(0.1, deadline - (time.monotonic() - started))
             grpc_stopped = asyncio.get_running_loop().create_task(self._grpc.stop(grace))
             await asyncio.sleep(0)  # the task's first step stops accepting calls
+        # Relay streams end whole first: followers keep their nodes' streams for the next
+        # leader instead of ending each node (what the sessions' ends below would do).
+        self._relay_servicer.stop()
         # End node streams (nodes reconnect to the next server), then let in-flight unary
         # calls finish within what is left of the deadline.
         await self.agents.stop()

@@ -25,6 +25,7 @@ from nexus_fast.security.rbac import RbacConfig
 __all__ = [
     "ALL_PERMISSIONS",
     "BUILTIN_ROLES",
+    "CLUSTER_RELAY",
     "GRPC_METHODS",
     "HTTP_ROUTES",
     "NODE_SELF",
@@ -36,9 +37,13 @@ __all__ = [
 
 PUBLIC: Final = "public"
 NODE_SELF: Final = "node.self"
+# Relaying node streams between replicas: the leader trusts the node identity a relay
+# names, so only replicas (and admin) hold it, never through "rbac disabled".
+CLUSTER_RELAY: Final = "cluster.relay"
 
 _NODE: Final = "/nexus.fabric.v1.NodeService/"
 _CONTROL: Final = "/nexus.fabric.v1.ControlService/"
+_REPLICA: Final = "/nexus.cluster.v1.ReplicaService/"
 
 GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
     {
@@ -63,6 +68,7 @@ GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
         _CONTROL + "ListAudit": "audit.read",
         _CONTROL + "SetFailpoints": "failpoint.write",  # fault injection: admin only
         _CONTROL + "ListFailpoints": "failpoint.read",
+        _REPLICA + "Relay": CLUSTER_RELAY,  # follower -> leader node streams: replicas only
         # Load balancers and orchestrators probe without credentials (TLS still applies).
         "/grpc.health.v1.Health/Check": PUBLIC,
         "/grpc.health.v1.Health/Watch": PUBLIC,
@@ -171,7 +177,7 @@ class Rbac:
                 perms.discard(NODE_SELF)
             roles[name] = frozenset(perms)
         self.roles = roles  # one assignment: a check never sees half a table
-        self._unchecked = frozenset(ALL_PERMISSIONS - {NODE_SELF})
+        self._unchecked = frozenset(ALL_PERMISSIONS - {NODE_SELF, CLUSTER_RELAY})
 
     def allows(self, principal: Principal, permission: str | None) -> bool:
         """True when ``principal`` holds ``permission``; None (not in the table) is denied."""

@@ -1,0 +1,1 @@
+"""Cluster mode: replicas on etcd (docs/cluster.md)."""
