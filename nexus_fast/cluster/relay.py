@@ -403,7 +403,12 @@ class FollowerRelay:
         return not self._stopping and (self._is_follower is None or self._is_follower())
 
     def held_count(self) -> int:
+        """Node streams held here."""
         return len(self._held)
+
+    def backlog(self) -> dict[str, int]:
+        """Messages waiting for each held node's stream (node id -> count)."""
+        return {h.session.node_id: h.session.outbound.qsize() for h in self._held.values()}
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="follower-relay")

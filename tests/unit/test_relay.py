@@ -1,0 +1,102 @@
+"""ReplicaService.Relay in process: the leader's refusals and the follower's "no leader".
+
+The end-to-end behaviour (a real leader process, restarts, a slow node) is in
+tests/integration/test_relay.py; these pin the edges cheaply, over real gRPC on loopback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import grpc.aio
+
+from nexus_fast.api.grpc_api import NodeService, add_node_service
+from nexus_fast.api.node_stream import NodeStreams
+from nexus_fast.cluster.relay import FollowerRelay, RelayServicer, add_replica_service
+from nexus_fast.core.assembly import CoreFabric
+from nexus_fast.pb import cluster_pb2 as cpb
+from nexus_fast.pb import cluster_pb2_grpc as cpb_grpc
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+from nexus_fast.store import LmdbStore
+
+from .fabric import run
+
+
+async def _leader(tmp_path: Path) -> tuple[CoreFabric, grpc.aio.Server, int, RelayServicer]:
+    core = await CoreFabric(LmdbStore(tmp_path / "leader")).start()
+    servicer = RelayServicer(NodeStreams(core.nodes, core.commands, core.agents))
+    server = grpc.aio.server()
+    add_replica_service(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return core, server, port, servicer
+
+
+def test_leader_ends_bad_sessions_and_refuses_bad_frames(tmp_path: Path) -> None:
+    async def body() -> None:
+        core, server, port, _ = await _leader(tmp_path)
+        await core.node("n1", connect=False)
+        epoch = core.nodes.get("n1").session_epoch
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = cpb_grpc.ReplicaServiceStub(channel).Relay()
+                assert list((await call.read()).frames) == []  # "connected"
+                up = cpb.RelayUp()
+                up.frames.add(stream=1, open=cpb.RelayOpen(node_id="nope", session_epoch=1))
+                up.frames.add(stream=2, open=cpb.RelayOpen(node_id="n1", session_epoch=epoch + 1))
+                up.frames.add(stream=3, open=cpb.RelayOpen(node_id="n1", session_epoch=epoch))
+                up.frames.add(stream=3, message=pb.NodeMessage(heartbeat=pb.Heartbeat()))
+                await call.write(up)
+                seen: dict[int, list[cpb.RelayDownFrame]] = {}
+                while not (1 in seen and 2 in seen and 3 in seen):
+                    for frame in (await call.read()).frames:
+                        seen.setdefault(frame.stream, []).append(frame)
+                assert seen[1][0].end.code == grpc.StatusCode.NOT_FOUND.value[0]
+                assert seen[2][0].end.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+                assert seen[3][0].message.HasField("config")  # a session, as Connect's
+                assert core.nodes.get("n1").connected
+                # The same stream id opened twice is the caller's bug: the relay ends.
+                again = cpb.RelayUp()
+                again.frames.add(stream=3, open=cpb.RelayOpen(node_id="n1", session_epoch=epoch))
+                await call.write(again)
+                try:
+                    while True:
+                        if await call.read() is grpc.aio.EOF:
+                            break
+                except grpc.aio.AioRpcError:
+                    pass
+                assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "already open" in (await call.details() or "")
+                # Its sessions ended with it: the node counts as disconnected.
+                assert not core.nodes.get("n1").connected
+        finally:
+            await server.stop(0)
+            await core.stop()
+
+    run(body())
+
+
+def test_follower_without_a_leader_answers_unavailable(tmp_path: Path) -> None:
+    async def body() -> None:
+        core = await CoreFabric(LmdbStore(tmp_path / "follower")).start()
+        relay = FollowerRelay(lambda: None, no_leader_wait=0.3)
+        server = grpc.aio.server()
+        add_node_service(NodeService(core.nodes, core.commands, core.agents, relay=relay), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        relay.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = pb_grpc.NodeServiceStub(channel).Connect()
+                await call.write(pb.NodeMessage(node_id="n1", session_epoch=1))
+                assert await call.code() == grpc.StatusCode.UNAVAILABLE
+                assert "no leader" in (await call.details() or "")
+            assert relay.held_count() == 0
+        finally:
+            await relay.stop()
+            await server.stop(0)
+            await core.stop()
+
+    run(body())
