@@ -30,6 +30,7 @@ __all__ = [
     "HTTP_ROUTES",
     "NODE_SELF",
     "PUBLIC",
+    "ROLE_REPLICA",
     "WS_OPS",
     "Rbac",
     "matches",
@@ -37,9 +38,12 @@ __all__ = [
 
 PUBLIC: Final = "public"
 NODE_SELF: Final = "node.self"
-# Relaying node streams between replicas: the leader trusts the node identity a relay
-# names, so only replicas (and admin) hold it, never through "rbac disabled".
+ROLE_REPLICA: Final = "replica"
+"""Another replica of the cluster (certificate O = nexus-replica, or a token)."""
 CLUSTER_RELAY: Final = "cluster.relay"
+"""Relaying node streams from a follower to the leader (ReplicaService.Relay). The leader
+trusts the node identity a relay names, so it is held by the replica role and by admin
+(who holds ``node.self`` anyway) only: never configurable, never implied by "rbac off"."""
 
 _NODE: Final = "/nexus.fabric.v1.NodeService/"
 _CONTROL: Final = "/nexus.fabric.v1.ControlService/"
@@ -185,6 +189,8 @@ class Rbac:
             return False
         if permission == PUBLIC:
             return True
+        if permission == CLUSTER_RELAY:
+            return principal.role in (ROLE_ADMIN, ROLE_REPLICA)
         if principal.role == ROLE_NODE:
             # Nodes act only as themselves, with or without RBAC.
             return permission == NODE_SELF

@@ -24,6 +24,7 @@ from nexus_fast.security.permissions import (
     HTTP_ROUTES,
     NODE_SELF,
     PUBLIC,
+    ROLE_REPLICA,
     WS_OPS,
     Rbac,
     matches,
@@ -152,6 +153,7 @@ def test_only_admin_relays_node_streams_even_with_rbac_off() -> None:
     for enabled in (False, True):
         rbac = Rbac(RbacConfig(enabled=enabled))
         assert rbac.allows(_who("admin"), CLUSTER_RELAY)
+        assert rbac.allows(_who(ROLE_REPLICA), CLUSTER_RELAY)
         assert not rbac.allows(VIEWER, CLUSTER_RELAY)
         assert not rbac.allows(_who("operator"), CLUSTER_RELAY)
         assert not rbac.allows(NODE, CLUSTER_RELAY)
