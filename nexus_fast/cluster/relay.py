@@ -662,7 +662,14 @@ class FollowerRelay:
                 if held is None:
                     continue  # that node stream ended here meanwhile
                 if frame.HasField("message"):
-                    held.session.send(frame.message)  # full: that node alone is cut off
+                    if not held.session.send(frame.message):
+                        # Full ("fell behind"): that node alone is cut off, and the leader
+                        # told now, so it stops dispatching to a stream that cannot take it
+                        # (its own write may stay stuck on the node's flow control).
+                        held_streams.pop(frame.stream, None)
+                        self._queue(
+                            cpb.RelayUpFrame(stream=frame.stream, close=cpb.RelayClose()), None
+                        )
                 elif frame.HasField("end"):
                     end = frame.end
                     code = _CODES.get(end.code, grpc.StatusCode.UNKNOWN)

@@ -6,6 +6,7 @@ tests/integration/test_relay.py; these pin the edges cheaply, over real gRPC on 
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -21,7 +22,7 @@ from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from nexus_fast.store import LmdbStore
 
-from .fabric import run
+from .fabric import run, until
 
 
 async def _leader(tmp_path: Path) -> tuple[CoreFabric, grpc.aio.Server, int, RelayServicer]:
@@ -97,6 +98,64 @@ def test_follower_without_a_leader_answers_unavailable(tmp_path: Path) -> None:
         finally:
             await relay.stop()
             await server.stop(0)
+            await core.stop()
+
+    run(body())
+
+
+def test_a_node_that_stops_reading_is_cut_off_alone_and_the_leader_told(tmp_path: Path) -> None:
+    async def body() -> None:
+        core, server, port, _ = await _leader(tmp_path)
+        follower = await CoreFabric(LmdbStore(tmp_path / "follower")).start()
+        relay = FollowerRelay(lambda: f"127.0.0.1:{port}")
+        node_server = grpc.aio.server()
+        service = NodeService(follower.nodes, follower.commands, follower.agents, relay=relay)
+        add_node_service(service, node_server)
+        node_port = node_server.add_insecure_port("127.0.0.1:0")
+        await node_server.start()
+        relay.start()
+        try:
+            assert await relay.wait_connected(5)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{node_port}") as channel:
+                calls = {}
+                for node_id in ("slow", "fine"):
+                    await core.node(node_id, connect=False)
+                    epoch = core.nodes.get(node_id).session_epoch
+                    calls[node_id] = pb_grpc.NodeServiceStub(channel).Connect()
+                    await calls[node_id].write(pb.NodeMessage(node_id=node_id, session_epoch=epoch))
+                await until(lambda: core.nodes.get("slow").connected, what="slow relayed")
+                await until(lambda: core.nodes.get("fine").connected, what="fine relayed")
+                fine_got = 0
+
+                async def read_fine() -> None:
+                    nonlocal fine_got
+                    async for _ in calls["fine"]:
+                        fine_got += 1
+
+                reader = asyncio.get_running_loop().create_task(read_fine())
+                # "slow" never reads: far more than its flow-control window and its queue.
+                notice = pb.ControlMessage(cancel_command_ids=["x" * 2000])
+                for _ in range(60):
+                    slow = core.nodes.session_of("slow")
+                    if slow is None:
+                        break
+                    for _ in range(200):
+                        slow.send(notice)
+                    core.nodes.session_of("fine").send(pb.ControlMessage())  # type: ignore[union-attr]
+                    await asyncio.sleep(0.02)
+                # The follower cut "slow" off and told the leader: not connected there.
+                await until(lambda: not core.nodes.get("slow").connected, 10, "slow cut off")
+                # "fine" shares the relay and kept receiving all along.
+                await until(lambda: fine_got >= 10, 5, "fine kept flowing")
+                assert core.nodes.get("fine").connected and relay.held_count() >= 1
+                reader.cancel()
+                for call in calls.values():
+                    call.cancel()
+        finally:
+            await relay.stop()
+            await node_server.stop(0)
+            await server.stop(0)
+            await follower.stop()
             await core.stop()
 
     run(body())
