@@ -61,6 +61,7 @@ MAX_DOWN_BYTES: Final = 16 << 20
 # Messages waiting to go up (follower): per node stream and in total; readers wait beyond.
 MAX_UP_PER_NODE: Final = 64
 MAX_UP_TOTAL: Final = 8192
+MAX_UP_BYTES: Final = 32 << 20
 # Room a NodeMessage leaves under the message limit for the RelayUp around it.
 FRAME_HEADROOM: Final = 1024
 # Reconnect backoff of a follower's relay (seconds).
@@ -367,6 +368,12 @@ class FollowerRelay:
     relayed (default: always). Call :meth:`start` once on the loop, :meth:`leader_changed`
     whenever the election says so (the target is also re-read every TARGET_POLL seconds),
     :meth:`stop` at shutdown.
+
+    When this replica itself becomes the leader, ``leader_target()`` names it: the streams
+    held here keep flowing through a relay to itself over loopback (nothing disconnects),
+    while ``is_follower()`` turning False sends new Connect streams to the local core.
+    A leader answers Relay only once it serves the core (``RelayServicer(is_leader=...)``):
+    until then the relay retries with backoff, the nodes' streams waiting.
     """
 
     def __init__(
@@ -390,6 +397,7 @@ class FollowerRelay:
         self._held: dict[int, _Held] = {}
         self._ids = itertools.count(1)
         self._up: list[tuple[cpb.RelayUpFrame, int, _Held | None]] = []  # (frame, bytes, of)
+        self._up_bytes = 0
         self._up_ready = asyncio.Event()
         self._up_room = asyncio.Event()
         self._connected = asyncio.Event()  # a relay stream to the leader is up
@@ -485,16 +493,21 @@ class FollowerRelay:
         try:
             while message is not grpc.aio.EOF:
                 frame = cpb.RelayUpFrame(stream=held.stream, message=message)
-                if frame.ByteSize() > limit:
+                size = frame.ByteSize()
+                if size > limit:
                     raise errors.InvalidArgument(
                         "NodeMessage", f"larger than {limit} bytes (the relay's limit)"
                     )
-                while held.pending_up >= MAX_UP_PER_NODE or len(self._up) >= MAX_UP_TOTAL:
+                while (
+                    held.pending_up >= MAX_UP_PER_NODE
+                    or len(self._up) >= MAX_UP_TOTAL
+                    or self._up_bytes >= MAX_UP_BYTES
+                ):
                     self._up_room.clear()
                     await self._up_room.wait()
                 if session.closed:
                     return
-                self._queue(frame, held)
+                self._queue(frame, held, size)
                 message = await context.read()
             session.close(None)  # the node half-closed: end the stream cleanly
         except errors.NexusError as exc:
@@ -507,8 +520,10 @@ class FollowerRelay:
             )
             session.close(errors.Unavailable("stream read failed"))
 
-    def _queue(self, frame: cpb.RelayUpFrame, held: _Held | None) -> None:
-        self._up.append((frame, frame.ByteSize(), held))
+    def _queue(self, frame: cpb.RelayUpFrame, held: _Held | None, size: int = 0) -> None:
+        size = size or frame.ByteSize()
+        self._up.append((frame, size, held))
+        self._up_bytes += size
         if held is not None:
             held.pending_up += 1
         self._up_ready.set()
@@ -573,6 +588,7 @@ class FollowerRelay:
             )
         ]
         self._up.extend(kept)
+        self._up_bytes = sum(size for _, size, _ in self._up)
         self._up_ready.set()
 
     async def _relay_once(self, target: str) -> bool:
@@ -644,6 +660,7 @@ class FollowerRelay:
                     n += 1
                 batch = items[:n]
                 del items[:n]
+                self._up_bytes -= size
                 for _, _, held in batch:
                     if held is not None:
                         held.pending_up -= 1
