@@ -5,6 +5,8 @@ The leader is the real ``nexus-fast`` process (embedded mode: it leads itself an
 replica does: a gRPC server whose ``NodeService`` hands Connect streams to a
 :class:`FollowerRelay` (its local core, on its own LMDB, is never asked). Nodes are raw
 gRPC clients of the follower, so the test sees exactly which stream each one uses.
+With auth on, Relay is refused to an operator and served to a credential holding
+``cluster.relay``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+import pytest
 
 from nexus_fast.api.grpc_api import NodeService, add_node_service
 from nexus_fast.benchmark.procs import free_ports
 from nexus_fast.cluster.relay import FollowerRelay
 from nexus_fast.core.assembly import CoreFabric
+from nexus_fast.node.channel import ClientAuth, channel_credentials
+from nexus_fast.pb import cluster_pb2_grpc as cpb_grpc
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+from nexus_fast.security.tokens import issue_token
 from nexus_fast.store.lmdb_store import LmdbStore
 
 from .conftest import ServerProcess
@@ -83,10 +89,14 @@ class RawNode:
 class Follower:
     """The follower's side in process: a NodeService on its own port relaying to the leader."""
 
-    def __init__(self, leader: ServerProcess, tmp: Path) -> None:
+    def __init__(
+        self, leader: ServerProcess, tmp: Path, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
         self.leader = leader
         self.core = CoreFabric(LmdbStore(tmp / "follower-data"))
-        self.relay = FollowerRelay(lambda: leader.grpc_target, no_leader_wait=10.0)
+        self.relay = FollowerRelay(
+            lambda: leader.grpc_target, credentials=credentials, no_leader_wait=10.0
+        )
         self.port = free_ports(1)[0]
         self.server = grpc.aio.server()
 
@@ -252,6 +262,54 @@ def test_relayed_nodes_run_commands_and_survive_a_leader_restart(
 
     try:
         asyncio.run(asyncio.wait_for(body(), 50))
+    except BaseException:
+        print(leader.log())
+        raise
+
+
+@pytest.mark.parametrize("auth_mode", ["auth"], indirect=True)
+def test_relay_needs_a_replica_credential(server_factory: type, tmp_path: Path) -> None:
+    leader: ServerProcess = server_factory.create().start()
+    pki = leader.pki
+    assert pki is not None
+
+    async def body() -> None:
+        # An operator may do much, but not speak for nodes: Relay is refused.
+        async with grpc.aio.secure_channel(
+            leader.grpc_target, channel_credentials(leader.auth)
+        ) as channel:
+            call = cpb_grpc.ReplicaServiceStub(channel).Relay()
+            assert await call.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "cluster.relay" in (await call.details() or "")
+        # A credential holding cluster.relay (admin here; replicas in cluster mode) relays.
+        admin = ClientAuth(
+            tls_ca=str(pki.ca),
+            tls_cert=str(pki.root / "viewer-handshake.pem"),
+            tls_key=str(pki.root / "viewer-handshake-key.pem"),
+            token=issue_token("root", "admin", 3600, secret=pki.secret),
+        )
+        follower = await Follower(leader, tmp_path, channel_credentials(admin)).start()
+        control = leader.aio_channel()
+        node_channel = follower.channel()
+        node = None
+        try:
+            cert, key = pki.node_cert("relay-auth")  # the node registers as itself
+            node_creds = grpc.ssl_channel_credentials(pki.ca.read_bytes(), key, cert)
+            async with grpc.aio.secure_channel(leader.grpc_target, node_creds) as own:
+                epoch = await register(own, "relay-auth")
+            node = await RawNode("relay-auth", epoch, node_channel).start()
+            ids = await submit(control, "relay-auth", 5)
+            await wait_succeeded(control, ids, 20)
+            assert sorted(set(node.ran)) == sorted(ids)
+        finally:
+            if node is not None:
+                await node.stop()
+            await follower.stop()
+            await control.close()
+            await node_channel.close()
+
+    try:
+        asyncio.run(asyncio.wait_for(body(), 40))
     except BaseException:
         print(leader.log())
         raise
