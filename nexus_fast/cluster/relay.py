@@ -113,6 +113,7 @@ class _Relayed:
     worker: asyncio.Task[None] | None = None  # opening, or awaiting a persisted change
     pump: asyncio.Task[None] | None = None
     gone: bool = False  # the follower closed it, or the relay stream ended: no end frame
+    released: bool = False  # its session was closed on the core
 
 
 class RelayServicer(cpb_grpc.ReplicaServiceServicer):
@@ -203,8 +204,14 @@ class _LeaderRelay:
         for task in workers:
             if task is not None and task is not asyncio.current_task():
                 task.cancel()
-        if relayed.session is not None:
+        self._release(relayed)
+
+    def _release(self, relayed: _Relayed) -> None:
+        """End the relayed session on the core (once)."""
+        if relayed.session is not None and not relayed.released:
+            relayed.released = True
             self._streams.close(relayed.session)
+            metrics.RELAY_SESSIONS.dec()
 
     # ------------------------------------------------------------ up: follower -> core
 
@@ -250,6 +257,7 @@ class _LeaderRelay:
             self._streams.close(session)
             return
         relayed.session = session
+        metrics.RELAY_SESSIONS.inc()
         relayed.pump = asyncio.get_running_loop().create_task(
             self._pump(relayed, session), name=f"relay-pump-{session.node_id}"
         )
@@ -307,7 +315,7 @@ class _LeaderRelay:
                 break
             await self._send(cpb.RelayDownFrame(stream=stream, message=message))
         self._held.pop(stream, None)
-        self._streams.close(session)
+        self._release(relayed)
         if not relayed.gone and not self.stopped:
             await self._send(_end_frame(stream, session.close_reason))
 
@@ -457,6 +465,7 @@ class FollowerRelay:
         self._held[held.stream] = held
         self._queue(cpb.RelayUpFrame(stream=held.stream, open=self._open_of(session)), None)
         metrics.GRPC_CONNECTIONS_ACTIVE.inc()
+        metrics.RELAY_NODE_STREAMS.inc()
         reader = asyncio.get_running_loop().create_task(
             self._read_node(context, held, first), name=f"relay-node-{session.node_id}"
         )
@@ -466,6 +475,7 @@ class FollowerRelay:
             reader.cancel()
             session.close(None)
             metrics.GRPC_CONNECTIONS_ACTIVE.dec()
+            metrics.RELAY_NODE_STREAMS.dec()
             if self._held.pop(held.stream, None) is not None:
                 self._queue(cpb.RelayUpFrame(stream=held.stream, close=cpb.RelayClose()), None)
         reason = session.close_reason
@@ -618,6 +628,7 @@ class FollowerRelay:
                 return False
             connected = True
             self.connects += 1
+            metrics.RELAY_CONNECTS.inc()
             self._restart_up()
             self._connected.set()
             log.info("relaying node streams to the leader", extra={"leader": target})

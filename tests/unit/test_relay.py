@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+from prometheus_client import REGISTRY
 
 from nexus_fast.api.grpc_api import NodeService, add_node_service
 from nexus_fast.api.node_stream import NodeStreams
@@ -23,6 +24,10 @@ from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from nexus_fast.store import LmdbStore
 
 from .fabric import run, until
+
+
+def _sample(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
 
 
 async def _leader(tmp_path: Path) -> tuple[CoreFabric, grpc.aio.Server, int, RelayServicer]:
@@ -40,6 +45,7 @@ def test_leader_ends_bad_sessions_and_refuses_bad_frames(tmp_path: Path) -> None
         core, server, port, _ = await _leader(tmp_path)
         await core.node("n1", connect=False)
         epoch = core.nodes.get("n1").session_epoch
+        sessions = _sample("nexus_relay_sessions")
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 call = cpb_grpc.ReplicaServiceStub(channel).Relay()
@@ -58,6 +64,7 @@ def test_leader_ends_bad_sessions_and_refuses_bad_frames(tmp_path: Path) -> None
                 assert seen[2][0].end.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
                 assert seen[3][0].message.HasField("config")  # a session, as Connect's
                 assert core.nodes.get("n1").connected
+                assert _sample("nexus_relay_sessions") == sessions + 1
                 # The same stream id opened twice is the caller's bug: the relay ends.
                 again = cpb.RelayUp()
                 again.frames.add(stream=3, open=cpb.RelayOpen(node_id="n1", session_epoch=epoch))
@@ -72,6 +79,7 @@ def test_leader_ends_bad_sessions_and_refuses_bad_frames(tmp_path: Path) -> None
                 assert "already open" in (await call.details() or "")
                 # Its sessions ended with it: the node counts as disconnected.
                 assert not core.nodes.get("n1").connected
+                assert _sample("nexus_relay_sessions") == sessions
         finally:
             await server.stop(0)
             await core.stop()
@@ -113,6 +121,8 @@ def test_a_node_that_stops_reading_is_cut_off_alone_and_the_leader_told(tmp_path
         add_node_service(service, node_server)
         node_port = node_server.add_insecure_port("127.0.0.1:0")
         await node_server.start()
+        streams = _sample("nexus_relay_node_streams")
+        connects = _sample("nexus_relay_connects_total")
         relay.start()
         try:
             assert await relay.wait_connected(5)
@@ -125,6 +135,8 @@ def test_a_node_that_stops_reading_is_cut_off_alone_and_the_leader_told(tmp_path
                     await calls[node_id].write(pb.NodeMessage(node_id=node_id, session_epoch=epoch))
                 await until(lambda: core.nodes.get("slow").connected, what="slow relayed")
                 await until(lambda: core.nodes.get("fine").connected, what="fine relayed")
+                assert _sample("nexus_relay_node_streams") == streams + 2
+                assert _sample("nexus_relay_connects_total") == connects + 1
                 fine_got = 0
 
                 async def read_fine() -> None:
