@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import grpc
@@ -50,7 +51,13 @@ from nexus_fast.pb import cluster_pb2_grpc as cpb_grpc
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.telemetry import metrics
 
-__all__ = ["FollowerRelay", "RelayServicer", "RelayedEnd", "add_replica_service"]
+__all__ = [
+    "FollowerRelay",
+    "RelayServicer",
+    "RelayedEnd",
+    "add_replica_service",
+    "replica_credentials",
+]
 
 log = get_logger("relay")
 
@@ -79,6 +86,23 @@ def add_replica_service(servicer: RelayServicer, server: Any) -> None:
     from nexus_fast.api.grpc_handlers import register
 
     register(cpb_grpc.add_ReplicaServiceServicer_to_server, servicer, server)
+
+
+def replica_credentials(security: Any) -> grpc.ChannelCredentials | None:
+    """This replica's channel credentials toward the leader (None: plaintext).
+
+    With TLS its own server certificate is its client certificate (O = nexus-replica:
+    role ``replica``, which holds ``cluster.relay``), as for forwarded calls.
+    """
+    if not security.tls_enabled:
+        return None
+
+    def read(path: str) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    return grpc.ssl_channel_credentials(
+        read(security.tls_ca_file), read(security.tls_key_file), read(security.tls_cert_file)
+    )
 
 
 class RelayedEnd(Exception):
