@@ -15,7 +15,6 @@ import signal
 from pathlib import Path
 
 import grpc.aio
-import pytest
 
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
@@ -23,8 +22,6 @@ from tests.integration.etcd_fixtures import etcd1  # noqa: F401
 from tests.integration.test_cluster_server import cluster_factory, leader_of, status  # noqa: F401
 
 from .test_relay import RawNode, register, submit, wait_succeeded, wait_until
-
-pytestmark = pytest.mark.once  # three replicas and a failover: ~20 s
 
 
 def test_relayed_node_keeps_its_stream_across_a_leader_kill(
