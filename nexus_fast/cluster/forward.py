@@ -34,7 +34,7 @@ from nexus_fast.security.auditing import REQUEST_ID_HEADER, AuditCall
 from nexus_fast.security.grpc_auth import ON_BEHALF_HEADER, current_principal
 from nexus_fast.telemetry.trace_context import TraceContext
 
-__all__ = ["FORWARDED", "REFUSED_ON_FOLLOWERS", "LeaderChannel", "LeaderRouter"]
+__all__ = ["FORWARDED", "FORWARDED_HEADER", "REFUSED_ON_FOLLOWERS", "LeaderChannel", "LeaderRouter"]
 
 log = get_logger("cluster")
 
@@ -73,6 +73,10 @@ REFUSED_ON_FOLLOWERS: Final[dict[str, str]] = {
 
 # Caller metadata that travels with a forwarded call (never the caller's credential).
 _PASSED_ON: Final = frozenset({"traceparent", "tracestate", REQUEST_ID_HEADER})
+FORWARDED_HEADER: Final = "nexus-forwarded"
+"""Set on a forwarded call: a replica that is not the leader (any more) refuses it with the
+leader hint instead of forwarding it again, so two replicas that briefly name each other as
+leader never bounce a call between them."""
 
 
 class LeaderChannel:
@@ -151,7 +155,7 @@ class LeaderChannel:
             request_serializer=pb.SubmitCommandsRequest.SerializeToString,
             response_deserializer=pb.SubmitCommandsResponse.FromString,
         )
-        metadata: list[tuple[str, str]] = []
+        metadata: list[tuple[str, str]] = [(FORWARDED_HEADER, "1")]
         current = acting.current_call()
         if self._config.security.auth_required and current is not None:
             metadata.append((ON_BEHALF_HEADER, f"{current.role}:{actor}"))
@@ -211,11 +215,16 @@ class LeaderRouter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler
 
     def _metadata(self, context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
-        out = [
-            (key, value)
-            for key, value in context.invocation_metadata() or ()
-            if key in _PASSED_ON and isinstance(value, str)
-        ]
+        out = [(FORWARDED_HEADER, "1")]
+        for key, value in context.invocation_metadata() or ():
+            if key == FORWARDED_HEADER:  # forwarded to us by a replica that took us for leader
+                target, _ = self._channel.leader()
+                raise errors.LeaderElsewhere(
+                    f"not the leader; the leader is at {target}" if target else "no leader",
+                    target or "",
+                )
+            if key in _PASSED_ON and isinstance(value, str):
+                out.append((key, value))
         principal = current_principal()
         if self._auth_on and principal is not None:
             out.append((ON_BEHALF_HEADER, f"{principal.role}:{principal.name}"))

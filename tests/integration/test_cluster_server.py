@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nexus_fast.cluster.etcd_procs import EtcdCluster
 from nexus_fast.node.channel import ClientAuth, channel_credentials
@@ -139,13 +140,19 @@ def test_one_leader_named_everywhere_with_every_replica(cluster_factory: type) -
     assert head.enabled and head.term > 0 and head.ready
     for follower in followers:
         answer = status(follower)
-        assert answer.role == "follower" and answer.ready
+        assert answer.role == "follower" and answer.ready and answer.state == "follower"
         assert answer.leader_advertise == leader.grpc_target and answer.term == head.term
         assert [e.ok for e in answer.etcd] == [True]
+        with follower.channel() as channel:  # followers serve: gRPC health says so
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5.0
+            )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
     wait_for(lambda: len(status(followers[0]).replicas) == 3, 10.0, 0.2, "3 replicas listed")
     listed = {r.name: r for r in status(followers[0]).replicas}
     assert set(listed) == {"r1", "r2", "r3"}
     assert listed[head.name].role == "leader" and listed[head.name].advertise == leader.grpc_target
+    assert listed[head.name].state == "leader" and head.state == "leader"
     # nexusctl cluster status says the same (table and JSON).
     nexusctl = Path(sys.executable).with_name("nexusctl")
     shown = subprocess.run(
@@ -325,6 +332,18 @@ def test_auth_forwarding_speaks_for_the_caller_and_only_replicas_may(
     with follower.channel() as channel:
         control = pb_grpc.ControlServiceStub(channel)
         assert control.ListNodes(pb.ListNodesRequest(), timeout=10.0).total_matched == 0
+    reply = asyncio.run(_ws_submit(follower))  # a WebSocket submit: forwarded as the operator
+    assert reply["type"] == "submitted", reply
+    admin = ClientAuth(
+        tls_ca=str(pki.ca),
+        tls_cert=str(pki.root / "viewer-handshake.pem"),
+        tls_key=str(pki.root / "viewer-handshake-key.pem"),
+        token=issue_token("root", "admin", 3600, secret=pki.secret),
+    )
+    with grpc.secure_channel(leader.grpc_target, channel_credentials(admin)) as channel:
+        page = pb_grpc.ControlServiceStub(channel).ListAudit(pb.ListAuditRequest(), timeout=5.0)
+    submits = [e for e in page.entries if e.method.endswith("SubmitCommands")]
+    assert submits and submits[-1].principal == "ops" and submits[-1].role == "operator"
     viewer = ClientAuth(
         tls_ca=str(pki.ca),
         tls_cert=str(pki.root / "viewer-handshake.pem"),
