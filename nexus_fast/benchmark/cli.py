@@ -34,11 +34,21 @@ from nexus_fast.benchmark.peers import parse_peers
 from nexus_fast.benchmark.procs import BenchError, Endpoints, ProcessGroup, spawn_server
 from nexus_fast.benchmark.report import Report
 from nexus_fast.benchmark.runner import HARD_MAX_DURATION, HARD_MAX_OPS
+from nexus_fast.benchmark.scenarios.etcdcommit import MAX_VALUE_BYTES, parse_members
 from nexus_fast.benchmark.workers import MAX_CLIENT_PROCS
 from nexus_fast.node.channel import ClientAuth
 from nexus_fast.node.targets import parse_targets
 
-SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro", "roundtrip", "catchup")
+SCENARIOS = (
+    "heartbeat",
+    "dispatch",
+    "events",
+    "state",
+    "micro",
+    "roundtrip",
+    "catchup",
+    "etcd",
+)
 NETWORK = frozenset({"heartbeat", "dispatch", "events"})
 SERVED = NETWORK | {"roundtrip"}  # scenarios that need --target or --spawn
 DEFAULT_NODES = {"heartbeat": 100, "dispatch": 100, "events": 10}
@@ -82,6 +92,12 @@ A subscriber catching up --events events from the durable log (zero-copy batches
 this process), vs a bare py-lmdb cursor scan of the same records (always measured); the
 pure twin and the envelope-per-event path on the first --pure-events. Rounds are
 interleaved for --duration seconds; the best of each counts.""",
+    "etcd": """\
+The replicated log's commit on real etcd (members started here, --members 1,3): one fenced
+txn per commit (compare the leader key's create_revision and the log key's version == 0,
+put --value-bytes), --levels in flight; commits/s, latency, etcd and client CPU per commit.
+--baseline: interleaved level by level, LmdbStore.commit of the same bytes (synced, the
+embedded default) and a bare etcd Range of one key (the client's gRPC floor).""",
 }
 
 _SUMMARY = {
@@ -92,6 +108,7 @@ _SUMMARY = {
     "micro": "hot paths: compiled twin vs pure twin",
     "roundtrip": "one command in flight, submit -> node -> final; vs echo, Ray, Celery",
     "catchup": "catch-up from the durable event log vs a bare py-lmdb scan",
+    "etcd": "one replicated-log commit on real etcd (1/3 members) vs an LMDB commit",
 }
 
 _RATE_NOTE = """\
@@ -145,6 +162,8 @@ _DEFAULTS: dict[str, Any] = {
     "peer_count": None,
     "warmup": 0,
     "before": False,
+    "members": [1, 3],
+    "value_bytes": 1024,
 }
 
 
@@ -318,12 +337,20 @@ def _load_options(p: argparse.ArgumentParser, scenario: str) -> None:
             default=100_000,
             help="events the pure twin and the envelope path catch up (100000)",
         )
-    if scenario == "state":
+    if scenario in ("state", "etcd"):
+        default = [1, 16, 256] if scenario == "state" else [1, 16, 64]
         w.add_argument(
             "--levels",
             type=_levels,
-            default=[1, 16, 256],
-            help="commits in flight, comma separated (1,16,256)",
+            default=default,
+            help=f"commits in flight, comma separated ({','.join(map(str, default))})",
+        )
+    if scenario == "etcd":
+        w.add_argument(
+            "--members", type=parse_members, default=[1, 3], help="etcd cluster sizes (1,3)"
+        )
+        w.add_argument(
+            "--value-bytes", type=_pos_int, default=1024, help="bytes put per commit (1024)"
         )
 
 
@@ -460,6 +487,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         why = missing_peers(args.peers)
         if why:
             parser.error(why)
+    if args.value_bytes > MAX_VALUE_BYTES:
+        parser.error(f"--value-bytes is at most {MAX_VALUE_BYTES} (etcd's request limit here)")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
     if args.nodes is None:
@@ -488,6 +517,7 @@ async def _run(ctx: Context) -> None:
     from nexus_fast.benchmark.scenarios import (
         catchup,
         dispatch,
+        etcdcommit,
         events,
         heartbeat,
         micro,
@@ -503,6 +533,7 @@ async def _run(ctx: Context) -> None:
         "micro": micro,
         "roundtrip": roundtrip,
         "catchup": catchup,
+        "etcd": etcdcommit,
     }
     await modules[ctx.args.scenario].run(ctx)
 
