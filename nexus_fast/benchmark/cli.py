@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import nexus_fast.node.channel as client_channel
+from nexus_fast.benchmark.clustercost import SCENARIOS as CLUSTER_SCENARIOS
+from nexus_fast.benchmark.clustercost import parse_cluster
 from nexus_fast.benchmark.common import Context
 from nexus_fast.benchmark.peers import missing as missing_peers
 from nexus_fast.benchmark.peers import parse_peers
@@ -121,6 +123,13 @@ processes (an even split, the same for ours and the baseline; dispatch's submits
 WaitCommands samples and unary echo baseline stay in the main process), so one client
 process no longer bounds both sides; the JSON records client_procs and each worker's CPU."""
 
+_CLUSTER_NOTE = """\
+--cluster 1,3 starts the embedded server and, per N, etcd (1 member for N=1, else 3) with N
+replicas ([cluster] enabled, own data dirs), waits for a leader, and runs the scenario on
+each system in turn, --cluster-rounds times (interleaved), the targets of a cluster spread
+over its replicas; ratios are cluster / embedded (medians over rounds). A cluster's server
+CPU is its replicas' plus its etcd members'."""
+
 _CPU_NOTE = """\
 Ratios are printed raw and per server CPU-second as well: when a client, not the server,
 sets both rates, the second still compares the servers."""
@@ -163,6 +172,8 @@ _DEFAULTS: dict[str, Any] = {
     "warmup": 0,
     "before": False,
     "members": [1, 3],
+    "cluster": None,
+    "cluster_rounds": 2,
     "value_bytes": 1024,
 }
 
@@ -207,7 +218,7 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-def _server_options(p: argparse.ArgumentParser) -> None:
+def _server_options(p: argparse.ArgumentParser, scenario: str) -> None:
     s = p.add_argument_group("server under test")
     where = s.add_mutually_exclusive_group()
     where.add_argument(
@@ -222,6 +233,20 @@ def _server_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start python -m nexus_fast.cli on free 127.0.0.1 ports with a temporary data dir",
     )
+    if scenario in CLUSTER_SCENARIOS:
+        where.add_argument(
+            "--cluster",
+            type=parse_cluster,
+            metavar="N[,N...]",
+            help="start the embedded server AND, per N, etcd (1 member for N=1, else 3) with "
+            "N cluster-mode replicas; run the scenario on each, interleaved (see --help)",
+        )
+        s.add_argument(
+            "--cluster-rounds",
+            type=_pos_int,
+            default=2,
+            help="with --cluster: rounds over every system, each --duration long (2)",
+        )
     s.add_argument(
         "--http", metavar="URL|PORT", help="the target's HTTP port or base URL (/metrics)"
     )
@@ -372,6 +397,8 @@ def _scenario_description(scenario: str) -> str:
         notes += [_RATE_NOTE, _CLIENT_PROCS_NOTE]
     if scenario in ("heartbeat", "dispatch"):
         notes.append(_CPU_NOTE)
+    if scenario in CLUSTER_SCENARIOS:
+        notes.append(_CLUSTER_NOTE)
     return "\n\n".join(notes)
 
 
@@ -392,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if scenario in SERVED:
-            _server_options(sp)
+            _server_options(sp, scenario)
         _load_options(sp, scenario)
         _output_options(sp)
         taken = {a.dest for a in sp._actions}
@@ -438,8 +465,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.scenario in SERVED:
-        if not args.target and not args.spawn:
-            parser.error(f"{args.scenario} needs --target HOST:PORT or --spawn")
+        if not args.target and not args.spawn and not args.cluster:
+            parser.error(f"{args.scenario} needs --target HOST:PORT, --spawn or --cluster N")
         if args.target:
             try:
                 args.targets = parse_targets(args.target)
@@ -574,6 +601,10 @@ async def amain(args: argparse.Namespace, group: ProcessGroup) -> Report:
             from nexus_fast.benchmark import authcost
 
             await authcost.run(ctx, group, _run)
+        elif args.cluster:
+            from nexus_fast.benchmark import clustercost
+
+            await clustercost.run(ctx, group, _run)
         else:
             if args.scenario in SERVED:
                 await _locate_server(ctx, group)
