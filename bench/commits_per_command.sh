@@ -36,5 +36,5 @@ read -r C0 E0 < <(scrape)
 .venv/bin/nexus-bench roundtrip --target "127.0.0.1:$G" --http "$H" --count 500 --warmup 0 \
   --duration 60 > "$D/rt.txt" 2>&1
 read -r C1 E1 < <(scrape)
-echo "roundtrip, one in flight: commits/round trip $(( (C1 - C0) * 100 / 500 ))e-2," \
-  "events/round trip $(( (E1 - E0) * 100 / 500 ))e-2"
+.venv/bin/python -c "print(f'roundtrip, one in flight: commits/round trip {($C1 - $C0) / 500:.2f}, \
+events/round trip {($E1 - $E0) / 500:.2f}')"
