@@ -12,8 +12,8 @@ quorum makes mutations fail within ``timeout``, never hang.
 
 Outcome of a failed mutation: a request that never reached a member (connection refused,
 no leader) is sent again elsewhere. One that may have reached it (deadline, connection
-lost, "request timed out") is sent again for put, delete and lease grant, whose repeat
-does the same thing; a txn is never sent twice: :class:`EtcdError` with
+lost, "request timed out") is sent again for put and delete, whose repeat does the same
+thing, and lease grant (a lost grant's lease just expires); a txn is never sent twice: :class:`EtcdError` with
 ``maybe_committed = True`` tells the caller to read the key to learn the outcome.
 """
 

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_QUEUE = 16  # responses read ahead of the consumer (grpc flow control does the rest)
+_QUEUE = 4  # responses (up to 8 MiB each) read ahead of the consumer; grpc flow control after
 _PROGRESS_REQUEST = pb.WatchRequest(progress_request=pb.WatchProgressRequest())
 _NO_WATCH_ID = -1  # etcd's answer to a progress request belongs to no watcher
 
@@ -131,7 +131,7 @@ async def watch(
                             continue
                     next_revision = events[-1].kv.mod_revision + 1
                     yield int(resp.header.revision), events
-                elif progress_notify:
+                elif progress_notify and not pending:
                     revision = int(resp.header.revision)
                     next_revision = max(next_revision, revision + 1)
                     yield revision, []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 
 from nexus_fast import errors
 from nexus_fast.benchmark.procs import free_ports
+from nexus_fast.cluster import etcd_procs
 from nexus_fast.cluster.etcd import (
     EtcdClient,
     EtcdCompacted,
@@ -292,6 +294,27 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
         run(body())
 
 
+def test_harness_stops_by_pid_and_names_the_missing_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = EtcdCluster(tmp_path / "etcd", 1)
+    try:
+        cluster.start()
+        pid = cluster.pid(0)
+        assert pid is not None and cluster.member_status(0) is not None
+        assert cluster.log_path(0).stat().st_size > 0
+    finally:
+        cluster.stop()
+    assert cluster.pid(0) is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    cluster.stop()  # idempotent
+    monkeypatch.setattr(etcd_procs, "ETCD_PATHS", ("/nonexistent/etcd",))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(etcd_procs.EtcdProcessError, match="apt-get install etcd-server"):
+        EtcdCluster(tmp_path / "none", 1).start()
+
+
 def test_no_etcd_fails_fast_with_a_typed_error() -> None:
     (port,) = free_ports(1)
 
@@ -389,7 +412,15 @@ def test_quorum_loss_fails_fast_then_recovers(etcd3: EtcdCluster) -> None:
     async def body() -> None:
         client = await _client(etcd3, timeout=1.5)
         try:
-            await client.put(b"/quorum/k", b"before")
+            before = await client.put(b"/quorum/k", b"before")
+            seen: list[WatchEvent] = []
+            watch = client.watch(b"/quorum/", prefix_end(b"/quorum/"), start_revision=before + 1)
+
+            async def follow() -> None:
+                async for _, events in watch:
+                    seen.extend(events)
+
+            follower = asyncio.create_task(follow())
             await asyncio.to_thread(etcd3.kill, 1)
             await asyncio.to_thread(etcd3.kill, 2)
             for attempt in ("put", "txn"):
@@ -417,6 +448,13 @@ def test_quorum_loss_fails_fast_then_recovers(etcd3: EtcdCluster) -> None:
                     assert time.monotonic() < end, "no recovery after the members returned"
             kv = await client.get(b"/quorum/k")
             assert kv is not None and kv.value == b"after"
+            # The watch went on through the outage: it sees the write made after it.
+            while not seen or seen[-1].kv.value != b"after":
+                assert time.monotonic() < end, f"the watch saw {seen}"
+                await asyncio.sleep(0.1)
+            revisions = [e.kv.mod_revision for e in seen]
+            assert revisions == sorted(set(revisions)) and revisions[-1] == kv.mod_revision
+            follower.cancel()
             # The channels of the returned members leave their reconnect backoff (<= 1 s).
             while not all(s.ok for s in await client.status()):
                 assert time.monotonic() < end, await client.status()
