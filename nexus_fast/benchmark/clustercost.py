@@ -8,7 +8,8 @@ with its own data dir, and waits until one of them holds the leader key. Then it
 scenario ``--cluster-rounds`` times on each system in turn (embedded, 1 replica,
 3 replicas, embedded, ...: interleaved, so a machine loaded by other work loads every
 system alike), the targets of a cluster spread over its replicas (the simulated nodes are
-split over them; submits go to the first, which forwards when it is a follower).
+split over them; submits go to the last replica started, a follower when N > 1, which
+forwards them to the leader).
 
 Server CPU of a cluster is the sum over its replicas AND its etcd members. Ratios compare
 the median over rounds of each system with the embedded default's.
@@ -122,9 +123,17 @@ async def spawn_cluster(group: ProcessGroup, replicas: int) -> ClusterEndpoints:
     except BaseException:
         etcd.stop()
         raise
+    # The last replica started first: with several it is a follower (r0, started alone,
+    # leads), so submits take the forwarding path clients of a follower take; nodes that a
+    # follower refuses (UNAVAILABLE + nexus-leader) move on to the leader by themselves.
+    servers.reverse()
     targets = tuple(s.grpc for s in servers)
-    result.grpc, result.http, result.ws, result.targets = targets[0], servers[0].http, None, targets
-    result.ws = servers[0].ws
+    result.grpc, result.http, result.ws, result.targets = (
+        targets[0],
+        servers[0].http,
+        servers[0].ws,
+        targets,
+    )
     result.pids = [s.pid for s in servers if s.pid is not None]
     return result
 
