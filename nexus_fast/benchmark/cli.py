@@ -28,17 +28,29 @@ from collections.abc import Sequence
 from typing import Any
 
 import nexus_fast.node.channel as client_channel
+from nexus_fast.benchmark.clustercost import SCENARIOS as CLUSTER_SCENARIOS
+from nexus_fast.benchmark.clustercost import parse_cluster
 from nexus_fast.benchmark.common import Context
 from nexus_fast.benchmark.peers import missing as missing_peers
 from nexus_fast.benchmark.peers import parse_peers
 from nexus_fast.benchmark.procs import BenchError, Endpoints, ProcessGroup, spawn_server
 from nexus_fast.benchmark.report import Report
 from nexus_fast.benchmark.runner import HARD_MAX_DURATION, HARD_MAX_OPS
+from nexus_fast.benchmark.scenarios.etcdcommit import MAX_VALUE_BYTES, parse_members
 from nexus_fast.benchmark.workers import MAX_CLIENT_PROCS
 from nexus_fast.node.channel import ClientAuth
 from nexus_fast.node.targets import parse_targets
 
-SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro", "roundtrip", "catchup")
+SCENARIOS = (
+    "heartbeat",
+    "dispatch",
+    "events",
+    "state",
+    "micro",
+    "roundtrip",
+    "catchup",
+    "etcd",
+)
 NETWORK = frozenset({"heartbeat", "dispatch", "events"})
 SERVED = NETWORK | {"roundtrip"}  # scenarios that need --target or --spawn
 DEFAULT_NODES = {"heartbeat": 100, "dispatch": 100, "events": 10}
@@ -82,6 +94,12 @@ A subscriber catching up --events events from the durable log (zero-copy batches
 this process), vs a bare py-lmdb cursor scan of the same records (always measured); the
 pure twin and the envelope-per-event path on the first --pure-events. Rounds are
 interleaved for --duration seconds; the best of each counts.""",
+    "etcd": """\
+The replicated log's commit on real etcd (members started here, --members 1,3): one fenced
+txn per commit (compare the leader key's create_revision and the log key's version == 0,
+put --value-bytes), --levels in flight; commits/s, latency, etcd and client CPU per commit.
+--baseline: interleaved level by level, LmdbStore.commit of the same bytes (synced, the
+embedded default) and a bare etcd Range of one key (the client's gRPC floor).""",
 }
 
 _SUMMARY = {
@@ -92,6 +110,7 @@ _SUMMARY = {
     "micro": "hot paths: compiled twin vs pure twin",
     "roundtrip": "one command in flight, submit -> node -> final; vs echo, Ray, Celery",
     "catchup": "catch-up from the durable event log vs a bare py-lmdb scan",
+    "etcd": "one replicated-log commit on real etcd (1/3 members) vs an LMDB commit",
 }
 
 _RATE_NOTE = """\
@@ -103,6 +122,13 @@ _CLIENT_PROCS_NOTE = """\
 processes (an even split, the same for ours and the baseline; dispatch's submits,
 WaitCommands samples and unary echo baseline stay in the main process), so one client
 process no longer bounds both sides; the JSON records client_procs and each worker's CPU."""
+
+_CLUSTER_NOTE = """\
+--cluster 1,3 starts the embedded server and, per N, etcd (1 member for N=1, else 3) with N
+replicas ([cluster] enabled, own data dirs), waits for a leader, and runs the scenario on
+each system in turn, --cluster-rounds times (interleaved), the targets of a cluster spread
+over its replicas; ratios are cluster / embedded (medians over rounds). A cluster's server
+CPU is its replicas' plus its etcd members'."""
 
 _CPU_NOTE = """\
 Ratios are printed raw and per server CPU-second as well: when a client, not the server,
@@ -145,6 +171,10 @@ _DEFAULTS: dict[str, Any] = {
     "peer_count": None,
     "warmup": 0,
     "before": False,
+    "members": [1, 3],
+    "cluster": None,
+    "cluster_rounds": 2,
+    "value_bytes": 1024,
 }
 
 
@@ -188,7 +218,7 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-def _server_options(p: argparse.ArgumentParser) -> None:
+def _server_options(p: argparse.ArgumentParser, scenario: str) -> None:
     s = p.add_argument_group("server under test")
     where = s.add_mutually_exclusive_group()
     where.add_argument(
@@ -203,6 +233,20 @@ def _server_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="start python -m nexus_fast.cli on free 127.0.0.1 ports with a temporary data dir",
     )
+    if scenario in CLUSTER_SCENARIOS:
+        where.add_argument(
+            "--cluster",
+            type=parse_cluster,
+            metavar="N[,N...]",
+            help="start the embedded server AND, per N, etcd (1 member for N=1, else 3) with "
+            "N cluster-mode replicas; run the scenario on each, interleaved (see --help)",
+        )
+        s.add_argument(
+            "--cluster-rounds",
+            type=_pos_int,
+            default=2,
+            help="with --cluster: rounds over every system, each --duration long (2)",
+        )
     s.add_argument(
         "--http", metavar="URL|PORT", help="the target's HTTP port or base URL (/metrics)"
     )
@@ -318,12 +362,20 @@ def _load_options(p: argparse.ArgumentParser, scenario: str) -> None:
             default=100_000,
             help="events the pure twin and the envelope path catch up (100000)",
         )
-    if scenario == "state":
+    if scenario in ("state", "etcd"):
+        default = [1, 16, 256] if scenario == "state" else [1, 16, 64]
         w.add_argument(
             "--levels",
             type=_levels,
-            default=[1, 16, 256],
-            help="commits in flight, comma separated (1,16,256)",
+            default=default,
+            help=f"commits in flight, comma separated ({','.join(map(str, default))})",
+        )
+    if scenario == "etcd":
+        w.add_argument(
+            "--members", type=parse_members, default=[1, 3], help="etcd cluster sizes (1,3)"
+        )
+        w.add_argument(
+            "--value-bytes", type=_pos_int, default=1024, help="bytes put per commit (1024)"
         )
 
 
@@ -345,6 +397,8 @@ def _scenario_description(scenario: str) -> str:
         notes += [_RATE_NOTE, _CLIENT_PROCS_NOTE]
     if scenario in ("heartbeat", "dispatch"):
         notes.append(_CPU_NOTE)
+    if scenario in CLUSTER_SCENARIOS:
+        notes.append(_CLUSTER_NOTE)
     return "\n\n".join(notes)
 
 
@@ -365,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if scenario in SERVED:
-            _server_options(sp)
+            _server_options(sp, scenario)
         _load_options(sp, scenario)
         _output_options(sp)
         taken = {a.dest for a in sp._actions}
@@ -411,8 +465,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.scenario in SERVED:
-        if not args.target and not args.spawn:
-            parser.error(f"{args.scenario} needs --target HOST:PORT or --spawn")
+        if not args.target and not args.spawn and not args.cluster:
+            parser.error(f"{args.scenario} needs --target HOST:PORT, --spawn or --cluster N")
         if args.target:
             try:
                 args.targets = parse_targets(args.target)
@@ -460,6 +514,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         why = missing_peers(args.peers)
         if why:
             parser.error(why)
+    if args.value_bytes > MAX_VALUE_BYTES:
+        parser.error(f"--value-bytes is at most {MAX_VALUE_BYTES} (etcd's request limit here)")
     if args.warmup < 0:
         parser.error("--warmup must be >= 0")
     if args.nodes is None:
@@ -488,6 +544,7 @@ async def _run(ctx: Context) -> None:
     from nexus_fast.benchmark.scenarios import (
         catchup,
         dispatch,
+        etcdcommit,
         events,
         heartbeat,
         micro,
@@ -503,6 +560,7 @@ async def _run(ctx: Context) -> None:
         "micro": micro,
         "roundtrip": roundtrip,
         "catchup": catchup,
+        "etcd": etcdcommit,
     }
     await modules[ctx.args.scenario].run(ctx)
 
@@ -543,6 +601,10 @@ async def amain(args: argparse.Namespace, group: ProcessGroup) -> Report:
             from nexus_fast.benchmark import authcost
 
             await authcost.run(ctx, group, _run)
+        elif args.cluster:
+            from nexus_fast.benchmark import clustercost
+
+            await clustercost.run(ctx, group, _run)
         else:
             if args.scenario in SERVED:
                 await _locate_server(ctx, group)
