@@ -115,9 +115,11 @@ cdef class TransitionWriter:
         list final,
         bytes time_field,
         bytes actor,
+        dict index=None,
     ):
-        """Append each record's put(s), its event and (final states) the record itself."""
-        cdef object record, state
+        """Append each record's put(s), its event and (final states) the record itself;
+        with ``index``, a record already in ``ops`` has its put replaced (see the twin)."""
+        cdef object record, state, at
         cdef bytes body, rid, key, head, event
         cdef Py_ssize_t n_id, n_body, size
         cdef char* p
@@ -132,7 +134,15 @@ cdef class TransitionWriter:
             p[0] = b"c"
             p[1] = b"/"
             memcpy(p + 2, PyBytes_AS_STRING(rid), n_id)
-            ops.append(put(db, key, body))
+            if index is None:
+                ops.append(put(db, key, body))
+            else:
+                at = index.get(key)
+                if at is None:
+                    index[key] = len(ops)
+                    ops.append(put(db, key, body))
+                else:
+                    ops[<Py_ssize_t>at] = put(db, key, body)
             state = record.state
             if state in self._final:
                 ops.append(put(db, _expiry_key(<uint64_t>record.finished_ms, rid), b""))

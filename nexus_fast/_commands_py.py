@@ -126,16 +126,29 @@ class TransitionWriter:
         final: list[pb.CommandRecord],
         time_field: bytes,
         actor: bytes,
+        index: dict[bytes, int] | None = None,
     ) -> None:
         """Append each record's put(s) to ``ops``, its event to ``events`` and, when its
         state is final, the record to ``final``. ``time_field`` and ``actor`` are the
         event's encoded time and actor fields (``CommandEvents.time_field``,
-        ``actor_field``)."""
+        ``actor_field``).
+
+        With ``index`` (record key -> position in ``ops``, kept by the caller for as long
+        as ``ops`` is), a record already staged in ``ops`` has its put replaced in place
+        instead of a second one appended: one commit writes a record once, in its last
+        state (every transition's event is still appended)."""
         db, put, heads, limit = self._db, self._put, self._heads, self._limit
         for record in records:
             body = record.SerializeToString()
             rid = record.id.encode()
-            ops.append(put(db, _RECORD + rid, body))
+            key = _RECORD + rid
+            at = None if index is None else index.get(key)
+            if at is None:
+                if index is not None:
+                    index[key] = len(ops)
+                ops.append(put(db, key, body))
+            else:
+                ops[at] = put(db, key, body)
             state = record.state
             if state in self._final:
                 ops.append(put(db, _EXPIRY + _FINISHED.pack(record.finished_ms) + b"/" + rid, b""))

@@ -53,6 +53,11 @@ class CommandLog:
         self._writes: set[asyncio.Future[CommitResult]] = set()
         # Writes staged for the next commit (see save_later).
         self._ops: list[Put | Delete] = []
+        # Record key -> its put's position in _ops: a record staged again before the commit
+        # (e.g. acked and succeeded in one node message) is written once, in its last state.
+        # The commit is one txn either way, so what a crash can leave is unchanged; each
+        # transition keeps its event.
+        self._staged: dict[bytes, int] = {}
         self._events: list[bytes] = []
         self._final: list[pb.CommandRecord] = []
         self._flush_handle: asyncio.Handle | None = None
@@ -113,6 +118,7 @@ class CommandLog:
             self._final,
             self._encoder.time_field(now_ms()),
             actor_field(actor) if actor else b"",
+            self._staged,
         )
 
     def save(
@@ -155,6 +161,7 @@ class CommandLog:
             self._flush_handle = None
         ops, events, final = self._ops, self._events, self._final
         self._ops, self._events, self._final = [], [], []
+        self._staged = {}
         future = self._store.commit(ops, events, audit)
         self._writes.add(future)
         future.add_done_callback(self._write_done)

@@ -425,11 +425,12 @@ class CommandService:
             updated_ms=ts,
             agent_id=agent_id,
         )
-        record.spec.CopyFrom(spec)
-        if not record.spec.timeout_ms:
-            record.spec.timeout_ms = int(self.settings.default_timeout * 1000)
-        if not record.spec.max_attempts:
-            record.spec.max_attempts = self.settings.default_max_attempts
+        stored = record.spec
+        stored.CopyFrom(spec)
+        if not stored.timeout_ms:
+            stored.timeout_ms = int(self.settings.default_timeout * 1000)
+        if not stored.max_attempts:
+            stored.max_attempts = self.settings.default_max_attempts
         return record
 
     # ------------------------------------------------------------ internal submit (agents)
@@ -550,12 +551,17 @@ class CommandService:
         now = time.monotonic()
         submitted_at = self._submitted_at
         observe = metrics.COMMAND_SUBMIT_TO_DISPATCH.observe
+        stages, heap, seq = self._stage, self._deadlines, self._seq  # _set_deadline, inlined
         for record in records:
-            self._set_deadline(record)
+            rid = record.id
+            stages[rid] = stage = stages.get(rid, 0) + 1
+            seq += 1
+            heapq.heappush(heap, (now + record.spec.timeout_ms / 1000.0, seq, rid, stage))
             if record.attempt == 1:
-                started = submitted_at.get(record.id)
+                started = submitted_at.get(rid)
                 if started is not None:
                     observe(now - started)
+        self._seq = seq
         self._log.save_later(records)
         metrics.COMMAND_QUEUE_DEPTH.set(len(self._dispatch))
         if traces.tracer is not None:

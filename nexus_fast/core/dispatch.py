@@ -73,6 +73,9 @@ class Dispatcher:
         # time, each only while still PLACED on that node (checked when sent).
         self._carry: dict[str, list[str]] = {}
         self._dirty: set[str] = set()
+        # Nodes left with queued or carried commands by the last dispatch (no stream, or no
+        # room on it): the only ones the ticker retries, instead of a scan of every node.
+        self._backlog: set[str] = set()
         self._handle: asyncio.Handle | None = None
 
     def __len__(self) -> int:
@@ -137,17 +140,17 @@ class Dispatcher:
         self._inflight.pop(node_id, None)
         self._carry.pop(node_id, None)
         self._dirty.discard(node_id)
+        self._backlog.discard(node_id)
         if node_id in self._held:
             self._held.discard(node_id)
             self._slots.release(node_id)
 
     def mark_backlog(self) -> None:
         """Retry nodes with queued commands (their stream had no room last time)."""
-        queue, slots = self._queue, self._slots
-        for node_id in self._held:
-            slot = slots.get(node_id)
-            if slot is not None and (queue.depth(slot + 1) or node_id in self._carry):
-                self._dirty.add(node_id)
+        if self._backlog:
+            # A node still stuck is put back by the dispatch that retries it.
+            self._dirty |= self._backlog
+            self._backlog = set()
         if self._dirty:
             self._schedule()
 
@@ -207,14 +210,16 @@ class Dispatcher:
         dirty, self._dirty = self._dirty, set()
         sent: list[pb.CommandRecord] = []
         slots = self._slots
+        queue, carry, backlog = self._queue, self._carry, self._backlog
         for node_id in dirty:
-            session = self._nodes.session_of(node_id)
-            if session is None or session.closed:
-                continue
             slot = slots.get(node_id)
             if slot is None:
                 continue
-            self._dispatch_to(node_id, slot + 1, session, sent)
+            session = self._nodes.session_of(node_id)
+            if session is not None and not session.closed:
+                self._dispatch_to(node_id, slot + 1, session, sent)
+            if node_id in carry or queue.depth(slot + 1):
+                backlog.add(node_id)
         if sent:
             self._sent(sent)
 

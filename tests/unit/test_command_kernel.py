@@ -130,3 +130,45 @@ def test_apply_acks_twins_agree(active_spec: list[tuple[str, int, bool]], acked:
     assert stale + len(changed_ids) == len(acked)
     for rid in changed_ids:
         assert states[rid] == (pb.COMMAND_STATE_ACKED, 42)
+
+
+@given(st.lists(records, max_size=8), st.lists(records, max_size=8))
+def test_transition_writer_twins_write_each_record_once_per_commit(
+    first: list[pb.CommandRecord], second: list[pb.CommandRecord]
+) -> None:
+    """With an index, a record staged again (a later state before the commit) replaces its
+    earlier put in place: one put per record key, holding its last state, where the key was
+    first staged; every transition's event is still there."""
+    encoder = protowire.CommandEvents()
+    time_field = encoder.time_field(5)
+    outputs = []
+    for twin in TWINS:
+        writer = twin.TransitionWriter(
+            "commands", Put, protowire.COMMAND_EVENT_HEADS, FINAL_STATES, LIMIT, encoder.encode
+        )
+        ops: list[Put] = []
+        events: list[bytes] = []
+        final: list[pb.CommandRecord] = []
+        index: dict[bytes, int] = {}
+        writer.stage(first, ops, events, final, time_field, b"", index)
+        writer.stage(second, ops, events, final, time_field, b"", index)
+        outputs.append((ops, events, [r.id for r in final]))
+    assert all(out == outputs[0] for out in outputs)
+    ops, events, _ = outputs[0]
+    assert len(events) == len(first) + len(second)
+    last: dict[bytes, bytes] = {}
+    order: list[bytes] = []
+    expiry: list[Put] = []
+    for record in first + second:
+        key = b"c/" + record.id.encode()
+        if key not in last:
+            order.append(key)
+        last[key] = record.SerializeToString()
+        if record.state in FINAL_STATES:
+            expiry.append(
+                Put("commands", b"x/" + struct.pack(">Q", record.finished_ms) + b"/" + key[2:], b"")
+            )
+    record_puts = [op for op in ops if op.key.startswith(b"c/")]
+    assert [op.key for op in record_puts] == order
+    assert all(op.value == last[op.key] for op in record_puts)
+    assert [op for op in ops if op.key.startswith(b"x/")] == expiry
