@@ -11,7 +11,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard _ext/*.pyx _ext/*.pxd) \
                 $(shell find proto -name '*.proto' 2>/dev/null)
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: venv install run test lint docs bench bench-short bench-e2e chaos profile promtool chromium screenshot clean soak fuzz
+.PHONY: venv install run test lint docs bench bench-short bench-e2e chaos profile promtool chromium etcd screenshot clean soak fuzz
 
 venv install: $(STAMP)
 
@@ -43,7 +43,7 @@ docs: install
 # Both twins: once with the compiled hot paths required, once pure Python. Tests marked
 # `once` (long process-level runs: crash loops, soak, failover rounds) run in the compiled
 # pass only; `make chaos` runs their long versions.
-test: install promtool chromium
+test: install promtool chromium etcd
 	$(MAKE) --no-print-directory lint
 	@rc=0; \
 	echo "== tests, compiled twins (NEXUS_REQUIRE_EXTENSIONS=1)"; \
@@ -84,6 +84,23 @@ chromium:
 	    || echo "WARNING: could not install chromium; the dashboard browser test will fail"; \
 	  else \
 	    echo "WARNING: chromium/chromedriver not found and cannot apt-get install them; the dashboard browser test will fail"; \
+	  fi; \
+	fi
+
+# Cluster mode's tests start real etcd members on loopback (nexus_fast/cluster/etcd_procs.py)
+# from Debian's etcd-server package. Best effort here: those tests fail, naming the package,
+# when it is still absent.
+etcd:
+	@if [ ! -x /usr/bin/etcd ] && ! command -v etcd >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing etcd (Debian package etcd-server)"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -qq --no-install-recommends etcd-server >/dev/null 2>&1 \
+	    || { apt-get update -qq >/dev/null 2>&1 \
+	         && apt-get install -y -qq --no-install-recommends etcd-server >/dev/null 2>&1; } \
+	    || echo "WARNING: could not install etcd-server; the cluster tests will fail"; \
+	  else \
+	    echo "WARNING: etcd not found and cannot apt-get install it; the cluster tests will fail"; \
 	  fi; \
 	fi
 

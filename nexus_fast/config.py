@@ -23,6 +23,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
+from nexus_fast.cluster.config import ClusterConfig, check_cluster
+from nexus_fast.config_spec import Spec as _Spec
+from nexus_fast.config_spec import spec_field as _f
 from nexus_fast.security.limits import LimitsConfig
 from nexus_fast.security.rbac import RbacConfig, RbacError, RoleConfig, parse_rbac
 from nexus_fast.units import (  # parsing lives there; re-exported here, where callers look
@@ -39,6 +42,7 @@ from nexus_fast.units import (  # parsing lives there; re-exported here, where c
 __all__ = [
     "ENV_OVERRIDES",
     "AgentsConfig",
+    "ClusterConfig",
     "CommandsConfig",
     "Config",
     "ConfigError",
@@ -117,63 +121,6 @@ def _show(value: object) -> str:
 
 
 # --------------------------------------------------------------------------- schema
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """How one field is parsed and range-checked."""
-
-    kind: str  # str | bool | int | float | port | duration | size | enum | strlist | rbac | limits
-    min: float | None = None
-    max: float | None = None
-    positive: bool = False  # durations: strictly > 0
-    choices: tuple[str, ...] = ()
-
-    def expected(self) -> str:
-        """Human description of acceptable values, used in ConfigError."""
-        if self.kind == "port":
-            return "an integer port in 1..65535"
-        if self.kind == "bool":
-            return "a boolean (true/false)"
-        if self.kind == "str":
-            return "a string"
-        if self.kind == "enum":
-            return "one of " + ", ".join(self.choices)
-        if self.kind == "strlist":
-            if self.choices:
-                return "a list of " + ", ".join(self.choices)
-            return "a list of strings (or one comma-separated string)"
-        if self.kind == "rbac":
-            return (
-                "a [security.rbac] table: enabled (bool), default_role (str), "
-                "[[security.rbac.roles]] with name (str) and permissions (list of str)"
-            )
-        if self.kind == "limits":
-            return "a [security.limits] table (see docs/security.md, Limits)"
-        if self.kind == "int":
-            return "an integer" + _bounds(self.min, self.max, str)
-        if self.kind == "float":
-            return "a number" + _bounds(self.min, self.max, str)
-        if self.kind == "size":
-            bounds = _bounds(self.min, self.max, lambda v: format_size(int(v)))
-            return 'a size like "512KB", "64MB", "1GB" or bytes' + bounds
-        sign = "a positive" if self.positive else "a non-negative"
-        return f'{sign} duration like "250ms", "30s", "5m", "2h", "1d" or seconds'
-
-
-def _bounds(lo: float | None, hi: float | None, fmt: Any) -> str:
-    if lo is not None and hi is not None:
-        return f" in {fmt(lo)}..{fmt(hi)}"
-    if lo is not None:
-        return f" >= {fmt(lo)}"
-    if hi is not None:
-        return f" <= {fmt(hi)}"
-    return ""
-
-
-def _f(default: Any, kind: str, **kw: Any) -> Any:
-    """Declare a dataclass field carrying its parsing spec in metadata."""
-    return field(default=default, metadata={"spec": _Spec(kind, **kw)})
 
 
 @dataclass(frozen=True)
@@ -388,6 +335,7 @@ _SECTIONS: Final[Mapping[str, type]] = MappingProxyType(
         "agents": AgentsConfig,
         "nodes": NodesConfig,
         "tracing": TracingConfig,
+        "cluster": ClusterConfig,
     }
 )
 
@@ -408,6 +356,7 @@ class Config:
     agents: AgentsConfig = field(default_factory=AgentsConfig)
     nodes: NodesConfig = field(default_factory=NodesConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     # Where each non-default dotted key came from; excluded from equality.
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType({}), compare=False, repr=False
@@ -723,11 +672,11 @@ def _check(cfg: Config, sources: Mapping[str, str], raw: Mapping[str, object]) -
         raise err(
             "security.jwt_algorithms", f"no {public[0]} unless security.jwt_public_key_file is set"
         )
-    fixed = {"admin", "node"}
+    fixed = {"admin", "node", "replica"}
     for role in sec.rbac.roles:
         if role.name in fixed:
             raise err("security.rbac", f"no [[security.rbac.roles]] named {role.name!r} (built in)")
-    known = {"admin", "operator", "viewer", "node", *(r.name for r in sec.rbac.roles)}
+    known = {"admin", "operator", "viewer", "node", "replica", *(r.name for r in sec.rbac.roles)}
     if sec.rbac.default_role and sec.rbac.default_role not in known:
         raise err("security.rbac", f"default_role among {', '.join(sorted(known))}")
     if not re.fullmatch(r"https?://[^/\s]+/?", cfg.tracing.endpoint):
@@ -741,6 +690,7 @@ def _check(cfg: Config, sources: Mapping[str, str], raw: Mapping[str, object]) -
             f"an integer < server.max_connections ({srv.max_connections})",
             sources.get("security.limits", "default"),
         )
+    check_cluster(cfg.cluster, err)
 
 
 def load_config(

@@ -72,6 +72,19 @@ class Unavailable(NexusError):
     """The server cannot serve the request now (starting, stopping, store failure)."""
 
 
+class LeaderElsewhere(Unavailable):
+    """Cluster mode: this replica is not the leader and cannot serve the call itself.
+
+    ``leader_advertise`` is the leader's gRPC address (``cluster.advertise``), or "" while
+    no leader is known; clients retry there, or here after ``retry_after`` seconds.
+    """
+
+    def __init__(self, message: str, leader_advertise: str = "", retry_after: float = 0.5) -> None:
+        super().__init__(message)
+        self.leader_advertise = leader_advertise
+        self.retry_after = retry_after
+
+
 class QueueFull(ResourceExhausted):
     """The command queue holds as many active commands as it may; retry later."""
 

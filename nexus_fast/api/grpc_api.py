@@ -253,11 +253,14 @@ class ControlService(pb_grpc.ControlServiceServicer):
         events: EventBus | None = None,
         store: StateStore | None = None,
         limits: PrincipalLimits | None = None,
+        cluster_status: Callable[[], Awaitable[pb.ClusterStatus]] | None = None,
     ) -> None:
         self._registry = registry
         self._commands = commands
         self._agents = agents
         self._events = events
+        # Cluster mode: this replica's view of the cluster; None: standalone.
+        self._cluster_status = cluster_status
         self._store = store  # for ListAudit: the audit log is read straight from the store
         # A SubmitCommands that waits (wait_ms) holds a stream slot of its principal.
         self._limits = limits
@@ -449,6 +452,14 @@ class ControlService(pb_grpc.ControlServiceServicer):
         self, request: pb.ListFailpointsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListFailpointsResponse:
         return _failpoint_list()
+
+    @instrumented("ControlService/GetClusterStatus")
+    async def GetClusterStatus(
+        self, request: pb.GetClusterStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClusterStatus:
+        if self._cluster_status is None:
+            return pb.ClusterStatus(enabled=False, role="standalone", ready=True)
+        return await self._cluster_status()
 
 
 def _audit_written(future: asyncio.Future[Any]) -> None:

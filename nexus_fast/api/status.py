@@ -28,6 +28,7 @@ from nexus_fast.security.limits import LimitExceeded, RateLimited, retry_after_m
 
 __all__ = [
     "CLOSE_LIMIT_EXCEEDED",
+    "LEADER_TRAILER",
     "OLDEST_INDEX_TRAILER",
     "RESUME_AFTER_TRAILER",
     "RETRY_AFTER_TRAILER",
@@ -48,6 +49,10 @@ OLDEST_INDEX_TRAILER: Final = "nexus-oldest-index"
 """gRPC trailer on OUT_OF_RANGE (event index too old): the oldest event index kept."""
 RESUME_AFTER_TRAILER: Final = "nexus-resume-after-index"
 """gRPC trailer for a slow consumer: the index to resume after."""
+
+LEADER_TRAILER: Final = "nexus-leader"
+"""gRPC trailer on UNAVAILABLE from a cluster replica that is not the leader: the leader's
+gRPC address (cluster.advertise), for clients to follow. Absent while none is elected."""
 
 CLOSE_LIMIT_EXCEEDED: Final = 4029
 """WebSocket close code when a connection-level limit refuses the connection (429's twin)."""
@@ -98,6 +103,8 @@ TABLE: Final[tuple[Row, ...]] = (
     # 507 Insufficient Storage: the disk or map ceiling, not the client's rate, is the limit.
     Row(_E.StoreFull, _G.RESOURCE_EXHAUSTED, "resource_exhausted", 507),
     Row(_E.ResourceExhausted, _G.RESOURCE_EXHAUSTED, "resource_exhausted", 429),
+    # Cluster mode: not the leader (trailer nexus-leader names it) or none elected yet.
+    Row(_E.LeaderElsewhere, _G.UNAVAILABLE, "not_leader", 503),
     Row(_E.Unavailable, _G.UNAVAILABLE, "unavailable", 503),
 )
 
@@ -128,6 +135,13 @@ def grpc_trailers(error: errors.NexusError) -> tuple[tuple[str, str], ...]:
         return ((OLDEST_INDEX_TRAILER, str(error.oldest_index)),)
     if isinstance(error, errors.SlowConsumer):
         return ((RESUME_AFTER_TRAILER, str(error.last_index)),)
+    if isinstance(error, errors.Unavailable):
+        # LeaderElsewhere, and the replicated store's NotLeader, name the leader to follow.
+        leader = getattr(error, "leader_advertise", None)
+        if isinstance(leader, str) and leader:
+            return ((LEADER_TRAILER, leader),)
+        if isinstance(error, errors.LeaderElsewhere):  # none elected yet: retry here
+            return ((RETRY_AFTER_TRAILER, str(retry_after_ms(error.retry_after))),)
     return ()
 
 
@@ -151,4 +165,6 @@ def http_headers(error: errors.NexusError) -> dict[str, str]:
     if isinstance(error, errors.ResourceExhausted):
         wait = error.retry_after
         return {"Retry-After": str(max(1, math.ceil(wait)) if math.isfinite(wait) else 86400)}
+    if isinstance(error, errors.LeaderElsewhere):
+        return {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
     return {}

@@ -32,16 +32,24 @@ from nexus_fast.logs import get_logger
 from nexus_fast.security import auditing
 from nexus_fast.security.grpc_wrap import WrappingInterceptor, metadata_value, wrap_handler
 from nexus_fast.security.identity import (
+    ROLE_NODE,
     Authenticator,
     PermissionDenied,
     Principal,
     Unauthenticated,
 )
 from nexus_fast.security.limits import PrincipalLimits, Slot
-from nexus_fast.security.permissions import GRPC_METHODS, NODE_SELF, PUBLIC, Rbac
+from nexus_fast.security.permissions import (
+    GRPC_METHODS,
+    NODE_SELF,
+    PUBLIC,
+    REPLICA_FORWARD,
+    Rbac,
+)
 
 __all__ = [
     "BYTE_METHODS",
+    "ON_BEHALF_HEADER",
     "AuthInterceptor",
     "LimitsInterceptor",
     "check_node_id",
@@ -67,6 +75,11 @@ BYTE_METHODS: Final = frozenset(
 )
 """Methods whose request bytes are charged to the principal's byte bucket: what they send
 is stored (payloads, agent specs)."""
+
+ON_BEHALF_HEADER: Final = "nexus-on-behalf-of"
+"""Metadata a follower replica adds to a call it forwards to the leader: ``role:name`` of
+the principal that made it. Accepted only from a principal holding ``cluster.forward``
+(the ``replica`` role); the call is then authorised and audited as that principal."""
 
 _Authorize = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Principal | None]]
 
@@ -121,6 +134,9 @@ class AuthInterceptor(WrappingInterceptor):
                 principal = auth.authenticate(
                     metadata_value(context, "authorization"), pem=pems[0] if pems else None
                 )
+                behalf = metadata_value(context, ON_BEHALF_HEADER)
+                if behalf is not None:
+                    principal = _on_behalf(rbac, principal, behalf)
                 auditing.identify(principal)  # a refusal below is audited under this name
                 if not rbac.allows(principal, permission):
                     raise PermissionDenied(
@@ -148,6 +164,19 @@ class AuthInterceptor(WrappingInterceptor):
             return principal
 
         return authorize
+
+
+def _on_behalf(rbac: Rbac, replica: Principal, header: str) -> Principal:
+    """The principal a forwarding replica names; PermissionDenied unless it may name one."""
+    if not rbac.allows(replica, REPLICA_FORWARD):
+        raise PermissionDenied(
+            f"{replica.role} {replica.name!r} may not act on behalf of another principal "
+            f"(needs {REPLICA_FORWARD}: the replica role)"
+        )
+    role, _, name = header.partition(":")
+    if not role or not name or role == ROLE_NODE or len(header) > 512:
+        raise PermissionDenied(f"malformed {ON_BEHALF_HEADER} header from {replica.name!r}")
+    return Principal(name, role, f"replica:{replica.name}")
 
 
 class LimitsInterceptor(WrappingInterceptor):

@@ -52,6 +52,7 @@ CERT_ROLES: Final[Mapping[str, str]] = {
     "nexus-operator": ROLE_OPERATOR,
     "nexus-viewer": ROLE_VIEWER,
     "nexus-node": ROLE_NODE,
+    "nexus-replica": "replica",  # another replica of the cluster (docs/cluster.md)
 }
 _CERT_CACHE_SIZE: Final = 1024
 

@@ -29,6 +29,8 @@ __all__ = [
     "HTTP_ROUTES",
     "NODE_SELF",
     "PUBLIC",
+    "REPLICA_FORWARD",
+    "ROLE_REPLICA",
     "WS_OPS",
     "Rbac",
     "matches",
@@ -36,6 +38,9 @@ __all__ = [
 
 PUBLIC: Final = "public"
 NODE_SELF: Final = "node.self"
+ROLE_REPLICA: Final = "replica"
+REPLICA_FORWARD: Final = "cluster.forward"
+"""Held by the replica role only: may act on behalf of the principal a follower names."""
 
 _NODE: Final = "/nexus.fabric.v1.NodeService/"
 _CONTROL: Final = "/nexus.fabric.v1.ControlService/"
@@ -63,6 +68,7 @@ GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
         _CONTROL + "ListAudit": "audit.read",
         _CONTROL + "SetFailpoints": "failpoint.write",  # fault injection: admin only
         _CONTROL + "ListFailpoints": "failpoint.read",
+        _CONTROL + "GetClusterStatus": "cluster.read",
         # Load balancers and orchestrators probe without credentials (TLS still applies).
         "/grpc.health.v1.Health/Check": PUBLIC,
         "/grpc.health.v1.Health/Watch": PUBLIC,
@@ -110,7 +116,7 @@ HTTP_ROUTES: Final[Mapping[str, str]] = MappingProxyType(
 """HTTP route template (aiohttp ``resource.canonical``) -> permission."""
 
 ALL_PERMISSIONS: Final = frozenset(
-    {*GRPC_METHODS.values(), *WS_OPS.values(), *HTTP_ROUTES.values()} - {PUBLIC}
+    {*GRPC_METHODS.values(), *WS_OPS.values(), *HTTP_ROUTES.values(), REPLICA_FORWARD} - {PUBLIC}
 )
 
 _READS: Final = (
@@ -121,6 +127,7 @@ _READS: Final = (
     "health.read",
     "metrics.read",
     "reflection.read",
+    "cluster.read",
 )
 BUILTIN_ROLES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
     {
@@ -135,6 +142,10 @@ BUILTIN_ROLES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         ),
         "viewer": _READS,
         ROLE_NODE: (NODE_SELF,),
+        # Another replica of the cluster: it forwards calls to the leader on behalf of the
+        # principal that made them (grpc_auth accepts the on-behalf-of header from this role
+        # only, whatever the configuration gives other roles).
+        ROLE_REPLICA: (REPLICA_FORWARD, "cluster.read"),
     }
 )
 
@@ -163,15 +174,18 @@ class Rbac:
         # The fixed roles cannot be configured away (config.py refuses to redefine them).
         patterns[ROLE_ADMIN] = BUILTIN_ROLES[ROLE_ADMIN]
         patterns[ROLE_NODE] = BUILTIN_ROLES[ROLE_NODE]
+        patterns[ROLE_REPLICA] = BUILTIN_ROLES[ROLE_REPLICA]
         roles: dict[str, frozenset[str]] = {}
         for name, granted in patterns.items():
             perms = {p for p in ALL_PERMISSIONS if any(matches(g, p) for g in granted)}
             if name not in (ROLE_ADMIN, ROLE_NODE):
                 # node.self is the node role's alone: an operator is no node.
                 perms.discard(NODE_SELF)
+            if name != ROLE_REPLICA:
+                perms.discard(REPLICA_FORWARD)  # not even admin speaks for others
             roles[name] = frozenset(perms)
         self.roles = roles  # one assignment: a check never sees half a table
-        self._unchecked = frozenset(ALL_PERMISSIONS - {NODE_SELF})
+        self._unchecked = frozenset(ALL_PERMISSIONS - {NODE_SELF, REPLICA_FORWARD})
 
     def allows(self, principal: Principal, permission: str | None) -> bool:
         """True when ``principal`` holds ``permission``; None (not in the table) is denied."""
@@ -179,6 +193,8 @@ class Rbac:
             return False
         if permission == PUBLIC:
             return True
+        if permission == REPLICA_FORWARD:  # speaking for others: replicas only, always
+            return principal.role == ROLE_REPLICA
         if principal.role == ROLE_NODE:
             # Nodes act only as themselves, with or without RBAC.
             return permission == NODE_SELF

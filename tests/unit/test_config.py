@@ -181,6 +181,7 @@ def test_to_dict_is_json_and_masks_token() -> None:
         "agents",
         "nodes",
         "tracing",
+        "cluster",
     }
     assert load_config(env={}).to_dict()["security"]["auth_token"] == ""
 

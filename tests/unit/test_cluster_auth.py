@@ -1,0 +1,63 @@
+"""Cluster mode's pieces of the security model and the error table: the replica role, the
+on-behalf-of header (accepted from replicas only) and the leader hint trailer."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from nexus_fast import errors
+from nexus_fast.api import status
+from nexus_fast.config import RbacConfig
+from nexus_fast.security.grpc_auth import _on_behalf
+from nexus_fast.security.identity import CERT_ROLES
+from nexus_fast.security.permissions import REPLICA_FORWARD, ROLE_REPLICA, Rbac
+from nexus_fast.security.principal import PermissionDenied, Principal
+
+REPLICA = Principal("r2", ROLE_REPLICA, "cert")
+ADMIN = Principal("root", "admin", "cert")
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_only_the_replica_role_may_speak_for_others(enabled: bool) -> None:
+    rbac = Rbac(RbacConfig(enabled=enabled))
+    assert rbac.allows(REPLICA, REPLICA_FORWARD)
+    assert not rbac.allows(ADMIN, REPLICA_FORWARD)  # not even admin
+    assert not rbac.allows(Principal("bob", "viewer", "token"), REPLICA_FORWARD)
+    assert rbac.allows(Principal("bob", "viewer", "token"), "cluster.read")
+    assert CERT_ROLES["nexus-replica"] == ROLE_REPLICA
+
+
+def test_on_behalf_names_the_caller_for_a_replica() -> None:
+    rbac = Rbac(RbacConfig())
+    caller = _on_behalf(rbac, REPLICA, "operator:alice")
+    assert (caller.name, caller.role, caller.method) == ("alice", "operator", "replica:r2")
+    assert rbac.allows(caller, "command.write")
+    viewer = _on_behalf(rbac, REPLICA, "viewer:bob")
+    assert not rbac.allows(viewer, "command.write")  # the caller's rights, not the replica's
+
+
+@pytest.mark.parametrize("header", ["", "operator", ":alice", "node:node:n1", "x" * 600])
+def test_on_behalf_refuses_malformed_or_node_headers(header: str) -> None:
+    with pytest.raises(PermissionDenied):
+        _on_behalf(Rbac(RbacConfig()), REPLICA, header)
+
+
+def test_on_behalf_from_a_non_replica_is_refused() -> None:
+    with pytest.raises(PermissionDenied, match="replica role"):
+        _on_behalf(Rbac(RbacConfig()), ADMIN, "admin:someone-else")
+
+
+def test_leader_hint_trailer_and_retry_while_none_is_elected() -> None:
+    elsewhere = errors.LeaderElsewhere("not the leader", "127.0.0.1:7001")
+    assert status.grpc_status(elsewhere) == grpc.StatusCode.UNAVAILABLE
+    assert status.grpc_trailers(elsewhere) == ((status.LEADER_TRAILER, "127.0.0.1:7001"),)
+    assert status.error_code(elsewhere) == "not_leader" and status.http_status(elsewhere) == 503
+    none = errors.LeaderElsewhere("no leader elected yet")
+    assert status.grpc_trailers(none) == ((status.RETRY_AFTER_TRAILER, "500"),)
+    assert status.http_headers(none) == {"Retry-After": "1"}
+
+    class NotLeader(errors.Unavailable):  # the replicated store's, by duck typing
+        leader_advertise = "10.0.0.1:50053"
+
+    assert status.grpc_trailers(NotLeader("x")) == ((status.LEADER_TRAILER, "10.0.0.1:50053"),)
