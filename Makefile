@@ -11,7 +11,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard _ext/*.pyx _ext/*.pxd) \
                 $(shell find proto -name '*.proto' 2>/dev/null)
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: venv install run test lint docs bench bench-short bench-e2e chaos chaos-cluster profile promtool chromium etcd screenshot clean soak fuzz
+.PHONY: venv install run run-cluster test lint docs bench bench-short bench-e2e chaos chaos-cluster profile promtool chromium etcd screenshot clean soak fuzz
 
 venv install: $(STAMP)
 
@@ -103,6 +103,10 @@ etcd:
 	    echo "WARNING: etcd not found and cannot apt-get install it; the cluster tests will fail"; \
 	  fi; \
 	fi
+
+# Three replicas on a 3-member etcd on loopback (docs/cluster.md); Ctrl-C stops them all.
+run-cluster: install etcd
+	$(PY) scripts/run_cluster.py
 
 # docs/img/dashboard.png: the browser test's last view of the page (README's picture).
 screenshot: install chromium

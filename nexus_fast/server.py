@@ -17,14 +17,14 @@ import ssl
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 import nexus_fast
-from nexus_fast import failpoints
+from nexus_fast import errors, failpoints
 from nexus_fast.about import versions
 from nexus_fast.api import grpc_stuck
 from nexus_fast.api.grpc_api import ControlService, NodeService, add_node_service
@@ -56,6 +56,9 @@ from nexus_fast.store.datafile import LOAD_ERRORS, DataFileError, crash_guard, d
 from nexus_fast.store.lmdb_store import LmdbStore
 from nexus_fast.telemetry import metrics
 from nexus_fast.telemetry import process as process_metrics
+
+if TYPE_CHECKING:
+    from nexus_fast.cluster.replica import ClusterReplica
 
 log = get_logger("server")
 
@@ -102,12 +105,21 @@ class NexusServer:
         self._state = "starting"
         self._stop_requested = asyncio.Event()
         db = config.database
-        self.store = LmdbStore(
+        local = LmdbStore(
             db.path,
             map_size=db.cache_size,
             max_map_size=db.max_map_size,
             sync_window=db.sync_interval,
         )
+        # Cluster mode (docs/cluster.md): commits go through the replicated log in etcd.
+        self.cluster: ClusterReplica | None = None
+        self.store: Any = local
+        if config.cluster.enabled:  # imported only then: the embedded default loads no etcd
+            from nexus_fast.cluster.replica import ClusterReplica
+
+            self.cluster = ClusterReplica(config, local)
+            self.cluster.on_change = self._refresh_health
+            self.store = self.cluster.store
         perf = config.performance
         page_bytes = page_budget(config.server.max_message_size)  # a list page fits a message
         self.nodes = NodeRegistry(
@@ -157,6 +169,8 @@ class NexusServer:
         if self.security is not None:
             self.nodes.listeners += self.security.node_listeners()
         self.auditor = Auditor(self.store)  # audits mutating calls with auth on or off
+        if self.cluster is not None:
+            self.auditor.read_only = lambda: not (self.cluster and self.cluster.serving_core())
         self._health = HealthServicer()
         self.grpc_port = 0
         self._ws: WebSocketServer | None = None
@@ -171,10 +185,7 @@ class NexusServer:
         self.reloader = ConfigReloader(self, config_file, overrides)
         self._tracer: Any = None  # nexus_fast.telemetry.tracing.SpanTracer when [tracing] is on
         # nexus_db_cache_hit_rate reads the page-cache residency of this file's used part.
-        process_metrics.PROCESS.data_file = lambda: (
-            self.store.path / "data.mdb",
-            self.store.size_bytes(),
-        )
+        process_metrics.PROCESS.data_file = lambda: (local.path / "data.mdb", local.size_bytes())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -191,6 +202,11 @@ class NexusServer:
         )
 
         data_file = f"{cfg.database.path}/data.mdb"
+        if self.cluster is not None:
+            try:
+                await self.cluster.connect()
+            except errors.Unavailable as exc:  # "etcd unavailable: ..." in one line
+                raise StartupError(f"cluster: {exc}") from None
         # A damaged page can make LMDB read past the file (SIGBUS): one line and exit 1.
         with crash_guard(damaged_hint(f"{data_file}: reading it crashed", cfg.database.path)):
             try:
@@ -203,29 +219,16 @@ class NexusServer:
             try:
                 self.events.load()
                 self.store.on_commit = self.events.publish_committed
-                loaded = self.nodes.load()
-                commands = self.commands.load()
-                agents = self.agents.load()
+                if self.cluster is None:  # a replica loads its core when it leads
+                    self._load_core()
             except LOAD_ERRORS as exc:  # a damaged record: one line naming the file, exit 1
                 await self.store.close()
                 where = f"{data_file}: cannot load its records: {exc!r}"
                 raise StartupError(damaged_hint(where, cfg.database.path)) from None
-        log.info(
-            "state loaded",
-            extra={
-                "nodes": loaded,
-                "active_commands": commands,
-                "agents": agents,
-                "path": cfg.database.path,
-            },
-        )
         if cfg.tracing.enabled:  # the OpenTelemetry SDK is imported only when tracing is on
             from nexus_fast.telemetry import tracing
 
             self._tracer = tracing.start(cfg.tracing, self.commands.on_final)
-        self.nodes.start(cfg.performance.pruning_interval)
-        self.commands.start()
-        self.agents.start()
         self.events.start_pruner(cfg.performance.pruning_interval)
 
         try:
@@ -276,9 +279,10 @@ class NexusServer:
         self._maintenance.start(cfg.monitoring.health_check_interval)
         if cfg.database.backup_interval > 0:
             self._backups.start(cfg.database.backup_interval)
-        await self._system_event(
-            "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
-        )
+        if self.cluster is None:
+            await self._system_event(
+                "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
+            )
         tls = self.grpc_certificates.material if self.grpc_certificates else None
         self.reloader.start(tls)  # SIGHUP and config file changes reload from now on
         self._state = "ready"
@@ -294,6 +298,41 @@ class NexusServer:
                 "http": f"{cfg.server.host}:{cfg.server.http_port}",
             },
         )
+        if self.cluster is not None:  # serve first (followers serve), then campaign
+            self.cluster.listen = {
+                "grpc": f"{cfg.server.host}:{self.grpc_port}",
+                "http": f"{cfg.server.host}:{cfg.server.http_port}",
+                "ws": f"{cfg.server.host}:{cfg.server.websocket_port}",
+            }
+            await self.cluster.start(self._promote)
+
+    def _load_core(self) -> None:
+        """Load nodes, commands and agents from the store and start their timers: at start,
+        or (cluster mode) once this replica leads and has caught up with the log."""
+        cfg = self.config
+        loaded = self.nodes.load()
+        commands = self.commands.load()
+        agents = self.agents.load()
+        log.info(
+            "state loaded",
+            extra={
+                "nodes": loaded,
+                "active_commands": commands,
+                "agents": agents,
+                "path": cfg.database.path,
+            },
+        )
+        self.nodes.start(cfg.performance.pruning_interval)
+        self.commands.start()
+        self.agents.start()
+
+    async def _promote(self) -> None:
+        """Cluster mode: this replica leads and caught up; act as after a restart."""
+        with crash_guard(damaged_hint("reading the data file crashed", self.config.database.path)):
+            self._load_core()
+        await self._system_event(
+            "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
+        )
 
     async def _start_grpc(self) -> None:
         cfg = self.config
@@ -303,6 +342,8 @@ class NexusServer:
             interceptors=[
                 AuditInterceptor(self.auditor),
                 *(self.security.grpc_interceptors() if self.security else ()),
+                # Cluster mode: after auth (the caller is known), a follower forwards.
+                *((self.cluster.router,) if self.cluster is not None else ()),
             ],
             options=[
                 # grpc sets SO_REUSEPORT by default, which would let a second server
@@ -326,6 +367,7 @@ class NexusServer:
                 events=self.events,
                 store=self.store,
                 limits=limits,
+                cluster_status=self.cluster.status if self.cluster is not None else None,
             ),
             server,
         )
@@ -380,9 +422,17 @@ class NexusServer:
         self.ws_protocol = EventStreamProtocol(
             self.events,
             max_subscriptions=self.config.events.max_subscriptions,
-            submit_commands=self.commands.submit,
+            submit_commands=self.commands.submit if self.cluster is None else self._submit,
         )
         return self.ws_protocol
+
+    async def _submit(self, specs: Any, actor: str, trace: Any) -> pb.SubmitCommandsResponse:
+        """WebSocket submit in cluster mode: here when leading, else forwarded to the leader
+        (LeaderElsewhere, an error frame, while none is elected)."""
+        assert self.cluster is not None
+        if self.cluster.serving_core():
+            return await self.commands.submit(specs, actor, trace)
+        return await self.cluster.channel.submit(list(specs), actor, trace)
 
     def _guard_ws(self, on_message: Any) -> Any:
         """The WebSocket op handler, behind the per-op permission check when auth is on."""
@@ -408,6 +458,8 @@ class NexusServer:
             return
         was_ready = self._state == "ready"
         self._state = "stopping"
+        if self.cluster is not None:
+            self.cluster.quiesce()  # from now on a lost lease is no reason to re-exec
         if failpoints.ACTIVE:
             failpoints.configure("")  # a paused writer or stream would hold the stop forever
         if self._http is not None:
@@ -426,7 +478,7 @@ class NexusServer:
 
         await self.reloader.stop()
         await self._health.enter_graceful_shutdown()
-        if was_ready:
+        if was_ready and (self.cluster is None or self.cluster.serving_core()):
             await self._system_event("system.stopping", {"pid": os.getpid()})
         await self._maintenance.stop()
         await self._backups.stop()
@@ -457,6 +509,9 @@ class NexusServer:
         done("http")
         await self.store.close()
         done("store")
+        if self.cluster is not None:  # revokes the lease: another replica leads at once
+            await self.cluster.stop()
+            done("cluster")
         if self._tracer is not None:  # flush the last spans (the exporter blocks: a thread)
             from nexus_fast.telemetry import tracing
 
@@ -497,6 +552,9 @@ class NexusServer:
             log.error("store failing: not ready until a write succeeds", extra={"reason": reason})
         else:
             log.warning("store works again: ready")
+        self._refresh_health()
+
+    def _refresh_health(self) -> None:
         task = asyncio.get_running_loop().create_task(self._set_grpc_health())
         self._health_tasks.add(task)
         task.add_done_callback(self._health_tasks.discard)
@@ -523,7 +581,8 @@ class NexusServer:
     # ------------------------------------------------------------ background
 
     async def _maintain(self) -> None:
-        await self.commands.prune_finished()
+        if self.cluster is None or self.cluster.serving_core():
+            await self.commands.prune_finished()
         loop = asyncio.get_running_loop()
         cleared = await loop.run_in_executor(None, self.store.reader_check)
         if cleared:
@@ -537,7 +596,8 @@ class NexusServer:
     # ------------------------------------------------------------ HttpBackend
 
     def is_ready(self) -> bool:
-        return self._state == "ready" and self.store.healthy()
+        ready = self._state == "ready" and self.store.healthy()
+        return ready and (self.cluster is None or self.cluster.ready())
 
     def is_live(self) -> bool:
         return self._state != "stopped" and self.store.healthy()
@@ -583,7 +643,13 @@ class NexusServer:
             "gc": {"threshold": list(gc.get_threshold()), "frozen": gc.get_freeze_count()},
             "failpoints": failpoints.snapshot(),  # [] unless fault injection is on
             "components": components,
+            "cluster": self.cluster.detail() if self.cluster else {"role": "standalone"},
         }
+
+    def _require_core(self) -> None:
+        """Cluster mode: HTTP reads of the core answer 503 naming the leader on a follower."""
+        if self.cluster is not None:
+            self.cluster.require_core()
 
     def refresh_metrics(self) -> None:
         metrics.UPTIME_SECONDS.set(self.uptime())
@@ -595,6 +661,7 @@ class NexusServer:
     def list_nodes(
         self, statuses: list[str], labels: dict[str, str], limit: int, page_token: str
     ) -> tuple[list[dict[str, object]], str]:
+        self._require_core()
         wanted = []
         for name in statuses:
             if name not in STATUS_BY_NAME:
@@ -605,14 +672,17 @@ class NexusServer:
         return [node_to_dict(n) for n in nodes], token
 
     def get_node(self, node_id: str) -> dict[str, object]:
+        self._require_core()
         return node_to_dict(self.nodes.get(node_id))  # NodeNotFound answers 404 JSON
 
     def get_command(self, command_id: str) -> dict[str, object]:
+        self._require_core()
         return command_to_dict(self.commands.get(command_id))
 
     def list_agents(
         self, name: str, states: list[str], limit: int, page_token: str
     ) -> tuple[list[dict[str, object]], str]:
+        self._require_core()
         numbers = []
         for state in states:
             # The short name the JSON shows ("running") or the full one (AGENT_STATE_RUNNING).

@@ -166,5 +166,8 @@ def http_headers(error: errors.NexusError) -> dict[str, str]:
         wait = error.retry_after
         return {"Retry-After": str(max(1, math.ceil(wait)) if math.isfinite(wait) else 86400)}
     if isinstance(error, errors.LeaderElsewhere):
-        return {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+        if error.leader_advertise:  # the leader's gRPC address, as the gRPC trailer says
+            headers["Nexus-Leader"] = error.leader_advertise
+        return headers
     return {}

@@ -12,8 +12,8 @@ quorum makes mutations fail within ``timeout``, never hang.
 
 Outcome of a failed mutation: a request that never reached a member (connection refused,
 no leader) is sent again elsewhere. One that may have reached it (deadline, connection
-lost, "request timed out") is sent again for put, delete and lease grant, whose repeat
-does the same thing; a txn is never sent twice: :class:`EtcdError` with
+lost, "request timed out") is sent again for put and delete, whose repeat does the same
+thing, and lease grant (a lost grant's lease just expires); a txn is never sent twice: :class:`EtcdError` with
 ``maybe_committed = True`` tells the caller to read the key to learn the outcome.
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -171,9 +172,12 @@ class EtcdClient:
         self._current = 0
         self._keepalive: tuple[_Member, Any] | None = None  # (member, LeaseKeepAlive call)
         self._keepalive_lock: asyncio.Lock | None = None
+        self._closed = False
 
     # -- connection -------------------------------------------------------------------
     def _ready(self) -> list[_Member]:
+        if self._closed:
+            raise self.error("the client is closed")
         if not self._members:
             self._members = [_Member(t, self._credentials) for t in self.endpoints]
             self._keepalive_lock = asyncio.Lock()
@@ -207,6 +211,7 @@ class EtcdClient:
     async def close(self) -> None:
         """Close the keepalive stream and every channel; the client cannot be reused."""
         self._drop_keepalive()
+        self._closed = True
         members, self._members = self._members, []
         for member in members:
             await member.channel.close()
@@ -242,6 +247,8 @@ class EtcdClient:
             tried += 1
             try:
                 return await method(member)(request, timeout=budget, metadata=REQUIRE_LEADER)
+            except grpc.aio.UsageError as exc:  # the channel was closed under the call
+                raise self.error(f"{what}: {exc}") from exc
             except grpc.aio.AioRpcError as exc:
                 seen.append(_describe(member.target, exc))
                 code = exc.code().name
@@ -362,35 +369,40 @@ class EtcdClient:
 
     async def lease_keepalive(self, lease_id: int) -> float:
         """Renew the lease over the one LeaseKeepAlive stream this client keeps open;
-        returns the TTL it now has (0 = it had expired: its keys are gone)."""
-        self._ready()
+        returns the TTL it now has (0 = it had expired: its keys are gone). One ``timeout``
+        budget; an attempt gets half of what is left while other members remain, so a hung
+        member does not eat a whole lease TTL."""
+        members = self._ready()
         assert self._keepalive_lock is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         seen: list[str] = []
         try:
             async with asyncio.timeout(self.timeout), self._keepalive_lock:
-                while True:
+                for attempt in itertools.count():
+                    member = self._keepalive[0] if self._keepalive else self._member()
+                    left = deadline - loop.time()
+                    last = attempt % len(members) == len(members) - 1
                     try:
-                        return await self._keepalive_once(lease_id)
+                        async with asyncio.timeout(left if last else left / 2):
+                            return await self._keepalive_once(lease_id)
                     except (
                         grpc.aio.AioRpcError,
                         ConnectionError,
                         asyncio.InvalidStateError,
+                        TimeoutError,
                     ) as exc:
-                        member = self._keepalive[0] if self._keepalive else self._member()
                         seen.append(_describe(member.target, exc))
-                        self._drop_keepalive()
+                        self._drop_keepalive()  # a late answer must not be read as the next's
                         self._next(member)
-                        await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+                        if not isinstance(exc, TimeoutError):
+                            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
         except TimeoutError:
-            if self._keepalive is not None:
-                seen.append(f"{self._keepalive[0].target}: no keepalive answer")
-            self._drop_keepalive()  # a late answer must not be read as the next call's
-            raise self.error(
-                f"lease keepalive: no answer within {self.timeout:g}s: " + "; ".join(seen[-3:]),
-                code="DEADLINE_EXCEEDED",
-            ) from None
+            self._drop_keepalive()
+        raise self.error(
+            f"lease keepalive: no answer within {self.timeout:g}s: " + "; ".join(seen[-3:]),
+            code="DEADLINE_EXCEEDED",
+        )
 
     # -- watch and status -------------------------------------------------------------
     def watch(

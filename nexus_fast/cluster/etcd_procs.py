@@ -3,7 +3,7 @@
 :class:`EtcdCluster` starts ``members`` etcd processes (Debian's etcd-server package) on
 free ports of ``host``, each with its data dir and log file under ``workdir``, tuned for
 loopback (50 ms heartbeats, 500 ms election timeout), and stops them by pid. A member can
-be killed (SIGKILL) and started again on the same ports and data dir.
+be killed (SIGKILL) and started again on the same ports and data dir, or paused (SIGSTOP).
 
     python -m nexus_fast.cluster.etcd_procs --members 3 --workdir /tmp/etcd
 
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -45,6 +46,18 @@ TUNING = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """TLS on the client port: the members' certificate, client certificates required
+    (signed by ``ca``); ``client_cert``/``client_key`` are what the health check shows."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
 class EtcdProcessError(RuntimeError):
     """etcd is missing, or a member did not start or become healthy."""
 
@@ -65,12 +78,20 @@ def etcd_binary() -> str:
 class EtcdCluster:
     """``members`` etcd processes forming one cluster (Contract 2 in CLUSTER_DESIGN.md)."""
 
-    def __init__(self, workdir: Path, members: int = 1, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        members: int = 1,
+        *,
+        host: str = "127.0.0.1",
+        tls: EtcdTls | None = None,
+    ) -> None:
         if members < 1:
             raise ValueError("an etcd cluster has at least one member")
         self.workdir = Path(workdir)
         self.members = members
         self.host = host
+        self.tls = tls
         self.endpoints: list[str] = []
         self._peer_urls: list[str] = []
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * members
@@ -103,7 +124,7 @@ class EtcdCluster:
 
     def _spawn(self, i: int) -> None:
         initial = ",".join(f"{self._name(j)}={u}" for j, u in enumerate(self._peer_urls))
-        client_url = f"http://{self.endpoints[i]}"
+        client_url = f"{'https' if self.tls else 'http'}://{self.endpoints[i]}"
         args = [
             etcd_binary(),
             f"--name={self._name(i)}",
@@ -117,6 +138,13 @@ class EtcdCluster:
             f"--initial-cluster-token={self._token}",
             *TUNING,
         ]
+        if self.tls is not None:
+            args += [
+                f"--cert-file={self.tls.server_cert}",
+                f"--key-file={self.tls.server_key}",
+                f"--trusted-ca-file={self.tls.ca}",
+                "--client-cert-auth",
+            ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("ETCD")}
         with open(self.log_path(i), "ab") as logfile:
             self._procs[i] = subprocess.Popen(
@@ -140,6 +168,18 @@ class EtcdCluster:
             proc.kill()
             proc.wait(timeout=10)
 
+    def pause(self, i: int) -> None:
+        """SIGSTOP member ``i``: it keeps its connections but answers nothing (a hung host)."""
+        proc = self._procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGSTOP)
+
+    def resume(self, i: int) -> None:
+        """SIGCONT member ``i`` after :meth:`pause`."""
+        proc = self._procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+
     def start_member(self, i: int, *, wait: float = 20.0) -> None:
         """Start member ``i`` again (same ports and data dir); with ``wait`` > 0, return
         when it answers with a leader. Blocking: from a coroutine, run it in a thread."""
@@ -159,6 +199,7 @@ class EtcdCluster:
             if proc is None or proc.poll() is not None:
                 continue
             with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGCONT)  # a paused member cannot handle SIGTERM
                 proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=STOP_GRACE)
@@ -189,7 +230,16 @@ class EtcdCluster:
 
     def member_status(self, i: int, timeout: float = 1.0) -> pb.StatusResponse | None:
         """Member ``i``'s Maintenance.Status, or None when it does not answer in time."""
-        with grpc.insecure_channel(self.endpoints[i]) as channel:
+        if self.tls is None:
+            channel = grpc.insecure_channel(self.endpoints[i])
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                self.tls.ca.read_bytes(),
+                self.tls.client_key.read_bytes(),
+                self.tls.client_cert.read_bytes(),
+            )
+            channel = grpc.secure_channel(self.endpoints[i], credentials)
+        with channel:
             try:
                 resp: pb.StatusResponse = pb_grpc.MaintenanceStub(channel).Status(
                     pb.StatusRequest(), timeout=timeout

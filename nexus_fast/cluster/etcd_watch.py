@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_QUEUE = 16  # responses read ahead of the consumer (grpc flow control does the rest)
+_QUEUE = 4  # responses (up to 8 MiB each) read ahead of the consumer; grpc flow control after
 _PROGRESS_REQUEST = pb.WatchRequest(progress_request=pb.WatchProgressRequest())
 _NO_WATCH_ID = -1  # etcd's answer to a progress request belongs to no watcher
 
@@ -83,7 +83,9 @@ async def watch(
             range_end=range_end,
             start_revision=next_revision,
             progress_notify=progress_notify,
+            fragment=True,  # responses over etcd's max request size come in pieces
         )
+        pending: list[WatchEvent] = []  # a revision that may go on in the next fragment
         try:
             await asyncio.wait_for(
                 call.write(pb.WatchRequest(create_request=create)), client.timeout
@@ -115,13 +117,21 @@ async def watch(
                 if resp.watch_id == _NO_WATCH_ID:
                     continue  # the answer to our probe: the stream is alive
                 if resp.events:
-                    events = [
+                    events = pending + [
                         WatchEvent("delete" if e.type == pb.Event.DELETE else "put", to_kv(e.kv))
                         for e in resp.events
                     ]
+                    pending = []
+                    if resp.fragment:  # hold back the last revision: it may not be whole
+                        cut = len(events)
+                        while cut and events[cut - 1].kv.mod_revision == events[-1].kv.mod_revision:
+                            cut -= 1
+                        events, pending = events[:cut], events[cut:]
+                        if not events:
+                            continue
                     next_revision = events[-1].kv.mod_revision + 1
                     yield int(resp.header.revision), events
-                elif progress_notify:
+                elif progress_notify and not pending:
                     revision = int(resp.header.revision)
                     next_revision = max(next_revision, revision + 1)
                     yield revision, []

@@ -34,7 +34,7 @@ from nexus_fast.security.auditing import REQUEST_ID_HEADER, AuditCall
 from nexus_fast.security.grpc_auth import ON_BEHALF_HEADER, current_principal
 from nexus_fast.telemetry.trace_context import TraceContext
 
-__all__ = ["FORWARDED", "LeaderChannel", "LeaderRouter"]
+__all__ = ["FORWARDED", "FORWARDED_HEADER", "REFUSED_ON_FOLLOWERS", "LeaderChannel", "LeaderRouter"]
 
 log = get_logger("cluster")
 
@@ -62,8 +62,21 @@ FORWARDED: Final[dict[str, bool]] = {
 """ControlService methods a follower forwards to the leader. WatchEvents, ListAudit
 (local LMDB), failpoints, GetClusterStatus and health stay local."""
 
+_NODE: Final = "/nexus.fabric.v1.NodeService/"
+REFUSED_ON_FOLLOWERS: Final[dict[str, str]] = {
+    # method -> kind. Node streams go to the leader until followers relay them: a node
+    # that reaches a follower gets UNAVAILABLE with the nexus-leader trailer and follows it.
+    _NODE + "Register": "unary",
+    _NODE + "Deregister": "unary",
+    _NODE + "Connect": "stream",
+}
+
 # Caller metadata that travels with a forwarded call (never the caller's credential).
 _PASSED_ON: Final = frozenset({"traceparent", "tracestate", REQUEST_ID_HEADER})
+FORWARDED_HEADER: Final = "nexus-forwarded"
+"""Set on a forwarded call: a replica that is not the leader (any more) refuses it with the
+leader hint instead of forwarding it again, so two replicas that briefly name each other as
+leader never bounce a call between them."""
 
 
 class LeaderChannel:
@@ -76,6 +89,10 @@ class LeaderChannel:
         self._target: str | None = None
         self._channel: grpc.aio.Channel | None = None
         self._old: set[grpc.aio.Channel] = set()
+
+    def leader(self) -> tuple[str | None, bool]:
+        """(the leader's advertise address or None, this replica leads)."""
+        return self._leader()
 
     def get(self) -> grpc.aio.Channel:
         """The channel to the leader; LeaderElsewhere when there is none to forward to."""
@@ -138,10 +155,12 @@ class LeaderChannel:
             request_serializer=pb.SubmitCommandsRequest.SerializeToString,
             response_deserializer=pb.SubmitCommandsResponse.FromString,
         )
-        metadata: list[tuple[str, str]] = []
+        metadata: list[tuple[str, str]] = [(FORWARDED_HEADER, "1")]
         current = acting.current_call()
         if self._config.security.auth_required and current is not None:
             metadata.append((ON_BEHALF_HEADER, f"{current.role}:{actor}"))
+        if isinstance(current, AuditCall):
+            current.finished = True  # the leader audits it, as the caller
         if trace is not None:
             metadata.append(("traceparent", trace.traceparent))
             if trace.tracestate:
@@ -184,6 +203,8 @@ class LeaderRouter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._serving_core = serving_core
         self._auth_on = auth_on
         self._handlers = {method: self._handler(method, s) for method, s in FORWARDED.items()}
+        for method, kind in REFUSED_ON_FOLLOWERS.items():
+            self._handlers[method] = self._refusal(kind)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -194,11 +215,16 @@ class LeaderRouter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler
 
     def _metadata(self, context: grpc.aio.ServicerContext) -> list[tuple[str, str]]:
-        out = [
-            (key, value)
-            for key, value in context.invocation_metadata() or ()
-            if key in _PASSED_ON and isinstance(value, str)
-        ]
+        out = [(FORWARDED_HEADER, "1")]
+        for key, value in context.invocation_metadata() or ():
+            if key == FORWARDED_HEADER:  # forwarded to us by a replica that took us for leader
+                target, _ = self._channel.leader()
+                raise errors.LeaderElsewhere(
+                    f"not the leader; the leader is at {target}" if target else "no leader",
+                    target or "",
+                )
+            if key in _PASSED_ON and isinstance(value, str):
+                out.append((key, value))
         principal = current_principal()
         if self._auth_on and principal is not None:
             out.append((ON_BEHALF_HEADER, f"{principal.role}:{principal.name}"))
@@ -207,6 +233,25 @@ class LeaderRouter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if isinstance(call, AuditCall):
             call.finished = True
         return out
+
+    def _refusal(self, kind: str) -> grpc.RpcMethodHandler:
+        channel = self._channel
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            target, _ = channel.leader()
+            await _abort(
+                context,
+                errors.LeaderElsewhere(
+                    f"not the leader; connect to the leader at {target}"
+                    if target
+                    else "no leader elected yet",
+                    target or "",
+                ),
+            )
+
+        if kind == "stream":
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)
 
     def _handler(self, method: str, streaming: bool) -> grpc.RpcMethodHandler:
         channel = self._channel

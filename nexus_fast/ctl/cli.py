@@ -256,6 +256,8 @@ def cli() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from nexus_fast.ctl import cluster_cmd  # noqa: F401  (registers `cluster` on cli)
+
     cli(prog_name=PROG)
 
 

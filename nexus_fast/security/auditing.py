@@ -140,6 +140,9 @@ class Auditor:
     def __init__(self, store: StateStore, sampler: RefusalSampler | None = None) -> None:
         self.store = store
         self.sampler = sampler or RefusalSampler()
+        # Cluster mode: True while this replica cannot commit (a follower). Its forwarded
+        # calls are audited by the leader; its own refusals are logged, not chained.
+        self.read_only: Callable[[], bool] | None = None
 
     def begin(self, method: str, peer: str, request_id: str | None = None) -> AuditCall:
         """Open a call in the current context (the adapter's task)."""
@@ -180,6 +183,14 @@ class Auditor:
 
     def write(self, record: AuditRecord) -> asyncio.Future[Any] | None:
         """Commit one record alone; failures are logged, never raised. Returns the commit."""
+        if self.read_only is not None and self.read_only():
+            log.info(
+                "not audited on a follower: %s by %s: %s",
+                record.method,
+                record.principal,
+                record.outcome,
+            )
+            return None
         try:
             future = self.store.commit((), (), (record,))
         except Exception as exc:  # busy, closed: the refusal still gets its answer

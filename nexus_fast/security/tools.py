@@ -46,9 +46,13 @@ def issue_certificate(
     *,
     organization: str | None = None,
     server: bool = False,
+    client: bool = False,
     days: int = 365,
 ) -> _Issuer:
-    """A P-256 certificate: a CA when ``issuer`` is None, else a leaf signed by it."""
+    """A P-256 certificate: a CA when ``issuer`` is None, else a leaf signed by it.
+
+    ``server``: for a listener (localhost SANs); with ``client`` too it may also be
+    presented as a client certificate (a cluster replica dialling the leader)."""
     key = ec.generate_private_key(ec.SECP256R1())
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
     if organization:
@@ -88,7 +92,13 @@ def issue_certificate(
         ]
         builder = builder.add_extension(
             x509.SubjectAlternativeName(names), critical=False
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        ).add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH]
+                + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client else [])
+            ),
+            critical=False,
+        )
     else:
         builder = builder.add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
@@ -125,6 +135,13 @@ def _certs(args: argparse.Namespace) -> int:
             write_private(out / f"{role}-{name}.pem", cert_pem(cert))
             write_private(out / f"{role}-{name}-key.pem", key_pem(key))
             written.append(f"{role}-{name}.pem")
+    for name in args.replica or ():  # server and client at once: see docs/cluster.md
+        cert, key = issue_certificate(
+            name, ca, organization="nexus-replica", server=True, client=True, days=args.days
+        )
+        write_private(out / f"replica-{name}.pem", cert_pem(cert))
+        write_private(out / f"replica-{name}-key.pem", key_pem(key))
+        written.append(f"replica-{name}.pem")
     secret = out / "jwt.secret"
     if not secret.exists():
         write_private(secret, base64.urlsafe_b64encode(secrets.token_bytes(48)) + b"\n")
@@ -191,6 +208,13 @@ def _parser() -> argparse.ArgumentParser:
         certs.add_argument(
             f"--{role}", nargs="+", metavar="NAME", action="extend", help=f"{role} principals"
         )
+    certs.add_argument(
+        "--replica",
+        nargs="+",
+        metavar="NAME",
+        action="extend",
+        help="cluster replicas: server certificates that also act as clients (O=nexus-replica)",
+    )
     certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
     token = sub.add_parser("token", help="print a JWT bearer token")
     keys = token.add_mutually_exclusive_group(required=True)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
 from nexus_fast import errors
 from nexus_fast.benchmark.procs import free_ports
+from nexus_fast.cluster import etcd_procs
 from nexus_fast.cluster.etcd import (
     EtcdClient,
     EtcdCompacted,
@@ -31,8 +34,9 @@ from nexus_fast.cluster.etcd import (
     op_range,
     prefix_end,
 )
-from nexus_fast.cluster.etcd_procs import EtcdCluster
+from nexus_fast.cluster.etcd_procs import EtcdCluster, EtcdTls
 from tests.integration.etcd_fixtures import etcd1, etcd3  # noqa: F401
+from tests.pki import write_pki
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -200,6 +204,38 @@ def test_watch_from_revision_sees_puts_in_order(etcd1: EtcdCluster) -> None:
     run(body())
 
 
+def test_watch_joins_fragments_without_splitting_a_revision(etcd1: EtcdCluster) -> None:
+    """Two txns of 2 x 3 MiB: read back as one batch they exceed etcd's 8 MiB max request
+    size, so etcd fragments the response, possibly inside a revision."""
+
+    async def body() -> None:
+        client = await _client(etcd1, timeout=10.0)
+        prefix = b"/fragments/"
+        try:
+            big = [bytes([i]) * (3 << 20) for i in range(4)]
+            first = await client.put(prefix + b"start", b"")
+            for t in range(2):
+                ops = [op_put(prefix + b"%d" % (2 * t + j), big[2 * t + j]) for j in range(2)]
+                assert (await client.txn([], ops)).succeeded
+            watch = client.watch(prefix, prefix_end(prefix), start_revision=first + 1)
+            batches: list[list[WatchEvent]] = []
+            async with contextlib.aclosing(watch):
+                async for _, events in watch:
+                    batches.append(events)
+                    if sum(len(b) for b in batches) >= 4:
+                        break
+            seen = [e for b in batches for e in b]
+            assert [e.kv.value for e in seen] == big
+            assert [e.kv.mod_revision for e in seen] == [first + 1] * 2 + [first + 2] * 2
+            for batch in batches[:-1]:  # a revision never straddles two batches
+                assert batch[-1].kv.mod_revision < seen[seen.index(batch[-1]) + 1].kv.mod_revision
+        finally:
+            await client.delete(prefix, prefix_end(prefix))
+            await client.close()
+
+    run(body())
+
+
 def test_compacted_revisions_raise_etcd_compacted(etcd1: EtcdCluster) -> None:
     async def body() -> None:
         client = await _client(etcd1)
@@ -225,6 +261,58 @@ def test_compacted_revisions_raise_etcd_compacted(etcd1: EtcdCluster) -> None:
             await client.close()
 
     run(body())
+
+
+def test_tls_with_client_certificates(tmp_path: Path) -> None:
+    pki = write_pki(tmp_path / "pki")
+    tls = EtcdTls(pki.ca, pki.server_cert, pki.server_key, pki.client_cert, pki.client_key)
+    with EtcdCluster(tmp_path / "etcd", 1, tls=tls) as cluster:
+
+        async def body() -> None:
+            client = EtcdClient(
+                cluster.endpoints,
+                timeout=2.0,
+                ca_file=str(pki.ca),
+                cert_file=str(pki.client_cert),
+                key_file=str(pki.client_key),
+            )
+            try:
+                await client.connect()
+                await client.put(b"/tls", b"ok")
+                kv = await client.get(b"/tls")
+                assert kv is not None and kv.value == b"ok"
+            finally:
+                await client.close()
+            # Without a client certificate etcd refuses the handshake: a typed error.
+            anonymous = EtcdClient(cluster.endpoints, timeout=1.0, ca_file=str(pki.ca))
+            try:
+                with pytest.raises(EtcdError):
+                    await anonymous.connect()
+            finally:
+                await anonymous.close()
+
+        run(body())
+
+
+def test_harness_stops_by_pid_and_names_the_missing_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = EtcdCluster(tmp_path / "etcd", 1)
+    try:
+        cluster.start()
+        pid = cluster.pid(0)
+        assert pid is not None and cluster.member_status(0) is not None
+        assert cluster.log_path(0).stat().st_size > 0
+    finally:
+        cluster.stop()
+    assert cluster.pid(0) is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    cluster.stop()  # idempotent
+    monkeypatch.setattr(etcd_procs, "ETCD_PATHS", ("/nonexistent/etcd",))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(etcd_procs.EtcdProcessError, match="apt-get install etcd-server"):
+        EtcdCluster(tmp_path / "none", 1).start()
 
 
 def test_no_etcd_fails_fast_with_a_typed_error() -> None:
@@ -284,11 +372,55 @@ def test_watch_and_calls_survive_their_member_being_killed(etcd3: EtcdCluster) -
     run(body(), timeout=60.0)
 
 
+def test_a_hung_member_is_left_behind(etcd3: EtcdCluster) -> None:
+    """SIGSTOP: the member keeps its TCP connections but answers nothing."""
+
+    async def body() -> None:
+        client = await _client(etcd3, [0, 1, 2], timeout=1.5)
+        writer = await _client(etcd3, [1, 2, 0], timeout=3.0)
+        prefix = b"/hung/"
+        try:
+            lease = await client.lease_grant(5)
+            start = await writer.put(prefix + b"0", b"0")
+            watch = client.watch(
+                prefix, prefix_end(prefix), start_revision=start, probe_interval=0.5
+            )
+            async with contextlib.aclosing(watch):
+                seen = await _collect(watch, 1)
+                assert client.endpoints[client._current] == etcd3.endpoints[0]
+                etcd3.pause(0)
+                t0 = time.monotonic()
+                with pytest.raises(EtcdError) as info:
+                    await client.txn([], [op_put(b"/hung-txn", b"?")])
+                assert info.value.maybe_committed  # sent, no answer: the caller must look
+                assert time.monotonic() - t0 < 1.5 + 1.0
+                assert (await client.txn([], [op_put(b"/hung-txn", b"!")])).succeeded
+                assert await client.lease_keepalive(lease) > 0
+                for i in range(1, 6):
+                    await writer.put(prefix + b"%d" % i, b"x")
+                seen += await _collect(watch, 5)  # the probe finds the stream dead
+                assert [e.kv.key for e in seen] == [prefix + b"%d" % i for i in range(6)]
+        finally:
+            etcd3.resume(0)
+            await client.close()
+            await writer.close()
+
+    run(body(), timeout=60.0)
+
+
 def test_quorum_loss_fails_fast_then_recovers(etcd3: EtcdCluster) -> None:
     async def body() -> None:
         client = await _client(etcd3, timeout=1.5)
         try:
-            await client.put(b"/quorum/k", b"before")
+            before = await client.put(b"/quorum/k", b"before")
+            seen: list[WatchEvent] = []
+            watch = client.watch(b"/quorum/", prefix_end(b"/quorum/"), start_revision=before + 1)
+
+            async def follow() -> None:
+                async for _, events in watch:
+                    seen.extend(events)
+
+            follower = asyncio.create_task(follow())
             await asyncio.to_thread(etcd3.kill, 1)
             await asyncio.to_thread(etcd3.kill, 2)
             for attempt in ("put", "txn"):
@@ -316,6 +448,13 @@ def test_quorum_loss_fails_fast_then_recovers(etcd3: EtcdCluster) -> None:
                     assert time.monotonic() < end, "no recovery after the members returned"
             kv = await client.get(b"/quorum/k")
             assert kv is not None and kv.value == b"after"
+            # The watch went on through the outage: it sees the write made after it.
+            while not seen or seen[-1].kv.value != b"after":
+                assert time.monotonic() < end, f"the watch saw {seen}"
+                await asyncio.sleep(0.1)
+            revisions = [e.kv.mod_revision for e in seen]
+            assert revisions == sorted(set(revisions)) and revisions[-1] == kv.mod_revision
+            follower.cancel()
             # The channels of the returned members leave their reconnect backoff (<= 1 s).
             while not all(s.ok for s in await client.status()):
                 assert time.monotonic() < end, await client.status()

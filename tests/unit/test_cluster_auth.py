@@ -3,8 +3,12 @@ on-behalf-of header (accepted from replicas only) and the leader hint trailer.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nexus_fast import errors
 from nexus_fast.api import status
@@ -13,6 +17,7 @@ from nexus_fast.security.grpc_auth import _on_behalf
 from nexus_fast.security.identity import CERT_ROLES
 from nexus_fast.security.permissions import REPLICA_FORWARD, ROLE_REPLICA, Rbac
 from nexus_fast.security.principal import PermissionDenied, Principal
+from nexus_fast.security.tools import main as credentials_main
 
 REPLICA = Principal("r2", ROLE_REPLICA, "cert")
 ADMIN = Principal("root", "admin", "cert")
@@ -61,3 +66,14 @@ def test_leader_hint_trailer_and_retry_while_none_is_elected() -> None:
         leader_advertise = "10.0.0.1:50053"
 
     assert status.grpc_trailers(NotLeader("x")) == ((status.LEADER_TRAILER, "10.0.0.1:50053"),)
+
+
+def test_certs_replica_is_a_server_and_client_certificate(tmp_path: Path) -> None:
+    assert credentials_main(["certs", "--out", str(tmp_path), "--replica", "r1"]) == 0
+    cert = x509.load_pem_x509_certificate((tmp_path / "replica-r1.pem").read_bytes())
+    org = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value
+    assert CERT_ROLES[str(org)] == ROLE_REPLICA
+    usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert usages == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
