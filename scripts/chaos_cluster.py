@@ -164,6 +164,7 @@ class ClusterChaos:
         await asyncio.sleep(self.rng.uniform(*KILL_AFTER_S))
         self.killed_at = time.monotonic()
         await asyncio.to_thread(self.cluster.kill, leader)
+        fig.kill_rounds += 1
         while not self.accepted_at and time.monotonic() - self.killed_at < GIVE_UP_S:
             await asyncio.sleep(0.01)
         if self.accepted_at:
