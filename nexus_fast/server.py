@@ -32,8 +32,15 @@ from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.grpc_health import HealthServicer
 from nexus_fast.api.http_server import HttpServer
+from nexus_fast.api.node_stream import NodeStreams
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
+from nexus_fast.cluster.relay import (
+    FollowerRelay,
+    RelayServicer,
+    add_replica_service,
+    replica_credentials,
+)
 from nexus_fast.codec.json import agent_to_dict, command_to_dict, node_to_dict
 from nexus_fast.config import Config
 from nexus_fast.core.agents import AgentService, AgentSettings
@@ -161,6 +168,28 @@ class NexusServer:
         )
         # Order matters: the scheduler must know a node before commands and agents react.
         self.nodes.listeners += [SchedulerFeed(self.scheduler), self.commands, self.agents]
+        # ReplicaService.Relay (nexus_fast/cluster/relay.py): the leader side always (an
+        # embedded server leads itself); in cluster mode a follower relays the node streams
+        # it holds to the leader (the streams then survive a failover).
+        streams = NodeStreams(self.nodes, self.commands, self.agents)
+        self.relay: FollowerRelay | None = None
+        if self.cluster is None:
+            self._relay_servicer = RelayServicer(streams)
+        else:
+            cluster = self.cluster
+            self._relay_servicer = RelayServicer(streams, is_leader=cluster.serving_core)
+            relay = self.relay = FollowerRelay(
+                lambda: cluster.election.leader_advertise or None,
+                credentials=replica_credentials(config.security),
+                is_follower=lambda: not cluster.serving_core(),
+                max_message_bytes=config.server.max_message_size,
+            )
+
+            def changed() -> None:
+                self._refresh_health()
+                relay.leader_changed()
+
+            cluster.on_change = changed
         # Loaded and attached to store.on_commit right after store.open(), before any commit.
         self.events = EventBus(self.store, config.events, perf.event_buffer_size)
         self._grpc: grpc.aio.Server | None = None
@@ -305,6 +334,8 @@ class NexusServer:
                 "ws": f"{cfg.server.host}:{cfg.server.websocket_port}",
             }
             await self.cluster.start(self._promote)
+            if self.relay is not None:
+                self.relay.start()
 
     def _load_core(self) -> None:
         """Load nodes, commands and agents from the store and start their timers: at start,
@@ -358,7 +389,11 @@ class NexusServer:
             ],
         )
         limits = self.security.limits if self.security else None
-        add_node_service(NodeService(self.nodes, self.commands, self.agents, limits), server)
+        add_node_service(
+            NodeService(self.nodes, self.commands, self.agents, limits, relay=self.relay), server
+        )
+        # Always served: followers relay their node streams to the leader (embedded: itself).
+        add_replica_service(self._relay_servicer, server)
         add_control_service(
             ControlService(
                 self.nodes,
@@ -492,6 +527,11 @@ class NexusServer:
             grace = max(0.1, deadline - (time.monotonic() - started))
             grpc_stopped = asyncio.get_running_loop().create_task(self._grpc.stop(grace))
             await asyncio.sleep(0)  # the task's first step stops accepting calls
+        # Relay streams end whole first: followers keep their nodes' streams for the next
+        # leader instead of ending each node (what the sessions' ends below would do).
+        self._relay_servicer.stop()
+        if self.relay is not None:  # a follower's node streams end: nodes reconnect elsewhere
+            await self.relay.stop()
         # End node streams (nodes reconnect to the next server), then let in-flight unary
         # calls finish within what is left of the deadline.
         await self.agents.stop()

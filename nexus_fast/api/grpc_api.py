@@ -18,6 +18,7 @@ import orjson
 from nexus_fast import errors, failpoints
 from nexus_fast.api import bad_input, grpc_events
 from nexus_fast.api.grpc_handlers import register
+from nexus_fast.api.node_stream import NodeRelay, NodeStreams, write_outbound
 from nexus_fast.api.status import grpc_status, grpc_trailers
 from nexus_fast.core import acting
 from nexus_fast.core.acting import ANONYMOUS
@@ -122,15 +123,14 @@ class NodeService(pb_grpc.NodeServiceServicer):
         commands: CommandService,
         agents: AgentService,
         limits: PrincipalLimits | None = None,
+        relay: NodeRelay | None = None,
     ) -> None:
         self._registry = registry
-        self._commands = commands
-        self._agents = agents
+        self._streams = NodeStreams(registry, commands, agents)
         # Registered nodes per principal ([security.limits]); released when a node is gone.
         self._limits = limits
-        # Counter children looked up once: this runs for every message of every node.
-        kinds = ("heartbeat", "ack", "result", "agent_status")
-        self._counted = {kind: metrics.NODE_MESSAGES.labels(kind=kind) for kind in kinds}
+        # Cluster mode: on a follower, Connect streams are relayed to the leader.
+        self._relay = relay
 
     @instrumented("NodeService/Register")
     async def Register(
@@ -172,7 +172,11 @@ class NodeService(pb_grpc.NodeServiceServicer):
         if first is grpc.aio.EOF:
             return
         await check_node_id(context, first.node_id)  # nodes act only as themselves
-        session = await self._registry.open_session(
+        relay = self._relay
+        if relay is not None and relay.active():
+            await relay.serve(context, first, actor())  # a follower: the leader serves it
+            return
+        session = await self._streams.open(
             first.node_id, first.session_epoch, actor(), context.peer()
         )
         metrics.GRPC_CONNECTIONS_ACTIVE.inc()
@@ -180,32 +184,24 @@ class NodeService(pb_grpc.NodeServiceServicer):
             self._read_loop(context, session, first), name=f"node-reader-{session.node_id}"
         )
         try:
-            await self._write_loop(context, session)
+            await write_outbound(context, session)
         finally:
             reader.cancel()
-            self._registry.close_session(session)
+            self._streams.close(session)
             metrics.GRPC_CONNECTIONS_ACTIVE.dec()
         if session.close_reason is not None:
             raise session.close_reason
 
-    async def _write_loop(self, context: grpc.aio.ServicerContext, session: Session) -> None:
-        outbound = session.outbound
-        while True:
-            message = await outbound.get()
-            if message is None:
-                return
-            if failpoints.ACTIVE:
-                await failpoints.hit_async("stream.send")
-            await context.write(message)
-
     async def _read_loop(
         self, context: grpc.aio.ServicerContext, session: Session, first: pb.NodeMessage
     ) -> None:
-        registry = self._registry
+        streams = self._streams
         message: Any = first
         try:
             while message is not grpc.aio.EOF:
-                await self._handle(session, message)
+                pending = streams.handle(session, message)
+                if pending is not None:
+                    await pending
                 if session.closed:
                     return
                 message = await context.read()
@@ -220,25 +216,7 @@ class NodeService(pb_grpc.NodeServiceServicer):
             session.close(errors.Unavailable("stream read failed"))
         finally:
             if not session.closed:
-                registry.close_session(session)
-
-    async def _handle(self, session: Session, message: pb.NodeMessage) -> None:
-        counted = self._counted
-        heartbeat = None
-        if message.HasField("heartbeat"):
-            heartbeat = message.heartbeat
-            self._registry.validate_usage(heartbeat)
-            counted["heartbeat"].inc()
-        came_back = self._registry.heartbeat(session, heartbeat)
-        if came_back is not None:
-            await came_back
-        if message.acks or message.results:
-            counted["ack"].inc(len(message.acks))
-            counted["result"].inc(len(message.results))
-            self._commands.handle_reports(session.node_id, message)
-        if message.agents:
-            counted["agent_status"].inc(len(message.agents))
-            self._agents.handle_reports(session.node_id, message.agents)
+                streams.close(session)
 
 
 class ControlService(pb_grpc.ControlServiceServicer):

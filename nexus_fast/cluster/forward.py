@@ -64,11 +64,11 @@ FORWARDED: Final[dict[str, bool]] = {
 
 _NODE: Final = "/nexus.fabric.v1.NodeService/"
 REFUSED_ON_FOLLOWERS: Final[dict[str, str]] = {
-    # method -> kind. Node streams go to the leader until followers relay them: a node
-    # that reaches a follower gets UNAVAILABLE with the nexus-leader trailer and follows it.
+    # method -> kind. A node that registers on a follower gets UNAVAILABLE with the
+    # nexus-leader trailer and follows it. Connect streams are served on followers: the
+    # FollowerRelay carries them to the leader (cluster/relay.py).
     _NODE + "Register": "unary",
     _NODE + "Deregister": "unary",
-    _NODE + "Connect": "stream",
 }
 
 # Caller metadata that travels with a forwarded call (never the caller's credential).

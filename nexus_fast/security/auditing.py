@@ -55,9 +55,12 @@ REQUEST_ID_HEADER: Final = "x-request-id"
 WS_PRINCIPAL_KEY: Final = "principal"
 """``ws_auth.PRINCIPAL_KEY`` (ws_auth imports this module; a unit test keeps them equal)."""
 
-NOT_AUDITED: Final = frozenset({"/nexus.fabric.v1.NodeService/Connect"})
+NOT_AUDITED: Final = frozenset(
+    {"/nexus.fabric.v1.NodeService/Connect", "/nexus.cluster.v1.ReplicaService/Relay"}
+)
 """Mutating by permission but not audited: the node stream's heartbeats, acks and results
-arrive thousands of times a second; the session is opened by an audited ``Register``."""
+arrive thousands of times a second; the session is opened by an audited ``Register``. A
+Relay stream carries node streams (a follower's), so the same holds for it."""
 
 
 def is_mutating(permission: str | None) -> bool:

@@ -25,6 +25,7 @@ from nexus_fast.security.rbac import RbacConfig
 __all__ = [
     "ALL_PERMISSIONS",
     "BUILTIN_ROLES",
+    "CLUSTER_RELAY",
     "GRPC_METHODS",
     "HTTP_ROUTES",
     "NODE_SELF",
@@ -39,11 +40,17 @@ __all__ = [
 PUBLIC: Final = "public"
 NODE_SELF: Final = "node.self"
 ROLE_REPLICA: Final = "replica"
+"""Another replica of the cluster (certificate O = nexus-replica, or a token)."""
+CLUSTER_RELAY: Final = "cluster.relay"
+"""Relaying node streams from a follower to the leader (ReplicaService.Relay). The leader
+trusts the node identity a relay names, so it is held by the replica role and by admin
+(who holds ``node.self`` anyway) only: never configurable, never implied by "rbac off"."""
 REPLICA_FORWARD: Final = "cluster.forward"
 """Held by the replica role only: may act on behalf of the principal a follower names."""
 
 _NODE: Final = "/nexus.fabric.v1.NodeService/"
 _CONTROL: Final = "/nexus.fabric.v1.ControlService/"
+_REPLICA: Final = "/nexus.cluster.v1.ReplicaService/"
 
 GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
     {
@@ -68,6 +75,7 @@ GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
         _CONTROL + "ListAudit": "audit.read",
         _CONTROL + "SetFailpoints": "failpoint.write",  # fault injection: admin only
         _CONTROL + "ListFailpoints": "failpoint.read",
+        _REPLICA + "Relay": CLUSTER_RELAY,  # follower -> leader node streams: replicas only
         _CONTROL + "GetClusterStatus": "cluster.read",
         # Load balancers and orchestrators probe without credentials (TLS still applies).
         "/grpc.health.v1.Health/Check": PUBLIC,
@@ -145,7 +153,7 @@ BUILTIN_ROLES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         # Another replica of the cluster: it forwards calls to the leader on behalf of the
         # principal that made them (grpc_auth accepts the on-behalf-of header from this role
         # only, whatever the configuration gives other roles).
-        ROLE_REPLICA: (REPLICA_FORWARD, "cluster.read"),
+        ROLE_REPLICA: (REPLICA_FORWARD, CLUSTER_RELAY, "cluster.read"),
     }
 )
 
@@ -185,7 +193,7 @@ class Rbac:
                 perms.discard(REPLICA_FORWARD)  # not even admin speaks for others
             roles[name] = frozenset(perms)
         self.roles = roles  # one assignment: a check never sees half a table
-        self._unchecked = frozenset(ALL_PERMISSIONS - {NODE_SELF, REPLICA_FORWARD})
+        self._unchecked = frozenset(ALL_PERMISSIONS - {NODE_SELF, REPLICA_FORWARD, CLUSTER_RELAY})
 
     def allows(self, principal: Principal, permission: str | None) -> bool:
         """True when ``principal`` holds ``permission``; None (not in the table) is denied."""
@@ -193,6 +201,8 @@ class Rbac:
             return False
         if permission == PUBLIC:
             return True
+        if permission == CLUSTER_RELAY:
+            return principal.role in (ROLE_ADMIN, ROLE_REPLICA)
         if permission == REPLICA_FORWARD:  # speaking for others: replicas only, always
             return principal.role == ROLE_REPLICA
         if principal.role == ROLE_NODE:

@@ -201,6 +201,17 @@ GRPC_CONNECTIONS_ACTIVE = Gauge(
 NODE_MESSAGES = LoopCounter(
     "nexus_node_messages_total", "Messages received on node Connect streams.", label="kind"
 )
+# Cluster mode: node streams relayed from followers to the leader (cluster/relay.py).
+RELAY_NODE_STREAMS = Gauge(
+    "nexus_relay_node_streams", "Node streams this follower holds and relays to the leader."
+)
+RELAY_CONNECTS = Counter(
+    "nexus_relay_connects_total",
+    "Relay streams this follower opened to a leader (one per leader change or broken relay).",
+)
+RELAY_SESSIONS = Gauge(
+    "nexus_relay_sessions", "Node sessions this leader serves through followers' relay streams."
+)
 
 DB_OPERATIONS = Counter(
     "nexus_db_operations_total", "State store operations, by operation.", ["operation"]

@@ -15,14 +15,16 @@ from nexus_fast.api import ws_events, ws_server
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.config import EventsConfig, RbacConfig, RoleConfig
 from nexus_fast.core.events import EventBus
-from nexus_fast.pb import fabric_pb2
+from nexus_fast.pb import cluster_pb2, fabric_pb2
 from nexus_fast.security.identity import Principal
 from nexus_fast.security.permissions import (
     ALL_PERMISSIONS,
+    CLUSTER_RELAY,
     GRPC_METHODS,
     HTTP_ROUTES,
     NODE_SELF,
     PUBLIC,
+    ROLE_REPLICA,
     WS_OPS,
     Rbac,
     matches,
@@ -40,6 +42,7 @@ def _methods(descriptor: Any) -> list[str]:
 def test_every_grpc_method_has_a_permission() -> None:
     methods = (
         _methods(fabric_pb2.DESCRIPTOR)
+        + _methods(cluster_pb2.DESCRIPTOR)
         + _methods(health_pb2.DESCRIPTOR)
         + _methods(reflection_pb2.DESCRIPTOR)
     )
@@ -143,6 +146,18 @@ def test_rbac_disabled_still_restricts_nodes() -> None:
     assert rbac.allows(VIEWER, "command.write") and rbac.allows(_who("anyone"), "node.write")
     assert not rbac.allows(NODE, "command.write")
     assert not rbac.allows(VIEWER, NODE_SELF)
+
+
+def test_only_admin_relays_node_streams_even_with_rbac_off() -> None:
+    # The leader trusts the node identity a relay names: cluster.relay is never implied.
+    for enabled in (False, True):
+        rbac = Rbac(RbacConfig(enabled=enabled))
+        assert rbac.allows(_who("admin"), CLUSTER_RELAY)
+        assert rbac.allows(_who(ROLE_REPLICA), CLUSTER_RELAY)
+        assert not rbac.allows(VIEWER, CLUSTER_RELAY)
+        assert not rbac.allows(_who("operator"), CLUSTER_RELAY)
+        assert not rbac.allows(NODE, CLUSTER_RELAY)
+    assert GRPC_METHODS["/nexus.cluster.v1.ReplicaService/Relay"] == CLUSTER_RELAY
 
 
 def test_matches() -> None:
