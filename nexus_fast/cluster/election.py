@@ -49,8 +49,16 @@ _BACKOFF_MIN = 0.05
 class NotLeader(errors.Unavailable):
     """This replica does not lead (or no longer does); the message names the leader."""
 
-    def __init__(self, leader_name: str | None = None, leader_advertise: str | None = None) -> None:
-        if leader_name:
+    def __init__(
+        self,
+        leader_name: str | None = None,
+        leader_advertise: str | None = None,
+        *,
+        message: str = "",
+    ) -> None:
+        if message:
+            msg = message
+        elif leader_name:
             msg = f"not the leader; the leader is {leader_name} at {leader_advertise or '?'}"
         else:
             msg = "not the leader; no leader is elected yet"
@@ -180,8 +188,14 @@ class Election:
 
     def not_leader(self) -> NotLeader:
         """The error for a write refused here, naming the leader when one is known."""
-        if self.leader_name == self.name and self.role != "leader":
-            return NotLeader()
+        if self.role == "leader":
+            return NotLeader(
+                self.name,
+                self.advertise,
+                message="this replica was just elected and is still catching up with the log",
+            )
+        if self.leader_name == self.name:
+            return NotLeader()  # its own old key, not yet expired: no leader really
         return NotLeader(self.leader_name, self.leader_advertise)
 
     def resign(self, reason: str) -> None:

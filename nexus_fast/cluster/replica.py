@@ -130,10 +130,11 @@ class ClusterReplica:
         return self.core_loaded and self.election.role == "leader"
 
     def ready(self) -> bool:
-        """Leader with its core loaded, or a follower that knows the leader."""
+        """Leader with its core loaded, or a follower that knows the leader and follows
+        the log (not stuck: ``needs_snapshot`` or ``broken`` is not ready)."""
         if self.election.role == "leader":
             return self.core_loaded
-        return bool(self.election.leader_advertise)
+        return bool(self.election.leader_advertise) and self.store.state == "follower"
 
     def require_core(self) -> None:
         """Raise LeaderElsewhere (503 / UNAVAILABLE naming the leader) unless serving_core."""
@@ -274,6 +275,7 @@ class ClusterReplica:
             term=self.election.leader_term,
             applied_seq=self.store.applied_seq,
             ready=self.ready(),
+            state=self.store.state,
         )
         for endpoint in detail["etcd"]:
             answer.etcd.add(**endpoint)
@@ -300,6 +302,7 @@ class ClusterReplica:
             "term": self.election.leader_term,
             "applied_seq": self.store.applied_seq,
             "ready": self.ready(),
+            "state": self.store.state,
             "etcd": [
                 {
                     "endpoint": e.endpoint,

@@ -23,6 +23,7 @@ from nexus_fast.ctl.client import (
     new_idempotency_key,
     run,
 )
+from nexus_fast.ctl.cluster_cmd import cluster_group
 from nexus_fast.ctl.config import (
     CONTEXT_KEYS,
     SETTING_NAMES,
@@ -256,8 +257,6 @@ def cli() -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    from nexus_fast.ctl import cluster_cmd  # noqa: F401  (registers `cluster` on cli)
-
     cli(prog_name=PROG)
 
 
@@ -795,3 +794,6 @@ def completion(shell: str) -> None:
 
 
 __all__ = ["EXIT_NOT_SUCCEEDED", "cli", "main"]
+
+
+cli.add_command(cluster_group(leaf, connection, output))  # nexusctl cluster (ctl/cluster_cmd.py)

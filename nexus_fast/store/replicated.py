@@ -30,8 +30,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import orjson
@@ -47,16 +46,15 @@ from nexus_fast.cluster.etcd import (
     op_range,
     prefix_end,
 )
-from nexus_fast.store.audit_chain import AuditRecord, ChainHead
+from nexus_fast.store.audit_chain import AuditRecord
 from nexus_fast.store.base import (
-    CommitHook,
     CommitResult,
-    EventFallback,
     Op,
     StoreBusy,
     StoreClosed,
     StoreError,
 )
+from nexus_fast.store.local_reads import LocalReads
 from nexus_fast.store.log_entry import (
     APPLIED_DB,
     APPLIED_KEY,
@@ -77,6 +75,7 @@ from nexus_fast.store.log_entry import (
 )
 
 if TYPE_CHECKING:
+    from nexus_fast.store.base import StateStore
     from nexus_fast.store.lmdb_store import LmdbStore
 
 __all__ = ["EntryTooLarge", "LogBroken", "NotLeader", "ReplicatedStore"]
@@ -138,7 +137,7 @@ def _fail(batch: Sequence[_Pending], exc: BaseException) -> None:
             p.future.set_exception(exc)
 
 
-class ReplicatedStore:
+class ReplicatedStore(LocalReads):
     """:class:`~nexus_fast.store.base.StateStore` over a local LmdbStore and the etcd log.
 
     ``local`` must not be opened by the caller and must not be written to except through
@@ -192,89 +191,7 @@ class ReplicatedStore:
         self.entries_applied = 0
         """Entries applied from the log as a follower (catch-up and watch)."""
 
-    # ------------------------------------------------------------------ hooks, reads
-
-    @property
-    def on_commit(self) -> CommitHook | None:
-        """The local store's commit hook (event bus): fires for every applied entry."""
-        return self.local.on_commit
-
-    @on_commit.setter
-    def on_commit(self, hook: CommitHook | None) -> None:
-        self.local.on_commit = hook
-
-    @property
-    def on_failure(self) -> Callable[[str | None], None] | None:
-        """The local store's failure hook."""
-        return self.local.on_failure
-
-    @on_failure.setter
-    def on_failure(self, hook: Callable[[str | None], None] | None) -> None:
-        self.local.on_failure = hook
-
-    @property
-    def last_event_index(self) -> int:
-        return self.local.last_event_index
-
-    def get(self, db: str, key: bytes) -> bytes | None:
-        return self.local.get(db, key)
-
-    def get_many(self, db: str, keys: Sequence[bytes]) -> list[bytes | None]:
-        return self.local.get_many(db, keys)
-
-    def scan(
-        self, db: str, prefix: bytes = b"", start: bytes | None = None, limit: int | None = None
-    ) -> list[tuple[bytes, bytes]]:
-        return self.local.scan(db, prefix, start, limit)
-
-    def count(self, db: str) -> int:
-        return self.local.count(db)
-
-    def read_view(self, db: str, key: bytes, fn: Callable[[memoryview], T]) -> T | None:
-        return self.local.read_view(db, key, fn)
-
-    def events_since(self, after_index: int, limit: int) -> list[tuple[int, bytes]]:
-        return self.local.events_since(after_index, limit)
-
-    def audit_since(
-        self, after_seq: int, limit: int, max_bytes: int
-    ) -> list[tuple[int, bytes, bytes]]:
-        return self.local.audit_since(after_seq, limit, max_bytes)
-
-    @property
-    def audit_head(self) -> ChainHead:
-        return self.local.audit_head
-
-    def event_batch(
-        self,
-        after_index: int,
-        upto: int,
-        max_events: int,
-        max_bytes: int,
-        scan_limit: int,
-        topics: frozenset[str] | None,
-        keys: frozenset[str] | None,
-        fallback: EventFallback,
-    ) -> tuple[bytes, int, int]:
-        return self.local.event_batch(
-            after_index, upto, max_events, max_bytes, scan_limit, topics, keys, fallback
-        )
-
-    def first_event_index(self) -> int:
-        return self.local.first_event_index()
-
-    async def prune_events(self, keep_after_index: int) -> int:
-        """Local retention: events are pruned on each replica by its own server."""
-        return await self.local.prune_events(keep_after_index)
-
-    def reader_check(self) -> int:
-        return self.local.reader_check()
-
-    def size_bytes(self) -> int:
-        return self.local.size_bytes()
-
-    async def backup(self, dest_dir: str | Path, keep: int = 3) -> Path:
-        return await self.local.backup(dest_dir, keep)
+    # ------------------------------------------------------------------ health, figures
 
     def healthy(self) -> bool:
         """Local store healthy and the log followable (not needing a snapshot, not broken)."""
@@ -639,6 +556,16 @@ class ReplicatedStore:
         kvs, rev = await self.client.range(
             log_key(self.prefix, self.applied_seq + 1), self._log_end, limit=self._page
         )
+        if not kvs and self.applied_seq:
+            # Compaction always keeps the newest entry: an empty log after this replica
+            # applied some means etcd lost or was given another cluster's data.
+            anything, _ = await self.client.range(self._log_prefix, self._log_end, limit=1)
+            if not anything:
+                raise LogBroken(
+                    f"the log in etcd is empty but this replica applied up to entry "
+                    f"{self.applied_seq}: etcd was reset or the prefix is wrong; this "
+                    "replica needs a snapshot (or an empty data dir) to rejoin"
+                )
         while kvs:
             await self._apply_log_kvs(kvs)
             if len(kvs) < self._page:
@@ -791,3 +718,9 @@ class _EtcdFailed(Exception):
     def __init__(self, exc: EtcdError) -> None:
         super().__init__(str(exc))
         self.exc = exc
+
+
+if TYPE_CHECKING:
+
+    def _is_a_state_store(store: ReplicatedStore) -> StateStore:
+        return store  # mypy checks ReplicatedStore against the protocol here

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nexus_fast.cluster.etcd_procs import EtcdCluster
 from nexus_fast.node.channel import ClientAuth, channel_credentials
@@ -139,13 +140,19 @@ def test_one_leader_named_everywhere_with_every_replica(cluster_factory: type) -
     assert head.enabled and head.term > 0 and head.ready
     for follower in followers:
         answer = status(follower)
-        assert answer.role == "follower" and answer.ready
+        assert answer.role == "follower" and answer.ready and answer.state == "follower"
         assert answer.leader_advertise == leader.grpc_target and answer.term == head.term
         assert [e.ok for e in answer.etcd] == [True]
+        with follower.channel() as channel:  # followers serve: gRPC health says so
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5.0
+            )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
     wait_for(lambda: len(status(followers[0]).replicas) == 3, 10.0, 0.2, "3 replicas listed")
     listed = {r.name: r for r in status(followers[0]).replicas}
     assert set(listed) == {"r1", "r2", "r3"}
     assert listed[head.name].role == "leader" and listed[head.name].advertise == leader.grpc_target
+    assert listed[head.name].state == "leader" and head.state == "leader"
     # nexusctl cluster status says the same (table and JSON).
     nexusctl = Path(sys.executable).with_name("nexusctl")
     shown = subprocess.run(

@@ -22,9 +22,16 @@ from nexus_fast.cluster.etcd import EtcdClient, EtcdError, prefix_end
 from nexus_fast.cluster.etcd_procs import EtcdCluster
 from nexus_fast.store import Delete, LmdbStore, Put
 from nexus_fast.store.audit_chain import AuditRecord, verify
-from nexus_fast.store.log_entry import EntryTooLarge, decode_entry, log_prefix
+from nexus_fast.store.log_entry import (
+    EntryTooLarge,
+    decode_entry,
+    encode_entry,
+    encode_request,
+    log_key,
+    log_prefix,
+)
 from nexus_fast.store.replicated import ReplicatedStore
-from tests.integration.etcd_fixtures import etcd1  # noqa: F401
+from tests.integration.etcd_fixtures import etcd1, etcd3  # noqa: F401
 
 T = TypeVar("T")
 MB = 1 << 20
@@ -244,6 +251,30 @@ def test_deposed_leader_is_fenced(etcd: EtcdCluster, tmp_path: Path) -> None:
     run(cluster(etcd.endpoints, tmp_path, body))
 
 
+def test_a_landed_unknown_outcome_write_is_applied_not_overwritten(
+    etcd: EtcdCluster, tmp_path: Path
+) -> None:
+    async def body(a: Replica, b: Replica) -> None:
+        await a.store.commit(*req(1))
+        seq = a.store.applied_seq + 1
+        # What a txn of this term whose answer was lost leaves behind: an entry at the
+        # next seq that the leader never applied (its callers were told it failed).
+        body_ = encode_request([Put("nodes", b"ghost", b"1")], [b"ghost-event"], [])
+        await a.client.put(log_key(a.prefix, seq), encode_entry(seq, a.election.term, [body_]))
+        res = await a.store.commit([Put("nodes", b"after", b"1")], [b"after-event"])
+        assert a.store.applied_seq == seq + 1
+        assert a.local.get("nodes", b"ghost") == b"1"
+        assert a.local.events_since(res[0] - 2, 10)[-2:] == [
+            (res[0] - 1, b"ghost-event"),
+            (res[0], b"after-event"),
+        ]
+        assert [e.seq for e in await log_entries(a.client, a.prefix)] == [1, seq, seq + 1]
+        await until(lambda: b.store.applied_seq == a.store.applied_seq, what="b caught up")
+        same_state(a, b)
+
+    run(cluster(etcd.endpoints, tmp_path, body))
+
+
 def test_follower_restarts_mid_way_without_gap_or_duplicate(
     etcd: EtcdCluster, tmp_path: Path
 ) -> None:
@@ -335,6 +366,16 @@ def test_compaction_and_a_replica_that_needs_a_snapshot(etcd: EtcdCluster, tmp_p
             assert c.local.last_event_index == 0
         finally:
             await c.stop()
+        # etcd reset under a replica that applied entries: an explicit state, not a wait.
+        await b.stop()
+        await a.client.delete(log_prefix(a.prefix), prefix_end(log_prefix(a.prefix)))
+        b2 = await Replica(a.endpoints, a.data, a.prefix, "b").start(campaign=False)
+        try:
+            await until(lambda: b2.store.state == "needs_snapshot", what="b2 sees the reset")
+            assert "log in etcd is empty" in (b2.store.failure or "")
+            assert b2.store.get("nodes", b"n00001") == b"v1"  # reads go on
+        finally:
+            await b2.stop()
 
     run(cluster(etcd.endpoints, tmp_path, body))
 
@@ -354,6 +395,43 @@ def test_etcd_down_fails_commits_fast_reads_go_on(tmp_path: Path) -> None:
             assert a.store.get("nodes", b"k2") is None
 
         run(cluster(etcd.endpoints, tmp_path, body, names="a"))
+
+
+def test_one_etcd_member_of_three_killed_under_load(etcd3: EtcdCluster, tmp_path: Path) -> None:
+    async def body(a: Replica, b: Replica) -> None:
+        stop = asyncio.Event()
+        acked: list[int] = []
+        failed: list[BaseException] = []
+
+        async def writer() -> None:
+            i = 0
+            while not stop.is_set():
+                i += 1
+                try:
+                    await a.store.commit(*req(i))
+                    acked.append(i)
+                except EtcdError as exc:  # the txn in flight on the killed member
+                    failed.append(exc)
+                    await asyncio.sleep(0.05)
+
+        task = asyncio.create_task(writer())
+        await until(lambda: len(acked) >= 20, what="20 commits")
+        etcd3.kill(0)
+        try:
+            n = len(acked)
+            await until(lambda: len(acked) >= n + 50, 15, "50 commits with a member down")
+            assert a.election.role == "leader"
+        finally:
+            stop.set()
+            await task
+            etcd3.start_member(0)
+        assert len(failed) <= 3, failed
+        await until(lambda: b.store.applied_seq == a.store.applied_seq, 15, "b caught up")
+        same_state(a, b)
+        for i in acked:  # every acknowledged commit is on the follower
+            assert b.local.get("nodes", b"n%05d" % i) is not None or i % 7 == 2
+
+    run(cluster(etcd3.endpoints, tmp_path, body))
 
 
 # ---------------------------------------------------------------------- the election
