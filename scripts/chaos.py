@@ -162,6 +162,187 @@ def spec_for(key: str) -> pb.CommandSpec:
     return pb.CommandSpec(kind="echo", payload=key.encode(), idempotency_key=key)
 
 
+class ChaosClient:
+    """The client side of a crash loop and its checks, for any set of servers.
+
+    Submits batches with idempotency keys (re-sending those a crash left unanswered),
+    follows the event log from the last index it saw, and checks what it was told
+    against what the servers hold and what the nodes ran. ``scripts/chaos_cluster.py``
+    and the cluster tests reuse it against several replicas.
+    """
+
+    def __init__(self, fig: Figures, rng: random.Random) -> None:
+        self.fig = fig
+        self.rng = rng
+        self.state = ClientState()
+        self.batches = 0  # SubmitCommands calls made
+
+    def _next_keys(self) -> list[str]:
+        st = self.state
+        keys = [st.unanswered.pop() for _ in range(min(len(st.unanswered), BATCH))]
+        while len(keys) < BATCH:
+            keys.append(f"k{st.next_key:07d}")
+            st.next_key += 1
+        if st.acked and self.rng.random() < 0.2:  # an answered key again: same id, duplicate
+            keys[-1] = self.rng.choice(list(st.acked))
+            if not st.acked[keys[-1]]:
+                keys[-1] = f"k{st.next_key:07d}"
+                st.next_key += 1
+        return keys
+
+    async def submit_batch(self, control: pb_grpc.ControlServiceStub, timeout: float = 5) -> bool:
+        """Submit one batch and note what was answered; False when the call failed.
+
+        Keys a failed call carried are re-sent by a later batch; an error a crash or a
+        failover cannot explain is counted in ``unexpected_errors``.
+        """
+        st, fig = self.state, self.fig
+        keys = self._next_keys()
+        specs = [spec_for(k) for k in keys]
+        self.batches += 1
+        if self.batches % 3 == 0:  # and one without a key: the server names it
+            specs.append(pb.CommandSpec(kind="echo", payload=b"nokey"))
+        try:
+            answer = await control.SubmitCommands(
+                pb.SubmitCommandsRequest(commands=specs), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            st.unanswered.update(keys)  # re-sent next round under the same keys
+            fig.submits_cut_by_crash += 1
+            if exc.code() not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.UNKNOWN,  # the connection died mid-answer
+                grpc.StatusCode.INTERNAL,
+            ):
+                fig.unexpected_errors += 1
+                fig.problem(f"SubmitCommands: {exc.code().name}: {exc.details()}")
+            return False
+        for result, spec in zip(answer.results, specs, strict=True):
+            key = spec.idempotency_key
+            if key and result.id != key:
+                fig.idempotency_violations += 1
+                fig.problem(f"key {key!r} answered with id {result.id!r}")
+            if result.duplicate:
+                fig.duplicate_answers += 1
+                if key not in st.acked and key:
+                    st.acked[result.id] = key  # committed before a crash, answered now
+                    st.unchecked.append(result.id)
+                    st.not_final.add(result.id)
+                continue
+            st.acked[result.id] = key
+            st.unchecked.append(result.id)
+            st.not_final.add(result.id)
+        return True
+
+    async def submitter(self, control: pb_grpc.ControlServiceStub) -> None:
+        """Submit batches until a call fails."""
+        while await self.submit_batch(control):
+            await asyncio.sleep(0.005)
+
+    def on_event(self, event: pb.Event) -> None:
+        """One event of the followed log: counted, checked for a gap or a repeat."""
+        st, fig = self.state, self.fig
+        if event.index <= st.last_index:
+            fig.events_seen_twice += 1
+            fig.problem(f"event {event.index} seen again after {st.last_index}")
+            return
+        if event.index != st.last_index + 1:
+            fig.event_gaps += event.index - st.last_index - 1
+            fig.problem(f"events {st.last_index + 1}..{event.index - 1} missing")
+        st.last_index = event.index
+        fig.events += 1
+
+    async def subscriber(self, control: pb_grpc.ControlServiceStub, until: int = 0) -> None:
+        """Follow the log from the last index seen; with ``until``, stop once there."""
+        st, fig = self.state, self.fig
+        call = control.WatchEvents(pb.WatchEventsRequest(after_index=st.last_index))
+        try:
+            async for batch in call:
+                for event in batch.events:
+                    self.on_event(event)
+                if until and st.last_index >= until:
+                    call.cancel()
+                    return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                fig.subscriber_errors += 1
+                fig.unexpected_errors += 1
+                fig.problem(f"WatchEvents: {exc.code().name}: {exc.details()}")
+
+    async def check_acked_exist(self, control: pb_grpc.ControlServiceStub) -> None:
+        """After a restart: every command answered before it is there, under its id."""
+        st = self.state
+        while st.unchecked:  # one by one: a crash mid-way leaves the rest for next time
+            command_id = st.unchecked[-1]
+            try:
+                await control.GetCommand(pb.GetCommandRequest(id=command_id), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                self.fig.lost += 1
+                self.fig.problem(f"acknowledged command {command_id} lost")
+                st.not_final.discard(command_id)
+            st.unchecked.pop()
+
+    async def collect_final(self, control: pb_grpc.ControlServiceStub, timeout: float) -> None:
+        """Drop from ``not_final`` the commands that reach a final state within ``timeout``."""
+        st = self.state
+        ids = sorted(st.not_final)
+        for start in range(0, len(ids), 10_000):
+            chunk = ids[start : start + 10_000]
+            call = control.WaitCommands(
+                pb.WaitCommandsRequest(ids=chunk, timeout_ms=int(timeout * 1000)),
+                timeout=timeout + 30,
+            )
+            async for record in call:
+                if record.id and record.state in FINAL:
+                    st.not_final.discard(record.id)
+
+    async def all_commands(self, control: pb_grpc.ControlServiceStub) -> list[pb.CommandRecord]:
+        out: list[pb.CommandRecord] = []
+        token = ""
+        while True:
+            page = await control.ListCommands(
+                pb.ListCommandsRequest(page_size=5000, page_token=token), timeout=30
+            )
+            out.extend(page.commands)
+            token = page.next_page_token
+            if not token:
+                return out
+
+    def check_keys(self, records: list[pb.CommandRecord]) -> None:
+        """No idempotency key is held by two commands."""
+        by_key = Counter(r.spec.idempotency_key for r in records if r.spec.idempotency_key)
+        for key, count in by_key.items():
+            if count > 1:
+                self.fig.idempotency_violations += 1
+                self.fig.problem(f"idempotency key {key!r} held by {count} commands")
+
+    def check_record(self, records: list[pb.CommandRecord], paths: list[Path]) -> None:
+        """Nothing ran twice on one node; every SUCCEEDED command ran on its node.
+
+        ``paths``: the ``nexus-node --record`` files of every fleet (node ids differ).
+        """
+        fig = self.fig
+        runs: Counter[tuple[str, str]] = Counter()
+        for path in paths:
+            if not path.exists():
+                continue
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                runs[(row["node_id"], row["command_id"])] += 1
+        for (node, command_id), count in runs.items():
+            if count > 1:
+                fig.ran_twice_on_a_node += 1
+                fig.problem(f"command {command_id} ran {count} times on {node}")
+        for record in records:
+            if record.state == pb.COMMAND_STATE_SUCCEEDED and not runs[(record.node_id, record.id)]:
+                fig.succeeded_not_run += 1
+                fig.problem(f"command {record.id} SUCCEEDED on {record.node_id}, never ran there")
+
+
 class Chaos:
     def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
         self.args = args
@@ -169,7 +350,8 @@ class Chaos:
         self.fig = Figures(
             nodes=args.nodes, seed=args.seed, command=args.command, rounds_requested=args.rounds
         )
-        self.state = ClientState()
+        self.client = ChaosClient(self.fig, self.rng)
+        self.state = self.client.state
         self.data = workdir / "data"
         self.record = workdir / "record.jsonl"
         self.server_log = workdir / "server.log"
@@ -272,118 +454,6 @@ class Chaos:
             self.proc.send_signal(signal.SIGKILL)
         return self.proc.wait()
 
-    # ------------------------------------------------------------ the client
-
-    def _next_keys(self) -> list[str]:
-        st = self.state
-        keys = [st.unanswered.pop() for _ in range(min(len(st.unanswered), BATCH))]
-        while len(keys) < BATCH:
-            keys.append(f"k{st.next_key:07d}")
-            st.next_key += 1
-        if st.acked and self.rng.random() < 0.2:  # an answered key again: same id, duplicate
-            keys[-1] = self.rng.choice(list(st.acked))
-            if not st.acked[keys[-1]]:
-                keys[-1] = f"k{st.next_key:07d}"
-                st.next_key += 1
-        return keys
-
-    async def submitter(self, control: pb_grpc.ControlServiceStub) -> None:
-        st, fig = self.state, self.fig
-        n = 0
-        while True:
-            keys = self._next_keys()
-            specs = [spec_for(k) for k in keys]
-            n += 1
-            if n % 3 == 0:  # and one without a key: the server names it
-                specs.append(pb.CommandSpec(kind="echo", payload=b"nokey"))
-            try:
-                answer = await control.SubmitCommands(
-                    pb.SubmitCommandsRequest(commands=specs), timeout=5
-                )
-            except grpc.aio.AioRpcError as exc:
-                st.unanswered.update(keys)  # re-sent next round under the same keys
-                fig.submits_cut_by_crash += 1
-                if exc.code() not in (
-                    grpc.StatusCode.UNAVAILABLE,
-                    grpc.StatusCode.CANCELLED,
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    grpc.StatusCode.UNKNOWN,  # the connection died mid-answer
-                    grpc.StatusCode.INTERNAL,
-                ):
-                    fig.unexpected_errors += 1
-                    fig.problem(f"SubmitCommands: {exc.code().name}: {exc.details()}")
-                return
-            for result, spec in zip(answer.results, specs, strict=True):
-                key = spec.idempotency_key
-                if key and result.id != key:
-                    fig.idempotency_violations += 1
-                    fig.problem(f"key {key!r} answered with id {result.id!r}")
-                if result.duplicate:
-                    fig.duplicate_answers += 1
-                    if key not in st.acked and key:
-                        st.acked[result.id] = key  # committed before a crash, answered now
-                        st.unchecked.append(result.id)
-                        st.not_final.add(result.id)
-                    continue
-                st.acked[result.id] = key
-                st.unchecked.append(result.id)
-                st.not_final.add(result.id)
-            await asyncio.sleep(0.005)
-
-    async def subscriber(self, control: pb_grpc.ControlServiceStub, until: int = 0) -> None:
-        """Follow the log from the last index seen; with ``until``, stop once there."""
-        st, fig = self.state, self.fig
-        call = control.WatchEvents(pb.WatchEventsRequest(after_index=st.last_index))
-        try:
-            async for batch in call:
-                for event in batch.events:
-                    if event.index <= st.last_index:
-                        fig.events_seen_twice += 1
-                        fig.problem(f"event {event.index} seen again after {st.last_index}")
-                        continue
-                    if event.index != st.last_index + 1:
-                        fig.event_gaps += event.index - st.last_index - 1
-                        fig.problem(f"events {st.last_index + 1}..{event.index - 1} missing")
-                    st.last_index = event.index
-                    fig.events += 1
-                if until and st.last_index >= until:
-                    call.cancel()
-                    return
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
-                fig.subscriber_errors += 1
-                fig.unexpected_errors += 1
-                fig.problem(f"WatchEvents: {exc.code().name}: {exc.details()}")
-
-    async def check_acked_exist(self, control: pb_grpc.ControlServiceStub) -> None:
-        """After a restart: every command answered before it is there, under its id."""
-        st = self.state
-        while st.unchecked:  # one by one: a crash mid-way leaves the rest for next time
-            command_id = st.unchecked[-1]
-            try:
-                await control.GetCommand(pb.GetCommandRequest(id=command_id), timeout=10)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-                self.fig.lost += 1
-                self.fig.problem(f"acknowledged command {command_id} lost")
-                st.not_final.discard(command_id)
-            st.unchecked.pop()
-
-    async def collect_final(self, control: pb_grpc.ControlServiceStub, timeout: float) -> None:
-        """Drop from ``not_final`` the commands that reach a final state within ``timeout``."""
-        st = self.state
-        ids = sorted(st.not_final)
-        for start in range(0, len(ids), 10_000):
-            chunk = ids[start : start + 10_000]
-            call = control.WaitCommands(
-                pb.WaitCommandsRequest(ids=chunk, timeout_ms=int(timeout * 1000)),
-                timeout=timeout + 30,
-            )
-            async for record in call:
-                if record.id and record.state in FINAL:
-                    st.not_final.discard(record.id)
-
     # ------------------------------------------------------------ rounds
 
     async def one_round(self, number: int) -> None:
@@ -418,8 +488,8 @@ class Chaos:
                 log = (self.workdir / "fleet.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"nexus-node exited with {self.fleet.returncode}:\n{log}")
             try:
-                await self.check_acked_exist(control)
-                await self.collect_final(control, 0.05)
+                await self.client.check_acked_exist(control)
+                await self.client.collect_final(control, 0.05)
             except grpc.aio.AioRpcError as exc:
                 # A crash failpoint fires on any commit, the server's own ones too.
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
@@ -430,8 +500,8 @@ class Chaos:
                 fig.rounds += 1
                 return
             tasks = [
-                asyncio.create_task(self.submitter(control)),
-                asyncio.create_task(self.subscriber(control)),
+                asyncio.create_task(self.client.submitter(control)),
+                asyncio.create_task(self.client.subscriber(control)),
             ]
             if site:
                 wait = FAILPOINT_WAIT_STREAM_S if site == "stream.send" else FAILPOINT_WAIT_S
@@ -460,61 +530,29 @@ class Chaos:
             control = pb_grpc.ControlServiceStub(channel)
             if not await self.wait_ready(channel):
                 raise RuntimeError("the final start crashed with no failpoint set")
-            await self.check_acked_exist(control)
-            await self.collect_final(control, self.args.final_timeout)
+            await self.client.check_acked_exist(control)
+            await self.client.collect_final(control, self.args.final_timeout)
             fig.not_final = len(st.not_final)
             for command_id in sorted(st.not_final)[:5]:
                 fig.problem(f"command {command_id} not final after the run")
-            records = await self.all_commands(control)
-            by_key = Counter(r.spec.idempotency_key for r in records if r.spec.idempotency_key)
-            for key, count in by_key.items():
-                if count > 1:
-                    fig.idempotency_violations += 1
-                    fig.problem(f"idempotency key {key!r} held by {count} commands")
+            records = await self.client.all_commands(control)
+            self.client.check_keys(records)
             newest = (
                 await control.SubmitCommands(
                     pb.SubmitCommandsRequest(commands=[pb.CommandSpec(kind="echo")]), timeout=10
                 )
             ).index
-            await asyncio.wait_for(self.subscriber(control, until=newest), 60)
+            await asyncio.wait_for(self.client.subscriber(control, until=newest), 60)
         assert self.fleet is not None and self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
         self.fleet.send_signal(signal.SIGTERM)  # flushes its record
         self.fleet.wait(30)
-        self.check_record(records)
+        self.client.check_record(records, [self.record])
         log = self.server_log.read_text(errors="replace")
         fig.server_tracebacks = log.count("Traceback")
         if fig.server_tracebacks:
             fig.problem(f"{fig.server_tracebacks} tracebacks in {self.server_log}")
-
-    async def all_commands(self, control: pb_grpc.ControlServiceStub) -> list[pb.CommandRecord]:
-        out: list[pb.CommandRecord] = []
-        token = ""
-        while True:
-            page = await control.ListCommands(
-                pb.ListCommandsRequest(page_size=5000, page_token=token), timeout=30
-            )
-            out.extend(page.commands)
-            token = page.next_page_token
-            if not token:
-                return out
-
-    def check_record(self, records: list[pb.CommandRecord]) -> None:
-        fig = self.fig
-        runs: Counter[tuple[str, str]] = Counter()
-        if self.record.exists():
-            for line in self.record.read_text().splitlines():
-                row = json.loads(line)
-                runs[(row["node_id"], row["command_id"])] += 1
-        for (node, command_id), count in runs.items():
-            if count > 1:
-                fig.ran_twice_on_a_node += 1
-                fig.problem(f"command {command_id} ran {count} times on {node}")
-        for record in records:
-            if record.state == pb.COMMAND_STATE_SUCCEEDED and not runs[(record.node_id, record.id)]:
-                fig.succeeded_not_run += 1
-                fig.problem(f"command {record.id} SUCCEEDED on {record.node_id}, never ran there")
 
     async def run(self) -> Figures:
         fig = self.fig
