@@ -367,10 +367,10 @@ class NexusServer:
 
     async def _demote(self) -> None:
         """Cluster mode, leadership lost: stop the core's timers and writes (then re-exec)."""
+        await self.commands.halt()  # first: its synchronous start stops command writes
         await self._maintenance.stop()
         await self._backups.stop()
         await self.agents.stop()
-        await self.commands.halt()
         await self.nodes.stop(end_streams=False)
 
     async def _start_grpc(self) -> None:

@@ -214,7 +214,10 @@ class ClusterReplica:
         self._stopping = True
         if self.core_loaded and self._demote is not None:
             try:
-                await asyncio.wait_for(self._demote(), 5.0)
+                # In this task (not wait_for's): the demote callback's synchronous start
+                # halts the core's writes before the store's own watcher fails its queue.
+                async with asyncio.timeout(5.0):
+                    await self._demote()
             except Exception as exc:  # re-exec whatever happened: memory is not trusted
                 log.info("stopping the core before the restart failed: %r", exc)
         await self._reexec()

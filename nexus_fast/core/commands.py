@@ -235,8 +235,8 @@ class CommandService:
         """Demotion (cluster): stop timers and writes; nothing is flushed (not ours now)."""
         self._log.halt()
         self._waiters.stop()
-        await self._ticker.stop()
         self._dispatch.stop()
+        await self._ticker.stop()
 
     async def flush(self) -> None:
         """Commit the staged writes now and wait until every write so far is durable."""
