@@ -333,7 +333,7 @@ class NexusServer:
                 "http": f"{cfg.server.host}:{cfg.server.http_port}",
                 "ws": f"{cfg.server.host}:{cfg.server.websocket_port}",
             }
-            await self.cluster.start(self._promote)
+            await self.cluster.start(self._promote, self._demote)
             if self.relay is not None:
                 self.relay.start()
 
@@ -364,6 +364,14 @@ class NexusServer:
         await self._system_event(
             "system.started", {"version": nexus_fast.__version__, "pid": os.getpid()}
         )
+
+    async def _demote(self) -> None:
+        """Cluster mode, leadership lost: stop the core's timers and writes (then re-exec)."""
+        await self.commands.halt()  # first: its synchronous start stops command writes
+        await self._maintenance.stop()
+        await self._backups.stop()
+        await self.agents.stop()
+        await self.nodes.stop(end_streams=False)
 
     async def _start_grpc(self) -> None:
         cfg = self.config

@@ -80,6 +80,7 @@ class ClusterReplica:
         self.listen: dict[str, str] = {}  # grpc / http / ws addresses, for the status key
         self.on_change: Callable[[], None] | None = None  # the server's readiness refresh
         self._promote: Callable[[], Awaitable[None]] | None = None
+        self._demote: Callable[[], Awaitable[None]] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._led_term = 0  # the term this replica led, for the demotion's log line
@@ -92,9 +93,16 @@ class ClusterReplica:
         """Reach etcd (raises EtcdError naming it when no endpoint answers)."""
         await self.client.connect()
 
-    async def start(self, promote: Callable[[], Awaitable[None]]) -> None:
-        """Campaign (after the listeners are up); ``promote`` loads the core once leading."""
+    async def start(
+        self,
+        promote: Callable[[], Awaitable[None]],
+        demote: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Campaign (after the listeners are up); ``promote`` loads the core once leading,
+        ``demote`` stops its timers and writes when the leadership is lost (before the
+        store closes, so nothing writes into a closing store)."""
         self._promote = promote
+        self._demote = demote
         self.election.on_change = self._changed
         await self.election.start()
         self._spawn(self._publish_status(), "cluster-status")
@@ -201,7 +209,17 @@ class ClusterReplica:
         await self.election.lost.wait()
         if self._stopping:
             return
-        log.warning("lost the leadership; restarting as a follower", extra={"term": self._led_term})
+        # The election logged why (one WARNING); this says what happens next.
+        log.info("lost the leadership; restarting as a follower", extra={"term": self._led_term})
+        self._stopping = True
+        if self.core_loaded and self._demote is not None:
+            try:
+                # In this task (not wait_for's): the demote callback's synchronous start
+                # halts the core's writes before the store's own watcher fails its queue.
+                async with asyncio.timeout(5.0):
+                    await self._demote()
+            except Exception as exc:  # re-exec whatever happened: memory is not trusted
+                log.info("stopping the core before the restart failed: %r", exc)
         await self._reexec()
 
     async def _reexec(self) -> None:

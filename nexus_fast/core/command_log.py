@@ -18,6 +18,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Final
 
+from nexus_fast import errors
 from nexus_fast.clock import now_ms
 from nexus_fast.codec.protowire import (
     COMMAND_EVENT_HEADS,
@@ -61,6 +62,8 @@ class CommandLog:
         self._events: list[bytes] = []
         self._final: list[pb.CommandRecord] = []
         self._flush_handle: asyncio.Handle | None = None
+        # Set by halt() (a deposed cluster leader): writes fail quietly from then on.
+        self._halted = False
         # Told of each final record once its write is durable (WaitCommands answers then).
         self.on_durable: Callable[[pb.CommandRecord], None] | None = None
         self._encoder = CommandEvents()
@@ -162,7 +165,14 @@ class CommandLog:
         ops, events, final = self._ops, self._events, self._final
         self._ops, self._events, self._final = [], [], []
         self._staged = {}
-        future = self._store.commit(ops, events, audit)
+        try:
+            future = self._store.commit(ops, events, audit)
+        except errors.Unavailable as exc:
+            # A store may refuse a request synchronously (StoreBusy, StoreClosed, NotLeader
+            # after a demotion): that is a failed write like any other, never a traceback
+            # out of the loop callback this may run in.
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(exc)
         self._writes.add(future)
         future.add_done_callback(self._write_done)
         if final:
@@ -183,9 +193,18 @@ class CommandLog:
             for record in records:
                 hook(record)
 
+    def halt(self) -> None:
+        """Stop writing: this process no longer owns the store (a deposed cluster leader
+        about to re-exec). Staged and later writes fail without a log line each."""
+        self._halted = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._ops, self._events, self._final, self._staged = [], [], [], {}
+
     def _write_done(self, future: asyncio.Future[CommitResult]) -> None:
         self._writes.discard(future)
-        if not future.cancelled() and future.exception() is not None:
+        if not future.cancelled() and future.exception() is not None and not self._halted:
             log.error("command state write failed", extra={"err": str(future.exception())})
 
 

@@ -231,6 +231,13 @@ class CommandService:
         self._dispatch.stop()
         await self.flush()
 
+    async def halt(self) -> None:
+        """Demotion (cluster): stop timers and writes; nothing is flushed (not ours now)."""
+        self._log.halt()
+        self._waiters.stop()
+        self._dispatch.stop()
+        await self._ticker.stop()
+
     async def flush(self) -> None:
         """Commit the staged writes now and wait until every write so far is durable."""
         await self._log.flush()

@@ -276,10 +276,10 @@ class NodeRegistry:
     def start(self, pruning_interval: float) -> None:
         self._pruner.start(pruning_interval)
 
-    async def stop(self) -> None:
+    async def stop(self, end_streams: bool = True) -> None:
         """Stop the pruner and end every open node stream (nodes will reconnect)."""
         await self._pruner.stop()
-        for entry in self._nodes.values():
+        for entry in self._nodes.values() if end_streams else ():
             if entry.session is not None:
                 entry.session.close(Unavailable("server shutting down"))
 

@@ -7,6 +7,8 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from nexus_fast import errors
+
 
 class Periodic:
     """Runs ``tick`` every ``interval`` seconds until stopped.
@@ -39,5 +41,8 @@ class Periodic:
                 await self._tick()
             except asyncio.CancelledError:
                 raise
+            except (errors.Unavailable, errors.ResourceExhausted) as exc:
+                # A busy or closed store (or a lost leadership): typed, one line.
+                self._log.warning("%s tick failed: %s", self.name, exc)
             except Exception:
                 self._log.exception("%s tick failed", self.name)

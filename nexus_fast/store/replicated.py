@@ -131,6 +131,13 @@ class _Pending:
         self.future = future
 
 
+def _report_failure(task: asyncio.Task[None]) -> None:
+    """Done callback of a task nobody awaits: its failure is one log line, never a
+    "Task exception was never retrieved"."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s failed: %r", task.get_name(), exc)
+
+
 def _fail(batch: Sequence[_Pending], exc: BaseException) -> None:
     for p in batch:
         if not p.future.done():
@@ -317,14 +324,23 @@ class ReplicatedStore(LocalReads):
         self.state = "leader"
         self._committer = asyncio.create_task(self._commit_loop(), name="replog-commit")
         self._lost_watch = asyncio.create_task(self._watch_lost(), name="replog-lost")
+        self._lost_watch.add_done_callback(_report_failure)
         log.info("leading the log from seq %d (term %d)", self._next_seq, self._term)
 
     async def _watch_lost(self) -> None:
         await self.election.lost.wait()
         if self.state == "leader" and not self._closing:
-            log.warning("leadership lost: failing pending commits, following the log again")
+            # The election logged why (WARNING); this is the store's part of it.
+            log.info("leadership lost: failing pending commits, following the log again")
             self._lost_watch = None  # _stop_leading must not cancel this very task
-            await self._stop_leading(self.election.not_leader())
+            try:
+                await self._stop_leading(self.election.not_leader())
+            except StoreError:
+                # close() ran meanwhile (a demoted server closes the store): nothing to
+                # follow any more, and nobody awaits this task to hear of it.
+                if not self._closing:
+                    raise
+                return
             if not self._closing:
                 self.state = "follower"
                 self._start_tailer()
@@ -344,7 +360,7 @@ class ReplicatedStore(LocalReads):
         queued = list(self._queue)
         self._queue.clear()
         _fail(queued, error)
-        if was:
+        if was and self.state != "closed":
             # The applied position is what LMDB holds, whatever was cut short.
             self.applied_seq = decode_applied(self.local.get(APPLIED_DB, APPLIED_KEY))
 
