@@ -24,7 +24,7 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -92,6 +92,11 @@ async def _aclose(it: AsyncIterator[Any]) -> None:
             await close()
 
 
+_KEEPALIVE_SLOW: Final = 0.5
+"""Seconds a lease keepalive may wait before etcd is named as slow (one takes milliseconds
+on a healthy cluster; without quorum it waits the client's whole timeout)."""
+
+
 class Election:
     """One replica's part in the election; see the module docstring.
 
@@ -147,6 +152,7 @@ class Election:
         """Why this replica's last talk with etcd (campaign, watch, lease keepalive) failed;
         None once one succeeds again. Lets a replica without a leader say it is etcd."""
         self._asking_since: float | None = None  # monotonic: a campaign awaits etcd since
+        self._keepalive_since: float | None = None  # monotonic: a keepalive awaits etcd since
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -225,13 +231,18 @@ class Election:
         return self.leader_advertise
 
     def etcd_cause(self) -> str | None:
-        """Why no leader may be known, when etcd is why: its last failure, or the campaign
-        still awaiting its answer; None when etcd answers."""
+        """Why no leader may be known or reached, when etcd is why: its last failure, the
+        campaign still awaiting its answer, or a lease keepalive unanswered for longer than
+        etcd takes when it has quorum; None when etcd answers."""
         if self.last_error is not None:
             return self.last_error
+        now = time.monotonic()
         since = self._asking_since
         if since is not None:
-            return f"waiting for etcd to answer the campaign ({time.monotonic() - since:.1f}s)"
+            return f"waiting for etcd to answer the campaign ({now - since:.1f}s)"
+        since = self._keepalive_since
+        if since is not None and now - since > _KEEPALIVE_SLOW:
+            return f"etcd has not answered the lease keepalive for {now - since:.1f}s"
         return None
 
     def stat(self) -> dict[str, Any]:
@@ -342,14 +353,18 @@ class Election:
             lease = self.lease_id
             started = time.monotonic()
             if lease:
+                self._keepalive_since = started
                 try:
                     remaining = await self.client.lease_keepalive(lease)
                 except EtcdError as exc:
                     log.debug("lease keepalive failed: %s", exc)
+                    self._keepalive_since = None
                     self.last_error = str(exc)
                 except Exception:  # the clock steps a leader down if this persists
+                    self._keepalive_since = None
                     log.exception("lease keepalive failed")
                 else:
+                    self._keepalive_since = None
                     self.last_error = None
                     if lease == self.lease_id:
                         if remaining > 0:

@@ -32,7 +32,7 @@ async def _no_leader_names_etcd() -> None:
     election = Election(client, b"/t/", "r1", "127.0.0.1:1", lease_ttl=2.0)
     channel = LeaderChannel(Config(), lambda: (None, False), election.etcd_cause)
     assert election.etcd_cause() is None and election.last_error is None
-    with pytest.raises(errors.LeaderElsewhere, match="^no leader elected yet$"):
+    with pytest.raises(errors.LeaderElsewhere, match=r"^no leader elected yet$"):
         channel.get()  # etcd not asked yet: nothing to blame
     await election.start()
     try:
