@@ -126,9 +126,11 @@ class LeaderChannel:
         return self._etcd_cause() if self._etcd_cause is not None else None
 
     def unreachable(self, details: str) -> errors.LeaderElsewhere:
-        """The answer when the leader's channel failed under a call (it is not the
-        leader's answer): UNAVAILABLE naming the leader, and etcd when it is the cause."""
-        message = f"leader {self._target or '?'} unreachable: {details}"
+        """The answer when the leader's channel failed under a call, or the leader
+        answered UNAVAILABLE while going away: naming the leader, and etcd when the
+        election says it is the cause."""
+        lost = any(phrase in details.lower() for phrase in _TRANSPORT)
+        message = f"leader {self._target or '?'}{' unreachable' if lost else ''}: {details}"
         cause = self.etcd_cause()
         if cause is not None:
             message += f"; {cause}"
@@ -336,10 +338,24 @@ async def _abort(context: grpc.aio.ServicerContext, exc: errors.NexusError) -> N
     await context.abort(grpc_status(exc), str(exc))
 
 
+_TRANSPORT: Final = (
+    "failed to connect",
+    "stream removed",
+    "socket closed",
+    "connection reset",
+    "connection refused",
+    "goaway",
+    "broken pipe",
+    "keepalive",
+)
+"""gRPC's own UNAVAILABLE details when no leader process answered the forwarded call."""
+
+
 def _transport_failure(exc: grpc.aio.AioRpcError) -> bool:
-    """UNAVAILABLE from the channel (no leader process answered), not from the leader."""
+    """UNAVAILABLE without the leader's trailers nor a word of etcd: the channel failed
+    (or the leader answered while shutting down); the etcd cause is worth adding."""
     if exc.code() != grpc.StatusCode.UNAVAILABLE or exc.trailing_metadata():
-        return False  # the leader's own UNAVAILABLE answers carry its trailers
+        return False  # the leader's own UNAVAILABLE answers mostly carry its trailers
     return "etcd" not in (exc.details() or "").lower()
 
 

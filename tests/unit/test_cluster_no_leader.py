@@ -48,6 +48,8 @@ async def _no_leader_names_etcd() -> None:
         unreachable = str(channel.unreachable("failed to connect to all addresses"))
         assert unreachable.startswith("leader ? unreachable: failed to connect")
         assert "; etcd unavailable: " in unreachable
+        answered = str(channel.unreachable("store is closed"))  # the leader, going away
+        assert answered.startswith("leader ?: store is closed; etcd unavailable: ")
     finally:
         await election.stop()
         await client.close()
