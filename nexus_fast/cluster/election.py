@@ -24,7 +24,7 @@ import contextlib
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import orjson
 
@@ -92,6 +92,11 @@ async def _aclose(it: AsyncIterator[Any]) -> None:
             await close()
 
 
+_KEEPALIVE_SLOW: Final = 0.5
+"""Seconds a lease keepalive may wait before etcd is named as slow (one takes milliseconds
+on a healthy cluster; without quorum it waits the client's whole timeout)."""
+
+
 class Election:
     """One replica's part in the election; see the module docstring.
 
@@ -143,6 +148,11 @@ class Election:
         self._stopping = False
         self._cooldown_until = 0.0  # no campaign before then (set on stepping down)
         self.transitions = 0  # times this replica became leader (stat, tests)
+        self.last_error: str | None = None
+        """Why this replica's last talk with etcd (campaign, watch, lease keepalive) failed;
+        None once one succeeds again. Lets a replica without a leader say it is etcd."""
+        self._asking_since: float | None = None  # monotonic: a campaign awaits etcd since
+        self._keepalive_since: float | None = None  # monotonic: a keepalive awaits etcd since
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -219,6 +229,21 @@ class Election:
                 async with asyncio.timeout(left):  # not wait_for: it can swallow a cancel()
                     await self._changed.wait()
         return self.leader_advertise
+
+    def etcd_cause(self) -> str | None:
+        """Why no leader may be known or reached, when etcd is why: its last failure, the
+        campaign still awaiting its answer, or a lease keepalive unanswered for longer than
+        etcd takes when it has quorum; None when etcd answers."""
+        if self.last_error is not None:
+            return self.last_error
+        now = time.monotonic()
+        since = self._asking_since
+        if since is not None:
+            return f"waiting for etcd to answer the campaign ({now - since:.1f}s)"
+        since = self._keepalive_since
+        if since is not None and now - since > _KEEPALIVE_SLOW:
+            return f"etcd has not answered the lease keepalive for {now - since:.1f}s"
+        return None
 
     def stat(self) -> dict[str, Any]:
         """Figures for ``/health/detailed``."""
@@ -328,13 +353,19 @@ class Election:
             lease = self.lease_id
             started = time.monotonic()
             if lease:
+                self._keepalive_since = started
                 try:
                     remaining = await self.client.lease_keepalive(lease)
                 except EtcdError as exc:
                     log.debug("lease keepalive failed: %s", exc)
+                    self._keepalive_since = None
+                    self.last_error = str(exc)
                 except Exception:  # the clock steps a leader down if this persists
+                    self._keepalive_since = None
                     log.exception("lease keepalive failed")
                 else:
+                    self._keepalive_since = None
+                    self.last_error = None
                     if lease == self.lease_id:
                         if remaining > 0:
                             self._extend_deadline(started + min(self.lease_ttl, remaining))
@@ -372,10 +403,12 @@ class Election:
         while not self._stopping:
             try:
                 eligible = self.can_lead is None or self.can_lead()
+                self._asking_since = time.monotonic()
                 if not eligible or time.monotonic() < self._cooldown_until:
                     # Just stepped down (likely the unhealthy one), or unable to lead (a
                     # store that needs a snapshot): follow, let the others run.
                     kvs, rev = await self.client.range(self.key)
+                    self._asking_since = None
                     won, kv = False, (kvs[0] if kvs else None)
                     if kv is None:
                         wait = self._cooldown_until - time.monotonic()
@@ -383,6 +416,8 @@ class Election:
                         continue
                 else:
                     won, kv, rev = await self._campaign()
+                self._asking_since = None
+                self.last_error = None
                 if won and kv is not None:
                     self._become_leader(kv)
                     if self.leading():  # a campaign slower than the lease steps down here
@@ -395,9 +430,12 @@ class Election:
                 backoff = _BACKOFF_MIN
             except EtcdError as exc:
                 log.warning("election: %s", exc)
+                self._asking_since = None
+                self.last_error = str(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.lease_ttl / 2)
             except Exception:  # a bug must not end the campaign silently
+                self._asking_since = None
                 log.exception("election loop failed; retrying")
                 await asyncio.sleep(self.lease_ttl / 2)
 
@@ -437,7 +475,8 @@ class Election:
                 # Watch broke (etcd trouble): look again, keep leading while the key is ours.
                 try:
                     kvs, rev = await self.client.range(self.key)
-                except EtcdError:
+                except EtcdError as exc_range:
+                    self.last_error = str(exc_range)
                     continue  # the clock steps down if this lasts lease_ttl
                 if not kvs or kvs[0].create_revision != self.term:
                     self._step_down("the leader key is gone or replaced")

@@ -5,13 +5,18 @@ leader only. :class:`LeaderRouter` is a server interceptor consulted once per ca
 method in :data:`FORWARDED` while this replica does not serve the core, it answers with a
 handler whose serializers are the identity, so the request's bytes go to the leader
 unparsed over one grpc.aio channel, and the leader's answer (or status and trailers) comes
-back the same way. Every other call, and every call on the leader, continues untouched.
+back the same way. NodeService ``Register``/``Deregister`` (:data:`NODE_FORWARDED`) are
+forwarded too, parsed first so the follower can check the node's id. Every other call, and
+every call on the leader, continues untouched.
 
 Identity: with authentication off the call is forwarded as is. With it on, the follower has
 already authenticated and authorised the caller (its interceptors run before this one); the
 forwarded call authenticates as this replica (its own certificate, role ``replica``) and
 names the caller in :data:`~nexus_fast.security.grpc_auth.ON_BEHALF_HEADER`; the leader
 accepts that header from the ``replica`` role only and authorises and audits as the caller.
+A node caller also travels with its node id
+(:data:`~nexus_fast.security.grpc_auth.ON_BEHALF_NODE_HEADER`), so the leader still holds it
+to its own id.
 """
 
 from __future__ import annotations
@@ -26,15 +31,20 @@ import grpc
 
 from nexus_fast import errors
 from nexus_fast.api.status import grpc_status, grpc_trailers
+from nexus_fast.cluster.election import Election
 from nexus_fast.config import Config
 from nexus_fast.core import acting
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.security.auditing import REQUEST_ID_HEADER, AuditCall
-from nexus_fast.security.grpc_auth import ON_BEHALF_HEADER, current_principal
+from nexus_fast.security.grpc_auth import (
+    ON_BEHALF_HEADER,
+    ON_BEHALF_NODE_HEADER,
+    current_principal,
+)
 from nexus_fast.telemetry.trace_context import TraceContext
 
-__all__ = ["FORWARDED", "FORWARDED_HEADER", "REFUSED_ON_FOLLOWERS", "LeaderChannel", "LeaderRouter"]
+__all__ = ["FORWARDED", "FORWARDED_HEADER", "NODE_FORWARDED", "LeaderChannel", "LeaderRouter"]
 
 log = get_logger("cluster")
 
@@ -63,12 +73,14 @@ FORWARDED: Final[dict[str, bool]] = {
 (local LMDB), failpoints, GetClusterStatus and health stay local."""
 
 _NODE: Final = "/nexus.fabric.v1.NodeService/"
-REFUSED_ON_FOLLOWERS: Final[dict[str, str]] = {
-    # method -> kind. A node that registers on a follower gets UNAVAILABLE with the
-    # nexus-leader trailer and follows it. Connect streams are served on followers: the
-    # FollowerRelay carries them to the leader (cluster/relay.py).
-    _NODE + "Register": "unary",
-    _NODE + "Deregister": "unary",
+NODE_FORWARDED: Final[dict[str, Callable[[bytes], Any]]] = {
+    # method -> its request parser. A node registers on any replica: a follower forwards
+    # Register/Deregister to the leader and holds the node's Connect stream itself (the
+    # FollowerRelay carries it to the leader, cluster/relay.py), so node streams spread
+    # over the replicas. The request is parsed here (not raw bytes) so the follower's
+    # authorisation holds a node to its own node id exactly as on the leader.
+    _NODE + "Register": pb.RegisterRequest.FromString,
+    _NODE + "Deregister": pb.DeregisterRequest.FromString,
 }
 
 # Caller metadata that travels with a forwarded call (never the caller's credential).
@@ -82,10 +94,25 @@ leader never bounce a call between them."""
 class LeaderChannel:
     """One grpc.aio channel to the current leader, replaced when the leader changes."""
 
-    def __init__(self, config: Config, leader: Callable[[], tuple[str | None, bool]]) -> None:
-        """``leader()`` -> (the leader's advertise address or None, this replica leads)."""
+    def __init__(
+        self,
+        config: Config,
+        leader: Callable[[], tuple[str | None, bool]],
+        etcd_cause: Callable[[], str | None] | None = None,
+    ) -> None:
+        """``leader()`` -> (the leader's advertise address or None, this replica leads).
+
+        ``etcd_cause()`` -> why etcd is failing the election (:meth:`Election.etcd_cause`),
+        named in the answers when no leader can be reached; by default the election of
+        the replica ``leader`` is a method of.
+        """
         self._config = config
         self._leader = leader
+        if etcd_cause is None:
+            election = getattr(getattr(leader, "__self__", None), "election", None)
+            if isinstance(election, Election):
+                etcd_cause = election.etcd_cause
+        self._etcd_cause = etcd_cause
         self._target: str | None = None
         self._channel: grpc.aio.Channel | None = None
         self._old: set[grpc.aio.Channel] = set()
@@ -94,13 +121,31 @@ class LeaderChannel:
         """(the leader's advertise address or None, this replica leads)."""
         return self._leader()
 
+    def etcd_cause(self) -> str | None:
+        """Why etcd fails the election now, or None."""
+        return self._etcd_cause() if self._etcd_cause is not None else None
+
+    def unreachable(self, details: str) -> errors.LeaderElsewhere:
+        """The answer when the leader's channel failed under a call, or the leader
+        answered UNAVAILABLE while going away: naming the leader, and etcd when the
+        election says it is the cause."""
+        lost = any(phrase in details.lower() for phrase in _TRANSPORT)
+        message = f"leader {self._target or '?'}{' unreachable' if lost else ''}: {details}"
+        cause = self.etcd_cause()
+        if cause is not None:
+            message += f"; {cause}"
+        return errors.LeaderElsewhere(message)
+
     def get(self) -> grpc.aio.Channel:
         """The channel to the leader; LeaderElsewhere when there is none to forward to."""
         target, leading = self._leader()
         if leading:  # the leader itself, still catching up before it loads its core
             raise errors.LeaderElsewhere("this replica is the leader and still catching up")
         if not target:
-            raise errors.LeaderElsewhere("no leader elected yet")
+            cause = self.etcd_cause()
+            raise errors.LeaderElsewhere(
+                f"no leader elected: {cause}" if cause else "no leader elected yet"
+            )
         if target != self._target or self._channel is None:
             if self._channel is not None:
                 self._retire(self._channel)
@@ -170,7 +215,7 @@ class LeaderChannel:
                 pb.SubmitCommandsRequest(commands=specs), metadata=metadata, timeout=30.0
             )
         except grpc.aio.AioRpcError as exc:
-            raise _as_error(exc, self._target) from None
+            raise _as_error(exc, self._target, self) from None
         return response
 
 
@@ -184,12 +229,16 @@ _FROM_LEADER: Final[dict[grpc.StatusCode, Callable[[str], errors.NexusError]]] =
 }
 
 
-def _as_error(exc: grpc.aio.AioRpcError, target: str | None) -> errors.NexusError:
+def _as_error(
+    exc: grpc.aio.AioRpcError, target: str | None, channel: LeaderChannel | None = None
+) -> errors.NexusError:
     """The leader's refusal as the core error the WebSocket adapter reports."""
     details = exc.details() or exc.code().name
     build = _FROM_LEADER.get(exc.code())
     if build is not None:
         return build(details)
+    if channel is not None and _transport_failure(exc):
+        return channel.unreachable(details)
     return errors.LeaderElsewhere(f"leader {target}: {details}", target or "")
 
 
@@ -203,8 +252,8 @@ class LeaderRouter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._serving_core = serving_core
         self._auth_on = auth_on
         self._handlers = {method: self._handler(method, s) for method, s in FORWARDED.items()}
-        for method, kind in REFUSED_ON_FOLLOWERS.items():
-            self._handlers[method] = self._refusal(kind)
+        for method, parse in NODE_FORWARDED.items():
+            self._handlers[method] = self._handler(method, False, parse)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Any], details: grpc.HandlerCallDetails
@@ -228,32 +277,17 @@ class LeaderRouter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         principal = current_principal()
         if self._auth_on and principal is not None:
             out.append((ON_BEHALF_HEADER, f"{principal.role}:{principal.name}"))
+            if principal.node_id is not None:  # the leader holds the node to this id
+                out.append((ON_BEHALF_NODE_HEADER, principal.node_id))
         # Audited by the leader, as the caller: no second record here.
         call = acting.current_call()
         if isinstance(call, AuditCall):
             call.finished = True
         return out
 
-    def _refusal(self, kind: str) -> grpc.RpcMethodHandler:
-        channel = self._channel
-
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            target, _ = channel.leader()
-            await _abort(
-                context,
-                errors.LeaderElsewhere(
-                    f"not the leader; connect to the leader at {target}"
-                    if target
-                    else "no leader elected yet",
-                    target or "",
-                ),
-            )
-
-        if kind == "stream":
-            return grpc.stream_stream_rpc_method_handler(refuse)
-        return grpc.unary_unary_rpc_method_handler(refuse)
-
-    def _handler(self, method: str, streaming: bool) -> grpc.RpcMethodHandler:
+    def _handler(
+        self, method: str, streaming: bool, parse: Callable[[bytes], Any] | None = None
+    ) -> grpc.RpcMethodHandler:
         channel = self._channel
 
         if streaming:
@@ -268,25 +302,33 @@ class LeaderRouter(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     async for item in call:
                         yield item
                 except grpc.aio.AioRpcError as exc:
-                    await _relay(context, exc)
+                    await _relay(context, exc, channel)
                 except errors.NexusError as exc:
                     await _abort(context, exc)
 
             return grpc.unary_stream_rpc_method_handler(stream)
 
-        async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        # A parsed request (NODE_FORWARDED) goes on as its bytes again.
+        serialize = None if parse is None else _serialize
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> bytes:
             try:
-                answer: bytes = await channel.get().unary_unary(method)(
-                    request, metadata=self._metadata(context), timeout=context.time_remaining()
-                )
+                answer: bytes = await channel.get().unary_unary(
+                    method, request_serializer=serialize
+                )(request, metadata=self._metadata(context), timeout=context.time_remaining())
                 return answer
             except grpc.aio.AioRpcError as exc:
-                await _relay(context, exc)
+                await _relay(context, exc, channel)
             except errors.NexusError as exc:
                 await _abort(context, exc)
             raise AssertionError("abort raises")  # pragma: no cover
 
-        return grpc.unary_unary_rpc_method_handler(unary)
+        return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=parse)
+
+
+def _serialize(message: Any) -> bytes:
+    data: bytes = message.SerializeToString()
+    return data
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: errors.NexusError) -> None:
@@ -296,8 +338,34 @@ async def _abort(context: grpc.aio.ServicerContext, exc: errors.NexusError) -> N
     await context.abort(grpc_status(exc), str(exc))
 
 
-async def _relay(context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError) -> None:
-    """The leader's status, details and trailers, as the caller's."""
+_TRANSPORT: Final = (
+    "failed to connect",
+    "stream removed",
+    "socket closed",
+    "connection reset",
+    "connection refused",
+    "goaway",
+    "broken pipe",
+    "keepalive",
+)
+"""gRPC's own UNAVAILABLE details when no leader process answered the forwarded call."""
+
+
+def _transport_failure(exc: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE without the leader's trailers nor a word of etcd: the channel failed
+    (or the leader answered while shutting down); the etcd cause is worth adding."""
+    if exc.code() != grpc.StatusCode.UNAVAILABLE or exc.trailing_metadata():
+        return False  # the leader's own UNAVAILABLE answers mostly carry its trailers
+    return "etcd" not in (exc.details() or "").lower()
+
+
+async def _relay(
+    context: grpc.aio.ServicerContext, exc: grpc.aio.AioRpcError, channel: LeaderChannel
+) -> None:
+    """The leader's status, details and trailers, as the caller's; or, when the leader
+    could not be reached, UNAVAILABLE saying so (and naming etcd when it is the cause)."""
+    if _transport_failure(exc):
+        await _abort(context, channel.unreachable(exc.details() or exc.code().name))
     trailers = tuple(
         (k, v) for k, v in (exc.trailing_metadata() or ()) if isinstance(v, str | bytes)
     )

@@ -53,6 +53,7 @@ from nexus_fast.telemetry import metrics
 
 __all__ = [
     "FollowerRelay",
+    "RelayLost",
     "RelayServicer",
     "RelayedEnd",
     "add_replica_service",
@@ -112,6 +113,10 @@ class RelayedEnd(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class RelayLost(Exception):
+    """The relay stream ended under the follower (the leader went away): reconnect."""
 
 
 def _end_frame(stream: int, reason: Exception | None) -> cpb.RelayDownFrame:
@@ -583,8 +588,12 @@ class FollowerRelay:
                     last_error = ""
             except asyncio.CancelledError:
                 raise
-            except grpc.aio.AioRpcError as exc:
-                why = f"{exc.code().name}: {exc.details()}"
+            except (grpc.aio.AioRpcError, RelayLost) as exc:
+                why = (
+                    f"{exc.code().name}: {exc.details()}"
+                    if isinstance(exc, grpc.aio.AioRpcError)
+                    else str(exc)
+                )
                 if why != last_error:  # once per cause, not once per retry
                     log.info(
                         "relay stream to the leader ended", extra={"leader": target, "why": why}
@@ -700,7 +709,11 @@ class FollowerRelay:
                     if held is not None:
                         held.pending_up -= 1
                 self._up_room.set()
-                await call.write(cpb.RelayUp(frames=[frame for frame, _, _ in batch]))
+                try:
+                    await call.write(cpb.RelayUp(frames=[frame for frame, _, _ in batch]))
+                except (asyncio.InvalidStateError, grpc.aio.UsageError):
+                    # The leader ended the stream (it went away: expected, not a bug).
+                    raise RelayLost("the leader ended the relay stream") from None
 
     async def _read_down(self, call: Any) -> None:
         held_streams = self._held

@@ -50,6 +50,7 @@ from nexus_fast.security.permissions import (
 __all__ = [
     "BYTE_METHODS",
     "ON_BEHALF_HEADER",
+    "ON_BEHALF_NODE_HEADER",
     "AuthInterceptor",
     "LimitsInterceptor",
     "check_node_id",
@@ -80,6 +81,11 @@ ON_BEHALF_HEADER: Final = "nexus-on-behalf-of"
 """Metadata a follower replica adds to a call it forwards to the leader: ``role:name`` of
 the principal that made it. Accepted only from a principal holding ``cluster.forward``
 (the ``replica`` role); the call is then authorised and audited as that principal."""
+
+ON_BEHALF_NODE_HEADER: Final = "nexus-on-behalf-node"
+"""With ``nexus-on-behalf-of: node:<name>``: the node id the follower authenticated the node
+as. A replica may speak for a node only on NodeService ``Register``/``Deregister`` and only
+with this header, so the leader still holds the node to ``node.self`` (its own id only)."""
 
 _Authorize = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Principal | None]]
 
@@ -136,7 +142,13 @@ class AuthInterceptor(WrappingInterceptor):
                 )
                 behalf = metadata_value(context, ON_BEHALF_HEADER)
                 if behalf is not None:
-                    principal = _on_behalf(rbac, principal, behalf)
+                    principal = _on_behalf(
+                        rbac,
+                        principal,
+                        behalf,
+                        node_id=metadata_value(context, ON_BEHALF_NODE_HEADER),
+                        method=method,
+                    )
                 auditing.identify(principal)  # a refusal below is audited under this name
                 if not rbac.allows(principal, permission):
                     raise PermissionDenied(
@@ -166,17 +178,36 @@ class AuthInterceptor(WrappingInterceptor):
         return authorize
 
 
-def _on_behalf(rbac: Rbac, replica: Principal, header: str) -> Principal:
-    """The principal a forwarding replica names; PermissionDenied unless it may name one."""
+def _on_behalf(
+    rbac: Rbac, replica: Principal, header: str, node_id: str | None = None, method: str = ""
+) -> Principal:
+    """The principal a forwarding replica names; PermissionDenied unless it may name one.
+
+    A node principal (``node:<name>`` plus ``node_id``) is accepted only for the unary
+    NodeService methods whose request names the node (:data:`_NODE_ID_METHODS`): the
+    caller then checks the request's node id against it, as for a direct call.
+    """
     if not rbac.allows(replica, REPLICA_FORWARD):
         raise PermissionDenied(
             f"{replica.role} {replica.name!r} may not act on behalf of another principal "
             f"(needs {REPLICA_FORWARD}: the replica role)"
         )
     role, _, name = header.partition(":")
-    if not role or not name or role == ROLE_NODE or len(header) > 512:
+    if not role or not name or len(header) > 512:
         raise PermissionDenied(f"malformed {ON_BEHALF_HEADER} header from {replica.name!r}")
-    return Principal(name, role, f"replica:{replica.name}")
+    if role != ROLE_NODE:
+        if node_id is not None:
+            raise PermissionDenied(f"{ON_BEHALF_NODE_HEADER} without a node principal")
+        return Principal(name, role, f"replica:{replica.name}")
+    if method not in _NODE_ID_METHODS:
+        raise PermissionDenied(
+            f"replica {replica.name!r} may not act for node {name!r} on {method or 'this call'}"
+        )
+    if not node_id or len(node_id) > 256:
+        raise PermissionDenied(
+            f"replica {replica.name!r} named node {name!r} without its {ON_BEHALF_NODE_HEADER}"
+        )
+    return Principal(name, ROLE_NODE, f"replica:{replica.name}", node_id)
 
 
 class LimitsInterceptor(WrappingInterceptor):

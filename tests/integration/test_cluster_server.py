@@ -340,7 +340,29 @@ def test_auth_forwarding_speaks_for_the_caller_and_only_replicas_may(
         tls_key=str(pki.root / "viewer-handshake-key.pem"),
         token=issue_token("root", "admin", 3600, secret=pki.secret),
     )
+    # A node registers through the follower: forwarded on its behalf, held to its own id.
+    node = ClientAuth(
+        tls_ca=str(pki.ca),
+        tls_cert=str(pki.root / "viewer-handshake.pem"),
+        tls_key=str(pki.root / "viewer-handshake-key.pem"),
+        token=issue_token("node:fw-n1", "node", 3600, secret=pki.secret),
+    )
+    with grpc.secure_channel(follower.grpc_target, channel_credentials(node)) as channel:
+        nodes = pb_grpc.NodeServiceStub(channel)
+        registered = nodes.Register(
+            pb.RegisterRequest(node_id="fw-n1", address="10.0.0.9:1", version="test/1"),
+            timeout=10.0,
+        )
+        assert registered.session_epoch > 0
+        with pytest.raises(grpc.RpcError) as other:
+            nodes.Register(pb.RegisterRequest(node_id="fw-n2", address="10.0.0.9:2"), timeout=10.0)
+        assert other.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "only as itself" in (other.value.details() or "")
     with grpc.secure_channel(leader.grpc_target, channel_credentials(admin)) as channel:
+        listed = pb_grpc.ControlServiceStub(channel).GetNode(
+            pb.GetNodeRequest(node_id="fw-n1"), timeout=5.0
+        )
+        assert listed.id == "fw-n1"  # registered on the leader's core
         page = pb_grpc.ControlServiceStub(channel).ListAudit(pb.ListAuditRequest(), timeout=5.0)
     submits = [e for e in page.entries if e.method.endswith("SubmitCommands")]
     assert submits and submits[-1].principal == "ops" and submits[-1].role == "operator"

@@ -15,7 +15,7 @@ from nexus_fast.api import status
 from nexus_fast.config import RbacConfig
 from nexus_fast.security.grpc_auth import _on_behalf
 from nexus_fast.security.identity import CERT_ROLES
-from nexus_fast.security.permissions import REPLICA_FORWARD, ROLE_REPLICA, Rbac
+from nexus_fast.security.permissions import NODE_SELF, REPLICA_FORWARD, ROLE_REPLICA, Rbac
 from nexus_fast.security.principal import PermissionDenied, Principal
 from nexus_fast.security.tools import main as credentials_main
 
@@ -44,8 +44,50 @@ def test_on_behalf_names_the_caller_for_a_replica() -> None:
 
 @pytest.mark.parametrize("header", ["", "operator", ":alice", "node:node:n1", "x" * 600])
 def test_on_behalf_refuses_malformed_or_node_headers(header: str) -> None:
+    # A node principal without its node id, or on a method that is not Register/Deregister.
     with pytest.raises(PermissionDenied):
         _on_behalf(Rbac(RbacConfig()), REPLICA, header)
+    with pytest.raises(PermissionDenied):
+        _on_behalf(Rbac(RbacConfig()), REPLICA, header, node_id="n1", method=_CONTROL_SUBMIT)
+
+
+_REGISTER = "/nexus.fabric.v1.NodeService/Register"
+_DEREGISTER = "/nexus.fabric.v1.NodeService/Deregister"
+_CONTROL_SUBMIT = "/nexus.fabric.v1.ControlService/SubmitCommands"
+
+
+@pytest.mark.parametrize("method", [_REGISTER, _DEREGISTER])
+def test_on_behalf_names_a_node_with_its_id_for_register_and_deregister(method: str) -> None:
+    rbac = Rbac(RbacConfig())
+    node = _on_behalf(rbac, REPLICA, "node:node:n1", node_id="n1", method=method)
+    assert (node.name, node.role, node.node_id) == ("node:n1", "node", "n1")
+    assert node.method == "replica:r2"
+    assert rbac.allows(node, NODE_SELF)  # and the interceptor checks request.node_id == "n1"
+    assert not rbac.allows(node, "command.write")
+
+
+@pytest.mark.parametrize(
+    ("header", "node_id", "method", "reason"),
+    [
+        ("node:node:n1", None, _REGISTER, "without its"),  # no node id: cannot hold it to one
+        ("node:node:n1", "", _REGISTER, "without its"),
+        ("node:node:n1", "n" * 300, _REGISTER, "without its"),
+        ("node:node:n1", "n1", _CONTROL_SUBMIT, "may not act for node"),
+        ("node:node:n1", "n1", "/nexus.fabric.v1.NodeService/Connect", "may not act for node"),
+        ("operator:alice", "n1", _REGISTER, "without a node principal"),
+    ],
+)
+def test_on_behalf_refuses_a_node_outside_register_or_without_its_id(
+    header: str, node_id: str | None, method: str, reason: str
+) -> None:
+    with pytest.raises(PermissionDenied, match=reason):
+        _on_behalf(Rbac(RbacConfig()), REPLICA, header, node_id=node_id, method=method)
+
+
+def test_only_a_replica_may_name_a_node() -> None:
+    for caller in (ADMIN, Principal("node:n2", "node", "token", "n2")):
+        with pytest.raises(PermissionDenied, match="replica role"):
+            _on_behalf(Rbac(RbacConfig()), caller, "node:node:n1", node_id="n1", method=_REGISTER)
 
 
 def test_on_behalf_from_a_non_replica_is_refused() -> None:
