@@ -31,7 +31,6 @@ import grpc
 
 from nexus_fast import errors
 from nexus_fast.api.status import grpc_status, grpc_trailers
-from nexus_fast.cluster.election import Election
 from nexus_fast.config import Config
 from nexus_fast.core import acting
 from nexus_fast.logs import get_logger
@@ -103,15 +102,10 @@ class LeaderChannel:
         """``leader()`` -> (the leader's advertise address or None, this replica leads).
 
         ``etcd_cause()`` -> why etcd is failing the election (:meth:`Election.etcd_cause`),
-        named in the answers when no leader can be reached; by default the election of
-        the replica ``leader`` is a method of.
+        named in the answers when no leader can be reached.
         """
         self._config = config
         self._leader = leader
-        if etcd_cause is None:
-            election = getattr(getattr(leader, "__self__", None), "election", None)
-            if isinstance(election, Election):
-                etcd_cause = election.etcd_cause
         self._etcd_cause = etcd_cause
         self._target: str | None = None
         self._channel: grpc.aio.Channel | None = None

@@ -72,7 +72,7 @@ class ClusterReplica:
         self.store = ReplicatedStore(
             local, self.client, self.election, self.prefix, max_entry_bytes=cl.max_entry_bytes
         )
-        self.channel = LeaderChannel(config, self._leader_target)
+        self.channel = LeaderChannel(config, self._leader_target, self.election.etcd_cause)
         self.router = LeaderRouter(
             self.channel, self.serving_core, auth_on=config.security.auth_required
         )

@@ -252,12 +252,18 @@ class ReplicatedStore(LocalReads):
         self.state = "follower"
         self._start_tailer()
 
+    def _closed_reason(self) -> str:
+        """What a write refused by a closing store says: a replica closes its store to step
+        down, and when etcd is why, a client must be told so (not just "closed")."""
+        cause = self.election.etcd_cause()
+        return f"store is closed: stepping down; {cause}" if cause else "store is closed"
+
     async def close(self) -> None:
         """Stop writing and following, then close the local store."""
         if self._closing:
             return
         self._closing = True
-        await self._stop_leading(StoreClosed("store is closed"))
+        await self._stop_leading(StoreClosed(self._closed_reason()))
         await self._stop_tailer()
         self.state = "closed"
         await self.local.close()
@@ -278,7 +284,7 @@ class ReplicatedStore(LocalReads):
         bigger than one entry may be, :class:`StoreBusy` when ``max_queue`` are waiting.
         """
         if self._closing or self.state == "closed":
-            raise StoreClosed("store is closed" if self._closing else "store is not open")
+            raise StoreClosed(self._closed_reason() if self._closing else "store is not open")
         if not self._accepting:
             raise self.election.not_leader()
         if len(self._queue) >= self.max_queue:
