@@ -28,7 +28,6 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from nexus_fast import errors
 from nexus_fast.cluster.etcd import (
     EtcdClient,
     EtcdError,
@@ -38,6 +37,7 @@ from nexus_fast.cluster.etcd import (
     op_range,
 )
 from nexus_fast.logs import get_logger
+from nexus_fast.store.base import StoreError
 
 log = get_logger("cluster.election")
 
@@ -46,8 +46,12 @@ Role = Literal["leader", "follower", "candidate"]
 _BACKOFF_MIN = 0.05
 
 
-class NotLeader(errors.Unavailable):
-    """This replica does not lead (or no longer does); the message names the leader."""
+class NotLeader(StoreError):
+    """This replica does not lead (or no longer does); the message names the leader.
+
+    A :class:`~nexus_fast.store.base.StoreError` (so an ``Unavailable``): the replicated
+    store refuses a write with it, and every caller that handles a refused write handles
+    this one the same way."""
 
     def __init__(
         self,
