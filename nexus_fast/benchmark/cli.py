@@ -36,6 +36,7 @@ from nexus_fast.benchmark.report import Report
 from nexus_fast.benchmark.runner import HARD_MAX_DURATION, HARD_MAX_OPS
 from nexus_fast.benchmark.workers import MAX_CLIENT_PROCS
 from nexus_fast.node.channel import ClientAuth
+from nexus_fast.node.targets import parse_targets
 
 SCENARIOS = ("heartbeat", "dispatch", "events", "state", "micro", "roundtrip", "catchup")
 NETWORK = frozenset({"heartbeat", "dispatch", "events"})
@@ -190,7 +191,13 @@ def _levels(text: str) -> list[int]:
 def _server_options(p: argparse.ArgumentParser) -> None:
     s = p.add_argument_group("server under test")
     where = s.add_mutually_exclusive_group()
-    where.add_argument("--target", metavar="HOST:PORT", help="a running server's gRPC address")
+    where.add_argument(
+        "--target",
+        action="append",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="a running server's gRPC address; several replicas: comma separated or repeated "
+        "(the simulated nodes spread over them, submits move on when one is UNAVAILABLE)",
+    )
     where.add_argument(
         "--spawn",
         action="store_true",
@@ -408,15 +415,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"{args.scenario} needs --target HOST:PORT or --spawn")
         if args.target:
             try:
-                host, _ = _split_target(args.target)
-                args.http_url = _url(args.http, host, "http")
-                args.ws_url = _url(args.ws, host, "ws")
+                args.targets = parse_targets(args.target)
+                args.target = ",".join(args.targets)
+                hosts = [_split_target(t)[0] for t in args.targets]
+                args.http_url = _url(args.http, hosts[0], "http")
+                args.ws_url = _url(args.ws, hosts[0], "ws")
             except ValueError as exc:
-                parser.error(str(exc))
-            if not args.allow_remote and not _is_loopback(host):
-                parser.error(
-                    f"--target {args.target} is not a loopback address; add --allow-remote"
-                )
+                parser.error(f"--target: {exc}")
+            for host, target in zip(hosts, args.targets, strict=True):
+                if not args.allow_remote and not _is_loopback(host):
+                    parser.error(f"--target {target} is not a loopback address; add --allow-remote")
             if args.scenario == "events" and not args.ws_url:
                 parser.error("events with --target needs --ws (the WebSocket port or URL)")
         elif args.http or args.ws:
@@ -508,7 +516,8 @@ async def _locate_server(ctx: Context, group: ProcessGroup) -> None:
         ctx.server = await loop.run_in_executor(None, lambda: spawn_server(group))
         ctx.report.config["server"] = {"spawned": True, "grpc": ctx.server.grpc}
     else:
-        ctx.server = Endpoints(grpc=args.target, http=args.http_url, ws=args.ws_url)
+        targets = tuple(args.targets)
+        ctx.server = Endpoints(targets[0], args.http_url, args.ws_url, targets=targets)
         ctx.report.config["server"] = {"spawned": False, "grpc": args.target}
 
 

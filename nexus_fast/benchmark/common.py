@@ -28,8 +28,9 @@ from nexus_fast.benchmark.procs import Endpoints, ProcessGroup
 from nexus_fast.benchmark.report import Report
 from nexus_fast.node.channel import ClientAuth
 from nexus_fast.node.fleet import default_channels
-from nexus_fast.node.policy import simulate_usage
+from nexus_fast.node.policy import backoff_delay, simulate_usage
 from nexus_fast.node.spec import DEFAULT_CAPACITY
+from nexus_fast.node.targets import fails_over, parse_targets
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -179,6 +180,10 @@ class NodePool:
     """``n`` :class:`BenchNode` over ``default_channels(n)`` channels (as ``nexus-node`` does).
 
     ``labels`` go on every node (a run's :func:`run_labels`, which its commands select).
+    ``target`` may name several replicas (``h1:p1,h2:p2``): channel ``j`` goes to target
+    ``j mod n`` (at least one channel each), node ``i`` uses channel ``i mod channels``.
+    A node whose Register answers ``UNAVAILABLE`` moves to a channel of the next target
+    (counted in ``register_retries``); a stream lost later is the run's error, as before.
     """
 
     def __init__(
@@ -193,8 +198,13 @@ class NodePool:
         labels: Mapping[str, str] | None = None,
     ) -> None:
         auth = (auth or ClientAuth()).for_nodes()
-        self.channels = [open_channel(target, auth) for _ in range(channels or default_channels(n))]
+        targets = parse_targets(target)
+        count = max(channels or default_channels(n), len(targets))
+        self.channels = [open_channel(targets[j % len(targets)], auth) for j in range(count)]
         stubs = [pb_grpc.NodeServiceStub(ch) for ch in self.channels]
+        # The stubs of each target, in channel order: where a node goes when it moves on.
+        self._by_target = [stubs[t :: len(targets)] for t in range(len(targets))]
+        self.register_retries = 0
         width = max(5, len(str(n - 1)))
         ids = [f"{prefix}{i:0{width}d}" for i in range(n)]
         self.nodes = [
@@ -208,12 +218,28 @@ class NodePool:
         """Register every node (bounded concurrency), then open every stream."""
         slots = asyncio.Semaphore(REGISTER_CONCURRENCY)
 
-        async def one(node: BenchNode) -> None:
+        async def one(i: int, node: BenchNode) -> None:
             async with slots:
-                await node.register()
+                await self._register(i, node)
                 await node.connect()
 
-        await asyncio.gather(*(one(node) for node in self.nodes))
+        await asyncio.gather(*(one(i, node) for i, node in enumerate(self.nodes)))
+
+    async def _register(self, i: int, node: BenchNode) -> None:
+        """Register node ``i``; on UNAVAILABLE try the next target, two passes at most."""
+        n = len(self._by_target)
+        first = (i % len(self.channels)) % n
+        for k in range(2 * n):
+            group = self._by_target[(first + k) % n]
+            node.stub = group[i % len(group)]
+            try:
+                await node.register()
+                return
+            except grpc.aio.AioRpcError as err:
+                if not fails_over(err.code()) or k == 2 * n - 1:
+                    raise
+                self.register_retries += 1
+                await asyncio.sleep(backoff_delay(k // n, cap=2.0))
 
     async def close(self) -> None:
         """Close streams and channels."""

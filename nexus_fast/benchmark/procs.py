@@ -105,12 +105,18 @@ def metric_sum(metrics: dict[str, float], name: str, **labels: str) -> float:
 class Endpoints:
     """Where the server under test listens."""
 
-    grpc: str
+    grpc: str  # the first (or only) gRPC target
     http: str | None = None  # base URL, e.g. http://127.0.0.1:8082
     ws: str | None = None  # base URL, e.g. ws://127.0.0.1:8081
     pid: int | None = None  # known when we spawned it (CPU from /proc)
     http_ssl: ssl.SSLContext | None = None  # HTTPS with auth on (spawn_server(secure=...))
     http_headers: dict[str, str] = field(default_factory=dict)  # its Authorization
+    targets: tuple[str, ...] = ()  # --target with several replicas: every gRPC target
+
+    @property
+    def grpc_all(self) -> str:
+        """Every gRPC target, comma separated (what NodePool and nexus-node take)."""
+        return ",".join(self.targets) if self.targets else self.grpc
 
     def metrics(self, timeout: float = 5.0) -> dict[str, float] | None:
         """Scrape ``/metrics`` (None without an HTTP endpoint or on failure)."""

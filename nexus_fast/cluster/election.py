@@ -126,6 +126,9 @@ class Election:
         self.leader_advertise: str | None = None
         self.leader_term = 0
         self.on_change: Callable[[], None] | None = None
+        self.can_lead: Callable[[], bool] | None = None
+        """Asked before each campaign (None: always); the replicated store sets it so a
+        replica whose store cannot follow the log (needs a snapshot) never runs."""
         self.lost = asyncio.Event()
         self.lease_id = 0
         """The lease this replica holds now (0: none yet); the replica status key uses it."""
@@ -213,7 +216,8 @@ class Election:
                 raise NotLeader()
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+                async with asyncio.timeout(left):  # not wait_for: it can swallow a cancel()
+                    await self._changed.wait()
         return self.leader_advertise
 
     def stat(self) -> dict[str, Any]:
@@ -328,6 +332,8 @@ class Election:
                     remaining = await self.client.lease_keepalive(lease)
                 except EtcdError as exc:
                     log.debug("lease keepalive failed: %s", exc)
+                except Exception:  # the clock steps a leader down if this persists
+                    log.exception("lease keepalive failed")
                 else:
                     if lease == self.lease_id:
                         if remaining > 0:
@@ -365,12 +371,15 @@ class Election:
         backoff = _BACKOFF_MIN
         while not self._stopping:
             try:
-                if time.monotonic() < self._cooldown_until:
-                    # Just stepped down (likely the unhealthy one): follow, let others run.
+                eligible = self.can_lead is None or self.can_lead()
+                if not eligible or time.monotonic() < self._cooldown_until:
+                    # Just stepped down (likely the unhealthy one), or unable to lead (a
+                    # store that needs a snapshot): follow, let the others run.
                     kvs, rev = await self.client.range(self.key)
                     won, kv = False, (kvs[0] if kvs else None)
                     if kv is None:
-                        await asyncio.sleep(max(self._cooldown_until - time.monotonic(), 0.0))
+                        wait = self._cooldown_until - time.monotonic()
+                        await asyncio.sleep(wait if eligible else self.lease_ttl)
                         continue
                 else:
                     won, kv, rev = await self._campaign()
@@ -388,6 +397,9 @@ class Election:
                 log.warning("election: %s", exc)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.lease_ttl / 2)
+            except Exception:  # a bug must not end the campaign silently
+                log.exception("election loop failed; retrying")
+                await asyncio.sleep(self.lease_ttl / 2)
 
     async def _watch_until_free(self, rev: int) -> None:
         """Follower: follow the leader key from ``rev + 1`` until it is deleted."""

@@ -87,18 +87,20 @@ async def watch(
         )
         pending: list[WatchEvent] = []  # a revision that may go on in the next fragment
         try:
-            await asyncio.wait_for(
-                call.write(pb.WatchRequest(create_request=create)), client.timeout
-            )
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel()
+            async with asyncio.timeout(client.timeout):
+                await call.write(pb.WatchRequest(create_request=create))
             created = probing = False
             while True:
                 wait = probe_interval if created and not probing else client.timeout
                 try:
-                    item = await asyncio.wait_for(queue.get(), wait)
+                    async with asyncio.timeout(wait):
+                        item = await queue.get()
                 except TimeoutError:
                     if probing or not created:
                         raise _Reopen(f"silent for {wait:g}s") from None
-                    await asyncio.wait_for(call.write(_PROGRESS_REQUEST), client.timeout)
+                    async with asyncio.timeout(client.timeout):
+                        await call.write(_PROGRESS_REQUEST)
                     probing = True
                     continue
                 probing = False

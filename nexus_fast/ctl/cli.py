@@ -20,6 +20,7 @@ from nexus_fast.ctl.client import (
     ServerError,
     follow_events,
     health_detailed,
+    new_idempotency_key,
     run,
 )
 from nexus_fast.ctl.cluster_cmd import cluster_group
@@ -78,6 +79,8 @@ def _store(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
     assert name in SETTING_NAMES
 
     def callback(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if isinstance(value, tuple):  # a repeatable flag: "" when not given
+            value = ",".join(value) or None
         if value is not None:
             setattr(ctx.ensure_object(Settings), name, value)
 
@@ -110,7 +113,9 @@ def connection_options(f: F) -> F:
             "--target",
             name="target",
             metavar="HOST:PORT",
-            help="gRPC address of the server (env NEXUS_TARGET; default 127.0.0.1:50053).",
+            multiple=True,
+            help="gRPC address of the server (env NEXUS_TARGET; default 127.0.0.1:50053). "
+            "Replicas: several, comma separated or repeated; UNAVAILABLE moves to the next.",
         ),
         _opt(
             "--http",
@@ -414,6 +419,8 @@ def commands_submit(
     request = pb.SubmitCommandsRequest(commands=[spec])
 
     async def action(c: Client) -> tuple[pb.SubmitResult, list[pb.CommandRecord]]:
+        if not request.commands[0].idempotency_key and len(c.targets.targets) > 1:
+            request.commands[0].idempotency_key = new_idempotency_key()  # retries find it
         if not wait:
             response = await c.unary("SubmitCommands", request)
             return response.results[0], []

@@ -2,6 +2,14 @@
 
 Every gRPC failure becomes :class:`ServerError` (exit 3) with one line naming the server,
 the status code and the server's message, never a traceback.
+
+With several targets (replicas: ``--target h1:p1,h2:p2``) a call answered ``UNAVAILABLE``
+(replica down or restarting, no leader elected yet) is tried again on the next target, or
+on the leader the server names in ``nexus-leader``, within the request timeout. Every
+ControlService call nexusctl makes is safe to repeat: reads, set-state writes, and
+``SubmitCommands`` always carries an idempotency key then (one is generated per
+invocation when none is given), so a retry after an unknown outcome finds the first
+command instead of creating a second.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from nexus_fast.ctl.config import Connection
 from nexus_fast.node.channel import open_channel
+from nexus_fast.node.targets import TargetList, fails_over, leader_hint
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -73,25 +83,75 @@ def describe(target: str, err: grpc.aio.AioRpcError) -> str:
 
 
 class Client:
-    """The ControlService and Health stubs on one channel; use as ``async with``."""
+    """The ControlService and Health stubs on one channel (to the current target of
+    ``conn.targets``); use as ``async with``."""
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.targets = TargetList(conn.targets)
         self.channel: grpc.aio.Channel | None = None
         self.control: pb_grpc.ControlServiceStub
         self.health: health_pb2_grpc.HealthStub
 
-    async def __aenter__(self) -> Client:
-        self.channel = open_channel(self.conn.target, self.conn.auth, _CHANNEL_OPTIONS)
+    @property
+    def target(self) -> str:
+        """The target the channel goes to now."""
+        return self.targets.current
+
+    def _open(self) -> None:
+        self.channel = open_channel(self.target, self.conn.auth, _CHANNEL_OPTIONS)
         # The generated stub class is untyped; through Any it adds no strict-mode error.
         stub: Any = pb_grpc.ControlServiceStub
         self.control = stub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+
+    async def __aenter__(self) -> Client:
+        self._open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self.channel is not None:
             await self.channel.close()
+
+    async def fail_over(self, err: grpc.aio.AioRpcError, started: float) -> bool:
+        """After ``err``: move to the next target and return True when the call should be
+        tried again there (UNAVAILABLE, several targets, time left of the request timeout
+        counted from ``started``, at most three passes over the targets)."""
+        if len(self.targets.targets) < 2 or not fails_over(err.code()):
+            return False
+        if self.targets.failures >= 3 * len(self.targets.targets):
+            return False
+        delay = self.targets.next(leader_hint(err.trailing_metadata()))
+        if time.monotonic() + delay - started > self.timeout:
+            return False
+        await asyncio.sleep(delay)
+        await self._reopen()
+        return True
+
+    async def _reopen(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+        self._open()
+
+    async def rotate(self, err: grpc.aio.AioRpcError) -> None:
+        """Move to the next target now (a long-running stream's own backoff waits)."""
+        if len(self.targets.targets) > 1 and fails_over(err.code()):
+            self.targets.next(leader_hint(err.trailing_metadata()))
+            await self._reopen()
+
+    async def retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()`` (which must read ``self.control``/``self.health`` when called), tried
+        again on the next target while :meth:`fail_over` says so."""
+        started = time.monotonic()
+        while True:
+            try:
+                result = await call()
+            except grpc.aio.AioRpcError as err:
+                if not await self.fail_over(err, started):
+                    raise
+                continue
+            self.targets.ok()
+            return result
 
     @property
     def timeout(self) -> float:
@@ -100,8 +160,12 @@ class Client:
 
     async def unary(self, method: str, request: Any) -> Any:
         """Call a unary ControlService method by name with the request deadline."""
-        call: Callable[..., Awaitable[Any]] = getattr(self.control, method)
-        return await call(request, timeout=self.timeout)
+
+        async def once() -> Any:
+            call: Callable[..., Awaitable[Any]] = getattr(self.control, method)
+            return await call(request, timeout=self.timeout)
+
+        return await self.retrying(once)
 
     async def pages(self, method: str, request: Any, field: str, limit: int) -> list[Any]:
         """Every item of a paginated List* call (up to ``limit``; 0 = all)."""
@@ -122,9 +186,12 @@ class Client:
         deadline = timeout + self.timeout if timeout else None
         # A timeout ends the stream with a marker (empty id, wait_timed_out_ids): skipped,
         # the ids it lists are read below like any other that did not finish.
-        final = {
-            r.id: r async for r in self.control.WaitCommands(request, timeout=deadline) if r.id
-        }
+
+        async def stream() -> dict[str, pb.CommandRecord]:
+            call = self.control.WaitCommands(request, timeout=deadline)
+            return {r.id: r async for r in call if r.id}
+
+        final = await self.retrying(stream)
         out = []
         for cid in ids:
             record = final.get(cid)
@@ -145,7 +212,9 @@ class Client:
         started = time.monotonic()
         budget = SUBMIT_WAIT_S if timeout is None else min(timeout, SUBMIT_WAIT_S)
         request.wait_ms = max(1, int(budget * 1000))
-        response = await self.control.SubmitCommands(request, timeout=self.timeout + budget)
+        response = await self.retrying(
+            lambda: self.control.SubmitCommands(request, timeout=self.timeout + budget)
+        )
         result = response.results[0]
         if response.final:
             return result, list(response.final)
@@ -156,27 +225,44 @@ class Client:
 
     async def serving(self) -> str:
         """The gRPC health status of the server as a whole (``SERVING``, ...)."""
-        response = await self.health.Check(health_pb2.HealthCheckRequest(), timeout=self.timeout)
+        response = await self.retrying(
+            lambda: self.health.Check(health_pb2.HealthCheckRequest(), timeout=self.timeout)
+        )
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
 
 def run(conn: Connection, action: Callable[[Client], Awaitable[T]]) -> T:
     """Run ``action`` with a connected :class:`Client`; gRPC errors become exit 3."""
 
+    client = Client(conn)
+
     async def main() -> T:
-        async with Client(conn) as client:
+        async with client:
             return await action(client)
 
     try:
         return asyncio.run(main())
     except grpc.aio.AioRpcError as err:
-        raise ServerError(describe(conn.target, err)) from None
+        raise ServerError(describe(client.target, err) + _tried(client)) from None
     except BrokenPipeError:
         raise  # stdout closed (`| head`): click exits quietly
     except (OSError, ssl.SSLError) as err:  # e.g. an unreadable TLS file
-        raise ServerError(f"{conn.target}: {err}") from None
+        raise ServerError(f"{client.target}: {err}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def new_idempotency_key() -> str:
+    """A key for one ``commands submit`` invocation (it becomes the command id)."""
+    return f"ctl-{uuid.uuid4().hex}"
+
+
+def _tried(client: Client) -> str:
+    """`` (after failing over N times; targets a, b)`` when the client moved, else ``""``."""
+    if not client.targets.failovers:
+        return ""
+    targets = ", ".join(client.targets.targets)
+    return f" (after failing over {client.targets.failovers} times; targets {targets})"
 
 
 # ---------------------------------------------------------------- events
@@ -208,6 +294,7 @@ async def follow_events(
         try:
             async for batch in _batches(client, request, None if follow else idle):
                 failures = 0
+                client.targets.ok()
                 if batch is None:  # quiet for `idle` seconds: caught up
                     return
                 for event in batch.events:
@@ -223,9 +310,13 @@ async def follow_events(
                 return
             reason = "stream ended"
         except grpc.aio.AioRpcError as err:
+            reason = describe(client.target, err)
+            if await client.fail_over(err, time.monotonic()):
+                on_reconnect(f"{reason}; resuming on {client.target}")
+                continue  # another replica: resume there after the same index
             if not follow or not _resumable(err):
                 raise
-            reason = describe(client.conn.target, err)
+            await client.rotate(err)
         # Full-jitter backoff, 0.2 s doubling to 5 s: a restarting server is back quickly.
         delay = random.uniform(0, min(5.0, 0.2 * 2**failures))
         failures += 1

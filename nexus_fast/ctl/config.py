@@ -5,13 +5,15 @@
     current_context = "prod"
 
     [contexts.prod]
-    target = "nexus.example.com:50053"      # gRPC host:port
+    target = "nexus.example.com:50053"      # gRPC host:port; replicas: "h1:p,h2:p" or a list
     http = "https://nexus.example.com:8082" # for `nexusctl status` (/health/detailed)
     tls_ca = "/etc/nexus/ca.pem"
     tls_cert = "/etc/nexus/ops.pem"
     tls_key = "/etc/nexus/ops.key"
     tls_server_name = "nexus"
     token_file = "~/.config/nexus/prod.token"
+
+Several targets (replicas) fail over: see :mod:`nexus_fast.ctl.client`.
 
 What wins, highest first: a flag, the environment (``NEXUS_TARGET``, ``NEXUS_HTTP``,
 ``NEXUS_TOKEN``), the selected context (``--context`` or ``current_context``), the
@@ -31,6 +33,7 @@ import click
 import tomli_w
 
 from nexus_fast.node.channel import TOKEN_ENV, ClientAuth, check_arguments
+from nexus_fast.node.targets import parse_targets
 
 CONFIG_ENV = "NEXUSCTL_CONFIG"
 TARGET_ENV = "NEXUS_TARGET"
@@ -85,10 +88,14 @@ class CtlConfig:
                     f"config {path}: contexts.{name}: unknown key {unknown[0]!r} "
                     f"(expected some of {', '.join(CONTEXT_KEYS)})"
                 )
+            ctx = dict(ctx)
+            target = ctx.get("target")
+            if isinstance(target, list) and all(isinstance(t, str) for t in target):
+                ctx["target"] = ",".join(target)  # replicas as a TOML list
             for key, value in ctx.items():
                 if not isinstance(value, str):
                     raise ConfigError(f"config {path}: contexts.{name}.{key} must be a string")
-            contexts[name] = dict(ctx)
+            contexts[name] = ctx
         current = doc.get("current_context")
         if current is not None and not isinstance(current, str):
             raise ConfigError(f"config {path}: current_context must be a string")
@@ -141,11 +148,12 @@ SETTING_NAMES = frozenset(f.name for f in fields(Settings))
 class Connection:
     """Where to connect and how: the result of flags + environment + context."""
 
-    target: str
+    target: str  # as given: one HOST:PORT or several, comma separated
     http: str | None
     auth: ClientAuth
     context: str | None
     request_timeout: float
+    targets: tuple[str, ...] = ()  # parsed from ``target``; filled by resolve()
 
 
 class _ClickParser(argparse.ArgumentParser):
@@ -184,12 +192,17 @@ def resolve(settings: Settings, config: CtlConfig | None = None) -> Connection:
     )
     # The same checks and the same ClientAuth as nexus-node and nexus-bench.
     check_arguments(_ClickParser(), args)
+    try:
+        targets = tuple(parse_targets(target))
+    except ValueError as err:
+        raise click.UsageError(f"--target: {err}") from None
     return Connection(
         target=target,
-        http=normalise_http(http, target, ClientAuth.from_args(args).tls) if http else None,
+        http=normalise_http(http, targets[0], ClientAuth.from_args(args).tls) if http else None,
         auth=ClientAuth.from_args(args),
         context=name,
         request_timeout=settings.request_timeout or 10.0,
+        targets=targets,
     )
 
 

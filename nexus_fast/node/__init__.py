@@ -4,7 +4,9 @@ Layout, from the bottom up: ``spec`` (parsing, node specs, spec files), ``policy
 node's pure decisions: backoff, stream-end actions, de-dup, usage), ``dedup`` (the durable
 de-dup record of ``--state-dir``: exactly once per node across restarts), ``channel`` (TLS and
 token client connections, shared with nexus-bench), ``sim`` (one node and its narrow
-``NodeContext``), ``fleet`` (channels, counters, status, shutdown), ``cli`` (``nexus-node``).
+``NodeContext``), ``fleet`` (channels, counters, status, shutdown), ``cli`` (``nexus-node``);
+``targets`` (several server addresses and failing over between them, shared with nexusctl
+and nexus-bench).
 """
 
 from nexus_fast.node.channel import ClientAuth, open_channel
@@ -33,6 +35,7 @@ from nexus_fast.node.spec import (
     parse_labels,
     parse_size,
 )
+from nexus_fast.node.targets import TargetList, leader_hint, parse_targets
 
 __all__ = [
     "DEFAULT_CAPACITY",
@@ -47,6 +50,7 @@ __all__ = [
     "NodeSpec",
     "Stats",
     "StatusSnapshot",
+    "TargetList",
     "agent_id_from_payload",
     "backoff_delay",
     "build_node_specs",
@@ -55,6 +59,7 @@ __all__ = [
     "default_channels",
     "format_status",
     "jittered",
+    "leader_hint",
     "main",
     "open_channel",
     "parse_args",
@@ -63,6 +68,7 @@ __all__ = [
     "parse_exec_duration",
     "parse_labels",
     "parse_size",
+    "parse_targets",
     "register_error_is_fatal",
     "run_fleet",
     "simulate_usage",

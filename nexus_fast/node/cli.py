@@ -32,6 +32,9 @@ from nexus_fast.node.spec import (
     parse_exec_duration,
     parse_labels,
 )
+from nexus_fast.node.targets import parse_targets
+
+DEFAULT_TARGET = "127.0.0.1:50053"
 
 _EPILOG = """\
 spec file (--spec): TOML or JSON, a list of node groups. Each group has
@@ -129,7 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spec", metavar="FILE", help="TOML/JSON node groups (see below)")
     g.add_argument("--seed", type=int, default=None, help="random seed (reproducible jitter)")
     c = p.add_argument_group("connection")
-    c.add_argument("--target", default="127.0.0.1:50053", help="server address (%(default)s)")
+    c.add_argument(
+        "--target",
+        action="append",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="server address, or several replicas (comma separated or repeated): node i "
+        "starts on target i mod n and moves to the next (or to the leader the server names) "
+        f"when one is UNAVAILABLE (default {DEFAULT_TARGET})",
+    )
     c.add_argument(
         "--channels",
         type=posint,
@@ -233,6 +243,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.spec and args.nodes is not None:
         parser.error("--nodes cannot be combined with --spec (counts come from the spec)")
     check_arguments(parser, args)
+    try:
+        # One string for logs and callers that read it; the Fleet parses it again.
+        args.target = ",".join(parse_targets(args.target or [DEFAULT_TARGET]))
+    except ValueError as exc:
+        parser.error(f"--target: {exc}")
     try:
         if args.spec:
             groups: list[Any] = load_spec_groups(args.spec)

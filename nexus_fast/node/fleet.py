@@ -3,6 +3,12 @@
 :class:`Fleet` builds one :class:`~nexus_fast.node.sim.NodeContext` that every node
 shares, opens the gRPC channels (one per 250 nodes), prints status lines and shuts down
 cleanly (optionally deregistering every node).
+
+With several ``--target`` values node ``i`` starts on target ``i mod n`` and fails over on
+its own (:class:`~nexus_fast.node.targets.TargetList`, in the order of
+:func:`~nexus_fast.node.targets.spread_order`, so the nodes of a dead target spread over
+the others); channels are opened per (target,
+channel index) when a node first needs one, so one target costs what it did before.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from nexus_fast.node.sim import (
     log,
 )
 from nexus_fast.node.spec import NodeSpec
+from nexus_fast.node.targets import TargetList, parse_targets, spread_order
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -107,6 +114,7 @@ def format_status(
             ("draining", snap.draining),
             ("superseded", snap.superseded),
             ("fatal", snap.fatal),
+            ("failovers", c.failovers),
         )
         if value
     ]
@@ -120,10 +128,11 @@ class Fleet:
         self.args = args
         self.auth = ClientAuth.from_args(args).for_nodes()
         self.channel_count = args.channels or default_channels(len(specs))
-        self.channels: list[grpc.aio.Channel] = []
-        self._stubs: list[pb_grpc.NodeServiceStub] = []
+        self.targets = parse_targets(args.target)
+        self.channels: dict[tuple[int, str], grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[int, str], pb_grpc.NodeServiceStub] = {}
         self.ctx = NodeContext(
-            stub=self._stubs.__getitem__,  # filled when the channels open, in run()
+            stub=self.stub_for,
             metadata=self.auth.node_metadata,
             rng=random.Random(args.seed),
             dedup=DedupCache(args.dedup_size),
@@ -146,7 +155,13 @@ class Fleet:
                 self.ctx.journal.interrupted,
             )
         self.nodes = [
-            NodeSim(self.ctx, spec, i % self.channel_count) for i, spec in enumerate(specs)
+            NodeSim(
+                self.ctx,
+                spec,
+                i % self.channel_count,
+                TargetList(spread_order(self.targets, i), rng=self.ctx.rng),
+            )
+            for i, spec in enumerate(specs)
         ]
         self._record_fp: IO[str] | None = None
         self._record_flush: asyncio.TimerHandle | None = None
@@ -166,8 +181,18 @@ class Fleet:
         return self.ctx.stopping
 
     def stub(self, node: NodeSim) -> pb_grpc.NodeServiceStub:
-        """The NodeService stub of the channel this node is pinned to."""
-        return self._stubs[node.channel_index]
+        """The NodeService stub of this node's channel to its current target."""
+        return self.stub_for(node.channel_index, node.targets.current)
+
+    def stub_for(self, index: int, target: str) -> pb_grpc.NodeServiceStub:
+        """The stub of channel ``index`` to ``target``, opened on first use."""
+        key = (index, target)
+        stub = self._stubs.get(key)
+        if stub is None:
+            channel = open_channel(target, self.auth, self._channel_options())
+            self.channels[key] = channel
+            stub = self._stubs[key] = pb_grpc.NodeServiceStub(channel)
+        return stub
 
     # ---- reporting (given to the nodes through their context)
 
@@ -262,7 +287,7 @@ class Fleet:
 
     # ---- run
 
-    def _open_channels(self) -> None:
+    def _channel_options(self) -> list[tuple[str, Any]]:
         args = self.args
         options: list[tuple[str, Any]] = [
             ("grpc.use_local_subchannel_pool", 1),  # K channels = K TCP connections, not 1 shared
@@ -275,10 +300,12 @@ class Fleet:
                 ("grpc.keepalive_time_ms", int(args.keepalive * 1000)),
                 ("grpc.keepalive_timeout_ms", 10_000),
             ]
-        for _ in range(self.channel_count):
-            channel = open_channel(args.target, self.auth, options)
-            self.channels.append(channel)
-            self._stubs.append(pb_grpc.NodeServiceStub(channel))
+        return options
+
+    def _open_channels(self) -> None:
+        """Open every channel the nodes start on (node i: channel i mod k, target i mod n)."""
+        for node in self.nodes[: self.channel_count * len(self.targets)]:
+            self.stub(node)
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop`` is set, ``--duration`` elapses or every node has stopped."""
@@ -291,8 +318,8 @@ class Fleet:
             "nexus-node %s: %d nodes -> %s over %d channel(s)",
             VERSION,
             len(self.nodes),
-            args.target,
-            self.channel_count,
+            ",".join(self.targets),
+            len(self.channels),
         )
         n = max(len(self.nodes), 1)
         node_tasks = [
@@ -346,7 +373,9 @@ class Fleet:
             self._record_fp = None
         if self.ctx.journal is not None:
             self.ctx.journal.close()
-        await asyncio.gather(*(ch.close(None) for ch in self.channels), return_exceptions=True)
+        await asyncio.gather(
+            *(ch.close(None) for ch in self.channels.values()), return_exceptions=True
+        )
 
     async def _deregister_all(self) -> None:
         slots = asyncio.Semaphore(DEREGISTER_CONCURRENCY)

@@ -127,6 +127,7 @@ class Action(Enum):
     """What a node does after its Connect stream ends."""
 
     RECONNECT = "reconnect"  # same epoch, after backoff
+    FAILOVER = "failover"  # same epoch, to the next target (UNAVAILABLE: down or no leader)
     REREGISTER = "reregister"  # new epoch via Register, then Connect
     SUPERSEDED = "superseded"  # another session owns this node id: stop, don't fight
     FATAL = "fatal"  # the server rejects this node outright

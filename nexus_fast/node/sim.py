@@ -32,6 +32,7 @@ from nexus_fast.node.policy import (
     simulate_usage,
 )
 from nexus_fast.node.spec import RESOURCE_KEYS, NodeSpec
+from nexus_fast.node.targets import TargetList, fails_over, leader_hint
 from nexus_fast.pb import fabric_pb2 as pb
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class Stats:
     cancelled: int = 0
     duplicates: int = 0
     errors: int = 0
+    failovers: int = 0  # a node moved to another target (--target lists several)
 
 
 class Reporter(Protocol):
@@ -106,12 +108,13 @@ def _no_metadata(node_id: str) -> tuple[tuple[str, str], ...]:
 class NodeContext:
     """Everything a :class:`NodeSim` needs from the process that runs it, and nothing else.
 
-    ``stub(i)`` returns the NodeService stub of channel ``i`` (a node stays on its channel);
+    ``stub(i, target)`` returns the NodeService stub of channel ``i`` to ``target`` (a node
+    stays on its channel index; it changes target when it fails over);
     ``metadata(node_id)`` is the call metadata of that node's own calls (its minted token);
     ``stopping`` is set by the owner at shutdown. Shared by every node of a ctx.
     """
 
-    stub: Callable[[int], Any]
+    stub: Callable[[int, str], Any]
     metadata: Callable[[str], tuple[tuple[str, str], ...]] = _no_metadata
     rng: random.Random = field(default_factory=random.Random)
     stats: Stats = field(default_factory=Stats)
@@ -159,11 +162,20 @@ class NodeSim:
     Exactly one writer task per stream drains it.
     """
 
-    def __init__(self, ctx: NodeContext, spec: NodeSpec, channel_index: int) -> None:
+    def __init__(
+        self,
+        ctx: NodeContext,
+        spec: NodeSpec,
+        channel_index: int,
+        targets: TargetList | None = None,
+    ) -> None:
         self.ctx = ctx
         self.spec = spec
         self.node_id = spec.node_id
         self.channel_index = channel_index
+        # Where this node connects; it moves on by itself when a target is UNAVAILABLE.
+        self.targets = targets or TargetList(["127.0.0.1:50053"], rng=ctx.rng)
+        self._leader: str | None = None  # the leader named by the last UNAVAILABLE
         self.epoch: int | None = None
         self.state = "starting"
         self.interval_s = DEFAULT_HEARTBEAT_S
@@ -240,6 +252,8 @@ class NodeSim:
                 self._failures = 0  # the server answered: it is up, so re-register promptly
                 delay = backoff_delay(self._reregisters, rng=ctx.rng)
                 self._reregisters += 1  # but never loop Register/Connect hot
+            elif action is Action.FAILOVER:
+                delay = self._fail_over()
             else:
                 delay = backoff_delay(self._failures, rng=ctx.rng)
                 self._failures += 1
@@ -261,7 +275,7 @@ class NodeSim:
             self.state = "registering"
             try:
                 async with ctx.register_slots:
-                    response = await ctx.stub(self.channel_index).Register(
+                    response = await self.stub().Register(
                         request, timeout=RPC_TIMEOUT_S, metadata=ctx.metadata(self.node_id)
                     )
             except grpc.aio.AioRpcError as exc:
@@ -277,10 +291,16 @@ class NodeSim:
                     return False
                 ctx.report(
                     f"register-{code.name}",
-                    f"node {self.node_id}: Register failed ({code.name}: {exc.details()}); "
-                    "retrying",
+                    f"node {self.node_id}: Register at {self.targets.current} failed "
+                    f"({code.name}: {exc.details()}); retrying",
                 )
+                if fails_over(code):
+                    self._leader = leader_hint(exc.trailing_metadata())
+                    self.state = "backoff"
+                    await asyncio.sleep(self._fail_over())
+                    continue
             else:
+                self.targets.ok()
                 self.epoch = response.session_epoch
                 if response.HasField("config"):
                     self.apply_config(response.config)
@@ -296,7 +316,7 @@ class NodeSim:
         """Run one Connect stream until it ends; return what to do next."""
         ctx = self.ctx
         self.state = "connecting"
-        call = ctx.stub(self.channel_index).Connect(metadata=ctx.metadata(self.node_id))
+        call = self.stub().Connect(metadata=ctx.metadata(self.node_id))
         reader = asyncio.create_task(self._reader(call))
         writer = asyncio.create_task(self._writer(call))
         try:
@@ -308,6 +328,8 @@ class NodeSim:
                     call.cancel()  # a local bug: end the call so its status resolves
             code = await call.code()
             details = await call.details()
+            if fails_over(code):
+                self._leader = leader_hint(await call.trailing_metadata())
         finally:
             self._cancel_heartbeat()
             call.cancel()
@@ -317,6 +339,13 @@ class NodeSim:
         if ctx.stopping:
             return Action.RECONNECT
         action = classify_stream_end(code, details)
+        if fails_over(code):
+            ctx.report(
+                f"stream-{code.name}",
+                f"node {self.node_id}: stream to {self.targets.current} ended "
+                f"({code.name}: {details}); failing over",
+            )
+            return Action.FAILOVER
         if code == grpc.StatusCode.OK:
             ctx.report(
                 "stream-ok",
@@ -337,6 +366,20 @@ class NodeSim:
             )
         return action
 
+    def stub(self) -> Any:
+        """The NodeService stub of this node's channel to its current target."""
+        return self.ctx.stub(self.channel_index, self.targets.current)
+
+    def _fail_over(self) -> float:
+        """Move to the next target (the leader the server named, if any); the delay."""
+        before = self.targets.current
+        delay = self.targets.next(self._leader)
+        self._leader = None
+        if self.targets.current != before:
+            self.ctx.stats.failovers += 1
+            log.debug("node %s: %s -> %s", self.node_id, before, self.targets.current)
+        return delay
+
     # ---- inbound
 
     async def _reader(self, call: grpc.aio.StreamStreamCall) -> None:
@@ -347,6 +390,7 @@ class NodeSim:
             if self.state != "connected":
                 self.state = "connected"
                 self._failures = self._reregisters = 0  # the server accepted this session
+                self.targets.ok()
             self.handle_control(msg)
             if self._over_capacity():
                 await self._wait_capacity()  # stop reading: gRPC flow control pushes back

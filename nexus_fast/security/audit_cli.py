@@ -28,9 +28,7 @@ from nexus_fast.store.audit_chain import (
     audit_key,
     iter_export,
 )
-
-CHUNK = 10000
-"""Entries read per read transaction: long read txns pin old pages and grow the file."""
+from nexus_fast.store.datafile import iter_records
 
 _MAX_DBS = 32  # same as the store's MAX_DBS; opening needs room for the named databases
 
@@ -71,25 +69,12 @@ def _open_env(db_path: Path, err: IO[str]) -> lmdb.Environment:
 
 
 def _entries(env: lmdb.Environment, after: int = 0) -> Iterator[tuple[bytes, bytes]]:
-    """Every audit ``(key, value)`` with seq > ``after``, in key order, CHUNK per read txn."""
+    """Every audit ``(key, value)`` with seq > ``after``, in key order, a chunk per read txn."""
     try:
         db = env.open_db(AUDIT_DB.encode(), create=False)
     except lmdb.NotFoundError:
         return  # no audit database yet: an empty log
-    start = audit_key(after + 1) if after >= 0 else b""
-    while True:
-        chunk: list[tuple[bytes, bytes]] = []
-        with env.begin(db=db) as txn:
-            cur = txn.cursor()
-            if cur.set_range(start) if start else cur.first():
-                for key, value in cur:
-                    chunk.append((key, value))
-                    if len(chunk) >= CHUNK:
-                        break
-        yield from chunk
-        if len(chunk) < CHUNK:
-            return
-        start = chunk[-1][0] + b"\x00"  # next key after the last one read
+    yield from iter_records(env, db, audit_key(after + 1) if after >= 0 else b"")
 
 
 def _parse_head(text: str) -> tuple[int, bytes]:

@@ -185,6 +185,7 @@ class ReplicatedStore(LocalReads):
         self._lost_watch: asyncio.Task[None] | None = None
         self._tailer: asyncio.Task[None] | None = None
         self._closing = False
+        election.can_lead = self._can_lead
         self.entries_written = 0
         """Log entries this replica wrote as leader (group-commit efficiency, tests)."""
         self.requests_written = 0
@@ -192,6 +193,10 @@ class ReplicatedStore(LocalReads):
         """Entries applied from the log as a follower (catch-up and watch)."""
 
     # ------------------------------------------------------------------ health, figures
+
+    def _can_lead(self) -> bool:
+        """Only a replica that follows the log may campaign (not one needing a snapshot)."""
+        return self.state in ("follower", "leader")
 
     def healthy(self) -> bool:
         """Local store healthy and the log followable (not needing a snapshot, not broken)."""
@@ -549,6 +554,10 @@ class ReplicatedStore(LocalReads):
             except StoreError as exc:
                 self._failure = f"cannot apply log entry {self.applied_seq + 1}: {exc}"
                 log.error("%s", self._failure)
+                await asyncio.sleep(_BACKOFF_MAX)
+            except Exception as exc:  # a bug must not end the tailer silently
+                self._failure = f"following the log failed at entry {self.applied_seq + 1}: {exc!r}"
+                log.exception("following the log failed")
                 await asyncio.sleep(_BACKOFF_MAX)
 
     async def _catch_up(self) -> int:

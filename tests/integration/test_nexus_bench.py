@@ -51,6 +51,11 @@ def test_dispatch_spawn_baseline(tmp_path: Path) -> None:
     names = [r["name"] for r in doc["ratios"]]
     assert "commands / (echo rpc/s x batch)" in names
     assert "commands / floor commands" in names
+    # Issue 11's target 3: our p99 submit->node against the floor's, same load.
+    target3 = next(r for r in doc["ratios"] if r["name"] == "p99 submit->recv / floor p99")
+    p99_ours = ours["latency"]["submit->node recv"]["p99_ms"]
+    p99_floor = floor["latency"]["submit->node recv"]["p99_ms"]
+    assert target3["value"] == pytest.approx(p99_ours / p99_floor, rel=0.01)
     assert all(r["value"] and r["value"] > 0 for r in doc["ratios"])
     assert "ratios" in stdout
 

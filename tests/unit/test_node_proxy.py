@@ -636,7 +636,7 @@ def test_node_runs_on_a_context_without_a_fleet() -> None:
         recorded.append((node_id, command.id, ok))
 
     async def scenario() -> None:
-        ctx = NodeContext(stub=lambda i: None, record=record, exec_range=(0.0, 0.0))
+        ctx = NodeContext(stub=lambda i, t: None, record=record, exec_range=(0.0, 0.0))
         spec = build_node_specs([{"count": 1}])[0]
         node = NodeSim(ctx, spec, 0)
         node.handle_control(pb.ControlMessage(commands=[_cmd("x1")]))

@@ -26,7 +26,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -60,6 +60,7 @@ from nexus_fast.benchmark.workers import (
     split,
 )
 from nexus_fast.node.channel import ClientAuth
+from nexus_fast.node.targets import TargetList, fails_over, leader_hint
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 
@@ -162,11 +163,19 @@ def op_mode(args: Any) -> str:
 class DispatchLoad:
     """Submits batches and tracks every command until its node got it (and answered)."""
 
-    def __init__(self, ctx: Context, channel: Any, *, final_every: int) -> None:
+    def __init__(
+        self, ctx: Context, channel: Any, *, final_every: int, targets: Sequence[str] = ()
+    ) -> None:
         self.ctx = ctx
         self.control = pb_grpc.ControlServiceStub(channel)
         # Raw bytes both ways: the reply is not parsed (the echo baseline does the same).
         self.submit_raw = channel.unary_unary(SUBMIT_METHOD)
+        # Several replicas (--target a,b): a submit answered UNAVAILABLE goes again, the
+        # same bytes (so the same idempotency keys: never a second command), to the next.
+        self.targets = TargetList(targets) if len(targets) > 1 else None
+        self._submits: dict[str, Any] = {targets[0]: self.submit_raw} if self.targets else {}
+        self._extra_channels: list[Any] = []
+        self.retries = 0
         self.batch = ctx.args.batch_size
         self.prefix = f"b{os.getpid()}-{int(time.time() * 1000) % 10_000_000:07d}"
         self.encoder = BatchEncoder(self.prefix, self.batch, ctx.labels)
@@ -220,7 +229,7 @@ class DispatchLoad:
         for cid in ids:
             self.submitted_at[cid] = intended
         try:
-            await self.submit_raw(request, timeout=RPC_TIMEOUT)
+            await self._submit(request)
         except grpc.aio.AioRpcError:
             for cid in ids:
                 self.submitted_at.pop(cid, None)
@@ -233,6 +242,38 @@ class DispatchLoad:
             waiter = asyncio.ensure_future(self._wait_final(ids[-1], intended))
             self.waiters.add(waiter)
             waiter.add_done_callback(self.waiters.discard)
+
+    async def _submit(self, request: bytes) -> None:
+        """One SubmitCommands; with several targets, again on the next one (or the leader
+        the server names) while they answer UNAVAILABLE, at most two passes over them."""
+        targets = self.targets
+        if targets is None:
+            await self.submit_raw(request, timeout=RPC_TIMEOUT)
+            return
+        tries = 0
+        while True:
+            target = targets.current
+            submit = self._submits.get(target)
+            if submit is None:
+                channel = open_channel(target, self.ctx.auth)
+                self._extra_channels.append(channel)
+                submit = self._submits[target] = channel.unary_unary(SUBMIT_METHOD)
+            try:
+                await submit(request, timeout=RPC_TIMEOUT)
+            except grpc.aio.AioRpcError as err:
+                tries += 1
+                if not fails_over(err.code()) or tries > 2 * len(targets.targets):
+                    raise
+                self.retries += 1
+                await asyncio.sleep(targets.next(leader_hint(err.trailing_metadata())))
+                continue
+            targets.ok()
+            return
+
+    async def close(self) -> None:
+        """Close the channels opened to other targets."""
+        for channel in self._extra_channels:
+            await channel.close()
 
     async def _wait_final(self, cid: str, intended: float) -> None:
         with contextlib.suppress(grpc.aio.AioRpcError):
@@ -254,16 +295,16 @@ async def measure_ours(ctx: Context) -> Measurement:
     server = ctx.server
     assert server is not None
     channel = open_channel(server.grpc, ctx.auth)
-    load = DispatchLoad(ctx, channel, final_every=args.final_every)
+    load = DispatchLoad(ctx, channel, final_every=args.final_every, targets=server.targets)
     workers: ClientWorkers | None = None
     pool: NodePool | None = None
     agg: Aggregate | None = None
     if args.client_procs > 1:
-        specs = _node_specs(ctx, server.grpc, load.prefix)
+        specs = _node_specs(ctx, server.grpc_all, load.prefix)
         workers = ClientWorkers(ctx.group, "dispatch-nodes", specs, env=ctx.auth.env())
     else:
         pool = NodePool(
-            server.grpc,
+            server.grpc_all,
             args.nodes,
             ctx.auth,
             prefix="dp-",
@@ -334,6 +375,7 @@ async def measure_ours(ctx: Context) -> Measurement:
             await asyncio.gather(beats, return_exceptions=True)
         if pool is not None:
             await pool.close()
+        await load.close()
         await channel.close()
     n_received = load.received if agg is None else agg.counts.get("received", 0)
     lost = load.submitted - n_received
@@ -346,6 +388,16 @@ async def measure_ours(ctx: Context) -> Measurement:
         "submit_rpcs": load.batches,
         "submit_rpc_per_s": round(load.batches / max(result.elapsed, 1e-9), 1),
     }
+    if load.targets is not None:
+        extra["targets"] = load.targets.targets
+        extra["submit_retries"] = load.retries  # UNAVAILABLE -> same keys, next target
+        if pool is not None:
+            extra["node_register_retries"] = pool.register_retries
+        if load.retries:
+            ctx.report.notes.append(
+                f"dispatch: {load.retries} submits retried on another target after "
+                "UNAVAILABLE (same idempotency keys: no command submitted twice)"
+            )
     if agg is not None:
         extra["client_procs"] = args.client_procs
         extra["client_cpu_per_proc"] = agg.cpu_per_proc
@@ -624,7 +676,17 @@ async def _baselines(ctx: Context, ours: Measurement) -> None:
         Ratio(
             "p99 submit->recv / p99 echo",
             ratio(float(p99_ours) if p99_ours else None, float(p99_base) if p99_base else None),
-            f"{p99_ours} ms / {p99_base} ms"
+            f"{p99_ours} ms / {p99_base} ms",
+        )
+    )
+    # Issue 11's target 3: the floor carries the same batches to the same fleet at the same
+    # rate, so what the client and its simulated nodes add is in both p99s.
+    p99_floor = floor.latency["submit->node recv"].get("p99_ms")
+    ctx.report.ratios.append(
+        Ratio(
+            "p99 submit->recv / floor p99",
+            ratio(float(p99_ours) if p99_ours else None, float(p99_floor) if p99_floor else None),
+            f"{p99_ours} ms / {p99_floor} ms"
             + ("" if args.rate else " (closed loop: use --rate at 10% of max for the target)"),
             "<= 2 at 10% of max rate",
         )

@@ -163,9 +163,9 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
     )
     channel = open_channel(server.grpc, ctx.auth)
     control = pb_grpc.ControlServiceStub(channel)
-    load = DispatchLoad(ctx, channel, final_every=0)
+    load = DispatchLoad(ctx, channel, final_every=0, targets=server.targets)
     pool = NodePool(
-        server.grpc,
+        server.grpc_all,
         args.nodes,
         ctx.auth,
         prefix="ev-",
@@ -238,6 +238,7 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
         for transport in transports:
             transport.disconnect()
         await pool.close()
+        await load.close()
         await channel.close()
     published = None
     if m0 is not None and m1 is not None:
@@ -251,6 +252,8 @@ async def measure_ours(ctx: Context) -> tuple[list[Measurement], bytes]:
         "commands": load.received,
         "commands_per_s": round(load.received / elapsed, 1),
     }
+    if load.targets is not None:
+        common["submit_retries"] = load.retries  # UNAVAILABLE -> same keys, next target
     out = []
     frame_bytes_mean = (
         round(sum(map(len, ws.frames_kept)) / len(ws.frames_kept)) if ws.frames_kept else 0

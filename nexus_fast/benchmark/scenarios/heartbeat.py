@@ -101,7 +101,7 @@ async def measure_ours(ctx: Context) -> Measurement:
     args = ctx.args
     server = ctx.server
     assert server is not None
-    pool = NodePool(server.grpc, args.nodes, ctx.auth, prefix="hb-", labels=ctx.labels)
+    pool = NodePool(server.grpc_all, args.nodes, ctx.auth, prefix="hb-", labels=ctx.labels)
     t_reg = time.perf_counter()
     await pool.start()
     reg_s = time.perf_counter() - t_reg
@@ -429,7 +429,7 @@ async def measure_ours_procs(ctx: Context) -> Measurement:
     server = ctx.server
     assert server is not None
     workers = ClientWorkers(
-        ctx.group, "heartbeat-ours", _worker_specs(ctx, server.grpc), env=ctx.auth.env()
+        ctx.group, "heartbeat-ours", _worker_specs(ctx, server.grpc_all), env=ctx.auth.env()
     )
 
     def snapshot() -> tuple[dict[str, float] | None, float | None]:

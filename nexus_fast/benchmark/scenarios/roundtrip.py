@@ -74,7 +74,7 @@ async def start_proxy(ctx: Context, hold_s: float, tag: str) -> tuple[int, dict[
         "-m",
         "nexus_fast.node",
         "--target",
-        ctx.server.grpc,
+        ctx.server.grpc_all,  # replicas: the node spreads and fails over by itself
         "--nodes",
         "1",
         "--id-prefix",
