@@ -359,6 +359,10 @@ class NexusServer:
         )
         limits = self.security.limits if self.security else None
         add_node_service(NodeService(self.nodes, self.commands, self.agents, limits), server)
+        if self.cluster is not None:  # ReplicaService.FetchSnapshot: bootstrap of replicas
+            from nexus_fast.cluster.snapshot import add_snapshot_service
+
+            add_snapshot_service(self.cluster.snapshots, server)
         add_control_service(
             ControlService(
                 self.nodes,

@@ -25,12 +25,14 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, Final
 
 from nexus_fast import errors
 from nexus_fast.cluster.election import Election
 from nexus_fast.cluster.etcd import EndpointStatus, EtcdClient, EtcdError
 from nexus_fast.cluster.forward import LeaderChannel, LeaderRouter
+from nexus_fast.cluster.snapshot import SnapshotBootstrap, SnapshotServicer
 from nexus_fast.config import Config
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
@@ -76,6 +78,11 @@ class ClusterReplica:
         self.router = LeaderRouter(
             self.channel, self.serving_core, auth_on=config.security.auth_required
         )
+        # Snapshot bootstrap (nexus_fast/cluster/snapshot.py): serve copies of this store;
+        # install one when the log cannot bring this replica up to date.
+        data_dir = Path(config.database.path)
+        self.snapshots = SnapshotServicer(self.store, data_dir, config.server.max_message_size)
+        self.bootstrap = SnapshotBootstrap(config, self.store, data_dir, self._reexec)
         self.core_loaded = False  # set by the server once its core is loaded (leader only)
         self.listen: dict[str, str] = {}  # grpc / http / ws addresses, for the status key
         self.on_change: Callable[[], None] | None = None  # the server's readiness refresh
@@ -99,6 +106,7 @@ class ClusterReplica:
         await self.election.start()
         self._spawn(self._publish_status(), "cluster-status")
         self._spawn(self._watch_lost(), "cluster-demotion")
+        self._spawn(self.bootstrap.run(), "cluster-bootstrap")
 
     def quiesce(self) -> None:
         """The server is stopping: losing the lease from now on re-execs nothing."""

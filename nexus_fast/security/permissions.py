@@ -25,6 +25,7 @@ from nexus_fast.security.rbac import RbacConfig
 __all__ = [
     "ALL_PERMISSIONS",
     "BUILTIN_ROLES",
+    "CLUSTER_SNAPSHOT",
     "GRPC_METHODS",
     "HTTP_ROUTES",
     "NODE_SELF",
@@ -39,11 +40,15 @@ __all__ = [
 PUBLIC: Final = "public"
 NODE_SELF: Final = "node.self"
 ROLE_REPLICA: Final = "replica"
+CLUSTER_SNAPSHOT: Final = "cluster.snapshot"
+"""A copy of the whole store (ReplicaService.FetchSnapshot: every record, the audit log):
+held by the replica role and admin only, never configurable, never implied by "rbac off"."""
 REPLICA_FORWARD: Final = "cluster.forward"
 """Held by the replica role only: may act on behalf of the principal a follower names."""
 
 _NODE: Final = "/nexus.fabric.v1.NodeService/"
 _CONTROL: Final = "/nexus.fabric.v1.ControlService/"
+_REPLICA_SERVICE: Final = "/nexus.cluster.v1.ReplicaService/"
 
 GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
     {
@@ -69,6 +74,7 @@ GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
         _CONTROL + "SetFailpoints": "failpoint.write",  # fault injection: admin only
         _CONTROL + "ListFailpoints": "failpoint.read",
         _CONTROL + "GetClusterStatus": "cluster.read",
+        _REPLICA_SERVICE + "FetchSnapshot": CLUSTER_SNAPSHOT,  # bootstrap: replicas, admin
         # Load balancers and orchestrators probe without credentials (TLS still applies).
         "/grpc.health.v1.Health/Check": PUBLIC,
         "/grpc.health.v1.Health/Watch": PUBLIC,
@@ -145,7 +151,7 @@ BUILTIN_ROLES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         # Another replica of the cluster: it forwards calls to the leader on behalf of the
         # principal that made them (grpc_auth accepts the on-behalf-of header from this role
         # only, whatever the configuration gives other roles).
-        ROLE_REPLICA: (REPLICA_FORWARD, "cluster.read"),
+        ROLE_REPLICA: (REPLICA_FORWARD, CLUSTER_SNAPSHOT, "cluster.read"),
     }
 )
 
@@ -185,7 +191,9 @@ class Rbac:
                 perms.discard(REPLICA_FORWARD)  # not even admin speaks for others
             roles[name] = frozenset(perms)
         self.roles = roles  # one assignment: a check never sees half a table
-        self._unchecked = frozenset(ALL_PERMISSIONS - {NODE_SELF, REPLICA_FORWARD})
+        self._unchecked = frozenset(
+            ALL_PERMISSIONS - {NODE_SELF, REPLICA_FORWARD, CLUSTER_SNAPSHOT}
+        )
 
     def allows(self, principal: Principal, permission: str | None) -> bool:
         """True when ``principal`` holds ``permission``; None (not in the table) is denied."""
@@ -193,6 +201,8 @@ class Rbac:
             return False
         if permission == PUBLIC:
             return True
+        if permission == CLUSTER_SNAPSHOT:  # the whole store: whatever rbac says
+            return principal.role in (ROLE_ADMIN, ROLE_REPLICA)
         if permission == REPLICA_FORWARD:  # speaking for others: replicas only, always
             return principal.role == ROLE_REPLICA
         if principal.role == ROLE_NODE:

@@ -15,14 +15,16 @@ from nexus_fast.api import ws_events, ws_server
 from nexus_fast.api.http_server import HttpServer
 from nexus_fast.config import EventsConfig, RbacConfig, RoleConfig
 from nexus_fast.core.events import EventBus
-from nexus_fast.pb import fabric_pb2
+from nexus_fast.pb import cluster_pb2, fabric_pb2
 from nexus_fast.security.identity import Principal
 from nexus_fast.security.permissions import (
     ALL_PERMISSIONS,
+    CLUSTER_SNAPSHOT,
     GRPC_METHODS,
     HTTP_ROUTES,
     NODE_SELF,
     PUBLIC,
+    ROLE_REPLICA,
     WS_OPS,
     Rbac,
     matches,
@@ -40,6 +42,7 @@ def _methods(descriptor: Any) -> list[str]:
 def test_every_grpc_method_has_a_permission() -> None:
     methods = (
         _methods(fabric_pb2.DESCRIPTOR)
+        + _methods(cluster_pb2.DESCRIPTOR)
         + _methods(health_pb2.DESCRIPTOR)
         + _methods(reflection_pb2.DESCRIPTOR)
     )
@@ -143,6 +146,18 @@ def test_rbac_disabled_still_restricts_nodes() -> None:
     assert rbac.allows(VIEWER, "command.write") and rbac.allows(_who("anyone"), "node.write")
     assert not rbac.allows(NODE, "command.write")
     assert not rbac.allows(VIEWER, NODE_SELF)
+
+
+def test_only_replicas_and_admin_fetch_snapshots_whatever_rbac_says() -> None:
+    # A snapshot is the whole store (the audit log too): never configurable, never implied.
+    greedy = RoleConfig("greedy", ("*", "cluster.*"))
+    for enabled in (False, True):
+        rbac = Rbac(RbacConfig(enabled=enabled, roles=(greedy,)))
+        assert rbac.allows(_who("admin"), CLUSTER_SNAPSHOT)
+        assert rbac.allows(_who(ROLE_REPLICA), CLUSTER_SNAPSHOT)
+        for other in (VIEWER, NODE, _who("operator"), _who("greedy"), _who("anyone")):
+            assert not rbac.allows(other, CLUSTER_SNAPSHOT), (enabled, other.role)
+    assert GRPC_METHODS["/nexus.cluster.v1.ReplicaService/FetchSnapshot"] == CLUSTER_SNAPSHOT
 
 
 def test_matches() -> None:

@@ -1,0 +1,109 @@
+"""Snapshot bootstrap end to end: real etcd, real replica processes, a compacted log.
+
+Two replicas commit many commands, the log is compacted, then a third replica starts with an
+empty data dir: its next entry is gone, so it fetches a copy of a live replica's store
+(ReplicaService.FetchSnapshot), checks and installs it, restarts on it and tails the log
+from the seq the copy holds. Its WatchEvents from index 0 is then the leader's, event for
+event, and new commits reach it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from nexus_fast.cluster.etcd import EtcdClient, prefix_end
+from nexus_fast.cluster.etcd_procs import EtcdCluster
+from nexus_fast.pb import fabric_pb2 as pb
+from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+from nexus_fast.store.log_entry import log_prefix, log_seq
+from tests.integration.conftest import ServerProcess, wait_for
+from tests.integration.etcd_fixtures import etcd1  # noqa: F401
+from tests.integration.test_cluster_server import (  # noqa: F401  (cluster_factory: fixture)
+    _head_index,
+    _watch,
+    cluster_factory,
+    leader_of,
+    status,
+)
+
+FINAL = {pb.COMMAND_STATE_SUCCEEDED, pb.COMMAND_STATE_FAILED}
+
+
+async def _compact_log(endpoints: list[str], prefix: bytes) -> tuple[int, int]:
+    """Delete every log entry but the newest (as the leader's compaction would, further);
+    compact etcd's history too. Returns (first seq left, entries deleted)."""
+    client = EtcdClient(endpoints)
+    await client.connect()
+    try:
+        start = log_prefix(prefix)
+        kvs, _ = await client.range(start, prefix_end(start))
+        newest = kvs[-1]
+        deleted = await client.delete(start, newest.key)
+        await client.compact(kvs[-2].mod_revision)
+        left, _ = await client.range(start, prefix_end(start))
+        return log_seq(prefix, left[0].key), deleted
+    finally:
+        await client.close()
+
+
+def _events(server: ServerProcess, head: int) -> list[tuple[int, str, str]]:
+    out: list[pb.Event] = []
+    thread: threading.Thread = _watch(server, head, out)
+    thread.join(30.0)
+    return [(e.index, e.type, e.key) for e in out if e.index <= head]
+
+
+def test_a_new_replica_bootstraps_from_a_snapshot_then_follows_the_log(
+    cluster_factory: type, fleet_factory: type, etcd1: EtcdCluster
+) -> None:
+    cluster = cluster_factory.create()
+    leader, (follower,) = leader_of(cluster.start(2))
+    fleet_factory.create(leader, 2)
+    with leader.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+        wait_for(lambda: len(control.ListNodes(pb.ListNodesRequest()).nodes) == 2, 20.0)
+        for round_ in range(5):  # many commands: many log entries, hundreds of events
+            specs = [
+                pb.CommandSpec(kind="run", payload=b"x", idempotency_key=f"k{round_}-{i}")
+                for i in range(20)
+            ]
+            answer = control.SubmitCommands(
+                pb.SubmitCommandsRequest(commands=specs, wait_ms=15000), timeout=20.0
+            )
+            assert len(answer.final) == 20 and {r.state for r in answer.final} <= FINAL, answer
+    head_seq = status(leader).applied_seq
+    wait_for(lambda: status(follower).applied_seq >= head_seq, 10.0, 0.1, "follower in step")
+    first, deleted = asyncio.run(_compact_log(etcd1.endpoints, cluster.prefix.encode()))
+    assert first > 1 and deleted >= first - 1, (first, deleted)
+
+    joiner = cluster.add("r3")  # an empty data dir: entry 1 is gone from the log
+    joiner.start(45.0)
+    wait_for(lambda: "snapshot installed" in joiner.log(), 30.0, 0.1, "snapshot installed")
+    wait_for(
+        lambda: status(joiner).state == "follower" and status(joiner).applied_seq >= first - 1,
+        30.0,
+        0.2,
+        "the joiner follows the log after its snapshot",
+    )
+    served = leader.log() + follower.log()
+    assert "serving a snapshot" in served
+    answer = status(joiner)
+    assert answer.role == "follower" and answer.leader_name == status(leader).name
+    # WatchEvents from 0: every event of the leader, same indices, types and keys.
+    head = _head_index(leader)
+    wait_for(lambda: _head_index(joiner) >= head, 20.0, 0.1, "the joiner has every event")
+    on_leader, on_joiner = _events(leader, head), _events(joiner, head)
+    assert len(on_leader) > 200 and on_leader == on_joiner
+    assert [e[0] for e in on_joiner] == list(range(on_joiner[0][0], head + 1))  # contiguous
+    # New commits reach it through the log.
+    with leader.channel() as channel:
+        spec = pb.CommandSpec(kind="run", payload=b"y", idempotency_key="after")
+        pb_grpc.ControlServiceStub(channel).SubmitCommands(
+            pb.SubmitCommandsRequest(commands=[spec], wait_ms=15000), timeout=20.0
+        )
+    new_head = _head_index(leader)
+    assert new_head > head
+    wait_for(lambda: _head_index(joiner) >= new_head, 20.0, 0.1, "new commits reach the joiner")
+    assert _events(joiner, new_head)[-3:] == _events(leader, new_head)[-3:]
+    assert status(joiner).applied_seq > head_seq
