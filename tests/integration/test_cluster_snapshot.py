@@ -12,12 +12,18 @@ from __future__ import annotations
 import asyncio
 import threading
 
+import grpc
+import pytest
+
 from nexus_fast.cluster.etcd import EtcdClient, prefix_end
 from nexus_fast.cluster.etcd_procs import EtcdCluster
+from nexus_fast.pb import cluster_pb2 as cpb
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
+from nexus_fast.security.tokens import issue_token
+from nexus_fast.security.tools import main as credentials_main
 from nexus_fast.store.log_entry import log_prefix, log_seq
-from tests.integration.conftest import ServerProcess, wait_for
+from tests.integration.conftest import ServerProcess, TestPki, wait_for
 from tests.integration.etcd_fixtures import etcd1  # noqa: F401
 from tests.integration.test_cluster_server import (  # noqa: F401  (cluster_factory: fixture)
     _head_index,
@@ -107,3 +113,56 @@ def test_a_new_replica_bootstraps_from_a_snapshot_then_follows_the_log(
     wait_for(lambda: _head_index(joiner) >= new_head, 20.0, 0.1, "new commits reach the joiner")
     assert _events(joiner, new_head)[-3:] == _events(leader, new_head)[-3:]
     assert status(joiner).applied_seq > head_seq
+
+
+def test_with_auth_only_replicas_fetch_snapshots_and_a_joiner_bootstraps_over_mtls(
+    cluster_factory: type,
+    fleet_factory: type,
+    etcd1: EtcdCluster,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    root = tmp_path_factory.mktemp("pki")
+    argv = ["certs", "--out", str(root), "--replica", "r1", "r2", "r3"]
+    assert credentials_main([*argv, "--node", "fleet", "--viewer", "handshake"]) == 0
+    secret = (root / "jwt.secret").read_bytes().strip()
+    pki = TestPki(root, issue_token("ops", "operator", 3600, secret=secret))
+    cluster = cluster_factory.create(pki)
+    leader, (follower,) = leader_of(cluster.start(2))
+    fleet_factory.create(leader, 1)
+    with leader.channel() as channel:
+        control = pb_grpc.ControlServiceStub(channel)
+        wait_for(lambda: len(control.ListNodes(pb.ListNodesRequest()).nodes) == 1, 20.0)
+        specs = [
+            pb.CommandSpec(kind="run", payload=b"x", idempotency_key=f"a{i}") for i in range(10)
+        ]
+        answer = control.SubmitCommands(
+            pb.SubmitCommandsRequest(commands=specs, wait_ms=15000), timeout=20.0
+        )
+        assert len(answer.final) == 10, answer
+    head_seq = status(leader).applied_seq
+    wait_for(lambda: status(follower).applied_seq >= head_seq, 10.0, 0.1, "follower in step")
+    first, _ = asyncio.run(_compact_log(etcd1.endpoints, cluster.prefix.encode()))
+    assert first > 1
+    # Refused: an operator (a token that may submit commands) asking for the whole store.
+    for server in (leader, follower):
+        with server.channel() as channel:
+            fetch = channel.unary_stream(
+                "/nexus.cluster.v1.ReplicaService/FetchSnapshot",
+                request_serializer=cpb.FetchSnapshotRequest.SerializeToString,
+                response_deserializer=cpb.SnapshotChunk.FromString,
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                list(fetch(cpb.FetchSnapshotRequest(), timeout=10.0))
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "serving a snapshot" not in leader.log() + follower.log()
+    # Accepted: the joiner, with its own replica certificate (role replica), over mTLS.
+    joiner = cluster.add("r3")
+    joiner.start(45.0)
+    wait_for(lambda: "snapshot installed" in joiner.log(), 30.0, 0.1, "snapshot installed")
+    wait_for(
+        lambda: status(joiner).state == "follower" and status(joiner).applied_seq >= head_seq,
+        30.0,
+        0.2,
+        "the joiner follows the log after its snapshot",
+    )
+    assert "serving a snapshot" in leader.log() + follower.log()
