@@ -11,12 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from pathlib import Path
 
 import grpc
 import pytest
 
 from nexus_fast.cluster.etcd import EtcdClient, prefix_end
 from nexus_fast.cluster.etcd_procs import EtcdCluster
+from nexus_fast.cluster.snapshot import (
+    FETCH_SNAPSHOT,
+    SnapshotBootstrap,
+    SnapshotError,
+    SnapshotServicer,
+    add_snapshot_service,
+    copy_applied_seq,
+)
+from nexus_fast.config import Config
 from nexus_fast.pb import cluster_pb2 as cpb
 from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
@@ -32,6 +42,7 @@ from tests.integration.test_cluster_server import (  # noqa: F401  (cluster_fact
     leader_of,
     status,
 )
+from tests.integration.test_replog import Replica, cluster, commit_many, run, until
 
 FINAL = {pb.COMMAND_STATE_SUCCEEDED, pb.COMMAND_STATE_FAILED}
 
@@ -166,3 +177,65 @@ def test_with_auth_only_replicas_fetch_snapshots_and_a_joiner_bootstraps_over_mt
         "the joiner follows the log after its snapshot",
     )
     assert "serving a snapshot" in leader.log() + follower.log()
+
+
+def test_serving_one_copy_at_a_time_and_refusals_in_process(
+    etcd1: EtcdCluster, tmp_path: Path
+) -> None:
+    """A real ReplicatedStore leading the log, its FetchSnapshot on a real gRPC server."""
+
+    async def body(leader: Replica, _follower: Replica) -> None:
+        await commit_many(leader.store, range(1, 40))
+        applied = leader.store.applied_seq
+        data_dir = Path(leader.local.path)
+        servicer = SnapshotServicer(leader.store, data_dir, 64 * 1024)
+        servicer.chunk_bytes = 1024  # many chunks: the first stream stays open, unread
+        server = grpc.aio.server()
+        add_snapshot_service(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                fetch = channel.unary_stream(
+                    FETCH_SNAPSHOT,
+                    request_serializer=cpb.FetchSnapshotRequest.SerializeToString,
+                    response_deserializer=cpb.SnapshotChunk.FromString,
+                )
+
+                async def refused(request: cpb.FetchSnapshotRequest) -> grpc.StatusCode:
+                    with pytest.raises(grpc.aio.AioRpcError) as info:
+                        async for _ in fetch(request, timeout=10.0):
+                            pass
+                    code: grpc.StatusCode = info.value.code()
+                    return code
+
+                first = fetch(cpb.FetchSnapshotRequest(min_applied_seq=applied), timeout=10.0)
+                chunk = await first.read()
+                assert chunk.applied_seq == applied and chunk.offset == 0 and chunk.size > 0
+                assert (data_dir / ".snapshot-serve.mdb").exists()
+                # One at a time: a second caller is told to come back (or ask elsewhere).
+                busy = await refused(cpb.FetchSnapshotRequest())
+                assert busy == grpc.StatusCode.RESOURCE_EXHAUSTED
+                first.cancel()  # the reader went away: the copy is deleted, serving is free
+                await until(
+                    lambda: not (data_dir / ".snapshot-serve.mdb").exists(), 10, "copy gone"
+                )
+                ahead = await refused(cpb.FetchSnapshotRequest(min_applied_seq=applied + 1))
+                assert ahead == grpc.StatusCode.FAILED_PRECONDITION
+                # A whole transfer: contiguous chunks, digest, applied seq; then the store
+                # check refuses it (these test events are not Event protobufs), and the
+                # joiner's own data dir is never touched.
+                boot = SnapshotBootstrap(Config(), leader.store, tmp_path / "joiner", _no_restart)
+                with pytest.raises(SnapshotError, match="store check"):
+                    await boot._fetch(f"127.0.0.1:{port}", applied, tmp_path / "incoming")
+                assert (tmp_path / "incoming" / "data.mdb").stat().st_size == chunk.size
+                assert copy_applied_seq(tmp_path / "incoming" / "data.mdb") == applied
+                assert not (tmp_path / "joiner").exists() and servicer.served == 1
+        finally:
+            await server.stop(None)
+
+    run(cluster(etcd1.endpoints, tmp_path, body))
+
+
+async def _no_restart() -> None:
+    raise AssertionError("a refused copy must not restart anything")
