@@ -49,7 +49,7 @@ _STATUS_TIMEOUT: Final = 1.0
 PROMOTION_TIMEOUT: Final = 60.0  # catching up with the log when elected, at most
 # The leader deletes log entries every live replica applied, keeping this many more so a
 # replica that restarts (and is briefly not live) finds its next entry still there. A
-# replica behind by more needs a snapshot (not built yet; docs/cluster.md).
+# replica behind by more bootstraps from a snapshot (nexus_fast/cluster/snapshot.py).
 COMPACT_KEEP: Final = 10_000
 COMPACT_INTERVAL: Final = 60.0  # etcd status / range for GetClusterStatus
 
@@ -254,7 +254,11 @@ class ClusterReplica:
             await asyncio.sleep(STATUS_INTERVAL)
 
     async def _compact(self) -> None:
-        applied = [r.get("applied_seq") for r in self._replicas]
+        # A replica that needs a snapshot installs one from a live replica: it holds back
+        # no compaction (its applied_seq, 0 when empty, would stop it for good).
+        applied = [
+            r.get("applied_seq") for r in self._replicas if r.get("state") != "needs_snapshot"
+        ]
         if not applied or not all(isinstance(a, int) for a in applied):
             return
         keep_after = min(a for a in applied if isinstance(a, int)) - COMPACT_KEEP
