@@ -124,6 +124,24 @@ def test_a_new_replica_bootstraps_from_a_snapshot_then_follows_the_log(
     wait_for(lambda: _head_index(joiner) >= new_head, 20.0, 0.1, "new commits reach the joiner")
     assert _events(joiner, new_head)[-3:] == _events(leader, new_head)[-3:]
     assert status(joiner).applied_seq > head_seq
+    # A replica far behind (down while the log moved on and was compacted) does the same
+    # over its existing data dir.
+    stopped_at = status(follower).applied_seq
+    assert follower.stop() == 0
+    with leader.channel() as channel:
+        specs = [
+            pb.CommandSpec(kind="run", payload=b"z", idempotency_key=f"z{i}") for i in range(5)
+        ]
+        pb_grpc.ControlServiceStub(channel).SubmitCommands(
+            pb.SubmitCommandsRequest(commands=specs, wait_ms=15000), timeout=20.0
+        )
+    again, _ = asyncio.run(_compact_log(etcd1.endpoints, cluster.prefix.encode()))
+    assert again > stopped_at + 1  # r2's next entry is gone from the log
+    follower.start(45.0)
+    wait_for(lambda: "snapshot installed" in follower.log(), 30.0, 0.1, "r2 installed one")
+    last = _head_index(leader)
+    wait_for(lambda: _head_index(follower) >= last, 30.0, 0.1, "r2 has every event")
+    assert _events(follower, last) == _events(leader, last)
 
 
 def test_with_auth_only_replicas_fetch_snapshots_and_a_joiner_bootstraps_over_mtls(
