@@ -105,6 +105,12 @@ def _read_at(path: Path, offset: int, n: int) -> bytes:
         return f.read(n)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class SnapshotServicer(cpb_grpc.ReplicaServiceServicer):
     """``ReplicaService.FetchSnapshot``: this replica's store, one copy at a time."""
 
@@ -139,36 +145,63 @@ class SnapshotServicer(cpb_grpc.ReplicaServiceServicer):
         self._serving = True
         path = self.data_dir / _SERVE_FILE
         try:
-            size, applied = await asyncio.to_thread(_copy_store, store.local, path)
-            if applied < request.min_applied_seq:  # compacted meanwhile: cannot happen, cheap
-                raise errors.FailedPrecondition(
-                    f"the copy holds entry {applied}, the snapshot must hold "
-                    f"{request.min_applied_seq}"
-                )
-            log.info("serving a snapshot", extra={"bytes": size, "applied_seq": applied})
-            digest = hashlib.sha256()
-            offset = 0
-            while True:
-                data = await asyncio.to_thread(_read_at, path, offset, self.chunk_bytes)
-                digest.update(data)
-                last = offset + len(data) >= size or not data
-                await context.write(
-                    cpb.SnapshotChunk(
-                        applied_seq=applied,
-                        size=size,
-                        offset=offset,
-                        data=data,
-                        sha256=digest.hexdigest() if last else "",
-                    )
-                )
-                offset += len(data)
-                if last:
-                    break
-            self.served += 1
+            await self._serve(request, context, path)
         finally:
             self._serving = False
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(path.unlink, True)
+
+    async def _serve(
+        self,
+        request: cpb.FetchSnapshotRequest,
+        context: grpc.aio.ServicerContext,
+        path: Path,
+    ) -> None:
+        # The copy runs to its end even when the caller goes away meanwhile: the file is
+        # deleted after it, and the slot is not free while a copy still writes.
+        copying = asyncio.ensure_future(asyncio.to_thread(_copy_store, self.store.local, path))
+        try:
+            size, applied = await asyncio.shield(copying)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await copying
+            raise
+        if applied < request.min_applied_seq:  # compacted meanwhile: cannot happen, cheap
+            raise errors.FailedPrecondition(
+                f"the copy holds entry {applied}, the snapshot must hold {request.min_applied_seq}"
+            )
+        log.info("serving a snapshot", extra={"bytes": size, "applied_seq": applied})
+        try:
+            # A reader that stalls holds the one slot and the copy's disk: not for long.
+            async with asyncio.timeout(FETCH_TIMEOUT):
+                await self._stream(context, path, size, applied)
+        except TimeoutError:
+            raise errors.Unavailable(
+                f"the snapshot transfer took longer than {FETCH_TIMEOUT:.0f}s; retry"
+            ) from None
+        self.served += 1
+
+    async def _stream(
+        self, context: grpc.aio.ServicerContext, path: Path, size: int, applied: int
+    ) -> None:
+        digest = hashlib.sha256()
+        offset = 0
+        while True:
+            data = await asyncio.to_thread(_read_at, path, offset, self.chunk_bytes)
+            digest.update(data)
+            last = offset + len(data) >= size or not data
+            await context.write(
+                cpb.SnapshotChunk(
+                    applied_seq=applied,
+                    size=size,
+                    offset=offset,
+                    data=data,
+                    sha256=digest.hexdigest() if last else "",
+                )
+            )
+            offset += len(data)
+            if last:
+                break
 
 
 def add_snapshot_service(servicer: SnapshotServicer, server: Any) -> None:
@@ -291,7 +324,7 @@ class SnapshotBootstrap:
                 size, applied = chunk.size, chunk.applied_seq
                 if offset + len(chunk.data) > size:
                     raise SnapshotError(f"more than the announced {size} bytes")
-                await asyncio.to_thread(os.write, fd, chunk.data)
+                await asyncio.to_thread(_write_all, fd, chunk.data)
                 digest.update(chunk.data)
                 offset += len(chunk.data)
                 if chunk.sha256:
