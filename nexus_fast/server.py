@@ -359,10 +359,6 @@ class NexusServer:
         )
         limits = self.security.limits if self.security else None
         add_node_service(NodeService(self.nodes, self.commands, self.agents, limits), server)
-        if self.cluster is not None:  # ReplicaService.FetchSnapshot: bootstrap of replicas
-            from nexus_fast.cluster.snapshot import add_snapshot_service
-
-            add_snapshot_service(self.cluster.snapshots, server)
         add_control_service(
             ControlService(
                 self.nodes,
@@ -375,6 +371,11 @@ class NexusServer:
             ),
             server,
         )
+        if self.cluster is not None:  # ReplicaService.FetchSnapshot: bootstrap of replicas
+            from nexus_fast.cluster.snapshot import add_snapshot_service
+
+            # After any other ReplicaService servicer: for one method, the last one wins.
+            add_snapshot_service(self.cluster.snapshots, server)
         # Health and reflection are grpcio's servicers: registered like ours, so junk bytes
         # answer INVALID_ARGUMENT instead of UNKNOWN and a traceback.
         register(health_pb2_grpc.add_HealthServicer_to_server, self._health, server, guard=True)

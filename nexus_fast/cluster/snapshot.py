@@ -59,7 +59,8 @@ __all__ = ["SnapshotBootstrap", "SnapshotError", "SnapshotServicer", "add_snapsh
 
 log = get_logger("cluster")
 
-FETCH_SNAPSHOT: Final = "/nexus.cluster.v1.ReplicaService/FetchSnapshot"
+_SERVICE: Final = "nexus.cluster.v1.ReplicaService"
+FETCH_SNAPSHOT: Final = f"/{_SERVICE}/FetchSnapshot"
 CHUNK_BYTES: Final = 1 << 20
 """Bytes per SnapshotChunk at most (less when the message size limit is smaller)."""
 FETCH_TIMEOUT: Final = 600.0  # one whole transfer, at most
@@ -205,10 +206,27 @@ class SnapshotServicer(cpb_grpc.ReplicaServiceServicer):
 
 
 def add_snapshot_service(servicer: SnapshotServicer, server: Any) -> None:
-    """Register ReplicaService (FetchSnapshot) with strict request decoding."""
+    """Register ReplicaService.FetchSnapshot alone, with strict request decoding.
+
+    Only this method, not the generated ``add_ReplicaServiceServicer_to_server``: other
+    methods of ReplicaService (Relay) have their own servicer. Register this one after
+    theirs: for one method the last registered handler wins, and theirs inherits an
+    UNIMPLEMENTED FetchSnapshot from the generated base class.
+    """
     from nexus_fast.api.grpc_handlers import register
 
-    register(cpb_grpc.add_ReplicaServiceServicer_to_server, servicer, server)
+    def add(snapshots: SnapshotServicer, target: Any) -> None:
+        handlers = {
+            "FetchSnapshot": grpc.unary_stream_rpc_method_handler(
+                snapshots.FetchSnapshot,
+                request_deserializer=cpb.FetchSnapshotRequest.FromString,
+                response_serializer=cpb.SnapshotChunk.SerializeToString,
+            )
+        }
+        target.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+        target.add_registered_method_handlers(_SERVICE, handlers)
+
+    register(add, servicer, server)
 
 
 class SnapshotBootstrap:
