@@ -327,4 +327,9 @@ class ClusterReplica:
                 for e in self._etcd
             ],
             "replicas": sorted(replicas, key=lambda r: str(r.get("name", ""))),
+            "snapshot": {  # bootstrap attempts of this process, copies it served
+                "attempts": self.bootstrap.attempts,
+                "last_error": self.bootstrap.last_error,
+                "served": self.snapshots.served,
+            },
         }

@@ -10,6 +10,7 @@ event, and new commits reach it.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 
@@ -76,6 +77,7 @@ def test_a_new_replica_bootstraps_from_a_snapshot_then_follows_the_log(
 ) -> None:
     cluster = cluster_factory.create()
     leader, (follower,) = leader_of(cluster.start(2))
+    replicas = [leader, follower]
     fleet_factory.create(leader, 2)
     with leader.channel() as channel:
         control = pb_grpc.ControlServiceStub(channel)
@@ -96,6 +98,7 @@ def test_a_new_replica_bootstraps_from_a_snapshot_then_follows_the_log(
 
     joiner = cluster.add("r3")  # an empty data dir: entry 1 is gone from the log
     joiner.start(45.0)
+    replicas.append(joiner)
     wait_for(lambda: "snapshot installed" in joiner.log(), 30.0, 0.1, "snapshot installed")
     wait_for(
         lambda: status(joiner).state == "follower" and status(joiner).applied_seq >= first - 1,
@@ -105,6 +108,8 @@ def test_a_new_replica_bootstraps_from_a_snapshot_then_follows_the_log(
     )
     served = leader.log() + follower.log()
     assert "serving a snapshot" in served
+    counts = [json.loads(s.http("/health/detailed")[1])["cluster"]["snapshot"] for s in replicas]
+    assert sum(c["served"] for c in counts) == 1 and counts[2]["attempts"] == 0, counts
     answer = status(joiner)
     assert answer.role == "follower" and answer.leader_name == status(leader).name
     # WatchEvents from 0: every event of the leader, same indices, types and keys.
