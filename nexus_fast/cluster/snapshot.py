@@ -14,7 +14,7 @@ log, or one that was down too long) is ``needs_snapshot`` in its
 * **Receiving side** (:class:`SnapshotBootstrap`): picks a live replica from
   ``{prefix}/replicas/`` that applied at least the first retained entry minus one
   (followers first, so the leader is asked last), writes the stream into a private temp
-  dir next to the data dir (same filesystem: the rename is atomic), checks offsets, size,
+  dir inside the data dir (same filesystem: the rename is atomic), checks offsets, size,
   digest and then the whole store (:func:`~nexus_fast.store.check.check_store`), closes the
   store, renames the copy over ``data.mdb`` and re-execs the process, which opens the copy
   and tails the log from the applied seq it holds. A re-exec rather than an in-process
@@ -68,6 +68,9 @@ RETRY_MIN: Final = 0.5
 RETRY_MAX: Final = 10.0
 POLL_INTERVAL: Final = 0.5  # how often a replica looks whether it needs a snapshot
 _SERVE_FILE: Final = ".snapshot-serve.mdb"
+# Inside the data dir, not next to it: the same filesystem even when the data dir is a
+# mount point (a volume), so the final rename is atomic.
+_INCOMING_PREFIX: Final = ".snapshot-incoming-"
 _MAX_PROBLEMS_SHOWN: Final = 3
 
 
@@ -250,10 +253,6 @@ class SnapshotBootstrap:
         self.last_error = ""
         self._lock_fd: int | None = None
 
-    @property
-    def _tmp_prefix(self) -> str:
-        return f".{self.data_dir.name}.snapshot-"
-
     async def run(self) -> None:
         """Poll for ``needs_snapshot``; bootstrap then, retrying with a backoff."""
         backoff = RETRY_MIN
@@ -265,7 +264,7 @@ class SnapshotBootstrap:
             try:
                 await self.bootstrap()
                 return
-            except (SnapshotError, EtcdError, grpc.RpcError, OSError, TimeoutError) as exc:
+            except (StoreError, EtcdError, grpc.RpcError, OSError, TimeoutError) as exc:
                 self.last_error = _describe(exc)
                 log.warning("snapshot bootstrap failed; retrying: %s", self.last_error)
             except Exception as exc:  # a bug must not end the bootstrap silently
@@ -306,10 +305,10 @@ class SnapshotBootstrap:
             raise SnapshotError(f"no live replica has applied log entry {need} yet")
         failures = []
         for source in sources:
-            tmp = self.data_dir.parent / f"{self._tmp_prefix}{os.getpid()}"
+            tmp = self.data_dir / f"{_INCOMING_PREFIX}{os.getpid()}"
             try:
                 applied = await self._fetch(source, need, tmp)
-            except (SnapshotError, grpc.RpcError, OSError) as exc:
+            except (StoreError, grpc.RpcError, OSError) as exc:
                 failures.append(f"{source}: {_describe(exc)}")
                 await asyncio.to_thread(shutil.rmtree, tmp, True)
                 continue
@@ -375,7 +374,12 @@ class SnapshotBootstrap:
     async def _install(self, tmp: Path, source: str, applied: int) -> None:
         """Close the store, rename the copy over data.mdb, restart on it."""
         await self.store.close()  # releases the data dir's lock: _swap takes it again
-        await asyncio.to_thread(self._swap, tmp)
+        try:
+            await asyncio.to_thread(self._swap, tmp)
+        except Exception as exc:  # the store is closed: come back on the old one and retry
+            log.error("installing the snapshot failed; restarting on the old store: %r", exc)
+            await self.restart()
+            return
         log.info(
             "snapshot installed; restarting to follow the log from it",
             extra={"source": source, "applied_seq": applied},
@@ -394,11 +398,10 @@ class SnapshotBootstrap:
         shutil.rmtree(tmp, ignore_errors=True)
 
     def _remove_leftovers(self) -> None:
-        parent = self.data_dir.parent
-        if not parent.is_dir():
+        if not self.data_dir.is_dir():
             return
-        for p in parent.iterdir():
-            if p.name.startswith(self._tmp_prefix) and p.is_dir():
+        for p in self.data_dir.iterdir():
+            if p.name.startswith(_INCOMING_PREFIX) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
 
 
