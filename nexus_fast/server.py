@@ -12,7 +12,6 @@ import asyncio
 import gc
 import os
 import signal
-import socket
 import ssl
 import time
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ from nexus_fast.api.grpc_events import add_control_service
 from nexus_fast.api.grpc_handlers import register
 from nexus_fast.api.grpc_health import HealthServicer
 from nexus_fast.api.http_server import HttpServer
+from nexus_fast.api.listen import StartupError, bind, check_port_free, listen_error
 from nexus_fast.api.node_stream import NodeStreams
 from nexus_fast.api.ws_events import EventStreamProtocol
 from nexus_fast.api.ws_server import WebSocketServer
@@ -78,24 +78,6 @@ SERVICE_NAMES = (
 # While gRPC drains in-flight calls, how often stop() ends node streams that calls
 # accepted just before the stop opened late.
 _SWEEP_INTERVAL_S = 0.05
-
-
-class StartupError(Exception):
-    """The server could not start (e.g. a port in use); the message says why."""
-
-
-# Listener name -> (flag, environment variable) that change its port.
-_PORT_KNOBS = {
-    "grpc": ("--grpc-port", "NEXUS_GRPC_PORT"),
-    "websocket": ("--ws-port", "NEXUS_WS_PORT"),
-    "http": ("--http-port", "NEXUS_HTTP_PORT"),
-}
-
-
-def _listen_error(name: str, host: str, port: int, reason: str) -> str:
-    flag, env = _PORT_KNOBS[name]
-    reason = reason[:1].lower() + reason[1:]
-    return f"{name}: cannot listen on {host}:{port}: {reason} (change it with {flag} or {env})"
 
 
 class NexusServer:
@@ -268,7 +250,7 @@ class NexusServer:
                 ("websocket", cfg.server.websocket_port),
                 ("http", cfg.server.http_port),
             ):
-                await _check_port_free(name, cfg.server.host, port)
+                await check_port_free(name, cfg.server.host, port)
             await self._start_grpc()
             self._ws = WebSocketServer(
                 cfg.server.host,
@@ -280,7 +262,7 @@ class NexusServer:
                 admit=self.security.ws_admit if self.security else None,
                 on_connect=self.security.ws_on_connect if self.security else None,
             )
-            await _bind("websocket", cfg.server.host, cfg.server.websocket_port, self._ws.start())
+            await bind("websocket", cfg.server.host, cfg.server.websocket_port, self._ws.start())
             self._http = HttpServer(
                 cfg.server.host,
                 cfg.server.http_port,
@@ -293,7 +275,7 @@ class NexusServer:
                 header_timeout=cfg.server.http_header_timeout,
                 max_connections_per_ip=cfg.server.http_max_connections_per_ip,
             )
-            await _bind("http", cfg.server.host, cfg.server.http_port, self._http.start())
+            await bind("http", cfg.server.host, cfg.server.http_port, self._http.start())
         except BaseException:
             await self.stop()
             raise
@@ -414,6 +396,8 @@ class NexusServer:
             ),
             server,
         )
+        if self.cluster is not None:
+            self.cluster.add_services(server)  # ReplicaService.FetchSnapshot (bootstrap)
         # Health and reflection are grpcio's servicers: registered like ours, so junk bytes
         # answer INVALID_ARGUMENT instead of UNKNOWN and a traceback.
         register(health_pb2_grpc.add_HealthServicer_to_server, self._health, server, guard=True)
@@ -435,11 +419,11 @@ class NexusServer:
                 port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise StartupError(
-                _listen_error("grpc", cfg.server.host, cfg.server.grpc_port, str(exc))
+                listen_error("grpc", cfg.server.host, cfg.server.grpc_port, str(exc))
             ) from None
         if port == 0:
             raise StartupError(
-                _listen_error("grpc", cfg.server.host, cfg.server.grpc_port, "address in use?")
+                listen_error("grpc", cfg.server.host, cfg.server.grpc_port, "address in use?")
             )
         self.grpc_port = port
         grpc_stuck.watch.set_local_ports({port})
@@ -746,39 +730,6 @@ class NexusServer:
 async def _maybe(step: Any) -> None:
     if step is not None:
         await step
-
-
-async def _check_port_free(name: str, host: str, port: int) -> None:
-    """Raise StartupError naming the port and its flag/env var if ``host:port`` is taken."""
-    if port == 0:
-        return
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except OSError as exc:
-        raise StartupError(
-            f"{name}: cannot resolve listen address {host!r}: {exc.strerror or exc} "
-            "(change it with --host or NEXUS_HOST)"
-        ) from None
-    for family, type_, proto, _, address in infos:
-        with socket.socket(family, type_, proto) as probe:
-            # Like every real listener: TIME_WAIT leftovers of a previous run are no conflict.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind(address)
-            except OSError as exc:
-                raise StartupError(
-                    _listen_error(name, host, port, exc.strerror or str(exc))
-                ) from None
-
-
-async def _bind(name: str, host: str, port: int, starting: Any) -> None:
-    try:
-        await starting
-    except OSError as exc:
-        raise StartupError(_listen_error(name, host, port, exc.strerror or str(exc))) from None
 
 
 async def run(

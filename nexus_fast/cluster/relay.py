@@ -83,10 +83,23 @@ _CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def add_replica_service(servicer: RelayServicer, server: Any) -> None:
-    """Register ReplicaService with strict request decoding (like the fabric services)."""
+    """Register ReplicaService.Relay alone, with strict request decoding: FetchSnapshot has
+    its own servicer (cluster/snapshot.py), so neither registration shadows the other."""
     from nexus_fast.api.grpc_handlers import register
 
-    register(cpb_grpc.add_ReplicaServiceServicer_to_server, servicer, server)
+    def add(relays: RelayServicer, target: Any) -> None:
+        handlers = {
+            "Relay": grpc.stream_stream_rpc_method_handler(
+                relays.Relay,
+                request_deserializer=cpb.RelayUp.FromString,
+                response_serializer=cpb.RelayDown.SerializeToString,
+            )
+        }
+        service = "nexus.cluster.v1.ReplicaService"
+        target.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        target.add_registered_method_handlers(service, handlers)
+
+    register(add, servicer, server)
 
 
 def replica_credentials(security: Any) -> grpc.ChannelCredentials | None:

@@ -25,12 +25,14 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, Final
 
 from nexus_fast import errors
 from nexus_fast.cluster.election import Election
 from nexus_fast.cluster.etcd import EndpointStatus, EtcdClient, EtcdError
 from nexus_fast.cluster.forward import LeaderChannel, LeaderRouter
+from nexus_fast.cluster.snapshot import SnapshotBootstrap, SnapshotServicer, add_snapshot_service
 from nexus_fast.config import Config
 from nexus_fast.logs import get_logger
 from nexus_fast.pb import fabric_pb2 as pb
@@ -47,7 +49,7 @@ _STATUS_TIMEOUT: Final = 1.0
 PROMOTION_TIMEOUT: Final = 60.0  # catching up with the log when elected, at most
 # The leader deletes log entries every live replica applied, keeping this many more so a
 # replica that restarts (and is briefly not live) finds its next entry still there. A
-# replica behind by more needs a snapshot (not built yet; docs/cluster.md).
+# replica behind by more bootstraps from a snapshot (nexus_fast/cluster/snapshot.py).
 COMPACT_KEEP: Final = 10_000
 COMPACT_INTERVAL: Final = 60.0  # etcd status / range for GetClusterStatus
 
@@ -76,6 +78,11 @@ class ClusterReplica:
         self.router = LeaderRouter(
             self.channel, self.serving_core, auth_on=config.security.auth_required
         )
+        # Snapshot bootstrap (nexus_fast/cluster/snapshot.py): serve copies of this store;
+        # install one when the log cannot bring this replica up to date.
+        data_dir = Path(config.database.path)
+        self.snapshots = SnapshotServicer(self.store, data_dir, config.server.max_message_size)
+        self.bootstrap = SnapshotBootstrap(config, self.store, data_dir, self._reexec)
         self.core_loaded = False  # set by the server once its core is loaded (leader only)
         self.listen: dict[str, str] = {}  # grpc / http / ws addresses, for the status key
         self.on_change: Callable[[], None] | None = None  # the server's readiness refresh
@@ -86,6 +93,10 @@ class ClusterReplica:
         self._led_term = 0  # the term this replica led, for the demotion's log line
         self._replicas: list[dict[str, Any]] = []
         self._etcd: list[EndpointStatus] = []
+
+    def add_services(self, server: Any) -> None:
+        """Register what only cluster mode serves on the gRPC server (FetchSnapshot)."""
+        add_snapshot_service(self.snapshots, server)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -107,6 +118,7 @@ class ClusterReplica:
         await self.election.start()
         self._spawn(self._publish_status(), "cluster-status")
         self._spawn(self._watch_lost(), "cluster-demotion")
+        self._spawn(self.bootstrap.run(), "cluster-bootstrap")
 
     def quiesce(self) -> None:
         """The server is stopping: losing the lease from now on re-execs nothing."""
@@ -264,7 +276,11 @@ class ClusterReplica:
             await asyncio.sleep(STATUS_INTERVAL)
 
     async def _compact(self) -> None:
-        applied = [r.get("applied_seq") for r in self._replicas]
+        # A replica that needs a snapshot installs one from a live replica: it holds back
+        # no compaction (its applied_seq, 0 when empty, would stop it for good).
+        applied = [
+            r.get("applied_seq") for r in self._replicas if r.get("state") != "needs_snapshot"
+        ]
         if not applied or not all(isinstance(a, int) for a in applied):
             return
         keep_after = min(a for a in applied if isinstance(a, int)) - COMPACT_KEEP
@@ -333,4 +349,9 @@ class ClusterReplica:
                 for e in self._etcd
             ],
             "replicas": sorted(replicas, key=lambda r: str(r.get("name", ""))),
+            "snapshot": {  # bootstrap attempts of this process, copies it served
+                "attempts": self.bootstrap.attempts,
+                "last_error": self.bootstrap.last_error,
+                "served": self.snapshots.served,
+            },
         }

@@ -26,6 +26,7 @@ __all__ = [
     "ALL_PERMISSIONS",
     "BUILTIN_ROLES",
     "CLUSTER_RELAY",
+    "CLUSTER_SNAPSHOT",
     "GRPC_METHODS",
     "HTTP_ROUTES",
     "NODE_SELF",
@@ -45,6 +46,9 @@ CLUSTER_RELAY: Final = "cluster.relay"
 """Relaying node streams from a follower to the leader (ReplicaService.Relay). The leader
 trusts the node identity a relay names, so it is held by the replica role and by admin
 (who holds ``node.self`` anyway) only: never configurable, never implied by "rbac off"."""
+CLUSTER_SNAPSHOT: Final = "cluster.snapshot"
+"""A copy of the whole store (ReplicaService.FetchSnapshot: every record, the audit log):
+held by the replica role and admin only, never configurable, never implied by "rbac off"."""
 REPLICA_FORWARD: Final = "cluster.forward"
 """Held by the replica role only: may act on behalf of the principal a follower names."""
 
@@ -77,6 +81,7 @@ GRPC_METHODS: Final[Mapping[str, str]] = MappingProxyType(
         _CONTROL + "ListFailpoints": "failpoint.read",
         _REPLICA + "Relay": CLUSTER_RELAY,  # follower -> leader node streams: replicas only
         _CONTROL + "GetClusterStatus": "cluster.read",
+        _REPLICA + "FetchSnapshot": CLUSTER_SNAPSHOT,  # bootstrap: replicas, admin
         # Load balancers and orchestrators probe without credentials (TLS still applies).
         "/grpc.health.v1.Health/Check": PUBLIC,
         "/grpc.health.v1.Health/Watch": PUBLIC,
@@ -153,7 +158,7 @@ BUILTIN_ROLES: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         # Another replica of the cluster: it forwards calls to the leader on behalf of the
         # principal that made them (grpc_auth accepts the on-behalf-of header from this role
         # only, whatever the configuration gives other roles).
-        ROLE_REPLICA: (REPLICA_FORWARD, CLUSTER_RELAY, "cluster.read"),
+        ROLE_REPLICA: (REPLICA_FORWARD, CLUSTER_RELAY, CLUSTER_SNAPSHOT, "cluster.read"),
     }
 )
 
@@ -193,7 +198,9 @@ class Rbac:
                 perms.discard(REPLICA_FORWARD)  # not even admin speaks for others
             roles[name] = frozenset(perms)
         self.roles = roles  # one assignment: a check never sees half a table
-        self._unchecked = frozenset(ALL_PERMISSIONS - {NODE_SELF, REPLICA_FORWARD, CLUSTER_RELAY})
+        self._unchecked = frozenset(
+            ALL_PERMISSIONS - {NODE_SELF, REPLICA_FORWARD, CLUSTER_RELAY, CLUSTER_SNAPSHOT}
+        )
 
     def allows(self, principal: Principal, permission: str | None) -> bool:
         """True when ``principal`` holds ``permission``; None (not in the table) is denied."""
@@ -201,7 +208,7 @@ class Rbac:
             return False
         if permission == PUBLIC:
             return True
-        if permission == CLUSTER_RELAY:
+        if permission in (CLUSTER_RELAY, CLUSTER_SNAPSHOT):  # node identities; the whole store
             return principal.role in (ROLE_ADMIN, ROLE_REPLICA)
         if permission == REPLICA_FORWARD:  # speaking for others: replicas only, always
             return principal.role == ROLE_REPLICA

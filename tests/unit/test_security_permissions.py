@@ -20,6 +20,7 @@ from nexus_fast.security.identity import Principal
 from nexus_fast.security.permissions import (
     ALL_PERMISSIONS,
     CLUSTER_RELAY,
+    CLUSTER_SNAPSHOT,
     GRPC_METHODS,
     HTTP_ROUTES,
     NODE_SELF,
@@ -158,6 +159,18 @@ def test_only_admin_relays_node_streams_even_with_rbac_off() -> None:
         assert not rbac.allows(_who("operator"), CLUSTER_RELAY)
         assert not rbac.allows(NODE, CLUSTER_RELAY)
     assert GRPC_METHODS["/nexus.cluster.v1.ReplicaService/Relay"] == CLUSTER_RELAY
+
+
+def test_only_replicas_and_admin_fetch_snapshots_whatever_rbac_says() -> None:
+    # A snapshot is the whole store (the audit log too): never configurable, never implied.
+    greedy = RoleConfig("greedy", ("*", "cluster.*"))
+    for enabled in (False, True):
+        rbac = Rbac(RbacConfig(enabled=enabled, roles=(greedy,)))
+        assert rbac.allows(_who("admin"), CLUSTER_SNAPSHOT)
+        assert rbac.allows(_who(ROLE_REPLICA), CLUSTER_SNAPSHOT)
+        for other in (VIEWER, NODE, _who("operator"), _who("greedy"), _who("anyone")):
+            assert not rbac.allows(other, CLUSTER_SNAPSHOT), (enabled, other.role)
+    assert GRPC_METHODS["/nexus.cluster.v1.ReplicaService/FetchSnapshot"] == CLUSTER_SNAPSHOT
 
 
 def test_matches() -> None:
