@@ -156,9 +156,9 @@ def test_a_node_that_stops_reading_is_cut_off_alone_and_the_leader_told(tmp_path
                     core.nodes.session_of("fine").send(pb.ControlMessage())  # type: ignore[union-attr]
                     await asyncio.sleep(0.02)
                 # The follower cut "slow" off and told the leader: not connected there.
-                await until(lambda: not core.nodes.get("slow").connected, 10, "slow cut off")
+                await until(lambda: not core.nodes.get("slow").connected, 30, "slow cut off")
                 # "fine" shares the relay and kept receiving all along.
-                await until(lambda: fine_got >= 10, 5, "fine kept flowing")
+                await until(lambda: fine_got >= 10, 20, "fine kept flowing")
                 assert core.nodes.get("fine").connected and relay.held_count() >= 1
                 reader.cancel()
                 for call in calls.values():
