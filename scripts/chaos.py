@@ -312,6 +312,28 @@ class ChaosClient:
             if not token:
                 return out
 
+    async def final_checks(
+        self, control: pb_grpc.ControlServiceStub, final_timeout: float
+    ) -> tuple[list[pb.CommandRecord], int]:
+        """The end of a run: every answered command exists and is final, no idempotency key
+        on two commands, and the subscriber has seen every event up to one committed now.
+        Returns every command record and that newest event index."""
+        fig, st = self.fig, self.state
+        await self.check_acked_exist(control)
+        await self.collect_final(control, final_timeout)
+        fig.not_final = len(st.not_final)
+        for command_id in sorted(st.not_final)[:5]:
+            fig.problem(f"command {command_id} not final after the run")
+        records = await self.all_commands(control)
+        self.check_keys(records)
+        newest = (
+            await control.SubmitCommands(
+                pb.SubmitCommandsRequest(commands=[pb.CommandSpec(kind="echo")]), timeout=10
+            )
+        ).index
+        await asyncio.wait_for(self.subscriber(control, until=newest), 60)
+        return records, newest
+
     def check_keys(self, records: list[pb.CommandRecord]) -> None:
         """No idempotency key is held by two commands."""
         by_key = Counter(r.spec.idempotency_key for r in records if r.spec.idempotency_key)
@@ -524,25 +546,13 @@ class Chaos:
 
     async def finish(self) -> None:
         """One clean start: everything final, then every whole-run check."""
-        fig, st = self.fig, self.state
+        fig = self.fig
         self.start_server()
         async with grpc.aio.insecure_channel(self.target) as channel:
             control = pb_grpc.ControlServiceStub(channel)
             if not await self.wait_ready(channel):
                 raise RuntimeError("the final start crashed with no failpoint set")
-            await self.client.check_acked_exist(control)
-            await self.client.collect_final(control, self.args.final_timeout)
-            fig.not_final = len(st.not_final)
-            for command_id in sorted(st.not_final)[:5]:
-                fig.problem(f"command {command_id} not final after the run")
-            records = await self.client.all_commands(control)
-            self.client.check_keys(records)
-            newest = (
-                await control.SubmitCommands(
-                    pb.SubmitCommandsRequest(commands=[pb.CommandSpec(kind="echo")]), timeout=10
-                )
-            ).index
-            await asyncio.wait_for(self.client.subscriber(control, until=newest), 60)
+            records, _ = await self.client.final_checks(control, self.args.final_timeout)
         assert self.fleet is not None and self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)

@@ -50,7 +50,6 @@ import grpc.aio  # noqa: E402
 
 import nexus_fast  # noqa: E402
 from nexus_fast.cluster.etcd_procs import EtcdCluster  # noqa: E402
-from nexus_fast.pb import fabric_pb2 as pb  # noqa: E402
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc  # noqa: E402
 from scripts.chaos import ChaosClient, Figures  # noqa: E402
 from tests.integration.cluster_util import (  # noqa: E402
@@ -198,19 +197,7 @@ class ClusterChaos:
         while st.unanswered and time.monotonic() < deadline:
             if not await self.client.submit_batch(control, 10):
                 await asyncio.sleep(0.2)
-        await self.client.check_acked_exist(control)
-        await self.client.collect_final(control, self.args.final_timeout)
-        fig.not_final = len(st.not_final)
-        for command_id in sorted(st.not_final)[:5]:
-            fig.problem(f"command {command_id} not final after the run")
-        records = await self.client.all_commands(control)
-        self.client.check_keys(records)
-        newest = (
-            await control.SubmitCommands(
-                pb.SubmitCommandsRequest(commands=[pb.CommandSpec(kind="echo")]), timeout=10
-            )
-        ).index
-        await asyncio.wait_for(self.client.subscriber(control, until=newest), 60)
+        records, newest = await self.client.final_checks(control, self.args.final_timeout)
         # Every replica holds the same log: 1..newest, byte for byte.
         recorders = [EventRecorder(r) for r in self.cluster.replicas]
         try:
