@@ -137,6 +137,12 @@ def test_nexus_bench_nodes_send_the_token(tls: bool, tmp_path: Path) -> None:
         try:
             await pool.start()
             await pool.nodes[0].heartbeat()  # a write on the (intercepted) stream works
+            # The write is queued client-side: wait (bounded) until the peer saw the
+            # stream open, or a loaded machine closes the pool before it arrives.
+            for _ in range(100):
+                if "Connect" in _methods(recorder):
+                    break
+                await asyncio.sleep(0.1)
         finally:
             await pool.close()
             await server.stop(None)
