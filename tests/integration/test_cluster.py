@@ -370,9 +370,13 @@ def test_a3_a_paused_leader_is_fenced_steps_down_and_catches_up(
 
 
 def is_unreachable(exc: grpc.aio.AioRpcError) -> bool:
-    """The call found no process listening (not an answer of the server)."""
+    """The call found no process listening, or its connection was reset under it by the
+    process replacing itself (exec closes its sockets): not an answer of the server."""
     details = (exc.details() or "").lower()
-    return "failed to connect" in details or "connection refused" in details
+    return any(
+        what in details
+        for what in ("failed to connect", "connection refused", "connection reset by peer")
+    )
 
 
 async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
