@@ -211,8 +211,14 @@ class Election:
                 self.advertise,
                 message="this replica was just elected and is still catching up with the log",
             )
-        if self.leader_name == self.name:
-            return NotLeader()  # its own old key, not yet expired: no leader really
+        if self.leader_name == self.name or not self.leader_name:
+            # No leader really (or its own old key, not yet expired): say why when etcd is.
+            cause = self.etcd_cause()
+            return (
+                NotLeader(message=f"not the leader; no leader elected: {cause}")
+                if cause
+                else NotLeader()
+            )
         return NotLeader(self.leader_name, self.leader_advertise)
 
     def resign(self, reason: str) -> None:
