@@ -143,7 +143,7 @@ def _describe(target: str, exc: BaseException) -> str:
 
 
 class EtcdClient:
-    """The client of Contract 1 (CLUSTER_DESIGN.md); see the module docstring."""
+    """The asyncio etcd v3 client; see the module docstring."""
 
     def __init__(
         self,

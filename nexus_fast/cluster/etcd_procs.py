@@ -76,7 +76,7 @@ def etcd_binary() -> str:
 
 
 class EtcdCluster:
-    """``members`` etcd processes forming one cluster (Contract 2 in CLUSTER_DESIGN.md)."""
+    """``members`` etcd processes forming one cluster (real members for tests, nexus-bench and make run-cluster)."""
 
     def __init__(
         self,

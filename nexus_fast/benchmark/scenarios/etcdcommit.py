@@ -1,7 +1,7 @@
 """``etcd``: the cost of one replicated-log commit in real etcd, vs the embedded LMDB commit.
 
 Each commit is the transaction the replicated log writes for one group commit
-(CLUSTER_DESIGN.md): compare ``{prefix}/leader`` create_revision == term (the fence) and
+(docs/cluster.md): compare ``{prefix}/leader`` create_revision == term (the fence) and
 ``{prefix}/log/{seq:020d}`` version == 0, then put ``--value-bytes`` at that key. It runs
 on :class:`~nexus_fast.cluster.etcd_procs.EtcdCluster` members started here (``--members``,
 e.g. ``1,3``), with ``--levels`` commits in flight, each awaited until etcd answers (quorum
