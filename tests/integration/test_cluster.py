@@ -17,13 +17,8 @@ events contiguous and seen once, and the replicas' event logs byte-identical.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -38,8 +33,9 @@ from nexus_fast.pb import fabric_pb2 as pb
 from nexus_fast.pb import fabric_pb2_grpc as pb_grpc
 from scripts.chaos import FINAL, ChaosClient, Figures, spec_for
 
+from .chaos_util import run_chaos_script
 from .cluster_util import Cluster, EventRecorder, Replica, cluster, compare_event_logs
-from .conftest import REPO, list_all_nodes, wait_for
+from .conftest import list_all_nodes, wait_for
 from .etcd_fixtures import etcd3  # noqa: F401  (module-scoped 3-member etcd)
 from .events_util import metric
 
@@ -216,34 +212,12 @@ def list_commands(control: pb_grpc.ControlServiceStub) -> list[pb.CommandRecord]
 
 
 def chaos_cluster(tmp_path: Path, rounds: int, seed: int, timeout: float) -> dict[str, Any]:
-    out = tmp_path / "chaos-cluster.json"
-    # Its own process group: a timeout kills it with its replicas, fleets and etcd.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "chaos_cluster.py"),
-            *("--rounds", str(rounds), "--seed", str(seed), "--json", str(out)),
-            *("--workdir", str(tmp_path / "work")),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        start_new_session=True,
+    figures, detail, returncode = run_chaos_script(
+        "chaos_cluster.py", tmp_path, rounds, seed, timeout
     )
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert out.exists(), f"chaos_cluster.py wrote no figures (exit {proc.returncode}):\n{stderr}"
-    figures: dict[str, Any] = json.loads(out.read_text())
-    detail = f"{json.dumps(figures, indent=1)}\n{stderr[-3000:]}"
-    assert figures["rounds"] == rounds, detail
     for zero in (*ZERO, "server_tracebacks", "failovers_too_slow", "replica_log_problems"):
         assert figures[zero] == 0, f"{zero}: {detail}"
-    assert proc.returncode == 0, detail
+    assert returncode == 0, detail
     assert len(figures["failover_s"]) == rounds, detail
     assert figures["failover_max_s"] <= 5.0, detail
     assert figures["subscriber_resumes"] >= rounds, detail  # it really moved each time

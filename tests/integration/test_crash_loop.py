@@ -10,51 +10,15 @@ key on two commands, nothing run twice on a node, every event seen once, no gap.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO
+from .chaos_util import run_chaos_script
 
 
 def crash_loop(tmp_path: Path, rounds: int, seed: int, timeout: float) -> dict[str, object]:
-    out = tmp_path / "chaos.json"
-    # Its own process group: a timeout kills chaos.py with its server and fleet.
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "chaos.py"),
-            "--rounds",
-            str(rounds),
-            "--seed",
-            str(seed),
-            "--json",
-            str(out),
-            "--workdir",
-            str(tmp_path / "work"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert out.exists(), f"chaos.py wrote no figures (exit {proc.returncode}):\n{stderr}"
-    figures: dict[str, object] = json.loads(out.read_text())
-    detail = f"{json.dumps(figures, indent=1)}\n{stderr[-3000:]}"
-    assert figures["rounds"] == rounds, detail
+    figures, detail, returncode = run_chaos_script("chaos.py", tmp_path, rounds, seed, timeout)
     for zero in (
         "lost",
         "not_final",
@@ -67,7 +31,7 @@ def crash_loop(tmp_path: Path, rounds: int, seed: int, timeout: float) -> dict[s
         "server_tracebacks",
     ):
         assert figures[zero] == 0, f"{zero}: {detail}"
-    assert proc.returncode == 0, detail
+    assert returncode == 0, detail
     assert isinstance(figures["commands_acknowledged"], int), detail
     assert figures["commands_acknowledged"] > rounds, detail  # the client really worked
     assert isinstance(figures["events"], int) and figures["events"] > rounds, detail
