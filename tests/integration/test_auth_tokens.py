@@ -235,6 +235,9 @@ def test_node_principal_may_not_call_control_service(server: SecureServer, pki: 
                 metadata=bearer(node),
                 timeout=5,
             ),
+            lambda: stub.GetClusterStatus(
+                pb.GetClusterStatusRequest(), metadata=bearer(node), timeout=5
+            ),
         ):
             with pytest.raises(grpc.RpcError) as info:
                 call()
