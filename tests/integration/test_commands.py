@@ -81,14 +81,16 @@ def submit_all(
 
 
 def final_count(control: pb_grpc.ControlServiceStub, ids: list[str]) -> int:
-    """How many of ``ids`` are final now (WaitCommands streams the final ones at once)."""
+    """How many of ``ids`` are final now (WaitCommands streams the final ones at once; the
+    marker record it ends with when some are not final has no id and is not counted)."""
     done = 0
     for start in range(0, len(ids), 10_000):
         done += sum(
             1
-            for _ in control.WaitCommands(
+            for record in control.WaitCommands(
                 pb.WaitCommandsRequest(ids=ids[start : start + 10_000], timeout_ms=1), timeout=60
             )
+            if record.id
         )
     return done
 
