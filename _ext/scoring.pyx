@@ -24,7 +24,9 @@ their order): SIMD add, sub, mul, div, min and max round exactly like their scal
 and nothing is reassociated, so the choices are unchanged.
 """
 
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.math cimport INFINITY
+from libc.string cimport memmove
 
 cimport _scoring
 
@@ -37,6 +39,7 @@ __all__ = (
     "ROW_CAP",
     "ROW_FREE",
     "ROW_TASKS",
+    "PlaceRun",
     "Query",
     "pick_best",
 )
@@ -291,18 +294,22 @@ cdef class Query:
         )
 
 
-def pick_best(
+cdef inline void _set_t_max(Kernel* p, double t_max) noexcept nogil:
+    p.t_max = <float>t_max
+    p.t_div = p.t_max + ONE
+
+
+cdef int _kernel_init(
+    Kernel* p,
     const float[:, ::1] feat,
     Py_ssize_t n,
     const unsigned char[::1] mask,
     const double[::1] heartbeat,
-    Query query not None,
-    const float[::1] spread=None,
-):
-    """Index (< n) of the best feasible node, or -1 if none is feasible (see _scoring_py)."""
-    cdef Kernel p
+    Query query,
+    const float[::1] spread,
+) except -1:
+    """Check the inputs as the pure twin's ``_check`` does and fill ``p`` (not when n = 0)."""
     cdef int j
-    cdef Py_ssize_t best
     if feat.shape[0] < _scoring.N_ROWS:
         raise ValueError(f"feat needs {N_ROWS} rows, got {feat.shape[0]}")
     if n < 0 or n > feat.shape[1]:
@@ -312,7 +319,7 @@ def pick_best(
     if spread is not None and spread.shape[0] < n:
         raise ValueError("spread must cover n nodes")
     if n == 0:
-        return -1
+        return 0  # nothing to point at: the callers return before reading p
     for j in range(_scoring.N_RESOURCES):
         p.free[j] = &feat[_scoring.ROW_FREE + j, 0]
         p.avail[j] = &feat[_scoring.ROW_AVAIL + j, 0]
@@ -326,8 +333,7 @@ def pick_best(
     p.counted[2] = p.req[2] > ZERO
     p.counted[3] = p.req[3] > ZERO
     p.n_terms = <float>(3 + p.counted[2] + p.counted[3])  # cpu, memory, tasks, gpu?, disk?
-    p.t_max = <float>query.t_max
-    p.t_div = p.t_max + ONE
+    _set_t_max(p, query.t_max)
     p.s_max = <float>query.s_max
     p.w_least = query.c_weights[0]
     p.w_most = query.c_weights[1]
@@ -338,9 +344,183 @@ def pick_best(
     p.spread = &spread[0] if p.use_spread else NULL
     p.stale = query.now - query.node_timeout
     p.k = 2.0 / query.node_timeout
+    return 0
+
+
+def pick_best(
+    const float[:, ::1] feat,
+    Py_ssize_t n,
+    const unsigned char[::1] mask,
+    const double[::1] heartbeat,
+    Query query not None,
+    const float[::1] spread=None,
+):
+    """Index (< n) of the best feasible node, or -1 if none is feasible (see _scoring_py)."""
+    cdef Kernel p
+    cdef Py_ssize_t best
+    _kernel_init(&p, feat, n, mask, heartbeat, query, spread)
+    if n == 0:
+        return -1
     if n >= NOGIL_MIN_NODES:
         with nogil:
             best = _pick(&p, n, <unsigned long long>query.r)
     else:
         best = _pick(&p, n, <unsigned long long>query.r)
     return best
+
+
+cdef void _score_range(
+    const Kernel* p, Py_ssize_t i0, Py_ssize_t i1, float* score
+) noexcept nogil:
+    """Score nodes ``i0 .. i1 - 1`` into ``score[i0:i1]`` with ``_block``, -inf where infeasible."""
+    cdef int feas[BLOCK]
+    cdef Py_ssize_t k, m
+    while i0 < i1:
+        m = i1 - i0 if i1 - i0 < BLOCK else BLOCK
+        _block(p, i0, m, score + i0, feas)
+        for k in range(m):
+            if not feas[k]:
+                score[i0 + k] = NEG_INF
+        i0 += m
+
+
+cdef class PlaceRun:
+    """Places a run of like requests: one scan scores the fleet, then each pick is an argmax.
+
+    The compiled twin of ``nexus_fast._scoring_py.PlaceRun`` (semantics: there). The cached
+    scores (-inf for an infeasible node) come from ``_block``, the scoring routine of
+    ``pick_best``, so they are bit for bit the scores ``pick_best`` computes. Besides the
+    scores it keeps the best score and the sorted indices of the nodes tied at it, so
+    ``best(r)`` is O(1) and ``rescore`` O(log n) plus a move in the tied list; the tied list
+    is rebuilt from the cached scores (one pass over n floats, no scoring) only when its last
+    node drops below the best, and everything is scored again only when ``t_max`` moves.
+    """
+
+    cdef Kernel p
+    cdef Py_ssize_t n
+    # The arrays the kernel's pointers read: held so they outlive the run.
+    cdef const float[:, ::1] feat
+    cdef const unsigned char[::1] mask
+    cdef const double[::1] heartbeat
+    cdef double t_max
+    cdef float* score  # n cached scores
+    cdef Py_ssize_t* tied  # the nodes whose score is best_score, ascending
+    cdef Py_ssize_t n_tied
+    cdef float best_score
+
+    def __cinit__(self):
+        self.score = NULL
+        self.tied = NULL
+
+    def __init__(
+        self,
+        const float[:, ::1] feat,
+        Py_ssize_t n,
+        const unsigned char[::1] mask,
+        const double[::1] heartbeat,
+        Query query not None,
+    ):
+        _kernel_init(&self.p, feat, n, mask, heartbeat, query, None)
+        self.feat = feat
+        self.mask = mask
+        self.heartbeat = heartbeat
+        self.n = n
+        self.t_max = query.t_max
+        PyMem_Free(self.score)
+        PyMem_Free(self.tied)
+        self.score = <float*>PyMem_Malloc((n if n > 0 else 1) * sizeof(float))
+        self.tied = <Py_ssize_t*>PyMem_Malloc((n if n > 0 else 1) * sizeof(Py_ssize_t))
+        if self.score == NULL or self.tied == NULL:
+            raise MemoryError()
+        self.n_tied = 0
+        self.best_score = NEG_INF
+        self.score_all()
+
+    def __dealloc__(self):
+        PyMem_Free(self.score)
+        PyMem_Free(self.tied)
+
+    def score_all(self):
+        """Score every candidate again; returns how many are feasible."""
+        if self.n >= NOGIL_MIN_NODES:
+            with nogil:
+                _score_range(&self.p, 0, self.n, self.score)
+        else:
+            _score_range(&self.p, 0, self.n, self.score)
+        return self._collect()
+
+    cdef Py_ssize_t _collect(self) noexcept:
+        """The best cached score and the nodes tied at it; returns the feasible count."""
+        cdef Py_ssize_t i, n_feasible = 0, n_tied = 0
+        cdef float s, top = NEG_INF
+        cdef const float* score = self.score
+        for i in range(self.n):
+            s = score[i]
+            if s > NEG_INF:
+                n_feasible += 1
+                top = s if s > top else top
+        if n_feasible:
+            for i in range(self.n):
+                if score[i] == top:
+                    self.tied[n_tied] = i
+                    n_tied += 1
+        self.best_score = top
+        self.n_tied = n_tied
+        return n_feasible
+
+    def best(self, r):
+        """The best feasible node now, ties by ``r`` (``0 <= r < 2**63``); -1 if none fits."""
+        if not 0 <= r < _R_LIMIT:
+            raise ValueError("r must be in [0, 2**63)")
+        if self.n_tied == 0:
+            return -1
+        return self.tied[<Py_ssize_t>(<unsigned long long>r % <unsigned long long>self.n_tied)]
+
+    def rescore(self, Py_ssize_t slot, double t_max):
+        """Node ``slot``'s column changed (it was reserved); ``t_max``: the fleet's now."""
+        cdef float new, was, top = self.best_score
+        cdef Py_ssize_t at
+        if slot < 0 or slot >= self.n:
+            raise ValueError(f"slot {slot} out of range for {self.n} nodes")
+        if t_max != self.t_max:  # every node's tasks term moved: score them all
+            self.t_max = t_max
+            _set_t_max(&self.p, t_max)
+            self.score_all()
+            return
+        was = self.score[slot]
+        _score_range(&self.p, slot, slot + 1, self.score)
+        new = self.score[slot]
+        if self.n_tied and was == top:  # the node was tied at the best
+            if new == top:
+                return
+            at = self._tied_at(slot)
+            self.n_tied -= 1
+            memmove(&self.tied[at], &self.tied[at + 1], (self.n_tied - at) * sizeof(Py_ssize_t))
+            if new > top:
+                self.best_score = new
+                self.tied[0] = slot
+                self.n_tied = 1
+            elif self.n_tied == 0:  # the last best node dropped: find the next best
+                self._collect()
+        elif not new > NEG_INF:
+            return  # infeasible (it was not among the best, or nothing fits)
+        elif self.n_tied == 0 or new > top:
+            self.best_score = new
+            self.tied[0] = slot
+            self.n_tied = 1
+        elif new == top:
+            at = self._tied_at(slot)
+            memmove(&self.tied[at + 1], &self.tied[at], (self.n_tied - at) * sizeof(Py_ssize_t))
+            self.tied[at] = slot
+            self.n_tied += 1
+
+    cdef Py_ssize_t _tied_at(self, Py_ssize_t slot) noexcept:
+        """Where ``slot`` is (or goes) in the ascending tied list: binary search."""
+        cdef Py_ssize_t lo = 0, hi = self.n_tied, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.tied[mid] < slot:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
