@@ -26,7 +26,6 @@ and nothing is reassociated, so the choices are unchanged.
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.math cimport INFINITY
-from libc.string cimport memmove
 
 cimport _scoring
 
@@ -389,28 +388,28 @@ cdef class PlaceRun:
 
     The compiled twin of ``nexus_fast._scoring_py.PlaceRun`` (semantics: there). The cached
     scores (-inf for an infeasible node) come from ``_block``, the scoring routine of
-    ``pick_best``, so they are bit for bit the scores ``pick_best`` computes. Besides the
-    scores it keeps the best score and the sorted indices of the nodes tied at it, so
-    ``best(r)`` is O(1) and ``rescore`` O(log n) plus a move in the tied list; the tied list
-    is rebuilt from the cached scores (one pass over n floats, no scoring) only when its last
-    node drops below the best, and everything is scored again only when ``t_max`` moves.
+    ``pick_best``, so they are bit for bit the scores ``pick_best`` computes. They are the
+    leaves of a tournament tree whose every inner node holds the best score below it and how
+    many leaves below it hold that score: ``best(r)`` walks down to the ``(r mod ties)``-th
+    tied leaf in index order and ``rescore`` updates one leaf and its path to the root, both
+    O(log n) whether the fleet ties everywhere or nowhere. Everything is scored again (and
+    the tree rebuilt, O(n)) only when ``t_max`` moves.
     """
 
     cdef Kernel p
     cdef Py_ssize_t n
+    cdef Py_ssize_t leaves  # a power of two >= n; leaf i is tree node leaves + i
     # The arrays the kernel's pointers read: held so they outlive the run.
     cdef const float[:, ::1] feat
     cdef const unsigned char[::1] mask
     cdef const double[::1] heartbeat
     cdef double t_max
-    cdef float* score  # n cached scores
-    cdef Py_ssize_t* tied  # the nodes whose score is best_score, ascending
-    cdef Py_ssize_t n_tied
-    cdef float best_score
+    cdef float* top  # per tree node: the best score below it (-inf: nothing feasible)
+    cdef Py_ssize_t* ties  # per tree node: how many leaves below it hold that score
 
     def __cinit__(self):
-        self.score = NULL
-        self.tied = NULL
+        self.top = NULL
+        self.ties = NULL
 
     def __init__(
         self,
@@ -426,60 +425,81 @@ cdef class PlaceRun:
         self.heartbeat = heartbeat
         self.n = n
         self.t_max = query.t_max
-        PyMem_Free(self.score)
-        PyMem_Free(self.tied)
-        self.score = <float*>PyMem_Malloc((n if n > 0 else 1) * sizeof(float))
-        self.tied = <Py_ssize_t*>PyMem_Malloc((n if n > 0 else 1) * sizeof(Py_ssize_t))
-        if self.score == NULL or self.tied == NULL:
+        self.leaves = 1
+        while self.leaves < n:
+            self.leaves *= 2
+        PyMem_Free(self.top)
+        PyMem_Free(self.ties)
+        self.top = <float*>PyMem_Malloc(2 * self.leaves * sizeof(float))
+        self.ties = <Py_ssize_t*>PyMem_Malloc(2 * self.leaves * sizeof(Py_ssize_t))
+        if self.top == NULL or self.ties == NULL:
             raise MemoryError()
-        self.n_tied = 0
-        self.best_score = NEG_INF
         self.score_all()
 
     def __dealloc__(self):
-        PyMem_Free(self.score)
-        PyMem_Free(self.tied)
+        PyMem_Free(self.top)
+        PyMem_Free(self.ties)
 
     def score_all(self):
         """Score every candidate again; returns how many are feasible."""
+        cdef Py_ssize_t n_feasible
         if self.n >= NOGIL_MIN_NODES:
             with nogil:
-                _score_range(&self.p, 0, self.n, self.score)
+                n_feasible = self._build()
         else:
-            _score_range(&self.p, 0, self.n, self.score)
-        return self._collect()
-
-    cdef Py_ssize_t _collect(self) noexcept:
-        """The best cached score and the nodes tied at it; returns the feasible count."""
-        cdef Py_ssize_t i, n_feasible = 0, n_tied = 0
-        cdef float s, top = NEG_INF
-        cdef const float* score = self.score
-        for i in range(self.n):
-            s = score[i]
-            if s > NEG_INF:
-                n_feasible += 1
-                top = s if s > top else top
-        if n_feasible:
-            for i in range(self.n):
-                if score[i] == top:
-                    self.tied[n_tied] = i
-                    n_tied += 1
-        self.best_score = top
-        self.n_tied = n_tied
+            n_feasible = self._build()
         return n_feasible
+
+    cdef Py_ssize_t _build(self) noexcept nogil:
+        cdef Py_ssize_t i, n_feasible = 0, leaves = self.leaves
+        cdef float* top = self.top
+        _score_range(&self.p, 0, self.n, top + leaves)
+        for i in range(self.n, leaves):
+            top[leaves + i] = NEG_INF
+        for i in range(leaves, 2 * leaves):
+            self.ties[i] = top[i] > NEG_INF
+            n_feasible += self.ties[i]
+        for i in range(leaves - 1, 0, -1):
+            self._join(i)
+        return n_feasible
+
+    cdef inline void _join(self, Py_ssize_t i) noexcept nogil:
+        """Tree node ``i`` from its two children: the better score, or the sum of ties."""
+        cdef float a = self.top[2 * i], b = self.top[2 * i + 1]
+        if a > b:
+            self.top[i] = a
+            self.ties[i] = self.ties[2 * i]
+        elif b > a:
+            self.top[i] = b
+            self.ties[i] = self.ties[2 * i + 1]
+        else:  # equal (-inf on both sides: no ties, both counts are 0)
+            self.top[i] = a
+            self.ties[i] = self.ties[2 * i] + self.ties[2 * i + 1]
 
     def best(self, r):
         """The best feasible node now, ties by ``r`` (``0 <= r < 2**63``); -1 if none fits."""
+        cdef Py_ssize_t i = 1, left
+        cdef unsigned long long k
+        cdef float best
         if not 0 <= r < _R_LIMIT:
             raise ValueError("r must be in [0, 2**63)")
-        if self.n_tied == 0:
+        if self.n == 0 or self.ties[1] == 0:
             return -1
-        return self.tied[<Py_ssize_t>(<unsigned long long>r % <unsigned long long>self.n_tied)]
+        best = self.top[1]
+        k = <unsigned long long>r % <unsigned long long>self.ties[1]
+        while i < self.leaves:  # down to the k-th leaf holding the best score, in index order
+            left = 2 * i
+            if self.top[left] == best:
+                if k < <unsigned long long>self.ties[left]:
+                    i = left
+                    continue
+                k -= self.ties[left]
+            i = left + 1
+        return i - self.leaves
 
     def rescore(self, Py_ssize_t slot, double t_max):
         """Node ``slot``'s column changed (it was reserved); ``t_max``: the fleet's now."""
-        cdef float new, was, top = self.best_score
-        cdef Py_ssize_t at
+        cdef Py_ssize_t i = self.leaves + slot
         if slot < 0 or slot >= self.n:
             raise ValueError(f"slot {slot} out of range for {self.n} nodes")
         if t_max != self.t_max:  # every node's tasks term moved: score them all
@@ -487,40 +507,9 @@ cdef class PlaceRun:
             _set_t_max(&self.p, t_max)
             self.score_all()
             return
-        was = self.score[slot]
-        _score_range(&self.p, slot, slot + 1, self.score)
-        new = self.score[slot]
-        if self.n_tied and was == top:  # the node was tied at the best
-            if new == top:
-                return
-            at = self._tied_at(slot)
-            self.n_tied -= 1
-            memmove(&self.tied[at], &self.tied[at + 1], (self.n_tied - at) * sizeof(Py_ssize_t))
-            if new > top:
-                self.best_score = new
-                self.tied[0] = slot
-                self.n_tied = 1
-            elif self.n_tied == 0:  # the last best node dropped: find the next best
-                self._collect()
-        elif not new > NEG_INF:
-            return  # infeasible (it was not among the best, or nothing fits)
-        elif self.n_tied == 0 or new > top:
-            self.best_score = new
-            self.tied[0] = slot
-            self.n_tied = 1
-        elif new == top:
-            at = self._tied_at(slot)
-            memmove(&self.tied[at + 1], &self.tied[at], (self.n_tied - at) * sizeof(Py_ssize_t))
-            self.tied[at] = slot
-            self.n_tied += 1
-
-    cdef Py_ssize_t _tied_at(self, Py_ssize_t slot) noexcept:
-        """Where ``slot`` is (or goes) in the ascending tied list: binary search."""
-        cdef Py_ssize_t lo = 0, hi = self.n_tied, mid
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if self.tied[mid] < slot:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo
+        _score_range(&self.p, slot, slot + 1, self.top + self.leaves)
+        self.ties[i] = self.top[i] > NEG_INF
+        i >>= 1
+        while i:
+            self._join(i)
+            i >>= 1
