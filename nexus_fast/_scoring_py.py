@@ -1,8 +1,12 @@
 """Node scoring, pure twin (numpy-vectorised): the typed source of truth for ``_ext/scoring.pyx``.
 
 ``pick_best`` filters and scores every node of a feature-major matrix and returns the index
-of the best feasible node, or -1. The scheduler (``nexus_fast.core.scheduler``) keeps that
-matrix up to date incrementally; nothing here allocates per node or knows node ids.
+of the best feasible node, or -1. ``PlaceRun`` places a run of like requests (a batch):
+it scores the fleet once, then each pick is an argmax over the cached scores and only the
+node just reserved is scored again (semantics in its docstring). Both score through one
+routine, ``_scores`` (the compiled twin's ``_block``). The scheduler
+(``nexus_fast.core.scheduler``) keeps the matrix up to date incrementally; nothing here
+allocates per node or knows node ids.
 
 Inputs
 ------
