@@ -24,6 +24,7 @@ their order): SIMD add, sub, mul, div, min and max round exactly like their scal
 and nothing is reassociated, so the choices are unchanged.
 """
 
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.math cimport INFINITY
 
 cimport _scoring
@@ -37,6 +38,7 @@ __all__ = (
     "ROW_CAP",
     "ROW_FREE",
     "ROW_TASKS",
+    "PlaceRun",
     "Query",
     "pick_best",
 )
@@ -291,18 +293,22 @@ cdef class Query:
         )
 
 
-def pick_best(
+cdef inline void _set_t_max(Kernel* p, double t_max) noexcept nogil:
+    p.t_max = <float>t_max
+    p.t_div = p.t_max + ONE
+
+
+cdef int _kernel_init(
+    Kernel* p,
     const float[:, ::1] feat,
     Py_ssize_t n,
     const unsigned char[::1] mask,
     const double[::1] heartbeat,
-    Query query not None,
-    const float[::1] spread=None,
-):
-    """Index (< n) of the best feasible node, or -1 if none is feasible (see _scoring_py)."""
-    cdef Kernel p
+    Query query,
+    const float[::1] spread,
+) except -1:
+    """Check the inputs as the pure twin's ``_check`` does and fill ``p`` (not when n = 0)."""
     cdef int j
-    cdef Py_ssize_t best
     if feat.shape[0] < _scoring.N_ROWS:
         raise ValueError(f"feat needs {N_ROWS} rows, got {feat.shape[0]}")
     if n < 0 or n > feat.shape[1]:
@@ -312,7 +318,7 @@ def pick_best(
     if spread is not None and spread.shape[0] < n:
         raise ValueError("spread must cover n nodes")
     if n == 0:
-        return -1
+        return 0  # nothing to point at: the callers return before reading p
     for j in range(_scoring.N_RESOURCES):
         p.free[j] = &feat[_scoring.ROW_FREE + j, 0]
         p.avail[j] = &feat[_scoring.ROW_AVAIL + j, 0]
@@ -326,8 +332,7 @@ def pick_best(
     p.counted[2] = p.req[2] > ZERO
     p.counted[3] = p.req[3] > ZERO
     p.n_terms = <float>(3 + p.counted[2] + p.counted[3])  # cpu, memory, tasks, gpu?, disk?
-    p.t_max = <float>query.t_max
-    p.t_div = p.t_max + ONE
+    _set_t_max(p, query.t_max)
     p.s_max = <float>query.s_max
     p.w_least = query.c_weights[0]
     p.w_most = query.c_weights[1]
@@ -338,9 +343,173 @@ def pick_best(
     p.spread = &spread[0] if p.use_spread else NULL
     p.stale = query.now - query.node_timeout
     p.k = 2.0 / query.node_timeout
+    return 0
+
+
+def pick_best(
+    const float[:, ::1] feat,
+    Py_ssize_t n,
+    const unsigned char[::1] mask,
+    const double[::1] heartbeat,
+    Query query not None,
+    const float[::1] spread=None,
+):
+    """Index (< n) of the best feasible node, or -1 if none is feasible (see _scoring_py)."""
+    cdef Kernel p
+    cdef Py_ssize_t best
+    _kernel_init(&p, feat, n, mask, heartbeat, query, spread)
+    if n == 0:
+        return -1
     if n >= NOGIL_MIN_NODES:
         with nogil:
             best = _pick(&p, n, <unsigned long long>query.r)
     else:
         best = _pick(&p, n, <unsigned long long>query.r)
     return best
+
+
+cdef void _score_range(
+    const Kernel* p, Py_ssize_t i0, Py_ssize_t i1, float* score
+) noexcept nogil:
+    """Score nodes ``i0 .. i1 - 1`` into ``score[i0:i1]`` with ``_block``, -inf where infeasible."""
+    cdef int feas[BLOCK]
+    cdef Py_ssize_t k, m
+    while i0 < i1:
+        m = i1 - i0 if i1 - i0 < BLOCK else BLOCK
+        _block(p, i0, m, score + i0, feas)
+        for k in range(m):
+            if not feas[k]:
+                score[i0 + k] = NEG_INF
+        i0 += m
+
+
+cdef class PlaceRun:
+    """Places a run of like requests: one scan scores the fleet, then each pick is an argmax.
+
+    The compiled twin of ``nexus_fast._scoring_py.PlaceRun`` (semantics: there). The cached
+    scores (-inf for an infeasible node) come from ``_block``, the scoring routine of
+    ``pick_best``, so they are bit for bit the scores ``pick_best`` computes. They are the
+    leaves of a tournament tree whose every inner node holds the best score below it and how
+    many leaves below it hold that score: ``best(r)`` walks down to the ``(r mod ties)``-th
+    tied leaf in index order and ``rescore`` updates one leaf and its path to the root, both
+    O(log n) whether the fleet ties everywhere or nowhere. Everything is scored again (and
+    the tree rebuilt, O(n)) only when ``t_max`` moves.
+    """
+
+    cdef Kernel p
+    cdef Py_ssize_t n
+    cdef Py_ssize_t leaves  # a power of two >= n; leaf i is tree node leaves + i
+    # The arrays the kernel's pointers read: held so they outlive the run.
+    cdef const float[:, ::1] feat
+    cdef const unsigned char[::1] mask
+    cdef const double[::1] heartbeat
+    cdef double t_max
+    cdef float* top  # per tree node: the best score below it (-inf: nothing feasible)
+    cdef Py_ssize_t* ties  # per tree node: how many leaves below it hold that score
+
+    def __cinit__(self):
+        self.top = NULL
+        self.ties = NULL
+
+    def __init__(
+        self,
+        const float[:, ::1] feat,
+        Py_ssize_t n,
+        const unsigned char[::1] mask,
+        const double[::1] heartbeat,
+        Query query not None,
+    ):
+        _kernel_init(&self.p, feat, n, mask, heartbeat, query, None)
+        self.feat = feat
+        self.mask = mask
+        self.heartbeat = heartbeat
+        self.n = n
+        self.t_max = query.t_max
+        self.leaves = 1
+        while self.leaves < n:
+            self.leaves *= 2
+        PyMem_Free(self.top)
+        PyMem_Free(self.ties)
+        self.top = <float*>PyMem_Malloc(2 * self.leaves * sizeof(float))
+        self.ties = <Py_ssize_t*>PyMem_Malloc(2 * self.leaves * sizeof(Py_ssize_t))
+        if self.top == NULL or self.ties == NULL:
+            raise MemoryError()
+        self.score_all()
+
+    def __dealloc__(self):
+        PyMem_Free(self.top)
+        PyMem_Free(self.ties)
+
+    def score_all(self):
+        """Score every candidate again; returns how many are feasible."""
+        cdef Py_ssize_t n_feasible
+        if self.n >= NOGIL_MIN_NODES:
+            with nogil:
+                n_feasible = self._build()
+        else:
+            n_feasible = self._build()
+        return n_feasible
+
+    cdef Py_ssize_t _build(self) noexcept nogil:
+        cdef Py_ssize_t i, n_feasible = 0, leaves = self.leaves
+        cdef float* top = self.top
+        _score_range(&self.p, 0, self.n, top + leaves)
+        for i in range(self.n, leaves):
+            top[leaves + i] = NEG_INF
+        for i in range(leaves, 2 * leaves):
+            self.ties[i] = top[i] > NEG_INF
+            n_feasible += self.ties[i]
+        for i in range(leaves - 1, 0, -1):
+            self._join(i)
+        return n_feasible
+
+    cdef inline void _join(self, Py_ssize_t i) noexcept nogil:
+        """Tree node ``i`` from its two children: the better score, or the sum of ties."""
+        cdef float a = self.top[2 * i], b = self.top[2 * i + 1]
+        if a > b:
+            self.top[i] = a
+            self.ties[i] = self.ties[2 * i]
+        elif b > a:
+            self.top[i] = b
+            self.ties[i] = self.ties[2 * i + 1]
+        else:  # equal (-inf on both sides: no ties, both counts are 0)
+            self.top[i] = a
+            self.ties[i] = self.ties[2 * i] + self.ties[2 * i + 1]
+
+    def best(self, r):
+        """The best feasible node now, ties by ``r`` (``0 <= r < 2**63``); -1 if none fits."""
+        cdef Py_ssize_t i = 1, left
+        cdef unsigned long long k
+        cdef float best
+        if not 0 <= r < _R_LIMIT:
+            raise ValueError("r must be in [0, 2**63)")
+        if self.n == 0 or self.ties[1] == 0:
+            return -1
+        best = self.top[1]
+        k = <unsigned long long>r % <unsigned long long>self.ties[1]
+        while i < self.leaves:  # down to the k-th leaf holding the best score, in index order
+            left = 2 * i
+            if self.top[left] == best:
+                if k < <unsigned long long>self.ties[left]:
+                    i = left
+                    continue
+                k -= self.ties[left]
+            i = left + 1
+        return i - self.leaves
+
+    def rescore(self, Py_ssize_t slot, double t_max):
+        """Node ``slot``'s column changed (it was reserved); ``t_max``: the fleet's now."""
+        cdef Py_ssize_t i = self.leaves + slot
+        if slot < 0 or slot >= self.n:
+            raise ValueError(f"slot {slot} out of range for {self.n} nodes")
+        if t_max != self.t_max:  # every node's tasks term moved: score them all
+            self.t_max = t_max
+            _set_t_max(&self.p, t_max)
+            self.score_all()
+            return
+        _score_range(&self.p, slot, slot + 1, self.top + self.leaves)
+        self.ties[i] = self.top[i] > NEG_INF
+        i >>= 1
+        while i:
+            self._join(i)
+            i >>= 1

@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from nexus_fast import scoring
 from nexus_fast._compat import NO_EXTENSIONS
+from nexus_fast.benchmark.scenarios import micro
 from nexus_fast.scoring import ROW_AVAIL, ROW_CAP, ROW_FREE, ROW_TASKS
 
 SIZES = [100, 1_000, 10_000, 100_000]
@@ -35,17 +36,9 @@ W = (1.0, 0.0, 0.5, 1.0, 0.1)  # least, most, balanced, spread, fresh (the confi
 
 
 def fleet(n: int) -> tuple[NDArray[np.float32], NDArray[np.uint8], NDArray[np.float64], float]:
-    rng = np.random.default_rng(n)
-    shapes = np.array([[4, 16, 0, 100], [8, 32, 0, 200], [16, 64, 1, 500], [64, 256, 8, 2000]])
-    cap = shapes[rng.integers(0, len(shapes), n)].T.astype(np.float32)
-    feat = np.zeros((scoring.N_ROWS, n), np.float32)
-    feat[ROW_CAP : ROW_CAP + 4] = np.maximum(cap, np.float32(1e-6))
-    free = cap * rng.random((4, n), np.float32)
-    feat[ROW_FREE : ROW_FREE + 4] = free
-    feat[ROW_AVAIL : ROW_AVAIL + 4] = free * rng.uniform(0.5, 1.0, (4, n)).astype(np.float32)
-    feat[ROW_TASKS] = rng.integers(0, 21, n)
-    mask = (rng.random(n) >= 0.02).astype(np.uint8)
-    heartbeat = NOW - rng.random(n) * 5.0
+    """The fleet ``nexus-bench micro`` scores too (one definition), and its t_max."""
+    feat, mask, heartbeat, now = micro.fleet(n)
+    assert now == NOW
     return feat, mask, heartbeat, 20.0
 
 

@@ -1,8 +1,12 @@
 """Node scoring, pure twin (numpy-vectorised): the typed source of truth for ``_ext/scoring.pyx``.
 
 ``pick_best`` filters and scores every node of a feature-major matrix and returns the index
-of the best feasible node, or -1. The scheduler (``nexus_fast.core.scheduler``) keeps that
-matrix up to date incrementally; nothing here allocates per node or knows node ids.
+of the best feasible node, or -1. ``PlaceRun`` places a run of like requests (a batch):
+it scores the fleet once, then each pick is an argmax over the cached scores and only the
+node just reserved is scored again (semantics in its docstring). Both score through one
+routine, ``_scores`` (the compiled twin's ``_block``). The scheduler
+(``nexus_fast.core.scheduler``) keeps the matrix up to date incrementally; nothing here
+allocates per node or knows node ids.
 
 Inputs
 ------
@@ -100,6 +104,7 @@ __all__ = (
     "ROW_CAP",
     "ROW_FREE",
     "ROW_TASKS",
+    "PlaceRun",
     "Query",
     "pick_best",
 )
@@ -184,43 +189,141 @@ def pick_best(
 ) -> int:
     """Index (< n) of the best feasible node, or -1 if none is feasible (see module doc)."""
     _check(feat, n, mask, heartbeat, spread)
-    if n == 0:
+    score = _scores(feat, 0, n, mask, heartbeat, query, query.t_max, spread)
+    if score is None:
         return -1
+    tied = np.flatnonzero(score == score.max())
+    return int(tied[query.r % tied.shape[0]])
+
+
+class PlaceRun:
+    """Places a run of like requests: one scan scores the fleet, then each pick is an argmax.
+
+    A run is a sequence of placements of ONE request (no spread) over one candidate mask,
+    each reserved before the next: ``best(r)`` chooses a node, the caller reserves it
+    (its free, available and task rows change in ``feat``), then ``rescore(slot, t_max)``
+    re-scores that node alone, the only column that changed. Only ``feat`` columns the
+    caller passes to ``rescore`` may change during the run; the mask and heartbeats may not.
+
+    Semantics (the same node set as sequential ``pick_best`` calls): every ``best(r)`` is a
+    feasible node whose score is the best among the feasible candidates given every
+    reservation made before it; ties are broken as ``pick_best`` breaks them (the
+    ``(r mod n_tied)``-th tied node in index order), so with the same ``r`` it returns the
+    very node ``pick_best`` would with ``query`` and the current ``t_max``; -1 when no
+    candidate fits. The score of a node moves only when its own column does, except for the
+    fleet's largest task count ``t_max``, which is in every node's tasks term: when
+    ``rescore`` is given a new one, every node is scored again (a full scan, as a
+    ``pick_best`` call is). ``query.now`` is read once: one clock for the whole run.
+
+    Construction validates like ``pick_best`` and scores the fleet (``score_all``).
+    """
+
+    __slots__ = ("_feat", "_heartbeat", "_mask", "_n", "_query", "_score", "_t_max")
+
+    def __init__(
+        self,
+        feat: NDArray[np.float32],
+        n: int,
+        mask: NDArray[np.uint8] | NDArray[np.bool_],
+        heartbeat: NDArray[np.float64],
+        query: Query,
+    ) -> None:
+        _check(feat, n, mask, heartbeat, None)
+        self._feat = feat
+        self._n = n
+        self._mask = mask
+        self._heartbeat = heartbeat
+        self._query = query
+        self._t_max = float(query.t_max)
+        self._score = np.full(n, -np.inf, _F32)
+        self.score_all()
+
+    def score_all(self) -> int:
+        """Score every candidate again; returns how many are feasible."""
+        score = _scores(
+            self._feat, 0, self._n, self._mask, self._heartbeat, self._query, self._t_max, None
+        )
+        if score is None:
+            self._score.fill(-np.inf)
+            return 0
+        self._score = score
+        return int(np.count_nonzero(score > -np.inf))
+
+    def best(self, r: int) -> int:
+        """The best feasible node now, ties by ``r`` (``0 <= r < 2**63``); -1 if none fits."""
+        if not 0 <= r < 1 << 63:
+            raise ValueError("r must be in [0, 2**63)")
+        score = self._score
+        if self._n == 0:
+            return -1
+        top = score.max()
+        if top == -np.inf:
+            return -1
+        tied = np.flatnonzero(score == top)
+        return int(tied[r % tied.shape[0]])
+
+    def rescore(self, slot: int, t_max: float) -> None:
+        """Node ``slot``'s column changed (it was reserved); ``t_max``: the fleet's now."""
+        if not 0 <= slot < self._n:
+            raise ValueError(f"slot {slot} out of range for {self._n} nodes")
+        if t_max != self._t_max:  # every node's tasks term moved: score them all
+            self._t_max = float(t_max)
+            self.score_all()
+            return
+        score = _scores(
+            self._feat, slot, slot + 1, self._mask, self._heartbeat, self._query, t_max, None
+        )
+        self._score[slot] = -np.inf if score is None else score[0]
+
+
+def _scores(
+    feat: NDArray[np.float32],
+    i0: int,
+    i1: int,
+    mask: NDArray[np.uint8] | NDArray[np.bool_],
+    heartbeat: NDArray[np.float64],
+    query: Query,
+    t_max: float,
+    spread: NDArray[np.float32] | None,
+) -> NDArray[np.float32] | None:
+    """The scores of nodes ``i0 .. i1 - 1`` (-inf where infeasible), or None if none is feasible.
+
+    The one scoring routine of this twin: ``pick_best`` runs it over the fleet,
+    ``PlaceRun`` over the fleet once and then over one node at a time. ``t_max`` is passed
+    apart from ``query`` because a run's changes as it reserves (its ``r`` is not read).
+    """
+    if i1 <= i0:
+        return None
     req_cpu, req_mem, req_gpu, req_disk = query.req
     w_least, w_most, w_balanced, w_spread, w_fresh = query.weights
-    now, node_timeout, t_max, s_max, r = (
-        query.now,
-        query.node_timeout,
-        query.t_max,
-        query.s_max,
-        query.r,
-    )
+    now, node_timeout, s_max = query.now, query.node_timeout, query.s_max
     req = (_F32(req_cpu), _F32(req_mem), _F32(req_gpu), _F32(req_disk))
-    m = mask[:n]
+    m = mask[i0:i1]
     feas = m.copy() if m.dtype == np.bool_ else m != 0
     for j in range(N_RESOURCES):
         if req[j] > 0:
-            feas &= feat[ROW_AVAIL + j, :n] >= req[j]
+            feas &= feat[ROW_AVAIL + j, i0:i1] >= req[j]
     n_feasible = int(np.count_nonzero(feas))
     if n_feasible == 0:
-        return -1
+        return None
 
     # frac_j = (free_j - req_j) / cap_j over J; least sums them, balanced takes max - min.
     want_balance = _F32(w_balanced) != 0
-    total = hi = lo = _fraction(feat, n, 0, req[0])
+    total = hi = lo = _fraction(feat, i0, i1, 0, req[0])
     for j in range(1, N_RESOURCES):
         if j >= 2 and not req[j] > 0:
             continue
-        frac = _fraction(feat, n, j, req[j])
+        frac = _fraction(feat, i0, i1, j, req[j])
         total = total + frac
         if want_balance:
             hi = np.maximum(hi, frac)
             lo = np.minimum(lo, frac)
     counted = 3 + (req[2] > 0) + (req[3] > 0)  # cpu, memory, tasks, requested gpu/disk
     tmax = _F32(t_max)
-    total = total + (tmax - feat[ROW_TASKS, :n]) / (tmax + _F32(1))
+    total = total + (tmax - feat[ROW_TASKS, i0:i1]) / (tmax + _F32(1))
     least = total / _F32(counted)
 
+    count = i1 - i0
     score: NDArray[np.float32] | None = None
     w = _F32(w_least)
     if w != 0:
@@ -235,34 +338,34 @@ def pick_best(
     if w != 0 and spread is not None:
         smax = _F32(s_max)
         if smax > 0:
-            score = _add(score, w * ((smax - spread[:n]) / smax))
+            score = _add(score, w * ((smax - spread[i0:i1]) / smax))
         else:
-            score = _add(score, np.full(n, w, _F32))
+            score = _add(score, np.full(count, w, _F32))
     w = _F32(w_fresh)
     if w != 0:
         stale = now - node_timeout
         k = 2.0 / node_timeout
-        hb = heartbeat[:n]
+        hb = heartbeat[i0:i1]
         # F is monotone in the heartbeat: if the stalest node is fully fresh, all are.
         if (float(hb.min()) - stale) * k >= 1.0:
-            score = _add(score, np.full(n, w, _F32))
+            score = _add(score, np.full(count, w, _F32))
         else:
             x = (hb - stale) * k
             np.clip(x, 0.0, 1.0, out=x)
             score = _add(score, w * x.astype(_F32))
     if score is None:
-        score = np.zeros(n, _F32)
-
-    if n_feasible < n:
+        score = np.zeros(count, _F32)
+    if n_feasible < count:
         score = np.where(feas, score, _F32(-np.inf))
-    tied = np.flatnonzero(score == score.max())
-    return int(tied[r % tied.shape[0]])
+    return score
 
 
-def _fraction(feat: NDArray[np.float32], n: int, j: int, req: np.float32) -> NDArray[np.float32]:
+def _fraction(
+    feat: NDArray[np.float32], i0: int, i1: int, j: int, req: np.float32
+) -> NDArray[np.float32]:
     """(free_j - req_j) / cap_j: the fraction of resource j unreserved after the placement."""
-    free = feat[ROW_FREE + j, :n]
-    return (free - req if req != 0 else free) / feat[ROW_CAP + j, :n]
+    free = feat[ROW_FREE + j, i0:i1]
+    return (free - req if req != 0 else free) / feat[ROW_CAP + j, i0:i1]
 
 
 def _add(score: NDArray[np.float32] | None, term: NDArray[np.float32]) -> NDArray[np.float32]:

@@ -1,7 +1,10 @@
 """Node scoring selector: the compiled kernel when it is built, numpy otherwise.
 
-Both twins (``_scoring_c`` and ``_scoring_py``) implement the same ``Query`` and
-``pick_best(feat, n, mask, heartbeat, query, spread=None)`` with the same arithmetic, so they choose the same node on the same input (tests/unit/test_scoring.py);
+Both twins (``_scoring_c`` and ``_scoring_py``) implement the same ``Query``,
+``pick_best(feat, n, mask, heartbeat, query, spread=None)`` and ``PlaceRun`` (a run of like
+placements: one scan, then an argmax per pick and a re-score of the reserved node) with the
+same arithmetic, so they choose the same node on the same input (tests/unit/test_scoring.py,
+tests/unit/test_place_run.py);
 the formulas are documented in ``nexus_fast/_scoring_py.py``. The compiled kernel has almost
 no per-call cost and runs SIMD over blocks of nodes in one pass; numpy pays ~25 array
 operations of fixed overhead per call and then several passes over whole rows and their
@@ -40,6 +43,7 @@ __all__ = (
     "ROW_CAP",
     "ROW_FREE",
     "ROW_TASKS",
+    "PlaceRun",
     "Query",
     "pick_best",
 )
@@ -54,20 +58,20 @@ _UINT8: Final = np.dtype(np.uint8)
 # class only); the numpy twin reads the fields of either.
 _compiled_pick: Callable[..., int] | None
 if TYPE_CHECKING or NO_EXTENSIONS:
-    from ._scoring_py import Query
+    from ._scoring_py import PlaceRun, Query
 
     _compiled_pick = None
     IMPLEMENTATION = "py"
 else:
     try:
-        from ._scoring_c import Query
+        from ._scoring_c import PlaceRun, Query
         from ._scoring_c import pick_best as _compiled_pick
 
         IMPLEMENTATION = "c"
     except ImportError:  # pragma: no cover - depends on the build
         if REQUIRE_EXTENSIONS:
             raise
-        from ._scoring_py import Query
+        from ._scoring_py import PlaceRun, Query
 
         _compiled_pick = None
         IMPLEMENTATION = "py"

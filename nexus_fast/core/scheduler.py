@@ -66,6 +66,7 @@ from nexus_fast.scoring import (
     ROW_CAP,
     ROW_FREE,
     ROW_TASKS,
+    PlaceRun,
     Query,
     pick_best,
 )
@@ -395,8 +396,10 @@ class Scheduler:
 
         A run of the SAME request object (the caller shares one among like requests) with
         no target, selector, exclusion or spread goes through :meth:`_place_like`: the
-        request check and the candidate mask are made once for the run. Every pick is the
-        one sequential placement would make (same scan, same clock reads, same random draws).
+        request check, the candidate mask and the clock read are made once for the run, and
+        the fleet is scored once (``nexus_fast.scoring.PlaceRun``). Every pick is the one
+        sequential placement would make at that clock reading (same scores, same random
+        draws, same failures).
         """
         out: list[Placement] = []
         i, n = 0, len(requests)
@@ -419,30 +422,40 @@ class Scheduler:
         return out
 
     def _place_like(self, request: PlacementRequest, count: int) -> list[Placement]:
-        """``count`` placements of one plain request (see :meth:`place_batch`)."""
+        """``count`` placements of one plain request (see :meth:`place_batch`).
+
+        One ``PlaceRun``: the candidates are scored once, each pick is an argmax over the
+        cached scores with a fresh random draw, and after each reservation only the reserved
+        node is scored again (all of them when the fleet's largest task count moves).
+        """
         req = _request_vec(request.request)
         n = self._n
         mask = self._candidates(request, n)
         if isinstance(mask, str):
             return [Placement(None, mask) for _ in range(count)]
-        flags = mask.view(np.uint8)
-        w = self._weights
-        feat, heartbeat, ids = self._feat, self._heartbeat, self._ids
+        # One clock read for the run: the run is one loop turn, so no heartbeat lands between
+        # its picks and every pick would see the same ages anyway.
+        query = Query(req, self._weights, self._clock(), self._timeout, self._t_max)
+        run = PlaceRun(self._feat, n, mask.view(np.uint8), self._heartbeat, query)
+        best, rescore, draw = run.best, run.rescore, self._rng.getrandbits
+        ids = self._ids
         out: list[Placement] = []
+        failed: Placement | None = None
         for _ in range(count):
-            query = Query(
-                req, w, self._clock(), self._timeout, self._t_max, 0.0, self._rng.getrandbits(62)
-            )
-            slot = pick_best(feat, n, flags, heartbeat, query, None)
+            slot = best(draw(62))  # a draw per pick, failed or not, as place() makes
             if slot < 0:
-                reason = (
-                    _no_match(request.label_selector)
-                    if not mask.any()
-                    else self._no_fit_reason(mask, n, req)
-                )
-                out.append(Placement(None, reason))
+                # Nothing changes after a failed pick: the rest of the run fails alike.
+                if failed is None:
+                    failed = Placement(
+                        None,
+                        _no_match(request.label_selector)
+                        if not mask.any()
+                        else self._no_fit_reason(mask, n, req),
+                    )
+                out.append(failed)
                 continue
             self._reserve_slot(slot, req, "")
+            rescore(slot, self._t_max)
             out.append(Placement(ids[slot], "", slot))
         return out
 

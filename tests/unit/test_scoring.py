@@ -31,9 +31,21 @@ def model_pick(feat: Any, n: int, mask: Any, hb: Any, query: Any, spread: Any = 
 
     ``query`` is either twin's ``Query`` (only its fields are read).
     """
+    scores = model_scores(feat, n, mask, hb, query, spread)
+    if not scores:
+        return -1
+    best = max(scores.values())
+    tied = [i for i, s in scores.items() if s == best]
+    return tied[query.r % len(tied)]
+
+
+def model_scores(
+    feat: Any, n: int, mask: Any, hb: Any, query: Any, spread: Any = None
+) -> dict[int, Any]:
+    """Every feasible node's score (float32), computed one node at a time."""
     req = [F32(v) for v in query.req]
     w = [F32(v) for v in query.weights]
-    r, now, timeout, t_max, s_max = query.r, query.now, query.node_timeout, query.t_max, query.s_max
+    now, timeout, t_max, s_max = query.now, query.node_timeout, query.t_max, query.s_max
     counted = [0, 1] + [j for j in (2, 3) if req[j] > 0]
     scores: dict[int, Any] = {}
     for i in range(n):
@@ -62,11 +74,7 @@ def model_pick(feat: Any, n: int, mask: Any, hb: Any, query: Any, spread: Any = 
             x = min(1.0, max(0.0, (float(hb[i]) - (now - timeout)) * (2.0 / timeout)))
             score = score + w[4] * F32(x)
         scores[i] = score
-    if not scores:
-        return -1
-    best = max(scores.values())
-    tied = [i for i, s in scores.items() if s == best]
-    return tied[r % len(tied)]
+    return scores
 
 
 def fleet(
