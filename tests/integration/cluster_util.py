@@ -220,10 +220,15 @@ class Cluster:
         return {r.name: r.view() if r.alive() else None for r in self.replicas}
 
     def leader_now(self, among: Sequence[Replica] | None = None) -> Replica | None:
-        """The replica that says it leads and that every answering replica names, or None."""
+        """The replica that says it leads and serves (its core is loaded: it answers a
+        submit itself) and that every answering replica names, or None."""
         candidates = list(among) if among is not None else self.live()
         views = {r.name: r.view(1.0) for r in candidates}
-        leaders = [r for r in candidates if (v := views[r.name]) is not None and v.role == "leader"]
+        leaders = [
+            r
+            for r in candidates
+            if (v := views[r.name]) is not None and v.role == "leader" and v.ready
+        ]
         if len(leaders) != 1:
             return None
         name = leaders[0].name
