@@ -7,6 +7,7 @@
     nexus-bench state --baseline
     nexus-bench micro
     nexus-bench roundtrip --spawn --baseline --before --peers ray,celery
+    nexus-bench relay --nodes 2000 --rate 5000 --duration 20 --rounds 2
 
 Exit codes: 0 done and the error rate within ``--max-error-rate``; 1 error rate exceeded
 or the run failed; 2 invalid arguments; 130 interrupted (Ctrl-C) — children are stopped
@@ -50,10 +51,11 @@ SCENARIOS = (
     "roundtrip",
     "catchup",
     "etcd",
+    "relay",
 )
 NETWORK = frozenset({"heartbeat", "dispatch", "events"})
 SERVED = NETWORK | {"roundtrip"}  # scenarios that need --target or --spawn
-DEFAULT_NODES = {"heartbeat": 100, "dispatch": 100, "events": 10}
+DEFAULT_NODES = {"heartbeat": 100, "dispatch": 100, "events": 10, "relay": 1000}
 
 _SCENARIO_DOC = {
     "heartbeat": """\
@@ -100,6 +102,13 @@ txn per commit (compare the leader key's create_revision and the log key's versi
 put --value-bytes), --levels in flight; commits/s, latency, etcd and client CPU per commit.
 --baseline: interleaved level by level, LmdbStore.commit of the same bytes (synced, the
 embedded default) and a bare etcd Range of one key (the client's gRPC floor).""",
+    "relay": """\
+CPU per node message a follower relays to the leader (issue 12). Starts 1 etcd member and
+3 cluster-mode replicas, connects --nodes nodes to the two followers only, heartbeats at
+--rate for --duration; each process's CPU from /proc. Same run, each round interleaved:
+the same nodes and rate on the embedded server (CPU per direct heartbeat) and on a bare
+grpc.aio bidi echo. Reports the leader's CPU per relayed heartbeat, each follower's per
+heartbeat received and relayed, frames per RelayUp, and the ratios (medians of --rounds).""",
 }
 
 _SUMMARY = {
@@ -111,6 +120,7 @@ _SUMMARY = {
     "roundtrip": "one command in flight, submit -> node -> final; vs echo, Ray, Celery",
     "catchup": "catch-up from the durable event log vs a bare py-lmdb scan",
     "etcd": "one replicated-log commit on real etcd (1/3 members) vs an LMDB commit",
+    "relay": "leader/follower CPU per relayed heartbeat vs a direct one (3 replicas)",
 }
 
 _RATE_NOTE = """\
@@ -175,6 +185,7 @@ _DEFAULTS: dict[str, Any] = {
     "cluster": None,
     "cluster_rounds": 2,
     "value_bytes": 1024,
+    "rounds": 2,
 }
 
 
@@ -268,7 +279,7 @@ def _server_options(p: argparse.ArgumentParser, scenario: str) -> None:
 
 def _load_options(p: argparse.ArgumentParser, scenario: str) -> None:
     w = p.add_argument_group("load")
-    if scenario not in ("micro", "catchup"):
+    if scenario not in ("micro", "catchup", "relay"):
         w.add_argument("--baseline", action="store_true", help="also measure the baseline")
     w.add_argument(
         "--duration",
@@ -369,6 +380,19 @@ def _load_options(p: argparse.ArgumentParser, scenario: str) -> None:
             type=_levels,
             default=default,
             help=f"commits in flight, comma separated ({','.join(map(str, default))})",
+        )
+    if scenario == "relay":
+        w.add_argument(
+            "--nodes",
+            type=_pos_int,
+            default=None,
+            help=f"simulated nodes, on the followers (default {DEFAULT_NODES[scenario]})",
+        )
+        w.add_argument(
+            "--rate", type=_pos_float, default=2000.0, help="heartbeats/s over all nodes (2000)"
+        )
+        w.add_argument(
+            "--rounds", type=_pos_int, default=2, help="rounds over the three systems (2)"
         )
     if scenario == "etcd":
         w.add_argument(
@@ -548,6 +572,7 @@ async def _run(ctx: Context) -> None:
         events,
         heartbeat,
         micro,
+        relay,
         roundtrip,
         state,
     )
@@ -561,6 +586,7 @@ async def _run(ctx: Context) -> None:
         "roundtrip": roundtrip,
         "catchup": catchup,
         "etcd": etcdcommit,
+        "relay": relay,
     }
     await modules[ctx.args.scenario].run(ctx)
 

@@ -86,6 +86,7 @@ class ClusterEndpoints(Endpoints):
 
     pids: list[int] = field(default_factory=list)
     etcd: Any = None  # EtcdCluster
+    replicas: list[Endpoints] = field(default_factory=list)  # each one, as ``targets``
 
     def cpu_seconds(self) -> float | None:
         """CPU seconds of every replica and every etcd member so far."""
@@ -101,14 +102,17 @@ class ClusterEndpoints(Endpoints):
         return total
 
 
-async def spawn_cluster(group: ProcessGroup, replicas: int) -> ClusterEndpoints:
-    """etcd + ``replicas`` cluster-mode servers; returns once a leader holds the key."""
+async def spawn_cluster(
+    group: ProcessGroup, replicas: int, etcd_count: int | None = None
+) -> ClusterEndpoints:
+    """etcd (``etcd_count`` members, default :func:`etcd_members`) + ``replicas``
+    cluster-mode servers; returns once a leader holds the key."""
     from nexus_fast.cluster.etcd import EtcdClient
     from nexus_fast.cluster.etcd_procs import EtcdCluster
 
     loop = asyncio.get_running_loop()
     workdir = group.tempdir(f"nexus-bench-cluster{replicas}-")
-    etcd = EtcdCluster(workdir / "etcd", etcd_members(replicas))
+    etcd = EtcdCluster(workdir / "etcd", etcd_count or etcd_members(replicas))
     await loop.run_in_executor(None, etcd.start, 30.0)
     result = ClusterEndpoints(grpc="", etcd=etcd)
     try:
@@ -135,6 +139,7 @@ async def spawn_cluster(group: ProcessGroup, replicas: int) -> ClusterEndpoints:
         targets,
     )
     result.pids = [s.pid for s in servers if s.pid is not None]
+    result.replicas = servers
     return result
 
 

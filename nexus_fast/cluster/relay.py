@@ -708,8 +708,7 @@ class FollowerRelay:
             self._up_ready.clear()
             while self._up:
                 items = self._up
-                size = 0
-                n = 0
+                size = n = 0
                 for _, cost, _ in items:
                     if n and size + cost > BATCH_BYTES:
                         break
@@ -718,6 +717,7 @@ class FollowerRelay:
                 batch = items[:n]
                 del items[:n]
                 self._up_bytes -= size
+                metrics.RELAY_UP_BATCH_FRAMES.observe(n)
                 for _, _, held in batch:
                     if held is not None:
                         held.pending_up -= 1

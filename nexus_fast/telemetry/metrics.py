@@ -212,6 +212,11 @@ RELAY_CONNECTS = Counter(
 RELAY_SESSIONS = Gauge(
     "nexus_relay_sessions", "Node sessions this leader serves through followers' relay streams."
 )
+RELAY_UP_BATCH_FRAMES = LoopHistogram(
+    "nexus_relay_up_batch_frames",
+    "Frames per RelayUp message this follower wrote to the leader (node messages, opens, closes).",
+    (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000, 20000),
+)
 
 DB_OPERATIONS = Counter(
     "nexus_db_operations_total", "State store operations, by operation.", ["operation"]

@@ -55,3 +55,34 @@ def test_roundtrip_cluster_one_replica(tmp_path: Path) -> None:
     names = {r["name"]: r["value"] for r in doc["ratios"]}
     assert names["1 replica / embedded, throughput"] > 0
     assert names["1 replica / embedded, p50"] > 0
+
+
+@pytest.mark.once
+def test_relay_scenario_three_replicas(tmp_path: Path) -> None:
+    """nexus-bench relay: 1 etcd member, 3 replicas, nodes on the two followers only; the
+    leader counts the relayed heartbeats and its CPU per relayed heartbeat is a finite
+    positive figure, next to the embedded server's and the echo's from the same run."""
+    out = tmp_path / "relay.json"
+    argv = ["relay", "--nodes", "20", "--rate", "500", "--duration", "3", "--rounds", "1"]
+    proc = run_module("nexus_fast.benchmark.cli", *argv, "--json", str(out), timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    doc = json.loads(out.read_text())
+    assert doc["ok"] is True and doc["config"]["server"]["etcd_members"] == 1
+    by_role = {m["extra"]["role"]: m for m in doc["results"] + doc["baseline"]}
+    assert set(by_role) == {"leader", "follower 1", "follower 2", "embedded", "echo"}
+    leader = by_role["leader"]
+    assert leader["count"] > 0 and leader["errors"] == 0  # relayed heartbeats reached it
+    # every heartbeat went through a follower: the leader handled what the nodes wrote
+    assert leader["count"] <= leader["extra"]["client_writes"] + 20
+    for role in ("follower 1", "follower 2"):
+        f = by_role[role]
+        assert f["count"] > 0 and f["extra"]["relay_ups"] > 0  # nodes on both followers
+        assert f["extra"]["frames_per_relay_up"] >= 1.0
+    relayed = sum(by_role[r]["count"] for r in ("follower 1", "follower 2"))
+    assert relayed + 20 >= leader["count"]  # what the leader handled, the followers relayed
+    for m in by_role.values():
+        us = m["extra"]["us_per_message"]
+        assert us is not None and 0 < us < 1e6, m  # positive and finite
+    ratios = {r["name"]: r["value"] for r in doc["ratios"]}
+    assert ratios["leader per relayed / embedded per direct"] > 0
+    assert "frames per RelayUp" in proc.stdout

@@ -94,3 +94,15 @@ def test_medians_and_ratios() -> None:
     ratios = {r.name: r.value for r in cluster_ratios(results, [1, 3])}
     assert ratios == {"3 replicas / embedded, throughput": 0.3, "3 replicas / embedded, p50": 4.0}
     assert cluster_ratios(results[2:3], [3]) == []  # no embedded figure: no ratio
+
+
+def test_cli_relay_options() -> None:
+    """nexus-bench relay starts its own systems: its defaults and what it refuses."""
+    args = cli.parse_args(["relay"])
+    assert (args.nodes, args.rate, args.rounds, args.baseline) == (1000, 2000.0, 2, False)
+    args = cli.parse_args(["relay", "--nodes", "20", "--rate", "500", "--rounds", "1"])
+    assert (args.nodes, args.rate, args.rounds) == (20, 500.0, 1)
+    for bad in (["--spawn"], ["--target", "127.0.0.1:5"], ["--rate", "0"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.parse_args(["relay", *bad])
+        assert exc.value.code == 2

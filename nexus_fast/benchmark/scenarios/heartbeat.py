@@ -44,7 +44,7 @@ def send_interval(args: Any) -> float:
     return 0.0
 
 
-async def _stream_loop(
+async def stream_loop(
     index: int,
     n: int,
     interval: float,
@@ -80,7 +80,8 @@ async def _stream_loop(
             stop.set()
 
 
-async def _window(ctx: Context, stop: asyncio.Event, render: Any) -> None:
+async def timed_window(ctx: Context, stop: asyncio.Event, render: Any) -> None:
+    """Wait ``--duration`` (or until ``stop`` or Ctrl-C) showing progress, then set ``stop``."""
     progress = Progress(render)
     progress.start()
     with contextlib.suppress(TimeoutError):
@@ -116,11 +117,11 @@ async def measure_ours(ctx: Context) -> Measurement:
     t0 = time.perf_counter()
     loops = [
         asyncio.ensure_future(
-            _stream_loop(i, len(pool.nodes), interval, t0, node.heartbeat, hist, counter, stop)
+            stream_loop(i, len(pool.nodes), interval, t0, node.heartbeat, hist, counter, stop)
         )
         for i, node in enumerate(pool.nodes)
     ]
-    await _window(
+    await timed_window(
         ctx,
         stop,
         lambda t: (
@@ -163,7 +164,7 @@ async def measure_ours(ctx: Context) -> Measurement:
     return m
 
 
-class _EchoStreams:
+class EchoStreams:
     """``n`` bidi streams to a bare echo server, each timing the echo of what it writes.
 
     The same client code serves the in-process baseline and each ``--client-procs`` worker.
@@ -209,7 +210,7 @@ class _EchoStreams:
         message = self.message
         self._tasks += [
             asyncio.ensure_future(
-                _stream_loop(
+                stream_loop(
                     first + i,
                     total,
                     interval,
@@ -239,14 +240,14 @@ async def measure_baseline(ctx: Context) -> Measurement:
     args = ctx.args
     base = spawn_baseline(ctx.group, "grpc")
     n = args.nodes
-    streams = _EchoStreams(base.grpc, n)
+    streams = EchoStreams(base.grpc, n)
     counter = [0, args.count or 1 << 62]
     stop = asyncio.Event()
     cpu0 = base.cpu_seconds()
     c0 = time.process_time()
     t0 = time.perf_counter()
     streams.start(0, n, send_interval(args), t0, counter, stop)
-    await _window(
+    await timed_window(
         ctx,
         stop,
         lambda t: (
@@ -334,7 +335,7 @@ async def worker_ours(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any
         n, offset = spec["total"], spec["offset"]
         loops = [
             asyncio.ensure_future(
-                _stream_loop(
+                stream_loop(
                     offset + i, n, spec["interval"], t0, node.heartbeat, hist, counter, stop
                 )
             )
@@ -365,7 +366,7 @@ async def worker_ours(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any
 
 async def worker_baseline(spec: dict[str, Any], ctl: WorkerControl) -> dict[str, Any]:
     """In a worker process: this share of the streams against the bare bidi echo."""
-    streams = _EchoStreams(spec["target"], spec["nodes"])
+    streams = EchoStreams(spec["target"], spec["nodes"])
     counter = [0, spec["count"] or 1 << 62]
     stop = asyncio.Event()
     try:
