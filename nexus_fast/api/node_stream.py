@@ -8,6 +8,7 @@ close the session through this one class, so the two paths cannot drift apart.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import Protocol
 
@@ -88,7 +89,15 @@ async def write_outbound(context: grpc.aio.ServicerContext, session: Session) ->
             return
         if failpoints.ACTIVE:
             await failpoints.hit_async("stream.send")
-        await context.write(message)
+        try:
+            await context.write(message)
+        except grpc.aio.InternalError:
+            # The call ended under a write that waited on the node's flow control (a node
+            # that stopped reading, cut off, then its stream cancelled or its connection
+            # gone): grpc.aio fails the write with ExecuteBatchError. Nothing can reach the
+            # node any more, and there is no call left to give a status to: end as a
+            # cancelled call does (quietly), not as a handler error with a traceback.
+            raise asyncio.CancelledError from None
 
 
 class NodeRelay(Protocol):

@@ -7,10 +7,12 @@ tests/integration/test_relay.py; these pin the edges cheaply, over real gRPC on 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import grpc
 import grpc.aio
+import pytest
 from prometheus_client import REGISTRY
 
 from nexus_fast.api.grpc_api import NodeService, add_node_service
@@ -111,7 +113,9 @@ def test_follower_without_a_leader_answers_unavailable(tmp_path: Path) -> None:
     run(body())
 
 
-def test_a_node_that_stops_reading_is_cut_off_alone_and_the_leader_told(tmp_path: Path) -> None:
+def test_a_node_that_stops_reading_is_cut_off_alone_and_the_leader_told(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     async def body() -> None:
         core, server, port, _ = await _leader(tmp_path)
         follower = await CoreFabric(LmdbStore(tmp_path / "follower")).start()
@@ -147,18 +151,29 @@ def test_a_node_that_stops_reading_is_cut_off_alone_and_the_leader_told(tmp_path
                 reader = asyncio.get_running_loop().create_task(read_fine())
                 # "slow" never reads: far more than its flow-control window and its queue.
                 notice = pb.ControlMessage(cancel_command_ids=["x" * 2000])
+                fine_sent = 0
+
+                def send_fine() -> None:
+                    nonlocal fine_sent
+                    core.nodes.session_of("fine").send(pb.ControlMessage())  # type: ignore[union-attr]
+                    fine_sent += 1
+
                 for _ in range(60):
                     slow = core.nodes.session_of("slow")
                     if slow is None:
                         break
                     for _ in range(200):
                         slow.send(notice)
-                    core.nodes.session_of("fine").send(pb.ControlMessage())  # type: ignore[union-attr]
+                    send_fine()
                     await asyncio.sleep(0.02)
                 # The follower cut "slow" off and told the leader: not connected there.
-                await until(lambda: not core.nodes.get("slow").connected, 30, "slow cut off")
-                # "fine" shares the relay and kept receiving all along.
-                await until(lambda: fine_got >= 10, 20, "fine kept flowing")
+                await until(lambda: not core.nodes.get("slow").connected, 8, "slow cut off")
+                # "fine" shares the relay: it got every message sent to it while "slow" was
+                # choking (how many depends on how soon "slow" was cut off: a busy machine
+                # cuts it sooner) and every one after (and what its session sent on opening).
+                for _ in range(10):
+                    send_fine()
+                await until(lambda: fine_got >= fine_sent, 8, f"fine got all {fine_sent}")
                 assert core.nodes.get("fine").connected and relay.held_count() >= 1
                 reader.cancel()
                 for call in calls.values():
@@ -171,3 +186,7 @@ def test_a_node_that_stops_reading_is_cut_off_alone_and_the_leader_told(tmp_path
             await core.stop()
 
     run(body())
+    # Its write, stuck on its flow control, failed when its call ended: that is the node
+    # gone, not a handler error (no ERROR line, no traceback).
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
