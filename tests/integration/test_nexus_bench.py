@@ -55,7 +55,8 @@ def test_dispatch_spawn_baseline(tmp_path: Path) -> None:
     target3 = next(r for r in doc["ratios"] if r["name"] == "p99 submit->recv / floor p99")
     p99_ours = ours["latency"]["submit->node recv"]["p99_ms"]
     p99_floor = floor["latency"]["submit->node recv"]["p99_ms"]
-    assert target3["value"] == pytest.approx(p99_ours / p99_floor, rel=0.01)
+    # The report rounds a ratio to 3 decimals: 0.0405 is printed 0.04 (1.2% off).
+    assert target3["value"] == pytest.approx(p99_ours / p99_floor, rel=0.01, abs=0.001)
     assert all(r["value"] and r["value"] > 0 for r in doc["ratios"])
     assert "ratios" in stdout
 
