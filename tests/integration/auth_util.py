@@ -150,13 +150,24 @@ def ws(
     query: str = "",
     origin: str | None = None,
 ) -> Iterator[ClientConnection]:
-    with connect(
-        ws_url(server, query),
-        ssl=context,
-        additional_headers=headers,
-        origin=origin,  # type: ignore[arg-type]
-        open_timeout=15,  # shared CI machines: TLS handshakes can queue for seconds
-    ) as conn:
+    # Rarely, on a loaded machine, the connection closes before the upgrade's response
+    # (picows drops a peer whose upgrade it has not read within its 5 s handshake guard;
+    # a refused upgrade can lose its response too, see ws_refused): a new connection is
+    # tried, at most three in all. A response that comes back is never retried.
+    for attempt in range(3):
+        try:
+            conn = connect(
+                ws_url(server, query),
+                ssl=context,
+                additional_headers=headers,
+                origin=origin,  # type: ignore[arg-type]
+                open_timeout=15,  # shared CI machines: TLS handshakes can queue for seconds
+            )
+            break
+        except InvalidMessage:
+            if attempt == 2:
+                raise
+    with conn:
         yield conn
 
 
